@@ -1,0 +1,326 @@
+//! peerlink's wire formats: the signaling protocol spoken between peers and
+//! `peerlink serve`, as JSON text frames over a WebSocket.
+//!
+//! Messages are tagged by `type` and named by direction: a client sends
+//! [`ClientMsg`], the server sends [`ServerMsg`]. The first exchange carries the
+//! protocol version ([`ClientMsg::Hello`] → [`ServerMsg::Welcome`]). Every enum
+//! has an `Unknown` catch-all so that a newer peer does not break an older one.
+//! The format is pinned by the golden fixtures in `fixtures/protocol/`, which
+//! the browser client's tests read too. `docs/PROTOCOL.md` is the prose spec.
+//!
+//! ```
+//! use peerlink_proto::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
+//!
+//! let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, client: None };
+//! let json = serde_json::to_string(&hello).unwrap();
+//! assert_eq!(json, r#"{"type":"hello","version":1}"#);
+//!
+//! let msg: ServerMsg = serde_json::from_str(r#"{"type":"pong","nonce":7}"#).unwrap();
+//! assert_eq!(msg, ServerMsg::Pong { nonce: Some(7) });
+//! ```
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks. Carried by `hello` and `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A peer's identity on the signaling server: assigned by the server in
+/// `welcome`, stamped by the server on everything a peer sends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerId(String);
+
+impl PeerId {
+    /// Wraps an id the server assigned. Servers mint ids; clients only read
+    /// them off the wire.
+    pub fn from_server(id: impl Into<String>) -> Self {
+        PeerId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A room name: 1 to [`MAX_ROOM_LEN`] bytes of letters, digits, `-`, `_`, `.`.
+pub const MAX_ROOM_LEN: usize = 64;
+/// A display name: at most this many bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a room name against the rules in `docs/PROTOCOL.md`.
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Client → server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message on a connection: the protocol version the client speaks.
+    Hello {
+        version: u32,
+        /// Free-form client description for logs, e.g. `peerlink-cli/0.1`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    /// Join a room; answered by `joined` (or `error`).
+    Join {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Leave a room; answered by `left`.
+    Leave { room: String },
+    /// WebRTC negotiation for one peer in a shared room.
+    Signal { room: String, to: PeerId, signal: Signal },
+    /// An application message routed through the server, to one peer or
+    /// (without `to`) to every other member of the room.
+    Send {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<PeerId>,
+        data: serde_json::Value,
+    },
+    /// Application-level liveness check; answered by `pong` with the same nonce.
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+    /// A message type this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The negotiation payload carried by `signal` in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Signal {
+    /// An SDP offer (initial, renegotiation or ICE restart).
+    Offer { sdp: String },
+    /// The SDP answer to the last offer.
+    Answer { sdp: String },
+    /// A trickled ICE candidate, in SDP `candidate:` attribute form.
+    Candidate {
+        candidate: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mid: Option<String>,
+    },
+    /// No more candidates will follow for the current ICE generation.
+    EndOfCandidates,
+    /// A signal kind this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Server → client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Answer to `hello`: who you are, how to reach TURN, what the limits are.
+    Welcome { version: u32, peer_id: PeerId, ice_servers: Vec<IceServer>, limits: Limits },
+    /// Answer to `join`: the other members already in the room.
+    Joined { room: String, peers: Vec<PeerInfo> },
+    /// Answer to `leave`.
+    Left { room: String },
+    /// Someone joined a room you are in.
+    PeerJoined { room: String, peer: PeerInfo },
+    /// Someone left a room you are in (or their connection dropped).
+    PeerLeft { room: String, peer_id: PeerId },
+    /// Negotiation from another member; `from` is stamped by the server.
+    Signal { room: String, from: PeerId, signal: Signal },
+    /// An application message routed by the server; `from` is stamped by it.
+    Message { room: String, from: PeerId, data: serde_json::Value },
+    /// Something the client sent was refused, or the connection is closing.
+    Error { code: ErrorCode, message: String },
+    /// Answer to `ping`.
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+    /// A message type this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A room member as presence reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: PeerId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One entry of `RTCConfiguration.iceServers`, in the browser's shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// The limits the server enforces on this connection, announced in `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest text frame accepted, in bytes (`too_large` above).
+    pub max_message_bytes: u32,
+    /// Members per room (`room_full` above).
+    pub max_peers_per_room: u32,
+    /// Rooms one connection may be in at once (`too_many_rooms` above).
+    pub max_rooms_per_connection: u32,
+    /// Sustained messages per second per connection (`rate_limited` above).
+    pub messages_per_second: u32,
+    /// Burst allowance on top of the sustained rate.
+    pub message_burst: u32,
+    /// A connection silent for this long is closed (`idle_timeout`).
+    pub idle_timeout_ms: u64,
+}
+
+/// Machine-readable reason carried by `error`. Clients act on the code; the
+/// message is for humans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame was not valid JSON, or not a JSON object.
+    BadJson,
+    /// The `type` is not one the server knows.
+    UnknownType,
+    /// A known type with missing or ill-typed fields.
+    BadMessage,
+    /// The frame exceeded `max_message_bytes`.
+    TooLarge,
+    /// A binary frame; the protocol is JSON text only.
+    BinaryFrame,
+    /// `hello` carried a version the server does not speak. The connection closes.
+    UnsupportedVersion,
+    /// Something other than `hello` arrived first.
+    HelloRequired,
+    /// `hello` sent twice.
+    AlreadyGreeted,
+    /// The room name breaks the naming rules.
+    InvalidRoom,
+    /// The display name is too long.
+    InvalidName,
+    /// The room has `max_peers_per_room` members already.
+    RoomFull,
+    /// The connection is in `max_rooms_per_connection` rooms already.
+    TooManyRooms,
+    /// Joining a room the connection is already in.
+    AlreadyJoined,
+    /// The sender is not a member of the room it named.
+    NotInRoom,
+    /// The addressee is not a member of that room.
+    UnknownPeer,
+    /// The message carried a `from` field: only the server names senders.
+    SpoofedSender,
+    /// More than the allowed messages per second; the message was dropped.
+    RateLimited,
+    /// The connection sent nothing for `idle_timeout_ms`. The connection closes.
+    IdleTimeout,
+    /// The client did not read its messages fast enough. The connection closes.
+    SlowConsumer,
+    /// The server is shutting down. The connection closes.
+    ShuttingDown,
+    /// A code this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire name, e.g. `room_full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::BinaryFrame => "binary_frame",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::AlreadyGreeted => "already_greeted",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::SpoofedSender => "spoofed_sender",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the server closes the connection after sending this code.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::IdleTimeout
+                | ErrorCode::SlowConsumer
+                | ErrorCode::ShuttingDown
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_types_parse_to_the_catch_all() {
+        let m: ClientMsg = serde_json::from_str(r#"{"type":"teleport","x":1}"#).unwrap();
+        assert_eq!(m, ClientMsg::Unknown);
+        let m: ServerMsg = serde_json::from_str(r#"{"type":"news"}"#).unwrap();
+        assert_eq!(m, ServerMsg::Unknown);
+        let s: Signal = serde_json::from_str(r#"{"kind":"pranswer","sdp":""}"#).unwrap();
+        assert_eq!(s, Signal::Unknown);
+        let c: ErrorCode = serde_json::from_str(r#""quota_exceeded""#).unwrap();
+        assert_eq!(c, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn error_code_names_match_serde() {
+        for code in [
+            ErrorCode::BadJson,
+            ErrorCode::RoomFull,
+            ErrorCode::SpoofedSender,
+            ErrorCode::RateLimited,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::SlowConsumer,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(valid_room("chat-1.a_b"));
+        assert!(!valid_room(""));
+        assert!(!valid_room("a b"));
+        assert!(!valid_room("../x"));
+        assert!(!valid_room(&"x".repeat(MAX_ROOM_LEN + 1)));
+    }
+}

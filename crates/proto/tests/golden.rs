@@ -1,0 +1,158 @@
+//! Golden fixtures: every message of the protocol, as the JSON on the wire.
+//! The browser client's tests read the same files.
+
+use std::path::PathBuf;
+
+use peerlink_proto::*;
+use serde_json::{Value, json};
+
+fn fixture(rel: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/protocol").join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn peer(id: &str) -> PeerId {
+    PeerId::from_server(id)
+}
+
+/// Parses the fixture into `expected`'s type, compares, and checks that
+/// serializing gives back exactly the fixture's JSON.
+fn check<T>(rel: &str, expected: T)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let wire = fixture(rel);
+    let parsed: T = serde_json::from_value(wire.clone()).unwrap();
+    assert_eq!(parsed, expected, "{rel} parses to the expected value");
+    assert_eq!(serde_json::to_value(&expected).unwrap(), wire, "{rel} round-trips");
+}
+
+fn sdp(n: u32, m: u32) -> String {
+    format!("v=0\r\no=- {n} {m} IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n")
+}
+
+#[test]
+fn client_messages() {
+    let room = || "lobby".to_string();
+    let to = || peer("p-4f2a9c1d");
+    check("client/hello.json", ClientMsg::Hello { version: 1, client: Some("peerlink-cli/0.1.0".into()) });
+    check("client/join.json", ClientMsg::Join { room: room(), name: Some("ada".into()) });
+    check("client/leave.json", ClientMsg::Leave { room: room() });
+    check(
+        "client/signal_offer.json",
+        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Offer { sdp: sdp(1, 2) } },
+    );
+    check(
+        "client/signal_answer.json",
+        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Answer { sdp: sdp(3, 4) } },
+    );
+    check(
+        "client/signal_candidate.json",
+        ClientMsg::Signal {
+            room: room(),
+            to: to(),
+            signal: Signal::Candidate {
+                candidate: "candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host".into(),
+                mid: Some("0".into()),
+            },
+        },
+    );
+    check(
+        "client/signal_end_of_candidates.json",
+        ClientMsg::Signal { room: room(), to: to(), signal: Signal::EndOfCandidates },
+    );
+    check(
+        "client/send_one.json",
+        ClientMsg::Send { room: room(), to: Some(to()), data: json!({"type": "hello", "name": "ada"}) },
+    );
+    check("client/send_room.json", ClientMsg::Send { room: room(), to: None, data: json!("hi all") });
+    check("client/ping.json", ClientMsg::Ping { nonce: Some(42) });
+}
+
+#[test]
+fn server_messages() {
+    let room = || "lobby".to_string();
+    let bob = || peer("p-4f2a9c1d");
+    check(
+        "server/welcome.json",
+        ServerMsg::Welcome {
+            version: 1,
+            peer_id: peer("p-9b71e0aa"),
+            ice_servers: vec![
+                IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None },
+                IceServer {
+                    urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+                    username: Some("1700000000:p-9b71e0aa".into()),
+                    credential: Some("bm90LWEtcmVhbC1zZWNyZXQ=".into()),
+                },
+            ],
+            limits: Limits {
+                max_message_bytes: 65536,
+                max_peers_per_room: 32,
+                max_rooms_per_connection: 8,
+                messages_per_second: 50,
+                message_burst: 200,
+                idle_timeout_ms: 45_000,
+            },
+        },
+    );
+    check(
+        "server/joined.json",
+        ServerMsg::Joined {
+            room: room(),
+            peers: vec![
+                PeerInfo { id: bob(), name: Some("bob".into()) },
+                PeerInfo { id: peer("p-0c0ffee0"), name: None },
+            ],
+        },
+    );
+    check("server/left.json", ServerMsg::Left { room: room() });
+    check(
+        "server/peer_joined.json",
+        ServerMsg::PeerJoined { room: room(), peer: PeerInfo { id: bob(), name: Some("bob".into()) } },
+    );
+    check("server/peer_left.json", ServerMsg::PeerLeft { room: room(), peer_id: bob() });
+    check(
+        "server/signal.json",
+        ServerMsg::Signal {
+            room: room(),
+            from: bob(),
+            signal: Signal::Candidate {
+                candidate: "candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host".into(),
+                mid: None,
+            },
+        },
+    );
+    check(
+        "server/message.json",
+        ServerMsg::Message { room: room(), from: bob(), data: json!({"type": "hello", "name": "bob"}) },
+    );
+    check(
+        "server/error.json",
+        ServerMsg::Error {
+            code: ErrorCode::RoomFull,
+            message: "room lobby has 32 members, the limit".into(),
+        },
+    );
+    check("server/pong.json", ServerMsg::Pong { nonce: Some(42) });
+}
+
+/// Every fixture file is covered by a check above, so a new message type
+/// cannot ship without its golden file being pinned.
+#[test]
+fn every_fixture_is_checked() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/protocol");
+    let mut names = Vec::new();
+    for dir in ["client", "server"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            names.push(format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()));
+        }
+    }
+    names.sort();
+    let this = include_str!("golden.rs");
+    for name in &names {
+        assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
+    }
+    assert_eq!(names.len(), 19);
+}

@@ -1,0 +1,294 @@
+//! One client connection: greeting, limits, routing, heartbeats and teardown.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerId, ServerMsg, valid_room};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::Server;
+use crate::hub::{Kick, Outbox, Refused, encode};
+use crate::limit::TokenBucket;
+
+/// Longest we spend telling a client goodbye before dropping the socket.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn new_peer_id() -> PeerId {
+    PeerId::from_server(format!("p-{:016x}", rand::random::<u64>()))
+}
+
+/// A refusal sent to the client as `error`.
+struct Failure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure { code, message: message.into() }
+    }
+}
+
+impl From<Refused> for Failure {
+    fn from(r: Refused) -> Self {
+        Failure { code: r.0, message: r.1 }
+    }
+}
+
+struct Conn {
+    server: Server,
+    id: PeerId,
+    outbox: Outbox,
+    greeted: bool,
+    rooms: HashSet<String>,
+    bucket: TokenBucket,
+    /// When we last told this client it was rate limited (one notice a second).
+    last_rate_notice: Option<Instant>,
+}
+
+pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
+    let cfg = server.inner.config.clone();
+    let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
+    let kick = Arc::new(Kick::default());
+    let now = Instant::now();
+    let mut conn = Conn {
+        server: server.clone(),
+        id: new_peer_id(),
+        outbox: Outbox { tx, kick: kick.clone() },
+        greeted: false,
+        rooms: HashSet::new(),
+        bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
+        last_rate_notice: None,
+    };
+    server.inner.hub.connected();
+    tracing::debug!(peer = %conn.id, %addr, "connected");
+
+    let idle = Duration::from_millis(cfg.limits.idle_timeout_ms);
+    let hello_deadline = now + cfg.hello_timeout;
+    let mut last_seen = now;
+    let mut heartbeat = tokio::time::interval_at(now + cfg.heartbeat, cfg.heartbeat);
+    let mut shutdown = server.inner.shutdown.clone();
+
+    let end: Option<Failure> = loop {
+        if *shutdown.borrow_and_update() {
+            break Some(Failure::new(ErrorCode::ShuttingDown, "server is shutting down"));
+        }
+        let deadline = if conn.greeted { last_seen + idle } else { hello_deadline.min(last_seen + idle) };
+        tokio::select! {
+            frame = ws.recv() => {
+                let msg = match frame {
+                    None => break None,
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %conn.id, "socket error: {e}");
+                        break None;
+                    }
+                    Some(Ok(msg)) => msg,
+                };
+                last_seen = Instant::now();
+                match msg {
+                    Message::Text(text) => {
+                        if let Err(f) = conn.handle_text(text.as_str()) {
+                            let fatal = f.code.is_fatal();
+                            if fatal {
+                                break Some(f);
+                            }
+                            conn.reply_error(f);
+                        }
+                    }
+                    Message::Binary(_) => {
+                        conn.reply_error(Failure::new(ErrorCode::BinaryFrame, "binary frames are not part of the protocol; send JSON text"));
+                    }
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(_) => break None,
+                }
+            }
+            Some(frame) = rx.recv() => {
+                if ws.send(Message::Text(frame)).await.is_err() {
+                    break None;
+                }
+            }
+            _ = heartbeat.tick() => {
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                break Some(if conn.greeted {
+                    Failure::new(ErrorCode::IdleTimeout, format!("nothing received for {} ms", idle.as_millis()))
+                } else {
+                    Failure::new(ErrorCode::HelloRequired, format!("no hello within {} ms", cfg.hello_timeout.as_millis()))
+                });
+            }
+            // Only the hub notifies, and only when it gave up on our queue.
+            _ = kick.notify.notified() => {
+                break Some(Failure::new(ErrorCode::SlowConsumer, format!("more than {} messages queued for you", cfg.outbound_queue)));
+            }
+            _ = shutdown.changed() => {}
+        }
+    };
+
+    for room in std::mem::take(&mut conn.rooms) {
+        server.inner.hub.leave(&room, &conn.id);
+    }
+    if let Some(f) = &end {
+        tracing::debug!(peer = %conn.id, code = %f.code, "closing: {}", f.message);
+        let frame = encode(&ServerMsg::Error { code: f.code, message: f.message.clone() });
+        let close = CloseFrame {
+            code: match f.code {
+                ErrorCode::ShuttingDown => close_code::AWAY,
+                ErrorCode::UnsupportedVersion | ErrorCode::HelloRequired => close_code::PROTOCOL,
+                _ => close_code::POLICY,
+            },
+            reason: f.code.as_str().into(),
+        };
+        let goodbye = async {
+            ws.send(Message::Text(frame)).await?;
+            ws.send(Message::Close(Some(close))).await
+        };
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+    }
+    server.inner.hub.disconnected();
+    tracing::debug!(peer = %conn.id, "disconnected");
+}
+
+impl Conn {
+    fn reply(&self, msg: &ServerMsg) {
+        self.outbox.deliver(encode(msg));
+    }
+
+    fn reply_error(&self, f: Failure) {
+        self.reply(&ServerMsg::Error { code: f.code, message: f.message });
+    }
+
+    fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
+        let limits = self.server.inner.config.limits;
+        let now = std::time::Instant::now();
+        if !self.bucket.take(now) {
+            let notice_due = self.last_rate_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if notice_due {
+                self.last_rate_notice = Some(Instant::now());
+                return Err(Failure::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} messages per second (burst {}); dropped, retry in {} ms",
+                        limits.messages_per_second,
+                        limits.message_burst,
+                        self.bucket.retry_after().as_millis().max(1)
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if text.len() > limits.max_message_bytes as usize {
+            return Err(Failure::new(
+                ErrorCode::TooLarge,
+                format!("message of {} bytes exceeds the limit of {}", text.len(), limits.max_message_bytes),
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Failure::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
+        let Some(obj) = value.as_object() else {
+            return Err(Failure::new(ErrorCode::BadJson, "a message is a JSON object"));
+        };
+        if obj.contains_key("from") {
+            return Err(Failure::new(
+                ErrorCode::SpoofedSender,
+                "messages may not carry `from`: the server stamps the sender",
+            ));
+        }
+        let ty = obj.get("type").and_then(|t| t.as_str()).map(str::to_owned);
+        let msg: ClientMsg = serde_json::from_value(value).map_err(|e| match &ty {
+            None => Failure::new(ErrorCode::BadMessage, "missing string field `type`"),
+            Some(ty) => Failure::new(ErrorCode::BadMessage, format!("bad `{ty}` message: {e}")),
+        })?;
+        if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
+            return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
+        }
+        self.dispatch(msg, ty.unwrap_or_default())
+    }
+
+    fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {
+        let inner = &self.server.inner;
+        let hub = &inner.hub;
+        match msg {
+            ClientMsg::Hello { version, client } => {
+                if self.greeted {
+                    return Err(Failure::new(ErrorCode::AlreadyGreeted, "hello was already sent"));
+                }
+                if version != PROTOCOL_VERSION {
+                    return Err(Failure::new(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+                        ),
+                    ));
+                }
+                self.greeted = true;
+                tracing::debug!(peer = %self.id, client = client.as_deref().unwrap_or("-"), "hello");
+                self.reply(&ServerMsg::Welcome {
+                    version: PROTOCOL_VERSION,
+                    peer_id: self.id.clone(),
+                    ice_servers: inner.config.ice_servers.clone(),
+                    limits: inner.config.limits,
+                });
+            }
+            ClientMsg::Join { room, name } => {
+                if !valid_room(&room) {
+                    return Err(Failure::new(
+                        ErrorCode::InvalidRoom,
+                        "room names are 1-64 bytes of letters, digits, '-', '_' and '.'",
+                    ));
+                }
+                if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
+                    return Err(Failure::new(
+                        ErrorCode::InvalidName,
+                        format!("names are at most {MAX_NAME_LEN} bytes"),
+                    ));
+                }
+                if self.rooms.contains(&room) {
+                    return Err(Failure::new(ErrorCode::AlreadyJoined, format!("already in room {room}")));
+                }
+                let max_rooms = inner.config.limits.max_rooms_per_connection as usize;
+                if self.rooms.len() >= max_rooms {
+                    return Err(Failure::new(
+                        ErrorCode::TooManyRooms,
+                        format!("already in {max_rooms} rooms, the limit"),
+                    ));
+                }
+                let max_peers = inner.config.limits.max_peers_per_room as usize;
+                let peers = hub.join(&room, &self.id, name, self.outbox.clone(), max_peers)?;
+                tracing::info!(peer = %self.id, %room, members = peers.len() + 1, "joined");
+                self.rooms.insert(room.clone());
+                self.reply(&ServerMsg::Joined { room, peers });
+            }
+            ClientMsg::Leave { room } => {
+                if !self.rooms.remove(&room) {
+                    return Err(Failure::new(ErrorCode::NotInRoom, format!("you are not in room {room}")));
+                }
+                hub.leave(&room, &self.id);
+                tracing::info!(peer = %self.id, %room, "left");
+                self.reply(&ServerMsg::Left { room });
+            }
+            ClientMsg::Signal { room, to, signal } => {
+                let frame = encode(&ServerMsg::Signal { room: room.clone(), from: self.id.clone(), signal });
+                hub.send_to(&room, &self.id, &to, frame)?;
+            }
+            ClientMsg::Send { room, to, data } => {
+                let frame = encode(&ServerMsg::Message { room: room.clone(), from: self.id.clone(), data });
+                match to {
+                    Some(to) => hub.send_to(&room, &self.id, &to, frame)?,
+                    None => hub.broadcast(&room, &self.id, frame)?,
+                }
+            }
+            ClientMsg::Ping { nonce } => self.reply(&ServerMsg::Pong { nonce }),
+            ClientMsg::Unknown => {
+                return Err(Failure::new(ErrorCode::UnknownType, format!("unknown message type `{ty}`")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Room membership and delivery between connections.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::ws::Utf8Bytes;
+use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
+use tokio::sync::{Notify, mpsc};
+
+/// The sending half of one connection, as the hub sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    pub tx: mpsc::Sender<Utf8Bytes>,
+    pub kick: Arc<Kick>,
+}
+
+/// Notified when the hub gives up on a connection (its queue overflowed).
+#[derive(Debug, Default)]
+pub(crate) struct Kick {
+    pub notify: Notify,
+}
+
+impl Outbox {
+    /// Queues a frame without waiting. A connection that cannot keep up is
+    /// kicked rather than allowed to grow memory or stall its sender.
+    pub fn deliver(&self, frame: Utf8Bytes) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick.notify.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    name: Option<String>,
+    outbox: Outbox,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    rooms: Mutex<HashMap<String, HashMap<PeerId, Member>>>,
+    connections: AtomicUsize,
+}
+
+/// A snapshot for `/healthz` and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubStats {
+    pub connections: usize,
+    pub rooms: usize,
+}
+
+pub(crate) fn encode(msg: &ServerMsg) -> Utf8Bytes {
+    Utf8Bytes::from(serde_json::to_string(msg).expect("server messages always serialize"))
+}
+
+/// Why a join was refused.
+#[derive(Debug)]
+pub(crate) struct Refused(pub ErrorCode, pub String);
+
+impl Hub {
+    pub fn connected(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn disconnected(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            rooms: self.rooms.lock().expect("hub lock").len(),
+        }
+    }
+
+    /// Adds `id` to `room`, tells the others, and returns who was there.
+    pub fn join(
+        &self,
+        room: &str,
+        id: &PeerId,
+        name: Option<String>,
+        outbox: Outbox,
+        max_peers: usize,
+    ) -> Result<Vec<PeerInfo>, Refused> {
+        let mut rooms = self.rooms.lock().expect("hub lock");
+        let members = rooms.entry(room.to_string()).or_default();
+        if members.contains_key(id) {
+            return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));
+        }
+        if members.len() >= max_peers {
+            return Err(Refused(
+                ErrorCode::RoomFull,
+                format!("room {room} has {} members, the limit", members.len()),
+            ));
+        }
+        let me = PeerInfo { id: id.clone(), name: name.clone() };
+        let frame = encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me });
+        let present = members
+            .iter()
+            .map(|(pid, m)| {
+                m.outbox.deliver(frame.clone());
+                PeerInfo { id: pid.clone(), name: m.name.clone() }
+            })
+            .collect();
+        members.insert(id.clone(), Member { name, outbox });
+        Ok(present)
+    }
+
+    /// Removes `id` from `room` and tells the others. Returns whether it was a member.
+    pub fn leave(&self, room: &str, id: &PeerId) -> bool {
+        let mut rooms = self.rooms.lock().expect("hub lock");
+        let Some(members) = rooms.get_mut(room) else { return false };
+        if members.remove(id).is_none() {
+            return false;
+        }
+        if members.is_empty() {
+            rooms.remove(room);
+        } else {
+            let frame = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });
+            for m in members.values() {
+                m.outbox.deliver(frame.clone());
+            }
+        }
+        true
+    }
+
+    /// Delivers `frame` to `to` if both `from` and `to` are in `room`.
+    pub fn send_to(&self, room: &str, from: &PeerId, to: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
+        let rooms = self.rooms.lock().expect("hub lock");
+        let members = rooms
+            .get(room)
+            .filter(|m| m.contains_key(from))
+            .ok_or_else(|| Refused(ErrorCode::NotInRoom, format!("you are not in room {room}")))?;
+        let target = members
+            .get(to)
+            .ok_or_else(|| Refused(ErrorCode::UnknownPeer, format!("no peer {to} in room {room}")))?;
+        target.outbox.deliver(frame);
+        Ok(())
+    }
+
+    /// Delivers `frame` to every member of `room` but `from`.
+    pub fn broadcast(&self, room: &str, from: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
+        let rooms = self.rooms.lock().expect("hub lock");
+        let members = rooms
+            .get(room)
+            .filter(|m| m.contains_key(from))
+            .ok_or_else(|| Refused(ErrorCode::NotInRoom, format!("you are not in room {room}")))?;
+        for (pid, m) in members {
+            if pid != from {
+                m.outbox.deliver(frame.clone());
+            }
+        }
+        Ok(())
+    }
+}

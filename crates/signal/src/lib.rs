@@ -1,0 +1,177 @@
+//! peerlink's signaling server as a library: WebSocket rooms with presence,
+//! trickle-ICE relay and server-routed messages, speaking the protocol in
+//! `peerlink-proto` (prose spec: `docs/PROTOCOL.md`).
+//!
+//! The server never sees peer data: it introduces peers, relays their
+//! negotiation, stamps every message with the sender's server-assigned id and
+//! only forwards between members of the same room. Every limit it enforces is
+//! announced in `welcome` and answered with an error code a client can act on.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let shutdown = async { tokio::signal::ctrl_c().await.ok(); };
+//! peerlink_signal::serve(listener, peerlink_signal::Config::default(), shutdown).await
+//! # }
+//! ```
+
+mod conn;
+mod hub;
+mod limit;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use peerlink_proto::{IceServer, Limits};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use hub::HubStats;
+
+/// What the server enforces and announces.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Limits announced in `welcome` and enforced per connection.
+    pub limits: Limits,
+    /// Interval of WebSocket pings the server sends to keep NATs and proxies open.
+    pub heartbeat: Duration,
+    /// Time a new connection has to send `hello`.
+    pub hello_timeout: Duration,
+    /// Server→client messages queued per connection before the connection is
+    /// dropped as a slow consumer.
+    pub outbound_queue: usize,
+    /// Frames larger than this (bytes) kill the connection outright; frames
+    /// between `limits.max_message_bytes` and this get a `too_large` error.
+    pub hard_frame_limit: usize,
+    /// ICE servers handed to every peer in `welcome`.
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = Limits {
+            max_message_bytes: 64 * 1024,
+            max_peers_per_room: 32,
+            max_rooms_per_connection: 8,
+            messages_per_second: 50,
+            message_burst: 200,
+            idle_timeout_ms: 45_000,
+        };
+        Config {
+            limits,
+            heartbeat: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(10),
+            outbound_queue: 256,
+            hard_frame_limit: 4 * limits.max_message_bytes as usize,
+            ice_servers: Vec::new(),
+        }
+    }
+}
+
+/// A running server's shared state: rooms, members and configuration.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    hub: hub::Hub,
+    shutdown: watch::Receiver<bool>,
+    /// Never sent on: `serve` waits for its receiver to see every sender
+    /// dropped, which happens when the last connection task drops its `Server`.
+    _alive: mpsc::Sender<()>,
+}
+
+impl Server {
+    /// Creates the state and returns it with the handles `serve` uses to shut
+    /// connections down and wait for them.
+    fn new(config: Config) -> (Server, watch::Sender<bool>, mpsc::Receiver<()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (alive_tx, alive_rx) = mpsc::channel(1);
+        let server = Server {
+            inner: Arc::new(Inner { config, hub: hub::Hub::default(), shutdown: stop_rx, _alive: alive_tx }),
+        };
+        (server, stop_tx, alive_rx)
+    }
+
+    /// Rooms and connections right now.
+    pub fn stats(&self) -> HubStats {
+        self.inner.hub.stats()
+    }
+}
+
+/// The HTTP routes: `GET /ws` (the signaling WebSocket) and `GET /healthz`.
+/// Other routes (the web app) can be merged onto the returned router.
+pub fn router(server: Server) -> Router {
+    Router::new().route("/ws", get(ws_upgrade)).route("/healthz", get(healthz)).with_state(server)
+}
+
+async fn healthz(State(server): State<Server>) -> impl IntoResponse {
+    let s = server.stats();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "connections": s.connections,
+        "rooms": s.rooms,
+    }))
+}
+
+async fn ws_upgrade(
+    State(server): State<Server>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> impl IntoResponse {
+    let cfg = &server.inner.config;
+    ws
+        // Idle connections must be cheap: tungstenite's default is a 128 KiB
+        // read buffer per connection. Signaling frames are small.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(cfg.hard_frame_limit * 4)
+        .max_message_size(cfg.hard_frame_limit)
+        .max_frame_size(cfg.hard_frame_limit)
+        .on_upgrade(move |socket| conn::run(server, socket, addr))
+}
+
+/// Serves signaling on `listener` until `shutdown` completes, then tells every
+/// connected client (`error` with code `shutting_down`), closes their
+/// sockets, and returns once every connection task has ended.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, config, shutdown, |r| r).await
+}
+
+/// Like [`serve`], with a hook to add routes (e.g. the web app) to the router.
+pub async fn serve_with(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extend: impl FnOnce(Router) -> Router,
+) -> std::io::Result<()> {
+    let (server, stop, mut alive) = Server::new(config);
+    let app = extend(router(server.clone()));
+    let stop_signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing connections");
+        let _ = stop.send(true);
+    };
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stop_signal)
+        .await?;
+    // Every connection task holds a clone of `alive`; wait for them to finish.
+    drop(server);
+    let _ = alive.recv().await;
+    tracing::info!("shut down");
+    Ok(())
+}
