@@ -1,0 +1,433 @@
+//! One peer connection without I/O: str0m plus perfect negotiation and
+//! channel bookkeeping. Datagrams, signals and time go in; datagrams, signals,
+//! events and the next deadline come out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerlink_proto::{PeerId, Signal};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
+
+use crate::channel::ChannelSpec;
+use crate::error::Error;
+
+/// The message size a peer may send when the remote SDP names none (RFC 8841).
+const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
+/// str0m refuses single writes larger than its SCTP send buffer (128 KiB by default).
+const SCTP_SEND_BUFFER: usize = 128 * 1024;
+/// Remote candidates held while no remote description is set.
+const MAX_EARLY_CANDIDATES: usize = 64;
+
+/// Connection state as the application sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnState {
+    /// Negotiating and checking candidates.
+    Connecting,
+    /// ICE, DTLS and SCTP are up.
+    Connected,
+    /// The selected path stopped answering; it may come back.
+    Disconnected,
+    /// No path was found in time, or the connection broke for good.
+    Failed,
+    /// Closed locally or by the remote.
+    Closed,
+}
+
+/// What a [`PeerConn`] reports.
+#[derive(Debug)]
+pub(crate) enum ConnEvent {
+    State(ConnState),
+    ChannelOpen { id: ChannelId, label: String, spec: ChannelSpec },
+    ChannelData { id: ChannelId, binary: bool, data: Vec<u8> },
+    ChannelClose { id: ChannelId },
+    /// A channel's send buffer drained below the low-water mark.
+    Writable,
+    Stats { rtt: Option<Duration>, selected_pair: Option<String> },
+}
+
+/// What [`PeerConn::poll_output`] hands the driver.
+#[derive(Debug)]
+pub(crate) enum ConnOutput {
+    Transmit { source: SocketAddr, destination: SocketAddr, contents: Vec<u8> },
+    Signal(Signal),
+    Event(ConnEvent),
+    Timeout(Instant),
+}
+
+/// Tunables of one connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnConfig {
+    /// How long negotiation plus connectivity checks may take.
+    pub connect_timeout: Duration,
+    /// How often str0m reports RTT and the selected pair.
+    pub stats_interval: Duration,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig { connect_timeout: Duration::from_secs(15), stats_interval: Duration::from_millis(500) }
+    }
+}
+
+pub(crate) struct PeerConn {
+    rtc: Rtc,
+    remote: PeerId,
+    /// On an offer collision the polite side rolls back its own offer; the
+    /// impolite side ignores the incoming one (the W3C "perfect negotiation").
+    polite: bool,
+    /// Our outstanding offer and the channels it carries.
+    pending: Option<(SdpPendingOffer, Vec<(ChannelId, ChannelSpec)>)>,
+    /// Channels asked for but not yet handed to str0m.
+    wanted: Vec<ChannelSpec>,
+    /// Channels handed to str0m, until they open.
+    creating: HashMap<ChannelId, ChannelSpec>,
+    open: HashMap<ChannelId, ChannelSpec>,
+    restart_wanted: bool,
+    have_remote_description: bool,
+    early_candidates: Vec<Candidate>,
+    remote_max_message_size: usize,
+    state: ConnState,
+    ever_connected: bool,
+    connect_deadline: Option<Instant>,
+    out: VecDeque<ConnOutput>,
+}
+
+impl std::fmt::Debug for PeerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConn").field("remote", &self.remote).field("state", &self.state).finish()
+    }
+}
+
+impl PeerConn {
+    /// A connection to `remote` using `locals` as host candidates.
+    pub fn new(remote: PeerId, polite: bool, locals: &[SocketAddr], config: &ConnConfig, now: Instant) -> Self {
+        let mut rtc = Rtc::builder().set_stats_interval(Some(config.stats_interval)).build(now);
+        for addr in locals {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(%addr, "unusable local address: {e}"),
+            }
+        }
+        PeerConn {
+            rtc,
+            remote,
+            polite,
+            pending: None,
+            wanted: Vec::new(),
+            creating: HashMap::new(),
+            open: HashMap::new(),
+            restart_wanted: false,
+            have_remote_description: false,
+            early_candidates: Vec::new(),
+            remote_max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            state: ConnState::Connecting,
+            ever_connected: false,
+            connect_deadline: Some(now + config.connect_timeout),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn remote(&self) -> &PeerId {
+        &self.remote
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state
+    }
+
+    /// Largest message the remote accepts in one write.
+    pub fn max_message_size(&self) -> usize {
+        self.remote_max_message_size.min(SCTP_SEND_BUFFER)
+    }
+
+    /// Asks for a new data channel; negotiates if needed.
+    pub fn open_channel(&mut self, spec: ChannelSpec) {
+        self.wanted.push(spec);
+        self.negotiate();
+    }
+
+    /// Asks for an ICE restart (new credentials, fresh checks).
+    pub fn restart_ice(&mut self) {
+        self.restart_wanted = true;
+        self.negotiate();
+    }
+
+    /// Makes an offer if something needs negotiating and no offer is out.
+    fn negotiate(&mut self) {
+        if self.pending.is_some() || self.state == ConnState::Closed {
+            return;
+        }
+        if self.wanted.is_empty() && !self.restart_wanted {
+            return;
+        }
+        let mut api = self.rtc.sdp_api();
+        let mut added = Vec::new();
+        for spec in self.wanted.drain(..) {
+            let id = api.add_channel_with_config(spec.to_str0m());
+            added.push((id, spec));
+        }
+        if self.restart_wanted {
+            api.ice_restart(true);
+            self.restart_wanted = false;
+        }
+        match api.apply() {
+            Some((offer, pending)) => {
+                self.out.push_back(ConnOutput::Signal(Signal::Offer { sdp: offer.to_sdp_string() }));
+                self.pending = Some((pending, added));
+            }
+            // Channels after the first go in-band (DCEP): no offer needed.
+            None => self.creating.extend(added),
+        }
+    }
+
+    /// Applies a signal from the remote peer.
+    pub fn handle_signal(&mut self, signal: Signal) -> Result<(), Error> {
+        match signal {
+            Signal::Offer { sdp } => self.handle_offer(&sdp),
+            Signal::Answer { sdp } => self.handle_answer(&sdp),
+            Signal::Candidate { candidate, .. } => {
+                let c = Candidate::from_sdp_string(&candidate)
+                    .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("candidate: {e}") })?;
+                if self.have_remote_description {
+                    self.rtc.add_remote_candidate(c);
+                } else if self.early_candidates.len() < MAX_EARLY_CANDIDATES {
+                    self.early_candidates.push(c);
+                }
+                Ok(())
+            }
+            Signal::EndOfCandidates | Signal::Unknown => Ok(()),
+        }
+    }
+
+    fn handle_offer(&mut self, sdp: &str) -> Result<(), Error> {
+        let offer = SdpOffer::from_sdp_string(sdp)
+            .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("offer: {e}") })?;
+        if self.pending.is_some() && !self.polite {
+            // Glare, and we win: the remote rolls back and answers ours.
+            tracing::debug!(peer = %self.remote, "offer collision: ignoring theirs");
+            return Ok(());
+        }
+        if let Some((_, added)) = self.pending.take() {
+            // Glare, and we yield: accept_offer rolls our offer back; its
+            // channels are asked for again once the offer is answered.
+            tracing::debug!(peer = %self.remote, "offer collision: rolling back ours");
+            self.wanted.splice(0..0, added.into_iter().map(|(_, spec)| spec));
+        }
+        let answer = self
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
+        self.remote_description_set(sdp);
+        self.out.push_back(ConnOutput::Signal(Signal::Answer { sdp: answer.to_sdp_string() }));
+        self.negotiate();
+        Ok(())
+    }
+
+    fn handle_answer(&mut self, sdp: &str) -> Result<(), Error> {
+        let answer = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("answer: {e}") })?;
+        let Some((pending, added)) = self.pending.take() else {
+            tracing::debug!(peer = %self.remote, "answer without an offer out: ignored");
+            return Ok(());
+        };
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
+        self.creating.extend(added);
+        self.remote_description_set(sdp);
+        self.negotiate();
+        Ok(())
+    }
+
+    fn remote_description_set(&mut self, sdp: &str) {
+        self.have_remote_description = true;
+        for c in self.early_candidates.drain(..) {
+            self.rtc.add_remote_candidate(c);
+        }
+        if let Some(size) = max_message_size(sdp) {
+            self.remote_max_message_size = size;
+        }
+    }
+
+    /// Whether a datagram from `source` to `destination` belongs to this connection.
+    pub fn accepts(&self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) -> bool {
+        match Receive::new(Protocol::Udp, source, destination, data) {
+            Ok(r) => self.rtc.accepts(&Input::Receive(now, r)),
+            Err(_) => false,
+        }
+    }
+
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else {
+            return Ok(());
+        };
+        self.rtc.handle_input(Input::Receive(now, r)).map_err(|e| self.broken(e))
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
+        if let Some(deadline) = self.connect_deadline
+            && now >= deadline
+            && !self.ever_connected
+        {
+            self.connect_deadline = None;
+            self.set_state(ConnState::Failed);
+            self.rtc.disconnect();
+            return Ok(());
+        }
+        self.rtc.handle_input(Input::Timeout(now)).map_err(|e| self.broken(e))
+    }
+
+    fn broken(&mut self, e: str0m::RtcError) -> Error {
+        self.set_state(ConnState::Failed);
+        self.rtc.disconnect();
+        Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() }
+    }
+
+    fn set_state(&mut self, state: ConnState) {
+        if self.state != state && self.state != ConnState::Closed {
+            self.state = state;
+            self.out.push_back(ConnOutput::Event(ConnEvent::State(state)));
+        }
+    }
+
+    /// Next thing to do. Call until it returns `Timeout`.
+    pub fn poll_output(&mut self) -> ConnOutput {
+        loop {
+            if let Some(o) = self.out.pop_front() {
+                return o;
+            }
+            if !self.rtc.is_alive() {
+                self.set_state(if self.ever_connected { ConnState::Closed } else { ConnState::Failed });
+                if let Some(o) = self.out.pop_front() {
+                    return o;
+                }
+                return ConnOutput::Timeout(far_future());
+            }
+            let output = match self.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    let err = self.broken(e);
+                    tracing::warn!("{err}");
+                    continue;
+                }
+            };
+            match output {
+                Output::Transmit(t) => {
+                    return ConnOutput::Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    };
+                }
+                Output::Timeout(t) => {
+                    let t = match self.connect_deadline {
+                        Some(d) if !self.ever_connected => t.min(d),
+                        _ => t,
+                    };
+                    return ConnOutput::Timeout(t);
+                }
+                Output::Event(e) => self.on_rtc_event(e),
+            }
+        }
+    }
+
+    fn on_rtc_event(&mut self, e: RtcEvent) {
+        match e {
+            RtcEvent::Connected => {
+                self.ever_connected = true;
+                self.connect_deadline = None;
+                self.set_state(ConnState::Connected);
+            }
+            RtcEvent::IceConnectionStateChange(s) => match s {
+                IceConnectionState::Disconnected => self.set_state(ConnState::Disconnected),
+                IceConnectionState::Connected | IceConnectionState::Completed if self.ever_connected => {
+                    self.set_state(ConnState::Connected)
+                }
+                _ => {}
+            },
+            RtcEvent::ChannelOpen(id, label) => {
+                let spec = self.creating.remove(&id).unwrap_or_else(|| {
+                    let cfg = self.rtc.channel(id).and_then(|c| c.config().cloned());
+                    ChannelSpec::from_str0m(&label, cfg.as_ref())
+                });
+                if let Some(mut ch) = self.rtc.channel(id) {
+                    ch.set_buffered_amount_low_threshold(SCTP_SEND_BUFFER / 2);
+                }
+                self.open.insert(id, spec.clone());
+                self.out.push_back(ConnOutput::Event(ConnEvent::ChannelOpen { id, label, spec }));
+            }
+            RtcEvent::ChannelData(d) => {
+                self.out.push_back(ConnOutput::Event(ConnEvent::ChannelData {
+                    id: d.id,
+                    binary: d.binary,
+                    data: d.data,
+                }));
+            }
+            RtcEvent::ChannelClose(id) => {
+                if self.open.remove(&id).is_some() {
+                    self.out.push_back(ConnOutput::Event(ConnEvent::ChannelClose { id }));
+                }
+            }
+            RtcEvent::ChannelBufferedAmountLow(_) => {
+                self.out.push_back(ConnOutput::Event(ConnEvent::Writable));
+            }
+            RtcEvent::PeerStats(s) => {
+                let selected_pair = s.selected_candidate_pair.as_ref().map(|p| {
+format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr)
+                });
+                self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt: s.rtt, selected_pair }));
+            }
+            RtcEvent::Closed => self.set_state(ConnState::Closed),
+            _ => {}
+        }
+    }
+
+    /// Writes one message. `Ok(false)`: the send buffer is full, try again
+    /// after [`ConnEvent::Writable`] or more input.
+    pub fn write(&mut self, id: ChannelId, binary: bool, data: &[u8]) -> Result<bool, Error> {
+        let max = self.max_message_size();
+        if data.len() > max {
+            return Err(Error::MessageTooLarge { size: data.len(), max });
+        }
+        let Some(mut ch) = self.rtc.channel(id) else {
+            return Err(Error::ChannelClosed);
+        };
+        ch.write(binary, data).map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
+    }
+
+    pub fn buffered_amount(&mut self, id: ChannelId) -> usize {
+        self.rtc.channel(id).map(|mut c| c.buffered_amount()).unwrap_or(0)
+    }
+
+    pub fn close(&mut self) {
+        self.rtc.disconnect();
+        self.set_state(ConnState::Closed);
+    }
+}
+
+/// Reads `a=max-message-size` from an SDP; 0 there means "no limit".
+fn max_message_size(sdp: &str) -> Option<usize> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=max-message-size:")).and_then(|v| v.trim().parse().ok()).map(
+        |n: usize| {
+            if n == 0 { usize::MAX } else { n }
+        },
+    )
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}

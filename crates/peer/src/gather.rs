@@ -1,0 +1,94 @@
+//! Candidate gathering: which local addresses the peer offers, and the UDP
+//! sockets behind them. Host candidates only; server-reflexive and relayed
+//! candidates slot in here as further sources.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::net::UdpSocket;
+
+use crate::error::Error;
+
+/// Which local addresses ICE may use.
+///
+/// By default every non-loopback interface address (IPv4, and IPv6 that is
+/// not link-local) is gathered, or loopback when there is nothing else.
+/// Restrict it to keep traffic on chosen networks: tests use
+/// `IceConfig::only([127.0.0.1])`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IceConfig {
+    /// Exactly these addresses (no interface enumeration) when non-empty.
+    pub addrs: Vec<IpAddr>,
+    /// Only addresses of these interfaces (by name, e.g. `eth0`) when non-empty.
+    pub interfaces: Vec<String>,
+}
+
+impl IceConfig {
+    /// Gather only on `addrs`.
+    pub fn only(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        IceConfig { addrs: addrs.into_iter().collect(), interfaces: Vec::new() }
+    }
+
+    /// Gather only on 127.0.0.1.
+    pub fn loopback() -> Self {
+        Self::only([IpAddr::from([127, 0, 0, 1])])
+    }
+
+    /// The addresses host candidates will be gathered on.
+    pub fn host_addrs(&self) -> Result<Vec<IpAddr>, Error> {
+        if !self.addrs.is_empty() {
+            return Ok(self.addrs.clone());
+        }
+        let ifaces = if_addrs::get_if_addrs()?;
+        let usable = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => !v4.is_unspecified(),
+            IpAddr::V6(v6) => !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        };
+        let chosen: Vec<(String, IpAddr)> = ifaces
+            .into_iter()
+            .filter(|i| self.interfaces.is_empty() || self.interfaces.contains(&i.name))
+            .map(|i| (i.name.clone(), i.ip()))
+            .filter(|(_, ip)| usable(ip))
+            .collect();
+        let non_loopback: Vec<IpAddr> =
+            chosen.iter().map(|(_, ip)| *ip).filter(|ip| !ip.is_loopback()).collect();
+        let addrs = if non_loopback.is_empty() { chosen.iter().map(|(_, ip)| *ip).collect() } else { non_loopback };
+        if addrs.is_empty() {
+            return Err(Error::NoAddresses(if self.interfaces.is_empty() {
+                "no interface has an address".into()
+            } else {
+                format!("interfaces {:?} have no address", self.interfaces)
+            }));
+        }
+        Ok(addrs)
+    }
+}
+
+/// Binds one UDP socket on an ephemeral port for each address.
+pub(crate) async fn bind(addrs: &[IpAddr]) -> Result<Vec<UdpSocket>, Error> {
+    let mut sockets = Vec::with_capacity(addrs.len());
+    for ip in addrs {
+        sockets.push(UdpSocket::bind(SocketAddr::new(*ip, 0)).await?);
+    }
+    Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_addresses_are_used_as_given() {
+        let cfg = IceConfig::loopback();
+        assert_eq!(cfg.host_addrs().unwrap(), vec![IpAddr::from([127, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn interface_filter_restricts_gathering() {
+        let cfg = IceConfig { addrs: vec![], interfaces: vec!["lo".into()] };
+        let addrs = cfg.host_addrs().unwrap();
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.is_loopback()), "{addrs:?}");
+        let none = IceConfig { addrs: vec![], interfaces: vec!["no-such-if0".into()] };
+        assert!(matches!(none.host_addrs(), Err(Error::NoAddresses(_))));
+    }
+}

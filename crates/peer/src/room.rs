@@ -1,0 +1,651 @@
+//! A joined room: the tokio driver that owns the signaling link, the UDP
+//! sockets, every peer connection of the mesh and their timers.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg};
+use str0m::channel::ChannelId;
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::channel::{ChannelSpec, DataChannel, Message, Shared};
+use crate::conn::{ConnConfig, ConnEvent, ConnOutput, ConnState, PeerConn};
+use crate::error::Error;
+use crate::gather::{self, IceConfig};
+use crate::signaling::{self, Signaling};
+
+/// How to join a room.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Signaling server WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`.
+    pub server: String,
+    pub room: String,
+    /// Display name announced to the room.
+    pub name: Option<String>,
+    pub ice: IceConfig,
+    /// Channels opened to every peer. The peer that joins later opens them,
+    /// so each pair has exactly one of each.
+    pub channels: Vec<ChannelSpec>,
+    /// Send-queue capacity per channel, in bytes.
+    pub send_queue_bytes: usize,
+    /// Events buffered for the application before the driver stops reading
+    /// the network (senders then see backpressure, nothing is dropped).
+    pub event_capacity: usize,
+    /// Bound on every wait for the signaling server.
+    pub signaling_timeout: Duration,
+    /// Bound on negotiation plus connectivity checks per peer.
+    pub connect_timeout: Duration,
+}
+
+impl RoomConfig {
+    pub fn new(server: impl Into<String>, room: impl Into<String>) -> Self {
+        RoomConfig {
+            server: server.into(),
+            room: room.into(),
+            name: None,
+            ice: IceConfig::default(),
+            channels: vec![ChannelSpec::reliable("data")],
+            send_queue_bytes: 1024 * 1024,
+            event_capacity: 1024,
+            signaling_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What happens in a room.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A peer is in the room (already there when we joined, or joined since).
+    PeerJoined { peer: PeerId, name: Option<String> },
+    /// A peer left or dropped; its connection and channels are gone.
+    PeerLeft { peer: PeerId },
+    /// The connection to `peer` changed state.
+    StateChanged { peer: PeerId, state: ConnState },
+    /// A channel to a peer is open, whoever opened it.
+    ChannelOpen { channel: DataChannel },
+    ChannelClosed { peer: PeerId, label: String },
+    /// A data-channel message.
+    Message { peer: PeerId, label: String, message: Message },
+    /// An application message routed through the signaling server.
+    ServerMessage { from: PeerId, data: serde_json::Value },
+    /// The server refused something we sent.
+    ServerError { code: ErrorCode, message: String },
+    /// The signaling link is gone; the room is over.
+    Closed { reason: String },
+}
+
+/// Traffic and path of one peer connection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerStats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub messages_sent: u64,
+    pub messages_received: u64,
+    /// Latest round-trip time str0m measured.
+    pub rtt: Option<Duration>,
+    /// The selected candidate pair, e.g. `Udp 127.0.0.1:5000 (Host) -> ...`.
+    pub selected_pair: Option<String>,
+    pub state: Option<ConnState>,
+}
+
+enum Command {
+    OpenChannel { peer: PeerId, spec: ChannelSpec, reply: oneshot::Sender<Result<(), Error>> },
+    ServerSend { to: Option<PeerId>, data: serde_json::Value },
+    Stats { peer: PeerId, reply: oneshot::Sender<Option<PeerStats>> },
+    Peers { reply: oneshot::Sender<Vec<PeerId>> },
+    Leave { reply: oneshot::Sender<()> },
+}
+
+/// A joined room. Dropping it leaves the room.
+#[derive(Debug)]
+pub struct Room {
+    id: PeerId,
+    local_addrs: Vec<SocketAddr>,
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+}
+
+impl Room {
+    /// Connects to the signaling server, joins the room and starts connecting
+    /// to everyone in it.
+    pub async fn join(config: RoomConfig) -> Result<Room, Error> {
+        let addrs = config.ice.host_addrs()?;
+        let sockets = gather::bind(&addrs).await?;
+        let local_addrs = sockets.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let sig = signaling::join(&config.server, &config.room, config.name.clone(), config.signaling_timeout).await?;
+        let id = sig.id.clone();
+        tracing::info!(peer = %id, room = %config.room, addrs = ?local_addrs, "joined");
+        let (commands, cmd_rx) = mpsc::channel(64);
+        let (ev_tx, events) = mpsc::channel(config.event_capacity.max(16));
+        let driver = Driver::new(config, sig, local_addrs.clone(), ev_tx);
+        tokio::spawn(driver.run(sockets, cmd_rx));
+        Ok(Room { id, local_addrs, commands, events })
+    }
+
+    /// Our peer id, assigned by the server.
+    pub fn id(&self) -> &PeerId {
+        &self.id
+    }
+
+    /// The local UDP addresses host candidates were gathered on.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The next event; `None` once the room is closed and drained.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| Error::RoomClosed)?;
+        rx.await.map_err(|_| Error::RoomClosed)
+    }
+
+    /// Opens another channel to `peer` (the remote gets `ChannelOpen` too).
+    pub async fn open_channel(&self, peer: &PeerId, spec: ChannelSpec) -> Result<(), Error> {
+        self.call(|reply| Command::OpenChannel { peer: peer.clone(), spec, reply }).await?
+    }
+
+    /// Sends `data` through the signaling server to one peer, or to everyone
+    /// in the room when `to` is `None`. For setup before channels are open.
+    pub async fn send_via_server(&self, to: Option<&PeerId>, data: serde_json::Value) -> Result<(), Error> {
+        self.commands.send(Command::ServerSend { to: to.cloned(), data }).await.map_err(|_| Error::RoomClosed)
+    }
+
+    /// Traffic, RTT and selected path of the connection to `peer`.
+    pub async fn stats(&self, peer: &PeerId) -> Result<PeerStats, Error> {
+        self.call(|reply| Command::Stats { peer: peer.clone(), reply })
+            .await?
+            .ok_or_else(|| Error::UnknownPeer(peer.clone()))
+    }
+
+    /// Peers currently in the room.
+    pub async fn peers(&self) -> Result<Vec<PeerId>, Error> {
+        self.call(|reply| Command::Peers { reply }).await
+    }
+
+    /// Leaves the room and closes every connection.
+    pub async fn leave(self) -> Result<(), Error> {
+        self.call(|reply| Command::Leave { reply }).await
+    }
+}
+
+struct PeerState {
+    conn: PeerConn,
+    channels: HashMap<ChannelId, Arc<Shared>>,
+    /// Some channel could not write because SCTP's buffer was full.
+    blocked: bool,
+    stats: PeerStats,
+    next_timeout: Instant,
+}
+
+struct Driver {
+    config: RoomConfig,
+    id: PeerId,
+    room: String,
+    local_addrs: Vec<SocketAddr>,
+    conn_config: ConnConfig,
+    peers: HashMap<PeerId, PeerState>,
+    signaling: mpsc::Sender<ClientMsg>,
+    incoming: futures_util::stream::BoxStream<'static, Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    initial_peers: Vec<peerlink_proto::PeerInfo>,
+    events: mpsc::Sender<Event>,
+    /// Events the application has not taken yet; while non-empty the driver
+    /// does not read the network.
+    backlog: VecDeque<Event>,
+    wake: Arc<Notify>,
+    closing: Option<String>,
+}
+
+/// Backlogged events above which the driver stops reading datagrams.
+const BACKLOG_PAUSE: usize = 64;
+/// Interval of application pings keeping the signaling link alive.
+const SIGNALING_PING: Duration = Duration::from_secs(15);
+
+impl Driver {
+    fn new(config: RoomConfig, sig: Signaling, local_addrs: Vec<SocketAddr>, events: mpsc::Sender<Event>) -> Self {
+        let conn_config = ConnConfig { connect_timeout: config.connect_timeout, ..ConnConfig::default() };
+        let _ = sig.limits;
+        Driver {
+            id: sig.id,
+            room: config.room.clone(),
+            config,
+            local_addrs,
+            conn_config,
+            peers: HashMap::new(),
+            signaling: sig.outgoing,
+            incoming: sig.incoming.boxed(),
+            initial_peers: sig.peers,
+            events,
+            backlog: VecDeque::new(),
+            wake: Arc::new(Notify::new()),
+            closing: None,
+        }
+    }
+
+    fn emit(&mut self, ev: Event) {
+        if self.backlog.is_empty() {
+            match self.events.try_send(ev) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        } else {
+            self.backlog.push_back(ev);
+        }
+    }
+
+    fn signal(&mut self, msg: ClientMsg) {
+        if let Err(e) = self.signaling.try_send(msg) {
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.closing.get_or_insert_with(|| "signaling server is not reading".into());
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    self.closing.get_or_insert_with(|| "signaling connection lost".into());
+                }
+            }
+        }
+    }
+
+    fn add_peer(&mut self, peer: PeerId, name: Option<String>, initiator: bool, now: Instant) {
+        if peer == self.id || self.peers.contains_key(&peer) {
+            return;
+        }
+        let polite = self.id < peer;
+        let mut conn = PeerConn::new(peer.clone(), polite, &self.local_addrs, &self.conn_config, now);
+        if initiator {
+            for spec in &self.config.channels {
+                conn.open_channel(spec.clone());
+            }
+        }
+        tracing::debug!(local = %self.id, remote = %peer, polite, initiator, "peer added");
+        self.peers.insert(
+            peer.clone(),
+            PeerState {
+                conn,
+                channels: HashMap::new(),
+                blocked: false,
+                stats: PeerStats { state: Some(ConnState::Connecting), ..Default::default() },
+                next_timeout: now,
+            },
+        );
+        self.emit(Event::PeerJoined { peer, name });
+    }
+
+    fn remove_peer(&mut self, peer: &PeerId) {
+        let Some(mut st) = self.peers.remove(peer) else { return };
+        st.conn.close();
+        for (_, shared) in st.channels.drain() {
+            shared.close();
+            self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+        }
+        self.emit(Event::PeerLeft { peer: peer.clone() });
+    }
+
+    fn on_server(&mut self, msg: ServerMsg, now: Instant) {
+        match msg {
+            ServerMsg::PeerJoined { peer, .. } if peer.id == self.id => {}
+            ServerMsg::PeerJoined { peer, .. } => self.add_peer(peer.id, peer.name, false, now),
+            ServerMsg::PeerLeft { peer_id, .. } => self.remove_peer(&peer_id),
+            ServerMsg::Signal { from, signal, .. } => {
+                if !self.peers.contains_key(&from) {
+                    self.add_peer(from.clone(), None, false, now);
+                }
+                let st = self.peers.get_mut(&from).expect("added above");
+                if let Err(e) = st.conn.handle_signal(signal) {
+                    tracing::warn!("{e}");
+                }
+                st.next_timeout = now;
+            }
+            ServerMsg::Message { from, data, .. } => self.emit(Event::ServerMessage { from, data }),
+            ServerMsg::Error { code, message } => {
+                tracing::warn!(%code, "server: {message}");
+                if code.is_fatal() {
+                    self.closing.get_or_insert(format!("{code}: {message}"));
+                } else {
+                    self.emit(Event::ServerError { code, message });
+                }
+            }
+            ServerMsg::Welcome { .. }
+            | ServerMsg::Joined { .. }
+            | ServerMsg::Left { .. }
+            | ServerMsg::Pong { .. }
+            | ServerMsg::Unknown => {}
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::OpenChannel { peer, spec, reply } => {
+                let r = match self.peers.get_mut(&peer) {
+                    Some(st) => {
+                        st.conn.open_channel(spec);
+                        st.next_timeout = Instant::now();
+                        Ok(())
+                    }
+                    None => Err(Error::UnknownPeer(peer)),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ServerSend { to, data } => {
+                let room = self.room.clone();
+                self.signal(ClientMsg::Send { room, to, data });
+            }
+            Command::Stats { peer, reply } => {
+                let _ = reply.send(self.peers.get(&peer).map(|st| st.stats.clone()));
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peers.keys().cloned().collect());
+            }
+            Command::Leave { reply } => {
+                let room = self.room.clone();
+                self.signal(ClientMsg::Leave { room });
+                self.closing.get_or_insert_with(|| "left the room".into());
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Moves queued messages of every channel of `st` into SCTP while it takes them.
+    fn drain(st: &mut PeerState) {
+        st.blocked = false;
+        for (id, shared) in &st.channels {
+            loop {
+                let Some(msg) = shared.queue.lock().expect("channel queue lock").pop_front() else { break };
+                match st.conn.write(*id, msg.is_binary(), msg.as_bytes()) {
+                    Ok(true) => {
+                        st.stats.bytes_sent += msg.len() as u64;
+                        st.stats.messages_sent += 1;
+                        shared.sent_bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                        shared.sent_messages.fetch_add(1, Ordering::Relaxed);
+                        shared.release(&msg);
+                    }
+                    Ok(false) => {
+                        shared.queue.lock().expect("channel queue lock").push_front(msg);
+                        st.blocked = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %shared.peer, label = %shared.spec.label, "write failed: {e}");
+                        shared.release(&msg);
+                        shared.close();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs every peer's outputs until each waits for time or input.
+    async fn pump(&mut self, sockets: &[UdpSocket], now: Instant) {
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in ids {
+            self.pump_peer(&peer, sockets, now).await;
+        }
+    }
+
+    async fn pump_peer(&mut self, peer: &PeerId, sockets: &[UdpSocket], now: Instant) {
+        let mut events = Vec::new();
+        let mut signals = Vec::new();
+        let mut dead = false;
+        {
+            let Some(st) = self.peers.get_mut(peer) else { return };
+            if st.next_timeout <= now
+                && let Err(e) = st.conn.handle_timeout(now)
+            {
+                tracing::debug!("{e}");
+            }
+            Self::drain(st);
+            loop {
+                match st.conn.poll_output() {
+                    ConnOutput::Transmit { source, destination, contents } => {
+                        send_datagram(sockets, &self.local_addrs, source, destination, &contents).await;
+                    }
+                    ConnOutput::Signal(s) => signals.push(s),
+                    ConnOutput::Timeout(t) => {
+                        st.next_timeout = t;
+                        break;
+                    }
+                    ConnOutput::Event(ev) => match ev {
+                        ConnEvent::State(state) => {
+                            st.stats.state = Some(state);
+                            if matches!(state, ConnState::Failed | ConnState::Closed) {
+                                dead = true;
+                            }
+                            events.push(Event::StateChanged { peer: peer.clone(), state });
+                        }
+                        ConnEvent::ChannelOpen { id, label, spec } => {
+                            let shared = Arc::new(Shared::new(
+                                peer.clone(),
+                                spec,
+                                self.config.send_queue_bytes,
+                                st.conn.max_message_size(),
+                                self.wake.clone(),
+                            ));
+                            st.channels.insert(id, shared.clone());
+                            tracing::debug!(remote = %peer, %label, "channel open");
+                            events.push(Event::ChannelOpen { channel: DataChannel { shared } });
+                        }
+                        ConnEvent::ChannelData { id, binary, data } => {
+                            let Some(shared) = st.channels.get(&id) else { continue };
+                            st.stats.bytes_received += data.len() as u64;
+                            st.stats.messages_received += 1;
+                            let message = if binary {
+                                Message::Binary(data)
+                            } else {
+                                match String::from_utf8(data) {
+                                    Ok(s) => Message::Text(s),
+                                    Err(e) => Message::Binary(e.into_bytes()),
+                                }
+                            };
+                            events.push(Event::Message {
+                                peer: peer.clone(),
+                                label: shared.spec.label.clone(),
+                                message,
+                            });
+                        }
+                        ConnEvent::ChannelClose { id } => {
+                            if let Some(shared) = st.channels.remove(&id) {
+                                shared.close();
+                                events.push(Event::ChannelClosed {
+                                    peer: peer.clone(),
+                                    label: shared.spec.label.clone(),
+                                });
+                            }
+                        }
+                        ConnEvent::Writable => Self::drain(st),
+                        ConnEvent::Stats { rtt, selected_pair } => {
+                            if rtt.is_some() {
+                                st.stats.rtt = rtt;
+                            }
+                            if selected_pair.is_some() {
+                                st.stats.selected_pair = selected_pair;
+                            }
+                        }
+                    },
+                }
+            }
+        }
+        for signal in signals {
+            let room = self.room.clone();
+            self.signal(ClientMsg::Signal { room, to: peer.clone(), signal });
+        }
+        for ev in events {
+            self.emit(ev);
+        }
+        if dead && let Some(st) = self.peers.get_mut(peer) {
+            let closed: Vec<_> = st.channels.drain().map(|(_, shared)| shared).collect();
+            for shared in closed {
+                shared.close();
+                self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) -> Option<PeerId> {
+        let peer = self
+            .peers
+            .iter()
+            .find(|(_, st)| st.conn.accepts(now, source, destination, data))
+            .map(|(id, _)| id.clone())?;
+        let st = self.peers.get_mut(&peer).expect("found above");
+        if let Err(e) = st.conn.handle_datagram(now, source, destination, data) {
+            tracing::debug!("{e}");
+        }
+        Some(peer)
+    }
+
+    async fn run(mut self, sockets: Vec<UdpSocket>, mut commands: mpsc::Receiver<Command>) {
+        let now = Instant::now();
+        for p in std::mem::take(&mut self.initial_peers) {
+            self.add_peer(p.id, p.name, true, now);
+        }
+        let mut buf = vec![0u8; 2048];
+        let mut ping = tokio::time::interval(SIGNALING_PING);
+        let wake = self.wake.clone();
+        let events = self.events.clone();
+        let mut incoming = std::mem::replace(&mut self.incoming, futures_util::stream::empty().boxed());
+        let reason = loop {
+            let now = Instant::now();
+            self.pump(&sockets, now).await;
+            if let Some(reason) = self.closing.take() {
+                break reason;
+            }
+            let deadline = self.peers.values().map(|st| st.next_timeout).min();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read_net = self.backlog.len() < BACKLOG_PAUSE;
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break "room handle dropped".to_string(),
+                },
+                permit = events.reserve(), if !self.backlog.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(self.backlog.pop_front().expect("non-empty"));
+                        while let Some(ev) = self.backlog.pop_front() {
+                            match self.events.try_send(ev) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(ev)) => {
+                                    self.backlog.push_front(ev);
+                                    break;
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                            }
+                        }
+                    }
+                    Err(_) => break "room handle dropped".to_string(),
+                },
+                frame = incoming.next() => match frame {
+                    Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
+                        Ok(msg) => self.on_server(msg, Instant::now()),
+                        Err(e) => tracing::warn!("unreadable message from server: {e}"),
+                    },
+                    Some(Ok(WsMessage::Close(_))) | None => break "signaling server closed the connection".to_string(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("signaling connection lost: {e}"),
+                },
+                r = recv_any(&sockets, &mut buf), if read_net => match r {
+                    Ok((n, source, idx)) => {
+                        let destination = self.local_addrs[idx];
+                        let now = Instant::now();
+                        if let Some(peer) = self.on_datagram(now, source, destination, &buf[..n]) {
+                            // Read what else is waiting before pumping outputs.
+                            for _ in 0..32 {
+                                match sockets[idx].try_recv_from(&mut buf) {
+                                    Ok((n, source)) => {
+                                        self.on_datagram(now, source, destination, &buf[..n]);
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            if let Some(st) = self.peers.get_mut(&peer) && st.blocked {
+                                Self::drain(st);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("udp receive: {e}"),
+                },
+                _ = wake.notified() => {}
+                _ = ping.tick() => self.signal(ClientMsg::Ping { nonce: None }),
+                _ = sleep => {}
+            }
+        };
+        tracing::debug!(peer = %self.id, "room closing: {reason}");
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in &ids {
+            if let Some(st) = self.peers.get_mut(peer) {
+                st.conn.close();
+            }
+            self.pump_peer(peer, &sockets, Instant::now()).await;
+        }
+        for peer in &ids {
+            self.remove_peer(peer);
+        }
+        self.emit(Event::Closed { reason });
+        // Hand the application what is left, without waiting forever on it.
+        let events = self.events.clone();
+        let backlog = std::mem::take(&mut self.backlog);
+        drop(self);
+        for ev in backlog {
+            if tokio::time::timeout(Duration::from_secs(5), events.send(ev)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+async fn send_datagram(
+    sockets: &[UdpSocket],
+    local_addrs: &[SocketAddr],
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: &[u8],
+) {
+    let Some(sock) = local_addrs.iter().position(|a| *a == source).map(|i| &sockets[i]) else {
+        tracing::trace!(%source, "no socket for source address");
+        return;
+    };
+    match sock.try_send_to(data, destination) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let _ = tokio::time::timeout(Duration::from_millis(100), sock.send_to(data, destination)).await;
+        }
+        Err(e) => tracing::trace!(%destination, "udp send: {e}"),
+    }
+}
+
+/// Receives one datagram from whichever socket has one.
+async fn recv_any(sockets: &[UdpSocket], buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+    poll_fn(|cx| {
+        for (i, s) in sockets.iter().enumerate() {
+            let mut rb = ReadBuf::new(buf);
+            match s.poll_recv_from(cx, &mut rb) {
+                Poll::Ready(Ok(addr)) => return Poll::Ready(Ok((rb.filled().len(), addr, i))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}

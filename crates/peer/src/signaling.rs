@@ -1,0 +1,109 @@
+//! The signaling client: greets the server, joins a room, then carries
+//! `ClientMsg` out and `ServerMsg` in.
+
+use std::time::Duration;
+
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use peerlink_proto::{ClientMsg, IceServer, Limits, PROTOCOL_VERSION, PeerId, PeerInfo, ServerMsg};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::error::Error;
+
+pub(crate) type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Outgoing signaling messages queued before the writer task stalls us.
+const OUTBOX: usize = 512;
+
+/// A joined room's signaling link.
+pub(crate) struct Signaling {
+    pub id: PeerId,
+    pub peers: Vec<PeerInfo>,
+    #[allow(dead_code)]
+    pub ice_servers: Vec<IceServer>,
+    pub limits: Limits,
+    pub incoming: SplitStream<WsStream>,
+    pub outgoing: mpsc::Sender<ClientMsg>,
+}
+
+impl std::fmt::Debug for Signaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signaling").field("id", &self.id).finish()
+    }
+}
+
+async fn recv(ws: &mut WsStream, timeout: Duration) -> Result<ServerMsg, Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| Error::Timeout(timeout))?;
+        match frame {
+            None => return Err(Error::SignalingLost("server closed the connection".into())),
+            Some(Err(e)) => return Err(Error::SignalingLost(e.to_string())),
+            Some(Ok(WsMessage::Text(t))) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|e| Error::SignalingLost(format!("unreadable message from server: {e}")));
+            }
+            Some(Ok(WsMessage::Close(_))) => {
+                return Err(Error::SignalingLost("server closed the connection".into()));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn send(ws: &mut WsStream, msg: &ClientMsg) -> Result<(), Error> {
+    let text = serde_json::to_string(msg).expect("client messages always serialize");
+    ws.send(WsMessage::Text(text.into())).await.map_err(|e| Error::SignalingLost(e.to_string()))
+}
+
+/// Parses a server answer; an `error` becomes [`Error::Server`].
+fn refused(msg: ServerMsg) -> Error {
+    match msg {
+        ServerMsg::Error { code, message } => Error::Server { code, message },
+        other => Error::SignalingLost(format!("unexpected message from server: {other:?}")),
+    }
+}
+
+/// Connects, says hello, joins `room`.
+pub(crate) async fn join(url: &str, room: &str, name: Option<String>, timeout: Duration) -> Result<Signaling, Error> {
+    let connect = tokio_tungstenite::connect_async(url);
+    let (mut ws, _) = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
+        .map_err(|e| Error::Connect { url: url.to_string(), reason: e.to_string() })?;
+
+    let client = Some(format!("peerlink-peer/{}", env!("CARGO_PKG_VERSION")));
+    send(&mut ws, &ClientMsg::Hello { version: PROTOCOL_VERSION, client }).await?;
+    let (id, ice_servers, limits) = match recv(&mut ws, timeout).await? {
+        ServerMsg::Welcome { version, peer_id, ice_servers, limits } => {
+            if version != PROTOCOL_VERSION {
+                return Err(Error::Version(version));
+            }
+            (peer_id, ice_servers, limits)
+        }
+        other => return Err(refused(other)),
+    };
+
+    send(&mut ws, &ClientMsg::Join { room: room.to_string(), name }).await?;
+    let peers = match recv(&mut ws, timeout).await? {
+        ServerMsg::Joined { peers, .. } => peers,
+        other => return Err(refused(other)),
+    };
+
+    let (mut sink, incoming) = ws.split();
+    let (outgoing, mut rx) = mpsc::channel::<ClientMsg>(OUTBOX);
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let text = serde_json::to_string(&msg).expect("client messages always serialize");
+            if let Err(e) = sink.send(WsMessage::Text(text.into())).await {
+                tracing::debug!("signaling write failed: {e}");
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    Ok(Signaling { id, peers, ice_servers, limits, incoming, outgoing })
+}
