@@ -10,9 +10,9 @@ use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerI
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::Server;
 use crate::hub::{Kick, Outbox, Refused, encode};
 use crate::limit::TokenBucket;
+use crate::{Config, Server};
 
 /// Longest we spend telling a client goodbye before dropping the socket.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,10 +75,10 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
 
     let end: Option<Failure> = loop {
         if *shutdown.borrow_and_update() {
-            break Some(Failure::new(ErrorCode::ShuttingDown, "server is shutting down"));
+            break Some(shutting_down());
         }
         let deadline = if conn.greeted { last_seen + idle } else { hello_deadline.min(last_seen + idle) };
-        tokio::select! {
+        let outgoing = tokio::select! {
             frame = ws.recv() => {
                 let msg = match frame {
                     None => break None,
@@ -105,29 +105,27 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
                     Message::Ping(_) | Message::Pong(_) => {}
                     Message::Close(_) => break None,
                 }
+                continue;
             }
-            Some(frame) = rx.recv() => {
-                if ws.send(Message::Text(frame)).await.is_err() {
-                    break None;
-                }
-            }
-            _ = heartbeat.tick() => {
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
-                    break None;
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                break Some(if conn.greeted {
-                    Failure::new(ErrorCode::IdleTimeout, format!("nothing received for {} ms", idle.as_millis()))
-                } else {
-                    Failure::new(ErrorCode::HelloRequired, format!("no hello within {} ms", cfg.hello_timeout.as_millis()))
-                });
-            }
+            Some(frame) = rx.recv() => Message::Text(frame),
+            _ = heartbeat.tick() => Message::Ping(Default::default()),
+            _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
             // Only the hub notifies, and only when it gave up on our queue.
-            _ = kick.notify.notified() => {
-                break Some(Failure::new(ErrorCode::SlowConsumer, format!("more than {} messages queued for you", cfg.outbound_queue)));
-            }
-            _ = shutdown.changed() => {}
+            _ = kick.notify.notified() => break Some(slow_consumer(&cfg)),
+            // `Ok` only: if the sender is gone (the `serve` future was dropped
+            // without shutting down) the branch is disabled instead of spinning.
+            Ok(()) = shutdown.changed() => continue,
+        };
+        // A client that stops reading fills the socket buffers and this write
+        // waits for it. Keep watching for what ends the connection meanwhile,
+        // or a stalled client would never be kicked, timed out or shut down.
+        tokio::select! {
+            sent = ws.send(outgoing) => if sent.is_err() {
+                break None;
+            },
+            _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
+            _ = kick.notify.notified() => break Some(slow_consumer(&cfg)),
+            Ok(()) = shutdown.changed() => break Some(shutting_down()),
         }
     };
 
@@ -153,6 +151,29 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
     }
     server.inner.hub.disconnected();
     tracing::debug!(peer = %conn.id, "disconnected");
+}
+
+fn shutting_down() -> Failure {
+    Failure::new(ErrorCode::ShuttingDown, "server is shutting down")
+}
+
+/// The idle timeout, or the hello timeout before `hello`.
+fn deadline_passed(greeted: bool, cfg: &Config) -> Failure {
+    if greeted {
+        Failure::new(
+            ErrorCode::IdleTimeout,
+            format!("nothing received for {} ms", cfg.limits.idle_timeout_ms),
+        )
+    } else {
+        Failure::new(
+            ErrorCode::HelloRequired,
+            format!("no hello within {} ms", cfg.hello_timeout.as_millis()),
+        )
+    }
+}
+
+fn slow_consumer(cfg: &Config) -> Failure {
+    Failure::new(ErrorCode::SlowConsumer, format!("more than {} messages queued for you", cfg.outbound_queue))
 }
 
 impl Conn {

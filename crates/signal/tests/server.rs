@@ -1,0 +1,935 @@
+//! End-to-end tests of the signaling server: the real `serve` on a loopback
+//! port, spoken to over real WebSockets, the way `peerlink` and the browser
+//! client speak to it. Every wait is bounded; a hung server fails a test
+//! instead of hanging it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use peerlink_proto::{ErrorCode, IceServer, Limits, PeerId, PeerInfo, ServerMsg, Signal};
+use peerlink_signal::{Config, serve};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+/// How long any single expected event may take.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// The defaults, with limits small enough to reach quickly in a test.
+fn config() -> Config {
+    Config {
+        limits: Limits {
+            max_message_bytes: 1024,
+            max_peers_per_room: 4,
+            max_rooms_per_connection: 3,
+            messages_per_second: 1000,
+            message_burst: 1000,
+            idle_timeout_ms: 30_000,
+        },
+        hard_frame_limit: 16 * 1024,
+        ..Config::default()
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    async fn start(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// A client that has said hello, with the id the server gave it.
+    async fn greeted(&self) -> (Client, PeerId) {
+        let mut c = self.client().await;
+        let id = c.hello().await;
+        (c, id)
+    }
+
+    /// A greeted client that joined `room` as `name`.
+    async fn member(&self, room: &str, name: &str) -> (Client, PeerId) {
+        let (mut c, id) = self.greeted().await;
+        c.join(room, Some(name)).await;
+        (c, id)
+    }
+
+    /// Triggers shutdown and returns how long `serve` took to return.
+    async fn shut_down(&mut self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        self.stop.take().expect("not yet stopped").send(()).expect("server still running");
+        let task = self.task.take().expect("not yet stopped");
+        let result = timeout(limit, task)
+            .await
+            .unwrap_or_else(|_| panic!("serve did not return within {limit:?} of shutdown"));
+        result.expect("serve task panicked").expect("serve returned an error");
+        start.elapsed()
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One WebSocket client. It only reads when a test asks it to, so a test can
+/// make it a client that stopped reading (and does not answer pings) by simply
+/// not calling it.
+struct Client {
+    ws: Ws,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let (ws, _) = timeout(WAIT, connect_async(format!("ws://{addr}/ws")))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        Client { ws }
+    }
+
+    async fn send_msg(&mut self, msg: Message) {
+        timeout(WAIT, self.ws.send(msg)).await.expect("send timed out").expect("send");
+    }
+
+    async fn send_json(&mut self, value: Value) {
+        self.send_raw(&value.to_string()).await;
+    }
+
+    async fn send_raw(&mut self, text: &str) {
+        self.send_msg(Message::text(text)).await;
+    }
+
+    /// The next frame that is not a ping or pong, or `None` if the socket
+    /// ended (with an error or without a close frame).
+    async fn next_frame(&mut self, deadline: Instant) -> Option<Message> {
+        loop {
+            match timeout_at(deadline, self.ws.next()).await.expect("timed out waiting for the server") {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(msg)) => return Some(msg),
+            }
+        }
+    }
+
+    fn parse(msg: Message) -> ServerMsg {
+        let Message::Text(text) = msg else { panic!("expected a text frame, got {msg:?}") };
+        let parsed: ServerMsg =
+            serde_json::from_str(text.as_str()).unwrap_or_else(|e| panic!("unparseable {text}: {e}"));
+        assert_ne!(parsed, ServerMsg::Unknown, "server sent a type this version does not know: {text}");
+        parsed
+    }
+
+    /// The next protocol message, within [`WAIT`].
+    async fn recv(&mut self) -> ServerMsg {
+        match self.next_frame(Instant::now() + WAIT).await {
+            Some(msg) => Self::parse(msg),
+            None => panic!("connection ended while waiting for a message"),
+        }
+    }
+
+    /// The next protocol message if one arrives within `wait`.
+    async fn try_recv(&mut self, wait: Duration) -> Option<ServerMsg> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(None | Some(Err(_))) => panic!("connection ended while waiting for a message"),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(msg))) => return Some(Self::parse(msg)),
+            }
+        }
+    }
+
+    /// Asserts the next message is `error` with `code`; returns its text.
+    async fn expect_error(&mut self, code: ErrorCode) -> String {
+        match self.recv().await {
+            ServerMsg::Error { code: got, message } => {
+                assert_eq!(got, code, "error message: {message}");
+                assert!(!message.is_empty(), "errors carry a human-readable message");
+                message
+            }
+            other => panic!("expected error {code}, got {other:?}"),
+        }
+    }
+
+    /// Asserts the server closes the connection next (no more messages).
+    /// Returns the close frame, `None` if the socket just ended.
+    async fn expect_close(&mut self) -> Option<CloseFrame> {
+        match self.next_frame(Instant::now() + WAIT).await {
+            None => None,
+            Some(Message::Close(frame)) => {
+                // After a close frame the stream ends.
+                assert!(self.next_frame(Instant::now() + WAIT).await.is_none(), "frames after close");
+                frame
+            }
+            Some(other) => panic!("expected the connection to close, got {other:?}"),
+        }
+    }
+
+    /// Asserts `error` with `code` followed by a close frame with `close`.
+    async fn expect_fatal(&mut self, code: ErrorCode, close: CloseCode) {
+        self.expect_error(code).await;
+        let frame = self.expect_close().await.expect("a close frame, not a dropped socket");
+        assert_eq!(frame.code, close);
+        assert_eq!(frame.reason.as_str(), code.as_str());
+    }
+
+    /// Says hello with the current version; returns the assigned peer id.
+    async fn hello(&mut self) -> PeerId {
+        self.send_json(json!({"type": "hello", "version": 1, "client": "peerlink-signal-tests"})).await;
+        match self.recv().await {
+            ServerMsg::Welcome { version, peer_id, .. } => {
+                assert_eq!(version, 1);
+                peer_id
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Joins `room`; returns the members that were already there.
+    async fn join(&mut self, room: &str, name: Option<&str>) -> Vec<PeerInfo> {
+        let mut msg = json!({"type": "join", "room": room});
+        if let Some(name) = name {
+            msg["name"] = json!(name);
+        }
+        self.send_json(msg).await;
+        match self.recv().await {
+            ServerMsg::Joined { room: r, peers } => {
+                assert_eq!(r, room);
+                peers
+            }
+            other => panic!("expected joined {room}, got {other:?}"),
+        }
+    }
+
+    /// Application-level ping; asserts the matching pong is the next message.
+    async fn ping(&mut self, nonce: u64) {
+        self.send_json(json!({"type": "ping", "nonce": nonce})).await;
+        assert_eq!(self.recv().await, ServerMsg::Pong { nonce: Some(nonce) });
+    }
+
+    async fn signal(&mut self, room: &str, to: &PeerId, signal: Value) {
+        self.send_json(json!({"type": "signal", "room": room, "to": to, "signal": signal})).await;
+    }
+
+    /// Asserts the next message is a signal from `from` in `room`.
+    async fn expect_signal(&mut self, room: &str, from: &PeerId) -> Signal {
+        match self.recv().await {
+            ServerMsg::Signal { room: r, from: f, signal } => {
+                assert_eq!((r.as_str(), &f), (room, from), "signal stamped with room and sender");
+                signal
+            }
+            other => panic!("expected a signal from {from}, got {other:?}"),
+        }
+    }
+
+    /// Pings every 50 ms (so this client is never idle) until `peer_left`
+    /// for `gone` arrives; returns how long that took.
+    async fn chat_until_left(&mut self, gone: &PeerId) -> Duration {
+        let start = Instant::now();
+        let mut left = None;
+        for n in 0.. {
+            assert!(start.elapsed() < WAIT, "no peer_left for {gone}");
+            self.send_json(json!({"type": "ping", "nonce": n})).await;
+            loop {
+                match self.recv().await {
+                    ServerMsg::Pong { nonce } if nonce == Some(n) => break,
+                    ServerMsg::PeerLeft { peer_id, .. } if &peer_id == gone => {
+                        left = Some(start.elapsed());
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            if let Some(left) = left {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unreachable!()
+    }
+
+    /// Reads (and discards) until the server ends the connection.
+    async fn drain_until_closed(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while let Some(msg) = self.next_frame(deadline).await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    }
+}
+
+fn fixture(rel: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/protocol").join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A client fixture addressed to `to` instead of the fixture's made-up id.
+fn fixture_to(rel: &str, to: &PeerId) -> Value {
+    let mut v = fixture(rel);
+    v["to"] = json!(to);
+    v
+}
+
+/// Asserts that `a` and `b` (members of `room`) are still served: both get
+/// pongs, and a signal from `a` is the very next thing `b` receives (so
+/// nothing from a refused message reached `b` before it).
+async fn still_served(a: &mut Client, a_id: &PeerId, b: &mut Client, b_id: &PeerId, room: &str, n: u64) {
+    a.ping(n).await;
+    a.signal(room, b_id, json!({"kind": "candidate", "candidate": format!("candidate:{n}")})).await;
+    let got = b.expect_signal(room, a_id).await;
+    assert_eq!(got, Signal::Candidate { candidate: format!("candidate:{n}"), mid: None });
+    b.ping(n).await;
+}
+
+// ---------------------------------------------------------------- greeting
+
+#[tokio::test]
+async fn welcome_carries_version_peer_id_limits_and_ice_servers() {
+    let ice = IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None };
+    let cfg = Config { ice_servers: vec![ice.clone()], ..config() };
+    let limits = cfg.limits;
+    let server = TestServer::start(cfg).await;
+
+    let mut a = server.client().await;
+    a.send_json(fixture("client/hello.json")).await;
+    let ServerMsg::Welcome { version, peer_id, ice_servers, limits: announced } = a.recv().await else {
+        panic!("expected welcome")
+    };
+    assert_eq!(version, 1);
+    assert!(!peer_id.as_str().is_empty());
+    assert_eq!(announced, limits, "welcome announces the limits the server enforces");
+    assert_eq!(ice_servers, vec![ice]);
+
+    let (_b, b_id) = server.greeted().await;
+    assert_ne!(peer_id, b_id, "every connection gets its own id");
+}
+
+#[tokio::test]
+async fn wrong_version_is_refused_and_closed() {
+    let server = TestServer::start(config()).await;
+    let mut c = server.client().await;
+    c.send_json(json!({"type": "hello", "version": 2})).await;
+    c.expect_fatal(ErrorCode::UnsupportedVersion, CloseCode::Protocol).await;
+
+    // The server itself is fine.
+    server.greeted().await;
+}
+
+#[tokio::test]
+async fn messages_before_hello_are_refused() {
+    let server = TestServer::start(config()).await;
+    let mut early = server.client().await;
+    early.send_json(json!({"type": "join", "room": "lobby"})).await;
+    early.expect_error(ErrorCode::HelloRequired).await;
+    early.send_json(json!({"type": "ping", "nonce": 1})).await;
+    early.expect_error(ErrorCode::HelloRequired).await;
+
+    // The connection stays usable, and the early join had no effect.
+    let early_id = early.hello().await;
+    let (mut other, _) = server.greeted().await;
+    assert_eq!(other.join("lobby", None).await, vec![], "a join before hello must not join");
+    let peers = early.join("lobby", None).await;
+    assert_eq!(peers.len(), 1);
+    assert_ne!(peers[0].id, early_id);
+
+    early.send_json(json!({"type": "hello", "version": 1})).await;
+    early.expect_error(ErrorCode::AlreadyGreeted).await;
+    early.ping(2).await;
+}
+
+#[tokio::test]
+async fn no_hello_in_time_closes_the_connection() {
+    let cfg = Config { hello_timeout: Duration::from_millis(200), ..config() };
+    let server = TestServer::start(cfg).await;
+    let mut c = server.client().await;
+    c.expect_fatal(ErrorCode::HelloRequired, CloseCode::Protocol).await;
+}
+
+#[tokio::test]
+async fn unknown_fields_are_ignored() {
+    let server = TestServer::start(config()).await;
+    let mut c = server.client().await;
+    c.send_json(json!({"type": "hello", "version": 1, "features": ["x"]})).await;
+    assert!(matches!(c.recv().await, ServerMsg::Welcome { .. }));
+    c.send_json(json!({"type": "ping", "nonce": 9, "priority": "high"})).await;
+    assert_eq!(c.recv().await, ServerMsg::Pong { nonce: Some(9) });
+    c.send_json(json!({"type": "ping"})).await;
+    assert_eq!(c.recv().await, ServerMsg::Pong { nonce: None });
+}
+
+// ---------------------------------------------------------------- presence
+
+#[tokio::test]
+async fn presence_join_leave_and_drop() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.greeted().await;
+    assert_eq!(a.join("lobby", Some("ada")).await, vec![]);
+
+    let (mut b, b_id) = server.greeted().await;
+    let peers = b.join("lobby", Some("bob")).await;
+    assert_eq!(peers, vec![PeerInfo { id: a_id.clone(), name: Some("ada".into()) }]);
+    assert_eq!(
+        a.recv().await,
+        ServerMsg::PeerJoined {
+            room: "lobby".into(),
+            peer: PeerInfo { id: b_id.clone(), name: Some("bob".into()) }
+        }
+    );
+
+    b.send_json(fixture("client/leave.json")).await;
+    assert_eq!(b.recv().await, ServerMsg::Left { room: "lobby".into() });
+    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: b_id.clone() });
+    b.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    b.expect_error(ErrorCode::NotInRoom).await;
+
+    // Without a name, and then gone without a word.
+    let peers = b.join("lobby", None).await;
+    assert_eq!(peers, vec![PeerInfo { id: a_id.clone(), name: Some("ada".into()) }]);
+    assert_eq!(
+        a.recv().await,
+        ServerMsg::PeerJoined { room: "lobby".into(), peer: PeerInfo { id: b_id.clone(), name: None } }
+    );
+    drop(b);
+    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: b_id });
+
+    // A third peer sees only A.
+    let (mut c, _) = server.greeted().await;
+    assert_eq!(c.join("lobby", None).await, vec![PeerInfo { id: a_id, name: Some("ada".into()) }]);
+}
+
+#[tokio::test]
+async fn join_errors() {
+    let cfg = Config {
+        limits: Limits { max_peers_per_room: 2, max_rooms_per_connection: 2, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await; // peer_joined
+
+    // room_full: refused, and nobody hears about it.
+    let (mut c, c_id) = server.greeted().await;
+    c.send_json(json!({"type": "join", "room": "lobby"})).await;
+    c.expect_error(ErrorCode::RoomFull).await;
+    still_served(&mut b, &b_id, &mut a, &a_id, "lobby", 1).await;
+    c.signal("lobby", &a_id, json!({"kind": "end_of_candidates"})).await;
+    c.expect_error(ErrorCode::NotInRoom).await;
+    // A freed slot can be taken.
+    b.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(b.recv().await, ServerMsg::Left { room: "lobby".into() });
+    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: b_id.clone() });
+    assert_eq!(c.join("lobby", None).await, vec![PeerInfo { id: a_id.clone(), name: Some("ada".into()) }]);
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == c_id));
+
+    // already_joined.
+    a.send_json(json!({"type": "join", "room": "lobby"})).await;
+    a.expect_error(ErrorCode::AlreadyJoined).await;
+
+    // too_many_rooms: A is in lobby; one more is fine, a third is not.
+    a.join("second", None).await;
+    a.send_json(json!({"type": "join", "room": "third"})).await;
+    a.expect_error(ErrorCode::TooManyRooms).await;
+    a.send_json(json!({"type": "leave", "room": "second"})).await;
+    assert_eq!(a.recv().await, ServerMsg::Left { room: "second".into() });
+    a.join("third", None).await;
+
+    // invalid_room and invalid_name.
+    for room in [json!(""), json!("a b"), json!("../x"), json!("x".repeat(65)), json!("lobby/1"), json!("é")]
+    {
+        b.send_json(json!({"type": "join", "room": room})).await;
+        b.expect_error(ErrorCode::InvalidRoom).await;
+    }
+    b.join(&"x".repeat(64), None).await;
+    b.send_json(json!({"type": "join", "room": "named", "name": "n".repeat(65)})).await;
+    b.expect_error(ErrorCode::InvalidName).await;
+    b.join("named", Some(&"n".repeat(64))).await;
+
+    // Everybody is still served.
+    still_served(&mut a, &a_id, &mut c, &c_id, "lobby", 2).await;
+    b.ping(3).await;
+}
+
+// ---------------------------------------------------------------- relay
+
+#[tokio::test]
+async fn signals_are_relayed_with_the_sender_stamped() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", Some("bob")).await;
+    a.recv().await; // peer_joined
+    let (mut c, c_id) = server.greeted().await;
+    c.join("lobby", None).await;
+    a.recv().await;
+    b.recv().await;
+
+    // A full trickle-ICE exchange between A and B, from the golden fixtures.
+    for rel in
+        ["client/signal_offer.json", "client/signal_candidate.json", "client/signal_end_of_candidates.json"]
+    {
+        let msg = fixture_to(rel, &b_id);
+        a.send_json(msg.clone()).await;
+        let expected: Signal = serde_json::from_value(msg["signal"].clone()).unwrap();
+        assert_eq!(b.expect_signal("lobby", &a_id).await, expected, "{rel}");
+    }
+    let answer = fixture_to("client/signal_answer.json", &a_id);
+    b.send_json(answer.clone()).await;
+    let expected: Signal = serde_json::from_value(answer["signal"].clone()).unwrap();
+    assert!(matches!(expected, Signal::Answer { .. }));
+    assert_eq!(a.expect_signal("lobby", &b_id).await, expected);
+
+    // C was not addressed: the next thing it gets is from B.
+    still_served(&mut b, &b_id, &mut c, &c_id, "lobby", 1).await;
+    // And nothing more reached B or A.
+    still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 2).await;
+    still_served(&mut c, &c_id, &mut b, &b_id, "lobby", 3).await;
+}
+
+#[tokio::test]
+async fn send_to_one_and_broadcast() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+    let (mut c, c_id) = server.greeted().await;
+    c.join("lobby", None).await;
+    a.recv().await;
+    b.recv().await;
+
+    // To one peer; `from` nested inside the application data is just data.
+    let data = json!({"type": "hello", "name": "ada", "from": "whoever", "n": [1, 2.5, null]});
+    a.send_json(json!({"type": "send", "room": "lobby", "to": b_id, "data": data})).await;
+    assert_eq!(b.recv().await, ServerMsg::Message { room: "lobby".into(), from: a_id.clone(), data });
+
+    // To the room: everyone but the sender.
+    a.send_json(fixture("client/send_room.json")).await;
+    let all = ServerMsg::Message { room: "lobby".into(), from: a_id.clone(), data: json!("hi all") };
+    assert_eq!(b.recv().await, all);
+    assert_eq!(c.recv().await, all);
+    // The sender's next message is the pong, not its own broadcast; C got
+    // only the broadcast, not the message to B.
+    a.ping(1).await;
+    still_served(&mut b, &b_id, &mut c, &c_id, "lobby", 2).await;
+    still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 3).await;
+
+    // Sending needs membership and a member addressee.
+    let (mut d, d_id) = server.member("elsewhere", "dan").await;
+    d.send_json(json!({"type": "send", "room": "lobby", "data": 1})).await;
+    d.expect_error(ErrorCode::NotInRoom).await;
+    a.send_json(json!({"type": "send", "room": "lobby", "to": d_id, "data": 1})).await;
+    a.expect_error(ErrorCode::UnknownPeer).await;
+    still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 4).await;
+    d.ping(5).await;
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_right_code_and_the_connection_survives() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+    let (mut d, d_id) = server.member("other", "dan").await;
+    let offer = json!({"kind": "offer", "sdp": "v=0\r\n"});
+
+    let cases: Vec<(&str, String, ErrorCode)> = vec![
+        ("malformed JSON", "{\"type\": \"ping\",".into(), ErrorCode::BadJson),
+        ("not JSON at all", "hello".into(), ErrorCode::BadJson),
+        ("a JSON array", "[1, 2, 3]".into(), ErrorCode::BadJson),
+        ("a JSON string", "\"ping\"".into(), ErrorCode::BadJson),
+        ("unknown type", json!({"type": "teleport", "to": "mars"}).to_string(), ErrorCode::UnknownType),
+        ("no type", json!({"room": "lobby"}).to_string(), ErrorCode::BadMessage),
+        ("join without room", json!({"type": "join"}).to_string(), ErrorCode::BadMessage),
+        (
+            "signal without signal",
+            json!({"type": "signal", "room": "lobby", "to": b_id}).to_string(),
+            ErrorCode::BadMessage,
+        ),
+        ("ill-typed field", json!({"type": "ping", "nonce": "seven"}).to_string(), ErrorCode::BadMessage),
+        (
+            "spoofed signal",
+            json!({"type": "signal", "room": "lobby", "to": b_id, "from": b_id, "signal": offer}).to_string(),
+            ErrorCode::SpoofedSender,
+        ),
+        (
+            "spoofed send",
+            json!({"type": "send", "room": "lobby", "to": b_id, "from": "p-0", "data": 1}).to_string(),
+            ErrorCode::SpoofedSender,
+        ),
+        (
+            "signal to a peer in another room",
+            json!({"type": "signal", "room": "lobby", "to": d_id, "signal": offer}).to_string(),
+            ErrorCode::UnknownPeer,
+        ),
+        (
+            "signal into a room the sender is not in",
+            json!({"type": "signal", "room": "other", "to": d_id, "signal": offer}).to_string(),
+            ErrorCode::NotInRoom,
+        ),
+        (
+            "signal to a made-up peer",
+            json!({"type": "signal", "room": "lobby", "to": "p-0000000000000000", "signal": offer})
+                .to_string(),
+            ErrorCode::UnknownPeer,
+        ),
+        (
+            "oversized frame",
+            json!({"type": "send", "room": "lobby", "to": b_id, "data": "x".repeat(2000)}).to_string(),
+            ErrorCode::TooLarge,
+        ),
+        ("invalid room", json!({"type": "join", "room": "no spaces"}).to_string(), ErrorCode::InvalidRoom),
+    ];
+    for (n, (what, text, code)) in cases.into_iter().enumerate() {
+        a.send_raw(&text).await;
+        let message = a.expect_error(code).await;
+        assert!(!message.is_empty(), "{what}");
+        // Same connection, the room-mate and the target: all still served,
+        // and nothing from the refused message reached anyone.
+        still_served(&mut a, &a_id, &mut b, &b_id, "lobby", n as u64).await;
+        d.ping(n as u64).await;
+    }
+
+    a.send_msg(Message::binary(b"{\"type\":\"ping\"}".to_vec())).await;
+    a.expect_error(ErrorCode::BinaryFrame).await;
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 100).await;
+}
+
+#[tokio::test]
+async fn max_message_bytes_is_inclusive() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+
+    let envelope = json!({"type": "send", "room": "lobby", "to": b_id, "data": ""}).to_string().len();
+    let frame = |len: usize| {
+        let text = json!({"type": "send", "room": "lobby", "to": b_id, "data": "x".repeat(len - envelope)});
+        let text = text.to_string();
+        assert_eq!(text.len(), len);
+        text
+    };
+    a.send_raw(&frame(1024)).await;
+    let ServerMsg::Message { from, data, .. } = b.recv().await else { panic!("expected the message") };
+    assert_eq!((from, data.as_str().map(str::len)), (a_id.clone(), Some(1024 - envelope)));
+    a.send_raw(&frame(1025)).await;
+    a.expect_error(ErrorCode::TooLarge).await;
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 1).await;
+}
+
+#[tokio::test]
+async fn frame_above_the_hard_limit_closes_only_that_connection() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+    let (mut big, big_id) = server.greeted().await;
+    big.join("lobby", None).await;
+    a.recv().await;
+    b.recv().await;
+
+    let text = json!({"type": "send", "room": "lobby", "data": "x".repeat(20 * 1024)}).to_string();
+    // The server may hang up before the whole frame is written.
+    let _ = timeout(WAIT, big.ws.send(Message::text(text))).await.expect("send timed out");
+    big.drain_until_closed(WAIT).await;
+
+    // Nothing of it was delivered; the others see the peer go.
+    let gone = ServerMsg::PeerLeft { room: "lobby".into(), peer_id: big_id };
+    assert_eq!(a.recv().await, gone);
+    assert_eq!(b.recv().await, gone);
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 1).await;
+    let (mut c, _) = server.greeted().await;
+    assert_eq!(c.join("lobby", None).await.len(), 2);
+}
+
+// ---------------------------------------------------------------- rate limit
+
+#[tokio::test]
+async fn flood_above_the_rate_limit_is_dropped() {
+    let cfg = Config {
+        limits: Limits { messages_per_second: 2, message_burst: 10, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let t0 = Instant::now();
+    let (mut a, a_id) = server.member("lobby", "ada").await; // 2 of A's 10 tokens
+    let (mut b, b_id) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+
+    for seq in 0..30 {
+        a.send_json(json!({"type": "send", "room": "lobby", "to": b_id, "data": seq})).await;
+    }
+    a.expect_error(ErrorCode::RateLimited).await;
+    // 8 tokens were left, plus what 2/s refilled since the connection opened
+    // (and one for frames still being processed on a slow machine).
+    let allowed = 9 + (2.0 * t0.elapsed().as_secs_f64()).ceil() as usize;
+
+    // B got the burst, in order, and nothing past it. The marker below
+    // proves the rest are not merely late.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // refill 2 tokens
+    a.send_json(json!({"type": "send", "room": "lobby", "to": b_id, "data": "marker"})).await;
+    let mut got = Vec::new();
+    loop {
+        let ServerMsg::Message { from, data, .. } = b.recv().await else { panic!("expected messages") };
+        assert_eq!(from, a_id);
+        if data == "marker" {
+            break;
+        }
+        got.push(data.as_u64().expect("a sequence number"));
+    }
+    assert!((8..=allowed).contains(&got.len()), "expected 8 to {allowed} messages, got {got:?}");
+    assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>(), "the first ones pass, in order");
+
+    // At most one notice per second: no second rate_limited is queued for A,
+    // and A is served again.
+    a.ping(1).await;
+    // B has its own allowance and was served all along.
+    b.ping(2).await;
+    b.signal("lobby", &a_id, json!({"kind": "end_of_candidates"})).await;
+    assert_eq!(a.expect_signal("lobby", &b_id).await, Signal::EndOfCandidates);
+}
+
+// ---------------------------------------------------------------- liveness
+
+#[tokio::test]
+async fn idle_connection_is_closed_and_its_rooms_told() {
+    let cfg = Config { limits: Limits { idle_timeout_ms: 300, ..config().limits }, ..config() };
+    let server = TestServer::start(cfg).await;
+    let (mut idle, idle_id) = server.member("lobby", "ada").await;
+    let (mut b, _) = server.greeted().await;
+    b.join("lobby", None).await;
+    let since = Instant::now();
+
+    // B keeps talking; `idle` is not read from or written to, so it does not
+    // even answer the server's pings.
+    let left_after = b.chat_until_left(&idle_id).await;
+    assert!(left_after >= Duration::from_millis(250), "timed out early: {left_after:?}");
+    // B, talking every 50 ms, outlives several idle periods.
+    let mut n = 1000;
+    while since.elapsed() < Duration::from_millis(1000) {
+        n += 1;
+        b.ping(n).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The idle client finds B's arrival, then the notice and the close.
+    assert!(matches!(idle.recv().await, ServerMsg::PeerJoined { .. }));
+    idle.expect_fatal(ErrorCode::IdleTimeout, CloseCode::Policy).await;
+}
+
+#[tokio::test]
+async fn answering_server_pings_keeps_a_quiet_client_alive() {
+    let cfg = Config {
+        heartbeat: Duration::from_millis(100),
+        limits: Limits { idle_timeout_ms: 400, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut quiet, _) = server.member("lobby", "ada").await;
+
+    // Keep reading (tungstenite answers pings while read) but send nothing.
+    let until = Instant::now() + Duration::from_millis(1200);
+    let mut pings = 0;
+    while let Ok(frame) = timeout_at(until, quiet.ws.next()).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected only pings, got {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "the server pings every heartbeat; saw {pings}");
+    quiet.ping(1).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_the_flooder_still_served() {
+    let server = TestServer::start(flood_config(8, 30_000)).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut slow, slow_id) = server.greeted().await;
+    slow.join("lobby", None).await;
+    a.recv().await;
+
+    // `slow` never reads from here on: once the socket buffers are full the
+    // server's queue for it fills up.
+    let payload = "x".repeat(60_000);
+    let mut sent = 0;
+    loop {
+        assert!(sent < 2000, "slow consumer still connected after {sent} messages of 60 kB");
+        for _ in 0..4 {
+            a.send_json(json!({"type": "send", "room": "lobby", "to": slow_id, "data": payload})).await;
+            sent += 1;
+        }
+        match a.try_recv(Duration::from_millis(1)).await {
+            None => {}
+            Some(ServerMsg::PeerLeft { peer_id, .. }) if peer_id == slow_id => break,
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // The flooder is still served (after refusals for sends already in flight).
+    a.send_json(json!({"type": "ping", "nonce": 1})).await;
+    loop {
+        match a.recv().await {
+            ServerMsg::Pong { nonce: Some(1) } => break,
+            ServerMsg::Error { code: ErrorCode::UnknownPeer, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (mut c, c_id) = server.greeted().await;
+    c.join("lobby", None).await;
+    a.recv().await;
+    still_served(&mut a, &a_id, &mut c, &c_id, "lobby", 2).await;
+
+    // The slow client, when it finally reads, finds its connection ended.
+    slow.drain_until_closed(Duration::from_secs(20)).await;
+}
+
+fn flood_config(outbound_queue: usize, idle_timeout_ms: u64) -> Config {
+    Config {
+        outbound_queue,
+        limits: Limits {
+            max_message_bytes: 64 * 1024,
+            messages_per_second: 100_000,
+            message_burst: 100_000,
+            idle_timeout_ms,
+            ..config().limits
+        },
+        hard_frame_limit: 256 * 1024,
+        ..config()
+    }
+}
+
+/// Queues ~36 MB for `to`: more than the socket buffers between the server
+/// and a client that does not read hold, less than a 4096-message queue.
+async fn fill_socket(from: &mut Client, to: &PeerId) {
+    let payload = "x".repeat(60_000);
+    for _ in 0..600 {
+        from.send_json(json!({"type": "send", "room": "lobby", "to": to, "data": payload})).await;
+    }
+}
+
+/// A client that stopped reading, with room left in its queue (so no
+/// slow_consumer kick): the server's write to it blocks. That must not exempt
+/// it from the idle timeout.
+#[tokio::test]
+async fn a_client_blocking_the_server_write_is_still_timed_out() {
+    let server = TestServer::start(flood_config(4096, 1500)).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let (mut stuck, stuck_id) = server.greeted().await;
+    stuck.join("lobby", None).await;
+    a.recv().await;
+
+    fill_socket(&mut a, &stuck_id).await;
+    // A stays active; `stuck` is silent, so it must time out.
+    a.chat_until_left(&stuck_id).await;
+    stuck.drain_until_closed(Duration::from_secs(20)).await;
+}
+
+/// Likewise, a client blocking the server's write must not hold up shutdown.
+#[tokio::test]
+async fn a_client_blocking_the_server_write_does_not_hold_up_shutdown() {
+    let mut server = TestServer::start(flood_config(4096, 30_000)).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let (mut stuck, stuck_id) = server.greeted().await;
+    stuck.join("lobby", None).await;
+    a.recv().await;
+
+    fill_socket(&mut a, &stuck_id).await;
+    a.ping(1).await;
+    let took = server.shut_down(Duration::from_secs(8)).await;
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    stuck.drain_until_closed(Duration::from_secs(20)).await;
+}
+
+// ---------------------------------------------------------------- shutdown
+
+#[tokio::test]
+async fn graceful_shutdown_tells_clients_and_returns() {
+    let mut server = TestServer::start(config()).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let (mut b, _) = server.greeted().await;
+    b.join("lobby", None).await;
+    a.recv().await;
+    let mut ungreeted = server.client().await;
+
+    let took = server.shut_down(WAIT).await;
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+
+    for c in [&mut a, &mut b, &mut ungreeted] {
+        // A peer_left may slip in if the other member's connection closed first.
+        let msg = loop {
+            match c.recv().await {
+                ServerMsg::PeerLeft { .. } => continue,
+                msg => break msg,
+            }
+        };
+        let ServerMsg::Error { code, .. } = msg else { panic!("expected shutting_down, got {msg:?}") };
+        assert_eq!(code, ErrorCode::ShuttingDown);
+        let frame = c.expect_close().await.expect("a close frame");
+        assert_eq!(frame.code, CloseCode::Away);
+    }
+
+    // Nobody is listening any more.
+    let refused = timeout(WAIT, connect_async(format!("ws://{}/ws", server.addr))).await.expect("timed out");
+    assert!(refused.is_err(), "the server still accepts connections");
+}
+
+// ---------------------------------------------------------------- health
+
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = timeout(WAIT, TcpStream::connect(addr)).await.expect("timed out").expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    timeout(WAIT, stream.write_all(request.as_bytes())).await.expect("timed out").expect("write");
+    let mut response = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut response)).await.expect("timed out").expect("read");
+    let response = String::from_utf8(response).expect("utf-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a header/body separator");
+    (head.to_string(), body.to_string())
+}
+
+#[tokio::test]
+async fn healthz_reports_ok_and_counts() {
+    let server = TestServer::start(config()).await;
+    let (head, body) = http_get(server.addr, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    let v: Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(v["status"], "ok");
+    assert_eq!((v["connections"].as_u64(), v["rooms"].as_u64()), (Some(0), Some(0)), "{v}");
+
+    let (_a, _) = server.member("lobby", "ada").await;
+    let (_b, _) = server.member("other", "bob").await;
+    let (_, body) = http_get(server.addr, "/healthz").await;
+    let v: Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!((v["connections"].as_u64(), v["rooms"].as_u64()), (Some(2), Some(2)), "{v}");
+
+    let (head, _) = http_get(server.addr, "/nope").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
