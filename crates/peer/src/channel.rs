@@ -142,7 +142,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(peer: PeerId, spec: ChannelSpec, capacity: usize, max_message: usize, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        peer: PeerId,
+        spec: ChannelSpec,
+        capacity: usize,
+        max_message: usize,
+        wake: Arc<Notify>,
+    ) -> Self {
         Shared {
             peer,
             spec,
@@ -186,7 +192,10 @@ pub struct DataChannel {
 
 impl fmt::Debug for DataChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DataChannel").field("peer", &self.shared.peer).field("spec", &self.shared.spec).finish()
+        f.debug_struct("DataChannel")
+            .field("peer", &self.shared.peer)
+            .field("spec", &self.shared.spec)
+            .finish()
     }
 }
 
@@ -242,7 +251,8 @@ impl DataChannel {
     pub async fn send(&self, msg: impl Into<Message>) -> Result<(), SendError> {
         let msg = msg.into();
         self.check(&msg)?;
-        let permit = self.shared.space.acquire_many(self.shared.cost(&msg)).await.map_err(|_| SendError::Closed)?;
+        let permit =
+            self.shared.space.acquire_many(self.shared.cost(&msg)).await.map_err(|_| SendError::Closed)?;
         permit.forget();
         self.enqueue(msg);
         Ok(())
@@ -255,7 +265,10 @@ impl DataChannel {
         match self.shared.space.try_acquire_many(self.shared.cost(&msg)) {
             Ok(permit) => permit.forget(),
             Err(TryAcquireError::NoPermits) => {
-                return Err(SendError::Overflow { queued: self.queued_bytes(), capacity: self.shared.capacity });
+                return Err(SendError::Overflow {
+                    queued: self.queued_bytes(),
+                    capacity: self.shared.capacity,
+                });
             }
             Err(TryAcquireError::Closed) => return Err(SendError::Closed),
         }

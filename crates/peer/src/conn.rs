@@ -41,12 +41,25 @@ pub enum ConnState {
 #[derive(Debug)]
 pub(crate) enum ConnEvent {
     State(ConnState),
-    ChannelOpen { id: ChannelId, label: String, spec: ChannelSpec },
-    ChannelData { id: ChannelId, binary: bool, data: Vec<u8> },
-    ChannelClose { id: ChannelId },
+    ChannelOpen {
+        id: ChannelId,
+        label: String,
+        spec: ChannelSpec,
+    },
+    ChannelData {
+        id: ChannelId,
+        binary: bool,
+        data: Vec<u8>,
+    },
+    ChannelClose {
+        id: ChannelId,
+    },
     /// A channel's send buffer drained below the low-water mark.
     Writable,
-    Stats { rtt: Option<Duration>, selected_pair: Option<String> },
+    Stats {
+        rtt: Option<Duration>,
+        selected_pair: Option<String>,
+    },
 }
 
 /// What [`PeerConn::poll_output`] hands the driver.
@@ -104,7 +117,13 @@ impl std::fmt::Debug for PeerConn {
 
 impl PeerConn {
     /// A connection to `remote` using `locals` as host candidates.
-    pub fn new(remote: PeerId, polite: bool, locals: &[SocketAddr], config: &ConnConfig, now: Instant) -> Self {
+    pub fn new(
+        remote: PeerId,
+        polite: bool,
+        locals: &[SocketAddr],
+        config: &ConnConfig,
+        now: Instant,
+    ) -> Self {
         let mut rtc = Rtc::builder().set_stats_interval(Some(config.stats_interval)).build(now);
         for addr in locals {
             match Candidate::host(*addr, "udp") {
@@ -133,14 +152,6 @@ impl PeerConn {
         }
     }
 
-    pub fn remote(&self) -> &PeerId {
-        &self.remote
-    }
-
-    pub fn state(&self) -> ConnState {
-        self.state
-    }
-
     /// Largest message the remote accepts in one write.
     pub fn max_message_size(&self) -> usize {
         self.remote_max_message_size.min(SCTP_SEND_BUFFER)
@@ -149,12 +160,6 @@ impl PeerConn {
     /// Asks for a new data channel; negotiates if needed.
     pub fn open_channel(&mut self, spec: ChannelSpec) {
         self.wanted.push(spec);
-        self.negotiate();
-    }
-
-    /// Asks for an ICE restart (new credentials, fresh checks).
-    pub fn restart_ice(&mut self) {
-        self.restart_wanted = true;
         self.negotiate();
     }
 
@@ -192,8 +197,10 @@ impl PeerConn {
             Signal::Offer { sdp } => self.handle_offer(&sdp),
             Signal::Answer { sdp } => self.handle_answer(&sdp),
             Signal::Candidate { candidate, .. } => {
-                let c = Candidate::from_sdp_string(&candidate)
-                    .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("candidate: {e}") })?;
+                let c = Candidate::from_sdp_string(&candidate).map_err(|e| Error::BadSignal {
+                    peer: self.remote.clone(),
+                    reason: format!("candidate: {e}"),
+                })?;
                 if self.have_remote_description {
                     self.rtc.add_remote_candidate(c);
                 } else if self.early_candidates.len() < MAX_EARLY_CANDIDATES {
@@ -275,7 +282,10 @@ impl PeerConn {
         let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else {
             return Ok(());
         };
-        self.rtc.handle_input(Input::Receive(now, r)).map_err(|e| self.broken(e))
+        // A bad or excess datagram is dropped, not fatal: the peer retransmits.
+        self.rtc
+            .handle_input(Input::Receive(now, r))
+            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
@@ -386,9 +396,10 @@ impl PeerConn {
                 self.out.push_back(ConnOutput::Event(ConnEvent::Writable));
             }
             RtcEvent::PeerStats(s) => {
-                let selected_pair = s.selected_candidate_pair.as_ref().map(|p| {
-format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr)
-                });
+                let selected_pair = s
+                    .selected_candidate_pair
+                    .as_ref()
+                    .map(|p| format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr));
                 self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt: s.rtt, selected_pair }));
             }
             RtcEvent::Closed => self.set_state(ConnState::Closed),
@@ -406,11 +417,8 @@ format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr)
         let Some(mut ch) = self.rtc.channel(id) else {
             return Err(Error::ChannelClosed);
         };
-        ch.write(binary, data).map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
-    }
-
-    pub fn buffered_amount(&mut self, id: ChannelId) -> usize {
-        self.rtc.channel(id).map(|mut c| c.buffered_amount()).unwrap_or(0)
+        ch.write(binary, data)
+            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
     }
 
     pub fn close(&mut self) {
@@ -421,11 +429,10 @@ format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr)
 
 /// Reads `a=max-message-size` from an SDP; 0 there means "no limit".
 fn max_message_size(sdp: &str) -> Option<usize> {
-    sdp.lines().find_map(|l| l.trim().strip_prefix("a=max-message-size:")).and_then(|v| v.trim().parse().ok()).map(
-        |n: usize| {
-            if n == 0 { usize::MAX } else { n }
-        },
-    )
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix("a=max-message-size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .map(|n: usize| if n == 0 { usize::MAX } else { n })
 }
 
 fn far_future() -> Instant {

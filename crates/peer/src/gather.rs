@@ -51,7 +51,8 @@ impl IceConfig {
             .collect();
         let non_loopback: Vec<IpAddr> =
             chosen.iter().map(|(_, ip)| *ip).filter(|ip| !ip.is_loopback()).collect();
-        let addrs = if non_loopback.is_empty() { chosen.iter().map(|(_, ip)| *ip).collect() } else { non_loopback };
+        let addrs =
+            if non_loopback.is_empty() { chosen.iter().map(|(_, ip)| *ip).collect() } else { non_loopback };
         if addrs.is_empty() {
             return Err(Error::NoAddresses(if self.interfaces.is_empty() {
                 "no interface has an address".into()

@@ -34,7 +34,7 @@ mod error;
 mod gather;
 mod room;
 mod signaling;
-pub mod sim;
+mod sim;
 
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};
 pub use conn::ConnState;

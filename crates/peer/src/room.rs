@@ -67,22 +67,47 @@ impl RoomConfig {
 #[non_exhaustive]
 pub enum Event {
     /// A peer is in the room (already there when we joined, or joined since).
-    PeerJoined { peer: PeerId, name: Option<String> },
+    PeerJoined {
+        peer: PeerId,
+        name: Option<String>,
+    },
     /// A peer left or dropped; its connection and channels are gone.
-    PeerLeft { peer: PeerId },
+    PeerLeft {
+        peer: PeerId,
+    },
     /// The connection to `peer` changed state.
-    StateChanged { peer: PeerId, state: ConnState },
+    StateChanged {
+        peer: PeerId,
+        state: ConnState,
+    },
     /// A channel to a peer is open, whoever opened it.
-    ChannelOpen { channel: DataChannel },
-    ChannelClosed { peer: PeerId, label: String },
+    ChannelOpen {
+        channel: DataChannel,
+    },
+    ChannelClosed {
+        peer: PeerId,
+        label: String,
+    },
     /// A data-channel message.
-    Message { peer: PeerId, label: String, message: Message },
+    Message {
+        peer: PeerId,
+        label: String,
+        message: Message,
+    },
     /// An application message routed through the signaling server.
-    ServerMessage { from: PeerId, data: serde_json::Value },
+    ServerMessage {
+        from: PeerId,
+        data: serde_json::Value,
+    },
     /// The server refused something we sent.
-    ServerError { code: ErrorCode, message: String },
+    ServerError {
+        code: ErrorCode,
+        message: String,
+    },
     /// The signaling link is gone; the room is over.
-    Closed { reason: String },
+    Closed {
+        reason: String,
+    },
 }
 
 /// Traffic and path of one peer connection.
@@ -123,7 +148,9 @@ impl Room {
         let addrs = config.ice.host_addrs()?;
         let sockets = gather::bind(&addrs).await?;
         let local_addrs = sockets.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
-        let sig = signaling::join(&config.server, &config.room, config.name.clone(), config.signaling_timeout).await?;
+        let sig =
+            signaling::join(&config.server, &config.room, config.name.clone(), config.signaling_timeout)
+                .await?;
         let id = sig.id.clone();
         tracing::info!(peer = %id, room = %config.room, addrs = ?local_addrs, "joined");
         let (commands, cmd_rx) = mpsc::channel(64);
@@ -200,7 +227,8 @@ struct Driver {
     conn_config: ConnConfig,
     peers: HashMap<PeerId, PeerState>,
     signaling: mpsc::Sender<ClientMsg>,
-    incoming: futures_util::stream::BoxStream<'static, Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    incoming:
+        futures_util::stream::BoxStream<'static, Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
     initial_peers: Vec<peerlink_proto::PeerInfo>,
     events: mpsc::Sender<Event>,
     /// Events the application has not taken yet; while non-empty the driver
@@ -216,7 +244,12 @@ const BACKLOG_PAUSE: usize = 64;
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 
 impl Driver {
-    fn new(config: RoomConfig, sig: Signaling, local_addrs: Vec<SocketAddr>, events: mpsc::Sender<Event>) -> Self {
+    fn new(
+        config: RoomConfig,
+        sig: Signaling,
+        local_addrs: Vec<SocketAddr>,
+        events: mpsc::Sender<Event>,
+    ) -> Self {
         let conn_config = ConnConfig { connect_timeout: config.connect_timeout, ..ConnConfig::default() };
         let _ = sig.limits;
         Driver {
@@ -496,7 +529,13 @@ impl Driver {
         }
     }
 
-    fn on_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) -> Option<PeerId> {
+    fn on_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> Option<PeerId> {
         let peer = self
             .peers
             .iter()
@@ -568,19 +607,21 @@ impl Driver {
                     Ok((n, source, idx)) => {
                         let destination = self.local_addrs[idx];
                         let now = Instant::now();
-                        if let Some(peer) = self.on_datagram(now, source, destination, &buf[..n]) {
-                            // Read what else is waiting before pumping outputs.
-                            for _ in 0..32 {
-                                match sockets[idx].try_recv_from(&mut buf) {
-                                    Ok((n, source)) => {
-                                        self.on_datagram(now, source, destination, &buf[..n]);
-                                    }
-                                    Err(_) => break,
+                        // Read what else is waiting; str0m takes a bounded
+                        // number of datagrams between polls, so pump after each.
+                        let mut next = Some((n, source));
+                        for _ in 0..32 {
+                            let Some((n, source)) = next.take() else { break };
+                            if let Some(peer) = self.on_datagram(now, source, destination, &buf[..n]) {
+                                if let Some(st) = self.peers.get_mut(&peer) && st.blocked {
+                                    Self::drain(st);
                                 }
+                                self.pump_peer(&peer, &sockets, now).await;
                             }
-                            if let Some(st) = self.peers.get_mut(&peer) && st.blocked {
-                                Self::drain(st);
+                            if self.backlog.len() >= BACKLOG_PAUSE {
+                                break;
                             }
+                            next = sockets[idx].try_recv_from(&mut buf).ok();
                         }
                     }
                     Err(e) => tracing::debug!("udp receive: {e}"),

@@ -38,7 +38,8 @@ impl std::fmt::Debug for Signaling {
 async fn recv(ws: &mut WsStream, timeout: Duration) -> Result<ServerMsg, Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| Error::Timeout(timeout))?;
+        let frame =
+            tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| Error::Timeout(timeout))?;
         match frame {
             None => return Err(Error::SignalingLost("server closed the connection".into())),
             Some(Err(e)) => return Err(Error::SignalingLost(e.to_string())),
@@ -68,7 +69,12 @@ fn refused(msg: ServerMsg) -> Error {
 }
 
 /// Connects, says hello, joins `room`.
-pub(crate) async fn join(url: &str, room: &str, name: Option<String>, timeout: Duration) -> Result<Signaling, Error> {
+pub(crate) async fn join(
+    url: &str,
+    room: &str,
+    name: Option<String>,
+    timeout: Duration,
+) -> Result<Signaling, Error> {
     let connect = tokio_tungstenite::connect_async(url);
     let (mut ws, _) = tokio::time::timeout(timeout, connect)
         .await

@@ -77,7 +77,8 @@ async fn three_peers_mesh_then_a_fourth_joins_and_one_leaves() {
     // The remaining mesh still works.
     a.channel(&ids[1], "reliable").send("still here").await.unwrap();
     let a_id = a.id();
-    b.until("message after d left", |p| p.texts_from(&a_id, "reliable").contains(&"still here".to_string())).await;
+    b.until("message after d left", |p| p.texts_from(&a_id, "reliable").contains(&"still here".to_string()))
+        .await;
 
     // Stats report traffic and the selected path.
     let st = b.room.stats(&a_id).await.unwrap();

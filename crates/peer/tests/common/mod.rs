@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use peerlink_peer::{ChannelSpec, ConnState, DataChannel, Event, IceConfig, Message, PeerId, Room, RoomConfig};
+use peerlink_peer::{
+    ChannelSpec, ConnState, DataChannel, Event, IceConfig, Message, PeerId, Room, RoomConfig,
+};
 use tokio::sync::oneshot;
 
 pub struct Server {

@@ -1,0 +1,146 @@
+//! Negotiation races and backpressure, over a real signaling server and real
+//! str0m connections on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Peer, Server};
+use peerlink_peer::{ChannelSpec, ConnState, Message, SendError};
+
+/// Both peers open channels at the same moment, first on a fresh connection
+/// (both make the initial offer: glare) and again once connected; both end
+/// with every channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glare_both_sides_add_channels_at_once() {
+    let server = Server::start().await;
+    let cfg = || {
+        let mut c = server.config("glare");
+        c.channels = vec![]; // no automatic channels: each side opens its own
+        c
+    };
+    let mut a = Peer::join(cfg()).await;
+    let mut b = Peer::join(cfg()).await;
+    let (ia, ib) = (a.id(), b.id());
+    a.until("b present", |p| p.joined.contains(&ib)).await;
+    b.until("a present", |p| p.joined.contains(&ia)).await;
+
+    let (ra, rb) = tokio::join!(
+        a.room.open_channel(&ib, ChannelSpec::reliable("a1")),
+        b.room.open_channel(&ia, ChannelSpec::reliable("b1")),
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let first = ["a1", "b1"];
+    a.until("both first channels", |p| first.iter().all(|l| p.has_channel(&ib, l))).await;
+    b.until("both first channels", |p| first.iter().all(|l| p.has_channel(&ia, l))).await;
+
+    // Connected now: add more from both sides at once.
+    let (ra, rb) = tokio::join!(
+        async {
+            a.room.open_channel(&ib, ChannelSpec::unreliable("a2")).await?;
+            a.room.open_channel(&ib, ChannelSpec::max_lifetime("a3", 200)).await
+        },
+        async {
+            b.room.open_channel(&ia, ChannelSpec::reliable("b2")).await?;
+            b.room.open_channel(&ia, ChannelSpec::unreliable("b3")).await
+        },
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let all = ["a1", "b1", "a2", "a3", "b2", "b3"];
+    a.until("all channels", |p| all.iter().all(|l| p.has_channel(&ib, l))).await;
+    b.until("all channels", |p| all.iter().all(|l| p.has_channel(&ia, l))).await;
+    assert_eq!(a.states.get(&ib), Some(&ConnState::Connected));
+
+    // Every channel carries data both ways.
+    for l in all {
+        a.channel(&ib, l).send(format!("a on {l}")).await.unwrap();
+        b.channel(&ia, l).send(format!("b on {l}")).await.unwrap();
+    }
+    a.until("data on all", |p| all.iter().all(|l| p.texts_from(&ib, l) == vec![format!("b on {l}")])).await;
+    b.until("data on all", |p| all.iter().all(|l| p.texts_from(&ia, l) == vec![format!("a on {l}")])).await;
+    server.stop().await;
+}
+
+/// A sender outrunning a slow receiver: the send queue never exceeds its
+/// bound, `try_send` overflows with the typed error, and the reliable channel
+/// delivers every byte in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_bounds_memory_and_loses_nothing() {
+    const QUEUE: usize = 256 * 1024;
+    const MSG: usize = 16 * 1024;
+    const TOTAL: usize = 16 * 1024 * 1024;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let server = Server::start().await;
+    let mut cfg = server.config("bp");
+    cfg.channels = vec![ChannelSpec::reliable("bulk")];
+    cfg.send_queue_bytes = QUEUE;
+    let mut tx = Peer::join(cfg.clone()).await;
+    cfg.event_capacity = 16; // a receiver that holds few events
+    let mut rx = Peer::join(cfg).await;
+    let (itx, irx) = (tx.id(), rx.id());
+    tx.until("channel", |p| p.has_channel(&irx, "bulk")).await;
+    rx.until("channel", |p| p.has_channel(&itx, "bulk")).await;
+    let ch = tx.channel(&irx, "bulk");
+    assert_eq!(ch.queue_capacity(), QUEUE);
+
+    // Oversized messages fail clearly instead of being split or dropped.
+    let max = ch.max_message_size();
+    assert!(max >= 64 * 1024, "max message size {max}");
+    assert_eq!(ch.try_send(vec![0u8; max + 1]), Err(SendError::TooLarge { size: max + 1, max }));
+
+    let sender = tokio::spawn(async move {
+        let mut overflowed = false;
+        let mut max_queued = 0;
+        for i in 0..TOTAL / MSG {
+            let mut m = vec![(i % 251) as u8; MSG];
+            m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            if !overflowed {
+                match ch.try_send(m.clone()) {
+                    Ok(()) => {
+                        max_queued = max_queued.max(ch.queued_bytes());
+                        continue;
+                    }
+                    Err(SendError::Overflow { queued, capacity }) => {
+                        assert_eq!(capacity, QUEUE);
+                        assert!(queued + MSG > QUEUE, "overflow only when full: {queued}");
+                        overflowed = true;
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            ch.send(m).await.unwrap();
+            max_queued = max_queued.max(ch.queued_bytes());
+        }
+        ch.flush().await.unwrap();
+        (overflowed, max_queued)
+    });
+
+    // The receiver reads slowly at first, then catches up.
+    let mut expected = 0usize;
+    let mut bytes = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while bytes < TOTAL {
+        let ev = tokio::time::timeout_at(deadline, rx.room.next_event()).await.expect("data keeps coming");
+        if let Some(peerlink_peer::Event::Message { message: Message::Binary(b), .. }) = ev {
+            assert_eq!(b.len(), MSG);
+            let seq = u64::from_be_bytes(b[..8].try_into().unwrap()) as usize;
+            assert_eq!(seq, expected, "in order, nothing lost");
+            assert!(b[8..].iter().all(|x| *x == (seq % 251) as u8), "content intact");
+            expected += 1;
+            bytes += b.len();
+            if expected < 64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let (overflowed, max_queued) = sender.await.unwrap();
+    assert!(overflowed, "try_send reported overflow when the queue was full");
+    assert!(max_queued <= QUEUE, "queue stayed within its bound: {max_queued}");
+    assert_eq!(expected, TOTAL / MSG);
+    server.stop().await;
+}
