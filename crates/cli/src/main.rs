@@ -1,1 +1,143 @@
-fn main() {}
+//! `peerlink`: serve signaling, chat in a room, benchmark the stack.
+
+mod bench;
+mod chat;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use peerlink_peer::IceConfig;
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// A runtime failure: server unreachable, refused, connection lost.
+    pub const FAILURE: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// Interrupted by a second Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "peerlink", version, about = "Peer-to-peer data over WebRTC data channels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the signaling server.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
+        listen: SocketAddr,
+    },
+    /// Line chat with everyone in ROOM over data channels.
+    Chat {
+        room: String,
+        /// Signaling server WebSocket URL.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
+        server: String,
+        /// Name shown to the others.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        ice: IceArgs,
+    },
+    /// Measure the stack: two native peers through an in-process server on 127.0.0.1.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+/// Where ICE may gather candidates.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IceArgs {
+    /// Gather only on this local address (repeatable).
+    #[arg(long = "ice-addr")]
+    addrs: Vec<IpAddr>,
+    /// Gather only on this interface (repeatable).
+    #[arg(long = "ice-interface")]
+    interfaces: Vec<String>,
+}
+
+impl IceArgs {
+    pub fn config(&self) -> IceConfig {
+        IceConfig { addrs: self.addrs.clone(), interfaces: self.interfaces.clone() }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Completes on the first Ctrl-C or SIGTERM; a second Ctrl-C exits with 130.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("interrupted");
+        std::process::exit(i32::from(exit::INTERRUPTED));
+    });
+}
+
+async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
+    println!("peerlink serve: listening on {addr}");
+    peerlink_signal::serve(listener, peerlink_signal::Config::default(), shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { listen } => {
+                init_tracing("info");
+                serve(listen).await
+            }
+            Command::Chat { room, server, name, ice } => {
+                init_tracing("warn");
+                chat::run(server, room, name, ice.config()).await
+            }
+            Command::Bench { what } => {
+                init_tracing("warn");
+                bench::run(what).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("peerlink: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}

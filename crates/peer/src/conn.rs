@@ -78,11 +78,23 @@ pub(crate) struct ConnConfig {
     pub connect_timeout: Duration,
     /// How often str0m reports RTT and the selected pair.
     pub stats_interval: Duration,
+    /// The DTLS certificate, generated once per room: generating one takes
+    /// tens of milliseconds, which would otherwise add to every connect.
+    pub dtls_cert: Option<str0m::config::DtlsCert>,
+}
+
+/// Generates a DTLS certificate with the default crypto provider.
+pub(crate) fn generate_dtls_cert() -> Option<str0m::config::DtlsCert> {
+    str0m::crypto::from_feature_flags().dtls_provider.generate_certificate()
 }
 
 impl Default for ConnConfig {
     fn default() -> Self {
-        ConnConfig { connect_timeout: Duration::from_secs(15), stats_interval: Duration::from_millis(500) }
+        ConnConfig {
+            connect_timeout: Duration::from_secs(15),
+            stats_interval: Duration::from_millis(500),
+            dtls_cert: None,
+        }
     }
 }
 
@@ -124,7 +136,11 @@ impl PeerConn {
         config: &ConnConfig,
         now: Instant,
     ) -> Self {
-        let mut rtc = Rtc::builder().set_stats_interval(Some(config.stats_interval)).build(now);
+        let mut builder = Rtc::builder().set_stats_interval(Some(config.stats_interval));
+        if let Some(cert) = &config.dtls_cert {
+            builder = builder.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = builder.build(now);
         for addr in locals {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
@@ -298,6 +314,13 @@ impl PeerConn {
             self.rtc.disconnect();
             return Ok(());
         }
+        if !self.have_remote_description {
+            // ICE paces its checks Ta (50 ms) after the last timeout it saw;
+            // a timeout fed before there is anyone to check would delay the
+            // first check by that much. Nothing else runs before an offer or
+            // answer has been applied.
+            return Ok(());
+        }
         self.rtc.handle_input(Input::Timeout(now)).map_err(|e| self.broken(e))
     }
 
@@ -344,6 +367,7 @@ impl PeerConn {
                     };
                 }
                 Output::Timeout(t) => {
+                    let t = if self.have_remote_description { t } else { far_future() };
                     let t = match self.connect_deadline {
                         Some(d) if !self.ever_connected => t.min(d),
                         _ => t,

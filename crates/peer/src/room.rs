@@ -147,6 +147,7 @@ impl Room {
     pub async fn join(config: RoomConfig) -> Result<Room, Error> {
         let addrs = config.ice.host_addrs()?;
         let sockets = gather::bind(&addrs).await?;
+        let dtls_cert = tokio::task::spawn_blocking(crate::conn::generate_dtls_cert).await.ok().flatten();
         let local_addrs = sockets.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
         let sig =
             signaling::join(&config.server, &config.room, config.name.clone(), config.signaling_timeout)
@@ -155,7 +156,7 @@ impl Room {
         tracing::info!(peer = %id, room = %config.room, addrs = ?local_addrs, "joined");
         let (commands, cmd_rx) = mpsc::channel(64);
         let (ev_tx, events) = mpsc::channel(config.event_capacity.max(16));
-        let driver = Driver::new(config, sig, local_addrs.clone(), ev_tx);
+        let driver = Driver::new(config, sig, local_addrs.clone(), ev_tx, dtls_cert);
         tokio::spawn(driver.run(sockets, cmd_rx));
         Ok(Room { id, local_addrs, commands, events })
     }
@@ -249,8 +250,10 @@ impl Driver {
         sig: Signaling,
         local_addrs: Vec<SocketAddr>,
         events: mpsc::Sender<Event>,
+        dtls_cert: Option<str0m::config::DtlsCert>,
     ) -> Self {
-        let conn_config = ConnConfig { connect_timeout: config.connect_timeout, ..ConnConfig::default() };
+        let conn_config =
+            ConnConfig { connect_timeout: config.connect_timeout, dtls_cert, ..ConnConfig::default() };
         let _ = sig.limits;
         Driver {
             id: sig.id,

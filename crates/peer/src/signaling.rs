@@ -75,7 +75,8 @@ pub(crate) async fn join(
     name: Option<String>,
     timeout: Duration,
 ) -> Result<Signaling, Error> {
-    let connect = tokio_tungstenite::connect_async(url);
+    // Signaling is latency-bound request/response: no Nagle.
+    let connect = tokio_tungstenite::connect_async_with_config(url, None, true);
     let (mut ws, _) = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| Error::Timeout(timeout))?

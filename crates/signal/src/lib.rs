@@ -28,6 +28,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use peerlink_proto::{IceServer, Limits};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -166,6 +167,12 @@ pub async fn serve_with(
         tracing::info!("shutting down: closing connections");
         let _ = stop.send(true);
     };
+    // Signaling is small request/response frames: no Nagle delays.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(stop_signal)
         .await?;

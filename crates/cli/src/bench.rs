@@ -1,0 +1,306 @@
+//! `peerlink bench`: two native peers through a real in-process signaling
+//! server, ICE on 127.0.0.1 only. Prints figures; run it in a network
+//! namespace with only loopback (see the README).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use peerlink_peer::{ChannelSpec, DataChannel, Event, IceConfig, Message, Room, RoomConfig};
+use tokio::sync::oneshot;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// Join to channel open (both sides), through the server.
+    Connect {
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+    },
+    /// Round-trip time of small messages on a reliable channel.
+    Rtt {
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        size: usize,
+    },
+    /// Bulk throughput on a reliable ordered channel.
+    Throughput {
+        /// Total MiB to move.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+    },
+    /// Signaling server memory per idle (greeted, joined) connection.
+    SignalMemory {
+        #[arg(long, default_value_t = 500)]
+        conns: usize,
+    },
+    /// Everything above with default settings.
+    All,
+}
+
+struct Server {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Server {
+    async fn start() -> anyhow::Result<Server> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}/ws", listener.local_addr()?);
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(peerlink_signal::serve(listener, peerlink_signal::Config::default(), async move {
+            let _ = rx.await;
+        }));
+        Ok(Server { url, stop: Some(tx) })
+    }
+
+    fn config(&self, room: &str, channels: Vec<ChannelSpec>) -> RoomConfig {
+        let mut c = RoomConfig::new(self.url.clone(), room);
+        c.ice = IceConfig::loopback();
+        c.channels = channels;
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for the channel `label` to open on `room`.
+async fn channel(room: &mut Room, label: &str) -> anyhow::Result<DataChannel> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, room.next_event())
+            .await
+            .context("channel did not open in 30 s")?
+        {
+            Some(Event::ChannelOpen { channel }) if channel.label() == label => return Ok(channel),
+            Some(Event::Closed { reason }) | Some(Event::ServerError { message: reason, .. }) => {
+                bail!("room failed: {reason}")
+            }
+            Some(_) => {}
+            None => bail!("room closed"),
+        }
+    }
+}
+
+/// Two rooms connected with one channel; returns both ends.
+async fn pair(
+    server: &Server,
+    room: &str,
+    spec: ChannelSpec,
+) -> anyhow::Result<(Room, DataChannel, Room, DataChannel)> {
+    let label = spec.label.clone();
+    let mut a = Room::join(server.config(room, vec![])).await?;
+    let mut b = Room::join(server.config(room, vec![spec])).await?;
+    let (ca, cb) = tokio::join!(channel(&mut a, &label), channel(&mut b, &label));
+    Ok((a, ca?, b, cb?))
+}
+
+fn pct(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+pub async fn run(what: Bench) -> anyhow::Result<()> {
+    match what {
+        Bench::Connect { iterations } => connect(iterations).await,
+        Bench::Rtt { count, size } => rtt(count, size).await,
+        Bench::Throughput { mib, size } => throughput(mib, size).await,
+        Bench::SignalMemory { conns } => signal_memory(conns).await,
+        Bench::All => {
+            connect(50).await?;
+            rtt(5000, 16).await?;
+            throughput(256, 65536).await?;
+            signal_memory(500).await
+        }
+    }
+}
+
+async fn connect(iterations: usize) -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let mut times = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let room = format!("connect-{i}");
+        let mut a = Room::join(server.config(&room, vec![])).await?;
+        let t0 = Instant::now();
+        let mut b = Room::join(server.config(&room, vec![ChannelSpec::reliable("c")])).await?;
+        let (ca, cb) = tokio::join!(channel(&mut a, "c"), channel(&mut b, "c"));
+        ca?;
+        cb?;
+        times.push(t0.elapsed());
+        a.leave().await?;
+        b.leave().await?;
+    }
+    times.sort();
+    println!(
+        "connect (join -> channel open on both sides, {iterations} runs): p50 {:.2} ms  p99 {:.2} ms  min {:.2} ms  max {:.2} ms",
+        ms(pct(&times, 0.5)),
+        ms(pct(&times, 0.99)),
+        ms(times[0]),
+        ms(*times.last().expect("runs")),
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let (mut a, ca, mut b, cb) = pair(&server, "rtt", ChannelSpec::reliable("rtt")).await?;
+    // B echoes everything back.
+    let echo = tokio::spawn(async move {
+        while let Some(ev) = b.next_event().await {
+            if let Event::Message { message, .. } = ev
+                && cb.send(message).await.is_err()
+            {
+                break;
+            }
+        }
+    });
+    let warmup = 200;
+    let mut times = Vec::with_capacity(count);
+    let payload = vec![7u8; size.max(1)];
+    for i in 0..warmup + count {
+        let t0 = Instant::now();
+        ca.send(payload.clone()).await?;
+        loop {
+            match tokio::time::timeout(WAIT, a.next_event()).await.context("echo did not come back")? {
+                Some(Event::Message { message: Message::Binary(_), .. }) => break,
+                Some(_) => {}
+                None => bail!("room closed"),
+            }
+        }
+        if i >= warmup {
+            times.push(t0.elapsed());
+        }
+    }
+    times.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "rtt ({size}-byte messages, reliable ordered, {count} round trips): p50 {:.0} us  p99 {:.0} us  min {:.0} us",
+        us(pct(&times, 0.5)),
+        us(pct(&times, 0.99)),
+        us(times[0]),
+    );
+    let stats = a.stats(cb_peer(&ca)).await?;
+    println!("  str0m rtt {:?}, path {}", stats.rtt, stats.selected_pair.unwrap_or_default());
+    echo.abort();
+    Ok(())
+}
+
+fn cb_peer(ch: &DataChannel) -> &peerlink_peer::PeerId {
+    ch.peer()
+}
+
+async fn throughput(mib: usize, size: usize) -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let (_a, ca, mut b, _cb) = pair(&server, "tput", ChannelSpec::reliable("bulk")).await?;
+    let total = mib * 1024 * 1024;
+    let count = total.div_ceil(size);
+    let t0 = Instant::now();
+    let sender = tokio::spawn(async move {
+        let msg = vec![0x5au8; size];
+        for _ in 0..count {
+            ca.send(msg.clone()).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut got = 0usize;
+    while got < count * size {
+        match tokio::time::timeout(WAIT, b.next_event()).await.context("data stalled for 30 s")? {
+            Some(Event::Message { message, .. }) => got += message.len(),
+            Some(_) => {}
+            None => bail!("room closed"),
+        }
+    }
+    let elapsed = t0.elapsed();
+    sender.await??;
+    let mbs = got as f64 / elapsed.as_secs_f64() / 1e6;
+    println!(
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): {mbs:.1} MB/s ({:.2} s)",
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+async fn signal_memory(conns: usize) -> anyhow::Result<()> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("server pid")?;
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let result = async {
+        // Wait for the server to listen.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("server did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open = |i: usize| {
+            let url = url.clone();
+            async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+                use tokio_tungstenite::tungstenite::Message as M;
+                ws.send(M::Text(r#"{"type":"hello","version":1}"#.into())).await?;
+                ws.send(M::Text(format!(r#"{{"type":"join","room":"idle-{}"}}"#, i / 16).into())).await?;
+                // welcome + joined
+                for _ in 0..2 {
+                    ws.next().await.context("server closed")??;
+                }
+                anyhow::Ok(ws)
+            }
+        };
+        let mut held = Vec::new();
+        for i in 0..16 {
+            held.push(open(i).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(pid)?;
+        for i in 16..16 + conns {
+            held.push(open(i).await?);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rss_kib(pid)?;
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / conns as f64;
+        println!(
+            "signal server memory: {conns} idle connections (greeted, in rooms of 16) add {} KiB RSS: {:.1} KiB per connection",
+            after.saturating_sub(before),
+            per / 1024.0
+        );
+        drop(held);
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill().await;
+    result
+}

@@ -1,0 +1,83 @@
+//! `peerlink chat`: one line per message, to everyone in the room.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use peerlink_peer::{ChannelSpec, DataChannel, Event, IceConfig, Message, PeerId, Room, RoomConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const LABEL: &str = "chat";
+
+fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
+    names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
+}
+
+pub async fn run(server: String, room: String, name: Option<String>, ice: IceConfig) -> anyhow::Result<()> {
+    let mut config = RoomConfig::new(server.clone(), room.clone());
+    config.name = name;
+    config.ice = ice;
+    config.channels = vec![ChannelSpec::reliable(LABEL)];
+    let mut room_handle = Room::join(config).await.with_context(|| format!("joining {room} on {server}"))?;
+    println!("* joined {room} as {}", room_handle.id());
+
+    let mut names: HashMap<PeerId, String> = HashMap::new();
+    let mut channels: HashMap<PeerId, DataChannel> = HashMap::new();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            line = lines.next_line(), if stdin_open => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => {
+                    if channels.is_empty() {
+                        println!("* nobody connected yet");
+                    }
+                    for ch in channels.values() {
+                        if let Err(e) = ch.try_send(line.clone()) {
+                            println!("* not sent to {}: {e}", who(&names, ch.peer()));
+                        }
+                    }
+                }
+                None => stdin_open = false,
+            },
+            ev = room_handle.next_event() => match ev {
+                None => break,
+                Some(Event::PeerJoined { peer, name }) => {
+                    let label = name.clone().map_or_else(|| peer.to_string(), |n| format!("{n} ({peer})"));
+                    println!("* {label} is here");
+                    if let Some(n) = name {
+                        names.insert(peer, n);
+                    }
+                }
+                Some(Event::PeerLeft { peer }) => {
+                    println!("* {} left", who(&names, &peer));
+                    channels.remove(&peer);
+                    names.remove(&peer);
+                }
+                Some(Event::ChannelOpen { channel }) if channel.label() == LABEL => {
+                    println!("* connected to {}", who(&names, channel.peer()));
+                    channels.insert(channel.peer().clone(), channel);
+                }
+                Some(Event::ChannelClosed { peer, label }) if label == LABEL => {
+                    channels.remove(&peer);
+                }
+                Some(Event::StateChanged { peer, state }) => {
+                    tracing::info!("{}: {state:?}", who(&names, &peer));
+                }
+                Some(Event::Message { peer, message, .. }) => match message {
+                    Message::Text(t) => println!("{}: {t}", who(&names, &peer)),
+                    Message::Binary(b) => println!("{}: <{} bytes>", who(&names, &peer), b.len()),
+                },
+                Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
+                Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
+                Some(_) => {}
+            },
+        }
+    }
+    room_handle.leave().await.ok();
+    Ok(())
+}
