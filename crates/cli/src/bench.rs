@@ -193,14 +193,17 @@ async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
         us(pct(&times, 0.99)),
         us(times[0]),
     );
-    let stats = a.stats(cb_peer(&ca)).await?;
-    println!("  str0m rtt {:?}, path {}", stats.rtt, stats.selected_pair.unwrap_or_default());
+    // str0m reports stats every 500 ms.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::timeout_at(until, a.next_event()).await.is_ok() {}
+    let stats = a.stats(ca.peer()).await?;
+    println!(
+        "  ICE consent-check rtt {:?}, selected pair {}",
+        stats.rtt,
+        stats.selected_pair.unwrap_or_default()
+    );
     echo.abort();
     Ok(())
-}
-
-fn cb_peer(ch: &DataChannel) -> &peerlink_peer::PeerId {
-    ch.peer()
 }
 
 async fn throughput(mib: usize, size: usize) -> anyhow::Result<()> {

@@ -411,10 +411,8 @@ impl PeerConn {
                     data: d.data,
                 }));
             }
-            RtcEvent::ChannelClose(id) => {
-                if self.open.remove(&id).is_some() {
-                    self.out.push_back(ConnOutput::Event(ConnEvent::ChannelClose { id }));
-                }
+            RtcEvent::ChannelClose(id) if self.open.remove(&id).is_some() => {
+                self.out.push_back(ConnOutput::Event(ConnEvent::ChannelClose { id }));
             }
             RtcEvent::ChannelBufferedAmountLow(_) => {
                 self.out.push_back(ConnOutput::Event(ConnEvent::Writable));
@@ -424,7 +422,11 @@ impl PeerConn {
                     .selected_candidate_pair
                     .as_ref()
                     .map(|p| format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr));
-                self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt: s.rtt, selected_pair }));
+                // Data-only sessions have no RTCP RTT; ICE consent checks measure it.
+                let rtt = s
+                    .rtt
+                    .or_else(|| s.selected_candidate_pair.as_ref().and_then(|p| p.current_round_trip_time));
+                self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt, selected_pair }));
             }
             RtcEvent::Closed => self.set_state(ConnState::Closed),
             _ => {}

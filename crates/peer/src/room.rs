@@ -275,9 +275,8 @@ impl Driver {
     fn emit(&mut self, ev: Event) {
         if self.backlog.is_empty() {
             match self.events.try_send(ev) {
-                Ok(()) => return,
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         } else {
             self.backlog.push_back(ev);

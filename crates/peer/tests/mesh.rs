@@ -81,8 +81,14 @@ async fn three_peers_mesh_then_a_fourth_joins_and_one_leaves() {
         .await;
 
     // Stats report traffic and the selected path.
+    // (str0m reports RTT and the selected pair every 500 ms.)
+    b.pump_for(std::time::Duration::from_millis(1200)).await;
     let st = b.room.stats(&a_id).await.unwrap();
     assert!(st.messages_received >= 2 && st.bytes_received > 0, "{st:?}");
     assert!(st.messages_sent >= 2, "{st:?}");
+    assert_eq!(st.state, Some(ConnState::Connected));
+    assert!(st.rtt.is_some(), "{st:?}");
+    let pair = st.selected_pair.clone().unwrap_or_default();
+    assert!(pair.contains("127.0.0.1") && pair.contains(&b.room.local_addrs()[0].to_string()), "{st:?}");
     server.stop().await;
 }
