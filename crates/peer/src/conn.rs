@@ -208,10 +208,10 @@ impl PeerConn {
     }
 
     /// Applies a signal from the remote peer.
-    pub fn handle_signal(&mut self, signal: Signal) -> Result<(), Error> {
+    pub fn handle_signal(&mut self, signal: Signal, now: Instant) -> Result<(), Error> {
         match signal {
-            Signal::Offer { sdp } => self.handle_offer(&sdp),
-            Signal::Answer { sdp } => self.handle_answer(&sdp),
+            Signal::Offer { sdp } => self.handle_offer(&sdp, now),
+            Signal::Answer { sdp } => self.handle_answer(&sdp, now),
             Signal::Candidate { candidate, .. } => {
                 let c = Candidate::from_sdp_string(&candidate).map_err(|e| Error::BadSignal {
                     peer: self.remote.clone(),
@@ -228,7 +228,7 @@ impl PeerConn {
         }
     }
 
-    fn handle_offer(&mut self, sdp: &str) -> Result<(), Error> {
+    fn handle_offer(&mut self, sdp: &str, now: Instant) -> Result<(), Error> {
         let offer = SdpOffer::from_sdp_string(sdp)
             .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("offer: {e}") })?;
         if self.pending.is_some() && !self.polite {
@@ -247,13 +247,13 @@ impl PeerConn {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
-        self.remote_description_set(sdp);
+        self.remote_description_set(sdp, now);
         self.out.push_back(ConnOutput::Signal(Signal::Answer { sdp: answer.to_sdp_string() }));
         self.negotiate();
         Ok(())
     }
 
-    fn handle_answer(&mut self, sdp: &str) -> Result<(), Error> {
+    fn handle_answer(&mut self, sdp: &str, now: Instant) -> Result<(), Error> {
         let answer = SdpAnswer::from_sdp_string(sdp)
             .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("answer: {e}") })?;
         let Some((pending, added)) = self.pending.take() else {
@@ -265,13 +265,26 @@ impl PeerConn {
             .accept_answer(pending, answer)
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
         self.creating.extend(added);
-        self.remote_description_set(sdp);
+        self.remote_description_set(sdp, now);
         self.negotiate();
         Ok(())
     }
 
-    fn remote_description_set(&mut self, sdp: &str) {
+    fn remote_description_set(&mut self, sdp: &str, now: Instant) {
+        let first = !self.have_remote_description;
         self.have_remote_description = true;
+        if first {
+            // The remote's checks may have arrived before its answer; ICE
+            // queued them. Each timeout answers one queued check and returns
+            // early, and ICE paces timeouts Ta (50 ms) apart, so our own first
+            // check would wait behind them. Run the queue down now: this was
+            // most of the connect time on a direct path.
+            for _ in 0..3 {
+                if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(peer = %self.remote, "ice timeout: {e}");
+                }
+            }
+        }
         for c in self.early_candidates.drain(..) {
             self.rtc.add_remote_candidate(c);
         }
@@ -301,7 +314,8 @@ impl PeerConn {
         // A bad or excess datagram is dropped, not fatal: the peer retransmits.
         self.rtc
             .handle_input(Input::Receive(now, r))
-            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
+            .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
+        Ok(())
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {

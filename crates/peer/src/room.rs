@@ -341,7 +341,7 @@ impl Driver {
                     self.add_peer(from.clone(), None, false, now);
                 }
                 let st = self.peers.get_mut(&from).expect("added above");
-                if let Err(e) = st.conn.handle_signal(signal) {
+                if let Err(e) = st.conn.handle_signal(signal, now) {
                     tracing::warn!("{e}");
                 }
                 st.next_timeout = now;

@@ -111,7 +111,8 @@ mod tests {
                             }
                             ConnOutput::Signal(s) => {
                                 self.sides[i].signals.push(s.clone());
-                                self.sides[1 - i].conn.handle_signal(s).expect("signal applies");
+                                let now = self.instant();
+                                self.sides[1 - i].conn.handle_signal(s, now).expect("signal applies");
                                 progressed = true;
                             }
                             ConnOutput::Event(e) => self.sides[i].events.push(e),
