@@ -231,8 +231,14 @@ async fn throughput(mib: usize, size: usize) -> anyhow::Result<()> {
     sender.await??;
     let mbs = got as f64 / elapsed.as_secs_f64() / 1e6;
     println!(
-        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): {mbs:.1} MB/s ({:.2} s)",
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s)",
         elapsed.as_secs_f64()
+    );
+    drop((_a, b, server));
+    let raw = tokio::task::spawn_blocking(move || crate::raw::throughput(total, size)).await??;
+    println!(
+        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s; peerlink/raw = {:.2}",
+        mbs / raw
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod raw;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -133,6 +134,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Do not wait for blocking tasks: one may be parked reading stdin.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {

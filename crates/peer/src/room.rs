@@ -218,6 +218,8 @@ struct PeerState {
     blocked: bool,
     stats: PeerStats,
     next_timeout: Instant,
+    /// Has input or commands since its outputs were last polled.
+    dirty: bool,
 }
 
 struct Driver {
@@ -316,6 +318,7 @@ impl Driver {
                 blocked: false,
                 stats: PeerStats { state: Some(ConnState::Connecting), ..Default::default() },
                 next_timeout: now,
+                dirty: true,
             },
         );
         self.emit(Event::PeerJoined { peer, name });
@@ -345,6 +348,7 @@ impl Driver {
                     tracing::warn!("{e}");
                 }
                 st.next_timeout = now;
+                st.dirty = true;
             }
             ServerMsg::Message { from, data, .. } => self.emit(Event::ServerMessage { from, data }),
             ServerMsg::Error { code, message } => {
@@ -370,6 +374,7 @@ impl Driver {
                     Some(st) => {
                         st.conn.open_channel(spec);
                         st.next_timeout = Instant::now();
+                        st.dirty = true;
                         Ok(())
                     }
                     None => Err(Error::UnknownPeer(peer)),
@@ -425,9 +430,15 @@ impl Driver {
         }
     }
 
-    /// Runs every peer's outputs until each waits for time or input.
+    /// Runs the outputs of every peer that had input or whose timer is due,
+    /// until each waits for time or input.
     async fn pump(&mut self, sockets: &[UdpSocket], now: Instant) {
-        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, st)| st.dirty || st.next_timeout <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
         for peer in ids {
             self.pump_peer(&peer, sockets, now).await;
         }
@@ -439,6 +450,7 @@ impl Driver {
         let mut dead = false;
         {
             let Some(st) = self.peers.get_mut(peer) else { return };
+            st.dirty = false;
             if st.next_timeout <= now
                 && let Err(e) = st.conn.handle_timeout(now)
             {
@@ -628,7 +640,12 @@ impl Driver {
                     }
                     Err(e) => tracing::debug!("udp receive: {e}"),
                 },
-                _ = wake.notified() => {}
+                _ = wake.notified() => {
+                    // Some channel queued data; the drain in pump finds it.
+                    for st in self.peers.values_mut() {
+                        st.dirty = true;
+                    }
+                }
                 _ = ping.tick() => self.signal(ClientMsg::Ping { nonce: None }),
                 _ = sleep => {}
             }
