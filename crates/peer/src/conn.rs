@@ -119,6 +119,10 @@ pub(crate) struct PeerConn {
     ever_connected: bool,
     connect_deadline: Option<Instant>,
     out: VecDeque<ConnOutput>,
+    /// Our candidates in SDP attribute form, trickled after our first offer
+    /// or answer (str0m also lists them in the SDP).
+    local_candidates: Vec<String>,
+    trickled: bool,
 }
 
 impl std::fmt::Debug for PeerConn {
@@ -141,10 +145,13 @@ impl PeerConn {
             builder = builder.set_dtls_cert(cert.clone());
         }
         let mut rtc = builder.build(now);
+        let mut local_candidates = Vec::new();
         for addr in locals {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
-                    rtc.add_local_candidate(c);
+                    if let Some(c) = rtc.add_local_candidate(c) {
+                        local_candidates.push(c.to_sdp_string());
+                    }
                 }
                 Err(e) => tracing::warn!(%addr, "unusable local address: {e}"),
             }
@@ -164,7 +171,9 @@ impl PeerConn {
             state: ConnState::Connecting,
             ever_connected: false,
             connect_deadline: Some(now + config.connect_timeout),
-            out: VecDeque::new(),
+            out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
+            local_candidates,
+            trickled: false,
         }
     }
 
@@ -201,10 +210,25 @@ impl PeerConn {
             Some((offer, pending)) => {
                 self.out.push_back(ConnOutput::Signal(Signal::Offer { sdp: offer.to_sdp_string() }));
                 self.pending = Some((pending, added));
+                self.trickle();
             }
             // Channels after the first go in-band (DCEP): no offer needed.
             None => self.creating.extend(added),
         }
+    }
+
+    /// Sends our candidates and end-of-candidates once, after our first
+    /// offer or answer. Host gathering is complete at construction.
+    fn trickle(&mut self) {
+        if self.trickled {
+            return;
+        }
+        self.trickled = true;
+        for candidate in &self.local_candidates {
+            self.out
+                .push_back(ConnOutput::Signal(Signal::Candidate { candidate: candidate.clone(), mid: None }));
+        }
+        self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
     }
 
     /// Applies a signal from the remote peer.
@@ -249,6 +273,7 @@ impl PeerConn {
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
         self.remote_description_set(sdp, now);
         self.out.push_back(ConnOutput::Signal(Signal::Answer { sdp: answer.to_sdp_string() }));
+        self.trickle();
         self.negotiate();
         Ok(())
     }

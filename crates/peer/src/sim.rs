@@ -235,6 +235,16 @@ mod tests {
         };
         assert!(offers(&w, 0) >= 1 && offers(&w, 1) >= 1, "both sides offered: a real collision");
         for i in 0..2 {
+            let sig = &w.sides[i].signals;
+            let cand = sig.iter().filter(|s| matches!(s, Signal::Candidate { .. })).count();
+            let eoc = sig.iter().filter(|s| matches!(s, Signal::EndOfCandidates)).count();
+            assert_eq!(
+                (cand, eoc),
+                (1, 1),
+                "side {i} trickles its one host candidate, then end-of-candidates"
+            );
+        }
+        for i in 0..2 {
             let mut labels: Vec<_> = w.open_channels(i).into_iter().map(|(_, l)| l).collect();
             labels.sort();
             assert_eq!(labels, ["from-a", "from-b"], "side {i}");
