@@ -81,6 +81,11 @@ pub(crate) struct ConnConfig {
     /// The DTLS certificate, generated once per room: generating one takes
     /// tens of milliseconds, which would otherwise add to every connect.
     pub dtls_cert: Option<str0m::config::DtlsCert>,
+    /// A connection disconnected this long gets an ICE restart (and another
+    /// every this long while it stays down).
+    pub restart_after: Duration,
+    /// A connection disconnected this long has failed for good.
+    pub give_up_after: Duration,
 }
 
 /// Generates a DTLS certificate with the default crypto provider.
@@ -94,6 +99,8 @@ impl Default for ConnConfig {
             connect_timeout: Duration::from_secs(15),
             stats_interval: Duration::from_millis(500),
             dtls_cert: None,
+            restart_after: Duration::from_secs(3),
+            give_up_after: Duration::from_secs(60),
         }
     }
 }
@@ -118,6 +125,16 @@ pub(crate) struct PeerConn {
     state: ConnState,
     ever_connected: bool,
     connect_deadline: Option<Instant>,
+    restart_after: Duration,
+    give_up_after: Duration,
+    /// Latest time seen in any input.
+    last_now: Instant,
+    /// When the current outage began (ICE reported disconnected).
+    down_since: Option<Instant>,
+    /// When we last sent an offer or answered one.
+    last_offer_at: Option<Instant>,
+    /// ICE restarts made, for diagnostics.
+    restarts: u32,
     out: VecDeque<ConnOutput>,
     /// Our candidates in SDP attribute form, trickled after our first offer
     /// or answer (str0m also lists them in the SDP).
@@ -171,10 +188,31 @@ impl PeerConn {
             state: ConnState::Connecting,
             ever_connected: false,
             connect_deadline: Some(now + config.connect_timeout),
+            restart_after: config.restart_after,
+            give_up_after: config.give_up_after,
+            last_now: now,
+            down_since: None,
+            last_offer_at: None,
+            restarts: 0,
             out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
             local_candidates,
             trickled: false,
         }
+    }
+
+    /// When this side should next restart ICE, while the connection is down.
+    /// The impolite side goes first; the polite side only steps in if no
+    /// restart arrived (its peer may not restart on its own). Perfect
+    /// negotiation copes if both offer at once.
+    fn restart_due(&self) -> Option<Instant> {
+        let since = self.down_since?;
+        let wait = if self.polite { self.restart_after * 2 } else { self.restart_after };
+        Some(self.last_offer_at.map_or(since, |o| o.max(since)) + wait)
+    }
+
+    /// ICE restarts this connection has made.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
     }
 
     /// Largest message the remote accepts in one write.
@@ -190,8 +228,19 @@ impl PeerConn {
 
     /// Makes an offer if something needs negotiating and no offer is out.
     fn negotiate(&mut self) {
-        if self.pending.is_some() || self.state == ConnState::Closed {
+        if self.state == ConnState::Closed {
             return;
+        }
+        if self.pending.is_some() {
+            // An offer is out. Only an ICE restart replaces it, and only once
+            // the answer is overdue (the signaling path may have lost it).
+            let overdue = self.last_offer_at.is_none_or(|t| self.last_now >= t + self.restart_after);
+            if !(self.restart_wanted && overdue) {
+                return;
+            }
+            if let Some((_, added)) = self.pending.take() {
+                self.wanted.splice(0..0, added.into_iter().map(|(_, spec)| spec));
+            }
         }
         if self.wanted.is_empty() && !self.restart_wanted {
             return;
@@ -210,6 +259,7 @@ impl PeerConn {
             Some((offer, pending)) => {
                 self.out.push_back(ConnOutput::Signal(Signal::Offer { sdp: offer.to_sdp_string() }));
                 self.pending = Some((pending, added));
+                self.last_offer_at = Some(self.last_now);
                 self.trickle();
             }
             // Channels after the first go in-band (DCEP): no offer needed.
@@ -272,6 +322,9 @@ impl PeerConn {
             .accept_offer(offer)
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
         self.remote_description_set(sdp, now);
+        // Answering counts as negotiating: a restart offer from the remote
+        // postpones our own.
+        self.last_offer_at = Some(now);
         self.out.push_back(ConnOutput::Signal(Signal::Answer { sdp: answer.to_sdp_string() }));
         self.trickle();
         self.negotiate();
@@ -333,6 +386,7 @@ impl PeerConn {
         destination: SocketAddr,
         data: &[u8],
     ) -> Result<(), Error> {
+        self.last_now = self.last_now.max(now);
         let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else {
             return Ok(());
         };
@@ -344,6 +398,22 @@ impl PeerConn {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
+        self.last_now = self.last_now.max(now);
+        if let Some(since) = self.down_since {
+            if now >= since + self.give_up_after {
+                tracing::info!(peer = %self.remote, "no path for {:?}: failed", self.give_up_after);
+                self.down_since = None;
+                self.set_state(ConnState::Failed);
+                self.rtc.disconnect();
+                return Ok(());
+            }
+            if self.restart_due().is_some_and(|due| now >= due) {
+                self.restarts += 1;
+                tracing::info!(peer = %self.remote, restarts = self.restarts, "disconnected: restarting ICE");
+                self.restart_wanted = true;
+                self.negotiate();
+            }
+        }
         if let Some(deadline) = self.connect_deadline
             && now >= deadline
             && !self.ever_connected
@@ -406,7 +476,10 @@ impl PeerConn {
                     };
                 }
                 Output::Timeout(t) => {
-                    let t = if self.have_remote_description { t } else { far_future() };
+                    let mut t = if self.have_remote_description { t } else { far_future() };
+                    if let (Some(since), Some(due)) = (self.down_since, self.restart_due()) {
+                        t = t.min(due).min(since + self.give_up_after);
+                    }
                     let t = match self.connect_deadline {
                         Some(d) if !self.ever_connected => t.min(d),
                         _ => t,
@@ -426,9 +499,13 @@ impl PeerConn {
                 self.set_state(ConnState::Connected);
             }
             RtcEvent::IceConnectionStateChange(s) => match s {
-                IceConnectionState::Disconnected => self.set_state(ConnState::Disconnected),
+                IceConnectionState::Disconnected if self.ever_connected => {
+                    self.down_since.get_or_insert(self.last_now);
+                    self.set_state(ConnState::Disconnected);
+                }
                 IceConnectionState::Connected | IceConnectionState::Completed if self.ever_connected => {
-                    self.set_state(ConnState::Connected)
+                    self.down_since = None;
+                    self.set_state(ConnState::Connected);
                 }
                 _ => {}
             },

@@ -122,6 +122,8 @@ pub struct PeerStats {
     /// The selected candidate pair, e.g. `Udp 127.0.0.1:5000 (Host) -> ...`.
     pub selected_pair: Option<String>,
     pub state: Option<ConnState>,
+    /// ICE restarts this connection made to recover from outages.
+    pub ice_restarts: u32,
 }
 
 enum Command {
@@ -451,6 +453,7 @@ impl Driver {
         {
             let Some(st) = self.peers.get_mut(peer) else { return };
             st.dirty = false;
+            st.stats.ice_restarts = st.conn.restarts();
             if st.next_timeout <= now
                 && let Err(e) = st.conn.handle_timeout(now)
             {
