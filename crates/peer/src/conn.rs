@@ -6,12 +6,13 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use peerlink_proto::{PeerId, Signal};
+use peerlink_proto::{PeerId, Signal, SignalAuth};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 
+use crate::auth::SignalKeys;
 use crate::channel::ChannelSpec;
 use crate::error::Error;
 
@@ -56,6 +57,8 @@ pub(crate) enum ConnEvent {
     },
     /// A channel's send buffer drained below the low-water mark.
     Writable,
+    /// An offer or answer failed authentication: the connection is closed.
+    AuthFailed(String),
     Stats {
         rtt: Option<Duration>,
         selected_pair: Option<String>,
@@ -135,6 +138,12 @@ pub(crate) struct PeerConn {
     last_offer_at: Option<Instant>,
     /// ICE restarts made, for diagnostics.
     restarts: u32,
+    /// Keys that authenticate offers and answers, for paired peers.
+    keys: Option<SignalKeys>,
+    /// Sequence number of our next authenticated offer or answer.
+    send_seq: u64,
+    /// Highest sequence number accepted from the remote.
+    recv_seq: Option<u64>,
     out: VecDeque<ConnOutput>,
     /// Our candidates in SDP attribute form, trickled after our first offer
     /// or answer (str0m also lists them in the SDP).
@@ -194,6 +203,9 @@ impl PeerConn {
             down_since: None,
             last_offer_at: None,
             restarts: 0,
+            keys: None,
+            send_seq: 0,
+            recv_seq: None,
             out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
             local_candidates,
             trickled: false,
@@ -208,6 +220,49 @@ impl PeerConn {
         let since = self.down_since?;
         let wait = if self.polite { self.restart_after * 2 } else { self.restart_after };
         Some(self.last_offer_at.map_or(since, |o| o.max(since)) + wait)
+    }
+
+    /// Authenticate every offer and answer from now on, both ways. Set it
+    /// before the first offer or answer.
+    pub fn set_keys(&mut self, keys: SignalKeys) {
+        self.keys = Some(keys);
+    }
+
+    /// Wraps an outgoing SDP, with `auth` when the connection has keys.
+    fn sdp_signal(&mut self, kind: &str, sdp: String) -> Signal {
+        let auth = self.keys.as_ref().map(|k| k.sign(kind, self.send_seq, &sdp));
+        if auth.is_some() {
+            self.send_seq += 1;
+        }
+        if kind == "offer" { Signal::Offer { sdp, auth } } else { Signal::Answer { sdp, auth } }
+    }
+
+    /// Checks an incoming SDP's `auth` when the connection has keys; a
+    /// failure closes the connection for good.
+    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<(), Error> {
+        let Some(keys) = &self.keys else { return Ok(()) };
+        let reason = match auth {
+            None => format!("the {kind} carries no authentication"),
+            Some(a) if !keys.verify(kind, sdp, a) => {
+                format!("the {kind} was modified in transit (its MAC does not match)")
+            }
+            Some(a) if self.recv_seq.is_some_and(|last| a.seq <= last) => {
+                format!("the {kind} is a replay (sequence {} after {:?})", a.seq, self.recv_seq)
+            }
+            Some(a) => {
+                self.recv_seq = Some(a.seq);
+                return Ok(());
+            }
+        };
+        tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
+        self.out.push_back(ConnOutput::Event(ConnEvent::AuthFailed(reason.clone())));
+        self.set_state(ConnState::Failed);
+        self.rtc.disconnect();
+        Err(Error::Unauthenticated { peer: self.remote.clone(), reason })
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state
     }
 
     /// ICE restarts this connection has made.
@@ -257,7 +312,8 @@ impl PeerConn {
         }
         match api.apply() {
             Some((offer, pending)) => {
-                self.out.push_back(ConnOutput::Signal(Signal::Offer { sdp: offer.to_sdp_string() }));
+                let signal = self.sdp_signal("offer", offer.to_sdp_string());
+                self.out.push_back(ConnOutput::Signal(signal));
                 self.pending = Some((pending, added));
                 self.last_offer_at = Some(self.last_now);
                 self.trickle();
@@ -284,8 +340,14 @@ impl PeerConn {
     /// Applies a signal from the remote peer.
     pub fn handle_signal(&mut self, signal: Signal, now: Instant) -> Result<(), Error> {
         match signal {
-            Signal::Offer { sdp } => self.handle_offer(&sdp, now),
-            Signal::Answer { sdp } => self.handle_answer(&sdp, now),
+            Signal::Offer { sdp, auth } => {
+                self.check_auth("offer", &sdp, auth.as_ref())?;
+                self.handle_offer(&sdp, now)
+            }
+            Signal::Answer { sdp, auth } => {
+                self.check_auth("answer", &sdp, auth.as_ref())?;
+                self.handle_answer(&sdp, now)
+            }
             Signal::Candidate { candidate, .. } => {
                 let c = Candidate::from_sdp_string(&candidate).map_err(|e| Error::BadSignal {
                     peer: self.remote.clone(),
@@ -325,7 +387,8 @@ impl PeerConn {
         // Answering counts as negotiating: a restart offer from the remote
         // postpones our own.
         self.last_offer_at = Some(now);
-        self.out.push_back(ConnOutput::Signal(Signal::Answer { sdp: answer.to_sdp_string() }));
+        let signal = self.sdp_signal("answer", answer.to_sdp_string());
+        self.out.push_back(ConnOutput::Signal(signal));
         self.trickle();
         self.negotiate();
         Ok(())

@@ -22,6 +22,10 @@ pub enum Error {
     BadSignal { peer: PeerId, reason: String },
     #[error("negotiation with {peer} failed: {reason}")]
     Negotiation { peer: PeerId, reason: String },
+    #[error(
+        "refused signaling from {peer}: {reason}; the signaling server may be tampering with the session"
+    )]
+    Unauthenticated { peer: PeerId, reason: String },
     #[error("no peer {0} in this room")]
     UnknownPeer(PeerId),
     #[error("no usable local address to gather candidates from ({0})")]

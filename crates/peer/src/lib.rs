@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod channel;
 mod conn;
 mod error;
@@ -36,9 +37,10 @@ mod room;
 mod signaling;
 mod sim;
 
+pub use auth::SignalKeys;
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};
 pub use conn::ConnState;
 pub use error::{Error, SendError};
 pub use gather::IceConfig;
 pub use peerlink_proto::PeerId;
-pub use room::{Event, PeerStats, Room, RoomConfig};
+pub use room::{ConnectOptions, Event, PeerStats, Room, RoomConfig};

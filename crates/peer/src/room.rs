@@ -10,13 +10,14 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg};
+use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg, Signal};
 use str0m::channel::ChannelId;
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::auth::SignalKeys;
 use crate::channel::{ChannelSpec, DataChannel, Message, Shared};
 use crate::conn::{ConnConfig, ConnEvent, ConnOutput, ConnState, PeerConn};
 use crate::error::Error;
@@ -44,6 +45,10 @@ pub struct RoomConfig {
     pub signaling_timeout: Duration,
     /// Bound on negotiation plus connectivity checks per peer.
     pub connect_timeout: Duration,
+    /// Connect to every member automatically (a full mesh). When false, the
+    /// application chooses with [`Room::connect`]; signals from a member it
+    /// has not connected to yet are held (a bounded number) until it does.
+    pub auto_connect: bool,
 }
 
 impl RoomConfig {
@@ -58,8 +63,20 @@ impl RoomConfig {
             event_capacity: 1024,
             signaling_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(15),
+            auto_connect: true,
         }
     }
+}
+
+/// How to connect to one peer with [`Room::connect`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Channels this side opens (the other side gets `ChannelOpen` too).
+    /// Usually only one side names them.
+    pub channels: Vec<ChannelSpec>,
+    /// Keys from pairing: every offer and answer is authenticated, and the
+    /// connection is refused ([`Event::AuthFailed`]) if one is not.
+    pub keys: Option<SignalKeys>,
 }
 
 /// What happens in a room.
@@ -99,6 +116,13 @@ pub enum Event {
         from: PeerId,
         data: serde_json::Value,
     },
+    /// An offer or answer from `peer` failed authentication (the signaling
+    /// path changed it, or it was not from the paired peer). The
+    /// connection to `peer` is closed.
+    AuthFailed {
+        peer: PeerId,
+        reason: String,
+    },
     /// The server refused something we sent.
     ServerError {
         code: ErrorCode,
@@ -127,6 +151,8 @@ pub struct PeerStats {
 }
 
 enum Command {
+    Connect { peer: PeerId, options: ConnectOptions, reply: oneshot::Sender<Result<(), Error>> },
+    Disconnect { peer: PeerId, reply: oneshot::Sender<()> },
     OpenChannel { peer: PeerId, spec: ChannelSpec, reply: oneshot::Sender<Result<(), Error>> },
     ServerSend { to: Option<PeerId>, data: serde_json::Value },
     Stats { peer: PeerId, reply: oneshot::Sender<Option<PeerStats>> },
@@ -184,6 +210,19 @@ impl Room {
         rx.await.map_err(|_| Error::RoomClosed)
     }
 
+    /// Connects to `peer`, a member of the room, opening `options.channels`.
+    /// For rooms without `auto_connect`; on a connection that already
+    /// exists it only opens the channels, and a failed or closed one is
+    /// replaced.
+    pub async fn connect(&self, peer: &PeerId, options: ConnectOptions) -> Result<(), Error> {
+        self.call(|reply| Command::Connect { peer: peer.clone(), options, reply }).await?
+    }
+
+    /// Closes the connection to `peer` (it stays a member of the room).
+    pub async fn disconnect(&self, peer: &PeerId) -> Result<(), Error> {
+        self.call(|reply| Command::Disconnect { peer: peer.clone(), reply }).await
+    }
+
     /// Opens another channel to `peer` (the remote gets `ChannelOpen` too).
     pub async fn open_channel(&self, peer: &PeerId, spec: ChannelSpec) -> Result<(), Error> {
         self.call(|reply| Command::OpenChannel { peer: peer.clone(), spec, reply }).await?
@@ -230,7 +269,12 @@ struct Driver {
     room: String,
     local_addrs: Vec<SocketAddr>,
     conn_config: ConnConfig,
+    /// Room members and their display names.
+    members: HashMap<PeerId, Option<String>>,
+    /// Connections, by member.
     peers: HashMap<PeerId, PeerState>,
+    /// Signals from members not connected to yet (without `auto_connect`).
+    held: HashMap<PeerId, VecDeque<Signal>>,
     signaling: mpsc::Sender<ClientMsg>,
     incoming:
         futures_util::stream::BoxStream<'static, Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
@@ -245,6 +289,10 @@ struct Driver {
 
 /// Backlogged events above which the driver stops reading datagrams.
 const BACKLOG_PAUSE: usize = 64;
+/// Signals held per member not connected to yet; the oldest go first.
+const MAX_HELD_SIGNALS: usize = 64;
+/// Members with held signals at once.
+const MAX_HELD_PEERS: usize = 64;
 /// Interval of application pings keeping the signaling link alive.
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 
@@ -265,7 +313,9 @@ impl Driver {
             config,
             local_addrs,
             conn_config,
+            members: HashMap::new(),
             peers: HashMap::new(),
+            held: HashMap::new(),
             signaling: sig.outgoing,
             incoming: sig.incoming.boxed(),
             initial_peers: sig.peers,
@@ -300,18 +350,51 @@ impl Driver {
         }
     }
 
-    fn add_peer(&mut self, peer: PeerId, name: Option<String>, initiator: bool, now: Instant) {
-        if peer == self.id || self.peers.contains_key(&peer) {
+    /// A member is in the room (there when we joined, or joined since).
+    fn member_joined(&mut self, peer: PeerId, name: Option<String>, initiator: bool, now: Instant) {
+        if peer == self.id || self.members.contains_key(&peer) {
             return;
         }
+        self.members.insert(peer.clone(), name.clone());
+        self.emit(Event::PeerJoined { peer: peer.clone(), name });
+        if self.config.auto_connect {
+            let channels = if initiator { self.config.channels.clone() } else { Vec::new() };
+            self.create_conn(peer, channels, None, now);
+        }
+    }
+
+    /// Starts a connection to `peer`, replacing a dead one, and replays
+    /// signals held for it.
+    fn create_conn(
+        &mut self,
+        peer: PeerId,
+        channels: Vec<ChannelSpec>,
+        keys: Option<SignalKeys>,
+        now: Instant,
+    ) {
+        if peer == self.id {
+            return;
+        }
+        if let Some(st) = self.peers.get_mut(&peer)
+            && !matches!(st.conn.state(), ConnState::Failed | ConnState::Closed)
+        {
+            for spec in channels {
+                st.conn.open_channel(spec);
+            }
+            st.next_timeout = now;
+            st.dirty = true;
+            return;
+        }
+        self.drop_conn(&peer);
         let polite = self.id < peer;
         let mut conn = PeerConn::new(peer.clone(), polite, &self.local_addrs, &self.conn_config, now);
-        if initiator {
-            for spec in &self.config.channels {
-                conn.open_channel(spec.clone());
-            }
+        if let Some(keys) = keys {
+            conn.set_keys(keys);
         }
-        tracing::debug!(local = %self.id, remote = %peer, polite, initiator, "peer added");
+        for spec in channels {
+            conn.open_channel(spec);
+        }
+        tracing::debug!(local = %self.id, remote = %peer, polite, "connecting");
         self.peers.insert(
             peer.clone(),
             PeerState {
@@ -323,34 +406,61 @@ impl Driver {
                 dirty: true,
             },
         );
-        self.emit(Event::PeerJoined { peer, name });
+        for signal in self.held.remove(&peer).unwrap_or_default() {
+            self.apply_signal(&peer, signal, now);
+        }
     }
 
-    fn remove_peer(&mut self, peer: &PeerId) {
+    /// Closes and forgets the connection to `peer`, closing its channels.
+    fn drop_conn(&mut self, peer: &PeerId) {
         let Some(mut st) = self.peers.remove(peer) else { return };
         st.conn.close();
         for (_, shared) in st.channels.drain() {
             shared.close();
             self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
         }
-        self.emit(Event::PeerLeft { peer: peer.clone() });
+    }
+
+    fn remove_peer(&mut self, peer: &PeerId) {
+        self.held.remove(peer);
+        self.drop_conn(peer);
+        if self.members.remove(peer).is_some() {
+            self.emit(Event::PeerLeft { peer: peer.clone() });
+        }
+    }
+
+    fn apply_signal(&mut self, from: &PeerId, signal: Signal, now: Instant) {
+        let Some(st) = self.peers.get_mut(from) else { return };
+        if let Err(e) = st.conn.handle_signal(signal, now) {
+            tracing::warn!("{e}");
+        }
+        st.next_timeout = now;
+        st.dirty = true;
     }
 
     fn on_server(&mut self, msg: ServerMsg, now: Instant) {
         match msg {
             ServerMsg::PeerJoined { peer, .. } if peer.id == self.id => {}
-            ServerMsg::PeerJoined { peer, .. } => self.add_peer(peer.id, peer.name, false, now),
+            ServerMsg::PeerJoined { peer, .. } => self.member_joined(peer.id, peer.name, false, now),
             ServerMsg::PeerLeft { peer_id, .. } => self.remove_peer(&peer_id),
             ServerMsg::Signal { from, signal, .. } => {
-                if !self.peers.contains_key(&from) {
-                    self.add_peer(from.clone(), None, false, now);
+                if self.peers.contains_key(&from) {
+                    self.apply_signal(&from, signal, now);
+                } else if self.config.auto_connect {
+                    self.create_conn(from.clone(), Vec::new(), None, now);
+                    self.apply_signal(&from, signal, now);
+                } else {
+                    // Not connected to yet: hold it for Room::connect, within bounds.
+                    if !self.held.contains_key(&from) && self.held.len() >= MAX_HELD_PEERS {
+                        tracing::debug!(peer = %from, "too many peers with held signals: dropped");
+                        return;
+                    }
+                    let q = self.held.entry(from).or_default();
+                    if q.len() >= MAX_HELD_SIGNALS {
+                        q.pop_front();
+                    }
+                    q.push_back(signal);
                 }
-                let st = self.peers.get_mut(&from).expect("added above");
-                if let Err(e) = st.conn.handle_signal(signal, now) {
-                    tracing::warn!("{e}");
-                }
-                st.next_timeout = now;
-                st.dirty = true;
             }
             ServerMsg::Message { from, data, .. } => self.emit(Event::ServerMessage { from, data }),
             ServerMsg::Error { code, message } => {
@@ -371,6 +481,19 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::Connect { peer, options, reply } => {
+                let r = if self.members.contains_key(&peer) {
+                    self.create_conn(peer, options.channels, options.keys, Instant::now());
+                    Ok(())
+                } else {
+                    Err(Error::UnknownPeer(peer))
+                };
+                let _ = reply.send(r);
+            }
+            Command::Disconnect { peer, reply } => {
+                self.drop_conn(&peer);
+                let _ = reply.send(());
+            }
             Command::OpenChannel { peer, spec, reply } => {
                 let r = match self.peers.get_mut(&peer) {
                     Some(st) => {
@@ -391,7 +514,7 @@ impl Driver {
                 let _ = reply.send(self.peers.get(&peer).map(|st| st.stats.clone()));
             }
             Command::Peers { reply } => {
-                let _ = reply.send(self.peers.keys().cloned().collect());
+                let _ = reply.send(self.members.keys().cloned().collect());
             }
             Command::Leave { reply } => {
                 let room = self.room.clone();
@@ -518,6 +641,9 @@ impl Driver {
                             }
                         }
                         ConnEvent::Writable => Self::drain(st),
+                        ConnEvent::AuthFailed(reason) => {
+                            events.push(Event::AuthFailed { peer: peer.clone(), reason });
+                        }
                         ConnEvent::Stats { rtt, selected_pair } => {
                             if rtt.is_some() {
                                 st.stats.rtt = rtt;
@@ -568,7 +694,7 @@ impl Driver {
     async fn run(mut self, sockets: Vec<UdpSocket>, mut commands: mpsc::Receiver<Command>) {
         let now = Instant::now();
         for p in std::mem::take(&mut self.initial_peers) {
-            self.add_peer(p.id, p.name, true, now);
+            self.member_joined(p.id, p.name, true, now);
         }
         let mut buf = vec![0u8; 2048];
         let mut ping = tokio::time::interval(SIGNALING_PING);
@@ -661,7 +787,8 @@ impl Driver {
             }
             self.pump_peer(peer, &sockets, Instant::now()).await;
         }
-        for peer in &ids {
+        let members: Vec<PeerId> = self.members.keys().chain(self.peers.keys()).cloned().collect();
+        for peer in &members {
             self.remove_peer(peer);
         }
         self.emit(Event::Closed { reason });

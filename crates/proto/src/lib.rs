@@ -106,9 +106,18 @@ pub enum ClientMsg {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Signal {
     /// An SDP offer (initial, renegotiation or ICE restart).
-    Offer { sdp: String },
+    Offer {
+        sdp: String,
+        /// Proof that a paired peer wrote this SDP (see [`SignalAuth`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<SignalAuth>,
+    },
     /// The SDP answer to the last offer.
-    Answer { sdp: String },
+    Answer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<SignalAuth>,
+    },
     /// A trickled ICE candidate, in SDP `candidate:` attribute form.
     Candidate {
         candidate: String,
@@ -120,6 +129,18 @@ pub enum Signal {
     /// A signal kind this version does not know.
     #[serde(other)]
     Unknown,
+}
+
+/// Authenticates an offer or answer between peers that share a key (from
+/// pairing, `docs/PAIRING.md`): the server relays it untouched and cannot
+/// forge it, so it cannot swap the DTLS fingerprints the SDP carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalAuth {
+    /// Counts the sender's offers and answers to this peer from 0; a
+    /// receiver accepts only increasing values, so old SDP cannot be replayed.
+    pub seq: u64,
+    /// HMAC-SHA256 over `kind ‖ 0x00 ‖ u64be(seq) ‖ sdp`, lowercase hex.
+    pub mac: String,
 }
 
 /// Server → client.

@@ -41,11 +41,27 @@ fn client_messages() {
     check("client/leave.json", ClientMsg::Leave { room: room() });
     check(
         "client/signal_offer.json",
-        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Offer { sdp: sdp(1, 2) } },
+        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Offer { sdp: sdp(1, 2), auth: None } },
     );
     check(
         "client/signal_answer.json",
-        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Answer { sdp: sdp(3, 4) } },
+        ClientMsg::Signal { room: room(), to: to(), signal: Signal::Answer { sdp: sdp(3, 4), auth: None } },
+    );
+    check(
+        "client/signal_offer_auth.json",
+        ClientMsg::Signal {
+            room: room(),
+            to: to(),
+            signal: Signal::Offer {
+                // The SDP and tag of fixtures/pairing/peerlink-pair-v1.json
+                // (`sdp_tag_A_offer_seq0_hex`, keyed with `k_sdp_A_hex`).
+                sdp: "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\na=fingerprint:sha-256 AB:CD\r\n".into(),
+                auth: Some(SignalAuth {
+                    seq: 0,
+                    mac: "8eaad41fefd4d5a4bddceba19ea55c8605da1cb3522c23b282dcabb7c9e90965".into(),
+                }),
+            },
+        },
     );
     check(
         "client/signal_candidate.json",
@@ -154,5 +170,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 19);
+    assert_eq!(names.len(), 20);
 }

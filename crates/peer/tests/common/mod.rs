@@ -60,6 +60,7 @@ pub struct Peer {
     pub messages: Vec<(PeerId, String, Message)>,
     pub server_messages: Vec<(PeerId, serde_json::Value)>,
     pub closed: Option<String>,
+    pub auth_failures: Vec<(PeerId, String)>,
 }
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -77,6 +78,7 @@ impl Peer {
             messages: Vec::new(),
             server_messages: Vec::new(),
             closed: None,
+            auth_failures: Vec::new(),
         }
     }
 
@@ -105,6 +107,7 @@ impl Peer {
             Event::Message { peer, label, message } => self.messages.push((peer, label, message)),
             Event::ServerMessage { from, data } => self.server_messages.push((from, data)),
             Event::Closed { reason } => self.closed = Some(reason),
+            Event::AuthFailed { peer, reason } => self.auth_failures.push((peer, reason)),
             _ => {}
         }
     }
