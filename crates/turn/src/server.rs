@@ -1,0 +1,830 @@
+//! The tokio driver: one task owns every piece of TURN state.
+//!
+//! The task reads the listen socket itself and receives peer datagrams from
+//! the relay tasks (see [`crate::relay`]). It answers Binding requests,
+//! applies credentials and limits, feeds everything else to
+//! turn-server-proto, and sends what the protocol produces. All sends use
+//! `try_send_to`: when the kernel's send buffer is full the datagram is
+//! dropped (and counted), so one slow path never stalls the others.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stun_proto::Instant as SioInstant;
+use stun_proto::types::attribute::{ErrorCode, Nonce, Userhash, Username};
+use stun_proto::types::message::{BINDING, Message, MessageClass};
+use stun_proto::types::{AddressFamily, TransportType};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, trace, warn};
+use turn_server_proto::api::{
+    DelayedMessageOrChannelSend, SocketAllocateError, Transmit, TurnServerApi, TurnServerPollRet,
+};
+use turn_server_proto::server::TurnServer;
+use turn_server_proto::types::message::ALLOCATE;
+use turn_server_proto::types::transmit::TransmitBuild;
+
+use crate::Error;
+use crate::bucket::TokenBucket;
+use crate::config::{Config, Limits};
+use crate::policy::Policy;
+use crate::relay::{self, PeerDatagram, RELAY_QUEUE};
+use crate::rest::{rest_expiry, rest_password, unix_now};
+use crate::stats::{Stats, add, dec, inc};
+use crate::stun;
+
+/// How often allocation ages are checked against `max_lifetime`.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Datagrams handled per wake-up before going back to `select!`.
+const BATCH: usize = 64;
+/// Upper bound on `poll()` steps per pump; each step is one allocation or
+/// close, so this is never reached in practice.
+const MAX_POLL_STEPS: usize = 1024;
+/// Consecutive listen-socket receive errors after which `run` gives up.
+const MAX_RECV_ERRORS: u32 = 100;
+/// Largest STUN/TURN datagram from a client.
+const MAX_CLIENT_DATAGRAM: usize = 65536;
+/// Warnings about full tables are repeated at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// A STUN/TURN server on one UDP socket, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    socket: UdpSocket,
+    local: SocketAddr,
+    config: Config,
+    relay_ip: IpAddr,
+    advertised_ip: IpAddr,
+    stats: Stats,
+}
+
+impl Server {
+    /// Checks `config` against the bound `socket`.
+    ///
+    /// Fails when no credentials are configured, when the relayed address to
+    /// advertise is unknown (relay sockets on an unspecified address without
+    /// [`Config::external_ip`]), when the relay and advertised addresses are of
+    /// different families, or when a limit is zero.
+    pub fn new(socket: UdpSocket, config: Config) -> Result<Self, Error> {
+        let local = socket.local_addr()?;
+        if config.auth.is_empty() {
+            return Err(Error::Config("no credentials: set a REST secret or static users".into()));
+        }
+        if config.realm.is_empty() || stun_proto::types::attribute::Realm::new(&config.realm).is_err() {
+            return Err(Error::Config(format!("invalid realm {:?}", config.realm)));
+        }
+        let (start, end) = (*config.relay_ports.start(), *config.relay_ports.end());
+        if start > end || (start == 0 && end != 0) {
+            return Err(Error::Config(format!(
+                "relay port range {start}..={end}: use LOW..=HIGH with LOW >= 1, or 0..=0 for ephemeral ports"
+            )));
+        }
+        let relay_ip = config.relay_ip.unwrap_or(local.ip());
+        let advertised_ip = config.external_ip.unwrap_or(relay_ip);
+        if advertised_ip.is_unspecified() {
+            return Err(Error::Config(format!(
+                "relay sockets bind to {relay_ip}: set external_ip (or relay_ip) to the address clients should use"
+            )));
+        }
+        if advertised_ip.is_ipv4() != relay_ip.is_ipv4() {
+            return Err(Error::Config(format!(
+                "relay IP {relay_ip} and advertised IP {advertised_ip} are of different families"
+            )));
+        }
+        let l = &config.limits;
+        if l.max_allocations == 0
+            || l.max_allocations_per_user == 0
+            || l.max_allocations_per_ip == 0
+            || l.max_lifetime.is_zero()
+            || l.max_auth_entries == 0
+            || l.new_client_requests_per_sec == 0
+            || l.bandwidth_bytes_per_sec == Some(0)
+        {
+            return Err(Error::Config(format!("limits must be above zero: {l:?}")));
+        }
+        Ok(Server { socket, local, config, relay_ip, advertised_ip, stats: Stats::default() })
+    }
+
+    /// The address the server receives STUN/TURN on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A handle to the server's counters, valid after `run` has returned too.
+    pub fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every relay socket and
+    /// returns. Fails only when the listen socket keeps failing.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
+        let now = Instant::now();
+        let Server { socket, local, config, relay_ip, advertised_ip, stats } = self;
+        let policy = Policy::new(&config.peer_policy, local, relay_ip, config.external_ip);
+        let static_users: Vec<(String, String)> = config.auth.users.clone();
+        let gens = Gens {
+            current: Gen::new(1, local, &config.realm, &static_users),
+            old: None,
+            next_id: 2,
+            local,
+            realm: config.realm.clone(),
+            static_users: static_users.clone(),
+        };
+        let st = State {
+            listen: socket,
+            local,
+            realm: config.realm,
+            rest_secret: config.auth.rest_secret,
+            static_users: static_users.into_iter().map(|(u, _)| u).collect(),
+            new_clients: TokenBucket::new(
+                u64::from(config.limits.new_client_requests_per_sec),
+                u64::from(config.limits.new_client_requests_per_sec),
+                now,
+            ),
+            limits: config.limits,
+            relay_ip,
+            advertised_ip,
+            relay_ports: config.relay_ports,
+            policy,
+            stats,
+            base: now,
+            allocs: HashMap::new(),
+            clients: HashMap::new(),
+            per_user: HashMap::new(),
+            per_ip: HashMap::new(),
+            ports: HashSet::new(),
+            relay_tx,
+            tasks: JoinSet::new(),
+            pending_user: None,
+            full_warned_at: None,
+        };
+        info!(
+            listen = %local,
+            relay_ip = %st.relay_ip,
+            advertised_ip = %st.advertised_ip,
+            "STUN/TURN server running"
+        );
+        Driver { gens, st }.run(shutdown, relay_rx).await
+    }
+}
+
+/// One instance of turn-server-proto's state.
+///
+/// The protocol keeps a nonce for every client address that ever sent it a
+/// request and every user it was told about, and has no way to forget
+/// either; REST usernames are new every time credentials are issued. The
+/// driver bounds this by *generations*: when the current instance's tables
+/// reach `max_auth_entries`, new clients go to a fresh instance while
+/// allocations in the previous one keep working until they end; then it is
+/// dropped. A rebuild that cut live allocations would punish every user for
+/// a table that grew; a plain cap would lock new users out for good. At most
+/// two generations exist: if the previous one still has allocations when the
+/// current one fills up, requests from new client addresses are dropped
+/// until it drains (allocations end by `max_lifetime` at the latest, plus the
+/// protocol's own expiry of at most an hour).
+struct Gen {
+    id: u64,
+    server: TurnServer,
+    /// REST usernames added to `server`.
+    primed: HashSet<String>,
+    /// Requests fed from addresses without an allocation: an upper bound on
+    /// the nonce entries they created.
+    new_client_requests: usize,
+    allocations: usize,
+    wake: SioInstant,
+}
+
+impl std::fmt::Debug for Gen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gen")
+            .field("id", &self.id)
+            .field("primed", &self.primed.len())
+            .field("new_client_requests", &self.new_client_requests)
+            .field("allocations", &self.allocations)
+            .finish()
+    }
+}
+
+impl Gen {
+    fn new(id: u64, local: SocketAddr, realm: &str, users: &[(String, String)]) -> Self {
+        let mut server = TurnServer::new(TransportType::Udp, local, realm.to_owned());
+        for (user, password) in users {
+            server.add_user(user.clone(), password.clone());
+        }
+        Gen {
+            id,
+            server,
+            primed: HashSet::new(),
+            new_client_requests: 0,
+            allocations: 0,
+            wake: SioInstant::ZERO,
+        }
+    }
+
+    fn load(&self) -> usize {
+        self.primed.len() + self.new_client_requests
+    }
+}
+
+#[derive(Debug)]
+struct Gens {
+    current: Gen,
+    old: Option<Gen>,
+    next_id: u64,
+    local: SocketAddr,
+    realm: String,
+    static_users: Vec<(String, String)>,
+}
+
+impl Gens {
+    fn get_mut(&mut self, id: u64) -> Option<&mut Gen> {
+        if self.current.id == id { Some(&mut self.current) } else { self.old.as_mut().filter(|g| g.id == id) }
+    }
+}
+
+/// Driver-side record of one allocation, keyed by its advertised relayed
+/// address (the protocol's identity for it).
+#[derive(Debug)]
+struct Alloc {
+    gen_id: u64,
+    client: SocketAddr,
+    user: String,
+    created: Instant,
+    port: u16,
+    /// Kept open until the protocol closes the allocation, even when revoked,
+    /// so its port cannot be handed to another allocation meanwhile.
+    socket: Arc<UdpSocket>,
+    task: AbortHandle,
+    /// Client-to-peer budget (the relay task holds the other direction's).
+    out_bucket: Option<TokenBucket>,
+    revoked: bool,
+}
+
+#[derive(Debug)]
+struct ClientState {
+    gen_id: u64,
+    allocations: usize,
+    /// An allocation of this client hit `max_lifetime`: its requests get 437.
+    revoked: bool,
+}
+
+/// Everything except the protocol instances. Every map is bounded: the
+/// allocation-keyed ones by `max_allocations`, `pending_user` holds one entry.
+#[derive(Debug)]
+struct State {
+    listen: UdpSocket,
+    local: SocketAddr,
+    realm: String,
+    rest_secret: Option<String>,
+    static_users: HashSet<String>,
+    limits: Limits,
+    relay_ip: IpAddr,
+    advertised_ip: IpAddr,
+    relay_ports: RangeInclusive<u16>,
+    policy: Policy,
+    stats: Stats,
+    base: Instant,
+    allocs: HashMap<SocketAddr, Alloc>,
+    clients: HashMap<SocketAddr, ClientState>,
+    per_user: HashMap<String, usize>,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Relay ports held by live allocations.
+    ports: HashSet<u16>,
+    relay_tx: mpsc::Sender<PeerDatagram>,
+    tasks: JoinSet<()>,
+    /// Rate of requests accepted from addresses without an allocation.
+    new_clients: TokenBucket,
+    /// The username of the ALLOCATE being fed to the protocol right now, so
+    /// that the `AllocateSocket` it produces can be charged to that user.
+    pending_user: Option<(SocketAddr, String)>,
+    full_warned_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Driver {
+    gens: Gens,
+    st: State,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        mut relay_rx: mpsc::Receiver<PeerDatagram>,
+    ) -> Result<(), Error> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut buf = vec![0u8; MAX_CLIENT_DATAGRAM];
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut recv_errors = 0u32;
+        let result = loop {
+            let wake = tokio::time::Instant::from_std(self.next_wake());
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                r = self.st.listen.recv_from(&mut buf) => {
+                    let now = Instant::now();
+                    match r {
+                        Ok((n, from)) => {
+                            recv_errors = 0;
+                            self.on_client(now, from, &buf[..n]);
+                        }
+                        Err(e) => {
+                            debug!("TURN listen socket receive: {e}");
+                            recv_errors += 1;
+                            if recv_errors >= MAX_RECV_ERRORS {
+                                break Err(Error::Io(e));
+                            }
+                            continue;
+                        }
+                    }
+                    for _ in 0..BATCH {
+                        let Ok((n, from)) = self.st.listen.try_recv_from(&mut buf) else { break };
+                        self.on_client(now, from, &buf[..n]);
+                    }
+                }
+                // Never 0: `State` holds a sender, so the channel stays open.
+                _ = relay_rx.recv_many(&mut batch, BATCH) => {
+                    let now = Instant::now();
+                    for datagram in batch.drain(..) {
+                        self.on_peer(now, datagram);
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => self.on_timer(Instant::now()),
+                _ = tick.tick() => self.housekeeping(Instant::now()),
+            }
+        };
+        // Close every relay socket before returning: drop our handles, then
+        // stop the receive tasks and wait until they have let go of theirs.
+        let n = self.st.allocs.len();
+        self.st.allocs.clear();
+        self.st.tasks.shutdown().await;
+        info!(allocations = n, "STUN/TURN server stopped");
+        result
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.gens.current.wake;
+        if let Some(old) = &self.gens.old {
+            wake = wake.min(old.wake);
+        }
+        let at = self.st.base + Duration::from_nanos(wake.as_nanos().max(0) as u64);
+        // The protocol may ask for "now" when something expires this instant;
+        // a millisecond later it is gone, so don't spin meanwhile.
+        at.max(Instant::now() + Duration::from_millis(1))
+    }
+
+    /// A datagram on the listen socket.
+    fn on_client(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let msg = Message::from_bytes(data).ok();
+        let request = msg.as_ref().filter(|m| m.has_class(MessageClass::Request));
+        if let Some(req) = request
+            && req.has_method(BINDING)
+        {
+            inc(&self.st.stats.counters().binding_requests);
+            let response = stun::binding_response(req, from);
+            self.st.send_to_client(&response, from);
+            return;
+        }
+
+        let gen_id = match self.st.clients.get(&from) {
+            Some(client) if client.revoked => {
+                if let Some(req) = request {
+                    let response = stun::error_response(req, ErrorCode::ALLOCATION_MISMATCH, None, None);
+                    self.st.send_to_client(&response, from);
+                }
+                return;
+            }
+            Some(client) => client.gen_id,
+            None => {
+                // Only requests create protocol state for a new address;
+                // anything else from it is ignored by the protocol anyway.
+                if request.is_none() {
+                    return;
+                }
+                if !self.st.new_clients.try_take(1, now) {
+                    inc(&self.st.stats.counters().dropped_rate_limited);
+                    return;
+                }
+                if !self.make_room(now) {
+                    inc(&self.st.stats.counters().dropped_tables_full);
+                    return;
+                }
+                self.gens.current.new_client_requests += 1;
+                self.gens.current.id
+            }
+        };
+
+        if let Some(req) = request
+            && req.has_method(ALLOCATE)
+        {
+            match self.allocate_user(gen_id, req) {
+                Ok(user) => self.st.pending_user = user.map(|u| (from, u)),
+                Err(username) => {
+                    debug!(%from, user = username, "TURN allocation refused: REST username expired");
+                    inc(&self.st.stats.counters().expired_credentials);
+                    let nonce = req.attribute::<Nonce>().ok();
+                    let response = stun::error_response(
+                        req,
+                        ErrorCode::UNAUTHORIZED,
+                        Some(&self.st.realm),
+                        nonce.as_ref().map(|n| n.nonce()),
+                    );
+                    self.st.send_to_client(&response, from);
+                    return;
+                }
+            }
+        }
+
+        let Some(generation) = self.gens.get_mut(gen_id) else {
+            return;
+        };
+        let sio = self.st.sio(now);
+        let transmit = Transmit::new(data, TransportType::Udp, from, self.st.local);
+        if let Some(reply) = generation.server.recv(transmit, sio) {
+            self.st.forward(reply, now);
+        }
+        // Only requests change what `poll` reports (new allocations, deletions);
+        // polling walks every allocation, so data skips it.
+        if request.is_some() {
+            pump(generation, &mut self.st, now, Some(from));
+        }
+        self.st.pending_user = None;
+    }
+
+    /// Checks and primes the username of an ALLOCATE. Returns the name to
+    /// charge quotas to, or `Err(username)` for an expired REST username.
+    fn allocate_user(&mut self, gen_id: u64, req: &Message<'_>) -> Result<Option<String>, String> {
+        if let Ok(username) = req.attribute::<Username>() {
+            let name = username.username();
+            if !self.st.static_users.contains(name)
+                && let Some(secret) = &self.st.rest_secret
+                && let Some(expiry) = rest_expiry(name)
+            {
+                // Checked here, not only when priming: a username primed while
+                // valid stays in the protocol's table after it expires.
+                if expiry < unix_now() {
+                    return Err(name.to_owned());
+                }
+                if let Some(generation) = self.gens.get_mut(gen_id)
+                    && !generation.primed.contains(name)
+                {
+                    generation.server.add_user(name.to_owned(), rest_password(secret, name));
+                    generation.primed.insert(name.to_owned());
+                }
+            }
+            return Ok(Some(name.to_owned()));
+        }
+        // USERHASH (RFC 8489 anonymity) hides the name; static users still
+        // authenticate, and the hash stands in for the name in quotas.
+        Ok(req.attribute::<Userhash>().ok().map(|h| {
+            let hex: String = h.hash().iter().map(|b| format!("{b:02x}")).collect();
+            format!("userhash:{hex}")
+        }))
+    }
+
+    /// Makes sure the current generation can take a new client: rotates when
+    /// it is full and the previous one has drained. See [`Gen`].
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.gens.current.load() < self.st.limits.max_auth_entries {
+            return true;
+        }
+        if self.gens.old.as_ref().is_some_and(|old| old.allocations > 0) {
+            if self.st.full_warned_at.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                self.st.full_warned_at = Some(now);
+                warn!(
+                    max_auth_entries = self.st.limits.max_auth_entries,
+                    "TURN authentication tables full: dropping requests from new clients until older allocations end"
+                );
+            }
+            return false;
+        }
+        let fresh = Gen::new(self.gens.next_id, self.gens.local, &self.gens.realm, &self.gens.static_users);
+        self.gens.next_id += 1;
+        let previous = std::mem::replace(&mut self.gens.current, fresh);
+        info!(
+            entries = previous.load(),
+            allocations = previous.allocations,
+            "TURN authentication tables full: new clients start on fresh protocol state"
+        );
+        inc(&self.st.stats.counters().auth_table_rotations);
+        // A generation without allocations has nothing left to serve.
+        self.gens.old = (previous.allocations > 0).then_some(previous);
+        true
+    }
+
+    /// A datagram a peer sent to a relay socket.
+    fn on_peer(&mut self, now: Instant, datagram: PeerDatagram) {
+        let Some(alloc) = self.st.allocs.get(&datagram.relay) else {
+            return; // closed while the datagram was queued
+        };
+        if alloc.revoked {
+            return;
+        }
+        let gen_id = alloc.gen_id;
+        if !self.st.peer_allowed(datagram.relay, datagram.from) {
+            inc(&self.st.stats.counters().dropped_policy);
+            trace!(peer = %datagram.from, relay = %datagram.relay, "peer refused by policy");
+            return;
+        }
+        let Some(generation) = self.gens.get_mut(gen_id) else {
+            return;
+        };
+        let sio = self.st.sio(now);
+        let transmit = Transmit::new(&datagram.data[..], TransportType::Udp, datagram.from, datagram.relay);
+        match generation.server.recv(transmit, sio) {
+            Some(to_client) => {
+                add(&self.st.stats.counters().bytes_to_clients, datagram.data.len() as u64);
+                self.st.forward(to_client, now);
+            }
+            None => inc(&self.st.stats.counters().dropped_no_permission),
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        pump(&mut self.gens.current, &mut self.st, now, None);
+        if let Some(old) = self.gens.old.as_mut() {
+            pump(old, &mut self.st, now, None);
+        }
+        self.drop_drained_generation();
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let max = self.st.limits.max_lifetime;
+        for (relayed, alloc) in &mut self.st.allocs {
+            if alloc.revoked || now.duration_since(alloc.created) < max {
+                continue;
+            }
+            alloc.revoked = true;
+            alloc.task.abort();
+            if let Some(client) = self.st.clients.get_mut(&alloc.client) {
+                client.revoked = true;
+            }
+            inc(&self.st.stats.counters().allocations_revoked);
+            info!(
+                user = alloc.user,
+                client = %alloc.client,
+                %relayed,
+                "TURN allocation reached its maximum lifetime: relaying stopped"
+            );
+        }
+        while self.st.tasks.try_join_next().is_some() {}
+        self.drop_drained_generation();
+    }
+
+    fn drop_drained_generation(&mut self) {
+        if self.gens.old.as_ref().is_some_and(|old| old.allocations == 0) {
+            debug!("previous TURN protocol state drained");
+            self.gens.old = None;
+        }
+    }
+}
+
+/// Runs the protocol's timers and allocation requests, then sends whatever it
+/// queued. `requester` is the client whose request led here, if any: an
+/// allocation of its own that closes now was deleted rather than expired.
+fn pump(generation: &mut Gen, st: &mut State, now: Instant, requester: Option<SocketAddr>) {
+    let sio = st.sio(now);
+    // Re-poll right away if the loop below is cut short.
+    generation.wake = sio;
+    for _ in 0..MAX_POLL_STEPS {
+        match generation.server.poll(sio) {
+            TurnServerPollRet::WaitUntil(at) => {
+                generation.wake = at;
+                break;
+            }
+            TurnServerPollRet::AllocateSocket {
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+            } => {
+                let result = st.allocate(generation.id, client_addr, family, now);
+                if result.is_ok() {
+                    generation.allocations += 1;
+                }
+                generation.server.allocated_socket(
+                    transport,
+                    listen_addr,
+                    client_addr,
+                    allocation_transport,
+                    family,
+                    result,
+                    sio,
+                );
+            }
+            TurnServerPollRet::SocketClose { listen_addr, .. } => {
+                if st.release(listen_addr, now, requester) {
+                    generation.allocations = generation.allocations.saturating_sub(1);
+                }
+            }
+            // Only TCP allocations (RFC 6062) produce these, and a UDP
+            // listener refuses those with 400.
+            TurnServerPollRet::TcpConnect { .. } | TurnServerPollRet::TcpClose { .. } => {}
+        }
+    }
+    while let Some(transmit) = generation.server.poll_transmit(sio) {
+        st.dispatch(transmit.from, transmit.to, &transmit.data, now);
+    }
+}
+
+impl State {
+    fn sio(&self, now: Instant) -> SioInstant {
+        SioInstant::from_nanos(now.saturating_duration_since(self.base).as_nanos() as i64)
+    }
+
+    /// The peer policy for data between `relay` and `peer`. An allocation
+    /// talking to its own relayed address is refused too.
+    fn peer_allowed(&self, relay: SocketAddr, peer: SocketAddr) -> bool {
+        peer != relay && self.policy.allows(peer)
+    }
+
+    /// Binds a relay socket for a new allocation, or says why not.
+    fn allocate(
+        &mut self,
+        gen_id: u64,
+        client: SocketAddr,
+        family: AddressFamily,
+        now: Instant,
+    ) -> Result<SocketAddr, SocketAllocateError> {
+        let user = match &self.pending_user {
+            Some((addr, user)) if *addr == client => user.clone(),
+            _ => "<unknown>".to_owned(),
+        };
+        let counters = self.stats.counters();
+        let limits = &self.limits;
+        let refusal = if self.allocs.len() >= limits.max_allocations {
+            Some("server allocation limit reached")
+        } else if self.per_user.get(&user).copied().unwrap_or(0) >= limits.max_allocations_per_user {
+            Some("per-user allocation limit reached")
+        } else if self.per_ip.get(&client.ip()).copied().unwrap_or(0) >= limits.max_allocations_per_ip {
+            Some("per-address allocation limit reached")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            info!(%client, user, "TURN allocation refused: {why}");
+            inc(&counters.allocations_refused);
+            return Err(SocketAllocateError::InsufficientCapacity);
+        }
+        if (family == AddressFamily::IPV4) != self.advertised_ip.is_ipv4() {
+            debug!(%client, user, %family, "TURN allocation refused: address family not served");
+            inc(&counters.allocations_refused);
+            return Err(SocketAllocateError::AddressFamilyNotSupported);
+        }
+        let socket = match relay::bind_relay(self.relay_ip, &self.relay_ports, &self.ports) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(%client, user, "TURN allocation refused: no relay socket: {e}");
+                inc(&counters.allocations_refused);
+                return Err(SocketAllocateError::InsufficientCapacity);
+            }
+        };
+        let port = match socket.local_addr() {
+            Ok(addr) => addr.port(),
+            Err(e) => {
+                warn!(%client, user, "TURN allocation refused: relay socket: {e}");
+                inc(&counters.allocations_refused);
+                return Err(SocketAllocateError::InsufficientCapacity);
+            }
+        };
+        let relayed = SocketAddr::new(self.advertised_ip, port);
+        let socket = Arc::new(socket);
+        let bandwidth = limits.bandwidth_bytes_per_sec;
+        let task = self.tasks.spawn(relay::relay_loop(
+            Arc::clone(&socket),
+            relayed,
+            self.relay_tx.clone(),
+            bandwidth.map(|rate| TokenBucket::bandwidth(rate, now)),
+            self.stats.clone(),
+        ));
+        self.ports.insert(port);
+        *self.per_user.entry(user.clone()).or_default() += 1;
+        *self.per_ip.entry(client.ip()).or_default() += 1;
+        self.clients
+            .entry(client)
+            .or_insert(ClientState { gen_id, allocations: 0, revoked: false })
+            .allocations += 1;
+        inc(&counters.allocations);
+        inc(&counters.allocations_created);
+        info!(%client, %relayed, user, "TURN allocation created");
+        self.allocs.insert(
+            relayed,
+            Alloc {
+                gen_id,
+                client,
+                user,
+                created: now,
+                port,
+                socket,
+                task,
+                out_bucket: bandwidth.map(|rate| TokenBucket::bandwidth(rate, now)),
+                revoked: false,
+            },
+        );
+        Ok(relayed)
+    }
+
+    /// Frees an allocation the protocol has closed (expired or deleted).
+    /// Returns whether it was one of ours.
+    fn release(&mut self, relayed: SocketAddr, now: Instant, requester: Option<SocketAddr>) -> bool {
+        let Some(alloc) = self.allocs.remove(&relayed) else {
+            return false;
+        };
+        alloc.task.abort();
+        self.ports.remove(&alloc.port);
+        decrement(&mut self.per_user, &alloc.user);
+        decrement(&mut self.per_ip, &alloc.client.ip());
+        if let Some(client) = self.clients.get_mut(&alloc.client) {
+            client.allocations = client.allocations.saturating_sub(1);
+            if client.allocations == 0 {
+                self.clients.remove(&alloc.client);
+            }
+        }
+        dec(&self.stats.counters().allocations);
+        let how = if requester == Some(alloc.client) { "deleted" } else { "expired" };
+        info!(
+            user = alloc.user,
+            client = %alloc.client,
+            %relayed,
+            age_s = now.duration_since(alloc.created).as_secs(),
+            "TURN allocation {how}"
+        );
+        while self.tasks.try_join_next().is_some() {}
+        true
+    }
+
+    /// Builds a reply or forward the protocol returned from `recv`, and sends it.
+    ///
+    /// Uses `build()`: in turn-types 0.7.3 `DelayedMessage::write_into`
+    /// always writes a SEND indication, even for a DATA indication to a
+    /// client, which clients then ignore.
+    fn forward<T: AsRef<[u8]> + std::fmt::Debug>(
+        &mut self,
+        transmit: TransmitBuild<DelayedMessageOrChannelSend<T>>,
+        now: Instant,
+    ) {
+        let transmit = transmit.build();
+        self.dispatch(transmit.from, transmit.to, &transmit.data, now);
+    }
+
+    /// Sends `data` on the socket the protocol chose: the listen socket
+    /// (towards a client) or an allocation's relay socket (towards a peer).
+    fn dispatch(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8], now: Instant) {
+        if from == self.local {
+            self.send_to_client(data, to);
+            return;
+        }
+        let allowed = self.peer_allowed(from, to);
+        let counters = self.stats.counters();
+        let Some(alloc) = self.allocs.get_mut(&from) else {
+            trace!(%from, %to, "transmit from an unknown relay dropped");
+            return;
+        };
+        if alloc.revoked {
+            return;
+        }
+        if !allowed {
+            inc(&counters.dropped_policy);
+            trace!(peer = %to, relay = %from, "peer refused by policy");
+            return;
+        }
+        if let Some(bucket) = alloc.out_bucket.as_mut()
+            && !bucket.try_take(data.len() as u64, now)
+        {
+            inc(&counters.dropped_bandwidth);
+            return;
+        }
+        match alloc.socket.try_send_to(data, to) {
+            Ok(_) => add(&counters.bytes_to_peers, data.len() as u64),
+            Err(e) => {
+                inc(&counters.dropped_send_failed);
+                trace!(relay = %from, peer = %to, "relay send: {e}");
+            }
+        }
+    }
+
+    fn send_to_client(&self, data: &[u8], to: SocketAddr) {
+        if let Err(e) = self.listen.try_send_to(data, to) {
+            inc(&self.stats.counters().dropped_send_failed);
+            trace!(client = %to, "send: {e}");
+        }
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
