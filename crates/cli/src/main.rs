@@ -1,8 +1,10 @@
-//! `peerlink`: serve signaling, chat in a room, benchmark the stack.
+//! `peerlink`: serve signaling, send and receive files, chat in a room,
+//! benchmark the stack.
 
 mod bench;
 mod chat;
 mod raw;
+mod transfer;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -18,6 +20,15 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// Bad command line (clap's own code).
     pub const USAGE: u8 = 2;
+    /// A transfer was cancelled (Ctrl-C here or on the other side).
+    pub const CANCELLED: u8 = 3;
+    /// Pairing or security failure: wrong code, tampering detected, or an
+    /// offer that would write outside the output folder.
+    pub const SECURITY: u8 = 4;
+    /// The receiver declined the offer.
+    pub const DECLINED: u8 = 5;
+    /// The receiver's disk is full (partial data is kept for resume).
+    pub const DISK_FULL: u8 = 6;
     /// Interrupted by a second Ctrl-C.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -49,6 +60,10 @@ enum Command {
         #[command(flatten)]
         ice: IceArgs,
     },
+    /// Send files, folders or a text; prints a code for the receiver.
+    Send(transfer::send::SendArgs),
+    /// Receive what a sender offers under CODE.
+    Receive(transfer::receive::ReceiveArgs),
     /// Measure the stack: two native peers through an in-process server on 127.0.0.1.
     Bench {
         #[command(subcommand)]
@@ -122,22 +137,36 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { listen } => {
                 init_tracing("info");
-                serve(listen).await
+                serve(listen).await.map(|()| None)
             }
             Command::Chat { room, server, name, ice } => {
                 init_tracing("warn");
-                chat::run(server, room, name, ice.config()).await
+                chat::run(server, room, name, ice.config()).await.map(|()| None)
+            }
+            Command::Send(args) => {
+                init_tracing("warn");
+                transfer::send::run(args).await.map(Some)
+            }
+            Command::Receive(args) => {
+                init_tracing("warn");
+                transfer::receive::run(args).await.map(Some)
             }
             Command::Bench { what } => {
                 init_tracing("warn");
-                bench::run(what).await
+                bench::run(what).await.map(|()| None)
             }
         }
     });
     // Do not wait for blocking tasks: one may be parked reading stdin.
     runtime.shutdown_background();
     match result {
-        Ok(()) => ExitCode::from(exit::OK),
+        Ok(None) => ExitCode::from(exit::OK),
+        Ok(Some(outcome)) => {
+            if outcome != transfer::Outcome::Done {
+                eprintln!("peerlink: {}", outcome.message());
+            }
+            ExitCode::from(outcome.exit_code())
+        }
         Err(e) => {
             eprintln!("peerlink: {e:#}");
             ExitCode::from(exit::FAILURE)

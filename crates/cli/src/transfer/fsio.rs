@@ -1,0 +1,354 @@
+//! The file system side of a transfer: what the sender offers, where the
+//! receiver puts it, partial files for resume, and the checks that keep a
+//! sender from writing outside the output folder.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, bail};
+use peerlink_transfer::{Entry, EntryKind, Hash, RelPath, chunk_hash};
+
+/// Suffix of a file still being received; it is renamed when verified.
+pub const PART_SUFFIX: &str = ".peerlink-part";
+
+/// What `peerlink send` offers: manifest entries and, for each file index,
+/// where to read it.
+#[derive(Debug, Default)]
+pub struct Source {
+    pub entries: Vec<Entry>,
+    /// Local path of each `file` entry, by file index (text entries: `None`).
+    pub files: Vec<Option<PathBuf>>,
+    /// Contents of `text` entries, by file index.
+    pub texts: Vec<Option<String>>,
+    /// Things left out, with why (symlinks, special files).
+    pub skipped: Vec<String>,
+}
+
+impl Source {
+    fn push_file(&mut self, rel: String, size: u64, local: PathBuf) -> anyhow::Result<()> {
+        let path = RelPath::parse(&rel).with_context(|| format!("cannot send {}", local.display()))?;
+        self.entries.push(Entry { kind: EntryKind::File, path, size });
+        self.files.push(Some(local));
+        self.texts.push(None);
+        Ok(())
+    }
+
+    /// Adds a text message (`send --text`).
+    pub fn push_text(&mut self, text: String) -> anyhow::Result<()> {
+        let path = RelPath::parse("message.txt").expect("a valid name");
+        self.entries.push(Entry { kind: EntryKind::Text, path, size: text.len() as u64 });
+        self.files.push(None);
+        self.texts.push(Some(text));
+        Ok(())
+    }
+
+    /// Adds files and folders. A folder is sent with its name and everything
+    /// in it; symlinks and special files are skipped and reported.
+    pub fn add_paths(&mut self, paths: &[PathBuf]) -> anyhow::Result<()> {
+        let mut top = HashSet::new();
+        for p in paths {
+            let meta = fs::symlink_metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let canonical = fs::canonicalize(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let name = canonical
+                .file_name()
+                .with_context(|| format!("{} has no name to send it under", p.display()))?
+                .to_str()
+                .with_context(|| format!("{} is not valid UTF-8", p.display()))?
+                .to_string();
+            if !top.insert(name.clone()) {
+                bail!("two of the paths to send are named {name:?}; send them from different commands");
+            }
+            let meta = if meta.file_type().is_symlink() { fs::metadata(p)? } else { meta };
+            if meta.is_file() {
+                self.push_file(name, meta.len(), canonical)?;
+            } else if meta.is_dir() {
+                self.walk(&canonical, name)?;
+            } else {
+                bail!("{} is neither a file nor a folder", p.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn walk(&mut self, dir: &Path, rel: String) -> anyhow::Result<()> {
+        let path = RelPath::parse(&rel).with_context(|| format!("cannot send {}", dir.display()))?;
+        self.entries.push(Entry { kind: EntryKind::Dir, path, size: 0 });
+        let mut children: Vec<_> = fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            let local = child.path();
+            let Some(name) = child.file_name().to_str().map(str::to_string) else {
+                bail!("{} is not valid UTF-8; rename it to send it", local.display());
+            };
+            let child_rel = format!("{rel}/{name}");
+            let ft = child.file_type()?;
+            if ft.is_symlink() {
+                self.skipped.push(format!("{child_rel} (a symbolic link)"));
+            } else if ft.is_dir() {
+                self.walk(&local, child_rel)?;
+            } else if ft.is_file() {
+                let size = child.metadata()?.len();
+                self.push_file(child_rel, size, local)?;
+            } else {
+                self.skipped.push(format!("{child_rel} (not a regular file)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `len` bytes of `path` at `offset`.
+pub fn read_range(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// SHA-256 of chunks `from..from + count` of `path`.
+pub fn hash_chunks(path: &Path, chunk_size: u32, size: u64, from: u32, count: u32) -> io::Result<Vec<Hash>> {
+    let file = File::open(path)?;
+    let cs = u64::from(chunk_size);
+    let mut out = Vec::with_capacity(count as usize);
+    for i in from..from + count {
+        let offset = u64::from(i) * cs;
+        let len = cs.min(size.saturating_sub(offset)) as usize;
+        out.push(chunk_hash(&read_range(&file, offset, len)?));
+    }
+    Ok(out)
+}
+
+/// Where the receiver puts what it gets.
+#[derive(Debug, Clone)]
+pub struct OutDir {
+    root: PathBuf,
+    overwrite: bool,
+}
+
+/// Where one file goes.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub final_path: PathBuf,
+    pub part_path: PathBuf,
+}
+
+impl OutDir {
+    pub fn new(root: PathBuf, overwrite: bool) -> anyhow::Result<OutDir> {
+        fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+        let root = fs::canonicalize(&root).with_context(|| format!("cannot open {}", root.display()))?;
+        Ok(OutDir { root, overwrite })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `root/rel`, refusing to go through a symbolic link or to leave the
+    /// output folder. The manifest's paths are already relative and free of
+    /// `..`; this is the second line of defence, against links already on disk.
+    fn join(&self, rel: &RelPath) -> anyhow::Result<PathBuf> {
+        let mut path = self.root.clone();
+        for comp in Path::new(rel.as_str()).components() {
+            match comp {
+                Component::Normal(c) => path.push(c),
+                _ => bail!("refusing {:?}: it leaves the output folder", rel.as_str()),
+            }
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => bail!(
+                    "refusing {:?}: {} is a symbolic link, and writing through it could leave the output folder",
+                    rel.as_str(),
+                    path.display()
+                ),
+                _ => {}
+            }
+        }
+        Ok(path)
+    }
+
+    /// Creates the folder of a `dir` entry.
+    pub fn create_dir(&self, rel: &RelPath) -> anyhow::Result<()> {
+        let path = self.join(rel)?;
+        self.create_parents(&path)?;
+        match fs::create_dir(&path) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if e.kind() == io::ErrorKind::AlreadyExists
+                    && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+        }
+    }
+
+    /// Creates the folders above `path`, one at a time, checking each.
+    fn create_parents(&self, path: &Path) -> anyhow::Result<()> {
+        let parent = path.parent().context("no parent folder")?;
+        let rel = parent.strip_prefix(&self.root).context("outside the output folder")?;
+        let mut cur = self.root.clone();
+        for comp in rel.components() {
+            cur.push(comp);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    bail!("refusing to write through the symbolic link {}", cur.display())
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => bail!("{} exists and is not a folder", cur.display()),
+                Err(_) => match fs::create_dir(&cur) {
+                    Ok(()) => {}
+                    // Created meanwhile by a write for another file.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::AlreadyExists
+                            && fs::symlink_metadata(&cur).is_ok_and(|m| m.is_dir()) => {}
+                    Err(e) => return Err(e).with_context(|| format!("cannot create {}", cur.display())),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks the final and partial names for a file. Without `--overwrite`
+    /// an existing file is kept and the new one is named `name (1).ext`; a
+    /// partial file from an earlier attempt is picked up for resume.
+    pub fn plan(&self, rel: &RelPath) -> anyhow::Result<Planned> {
+        let base = self.join(rel)?;
+        self.create_parents(&base)?;
+        let candidates = std::iter::once(base.clone()).chain((1..1000).map(|n| numbered(&base, n)));
+        for final_path in candidates {
+            let part_path = part_of(&final_path);
+            let part_exists = fs::symlink_metadata(&part_path).is_ok();
+            let final_exists = fs::symlink_metadata(&final_path).is_ok();
+            if part_exists || !final_exists || self.overwrite {
+                for p in [&final_path, &part_path] {
+                    if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                        bail!("refusing to write {}: it is a symbolic link", p.display());
+                    }
+                }
+                if final_exists && fs::metadata(&final_path).is_ok_and(|m| m.is_dir()) {
+                    bail!("{} exists and is a folder", final_path.display());
+                }
+                return Ok(Planned { final_path, part_path });
+            }
+        }
+        bail!("{} and 999 numbered copies of it exist already", base.display())
+    }
+
+    /// Opens (or creates) the partial file, never following a symlink.
+    pub fn open_part(&self, planned: &Planned) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&planned.part_path)
+    }
+}
+
+fn part_of(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(PART_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// `a/b.txt` → `a/b (n).txt`.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem} ({n}).{}", ext.to_string_lossy()),
+        None => format!("{stem} ({n})"),
+    };
+    path.with_file_name(name)
+}
+
+/// Hashes the complete chunks already in a partial file (for resume).
+pub fn scan_part(file: &File, chunk_size: u32, size: u64) -> io::Result<Vec<Option<Hash>>> {
+    let have = file.metadata()?.len().min(size);
+    let cs = u64::from(chunk_size);
+    let chunks = size.div_ceil(cs);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut reader = io::BufReader::with_capacity(1 << 16, file);
+    for i in 0..chunks {
+        let offset = i * cs;
+        let len = cs.min(size - offset);
+        if offset + len > have {
+            break;
+        }
+        let buf = &mut buf[..len as usize];
+        reader.read_exact(buf)?;
+        out.push(Some(chunk_hash(buf)));
+    }
+    Ok(out)
+}
+
+/// Writes `data` at `offset`.
+pub fn write_at(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(data, offset)
+}
+
+/// Makes a verified partial file final: truncate to size, flush to disk,
+/// rename over the final name.
+pub fn finish(file: &File, size: u64, planned: &Planned) -> io::Result<()> {
+    file.set_len(size)?;
+    file.sync_all()?;
+    fs::rename(&planned.part_path, &planned.final_path)
+}
+
+/// Whether an I/O error means the disk is full.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) || e.raw_os_error() == Some(122)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("peerlink-fsio-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn existing_files_get_numbered_names_unless_overwriting() {
+        let dir = tmp("names");
+        fs::write(dir.join("a.txt"), "old").unwrap();
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let p = out.plan(&RelPath::parse("a.txt").unwrap()).unwrap();
+        assert_eq!(p.final_path, dir.join("a (1).txt"));
+        let out = OutDir::new(dir.clone(), true).unwrap();
+        assert_eq!(out.plan(&RelPath::parse("a.txt").unwrap()).unwrap().final_path, dir.join("a.txt"));
+        // A partial file from an earlier attempt is picked up again.
+        fs::write(dir.join("b (1).bin.peerlink-part"), "x").unwrap();
+        fs::write(dir.join("b.bin"), "done before").unwrap();
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        assert_eq!(out.plan(&RelPath::parse("b.bin").unwrap()).unwrap().final_path, dir.join("b (1).bin"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn symlinks_in_the_output_folder_are_not_followed() {
+        let dir = tmp("links");
+        let outside = tmp("links-outside");
+        std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
+        let out = OutDir::new(dir.clone(), true).unwrap();
+        let err = out.plan(&RelPath::parse("escape/x.txt").unwrap()).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(out.create_dir(&RelPath::parse("escape/d").unwrap()).is_err());
+        std::os::unix::fs::symlink(outside.join("target"), dir.join("f.txt")).unwrap();
+        let err = out.plan(&RelPath::parse("f.txt").unwrap()).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
+        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(outside).unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! `peerlink send` and `peerlink receive`: the transfer engine
+//! (`peerlink-transfer`) driven over a paired, authenticated connection,
+//! with disk I/O, progress and Ctrl-C handling.
+
+mod fsio;
+mod link;
+pub mod receive;
+pub mod send;
+mod ui;
+
+use std::time::Duration;
+
+use peerlink_transfer::CancelCode;
+
+use crate::IceArgs;
+
+/// Options both commands take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Signaling server WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
+    pub server: String,
+    /// Print one JSON object per line on stdout instead of progress bars.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for the other side to (re)connect, e.g. 90s, 10m, 1h.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub wait: Duration,
+    #[command(flatten)]
+    pub ice: IceArgs,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// How a transfer ended; each has its own exit code (see the README).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Someone pressed Ctrl-C (here or on the other side).
+    Cancelled(String),
+    /// Wrong code, tampering detected, or a manifest that would write
+    /// outside the output folder.
+    Security(String),
+    /// The receiver said no.
+    Declined(String),
+    DiskFull(String),
+    /// Anything else: network, disk, protocol.
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Done => crate::exit::OK,
+            Outcome::Failed(_) => crate::exit::FAILURE,
+            Outcome::Cancelled(_) => crate::exit::CANCELLED,
+            Outcome::Security(_) => crate::exit::SECURITY,
+            Outcome::Declined(_) => crate::exit::DECLINED,
+            Outcome::DiskFull(_) => crate::exit::DISK_FULL,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::Done => "done".into(),
+            Outcome::Cancelled(m)
+            | Outcome::Security(m)
+            | Outcome::Declined(m)
+            | Outcome::DiskFull(m)
+            | Outcome::Failed(m) => m.clone(),
+        }
+    }
+
+    /// The outcome of a `cancel`, ours or the other side's (`other` names it).
+    pub fn from_cancel(code: CancelCode, reason: String, by_peer: bool, other: &str) -> Outcome {
+        let why = if by_peer { format!("the {other} stopped the transfer: {reason}") } else { reason };
+        match code {
+            CancelCode::User => Outcome::Cancelled(why),
+            CancelCode::Declined => Outcome::Declined(why),
+            CancelCode::DiskFull => Outcome::DiskFull(why),
+            CancelCode::BadManifest => Outcome::Security(why),
+            _ => Outcome::Failed(why),
+        }
+    }
+}
+
+/// Faults for tests, from `PEERLINK_TEST_FAULT` (debug builds only):
+/// `corrupt=FILE:OFFSET` flips a byte of the chunk at OFFSET of file FILE
+/// once, after the sender checked it; `manifest-path=PATH` replaces the first
+/// file's path in the manifest the sender announces; `throttle=BYTES` caps
+/// the sender at BYTES per second.
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    corrupt: Option<(u32, u64)>,
+    manifest_path: Option<String>,
+    throttle: Option<u64>,
+}
+
+impl Fault {
+    pub fn from_env() -> Fault {
+        if !cfg!(debug_assertions) {
+            return Fault::default();
+        }
+        let Ok(spec) = std::env::var("PEERLINK_TEST_FAULT") else { return Fault::default() };
+        let mut f = Fault::default();
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("corrupt", v)) => {
+                    f.corrupt = v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                }
+                Some(("manifest-path", v)) => f.manifest_path = Some(v.to_string()),
+                Some(("throttle", v)) => f.throttle = v.parse().ok(),
+                _ => {}
+            }
+        }
+        tracing::warn!(?f, "test faults enabled");
+        f
+    }
+
+    fn corrupts(&self, file: u32, offset: u64) -> bool {
+        self.corrupt == Some((file, offset))
+    }
+
+    fn throttle(&self) -> Option<u64> {
+        self.throttle
+    }
+
+    /// Rewrites the first `file` entry's path of a `manifest_part`.
+    fn rewrite_ctl(&self, json: String) -> String {
+        let Some(path) = &self.manifest_path else { return json };
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&json) else { return json };
+        if v["type"] != "manifest_part" {
+            return json;
+        }
+        if let Some(entry) =
+            v["entries"].as_array_mut().and_then(|es| es.iter_mut().find(|e| e["kind"] == "file"))
+        {
+            entry["path"] = serde_json::Value::String(path.clone());
+        }
+        v.to_string()
+    }
+}

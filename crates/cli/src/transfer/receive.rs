@@ -1,0 +1,525 @@
+//! `peerlink receive CODE`: pair with the sender, look at what it offers,
+//! and fetch it into a folder: verified, resumable, never outside the folder.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use peerlink_pair::{Code, Role};
+use peerlink_peer::{Room, RoomConfig};
+use peerlink_transfer::{
+    CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, to_hex,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::fsio::{self, OutDir, Planned};
+use super::link::{Link, LinkEvent};
+use super::send::humantime;
+use super::ui::{Ui, human_bytes};
+use super::{Common, Outcome};
+
+#[derive(Debug, clap::Args)]
+pub struct ReceiveArgs {
+    /// The code the sender printed, e.g. 7-lantern-zebra-acid.
+    #[arg(required_unless_present = "resume")]
+    code: Option<String>,
+    /// Folder to put what arrives in.
+    #[arg(long, short, default_value = ".")]
+    out: PathBuf,
+    /// Replace existing files instead of saving as `name (1).ext`.
+    #[arg(long)]
+    overwrite: bool,
+    /// Accept without asking.
+    #[arg(long, short)]
+    yes: bool,
+    /// Continue the interrupted transfer recorded in the output folder.
+    #[arg(long, conflicts_with = "code")]
+    resume: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// What the output folder remembers about an unfinished transfer, so that
+/// `receive --resume` needs no code and finished files are not fetched again.
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeRecord {
+    code: String,
+    server: String,
+    /// Identity of the accepted manifest.
+    manifest: Option<String>,
+}
+
+const RESUME_FILE: &str = ".peerlink-resume.json";
+/// One line per finished file: manifest path, tab, path it was saved as.
+const DONE_FILE: &str = ".peerlink-resume.done";
+
+fn manifest_id(m: &Manifest) -> String {
+    let mut h = Sha256::new();
+    for msg in m.to_ctl_messages() {
+        h.update(msg.to_json().as_bytes());
+        h.update(b"\n");
+    }
+    to_hex(&h.finalize())
+}
+
+struct Resume {
+    dir: PathBuf,
+    record: ResumeRecord,
+    /// Files finished by an earlier run of this transfer: manifest path → saved path.
+    done: HashMap<String, PathBuf>,
+}
+
+impl Resume {
+    fn load(dir: &Path) -> Option<ResumeRecord> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(RESUME_FILE)).ok()?).ok()
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!("{RESUME_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.record).expect("serializes"))?;
+        std::fs::rename(tmp, self.dir.join(RESUME_FILE))
+    }
+
+    /// Takes note of an accepted manifest; forgets a different earlier one.
+    fn accepted(&mut self, id: String) {
+        if self.record.manifest.as_deref() != Some(id.as_str()) {
+            self.done.clear();
+            let _ = std::fs::remove_file(self.dir.join(DONE_FILE));
+            self.record.manifest = Some(id);
+        } else if let Ok(text) = std::fs::read_to_string(self.dir.join(DONE_FILE)) {
+            self.done = text
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .map(|(a, b)| (a.to_string(), self.dir.join(b)))
+                .collect();
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!("cannot record the transfer for resume: {e}");
+        }
+    }
+
+    fn file_done(&mut self, rel: &str, saved: &Path) {
+        let Ok(saved_rel) = saved.strip_prefix(&self.dir) else { return };
+        let line = format!("{rel}\t{}\n", saved_rel.display());
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(DONE_FILE))
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            tracing::warn!("cannot record a finished file for resume: {e}");
+        }
+        self.done.insert(rel.to_string(), saved.to_path_buf());
+    }
+
+    fn complete(self) {
+        let _ = std::fs::remove_file(self.dir.join(RESUME_FILE));
+        let _ = std::fs::remove_file(self.dir.join(DONE_FILE));
+    }
+}
+
+/// A file being received.
+struct Open {
+    planned: Planned,
+    file: Arc<File>,
+    size: u64,
+}
+
+enum Io {
+    Prepared { file: u32, result: anyhow::Result<(Planned, Arc<File>, Vec<Option<Hash>>)> },
+    Written { file: u32, chunk: u32, result: std::io::Result<()> },
+    Finished { file: u32, hash: Hash, result: std::io::Result<()> },
+}
+
+pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
+    let out = OutDir::new(args.out.clone(), args.overwrite)?;
+    let (code_text, server) = if args.resume {
+        let r = Resume::load(out.root()).with_context(|| {
+            format!("nothing to resume in {}: no {RESUME_FILE} there", out.root().display())
+        })?;
+        (r.code, r.server)
+    } else {
+        (args.code.clone().expect("clap requires a code without --resume"), args.common.server.clone())
+    };
+    let code = Code::parse(&code_text).context("that code is not valid")?;
+    let mut resume = Resume {
+        dir: out.root().to_path_buf(),
+        record: ResumeRecord { code: code.to_string(), server: server.clone(), manifest: None },
+        done: HashMap::new(),
+    };
+    if let Some(prev) = Resume::load(out.root())
+        && prev.code == code.to_string()
+    {
+        resume.record.manifest = prev.manifest;
+    }
+    let mut ui = Ui::new(args.common.json);
+
+    let mut config = RoomConfig::new(server.clone(), code.room());
+    config.auto_connect = false;
+    config.channels = Vec::new();
+    config.ice = args.common.ice.config();
+    config.name = Some("peerlink-receive".into());
+    let room =
+        Room::join(config).await.with_context(|| format!("cannot reach the signaling server at {server}"))?;
+    if room.peers().await.map(|p| p.is_empty()).unwrap_or(true) {
+        let _ = room.leave().await;
+        bail!(
+            "nobody is sending with code {} right now (it was used already, or the sender stopped or has not started)",
+            code.nameplate()
+        );
+    }
+    let mut link = Link::start(room, Role::Joiner, code);
+    let mut ctl: Option<peerlink_peer::DataChannel> = None;
+    let mut receiver = Receiver::new(ReceiverConfig::default());
+    let mut files: HashMap<u32, Open> = HashMap::new();
+    let (io_tx, mut io_rx) = mpsc::channel::<Io>(512);
+    let mut prompt: Option<oneshot::Receiver<bool>> = None;
+    let mut waiting_since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut started = false;
+    let mut declined = false;
+    // The file data last arrived for, and how far into it.
+    let mut current: Option<(u32, u64)> = None;
+
+    let outcome = loop {
+        let mut finished = None;
+        while let Some(output) = receiver.poll() {
+            match output {
+                ReceiverOutput::Ctl(msg) => {
+                    if let Some(ctl) = &ctl
+                        && ctl.send(msg.to_json()).await.is_err()
+                    {
+                        tracing::debug!("control channel closed");
+                    }
+                }
+                ReceiverOutput::Event(ev) => {
+                    match ev {
+                        ReceiverEvent::Offered => {
+                            let m = receiver.manifest().expect("offered means a manifest").clone();
+                            describe(&ui, &m);
+                            if args.yes {
+                                resume.accepted(manifest_id(&m));
+                                receiver.accept();
+                            } else if std::io::stdin().is_terminal() && !ui.is_json() {
+                                let (tx, rx) = oneshot::channel();
+                                std::thread::spawn(move || {
+                                    eprint!("Accept? [y/N] ");
+                                    let mut line = String::new();
+                                    let yes = std::io::stdin().read_line(&mut line).is_ok()
+                                        && matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
+                                    let _ = tx.send(yes);
+                                });
+                                prompt = Some(rx);
+                            } else {
+                                let why = "stdin is not a terminal to ask on; run with --yes to accept without asking";
+                                receiver.decline(format!("the receiver did not accept ({why})"));
+                                finished = Some(Outcome::Declined(format!("not accepted: {why}")));
+                            }
+                        }
+                        ReceiverEvent::Resumed => ui.say("Same transfer as before: continuing."),
+                        ReceiverEvent::ChunkCorrupt { file, chunk, attempt } => {
+                            let path = path_of(&receiver, file);
+                            ui.say(format!("chunk {chunk} of {path} arrived damaged (attempt {attempt}); fetching it again"));
+                            ui.event(
+                                "corrupt_chunk",
+                                json!({ "path": path, "chunk": chunk, "attempt": attempt }),
+                            );
+                        }
+                        ReceiverEvent::FileDone { file, hash } => {
+                            let path = path_of(&receiver, file);
+                            ui.event("file_done", json!({ "path": path, "hash": to_hex(&hash) }));
+                        }
+                        ReceiverEvent::Text { file, text } => {
+                            let path = path_of(&receiver, file);
+                            if ui.is_json() {
+                                ui.event("text", json!({ "name": path, "text": text }));
+                            } else {
+                                ui.say("Message:");
+                                println!("{text}");
+                            }
+                        }
+                        ReceiverEvent::Complete => finished = Some(Outcome::Done),
+                        ReceiverEvent::Cancelled { code, reason, by_peer } => {
+                            finished = Some(Outcome::from_cancel(code, reason, by_peer, "sender"));
+                        }
+                    }
+                }
+                ReceiverOutput::Prepare { file } => {
+                    let Some(entry) = receiver.manifest().and_then(|m| m.file(file)).cloned() else {
+                        continue;
+                    };
+                    let out = out.clone();
+                    let chunk_size = receiver.manifest().map_or(1, |m| m.chunk_size());
+                    let earlier = resume.done.get(entry.path.as_str()).cloned();
+                    let tx = io_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = prepare(&out, &entry, earlier, chunk_size);
+                        let _ = tx.blocking_send(Io::Prepared { file, result });
+                    });
+                }
+                ReceiverOutput::CreateDir { entry } => {
+                    let Some(e) = receiver.manifest().and_then(|m| m.entries().get(entry)).cloned() else {
+                        continue;
+                    };
+                    if let Err(err) = out.create_dir(&e.path) {
+                        receiver.cancel(CancelCode::BadManifest, format!("{err:#}"));
+                    }
+                }
+                ReceiverOutput::Write { file, chunk, offset, data } => {
+                    let Some(open) = files.get(&file) else { continue };
+                    let f = open.file.clone();
+                    let tx = io_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = fsio::write_at(&f, offset, &data);
+                        let _ = tx.blocking_send(Io::Written { file, chunk, result });
+                    });
+                }
+                ReceiverOutput::Finish { file, hash } => {
+                    let Some(open) = files.get(&file) else { continue };
+                    let (f, size, planned) = (open.file.clone(), open.size, open.planned.clone());
+                    let tx = io_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = fsio::finish(&f, size, &planned);
+                        let _ = tx.blocking_send(Io::Finished { file, hash, result });
+                    });
+                }
+            }
+        }
+        if declined {
+            finished = Some(Outcome::Declined("declined".into()));
+        }
+        if let Some(o) = finished {
+            break o;
+        }
+        let wait_over = async {
+            match waiting_since {
+                Some(t) => tokio::time::sleep_until(t + args.common.wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        let answer = async {
+            match prompt.as_mut() {
+                Some(rx) => rx.await.unwrap_or(false),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => receiver.cancel(CancelCode::User, "the receiver cancelled".into()),
+            yes = answer => {
+                prompt = None;
+                if yes {
+                    if let Some(id) = receiver.manifest().map(manifest_id) {
+                        resume.accepted(id);
+                    }
+                    receiver.accept();
+                } else {
+                    receiver.decline("the receiver said no".into());
+                    declined = true;
+                }
+            }
+            ev = link.next() => match ev {
+                Err(e) => break if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) },
+                Ok(LinkEvent::PeerSeen) => ui.say("Found the sender; checking the code..."),
+                Ok(LinkEvent::Paired) => {
+                    ui.say("Code confirmed; connecting directly...");
+                    ui.event("paired", json!({}));
+                }
+                Ok(LinkEvent::Open { ctl: c, .. }) => {
+                    ctl = Some(c);
+                    waiting_since = None;
+                    ui.event("connected", json!({ "bytes_done": receiver.progress().bytes_done }));
+                    receiver.start_session();
+                }
+                Ok(LinkEvent::Ctl(text)) => {
+                    if let Err(e) = receiver.handle_ctl_json(&text) {
+                        tracing::warn!("sender broke the protocol: {e}");
+                    }
+                }
+                Ok(LinkEvent::Data(frame)) => {
+                    if let Ok((file, offset, payload)) = peerlink_transfer::decode_frame(&frame) {
+                        current = Some((file, offset + payload.len() as u64));
+                    }
+                    if let Err(e) = receiver.handle_data(&frame) {
+                        tracing::warn!("sender broke the protocol: {e}");
+                    }
+                }
+                Ok(LinkEvent::Lost(reason)) => {
+                    ctl = None;
+                    waiting_since = Some(tokio::time::Instant::now());
+                    ui.say(format!(
+                        "Connection lost ({reason}); verified data is kept. Waiting up to {} for the sender to come back (or run `peerlink receive --resume` later).",
+                        humantime(args.common.wait)
+                    ));
+                    ui.event("lost", json!({ "reason": reason, "bytes_done": receiver.progress().bytes_done }));
+                }
+            },
+            Some(io) = io_rx.recv() => match io {
+                Io::Prepared { file, result } => match result {
+                    Ok((planned, f, on_disk)) => {
+                        let size = receiver.manifest().and_then(|m| m.file(file)).map_or(0, |e| e.size);
+                        files.insert(file, Open { planned, file: f, size });
+                        receiver.partial_scanned(file, on_disk);
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let code = if msg.contains("symbolic link") || msg.contains("leaves the output folder") {
+                            CancelCode::BadManifest
+                        } else {
+                            CancelCode::Io
+                        };
+                        receiver.cancel(code, msg);
+                    }
+                },
+                Io::Written { file, chunk, result } => match result {
+                    Ok(()) => receiver.chunk_written(file, chunk),
+                    Err(e) => {
+                        let path = path_of(&receiver, file);
+                        let full = fsio::is_disk_full(&e);
+                        let why = if full { format!("the disk is full ({e})") } else { e.to_string() };
+                        receiver.write_failed(file, full, format!("cannot write {path}: {why}"));
+                    }
+                },
+                Io::Finished { file, hash, result } => match result {
+                    Ok(()) => {
+                        let rel = path_of(&receiver, file);
+                        if let Some(open) = files.remove(&file) {
+                            resume.file_done(&rel, &open.planned.final_path);
+                            ui.event("saved", json!({
+                                "path": rel,
+                                "saved_as": open.planned.final_path.display().to_string(),
+                                "hash": to_hex(&hash),
+                            }));
+                        }
+                        receiver.file_finished(file);
+                    }
+                    Err(e) => {
+                        let path = path_of(&receiver, file);
+                        receiver.write_failed(file, fsio::is_disk_full(&e), format!("cannot finish {path}: {e}"));
+                    }
+                },
+            },
+            _ = wait_over => break Outcome::Failed(format!(
+                "the sender did not come back within {}; run `peerlink receive --resume --out {}` when it does",
+                humantime(args.common.wait), out.root().display()
+            )),
+            _ = tick.tick() => {
+                let p = receiver.progress();
+                if p.bytes_total > 0 || p.files_total > 0 {
+                    if !started && receiver.manifest().is_some() && p.bytes_done + p.bytes_received_session > 0 {
+                        started = true;
+                        if !ui.is_json() {
+                            ui.start("received", p.bytes_total, p.bytes_done);
+                        }
+                    }
+                    ui.progress(p.bytes_done, p.bytes_total);
+                    if let Some((file, pos)) = current
+                        && let Some(e) = receiver.manifest().and_then(|m| m.file(file))
+                    {
+                        ui.current_file(e.path.as_str(), e.size, pos);
+                    }
+                }
+            }
+        }
+    };
+
+    if let Some(ctl) = &ctl {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctl.flush()).await;
+    }
+    let p = receiver.progress();
+    if outcome == Outcome::Done {
+        ui.progress(p.bytes_done, p.bytes_total);
+        ui.finish();
+        ui.say(format!(
+            "Received {} file(s), {} in {:.1} s into {} ({} were already here and verified).",
+            p.files_total,
+            human_bytes(p.bytes_total),
+            ui.elapsed().as_secs_f64(),
+            out.root().display(),
+            human_bytes(p.bytes_resumed)
+        ));
+        resume.complete();
+    } else {
+        ui.abandon();
+        if p.bytes_done > 0 && !matches!(outcome, Outcome::Declined(_)) {
+            ui.say(format!(
+                "Partial data is kept in {} ({} verified); `peerlink receive --resume --out {}` continues.",
+                out.root().display(),
+                human_bytes(p.bytes_done),
+                out.root().display()
+            ));
+        }
+    }
+    ui.event(
+        "finished",
+        json!({
+            "ok": outcome == Outcome::Done,
+            "exit_code": outcome.exit_code(),
+            "message": outcome.message(),
+            "files": p.files_total,
+            "bytes_total": p.bytes_total,
+            "bytes_done": p.bytes_done,
+            "bytes_resumed": p.bytes_resumed,
+            "bytes_received": p.bytes_received_session,
+            "corrupt_chunks": p.corrupt_chunks,
+            "elapsed_s": ui.elapsed().as_secs_f64(),
+        }),
+    );
+    link.close().await;
+    Ok(outcome)
+}
+
+fn path_of(receiver: &Receiver, file: u32) -> String {
+    receiver.manifest().and_then(|m| m.file(file)).map(|e| e.path.as_str().to_string()).unwrap_or_default()
+}
+
+fn describe(ui: &Ui, m: &Manifest) {
+    let files: Vec<_> = m.files().collect();
+    let texts = files.iter().filter(|(_, e)| e.kind == EntryKind::Text).count();
+    ui.event(
+        "offer",
+        json!({
+            "files": files.len() - texts,
+            "texts": texts,
+            "bytes": m.total_bytes(),
+            "entries": m.entries().iter().take(100).map(|e| json!({"path": e.path.as_str(), "size": e.size})).collect::<Vec<_>>(),
+        }),
+    );
+    ui.say(format!("The sender offers {} file(s), {}:", files.len() - texts, human_bytes(m.total_bytes())));
+    for (_, e) in files.iter().take(10) {
+        ui.say(format!("  {} ({})", e.path.as_str(), human_bytes(e.size)));
+    }
+    if files.len() > 10 {
+        ui.say(format!("  ... and {} more", files.len() - 10));
+    }
+}
+
+/// Picks where a file goes, opens its partial file and hashes what an
+/// earlier attempt left there.
+fn prepare(
+    out: &OutDir,
+    entry: &peerlink_transfer::Entry,
+    earlier: Option<PathBuf>,
+    chunk_size: u32,
+) -> anyhow::Result<(Planned, Arc<File>, Vec<Option<Hash>>)> {
+    // A file an earlier run finished and recorded is checked in place.
+    let planned = match earlier {
+        Some(saved) if std::fs::symlink_metadata(&saved).is_ok_and(|m| m.is_file()) => {
+            Planned { final_path: saved.clone(), part_path: saved }
+        }
+        _ => out.plan(&entry.path)?,
+    };
+    let file =
+        out.open_part(&planned).with_context(|| format!("cannot open {}", planned.part_path.display()))?;
+    let on_disk = fsio::scan_part(&file, chunk_size, entry.size)
+        .with_context(|| format!("cannot read {}", planned.part_path.display()))?;
+    Ok((planned, Arc::new(file), on_disk))
+}

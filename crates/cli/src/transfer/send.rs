@@ -1,0 +1,447 @@
+//! `peerlink send`: offer files, folders or a text under a fresh code, then
+//! serve what the receiver asks for until it has everything.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use peerlink_pair::{Code, Role};
+use peerlink_peer::{DataChannel, Room, RoomConfig};
+use peerlink_transfer::{
+    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, Manifest, Sender, SenderEvent, SenderOutput,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::fsio::{self, Source};
+use super::link::{Link, LinkError, LinkEvent};
+use super::ui::{Ui, human_bytes};
+use super::{Common, Fault, Outcome};
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Files and folders to send.
+    #[arg(required_unless_present = "text")]
+    paths: Vec<PathBuf>,
+    /// Send this text instead of (or as well as) files.
+    #[arg(long)]
+    text: Option<String>,
+    /// Use this code instead of a fresh one (to restart an interrupted
+    /// send: the receiver picks up where it stopped).
+    #[arg(long)]
+    code: Option<String>,
+    /// Words in a fresh code.
+    #[arg(long, default_value_t = Code::DEFAULT_WORDS as u8, value_parser = clap::value_parser!(u8).range(2..=8))]
+    words: u8,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Where the sender reads file `i` from.
+#[derive(Debug)]
+enum Src {
+    File(PathBuf),
+    Text(Arc<str>),
+}
+
+impl Src {
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        match self {
+            Src::File(p) => fsio::read_range(&std::fs::File::open(p)?, offset, len),
+            Src::Text(t) => {
+                let start = offset as usize;
+                t.as_bytes()
+                    .get(start..start + len)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end"))
+            }
+        }
+    }
+
+    fn hashes(&self, chunk_size: u32, size: u64, from: u32, count: u32) -> std::io::Result<Vec<Hash>> {
+        match self {
+            Src::File(p) => fsio::hash_chunks(p, chunk_size, size, from, count),
+            Src::Text(_) => {
+                let cs = u64::from(chunk_size);
+                (from..from + count)
+                    .map(|i| {
+                        let off = u64::from(i) * cs;
+                        self.read(off, cs.min(size - off) as usize).map(|b| peerlink_transfer::chunk_hash(&b))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A chunk to send, as the engine asked.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    file: u32,
+    offset: u64,
+    len: u32,
+    expected: Hash,
+}
+
+/// What the data pump reports back.
+#[derive(Debug)]
+enum PumpReport {
+    Changed { file: u32 },
+    ReadFailed { file: u32, error: String },
+}
+
+/// Sends chunks on the data channel, reading ahead of the network.
+struct Pump {
+    jobs: mpsc::Sender<Job>,
+    task: JoinHandle<()>,
+}
+
+/// Chunks read ahead of the one being sent.
+const READ_AHEAD: usize = 2;
+
+impl Pump {
+    fn start(
+        data: DataChannel,
+        srcs: Arc<Vec<Src>>,
+        reports: mpsc::Sender<PumpReport>,
+        sent: Arc<AtomicU64>,
+        position: Arc<Mutex<Option<(u32, u64)>>>,
+        fault: Fault,
+    ) -> Pump {
+        // The engine asks for at most the receiver's window of chunks, so
+        // this bound is not reached in practice; if it were, the engine
+        // loop would wait, which is the backpressure we want.
+        let (jobs, mut rx) = mpsc::channel::<Job>(256);
+        let task = tokio::spawn(async move {
+            let frame_max = data.max_message_size().min(64 * 1024);
+            let mut reads: VecDeque<(Job, JoinHandle<std::io::Result<Vec<u8>>>)> = VecDeque::new();
+            let mut corrupted = false;
+            loop {
+                while reads.len() < READ_AHEAD {
+                    let job = if reads.is_empty() {
+                        match rx.recv().await {
+                            Some(j) => j,
+                            None => return,
+                        }
+                    } else {
+                        match rx.try_recv() {
+                            Ok(j) => j,
+                            Err(_) => break,
+                        }
+                    };
+                    let srcs = srcs.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        srcs[job.file as usize].read(job.offset, job.len as usize)
+                    });
+                    reads.push_back((job, read));
+                }
+                let Some((job, read)) = reads.pop_front() else { continue };
+                let bytes = match read.await {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let _ = reports
+                            .send(PumpReport::ReadFailed { file: job.file, error: e.to_string() })
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = reports
+                            .send(PumpReport::ReadFailed { file: job.file, error: e.to_string() })
+                            .await;
+                        return;
+                    }
+                };
+                let check = bytes.clone();
+                let matches = tokio::task::spawn_blocking(move || peerlink_transfer::chunk_hash(&check))
+                    .await
+                    .is_ok_and(|h| h == job.expected);
+                if !matches {
+                    let _ = reports.send(PumpReport::Changed { file: job.file }).await;
+                    return;
+                }
+                for (i, mut frame) in
+                    peerlink_transfer::frames(job.file, job.offset, &bytes, frame_max).enumerate()
+                {
+                    if i == 0 && !corrupted && fault.corrupts(job.file, job.offset) {
+                        // Test hook: flip one payload byte once, after the
+                        // hash check, as a faulty network path would.
+                        corrupted = true;
+                        let last = frame.len() - 1;
+                        frame[last] ^= 0xff;
+                    }
+                    if data.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                sent.fetch_add(u64::from(job.len), Ordering::Relaxed);
+                *position.lock().expect("position lock") = Some((job.file, job.offset + u64::from(job.len)));
+                if let Some(rate) = fault.throttle() {
+                    tokio::time::sleep(Duration::from_secs_f64(f64::from(job.len) / rate.max(1) as f64))
+                        .await;
+                }
+            }
+        });
+        Pump { jobs, task }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Joins the code's room. A fresh code whose room is taken gets another
+/// nameplate; a given code is used as is (the receiver may be waiting).
+async fn join(args: &SendArgs) -> anyhow::Result<(Room, Code)> {
+    let given = args.code.as_deref().map(Code::parse).transpose().context("the --code is not valid")?;
+    for _ in 0..20 {
+        let code = given.clone().unwrap_or_else(|| Code::generate(usize::from(args.words)));
+        let mut config = RoomConfig::new(args.common.server.clone(), code.room());
+        config.auto_connect = false;
+        config.channels = Vec::new();
+        config.ice = args.common.ice.config();
+        config.name = Some("peerlink-send".into());
+        let room = Room::join(config)
+            .await
+            .with_context(|| format!("cannot reach the signaling server at {}", args.common.server))?;
+        if given.is_some() || room.peers().await.map(|p| p.is_empty()).unwrap_or(false) {
+            return Ok((room, code));
+        }
+        let _ = room.leave().await;
+    }
+    anyhow::bail!("could not find a free code on the server; try again")
+}
+
+pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
+    let mut source = Source::default();
+    source.add_paths(&args.paths)?;
+    if let Some(text) = &args.text {
+        source.push_text(text.clone())?;
+    }
+    let manifest =
+        Manifest::new(DEFAULT_CHUNK_SIZE, source.entries.clone()).context("cannot send these files")?;
+    let srcs: Arc<Vec<Src>> = Arc::new(
+        source
+            .files
+            .iter()
+            .zip(&source.texts)
+            .map(|(f, t)| match (f, t) {
+                (Some(p), _) => Src::File(p.clone()),
+                (None, Some(t)) => Src::Text(Arc::from(t.as_str())),
+                (None, None) => unreachable!("every file index has a path or a text"),
+            })
+            .collect(),
+    );
+    let mut ui = Ui::new(args.common.json);
+    for s in &source.skipped {
+        ui.say(format!("skipping {s}"));
+        ui.event("skipped", json!({ "path": s }));
+    }
+    let total = manifest.total_bytes();
+    let files = manifest.file_count();
+    let fault = Fault::from_env();
+
+    let (room, code) = join(&args).await?;
+    ui.say(format!("Sending {files} file(s), {}.", human_bytes(total)));
+    ui.say(format!("Code: {code}\nOn the other device run:\n\n    peerlink receive {code}\n"));
+    ui.event("code", json!({ "code": code.to_string(), "files": files, "bytes": total }));
+    let mut link = Link::start(room, Role::Creator, code);
+    let mut ctl: Option<DataChannel> = None;
+    let mut sender = Sender::new(manifest);
+
+    let (hash_tx, mut hash_rx) = mpsc::channel::<(u32, u32, u32, std::io::Result<Vec<Hash>>)>(64);
+    let (report_tx, mut report_rx) = mpsc::channel::<PumpReport>(8);
+    let sent = Arc::new(AtomicU64::new(0));
+    let position = Arc::new(Mutex::new(None));
+    let mut accepted = false;
+    let mut pump: Option<Pump> = None;
+    let mut waiting_since = Some(tokio::time::Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    let chunk_size = sender.manifest().chunk_size();
+
+    let outcome = loop {
+        // Do what the engine asks.
+        let mut finished = None;
+        while let Some(out) = sender.poll() {
+            match out {
+                SenderOutput::Ctl(msg) => {
+                    let text = fault.rewrite_ctl(msg.to_json());
+                    if let Some(ctl) = &ctl
+                        && ctl.send(text).await.is_err()
+                    {
+                        tracing::debug!("control channel closed");
+                    }
+                }
+                SenderOutput::Hash { file, from, count } => {
+                    let srcs = srcs.clone();
+                    let size = sender.manifest().file(file).map_or(0, |e| e.size);
+                    let tx = hash_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = srcs[file as usize].hashes(chunk_size, size, from, count);
+                        let _ = tx.blocking_send((file, from, count, r));
+                    });
+                }
+                SenderOutput::Send { file, offset, len, expected, .. } => {
+                    if let Some(p) = &pump {
+                        let _ = p.jobs.send(Job { file, offset, len, expected }).await;
+                    }
+                }
+                SenderOutput::Event(SenderEvent::Accepted) => {
+                    accepted = true;
+                    ui.say("The receiver accepted; sending.");
+                    ui.event("accepted", json!({}));
+                    if !ui.is_json() {
+                        ui.start("sent", total, 0);
+                    }
+                }
+                SenderOutput::Event(SenderEvent::Declined { reason }) => {
+                    finished = Some(Outcome::Declined(format!("the receiver declined: {reason}")));
+                }
+                SenderOutput::Event(SenderEvent::Finished) => finished = Some(Outcome::Done),
+                SenderOutput::Event(SenderEvent::Cancelled { code, reason, by_peer }) => {
+                    finished = Some(Outcome::from_cancel(code, reason, by_peer, "receiver"));
+                }
+            }
+        }
+        if let Some(o) = finished {
+            break o;
+        }
+        let wait_over = async {
+            match waiting_since {
+                Some(t) => tokio::time::sleep_until(t + args.common.wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => {
+                sender.cancel(CancelCode::User, "the sender cancelled".into());
+                continue;
+            }
+            ev = link.next() => match ev {
+                Err(e) => break link_failure(e),
+                Ok(LinkEvent::PeerSeen) => {
+                    ui.say("A receiver is here; checking the code...");
+                    ui.event("peer", json!({}));
+                }
+                Ok(LinkEvent::Paired) => {
+                    ui.say("Code confirmed; connecting directly...");
+                    ui.event("paired", json!({}));
+                }
+                Ok(LinkEvent::Open { ctl: c, data }) => {
+                    ctl = Some(c);
+                    waiting_since = None;
+                    ui.event("connected", json!({}));
+                    pump = Some(Pump::start(
+                        data,
+                        srcs.clone(),
+                        report_tx.clone(),
+                        sent.clone(),
+                        position.clone(),
+                        fault.clone(),
+                    ));
+                    sender.start_session();
+                }
+                Ok(LinkEvent::Ctl(text)) => match Ctl::from_json(&text) {
+                    Ok(msg) => {
+                        if let Err(e) = sender.handle_ctl(msg) {
+                            tracing::warn!("receiver broke the protocol: {e}");
+                        }
+                    }
+                    Err(e) => sender.cancel(CancelCode::Protocol, format!("unreadable control message: {e}")),
+                },
+                Ok(LinkEvent::Data(_)) => {}
+                Ok(LinkEvent::Lost(reason)) => {
+                    pump = None;
+                    ctl = None;
+                    waiting_since = Some(tokio::time::Instant::now());
+                    ui.say(format!(
+                        "Connection lost ({reason}); waiting up to {} for the receiver to come back with the same code.",
+                        humantime(args.common.wait)
+                    ));
+                    ui.event("lost", json!({ "reason": reason }));
+                }
+            },
+            Some((file, from, count, r)) = hash_rx.recv() => match r {
+                Ok(hashes) if hashes.len() == count as usize => sender.hashes_computed(file, from, hashes),
+                Ok(_) => sender.read_failed(file, "the file is shorter than when it was offered".into()),
+                Err(e) => sender.read_failed(file, e.to_string()),
+            },
+            Some(report) = report_rx.recv() => match report {
+                PumpReport::Changed { file } => {
+                    let path = sender.manifest().file(file).map(|e| e.path.as_str().to_string()).unwrap_or_default();
+                    sender.cancel(CancelCode::Changed, format!("{path} changed while it was being sent"));
+                }
+                PumpReport::ReadFailed { file, error } => sender.read_failed(file, error),
+            },
+            _ = wait_over => break Outcome::Failed(format!(
+                "no receiver connected within {}; the code is no longer valid",
+                humantime(args.common.wait)
+            )),
+            _ = tick.tick(), if accepted => {
+                let done = sent.load(Ordering::Relaxed).min(total);
+                ui.progress(done, total);
+                let pos = *position.lock().expect("position lock");
+                if let Some((file, pos)) = pos
+                    && let Some(e) = sender.manifest().file(file)
+                {
+                    ui.current_file(e.path.as_str(), e.size, pos);
+                }
+            }
+        }
+    };
+
+    // Let a final `cancel` or the last frames reach the receiver.
+    if let Some(ctl) = &ctl {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctl.flush()).await;
+    }
+    drop(pump);
+    let stats = sender.stats();
+    match &outcome {
+        Outcome::Done => {
+            ui.finish();
+            ui.say(format!(
+                "Sent {files} file(s), {} in {:.1} s ({} this run).",
+                human_bytes(total),
+                ui.elapsed().as_secs_f64(),
+                human_bytes(stats.bytes_sent)
+            ));
+        }
+        _ => ui.abandon(),
+    }
+    ui.event(
+        "finished",
+        json!({
+            "ok": matches!(outcome, Outcome::Done),
+            "exit_code": outcome.exit_code(),
+            "message": outcome.message(),
+            "bytes_total": total,
+            "bytes_sent": stats.bytes_sent,
+            "chunks_sent": stats.chunks_sent,
+            "elapsed_s": ui.elapsed().as_secs_f64(),
+        }),
+    );
+    link.close().await;
+    Ok(outcome)
+}
+
+fn link_failure(e: LinkError) -> Outcome {
+    if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) }
+}
+
+pub fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{} h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}

@@ -1,0 +1,153 @@
+//! How a transfer looks: progress bars with speed and ETA for people
+//! (stderr), or one JSON object per line for programs (`--json`, stdout).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+/// Interval between `progress` events in JSON mode.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Ui {
+    json: bool,
+    bars: MultiProgress,
+    total: Option<ProgressBar>,
+    current: Option<ProgressBar>,
+    started: Instant,
+    last_json: Option<Instant>,
+}
+
+impl std::fmt::Debug for Ui {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ui").field("json", &self.json).finish()
+    }
+}
+
+fn bytes_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>9} [{wide_bar:.cyan/blue}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ")
+}
+
+impl Ui {
+    pub fn new(json: bool) -> Ui {
+        let bars = if json {
+            MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        } else {
+            MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
+        };
+        Ui { json, bars, total: None, current: None, started: Instant::now(), last_json: None }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// A line for people (stderr); JSON mode stays quiet.
+    pub fn say(&self, text: impl AsRef<str>) {
+        if !self.json {
+            let text = text.as_ref();
+            self.bars.suspend(|| eprintln!("{text}"));
+        }
+    }
+
+    /// A machine-readable event (JSON mode only): `{"event": name, ...fields}`.
+    pub fn event(&self, name: &str, fields: Value) {
+        if !self.json {
+            return;
+        }
+        let mut obj = match fields {
+            Value::Object(m) => m,
+            Value::Null => serde_json::Map::new(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".into(), other);
+                m
+            }
+        };
+        obj.insert("event".into(), json!(name));
+        let line = serde_json::to_string(&Value::Object(obj)).expect("JSON values serialize");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// Starts the overall progress bar (`already`: bytes found on disk).
+    pub fn start(&mut self, label: &str, total: u64, already: u64) {
+        self.started = Instant::now();
+        let bar =
+            self.bars.add(ProgressBar::new(total).with_style(bytes_style()).with_prefix(label.to_string()));
+        bar.set_position(already);
+        bar.reset_eta();
+        self.total = Some(bar);
+    }
+
+    /// Shows the file being worked on under the total.
+    pub fn current_file(&mut self, name: &str, size: u64, done: u64) {
+        if self.json {
+            return;
+        }
+        let bar = self.current.get_or_insert_with(|| {
+            self.bars.add(
+                ProgressBar::new(size).with_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>9} {wide_msg} {binary_bytes}/{binary_total_bytes}",
+                    )
+                    .expect("a valid template"),
+                ),
+            )
+        });
+        bar.set_prefix("file");
+        bar.set_length(size);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    }
+
+    /// Updates progress: `done` of the total bytes.
+    pub fn progress(&mut self, done: u64, total: u64) {
+        if let Some(bar) = &self.total {
+            bar.set_position(done);
+        }
+        if self.json {
+            let now = Instant::now();
+            if self.last_json.is_none_or(|t| now.duration_since(t) >= JSON_PROGRESS_EVERY) || done >= total {
+                self.last_json = Some(now);
+                let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+                self.event("progress", json!({"bytes_done": done, "bytes_total": total, "elapsed_s": secs}));
+            }
+        }
+    }
+
+    /// Removes the bars (on success the totals are printed separately).
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.current.take() {
+            bar.finish_and_clear();
+        }
+        if let Some(bar) = self.total.take() {
+            bar.finish();
+        }
+    }
+
+    /// Stops the bars where they are, e.g. on cancel.
+    pub fn abandon(&mut self) {
+        if let Some(bar) = self.current.take() {
+            bar.finish_and_clear();
+        }
+        if let Some(bar) = self.total.take() {
+            bar.abandon();
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}

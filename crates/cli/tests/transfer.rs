@@ -1,0 +1,391 @@
+//! `peerlink send` / `peerlink receive` end to end: the real binary, a real
+//! `peerlink serve`, WebRTC on 127.0.0.1 only.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+fn send(url: &str, what: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut args = vec!["send".to_string()];
+    args.extend(net_args(url));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(what.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn_env(&args, env)
+}
+
+fn receive(url: &str, code: &str, out: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec!["receive".to_string()];
+    args.extend(net_args(url));
+    args.extend(["--out".to_string(), out.to_string_lossy().into_owned()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    if !code.is_empty() {
+        args.push(code.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(&args)
+}
+
+fn code_of(sender: &mut Proc) -> String {
+    sender.expect_event("code", |_| true)["code"].as_str().unwrap().to_string()
+}
+
+fn finished(p: &Proc) -> Value {
+    p.events("finished").pop().unwrap_or_else(|| panic!("no finished event in {:?}\n{}", p.seen, p.stderr()))
+}
+
+/// No partial or bookkeeping files are left, so nothing half-written looks done.
+fn assert_clean(out: &Path) {
+    for (path, _) in tree(out) {
+        assert!(!path.ends_with(".peerlink-part") && !path.contains(".peerlink-resume"), "leftover {path}");
+    }
+}
+
+fn sends_and_receives(url: &str, src: &[&str], out: &Path, env: &[(&str, &str)]) -> (Proc, Proc) {
+    let mut s = send(url, src, &[], env);
+    let code = code_of(&mut s);
+    let mut r = receive(url, &code, out, &["--yes"]);
+    assert_eq!(r.wait_exit(), 0, "receiver: {:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 0, "sender: {:?}\n{}", s.seen, s.stderr());
+    (s, r)
+}
+
+#[test]
+fn files_folders_unicode_names_empty_files_and_empty_folders_arrive_intact() {
+    let server = serve();
+    let t = Scratch::new("roundtrip");
+    let src = t.path("src/photos 2026");
+    std::fs::create_dir_all(src.join("日本語/ネスト")).unwrap();
+    std::fs::create_dir_all(src.join("empty folder")).unwrap();
+    std::fs::write(src.join("empty.txt"), "").unwrap();
+    std::fs::write(src.join("ñandú ü.txt"), "¡hola!").unwrap();
+    std::fs::write(src.join("日本語/ネスト/データ.bin"), pattern(3 << 20 | 12345, 1)).unwrap();
+    std::fs::write(src.join("exactly one chunk.bin"), pattern(1 << 20, 2)).unwrap();
+    let single = t.path("src/single file.dat");
+    std::fs::write(&single, pattern(777, 3)).unwrap();
+    let out = t.path("out");
+
+    let (s, r) = sends_and_receives(
+        &server.url,
+        &[&t.str("src/photos 2026"), &t.str("src/single file.dat")],
+        &out,
+        &[],
+    );
+    assert_eq!(tree(&out.join("photos 2026")), tree(&src));
+    assert_eq!(sha256_file(&out.join("single file.dat")), sha256_file(&single));
+    assert_clean(&out);
+    assert_eq!(finished(&r)["files"], 5);
+    assert_eq!(finished(&r)["corrupt_chunks"], 0);
+    assert_eq!(finished(&s)["ok"], true);
+    // Every file's hash was reported as it was stored.
+    assert_eq!(r.events("saved").len(), 5);
+}
+
+#[test]
+fn a_256_mib_file_arrives_intact() {
+    let server = serve();
+    let t = Scratch::new("big");
+    let src = t.path("big.bin");
+    write_big(&src, 256, 7);
+    let out = t.path("out");
+    let (s, r) = sends_and_receives(&server.url, &[&t.str("big.bin")], &out, &[]);
+    assert_eq!(sha256_file(&out.join("big.bin")), sha256_file(&src));
+    assert_eq!(finished(&s)["bytes_sent"], 256 << 20, "each byte sent once");
+    assert_eq!(finished(&r)["bytes_received"], 256 << 20);
+    assert_clean(&out);
+}
+
+#[test]
+fn a_thousand_small_files_in_nested_folders_arrive_intact() {
+    let server = serve();
+    let t = Scratch::new("many");
+    let src = t.path("tree");
+    for i in 0..1000u64 {
+        let dir = src.join(format!("d{}/e{}", i % 10, i % 7));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}.txt")), pattern(100 + (i as usize * 37) % 4000, i)).unwrap();
+    }
+    let out = t.path("out");
+    let (_, r) = sends_and_receives(&server.url, &[&t.str("tree")], &out, &[]);
+    assert_eq!(tree(&out.join("tree")), tree(&src));
+    assert_eq!(finished(&r)["files"], 1000);
+    assert_clean(&out);
+}
+
+#[test]
+fn a_text_message_is_shown_not_stored() {
+    let server = serve();
+    let t = Scratch::new("text");
+    let out = t.path("out");
+    let mut s = send(&server.url, &[], &["--text", "héllo from peerlink ✓"], &[]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    let text = r.expect_event("text", |_| true);
+    assert_eq!(text["text"], "héllo from peerlink ✓");
+    assert_eq!(r.wait_exit(), 0);
+    assert_eq!(s.wait_exit(), 0);
+    assert!(tree(&out).is_empty(), "a text is not written to disk: {:?}", tree(&out));
+}
+
+/// The sender dies half-way (SIGKILL); started again with the same code, it
+/// serves only what the receiver does not have yet.
+#[test]
+fn a_killed_sender_restarted_with_the_same_code_sends_only_the_missing_bytes() {
+    let server = serve();
+    let t = Scratch::new("resume-sender");
+    let src = t.path("data.bin");
+    write_big(&src, 32, 11);
+    let total = 32u64 << 20;
+    let out = t.path("out");
+    // Throttled so that the kill lands in the middle.
+    let mut s1 =
+        send(&server.url, &[&t.str("data.bin")], &[], &[("PEERLINK_TEST_FAULT", "throttle=8000000")]);
+    let code = code_of(&mut s1);
+    let mut r = receive(&server.url, &code, &out, &["--yes", "--wait", "60s"]);
+    r.expect_event("progress", |v| v["bytes_done"].as_u64().unwrap() >= 8 << 20);
+    s1.signal("KILL");
+    s1.wait_exit();
+    let lost = r.expect_event("lost", |_| true);
+    assert!(lost["bytes_done"].as_u64().unwrap() < total, "killed before the end");
+
+    let mut s2 = send(&server.url, &[&t.str("data.bin")], &["--code", &code], &[]);
+    let resumed = r.expect_event("connected", |_| true);
+    assert_eq!(r.wait_exit(), 0, "{:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s2.wait_exit(), 0, "{:?}\n{}", s2.seen, s2.stderr());
+    assert_eq!(sha256_file(&out.join("data.bin")), sha256_file(&src));
+    assert_clean(&out);
+
+    let had = resumed["bytes_done"].as_u64().unwrap();
+    let sent_again = finished(&s2)["bytes_sent"].as_u64().unwrap();
+    assert!(had >= 8 << 20, "the first sender delivered at least 8 MiB: {had}");
+    assert_eq!(sent_again, total - had, "the restarted sender sent exactly the missing bytes");
+    assert_eq!(finished(&r)["bytes_received"].as_u64().unwrap(), sent_again);
+}
+
+/// The receiver dies half-way; `receive --resume` (no code needed) continues
+/// from the verified data on disk.
+#[test]
+fn a_killed_receiver_resumes_from_what_is_on_disk() {
+    let server = serve();
+    let t = Scratch::new("resume-receiver");
+    let src = t.path("data.bin");
+    write_big(&src, 32, 12);
+    let total = 32u64 << 20;
+    let out = t.path("out");
+    let mut s = send(
+        &server.url,
+        &[&t.str("data.bin")],
+        &["--wait", "60s"],
+        &[("PEERLINK_TEST_FAULT", "throttle=8000000")],
+    );
+    let code = code_of(&mut s);
+    let mut r1 = receive(&server.url, &code, &out, &["--yes"]);
+    r1.expect_event("progress", |v| v["bytes_done"].as_u64().unwrap() >= 8 << 20);
+    r1.signal("KILL");
+    r1.wait_exit();
+    assert!(!out.join("data.bin").exists(), "an unfinished file is not presented as complete");
+    assert!(out.join("data.bin.peerlink-part").exists(), "partial data is kept");
+    s.expect_event("lost", |_| true);
+
+    let mut r2 = receive(&server.url, "", &out, &["--yes", "--resume"]);
+    assert_eq!(r2.wait_exit(), 0, "{:?}\n{}", r2.seen, r2.stderr());
+    assert_eq!(s.wait_exit(), 0, "{:?}\n{}", s.seen, s.stderr());
+    assert_eq!(sha256_file(&out.join("data.bin")), sha256_file(&src));
+    assert_clean(&out);
+    let f = finished(&r2);
+    let resumed = f["bytes_resumed"].as_u64().unwrap();
+    assert!(resumed >= 8 << 20, "verified data on disk was kept: {resumed}");
+    assert_eq!(
+        f["bytes_received"].as_u64().unwrap(),
+        total - resumed,
+        "only the missing bytes were sent again"
+    );
+}
+
+#[test]
+fn a_range_corrupted_in_flight_is_detected_and_fetched_again() {
+    let server = serve();
+    let t = Scratch::new("corrupt");
+    let src = t.path("c.bin");
+    std::fs::write(&src, pattern(4 << 20, 5)).unwrap();
+    let out = t.path("out");
+    let (_, r) = sends_and_receives(
+        &server.url,
+        &[&t.str("c.bin")],
+        &out,
+        &[("PEERLINK_TEST_FAULT", "corrupt=0:1048576")],
+    );
+    let bad = r.events("corrupt_chunk");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["chunk"], 1);
+    assert_eq!(finished(&r)["corrupt_chunks"], 1);
+    assert_eq!(finished(&r)["bytes_received"], (4 << 20) + (1 << 20), "the bad chunk came twice");
+    assert_eq!(sha256_file(&out.join("c.bin")), sha256_file(&src));
+}
+
+fn refused_manifest(path: &str) {
+    let server = serve();
+    let t = Scratch::new(&format!("evil-{}", path.len()));
+    std::fs::write(t.path("innocent.txt"), "x").unwrap();
+    let out = t.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut s = send(
+        &server.url,
+        &[&t.str("innocent.txt")],
+        &[],
+        &[("PEERLINK_TEST_FAULT", &format!("manifest-path={path}"))],
+    );
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    assert_eq!(r.wait_exit(), 4, "{:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 4, "{:?}\n{}", s.seen, s.stderr());
+    assert!(finished(&r)["message"].as_str().unwrap().contains("path"), "{}", finished(&r));
+    assert!(tree(&out).is_empty(), "nothing written: {:?}", tree(&out));
+    assert!(!t.path("evil.txt").exists());
+}
+
+#[test]
+fn a_manifest_path_with_dot_dot_is_refused() {
+    refused_manifest("../evil.txt");
+}
+
+#[test]
+fn an_absolute_manifest_path_is_refused() {
+    refused_manifest("/tmp/evil.txt");
+}
+
+#[test]
+fn a_symlink_in_the_output_folder_is_not_followed() {
+    let server = serve();
+    let t = Scratch::new("symlink");
+    let outside = t.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let out = t.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("docs")).unwrap();
+    std::fs::create_dir_all(t.path("src/docs")).unwrap();
+    std::fs::write(t.path("src/docs/report.txt"), "data").unwrap();
+    let mut s = send(&server.url, &[&t.str("src/docs")], &[], &[]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes", "--overwrite"]);
+    assert_eq!(r.wait_exit(), 4, "{:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 4);
+    assert!(finished(&r)["message"].as_str().unwrap().contains("symbolic link"), "{}", finished(&r));
+    assert!(tree(&outside).is_empty(), "nothing written through the link: {:?}", tree(&outside));
+}
+
+#[test]
+fn a_wrong_code_fails_at_once_and_burns_the_code() {
+    let server = serve();
+    let t = Scratch::new("wrong");
+    std::fs::write(t.path("secret.txt"), "s3cret").unwrap();
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("secret.txt")], &[], &[]);
+    let code = code_of(&mut s);
+    // Same nameplate (same room), different words.
+    let nameplate = code.split('-').next().unwrap();
+    let wrong = format!("{nameplate}-zebra-zebra-zebra");
+    assert_ne!(wrong, code);
+    let mut r = receive(&server.url, &wrong, &out, &["--yes"]);
+    assert_eq!(r.wait_exit(), 4, "{:?}\n{}", r.seen, r.stderr());
+    assert!(finished(&r)["message"].as_str().unwrap().contains("code"), "{}", finished(&r));
+    assert_eq!(s.wait_exit(), 4, "the sender gives the code up: {:?}", s.seen);
+    // The right code is dead now too: nobody is sending under it.
+    let mut again = receive(&server.url, &code, &out, &["--yes"]);
+    assert_eq!(again.wait_exit(), 1);
+    assert!(again.stderr().contains("nobody is sending"), "{}", again.stderr());
+    assert!(tree(&out).is_empty());
+}
+
+#[test]
+fn a_used_code_is_dead() {
+    let server = serve();
+    let t = Scratch::new("used");
+    std::fs::write(t.path("once.txt"), "once").unwrap();
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("once.txt")], &[], &[]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    assert_eq!(r.wait_exit(), 0);
+    assert_eq!(s.wait_exit(), 0);
+    let mut again = receive(&server.url, &code, &t.path("out2"), &["--yes"]);
+    assert_eq!(again.wait_exit(), 1);
+    assert!(again.stderr().contains("nobody is sending"), "{}", again.stderr());
+}
+
+#[test]
+fn a_receiver_without_a_terminal_or_yes_declines() {
+    let server = serve();
+    let t = Scratch::new("decline");
+    std::fs::write(t.path("a.txt"), "a").unwrap();
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("a.txt")], &[], &[]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &[]);
+    assert_eq!(r.wait_exit(), 5, "{:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 5, "{:?}\n{}", s.seen, s.stderr());
+    assert!(tree(&out).is_empty());
+}
+
+/// Ctrl-C on one side: both stop with exit code 3, the other side is told
+/// why, and nothing half-received looks complete.
+fn cancel_from(side: &str) {
+    let server = serve();
+    let t = Scratch::new(&format!("cancel-{side}"));
+    write_big(&t.path("slow.bin"), 16, 3);
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("slow.bin")], &[], &[("PEERLINK_TEST_FAULT", "throttle=4000000")]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    r.expect_event("progress", |v| v["bytes_done"].as_u64().unwrap() >= 2 << 20);
+    let (who, other) = if side == "sender" { (&mut s, &mut r) } else { (&mut r, &mut s) };
+    who.signal("INT");
+    assert_eq!(who.wait_exit(), 3, "{:?}\n{}", who.seen, who.stderr());
+    assert_eq!(other.wait_exit(), 3, "{:?}\n{}", other.seen, other.stderr());
+    let told = finished(other)["message"].as_str().unwrap().to_string();
+    assert!(told.contains(&format!("the {side} stopped the transfer")), "{told}");
+    assert!(!out.join("slow.bin").exists(), "not presented as complete");
+    assert!(out.join("slow.bin.peerlink-part").exists(), "partial data kept for resume");
+}
+
+#[test]
+fn ctrl_c_on_the_receiver_cancels_both_sides() {
+    cancel_from("receiver");
+}
+
+#[test]
+fn ctrl_c_on_the_sender_cancels_both_sides() {
+    cancel_from("sender");
+}
+
+#[test]
+fn a_full_disk_is_reported_and_partial_data_kept() {
+    // A 4 MiB tmpfs in a mount namespace of the receiver's own.
+    let server = serve();
+    let t = Scratch::new("diskfull");
+    write_big(&t.path("big.bin"), 8, 9);
+    let mut s = send(&server.url, &[&t.str("big.bin")], &[], &[]);
+    let code = code_of(&mut s);
+    let out = t.path("mnt");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    let script = format!(
+        "mount -t tmpfs -o size=4m tmpfs '{out}' && '{bin}' receive --server '{url}' --ice-addr 127.0.0.1 --json --yes --out '{out}' {code}; echo \"exit=$?\"; ls '{out}'",
+        out = out.display(),
+        bin = BIN,
+        url = server.url,
+    );
+    cmd.args(["-m", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut r = Proc::from_command(cmd);
+    r.expect("exit=6");
+    r.expect("big.bin.peerlink-part");
+    r.wait_exit();
+    assert!(finished(&r)["message"].as_str().unwrap().contains("disk"), "{}", finished(&r));
+    assert_eq!(s.wait_exit(), 6, "the sender is told: {:?}", s.seen);
+}
