@@ -293,6 +293,8 @@ const BACKLOG_PAUSE: usize = 64;
 const MAX_HELD_SIGNALS: usize = 64;
 /// Members with held signals at once.
 const MAX_HELD_PEERS: usize = 64;
+/// Datagrams handled per wake-up before the driver looks at its other inputs.
+const RECV_BATCH: usize = 32;
 /// Interval of application pings keeping the signaling link alive.
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 
@@ -752,19 +754,24 @@ impl Driver {
                         let now = Instant::now();
                         // Read what else is waiting; str0m takes a bounded
                         // number of datagrams between polls, so pump after each.
-                        let mut next = Some((n, source));
-                        for _ in 0..32 {
-                            let Some((n, source)) = next.take() else { break };
+                        let (mut n, mut source) = (n, source);
+                        for round in 1..=RECV_BATCH {
                             if let Some(peer) = self.on_datagram(now, source, destination, &buf[..n]) {
                                 if let Some(st) = self.peers.get_mut(&peer) && st.blocked {
                                     Self::drain(st);
                                 }
                                 self.pump_peer(&peer, &sockets, now).await;
                             }
-                            if self.backlog.len() >= BACKLOG_PAUSE {
+                            // Read another only if it will be handled: a
+                            // datagram taken off the socket and then dropped
+                            // is a loss SCTP has to repair.
+                            if round == RECV_BATCH || self.backlog.len() >= BACKLOG_PAUSE {
                                 break;
                             }
-                            next = sockets[idx].try_recv_from(&mut buf).ok();
+                            match sockets[idx].try_recv_from(&mut buf) {
+                                Ok((len, from)) => (n, source) = (len, from),
+                                Err(_) => break,
+                            }
                         }
                     }
                     Err(e) => tracing::debug!("udp receive: {e}"),
