@@ -32,6 +32,22 @@ pub enum Bench {
         #[arg(long, default_value_t = 65536)]
         size: usize,
     },
+    /// Disk to disk with `peerlink send` and `peerlink receive` processes: one
+    /// big file, then many small ones, beside the raw channel throughput.
+    Transfer {
+        /// Size of the big file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Number of small files.
+        #[arg(long, default_value_t = 1000)]
+        files: usize,
+        /// Size of each small file, KiB.
+        #[arg(long, default_value_t = 100)]
+        file_kib: usize,
+        /// Folder for the test files (default: under the system temp folder).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Signaling server memory per idle (greeted, joined) connection.
     SignalMemory {
         #[arg(long, default_value_t = 500)]
@@ -41,13 +57,13 @@ pub enum Bench {
     All,
 }
 
-struct Server {
-    url: String,
+pub struct Server {
+    pub url: String,
     stop: Option<oneshot::Sender<()>>,
 }
 
 impl Server {
-    async fn start() -> anyhow::Result<Server> {
+    pub async fn start() -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("ws://{}/ws", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
@@ -114,13 +130,17 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
     match what {
         Bench::Connect { iterations } => connect(iterations).await,
         Bench::Rtt { count, size } => rtt(count, size).await,
-        Bench::Throughput { mib, size } => throughput(mib, size).await,
+        Bench::Throughput { mib, size } => throughput(mib, size).await.map(|_| ()),
+        Bench::Transfer { mib, files, file_kib, dir } => {
+            crate::bench_transfer::run(mib, files, file_kib, dir).await
+        }
         Bench::SignalMemory { conns } => signal_memory(conns).await,
         Bench::All => {
             connect(50).await?;
             rtt(5000, 16).await?;
             throughput(256, 65536).await?;
-            signal_memory(500).await
+            signal_memory(500).await?;
+            crate::bench_transfer::run(1024, 1000, 100, None).await
         }
     }
 }
@@ -206,7 +226,8 @@ async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn throughput(mib: usize, size: usize) -> anyhow::Result<()> {
+/// Prints peerlink's and raw str0m's bulk throughput; returns peerlink's MB/s.
+pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
     let server = Server::start().await?;
     let (_a, ca, mut b, _cb) = pair(&server, "tput", ChannelSpec::reliable("bulk")).await?;
     let total = mib * 1024 * 1024;
@@ -240,7 +261,7 @@ async fn throughput(mib: usize, size: usize) -> anyhow::Result<()> {
         "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s; peerlink/raw = {:.2}",
         mbs / raw
     );
-    Ok(())
+    Ok(mbs)
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

@@ -2,6 +2,7 @@
 //! benchmark the stack.
 
 mod bench;
+mod bench_transfer;
 mod chat;
 mod raw;
 mod transfer;

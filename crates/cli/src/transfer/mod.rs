@@ -43,6 +43,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// This process's peak resident memory (`VmHWM`), for `--json` reports.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// How a transfer ended; each has its own exit code (see the README).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -57,6 +63,19 @@ pub enum Outcome {
     DiskFull(String),
     /// Anything else: network, disk, protocol.
     Failed(String),
+}
+
+/// Waits (briefly) for the other side to leave after our final message.
+async fn linger(link: &mut link::Link) {
+    let gone = async {
+        loop {
+            match link.next().await {
+                Ok(link::LinkEvent::Lost(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), gone).await;
 }
 
 impl Outcome {

@@ -187,6 +187,8 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     tokio::pin!(shutdown);
     let mut started = false;
     let mut declined = false;
+    // Whether our last control message (done, cancel, decline) may still be in flight.
+    let mut last_word = false;
     // The file data last arrived for, and how far into it.
     let mut current: Option<(u32, u64)> = None;
 
@@ -222,6 +224,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                             } else {
                                 let why = "stdin is not a terminal to ask on; run with --yes to accept without asking";
                                 receiver.decline(format!("the receiver did not accept ({why})"));
+                                last_word = true;
                                 finished = Some(Outcome::Declined(format!("not accepted: {why}")));
                             }
                         }
@@ -247,8 +250,12 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                                 println!("{text}");
                             }
                         }
-                        ReceiverEvent::Complete => finished = Some(Outcome::Done),
+                        ReceiverEvent::Complete => {
+                            last_word = true;
+                            finished = Some(Outcome::Done);
+                        }
                         ReceiverEvent::Cancelled { code, reason, by_peer } => {
+                            last_word = !by_peer;
                             finished = Some(Outcome::from_cancel(code, reason, by_peer, "sender"));
                         }
                     }
@@ -295,6 +302,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             }
         }
         if declined {
+            last_word = true;
             finished = Some(Outcome::Declined("declined".into()));
         }
         if let Some(o) = finished {
@@ -433,6 +441,11 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
 
     if let Some(ctl) = &ctl {
         let _ = tokio::time::timeout(Duration::from_secs(2), ctl.flush()).await;
+        if last_word {
+            // Our `done` or `cancel` is on its way; leaving now could cut it
+            // off. The other side leaves when it has it.
+            super::linger(&mut link).await;
+        }
     }
     let p = receiver.progress();
     if outcome == Outcome::Done {
@@ -471,6 +484,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             "bytes_received": p.bytes_received_session,
             "corrupt_chunks": p.corrupt_chunks,
             "elapsed_s": ui.elapsed().as_secs_f64(),
+            "peak_rss_kib": super::peak_rss_kib(),
         }),
     );
     link.close().await;

@@ -259,6 +259,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let sent = Arc::new(AtomicU64::new(0));
     let position = Arc::new(Mutex::new(None));
     let mut accepted = false;
+    // Whether our last control message (a cancel) may still be in flight.
+    let mut last_word = false;
     let mut pump: Option<Pump> = None;
     let mut waiting_since = Some(tokio::time::Instant::now());
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -306,6 +308,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 }
                 SenderOutput::Event(SenderEvent::Finished) => finished = Some(Outcome::Done),
                 SenderOutput::Event(SenderEvent::Cancelled { code, reason, by_peer }) => {
+                    last_word = !by_peer;
                     finished = Some(Outcome::from_cancel(code, reason, by_peer, "receiver"));
                 }
             }
@@ -400,6 +403,11 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     // Let a final `cancel` or the last frames reach the receiver.
     if let Some(ctl) = &ctl {
         let _ = tokio::time::timeout(Duration::from_secs(2), ctl.flush()).await;
+        if last_word {
+            // Our `done` or `cancel` is on its way; leaving now could cut it
+            // off. The other side leaves when it has it.
+            super::linger(&mut link).await;
+        }
     }
     drop(pump);
     let stats = sender.stats();
@@ -425,6 +433,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
             "bytes_sent": stats.bytes_sent,
             "chunks_sent": stats.chunks_sent,
             "elapsed_s": ui.elapsed().as_secs_f64(),
+            "peak_rss_kib": super::peak_rss_kib(),
         }),
     );
     link.close().await;
