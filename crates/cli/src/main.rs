@@ -4,10 +4,12 @@
 mod bench;
 mod bench_transfer;
 mod chat;
+mod ping;
 mod raw;
+mod serve;
 mod transfer;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -44,11 +46,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the signaling server.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
-        listen: SocketAddr,
-    },
+    Serve(serve::ServeArgs),
     /// Line chat with everyone in ROOM over data channels.
     Chat {
         room: String,
@@ -65,6 +63,10 @@ enum Command {
     Send(transfer::send::SendArgs),
     /// Receive what a sender offers under CODE.
     Receive(transfer::receive::ReceiveArgs),
+    /// Connect to the peers in ROOM and report connect time, path (host,
+    /// srflx, relay) and why, RTT, and whether numbered messages arrive once
+    /// and in order. Exits 0 when everything arrived.
+    Ping(ping::PingArgs),
     /// Measure the stack: two native peers through an in-process server on 127.0.0.1.
     Bench {
         #[command(subcommand)]
@@ -81,11 +83,20 @@ pub struct IceArgs {
     /// Gather only on this interface (repeatable).
     #[arg(long = "ice-interface")]
     interfaces: Vec<String>,
+    /// Offer only relayed (TURN) candidates: the other side never learns
+    /// this machine's addresses.
+    #[arg(long)]
+    relay_only: bool,
 }
 
 impl IceArgs {
     pub fn config(&self) -> IceConfig {
-        IceConfig { addrs: self.addrs.clone(), interfaces: self.interfaces.clone() }
+        IceConfig {
+            addrs: self.addrs.clone(),
+            interfaces: self.interfaces.clone(),
+            relay_only: self.relay_only,
+            ..IceConfig::default()
+        }
     }
 }
 
@@ -122,23 +133,14 @@ pub async fn shutdown_signal() {
     });
 }
 
-async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
-    println!("peerlink serve: listening on {addr}");
-    peerlink_signal::serve(listener, peerlink_signal::Config::default(), shutdown_signal()).await?;
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { listen } => {
+            Command::Serve(args) => {
                 init_tracing("info");
-                serve(listen).await.map(|()| None)
+                serve::run(args).await.map(|()| None)
             }
             Command::Chat { room, server, name, ice } => {
                 init_tracing("warn");
@@ -151,6 +153,14 @@ fn main() -> ExitCode {
             Command::Receive(args) => {
                 init_tracing("warn");
                 transfer::receive::run(args).await.map(Some)
+            }
+            Command::Ping(args) => {
+                init_tracing("warn");
+                ping::run(args).await.map(|ok| {
+                    (!ok).then(|| {
+                        transfer::Outcome::Failed("not every message arrived once and in order".into())
+                    })
+                })
             }
             Command::Bench { what } => {
                 init_tracing("warn");

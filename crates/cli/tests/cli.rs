@@ -6,7 +6,7 @@ use common::Proc;
 
 #[test]
 fn chat_between_two_processes_and_clean_shutdown() {
-    let mut server = Proc::spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let mut server = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--no-turn"]);
     let line = server.expect("listening on");
     let addr = line.rsplit(' ').next().unwrap().to_string();
     let url = format!("ws://{addr}/ws");
@@ -44,4 +44,46 @@ fn chat_reports_an_unreachable_server() {
     // Port 9 on loopback: nothing listens there.
     let mut p = Proc::spawn(&["chat", "lobby", "--server", "ws://127.0.0.1:9/ws", "--ice-addr", "127.0.0.1"]);
     assert_eq!(p.wait_exit(), 1);
+}
+
+/// `peerlink serve` with its embedded TURN server (on loopback for the
+/// test) and two `peerlink ping --relay-only`: they connect through the
+/// relay with the credentials from `welcome`, and every message arrives.
+#[test]
+fn ping_through_the_embedded_turn_server() {
+    let mut server = Proc::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--turn-listen",
+        "127.0.0.1:0",
+        "--turn-allow-loopback",
+    ]);
+    server.expect("STUN/TURN on udp 127.0.0.1:");
+    let line = server.expect("listening on");
+    let url = format!("ws://{}/ws", line.rsplit(' ').next().unwrap());
+    let ping = || {
+        Proc::spawn(&[
+            "ping",
+            "relayed",
+            "--server",
+            &url,
+            "--ice-addr",
+            "127.0.0.1",
+            "--relay-only",
+            "--json",
+            "--count",
+            "20",
+        ])
+    };
+    let (mut a, mut b) = (ping(), ping());
+    for p in [&mut a, &mut b] {
+        let result = p.expect_event("result", |_| true);
+        assert_eq!(result["ok"], true, "{result}");
+        let peer = &result["peers"][0];
+        assert_eq!(peer["path"]["kind"], "relay", "{peer}");
+        assert_eq!((peer["received"].as_u64(), peer["missing"].as_u64()), (Some(20), Some(0)));
+        assert!(result["gathering"].as_str().unwrap().contains("relay from 127.0.0.1"), "{result}");
+        assert_eq!(p.wait_exit(), 0);
+    }
 }

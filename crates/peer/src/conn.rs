@@ -3,14 +3,14 @@
 //! events and the next deadline come out.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerlink_proto::{PeerId, Signal, SignalAuth};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
+use str0m::{Candidate, CandidateKind, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 
 use crate::auth::SignalKeys;
 use crate::channel::ChannelSpec;
@@ -61,8 +61,61 @@ pub(crate) enum ConnEvent {
     AuthFailed(String),
     Stats {
         rtt: Option<Duration>,
-        selected_pair: Option<String>,
+        path: Option<Path>,
     },
+}
+
+/// How the data of a connection travels: the selected candidate pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    /// `relay` if either end is a TURN relay, `srflx` if the remote end is
+    /// server- or peer-reflexive (a direct path through a NAT), `host` if
+    /// both are host candidates.
+    pub kind: PathKind,
+    pub local: (CandidateKind, SocketAddr),
+    pub remote: (CandidateKind, SocketAddr),
+}
+
+/// The kind of path a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathKind {
+    Host,
+    Srflx,
+    Relay,
+}
+
+impl PathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Host => "host",
+            PathKind::Srflx => "srflx",
+            PathKind::Relay => "relay",
+        }
+    }
+}
+
+/// The SDP name of a candidate kind.
+pub fn kind_name(kind: CandidateKind) -> &'static str {
+    match kind {
+        CandidateKind::Host => "host",
+        CandidateKind::PeerReflexive => "prflx",
+        CandidateKind::ServerReflexive => "srflx",
+        CandidateKind::Relayed => "relay",
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} {} -> {} {}",
+            self.kind.as_str(),
+            kind_name(self.local.0),
+            self.local.1,
+            kind_name(self.remote.0),
+            self.remote.1
+        )
+    }
 }
 
 /// What [`PeerConn::poll_output`] hands the driver.
@@ -89,6 +142,10 @@ pub(crate) struct ConnConfig {
     pub restart_after: Duration,
     /// A connection disconnected this long has failed for good.
     pub give_up_after: Duration,
+    /// Nothing heard from the remote for this long (ICE keepalives arrive
+    /// every second) counts as disconnected, well before ICE's own checks
+    /// give up.
+    pub silence: Duration,
 }
 
 /// Generates a DTLS certificate with the default crypto provider.
@@ -102,8 +159,9 @@ impl Default for ConnConfig {
             connect_timeout: Duration::from_secs(15),
             stats_interval: Duration::from_millis(500),
             dtls_cert: None,
-            restart_after: Duration::from_secs(3),
+            restart_after: Duration::from_secs(1),
             give_up_after: Duration::from_secs(60),
+            silence: Duration::from_millis(2500),
         }
     }
 }
@@ -149,6 +207,23 @@ pub(crate) struct PeerConn {
     /// or answer (str0m also lists them in the SDP).
     local_candidates: Vec<String>,
     trickled: bool,
+    /// Every local candidate is known (STUN and TURN have answered).
+    gathering_done: bool,
+    /// Our relayed addresses (a path through one is a relayed path).
+    relayed: Vec<SocketAddr>,
+    /// Kinds of the remote candidates we were told about.
+    remote_kinds: HashMap<SocketAddr, CandidateKind>,
+    /// Remote addresses not yet handed to the driver (TURN permissions).
+    new_remote_ips: Vec<IpAddr>,
+    silence: Duration,
+    /// Last datagram from the remote.
+    last_heard: Instant,
+    /// The outage was seen by our silence watch, not by ICE.
+    silent: bool,
+    /// Why the connection failed, once it has.
+    failure: Option<String>,
+    /// ICE's own view, for failure reasons.
+    ice_state: IceConnectionState,
 }
 
 impl std::fmt::Debug for PeerConn {
@@ -170,6 +245,9 @@ impl PeerConn {
         if let Some(cert) = &config.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
+        // ICE checks a working pair every max-RTO: once a second keeps the
+        // silence watch meaningful on an idle connection.
+        builder.set_max_stun_rto(Duration::from_secs(1));
         let mut rtc = builder.build(now);
         let mut local_candidates = Vec::new();
         for addr in locals {
@@ -209,7 +287,99 @@ impl PeerConn {
             out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
             local_candidates,
             trickled: false,
+            gathering_done: false,
+            relayed: Vec::new(),
+            remote_kinds: HashMap::new(),
+            new_remote_ips: Vec::new(),
+            silence: config.silence,
+            last_heard: now,
+            silent: false,
+            failure: None,
+            ice_state: IceConnectionState::New,
         }
+    }
+
+    /// Adds a candidate found after the connection was made (server-
+    /// reflexive or relayed); trickled at once if our first description went
+    /// out already.
+    pub fn add_local_candidate(&mut self, c: Candidate) {
+        if c.kind() == CandidateKind::Relayed {
+            self.relayed.push(c.addr());
+        }
+        let Some(c) = self.rtc.add_local_candidate(c) else { return };
+        let sdp = c.to_sdp_string();
+        if self.trickled {
+            self.out.push_back(ConnOutput::Signal(Signal::Candidate { candidate: sdp.clone(), mid: None }));
+        }
+        self.local_candidates.push(sdp);
+    }
+
+    /// Every local candidate is known: end-of-candidates can go out.
+    pub fn gathering_complete(&mut self) {
+        if !self.gathering_done {
+            self.gathering_done = true;
+            if self.trickled {
+                self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
+            }
+        }
+    }
+
+    /// Remote addresses learned since the last call (for TURN permissions).
+    pub fn take_remote_ips(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.new_remote_ips)
+    }
+
+    /// Why the connection failed, if it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Remote candidates we were told about, as `kind addr`.
+    pub fn remote_candidates(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.remote_kinds.iter().map(|(a, k)| format!("{} {a}", kind_name(*k))).collect();
+        v.sort();
+        v
+    }
+
+    fn learn_remote(&mut self, c: &Candidate) {
+        let addr = c.addr();
+        if self.remote_kinds.insert(addr, c.kind()).is_none() && !self.new_remote_ips.contains(&addr.ip()) {
+            self.new_remote_ips.push(addr.ip());
+        }
+    }
+
+    fn learn_remote_sdp(&mut self, sdp: &str) {
+        for line in sdp.lines() {
+            if let Some(attr) = line.trim().strip_prefix("a=")
+                && attr.starts_with("candidate:")
+                && let Ok(c) = Candidate::from_sdp_string(attr)
+            {
+                self.learn_remote(&c);
+            }
+        }
+    }
+
+    fn path(&self, local: SocketAddr, remote: SocketAddr) -> Path {
+        let local_kind =
+            if self.relayed.contains(&local) { CandidateKind::Relayed } else { CandidateKind::Host };
+        let remote_kind = self.remote_kinds.get(&remote).copied().unwrap_or(CandidateKind::PeerReflexive);
+        let kind = if local_kind == CandidateKind::Relayed || remote_kind == CandidateKind::Relayed {
+            PathKind::Relay
+        } else if remote_kind == CandidateKind::Host {
+            PathKind::Host
+        } else {
+            PathKind::Srflx
+        };
+        Path { kind, local: (local_kind, local), remote: (remote_kind, remote) }
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.failure.is_none() {
+            self.failure = Some(reason);
+        }
+        self.set_state(ConnState::Failed);
+        self.rtc.disconnect();
     }
 
     /// When this side should next restart ICE, while the connection is down.
@@ -256,8 +426,7 @@ impl PeerConn {
         };
         tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
         self.out.push_back(ConnOutput::Event(ConnEvent::AuthFailed(reason.clone())));
-        self.set_state(ConnState::Failed);
-        self.rtc.disconnect();
+        self.fail(format!("signaling was not authentic: {reason}"));
         Err(Error::Unauthenticated { peer: self.remote.clone(), reason })
     }
 
@@ -323,8 +492,8 @@ impl PeerConn {
         }
     }
 
-    /// Sends our candidates and end-of-candidates once, after our first
-    /// offer or answer. Host gathering is complete at construction.
+    /// Sends our candidates once, after our first offer or answer, and
+    /// end-of-candidates if gathering is over (else when it is).
     fn trickle(&mut self) {
         if self.trickled {
             return;
@@ -334,7 +503,9 @@ impl PeerConn {
             self.out
                 .push_back(ConnOutput::Signal(Signal::Candidate { candidate: candidate.clone(), mid: None }));
         }
-        self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
+        if self.gathering_done {
+            self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
+        }
     }
 
     /// Applies a signal from the remote peer.
@@ -342,10 +513,12 @@ impl PeerConn {
         match signal {
             Signal::Offer { sdp, auth } => {
                 self.check_auth("offer", &sdp, auth.as_ref())?;
+                self.learn_remote_sdp(&sdp);
                 self.handle_offer(&sdp, now)
             }
             Signal::Answer { sdp, auth } => {
                 self.check_auth("answer", &sdp, auth.as_ref())?;
+                self.learn_remote_sdp(&sdp);
                 self.handle_answer(&sdp, now)
             }
             Signal::Candidate { candidate, .. } => {
@@ -353,6 +526,7 @@ impl PeerConn {
                     peer: self.remote.clone(),
                     reason: format!("candidate: {e}"),
                 })?;
+                self.learn_remote(&c);
                 if self.have_remote_description {
                     self.rtc.add_remote_candidate(c);
                 } else if self.early_candidates.len() < MAX_EARLY_CANDIDATES {
@@ -453,21 +627,41 @@ impl PeerConn {
         let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else {
             return Ok(());
         };
+        self.last_heard = self.last_heard.max(now);
         // A bad or excess datagram is dropped, not fatal: the peer retransmits.
         self.rtc
             .handle_input(Input::Receive(now, r))
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
+        if self.silent && self.rtc.is_connected() {
+            // The path came back before (or without) a restart.
+            tracing::info!(peer = %self.remote, "heard from the remote again");
+            self.silent = false;
+            self.down_since = None;
+            self.set_state(ConnState::Connected);
+        }
         Ok(())
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
         self.last_now = self.last_now.max(now);
+        if self.state == ConnState::Connected
+            && self.down_since.is_none()
+            && now >= self.last_heard + self.silence
+        {
+            tracing::info!(peer = %self.remote, "nothing heard for {:?}: disconnected", self.silence);
+            self.silent = true;
+            // Restart timers count from when the outage was noticed.
+            self.down_since = Some(now);
+            self.set_state(ConnState::Disconnected);
+        }
         if let Some(since) = self.down_since {
             if now >= since + self.give_up_after {
                 tracing::info!(peer = %self.remote, "no path for {:?}: failed", self.give_up_after);
                 self.down_since = None;
-                self.set_state(ConnState::Failed);
-                self.rtc.disconnect();
+                self.fail(format!(
+                    "the connection was lost and no path came back within {:?} ({} ICE restarts)",
+                    self.give_up_after, self.restarts
+                ));
                 return Ok(());
             }
             if self.restart_due().is_some_and(|due| now >= due) {
@@ -482,8 +676,16 @@ impl PeerConn {
             && !self.ever_connected
         {
             self.connect_deadline = None;
-            self.set_state(ConnState::Failed);
-            self.rtc.disconnect();
+            let why = if !self.have_remote_description {
+                "no answer to the offer arrived (is the other side there?)".to_string()
+            } else if self.ice_state.is_connected() {
+                "a path was found but the secure (DTLS) handshake did not complete".to_string()
+            } else if self.remote_kinds.is_empty() {
+                "connectivity checks timed out, and the other side sent no candidates".to_string()
+            } else {
+                "connectivity checks timed out: no candidate pair answered".to_string()
+            };
+            self.fail(why);
             return Ok(());
         }
         if !self.have_remote_description {
@@ -497,8 +699,7 @@ impl PeerConn {
     }
 
     fn broken(&mut self, e: str0m::RtcError) -> Error {
-        self.set_state(ConnState::Failed);
-        self.rtc.disconnect();
+        self.fail(format!("WebRTC error: {e}"));
         Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() }
     }
 
@@ -543,6 +744,9 @@ impl PeerConn {
                     if let (Some(since), Some(due)) = (self.down_since, self.restart_due()) {
                         t = t.min(due).min(since + self.give_up_after);
                     }
+                    if self.state == ConnState::Connected && self.down_since.is_none() {
+                        t = t.min(self.last_heard + self.silence);
+                    }
                     let t = match self.connect_deadline {
                         Some(d) if !self.ever_connected => t.min(d),
                         _ => t,
@@ -561,17 +765,21 @@ impl PeerConn {
                 self.connect_deadline = None;
                 self.set_state(ConnState::Connected);
             }
-            RtcEvent::IceConnectionStateChange(s) => match s {
-                IceConnectionState::Disconnected if self.ever_connected => {
-                    self.down_since.get_or_insert(self.last_now);
-                    self.set_state(ConnState::Disconnected);
+            RtcEvent::IceConnectionStateChange(s) => {
+                self.ice_state = s;
+                match s {
+                    IceConnectionState::Disconnected if self.ever_connected => {
+                        self.down_since.get_or_insert(self.last_now);
+                        self.set_state(ConnState::Disconnected);
+                    }
+                    IceConnectionState::Connected | IceConnectionState::Completed if self.ever_connected => {
+                        self.down_since = None;
+                        self.silent = false;
+                        self.set_state(ConnState::Connected);
+                    }
+                    _ => {}
                 }
-                IceConnectionState::Connected | IceConnectionState::Completed if self.ever_connected => {
-                    self.down_since = None;
-                    self.set_state(ConnState::Connected);
-                }
-                _ => {}
-            },
+            }
             RtcEvent::ChannelOpen(id, label) => {
                 let spec = self.creating.remove(&id).unwrap_or_else(|| {
                     let cfg = self.rtc.channel(id).and_then(|c| c.config().cloned());
@@ -597,15 +805,12 @@ impl PeerConn {
                 self.out.push_back(ConnOutput::Event(ConnEvent::Writable));
             }
             RtcEvent::PeerStats(s) => {
-                let selected_pair = s
-                    .selected_candidate_pair
-                    .as_ref()
-                    .map(|p| format!("{:?} {} -> {}", p.protocol, p.local.addr, p.remote.addr));
+                let path = s.selected_candidate_pair.as_ref().map(|p| self.path(p.local.addr, p.remote.addr));
                 // Data-only sessions have no RTCP RTT; ICE consent checks measure it.
                 let rtt = s
                     .rtt
                     .or_else(|| s.selected_candidate_pair.as_ref().and_then(|p| p.current_round_trip_time));
-                self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt, selected_pair }));
+                self.out.push_back(ConnOutput::Event(ConnEvent::Stats { rtt, path }));
             }
             RtcEvent::Closed => self.set_state(ConnState::Closed),
             _ => {}

@@ -1,9 +1,10 @@
-//! Candidate gathering: which local addresses the peer offers, and the UDP
-//! sockets behind them. Host candidates only; server-reflexive and relayed
-//! candidates slot in here as further sources.
+//! Candidate gathering: which local addresses the peer offers and the UDP
+//! sockets behind them; `relay.rs` adds server-reflexive and relayed
+//! candidates from the same sockets.
 
 use std::net::{IpAddr, SocketAddr};
 
+use peerlink_proto::IceServer;
 use tokio::net::UdpSocket;
 
 use crate::error::Error;
@@ -14,18 +15,46 @@ use crate::error::Error;
 /// not link-local) is gathered, or loopback when there is nothing else.
 /// Restrict it to keep traffic on chosen networks: tests use
 /// `IceConfig::only([127.0.0.1])`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Server-reflexive and relayed candidates come from STUN and TURN servers:
+/// those the signaling server announces in `welcome` (with short-lived TURN
+/// credentials) unless `use_server_ice` is off, plus `servers`. A server is
+/// only contacted from a local address of the same scope: loopback sockets
+/// talk to loopback servers only, so a test restricted to 127.0.0.1 never
+/// sends anywhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IceConfig {
     /// Exactly these addresses (no interface enumeration) when non-empty.
     pub addrs: Vec<IpAddr>,
     /// Only addresses of these interfaces (by name, e.g. `eth0`) when non-empty.
     pub interfaces: Vec<String>,
+    /// Use the STUN/TURN servers the signaling server hands out. On by default.
+    pub use_server_ice: bool,
+    /// More STUN/TURN servers, in the browser's `iceServers` shape
+    /// (`stun:` and `turn:` URLs over UDP).
+    pub servers: Vec<IceServer>,
+    /// Offer relayed candidates only (the browser's `iceTransportPolicy:
+    /// "relay"`): the other side never learns our addresses, at the cost of
+    /// relaying everything. Needs a TURN server.
+    pub relay_only: bool,
+}
+
+impl Default for IceConfig {
+    fn default() -> Self {
+        IceConfig {
+            addrs: Vec::new(),
+            interfaces: Vec::new(),
+            use_server_ice: true,
+            servers: Vec::new(),
+            relay_only: false,
+        }
+    }
 }
 
 impl IceConfig {
     /// Gather only on `addrs`.
     pub fn only(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
-        IceConfig { addrs: addrs.into_iter().collect(), interfaces: Vec::new() }
+        IceConfig { addrs: addrs.into_iter().collect(), ..IceConfig::default() }
     }
 
     /// Gather only on 127.0.0.1.
@@ -104,11 +133,11 @@ mod tests {
 
     #[test]
     fn interface_filter_restricts_gathering() {
-        let cfg = IceConfig { addrs: vec![], interfaces: vec!["lo".into()] };
+        let cfg = IceConfig { interfaces: vec!["lo".into()], ..IceConfig::default() };
         let addrs = cfg.host_addrs().unwrap();
         assert!(!addrs.is_empty());
         assert!(addrs.iter().all(|a| a.is_loopback()), "{addrs:?}");
-        let none = IceConfig { addrs: vec![], interfaces: vec!["no-such-if0".into()] };
+        let none = IceConfig { interfaces: vec!["no-such-if0".into()], ..IceConfig::default() };
         assert!(matches!(none.host_addrs(), Err(Error::NoAddresses(_))));
     }
 }

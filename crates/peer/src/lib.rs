@@ -33,14 +33,17 @@ mod channel;
 mod conn;
 mod error;
 mod gather;
+mod relay;
 mod room;
 mod signaling;
 mod sim;
 
 pub use auth::SignalKeys;
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};
-pub use conn::ConnState;
+pub use conn::{ConnState, Path, PathKind};
 pub use error::{Error, SendError};
 pub use gather::IceConfig;
 pub use peerlink_proto::PeerId;
+pub use relay::{GatherReport, Outcome as GatherOutcome};
 pub use room::{ConnectOptions, Event, PeerStats, Room, RoomConfig};
+pub use str0m::CandidateKind;

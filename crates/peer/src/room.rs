@@ -19,9 +19,10 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::auth::SignalKeys;
 use crate::channel::{ChannelSpec, DataChannel, Message, Shared};
-use crate::conn::{ConnConfig, ConnEvent, ConnOutput, ConnState, PeerConn};
+use crate::conn::{ConnConfig, ConnEvent, ConnOutput, ConnState, Path, PeerConn};
 use crate::error::Error;
 use crate::gather::{self, IceConfig};
+use crate::relay::{Demux, GatherReport, Gatherer, Output as GatherOutput};
 use crate::signaling::{self, Signaling};
 
 /// How to join a room.
@@ -148,6 +149,10 @@ pub struct PeerStats {
     pub state: Option<ConnState>,
     /// ICE restarts this connection made to recover from outages.
     pub ice_restarts: u32,
+    /// The selected path: its kind (host, srflx, relay) and both ends.
+    pub path: Option<Path>,
+    /// Why the connection failed, with what was gathered on each side.
+    pub failure: Option<String>,
 }
 
 enum Command {
@@ -157,6 +162,7 @@ enum Command {
     ServerSend { to: Option<PeerId>, data: serde_json::Value },
     Stats { peer: PeerId, reply: oneshot::Sender<Option<PeerStats>> },
     Peers { reply: oneshot::Sender<Vec<PeerId>> },
+    Gathering { reply: oneshot::Sender<GatherReport> },
     Leave { reply: oneshot::Sender<()> },
 }
 
@@ -182,9 +188,16 @@ impl Room {
                 .await?;
         let id = sig.id.clone();
         tracing::info!(peer = %id, room = %config.room, addrs = ?local_addrs, "joined");
+        let mut ice_servers = config.ice.servers.clone();
+        if config.ice.use_server_ice {
+            ice_servers.extend(sig.ice_servers.iter().cloned());
+        }
+        let servers =
+            crate::relay::resolve(&ice_servers, config.signaling_timeout.min(Duration::from_secs(3))).await;
+        let gatherer = Gatherer::new(&local_addrs, &servers, Instant::now());
         let (commands, cmd_rx) = mpsc::channel(64);
         let (ev_tx, events) = mpsc::channel(config.event_capacity.max(16));
-        let driver = Driver::new(config, sig, local_addrs.clone(), ev_tx, dtls_cert);
+        let driver = Driver::new(config, sig, local_addrs.clone(), ev_tx, dtls_cert, gatherer);
         tokio::spawn(driver.run(sockets, cmd_rx));
         Ok(Room { id, local_addrs, commands, events })
     }
@@ -241,6 +254,12 @@ impl Room {
             .ok_or_else(|| Error::UnknownPeer(peer.clone()))
     }
 
+    /// Which local candidates were gathered, and why any are missing (no
+    /// STUN answer, TURN credentials refused, ...).
+    pub async fn gathering(&self) -> Result<GatherReport, Error> {
+        self.call(|reply| Command::Gathering { reply }).await
+    }
+
     /// Peers currently in the room.
     pub async fn peers(&self) -> Result<Vec<PeerId>, Error> {
         self.call(|reply| Command::Peers { reply }).await
@@ -285,6 +304,11 @@ struct Driver {
     backlog: VecDeque<Event>,
     wake: Arc<Notify>,
     closing: Option<String>,
+    /// STUN and TURN from our sockets.
+    gatherer: Gatherer,
+    /// Server-reflexive and relayed candidates found so far.
+    gathered: Vec<str0m::Candidate>,
+    gathering_complete: bool,
 }
 
 /// Backlogged events above which the driver stops reading datagrams.
@@ -305,6 +329,7 @@ impl Driver {
         local_addrs: Vec<SocketAddr>,
         events: mpsc::Sender<Event>,
         dtls_cert: Option<str0m::config::DtlsCert>,
+        gatherer: Gatherer,
     ) -> Self {
         let conn_config =
             ConnConfig { connect_timeout: config.connect_timeout, dtls_cert, ..ConnConfig::default() };
@@ -325,6 +350,9 @@ impl Driver {
             backlog: VecDeque::new(),
             wake: Arc::new(Notify::new()),
             closing: None,
+            gatherer,
+            gathered: Vec::new(),
+            gathering_complete: false,
         }
     }
 
@@ -389,7 +417,14 @@ impl Driver {
         }
         self.drop_conn(&peer);
         let polite = self.id < peer;
-        let mut conn = PeerConn::new(peer.clone(), polite, &self.local_addrs, &self.conn_config, now);
+        let hosts: &[SocketAddr] = if self.config.ice.relay_only { &[] } else { &self.local_addrs };
+        let mut conn = PeerConn::new(peer.clone(), polite, hosts, &self.conn_config, now);
+        for c in &self.gathered {
+            conn.add_local_candidate(c.clone());
+        }
+        if self.gathering_complete {
+            conn.gathering_complete();
+        }
         if let Some(keys) = keys {
             conn.set_keys(keys);
         }
@@ -515,6 +550,9 @@ impl Driver {
             Command::Stats { peer, reply } => {
                 let _ = reply.send(self.peers.get(&peer).map(|st| st.stats.clone()));
             }
+            Command::Gathering { reply } => {
+                let _ = reply.send(self.gatherer.report());
+            }
             Command::Peers { reply } => {
                 let _ = reply.send(self.members.keys().cloned().collect());
             }
@@ -588,7 +626,11 @@ impl Driver {
             loop {
                 match st.conn.poll_output() {
                     ConnOutput::Transmit { source, destination, contents } => {
-                        send_datagram(sockets, &self.local_addrs, source, destination, &contents).await;
+                        if self.gatherer.is_relayed(source) {
+                            self.gatherer.send_relayed(now, source, destination, &contents);
+                        } else {
+                            send_datagram(sockets, &self.local_addrs, source, destination, &contents).await;
+                        }
                     }
                     ConnOutput::Signal(s) => signals.push(s),
                     ConnOutput::Timeout(t) => {
@@ -600,6 +642,16 @@ impl Driver {
                             st.stats.state = Some(state);
                             if matches!(state, ConnState::Failed | ConnState::Closed) {
                                 dead = true;
+                            }
+                            if state == ConnState::Failed {
+                                let why = st.conn.failure().unwrap_or("the connection failed").to_string();
+                                let failure = format!(
+                                    "{why}; our candidates: {}; theirs: [{}]",
+                                    self.gatherer.report(),
+                                    st.conn.remote_candidates().join(", ")
+                                );
+                                tracing::info!(remote = %peer, "{failure}");
+                                st.stats.failure = Some(failure);
                             }
                             events.push(Event::StateChanged { peer: peer.clone(), state });
                         }
@@ -646,18 +698,25 @@ impl Driver {
                         ConnEvent::AuthFailed(reason) => {
                             events.push(Event::AuthFailed { peer: peer.clone(), reason });
                         }
-                        ConnEvent::Stats { rtt, selected_pair } => {
+                        ConnEvent::Stats { rtt, path } => {
                             if rtt.is_some() {
                                 st.stats.rtt = rtt;
                             }
-                            if selected_pair.is_some() {
-                                st.stats.selected_pair = selected_pair;
+                            if let Some(path) = path {
+                                st.stats.selected_pair = Some(path.to_string());
+                                st.stats.path = Some(path);
                             }
                         }
                     },
                 }
             }
         }
+        if let Some(st) = self.peers.get_mut(peer) {
+            for ip in st.conn.take_remote_ips() {
+                self.gatherer.permit(now, ip);
+            }
+        }
+        self.flush_gatherer(sockets).await;
         for signal in signals {
             let room = self.room.clone();
             self.signal(ClientMsg::Signal { room, to: peer.clone(), signal });
@@ -670,6 +729,37 @@ impl Driver {
             for shared in closed {
                 shared.close();
                 self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+            }
+        }
+    }
+
+    /// Carries out what the gatherer asks: datagrams to STUN/TURN servers,
+    /// and new candidates for every connection.
+    async fn flush_gatherer(&mut self, sockets: &[UdpSocket]) {
+        while let Some(out) = self.gatherer.poll_output() {
+            match out {
+                GatherOutput::Transmit { socket, to, data } => {
+                    if let Err(e) = sockets[socket].try_send_to(&data, to) {
+                        tracing::debug!(%to, "STUN/TURN send: {e}");
+                    }
+                }
+                GatherOutput::Candidate(c) => {
+                    tracing::debug!(candidate = %c.to_sdp_string(), "gathered");
+                    for st in self.peers.values_mut() {
+                        st.conn.add_local_candidate(c.clone());
+                        st.dirty = true;
+                        st.next_timeout = Instant::now();
+                    }
+                    self.gathered.push(c);
+                }
+                GatherOutput::Complete => {
+                    tracing::debug!(report = %self.gatherer.report(), "gathering complete");
+                    self.gathering_complete = true;
+                    for st in self.peers.values_mut() {
+                        st.conn.gathering_complete();
+                        st.dirty = true;
+                    }
+                }
             }
         }
     }
@@ -705,11 +795,16 @@ impl Driver {
         let mut incoming = std::mem::replace(&mut self.incoming, futures_util::stream::empty().boxed());
         let reason = loop {
             let now = Instant::now();
+            if self.gatherer.poll_timeout().is_some_and(|t| t <= now) {
+                self.gatherer.handle_timeout(now);
+            }
+            self.flush_gatherer(&sockets).await;
             self.pump(&sockets, now).await;
             if let Some(reason) = self.closing.take() {
                 break reason;
             }
-            let deadline = self.peers.values().map(|st| st.next_timeout).min();
+            let deadline =
+                self.peers.values().map(|st| st.next_timeout).chain(self.gatherer.poll_timeout()).min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -756,7 +851,15 @@ impl Driver {
                         // number of datagrams between polls, so pump after each.
                         let (mut n, mut source) = (n, source);
                         for round in 1..=RECV_BATCH {
-                            if let Some(peer) = self.on_datagram(now, source, destination, &buf[..n]) {
+                            let handled = match self.gatherer.handle_datagram(now, idx, source, &buf[..n]) {
+                                Demux::Pass => self.on_datagram(now, source, destination, &buf[..n]),
+                                Demux::Relayed { peer, relayed, data } => {
+                                    self.on_datagram(now, peer, relayed, &data)
+                                }
+                                Demux::Consumed => None,
+                            };
+                            self.flush_gatherer(&sockets).await;
+                            if let Some(peer) = handled {
                                 if let Some(st) = self.peers.get_mut(&peer) && st.blocked {
                                     Self::drain(st);
                                 }
@@ -794,6 +897,8 @@ impl Driver {
             }
             self.pump_peer(peer, &sockets, Instant::now()).await;
         }
+        self.gatherer.close(Instant::now());
+        self.flush_gatherer(&sockets).await;
         let members: Vec<PeerId> = self.members.keys().chain(self.peers.keys()).cloned().collect();
         for peer in &members {
             self.remove_peer(peer);

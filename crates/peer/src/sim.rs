@@ -61,11 +61,12 @@ mod tests {
             let start = Instant::now();
             let cfg = ConnConfig::default();
             let ids = [PeerId::from_server("p-a"), PeerId::from_server("p-b")];
-            let side = |i: usize| Side {
-                conn: PeerConn::new(ids[1 - i].clone(), ids[i] < ids[1 - i], &[addr(i)], &cfg, start),
-                timeout: start,
-                events: Vec::new(),
-                signals: Vec::new(),
+            let side = |i: usize| {
+                let mut conn =
+                    PeerConn::new(ids[1 - i].clone(), ids[i] < ids[1 - i], &[addr(i)], &cfg, start);
+                // Host candidates only: gathering is over at once.
+                conn.gathering_complete();
+                Side { conn, timeout: start, events: Vec::new(), signals: Vec::new() }
             };
             World {
                 start,

@@ -42,6 +42,8 @@ impl From<Refused> for Failure {
 struct Conn {
     server: Server,
     id: PeerId,
+    /// The host the client reached us by (for ICE server URLs).
+    host: Option<String>,
     outbox: Outbox,
     greeted: bool,
     rooms: HashSet<String>,
@@ -50,7 +52,7 @@ struct Conn {
     last_rate_notice: Option<Instant>,
 }
 
-pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
+pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, host: Option<String>) {
     let cfg = server.inner.config.clone();
     let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
     let kick = Arc::new(Kick::default());
@@ -58,6 +60,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr) {
     let mut conn = Conn {
         server: server.clone(),
         id: new_peer_id(),
+        host,
         outbox: Outbox { tx, kick: kick.clone() },
         greeted: false,
         rooms: HashSet::new(),
@@ -250,10 +253,15 @@ impl Conn {
                 }
                 self.greeted = true;
                 tracing::debug!(peer = %self.id, client = client.as_deref().unwrap_or("-"), "hello");
+                let mut ice_servers = inner.config.ice_servers.clone();
+                if let Some(p) = &inner.config.ice_provider {
+                    ice_servers
+                        .extend(p.servers(&crate::IceRequest { peer: &self.id, host: self.host.as_deref() }));
+                }
                 self.reply(&ServerMsg::Welcome {
                     version: PROTOCOL_VERSION,
                     peer_id: self.id.clone(),
-                    ice_servers: inner.config.ice_servers.clone(),
+                    ice_servers,
                     limits: inner.config.limits,
                 });
             }

@@ -29,7 +29,7 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::serve::ListenerExt;
-use peerlink_proto::{IceServer, Limits};
+use peerlink_proto::{IceServer, Limits, PeerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -52,6 +52,42 @@ pub struct Config {
     pub hard_frame_limit: usize,
     /// ICE servers handed to every peer in `welcome`.
     pub ice_servers: Vec<IceServer>,
+    /// More ICE servers made for each peer, e.g. with short-lived TURN
+    /// credentials; appended to `ice_servers`.
+    pub ice_provider: Option<IceProvider>,
+}
+
+/// Who a `welcome` is for: the input of an [`IceProvider`].
+#[derive(Debug, Clone, Copy)]
+pub struct IceRequest<'a> {
+    /// The peer id the server assigned.
+    pub peer: &'a PeerId,
+    /// The host the client used to reach this server (the `Host` header,
+    /// without the port): where a TURN server on the same machine is
+    /// reachable for it.
+    pub host: Option<&'a str>,
+}
+
+type IceFn = dyn Fn(&IceRequest<'_>) -> Vec<IceServer> + Send + Sync;
+
+/// Makes the ICE servers one peer is told about in `welcome`.
+#[derive(Clone)]
+pub struct IceProvider(Arc<IceFn>);
+
+impl IceProvider {
+    pub fn new(f: impl Fn(&IceRequest<'_>) -> Vec<IceServer> + Send + Sync + 'static) -> Self {
+        IceProvider(Arc::new(f))
+    }
+
+    pub(crate) fn servers(&self, req: &IceRequest<'_>) -> Vec<IceServer> {
+        (self.0)(req)
+    }
+}
+
+impl std::fmt::Debug for IceProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IceProvider(..)")
+    }
 }
 
 impl Default for Config {
@@ -71,6 +107,7 @@ impl Default for Config {
             outbound_queue: 256,
             hard_frame_limit: 4 * limits.max_message_bytes as usize,
             ice_servers: Vec::new(),
+            ice_provider: None,
         }
     }
 }
@@ -128,8 +165,10 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
 async fn ws_upgrade(
     State(server): State<Server>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).map(host_of);
     let cfg = &server.inner.config;
     ws
         // Idle connections must be cheap: tungstenite's default is a 128 KiB
@@ -139,7 +178,15 @@ async fn ws_upgrade(
         .max_write_buffer_size(cfg.hard_frame_limit * 4)
         .max_message_size(cfg.hard_frame_limit)
         .max_frame_size(cfg.hard_frame_limit)
-        .on_upgrade(move |socket| conn::run(server, socket, addr))
+        .on_upgrade(move |socket| conn::run(server, socket, addr, host))
+}
+
+/// `example.org:8080` → `example.org`, `[2001:db8::1]:80` → `2001:db8::1`.
+fn host_of(host: &str) -> String {
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or_default().to_string();
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h).to_string()
 }
 
 /// Serves signaling on `listener` until `shutdown` completes, then tells every

@@ -325,6 +325,32 @@ async fn welcome_carries_version_peer_id_limits_and_ice_servers() {
     assert_ne!(peer_id, b_id, "every connection gets its own id");
 }
 
+/// A provider makes ICE servers per peer (short-lived TURN credentials
+/// named after the peer) and sees the host the client connected to.
+#[tokio::test]
+async fn welcome_carries_ice_servers_made_for_each_peer() {
+    let stat = IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None };
+    let provider = peerlink_signal::IceProvider::new(|req| {
+        vec![IceServer {
+            urls: vec![format!("turn:{}:3478", req.host.unwrap_or("?"))],
+            username: Some(format!("4102444800:{}", req.peer)),
+            credential: Some("secret-derived".into()),
+        }]
+    });
+    let cfg = Config { ice_servers: vec![stat.clone()], ice_provider: Some(provider), ..config() };
+    let server = TestServer::start(cfg).await;
+    for _ in 0..2 {
+        let mut c = server.client().await;
+        c.send_json(fixture("client/hello.json")).await;
+        let ServerMsg::Welcome { peer_id, ice_servers, .. } = c.recv().await else {
+            panic!("expected welcome")
+        };
+        assert_eq!(ice_servers[0], stat, "the static servers come first");
+        assert_eq!(ice_servers[1].urls, ["turn:127.0.0.1:3478"], "the host the client used");
+        assert_eq!(ice_servers[1].username.as_deref(), Some(format!("4102444800:{peer_id}").as_str()));
+    }
+}
+
 #[tokio::test]
 async fn wrong_version_is_refused_and_closed() {
     let server = TestServer::start(config()).await;

@@ -91,6 +91,11 @@ impl Link {
                 tokio::select! {
                     ev = pairer.next() => {
                         let end = ev.is_err();
+                        if let Err(e) = &ev {
+                            // Whatever ended it, the other side is told why
+                            // rather than left waiting.
+                            pairer.abort(e).await;
+                        }
                         if tx.send(ev).await.is_err() || end {
                             break;
                         }
@@ -145,6 +150,19 @@ impl Pairer {
         let (pairing, first) = Pairing::start(self.role, &self.code);
         self.tell(&peer, &first).await;
         self.pairing = Some((peer, pairing));
+    }
+
+    /// Tells the peer being paired or paired with that we are giving up.
+    async fn abort(&mut self, e: &LinkError) {
+        let peer = self.paired.clone().or_else(|| self.pairing.as_ref().map(|(p, _)| p.clone()));
+        let Some(peer) = peer else { return };
+        let reason = match e {
+            LinkError::Tampered(r) => format!("{TAMPER_PREFIX}{r}"),
+            LinkError::WrongCode(_) => "the codes do not match".to_string(),
+            LinkError::Failed(r) => r.clone(),
+        };
+        tracing::debug!(%peer, "telling the other side: {reason}");
+        self.tell(&peer, &PairMsg::PairAbort { reason }).await;
     }
 
     fn reset(&mut self) {
@@ -211,8 +229,7 @@ impl Pairer {
                     }
                 }
                 Event::AuthFailed { peer, reason } => {
-                    let msg = PairMsg::PairAbort { reason: format!("{TAMPER_PREFIX}{reason}") };
-                    self.tell(&peer, &msg).await;
+                    tracing::debug!(%peer, "signaling failed authentication: {reason}");
                     return Err(LinkError::Tampered(reason));
                 }
                 Event::Closed { reason } => return Err(LinkError::Failed(format!("signaling: {reason}"))),
@@ -223,6 +240,13 @@ impl Pairer {
     }
 
     async fn on_pair_message(&mut self, from: PeerId, msg: PairMsg) -> Result<Option<LinkEvent>, LinkError> {
+        let kind = match &msg {
+            PairMsg::PairPake { .. } => "pake",
+            PairMsg::PairConfirm { .. } => "confirm",
+            PairMsg::PairAbort { .. } => "abort",
+        };
+        let pairing = self.pairing.as_ref().map(|(p, _)| p);
+        tracing::debug!(%from, kind, ?pairing, paired = ?self.paired, "pairing message");
         let ours =
             self.paired.as_ref() == Some(&from) || self.pairing.as_ref().is_some_and(|(p, _)| *p == from);
         if let (PairMsg::PairAbort { reason }, true) = (&msg, ours) {
@@ -272,8 +296,7 @@ impl Pairer {
                 Ok(Some(LinkEvent::Paired))
             }
             Err(PairError::WrongCode) => {
-                let reason = "the codes do not match".to_string();
-                self.tell(&peer, &PairMsg::PairAbort { reason: reason.clone() }).await;
+                tracing::debug!(%peer, "key confirmation failed");
                 Err(LinkError::WrongCode(
                     "the other side typed a different code (a typo, or someone guessing); this code is no longer valid"
                         .into(),

@@ -303,7 +303,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
         }
         if declined {
             last_word = true;
-            finished = Some(Outcome::Declined("declined".into()));
+            finished = Some(Outcome::Declined("you declined the offer".into()));
         }
         if let Some(o) = finished {
             break o;

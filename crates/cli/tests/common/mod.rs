@@ -167,7 +167,8 @@ pub struct Serve {
 }
 
 pub fn serve() -> Serve {
-    let mut proc = Proc::spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    // No STUN/TURN: these tests run in parallel, and none needs a relay.
+    let mut proc = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--no-turn"]);
     let line = proc.expect("listening on");
     let addr = line.rsplit(' ').next().unwrap().to_string();
     Serve { url: format!("ws://{addr}/ws"), proc }

@@ -1,0 +1,163 @@
+//! `peerlink serve`: the signaling server and, next to it, the embedded
+//! STUN/TURN server, with short-lived TURN credentials for every peer.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use peerlink_proto::IceServer;
+use peerlink_signal::{IceProvider, IceRequest};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on for signaling (WebSocket at /ws, health at /healthz).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    turn: TurnArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TurnArgs {
+    /// UDP address of the embedded STUN/TURN server.
+    #[arg(long, default_value = "0.0.0.0:3478", env = "PEERLINK_TURN_LISTEN")]
+    turn_listen: SocketAddr,
+    /// Do not run the embedded STUN/TURN server (use --turn-url for another).
+    #[arg(long)]
+    no_turn: bool,
+    /// The address relayed candidates carry and peers reach the TURN server
+    /// at. Default: the --turn-listen address, or when that is 0.0.0.0, the
+    /// first non-loopback interface address.
+    #[arg(long)]
+    turn_external_ip: Option<IpAddr>,
+    /// Secret for TURN REST credentials, coturn's `static-auth-secret`
+    /// (`use-auth-secret`). Default: a random one per start, enough for the
+    /// embedded server alone.
+    #[arg(long, env = "PEERLINK_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// Also hand out this STUN or TURN server (repeatable), e.g.
+    /// `turn:turn.example.org:3478` for a coturn sharing --turn-secret.
+    #[arg(long)]
+    turn_url: Vec<String>,
+    /// How long handed-out TURN credentials stay valid.
+    #[arg(long, default_value = "1h", value_parser = crate::transfer::parse_duration)]
+    turn_ttl: Duration,
+    /// Relay bandwidth cap per allocation and direction, bytes per second (0: none).
+    #[arg(long, default_value_t = 12_500_000)]
+    turn_rate: u64,
+    /// Let the TURN server relay to loopback addresses (tests on one machine).
+    #[arg(long)]
+    turn_allow_loopback: bool,
+}
+
+fn random_secret() -> String {
+    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+/// The first non-loopback interface address of the family of `like`.
+fn guess_external_ip(like: IpAddr) -> Option<IpAddr> {
+    if_addrs::get_if_addrs()
+        .ok()?
+        .into_iter()
+        .map(|i| i.ip())
+        .find(|ip| !ip.is_loopback() && ip.is_ipv4() == like.is_ipv4() && !ip.is_unspecified())
+}
+
+/// `host` as it goes in a STUN/TURN URL.
+fn url_host(host: &str) -> String {
+    if host.contains(':') { format!("[{host}]") } else { host.to_string() }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let turn = &args.turn;
+    let secret = turn.turn_secret.clone().unwrap_or_else(random_secret);
+    let ttl = turn.turn_ttl;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut turn_task = None;
+    // The embedded server's address as clients should dial it; `None` means
+    // "the host the client reached signaling by".
+    let mut embedded: Option<(Option<IpAddr>, u16)> = None;
+    if !turn.no_turn {
+        let socket = tokio::net::UdpSocket::bind(turn.turn_listen).await.with_context(|| {
+            format!("cannot bind the STUN/TURN server to {} (use --no-turn to go without)", turn.turn_listen)
+        })?;
+        let bound = socket.local_addr()?;
+        let external = turn.turn_external_ip.or(if bound.ip().is_unspecified() {
+            guess_external_ip(bound.ip())
+        } else {
+            Some(bound.ip())
+        });
+        let mut config = peerlink_turn::Config::new(peerlink_turn::Auth::rest(secret.clone()));
+        config.listen = bound;
+        config.external_ip = Some(external.unwrap_or(IpAddr::from([127, 0, 0, 1])));
+        config.limits.bandwidth_bytes_per_sec = (turn.turn_rate > 0).then_some(turn.turn_rate);
+        config.peer_policy.allow_loopback = turn.turn_allow_loopback;
+        let server =
+            peerlink_turn::Server::new(socket, config).context("cannot start the STUN/TURN server")?;
+        tracing::info!(
+            "STUN/TURN on udp {bound}, relaying as {}",
+            external.map_or("127.0.0.1".to_string(), |i| i.to_string())
+        );
+        println!("peerlink serve: STUN/TURN on udp {bound}");
+        let mut stop = stop_rx.clone();
+        turn_task = Some(tokio::spawn(async move {
+            server
+                .run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+        embedded = Some((
+            turn.turn_external_ip.or((!bound.ip().is_unspecified()).then_some(bound.ip())),
+            bound.port(),
+        ));
+    }
+
+    let extra: Vec<String> = turn.turn_url.clone();
+    let provider = IceProvider::new(move |req: &IceRequest<'_>| {
+        let creds = peerlink_turn::rest_credentials(&secret, req.peer.as_str(), ttl, SystemTime::now());
+        let mut out = Vec::new();
+        if let Some((ip, port)) = embedded {
+            let host = match (ip, req.host) {
+                (Some(ip), _) => url_host(&ip.to_string()),
+                (None, Some(h)) => url_host(h),
+                (None, None) => "127.0.0.1".to_string(),
+            };
+            out.push(IceServer {
+                urls: vec![format!("stun:{host}:{port}"), format!("turn:{host}:{port}?transport=udp")],
+                username: Some(creds.username.clone()),
+                credential: Some(creds.password.clone()),
+            });
+        }
+        if !extra.is_empty() {
+            out.push(IceServer {
+                urls: extra.clone(),
+                username: Some(creds.username),
+                credential: Some(creds.password),
+            });
+        }
+        out
+    });
+    let config =
+        peerlink_signal::Config { ice_provider: Some(provider), ..peerlink_signal::Config::default() };
+    tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
+    println!("peerlink serve: listening on {addr}");
+    let shutdown = async move {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    peerlink_signal::serve(listener, config, shutdown).await?;
+    if let Some(task) = turn_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("STUN/TURN server: {e}"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("STUN/TURN server did not stop in time"),
+        }
+    }
+    Ok(())
+}

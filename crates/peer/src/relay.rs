@@ -1,0 +1,655 @@
+//! Server-reflexive and relayed candidates: STUN Binding requests and TURN
+//! allocations from our host sockets, without I/O. Datagrams and time go
+//! in; datagrams to send, new candidates and a report come out. The room's
+//! driver shares the host sockets with it and hands it every datagram that
+//! comes from a STUN/TURN server.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use peerlink_proto::IceServer;
+use str0m::Candidate;
+use stun_types::attribute::{ErrorCode, XorMappedAddress};
+use stun_types::message::{BINDING, Message, MessageClass, MessageWriteVec, TransactionId};
+use stun_types::prelude::*;
+use turn_client_proto::api::{Transmit, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet};
+use turn_client_proto::prelude::*;
+use turn_client_proto::stun::Instant as SioInstant;
+use turn_client_proto::stun::auth::Feature;
+use turn_client_proto::types::message::ALLOCATE;
+use turn_client_proto::types::{TransportType, TurnCredentials};
+use turn_client_proto::udp::TurnClientUdp;
+
+/// STUN Binding retransmissions (RFC 8489 §6.2.1, shortened: gathering
+/// should not hold up a connection for long).
+const STUN_RTO: Duration = Duration::from_millis(250);
+const STUN_ATTEMPTS: u32 = 5;
+/// The TURN client gets polled at least this often: turn-client-proto does
+/// not always ask for a timely poll after a state change.
+const TURN_MAX_WAIT: Duration = Duration::from_secs(1);
+/// ... and much more often while an allocation or a permission is on its
+/// way: the client paces requests 50 ms apart without asking for the poll
+/// that sends the next one.
+const TURN_BUSY_WAIT: Duration = Duration::from_millis(20);
+
+/// One ICE server from `welcome` (or configured), resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Server {
+    Stun(SocketAddr),
+    Turn { addr: SocketAddr, username: String, credential: String },
+}
+
+/// Parses `stun:host[:port]` and `turn:host[:port][?transport=udp]` URLs;
+/// `turns:`, TCP and unknown schemes are skipped (UDP is all we speak).
+/// Host names are left for the caller to resolve: returns (scheme, host,
+/// port, credentials).
+pub(crate) fn parse_url(url: &str) -> Option<(bool, String, u16)> {
+    let (scheme, rest) = url.split_once(':')?;
+    let is_turn = match scheme {
+        "stun" => false,
+        "turn" => true,
+        _ => return None,
+    };
+    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if query.split('&').any(|kv| kv.starts_with("transport=") && kv != "transport=udp") {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, p) = v6.split_once(']')?;
+        (h.to_string(), p.strip_prefix(':').map(str::parse).transpose().ok()?.unwrap_or(3478))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().ok()?),
+            None => (hostport.to_string(), 3478),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((is_turn, host, port))
+}
+
+/// Resolves the ICE servers' URLs (bounded in time) into servers we can use.
+pub(crate) async fn resolve(servers: &[IceServer], timeout: Duration) -> Vec<Server> {
+    let mut out = Vec::new();
+    for s in servers {
+        for url in &s.urls {
+            let Some((is_turn, host, port)) = parse_url(url) else {
+                tracing::debug!(%url, "ICE server skipped (not UDP STUN/TURN)");
+                continue;
+            };
+            let addrs = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => match tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
+                    .await
+                {
+                    Ok(Ok(a)) => a.collect(),
+                    _ => {
+                        tracing::warn!(%url, "cannot resolve ICE server");
+                        continue;
+                    }
+                },
+            };
+            for addr in addrs {
+                let server = if is_turn {
+                    match (&s.username, &s.credential) {
+                        (Some(u), Some(c)) => {
+                            Server::Turn { addr, username: u.clone(), credential: c.clone() }
+                        }
+                        _ => {
+                            tracing::warn!(%url, "TURN server without credentials skipped");
+                            continue;
+                        }
+                    }
+                } else {
+                    Server::Stun(addr)
+                };
+                if !out.contains(&server) {
+                    out.push(server);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What became of one STUN or TURN server, for diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    /// The candidate it gave.
+    Ok(SocketAddr),
+    /// Why it gave none.
+    Failed(String),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Pending => f.write_str("pending"),
+            Outcome::Ok(a) => write!(f, "{a}"),
+            Outcome::Failed(why) => write!(f, "none ({why})"),
+        }
+    }
+}
+
+/// Which candidates were gathered, from where, and why any are missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatherReport {
+    /// Local sockets (host candidates unless relay-only).
+    pub host: Vec<SocketAddr>,
+    /// Server-reflexive: (local socket, STUN server, outcome).
+    pub srflx: Vec<(SocketAddr, SocketAddr, Outcome)>,
+    /// Relayed: (local socket, TURN server, outcome).
+    pub relay: Vec<(SocketAddr, SocketAddr, Outcome)>,
+    /// Every STUN and TURN request has an outcome.
+    pub complete: bool,
+}
+
+impl fmt::Display for GatherReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<String> = self.host.iter().map(|a| a.to_string()).collect();
+        write!(f, "host [{}]", hosts.join(", "))?;
+        if self.srflx.is_empty() {
+            f.write_str("; srflx: no STUN server")?;
+        }
+        for (local, server, o) in &self.srflx {
+            write!(f, "; srflx from {local} via {server}: {o}")?;
+        }
+        if self.relay.is_empty() {
+            f.write_str("; relay: no TURN server")?;
+        }
+        for (local, server, o) in &self.relay {
+            write!(f, "; relay from {local} via {server}: {o}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a datagram that arrived on a host socket goes.
+#[derive(Debug)]
+pub(crate) enum Demux {
+    /// STUN/TURN traffic, handled here.
+    Consumed,
+    /// Data a peer sent to our relayed address.
+    Relayed { peer: SocketAddr, relayed: SocketAddr, data: Vec<u8> },
+    /// Not ours: for the peer connections.
+    Pass,
+}
+
+/// What the driver does next.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// Send from host socket `socket`.
+    Transmit { socket: usize, to: SocketAddr, data: Vec<u8> },
+    /// A candidate for every connection (server-reflexive or relayed).
+    Candidate(Candidate),
+    /// Every server has answered or given up.
+    Complete,
+}
+
+struct StunProbe {
+    socket: usize,
+    server: SocketAddr,
+    tid: TransactionId,
+    request: Vec<u8>,
+    attempts: u32,
+    next_at: Instant,
+    outcome: Outcome,
+}
+
+struct TurnAlloc {
+    socket: usize,
+    server: SocketAddr,
+    client: TurnClientUdp,
+    wait: Instant,
+    relayed: Option<SocketAddr>,
+    outcome: Outcome,
+    /// A server-reflexive address learned from the allocation's answer.
+    mapped: Option<SocketAddr>,
+    /// Permissions asked for (granted or not yet), and when.
+    permitted: Vec<(IpAddr, Instant)>,
+    /// Datagrams waiting for a permission to be granted (bounded).
+    waiting: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// 401 answers to our Allocate requests.
+    unauthorized: u32,
+}
+
+/// Datagrams held per allocation while permissions are being created.
+const MAX_WAITING: usize = 64;
+
+/// STUN and TURN from all host sockets to all servers.
+pub(crate) struct Gatherer {
+    /// `std` ↔ sans-io time.
+    base: Instant,
+    hosts: Vec<SocketAddr>,
+    stun: Vec<StunProbe>,
+    turn: Vec<TurnAlloc>,
+    out: VecDeque<Output>,
+    /// Server-reflexive candidates announced (one per address).
+    srflx_seen: Vec<SocketAddr>,
+    complete_sent: bool,
+}
+
+impl fmt::Debug for Gatherer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gatherer").field("report", &self.report()).finish()
+    }
+}
+
+/// A permission request not answered within this is made again.
+const PERMISSION_RETRY: Duration = Duration::from_secs(2);
+
+/// Asks the TURN server to let `ip` through, unless granted or recently
+/// asked. Returns whether a request went out.
+fn ask_permission(t: &mut TurnAlloc, ip: IpAddr, now: Instant, sio: SioInstant) -> bool {
+    if t.client.have_permission(TransportType::Udp, ip) {
+        return false;
+    }
+    if let Some((_, at)) = t.permitted.iter().find(|(p, _)| *p == ip)
+        && now < *at + PERMISSION_RETRY
+    {
+        return false;
+    }
+    t.permitted.retain(|(p, _)| *p != ip);
+    t.permitted.push((ip, now));
+    // `AlreadyExists` means a request is still pending inside the client.
+    t.client.create_permission(TransportType::Udp, ip, sio).is_ok()
+}
+
+fn binding_request() -> (TransactionId, Vec<u8>) {
+    let msg = Message::builder_request(BINDING, MessageWriteVec::new());
+    let tid = msg.transaction_id();
+    (tid, msg.finish())
+}
+
+impl Gatherer {
+    /// Starts gathering from each of `hosts` (the bound host sockets) to each
+    /// of `servers` whose address family matches.
+    pub fn new(hosts: &[SocketAddr], servers: &[Server], now: Instant) -> Gatherer {
+        let mut g = Gatherer {
+            base: now,
+            hosts: hosts.to_vec(),
+            stun: Vec::new(),
+            turn: Vec::new(),
+            out: VecDeque::new(),
+            srflx_seen: Vec::new(),
+            complete_sent: false,
+        };
+        for (socket, host) in hosts.iter().enumerate() {
+            for server in servers {
+                let addr = match server {
+                    Server::Stun(a) | Server::Turn { addr: a, .. } => a,
+                };
+                // Same family, and same scope: a loopback socket talks to
+                // loopback servers only (tests restricted to 127.0.0.1 must
+                // never send elsewhere), and the other way round.
+                if addr.is_ipv4() != host.is_ipv4() || addr.ip().is_loopback() != host.ip().is_loopback() {
+                    continue;
+                }
+                match server {
+                    Server::Stun(addr) => {
+                        let (tid, request) = binding_request();
+                        g.stun.push(StunProbe {
+                            socket,
+                            server: *addr,
+                            tid,
+                            request,
+                            attempts: 0,
+                            next_at: now,
+                            outcome: Outcome::Pending,
+                        });
+                    }
+                    Server::Turn { addr, username, credential } => {
+                        let mut config = TurnConfig::new(TurnCredentials::new(username, credential));
+                        // USERHASH would hide the REST username (`<expiry>:<user>`)
+                        // a coturn-style server derives the password from.
+                        config.set_anonymous_username(Feature::Disabled);
+                        config.set_request_retransmits(
+                            Duration::from_millis(250),
+                            Duration::from_secs(2),
+                            5,
+                            Duration::from_secs(2),
+                        );
+                        g.turn.push(TurnAlloc {
+                            socket,
+                            server: *addr,
+                            client: TurnClientUdp::allocate(*host, *addr, config),
+                            wait: now,
+                            relayed: None,
+                            outcome: Outcome::Pending,
+                            mapped: None,
+                            permitted: Vec::new(),
+                            waiting: VecDeque::new(),
+                            unauthorized: 0,
+                        });
+                    }
+                }
+            }
+        }
+        g.handle_timeout(now);
+        g
+    }
+
+    fn sio(&self, t: Instant) -> SioInstant {
+        SioInstant::from_nanos(t.saturating_duration_since(self.base).as_nanos() as i64)
+    }
+
+    /// Whether `addr` is one of our relayed addresses.
+    pub fn is_relayed(&self, addr: SocketAddr) -> bool {
+        self.turn.iter().any(|t| t.relayed == Some(addr))
+    }
+
+    pub fn report(&self) -> GatherReport {
+        GatherReport {
+            host: self.hosts.clone(),
+            srflx: self
+                .stun
+                .iter()
+                .map(|p| (self.hosts[p.socket], p.server, p.outcome.clone()))
+                .chain(self.turn.iter().filter_map(|t| {
+                    let from_stun = self.stun.iter().any(|p| p.socket == t.socket && p.server == t.server);
+                    t.mapped.filter(|_| !from_stun).map(|m| (self.hosts[t.socket], t.server, Outcome::Ok(m)))
+                }))
+                .collect(),
+            relay: self.turn.iter().map(|t| (self.hosts[t.socket], t.server, t.outcome.clone())).collect(),
+            complete: self.is_complete(),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.stun.iter().all(|p| p.outcome != Outcome::Pending)
+            && self.turn.iter().all(|t| t.outcome != Outcome::Pending)
+    }
+
+    fn srflx(&mut self, socket: usize, mapped: SocketAddr) {
+        let host = self.hosts[socket];
+        if mapped == host || self.srflx_seen.contains(&mapped) {
+            return;
+        }
+        self.srflx_seen.push(mapped);
+        match Candidate::server_reflexive(mapped, host, "udp") {
+            Ok(c) => self.out.push_back(Output::Candidate(c)),
+            Err(e) => tracing::debug!(%mapped, "unusable server-reflexive address: {e}"),
+        }
+    }
+
+    /// Takes a datagram that arrived on host socket `socket` from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, data: &[u8]) -> Demux {
+        // STUN Binding answers.
+        if let Some(i) = self.stun.iter().position(|p| p.socket == socket && p.server == from)
+            && let Ok(msg) = Message::from_bytes(data)
+            && msg.is_response()
+            && msg.transaction_id() == self.stun[i].tid
+        {
+            {
+                if self.stun[i].outcome == Outcome::Pending {
+                    if msg.has_class(MessageClass::Success)
+                        && let Ok(x) = msg.attribute::<XorMappedAddress>()
+                    {
+                        let mapped = x.addr(msg.transaction_id());
+                        self.stun[i].outcome = Outcome::Ok(mapped);
+                        self.srflx(socket, mapped);
+                    } else {
+                        self.stun[i].outcome =
+                            Outcome::Failed("the STUN server answered with an error".into());
+                    }
+                    self.check_complete();
+                }
+                return Demux::Consumed;
+            }
+        }
+        // TURN: the allocation on this socket with this server.
+        let Some(i) = self.turn.iter().position(|t| t.socket == socket && t.server == from) else {
+            return Demux::Pass;
+        };
+        let sio = self.sio(now);
+        // turn-client-proto ignores XOR-MAPPED-ADDRESS; the Allocate answer
+        // carries our server-reflexive address for free.
+        if let Ok(msg) = Message::from_bytes(data)
+            && msg.has_method(ALLOCATE)
+            && msg.has_class(MessageClass::Success)
+            && let Ok(x) = msg.attribute::<XorMappedAddress>()
+        {
+            let mapped = x.addr(msg.transaction_id());
+            self.turn[i].mapped = Some(mapped);
+            self.srflx(socket, mapped);
+        }
+        // turn-client-proto retries refused credentials until its request
+        // times out; a second 401 (after we authenticated) or any other
+        // error but a stale nonce is an answer: give up now, with the reason.
+        if self.turn[i].outcome == Outcome::Pending
+            && let Ok(msg) = Message::from_bytes(data)
+            && msg.has_method(ALLOCATE)
+            && msg.has_class(MessageClass::Error)
+            && let Ok(err) = msg.attribute::<ErrorCode>()
+        {
+            let t = &mut self.turn[i];
+            let code = err.code();
+            let refused = match code {
+                401 => {
+                    t.unauthorized += 1;
+                    (t.unauthorized >= 2).then(|| "the TURN server refused the credentials (401)".to_string())
+                }
+                438 => None,
+                _ => Some(format!("the TURN server refused the allocation ({code} {})", err.reason())),
+            };
+            if let Some(why) = refused {
+                t.outcome = Outcome::Failed(why);
+                t.client.protocol_error();
+                t.wait = now + Duration::from_secs(3600);
+                self.check_complete();
+                return Demux::Consumed;
+            }
+        }
+        if let Outcome::Failed(_) = self.turn[i].outcome
+            && self.turn[i].relayed.is_none()
+        {
+            return Demux::Consumed;
+        }
+        let host = self.hosts[socket];
+        let ret = self.turn[i].client.recv(Transmit::new(data, TransportType::Udp, from, host), sio);
+        let demux = match ret {
+            TurnRecvRet::Handled => Demux::Consumed,
+            TurnRecvRet::PeerData(pd) => match self.turn[i].relayed {
+                Some(relayed) => Demux::Relayed { peer: pd.peer, relayed, data: pd.data().to_vec() },
+                None => Demux::Consumed,
+            },
+            TurnRecvRet::PeerIcmp { .. } => Demux::Consumed,
+            TurnRecvRet::Ignored(_) => Demux::Pass,
+        };
+        self.pump_turn(i, now);
+        demux
+    }
+
+    /// Sends `data` to `to` through the allocation whose relayed address is
+    /// `relayed`. Without a permission for `to` yet, one is asked for and the
+    /// datagram is dropped (ICE retransmits its checks).
+    pub fn send_relayed(&mut self, now: Instant, relayed: SocketAddr, to: SocketAddr, data: &[u8]) {
+        let Some(i) = self.turn.iter().position(|t| t.relayed == Some(relayed)) else { return };
+        let sio = self.sio(now);
+        let socket = self.turn[i].socket;
+        match self.turn[i].client.send_to(TransportType::Udp, to, data, sio) {
+            Ok(Some(t)) => {
+                let t = t.build();
+                self.out.push_back(Output::Transmit { socket, to: t.to, data: t.data });
+            }
+            Ok(None) => {}
+            Err(turn_client_proto::api::SendError::NoPermission) => {
+                // Hold it until the permission is granted (ICE would resend
+                // a check only after its retransmission timeout).
+                let t = &mut self.turn[i];
+                if t.waiting.len() >= MAX_WAITING {
+                    t.waiting.pop_front();
+                }
+                t.waiting.push_back((to, data.to_vec()));
+                ask_permission(t, to.ip(), now, sio);
+            }
+            Err(e) => tracing::debug!(%to, "relay send: {e}"),
+        }
+        self.pump_turn(i, now);
+    }
+
+    /// Lets `ip` reach our relayed addresses (a remote candidate's address).
+    pub fn permit(&mut self, now: Instant, ip: IpAddr) {
+        let sio = self.sio(now);
+        for i in 0..self.turn.len() {
+            let t = &mut self.turn[i];
+            if t.relayed.is_some() && t.server.is_ipv4() == ip.is_ipv4() && ask_permission(t, ip, now, sio) {
+                self.pump_turn(i, now);
+            }
+        }
+    }
+
+    /// Drains one TURN client: transmits, events, next wake-up.
+    fn pump_turn(&mut self, i: usize, now: Instant) {
+        if matches!(self.turn[i].outcome, Outcome::Failed(_)) && self.turn[i].relayed.is_none() {
+            return;
+        }
+        let sio = self.sio(now);
+        let busy = self.turn[i].outcome == Outcome::Pending || !self.turn[i].waiting.is_empty();
+        let mut wait = now + if busy { TURN_BUSY_WAIT } else { TURN_MAX_WAIT };
+        loop {
+            let t = &mut self.turn[i];
+            match t.client.poll(sio) {
+                TurnPollRet::WaitUntil(at) => {
+                    wait = wait.min(self.base + Duration::from_nanos(at.as_nanos().max(0) as u64))
+                }
+                TurnPollRet::Closed => {
+                    if t.outcome == Outcome::Pending {
+                        t.outcome = Outcome::Failed(
+                            "the TURN server did not grant an allocation (no answer, or the credentials were refused)"
+                                .into(),
+                        );
+                    } else if t.relayed.take().is_some() {
+                        tracing::warn!(server = %t.server, "TURN allocation lost");
+                        t.outcome = Outcome::Failed("the allocation expired or was lost".into());
+                    }
+                    wait = now + Duration::from_secs(3600);
+                }
+                _ => {}
+            }
+            let mut sent = false;
+            let socket = t.socket;
+            while let Some(tx) = t.client.poll_transmit(sio) {
+                self.out.push_back(Output::Transmit { socket, to: tx.to, data: tx.data.to_vec() });
+                sent = true;
+            }
+            let t = &mut self.turn[i];
+            while let Some(ev) = t.client.poll_event() {
+                match ev {
+                    TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
+                        let host = self.hosts[socket];
+                        tracing::debug!(%relayed, server = %t.server, "TURN allocation");
+                        t.relayed = Some(relayed);
+                        t.outcome = Outcome::Ok(relayed);
+                        match Candidate::relayed(relayed, host, "udp") {
+                            Ok(c) => self.out.push_back(Output::Candidate(c)),
+                            Err(e) => tracing::warn!(%relayed, "unusable relayed address: {e}"),
+                        }
+                    }
+                    TurnEvent::AllocationCreateFailed(_) => {
+                        t.outcome = Outcome::Failed("the TURN server refused the allocation".into());
+                    }
+                    TurnEvent::PermissionCreateFailed(_, ip) => {
+                        tracing::debug!(%ip, "TURN permission refused");
+                        t.permitted.retain(|(p, _)| *p != ip);
+                        t.waiting.retain(|(to, _)| to.ip() != ip);
+                    }
+                    TurnEvent::PermissionCreated(_, ip) => {
+                        let (ready, rest): (VecDeque<_>, VecDeque<_>) =
+                            t.waiting.drain(..).partition(|(to, _)| to.ip() == ip);
+                        t.waiting = rest;
+                        for (to, data) in ready {
+                            if let Ok(Some(tx)) = t.client.send_to(TransportType::Udp, to, &data[..], sio) {
+                                let tx = tx.build();
+                                self.out.push_back(Output::Transmit { socket, to: tx.to, data: tx.data });
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let t = &mut self.turn[i];
+            t.wait = wait;
+            if !sent {
+                break;
+            }
+        }
+        self.check_complete();
+    }
+
+    fn check_complete(&mut self) {
+        if !self.complete_sent && self.is_complete() {
+            self.complete_sent = true;
+            self.out.push_back(Output::Complete);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.stun.len() {
+            let p = &mut self.stun[i];
+            if p.outcome != Outcome::Pending || p.next_at > now {
+                continue;
+            }
+            if p.attempts >= STUN_ATTEMPTS {
+                p.outcome =
+                    Outcome::Failed(format!("no answer from the STUN server after {} tries", p.attempts));
+                continue;
+            }
+            p.attempts += 1;
+            p.next_at = now + STUN_RTO * (1 << (p.attempts - 1).min(3));
+            self.out.push_back(Output::Transmit { socket: p.socket, to: p.server, data: p.request.clone() });
+        }
+        for i in 0..self.turn.len() {
+            if self.turn[i].wait <= now {
+                self.pump_turn(i, now);
+            }
+        }
+        self.check_complete();
+    }
+
+    /// When [`Gatherer::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let stun = self.stun.iter().filter(|p| p.outcome == Outcome::Pending).map(|p| p.next_at);
+        let turn = self.turn.iter().map(|t| t.wait);
+        stun.chain(turn).min()
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Gives the allocations back (REFRESH with lifetime 0).
+    pub fn close(&mut self, now: Instant) {
+        let sio = self.sio(now);
+        for i in 0..self.turn.len() {
+            if self.turn[i].relayed.is_some() {
+                let _ = self.turn[i].client.delete(sio);
+                self.pump_turn(i, now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("stun:203.0.113.1:3478"), Some((false, "203.0.113.1".into(), 3478)));
+        assert_eq!(parse_url("turn:example.org"), Some((true, "example.org".into(), 3478)));
+        assert_eq!(
+            parse_url("turn:example.org:5000?transport=udp"),
+            Some((true, "example.org".into(), 5000))
+        );
+        assert_eq!(parse_url("turn:[2001:db8::1]:3479"), Some((true, "2001:db8::1".into(), 3479)));
+        assert_eq!(parse_url("turn:example.org?transport=tcp"), None);
+        assert_eq!(parse_url("turns:example.org:5349"), None);
+        assert_eq!(parse_url("http://x"), None);
+        assert_eq!(parse_url("stun:"), None);
+    }
+}
