@@ -48,6 +48,14 @@ pub enum Bench {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Bulk throughput through the embedded TURN server (both peers
+    /// relay-only), beside the direct path in the same run.
+    Relay {
+        #[arg(long, default_value_t = 128)]
+        mib: usize,
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+    },
     /// Signaling server memory per idle (greeted, joined) connection.
     SignalMemory {
         #[arg(long, default_value_t = 500)]
@@ -60,22 +68,28 @@ pub enum Bench {
 pub struct Server {
     pub url: String,
     stop: Option<oneshot::Sender<()>>,
+    /// Peers offer relayed candidates only.
+    relay_only: bool,
 }
 
 impl Server {
     pub async fn start() -> anyhow::Result<Server> {
+        Self::start_with(peerlink_signal::Config::default()).await
+    }
+
+    async fn start_with(config: peerlink_signal::Config) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("ws://{}/ws", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(peerlink_signal::serve(listener, peerlink_signal::Config::default(), async move {
+        tokio::spawn(peerlink_signal::serve(listener, config, async move {
             let _ = rx.await;
         }));
-        Ok(Server { url, stop: Some(tx) })
+        Ok(Server { url, stop: Some(tx), relay_only: false })
     }
 
     fn config(&self, room: &str, channels: Vec<ChannelSpec>) -> RoomConfig {
         let mut c = RoomConfig::new(self.url.clone(), room);
-        c.ice = IceConfig::loopback();
+        c.ice = IceConfig { relay_only: self.relay_only, ..IceConfig::loopback() };
         c.channels = channels;
         c
     }
@@ -135,11 +149,13 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
             crate::bench_transfer::run(mib, files, file_kib, dir).await
         }
         Bench::SignalMemory { conns } => signal_memory(conns).await,
+        Bench::Relay { mib, size } => relay(mib, size).await,
         Bench::All => {
             connect(50).await?;
             rtt(5000, 16).await?;
             throughput(256, 65536).await?;
             signal_memory(500).await?;
+            relay(128, 65536).await?;
             crate::bench_transfer::run(1024, 1000, 100, None).await
         }
     }
@@ -262,6 +278,75 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
         mbs / raw
     );
     Ok(mbs)
+}
+
+/// Moves `mib` MiB in `size`-byte messages between two peers of `server`;
+/// returns MB/s and the path kind.
+async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::Result<(f64, String)> {
+    let (_a, ca, mut b, _cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
+    let total = mib * 1024 * 1024;
+    let count = total.div_ceil(size);
+    let t0 = Instant::now();
+    let peer = ca.peer().clone();
+    let sender = tokio::spawn(async move {
+        let msg = vec![0x5au8; size];
+        for _ in 0..count {
+            ca.send(msg.clone()).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut got = 0usize;
+    while got < count * size {
+        match tokio::time::timeout(WAIT, b.next_event()).await.context("data stalled for 30 s")? {
+            Some(Event::Message { message, .. }) => got += message.len(),
+            Some(_) => {}
+            None => bail!("room closed"),
+        }
+    }
+    let elapsed = t0.elapsed();
+    sender.await??;
+    let path = _a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
+    Ok((got as f64 / elapsed.as_secs_f64() / 1e6, path))
+}
+
+async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
+    const SECRET: &str = "bench-secret";
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let mut config = peerlink_turn::Config::new(peerlink_turn::Auth::rest(SECRET));
+    config.relay_ports = 0..=0;
+    config.peer_policy.allow_loopback = true;
+    config.limits.bandwidth_bytes_per_sec = None;
+    let turn = peerlink_turn::Server::new(socket, config)?;
+    let turn_addr = turn.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(turn.run(async {
+        let _ = stopped.await;
+    }));
+    let provider = peerlink_signal::IceProvider::new(move |req| {
+        let c = peerlink_turn::rest_credentials(
+            SECRET,
+            req.peer.as_str(),
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        );
+        vec![peerlink_proto::IceServer {
+            urls: vec![format!("turn:{turn_addr}?transport=udp")],
+            username: Some(c.username),
+            credential: Some(c.password),
+        }]
+    });
+    let mut server =
+        Server::start_with(peerlink_signal::Config { ice_provider: Some(provider), ..Default::default() })
+            .await?;
+    let (direct, direct_path) = bulk(&server, "direct", mib, size).await?;
+    server.relay_only = true;
+    let (relayed, relay_path) = bulk(&server, "relayed", mib, size).await?;
+    let _ = stop.send(());
+    println!(
+        "relay ({mib} MiB in {size}-byte messages): through the embedded TURN server {relayed:.1} MB/s [{relay_path}]; direct {direct:.1} MB/s [{direct_path}]; relayed/direct = {:.2}",
+        relayed / direct
+    );
+    Ok(())
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

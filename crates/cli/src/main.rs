@@ -101,8 +101,12 @@ impl IceArgs {
 }
 
 fn init_tracing(default: &str) {
+    // The STUN/TURN protocol crates log expected protocol steps (the first,
+    // unauthenticated Allocate is refused with 401 by design) at error
+    // level; peerlink reports what matters itself.
+    let quiet = "stun_proto=off,turn_server_proto=off,turn_client_proto=off";
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{quiet}")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

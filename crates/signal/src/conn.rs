@@ -289,10 +289,10 @@ impl Conn {
                     ));
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
+                // The hub sends `joined` itself, ordered before any `peer_joined`.
                 let peers = hub.join(&room, &self.id, name, self.outbox.clone(), max_peers)?;
                 tracing::info!(peer = %self.id, %room, members = peers.len() + 1, "joined");
-                self.rooms.insert(room.clone());
-                self.reply(&ServerMsg::Joined { room, peers });
+                self.rooms.insert(room);
             }
             ClientMsg::Leave { room } => {
                 if !self.rooms.remove(&room) {

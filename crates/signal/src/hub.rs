@@ -102,13 +102,16 @@ impl Hub {
         }
         let me = PeerInfo { id: id.clone(), name: name.clone() };
         let frame = encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me });
-        let present = members
+        let present: Vec<PeerInfo> = members
             .iter()
             .map(|(pid, m)| {
                 m.outbox.deliver(frame.clone());
                 PeerInfo { id: pid.clone(), name: m.name.clone() }
             })
             .collect();
+        // `joined` goes out under the lock, before the joiner is visible:
+        // a `peer_joined` from someone joining right after can only follow it.
+        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present.clone() }));
         members.insert(id.clone(), Member { name, outbox });
         Ok(present)
     }

@@ -351,6 +351,34 @@ async fn welcome_carries_ice_servers_made_for_each_peer() {
     }
 }
 
+/// Peers joining one room at the same moment: each gets its `joined` before
+/// any `peer_joined` about the others (a client may treat anything else
+/// before `joined` as a broken server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_comes_before_any_peer_joined_even_when_joins_race() {
+    let server = TestServer::start(config()).await;
+    for round in 0..40 {
+        let mut clients = Vec::new();
+        // The test config allows 4 members per room.
+        for _ in 0..4 {
+            clients.push(server.greeted().await.0);
+        }
+        let room = format!("race-{round}");
+        let joins = clients.into_iter().map(|mut c| {
+            let room = room.clone();
+            tokio::spawn(async move {
+                c.send_json(json!({"type": "join", "room": room})).await;
+                let first = c.recv().await;
+                assert!(matches!(first, ServerMsg::Joined { .. }), "first answer to join: {first:?}");
+                c
+            })
+        });
+        for j in joins.collect::<Vec<_>>() {
+            j.await.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn wrong_version_is_refused_and_closed() {
     let server = TestServer::start(config()).await;
