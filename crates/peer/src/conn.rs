@@ -248,6 +248,9 @@ impl PeerConn {
         // ICE checks a working pair every max-RTO: once a second keeps the
         // silence watch meaningful on an idle connection.
         builder.set_max_stun_rto(Duration::from_secs(1));
+        // A first check that a TURN server drops (its permission is still on
+        // the way) is retried after 100 ms rather than 250.
+        builder.set_initial_stun_rto(Duration::from_millis(100));
         let mut rtc = builder.build(now);
         let mut local_candidates = Vec::new();
         for addr in locals {
@@ -835,6 +838,11 @@ impl PeerConn {
         self.rtc.disconnect();
         self.set_state(ConnState::Closed);
     }
+}
+
+/// Whether a datagram is DTLS (RFC 7983: first byte 20 to 63).
+pub(crate) fn is_dtls(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| (20..=63).contains(b))
 }
 
 /// Reads `a=max-message-size` from an SDP; 0 there means "no limit".

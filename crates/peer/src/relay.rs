@@ -215,6 +215,8 @@ struct TurnAlloc {
     waiting: VecDeque<(SocketAddr, Vec<u8>)>,
     /// 401 answers to our Allocate requests.
     unauthorized: u32,
+    /// Addresses the server will not relay to (permission refused).
+    refused: Vec<IpAddr>,
 }
 
 /// Datagrams held per allocation while permissions are being created.
@@ -245,7 +247,7 @@ const PERMISSION_RETRY: Duration = Duration::from_secs(2);
 /// Asks the TURN server to let `ip` through, unless granted or recently
 /// asked. Returns whether a request went out.
 fn ask_permission(t: &mut TurnAlloc, ip: IpAddr, now: Instant, sio: SioInstant) -> bool {
-    if t.client.have_permission(TransportType::Udp, ip) {
+    if t.refused.contains(&ip) || t.client.have_permission(TransportType::Udp, ip) {
         return false;
     }
     if let Some((_, at)) = t.permitted.iter().find(|(p, _)| *p == ip)
@@ -324,6 +326,7 @@ impl Gatherer {
                             permitted: Vec::new(),
                             waiting: VecDeque::new(),
                             unauthorized: 0,
+                            refused: Vec::new(),
                         });
                     }
                 }
@@ -477,6 +480,8 @@ impl Gatherer {
                 self.out.push_back(Output::Transmit { socket, to: t.to, data: t.data });
             }
             Ok(None) => {}
+            Err(turn_client_proto::api::SendError::NoPermission)
+                if self.turn[i].refused.contains(&to.ip()) => {}
             Err(turn_client_proto::api::SendError::NoPermission) => {
                 // Hold it until the permission is granted (ICE would resend
                 // a check only after its retransmission timeout).
@@ -555,6 +560,9 @@ impl Gatherer {
                     }
                     TurnEvent::PermissionCreateFailed(_, ip) => {
                         tracing::debug!(%ip, "TURN permission refused");
+                        if t.refused.len() < 64 {
+                            t.refused.push(ip);
+                        }
                         t.permitted.retain(|(p, _)| *p != ip);
                         t.waiting.retain(|(to, _)| to.ip() != ip);
                     }

@@ -771,11 +771,26 @@ impl Driver {
         destination: SocketAddr,
         data: &[u8],
     ) -> Option<PeerId> {
-        let peer = self
+        let accepted = self
             .peers
             .iter()
             .find(|(_, st)| st.conn.accepts(now, source, destination, data))
-            .map(|(id, _)| id.clone())?;
+            .map(|(id, _)| id);
+        // str0m only recognises a DTLS sender once ICE has seen the path
+        // succeed; through a relay, the remote's first DTLS flight can beat
+        // that, and dropping it costs a one-second DTLS retransmission. A
+        // single connection still being set up is where it belongs (DTLS
+        // authenticates it anyway).
+        let peer = accepted
+            .or_else(|| {
+                let mut connecting =
+                    self.peers.iter().filter(|(_, st)| st.conn.state() == ConnState::Connecting);
+                match (connecting.next(), connecting.next()) {
+                    (Some((id, _)), None) if crate::conn::is_dtls(data) => Some(id),
+                    _ => None,
+                }
+            })
+            .cloned()?;
         let st = self.peers.get_mut(&peer).expect("found above");
         if let Err(e) = st.conn.handle_datagram(now, source, destination, data) {
             tracing::debug!("{e}");
