@@ -89,6 +89,7 @@ fn path_json(stats: &PeerStats) -> Value {
             "kind": p.kind.as_str(),
             "local": format!("{} {}", peerlink_peer_kind(p.local.0), p.local.1),
             "remote": format!("{} {}", peerlink_peer_kind(p.remote.0), p.remote.1),
+            "why_relayed": stats.why_relayed,
         }),
         None => Value::Null,
     }

@@ -153,6 +153,8 @@ pub struct PeerStats {
     pub path: Option<Path>,
     /// Why the connection failed, with what was gathered on each side.
     pub failure: Option<String>,
+    /// Why the data goes through a relay, when it does.
+    pub why_relayed: Option<String>,
 }
 
 enum Command {
@@ -703,6 +705,14 @@ impl Driver {
                                 st.stats.rtt = rtt;
                             }
                             if let Some(path) = path {
+                                st.stats.why_relayed =
+                                    (path.kind == crate::conn::PathKind::Relay).then(|| {
+                                        why_relayed(
+                                            self.config.ice.relay_only,
+                                            &self.gatherer.report(),
+                                            &st.conn.remote_candidates(),
+                                        )
+                                    });
                                 st.stats.selected_pair = Some(path.to_string());
                                 st.stats.path = Some(path);
                             }
@@ -928,6 +938,24 @@ impl Driver {
                 break;
             }
         }
+    }
+}
+
+/// Explains a relayed path from what each side could offer.
+fn why_relayed(relay_only: bool, ours: &GatherReport, theirs: &[String]) -> String {
+    if relay_only {
+        return "relay-only was asked for (our addresses are not offered)".into();
+    }
+    let they_direct = theirs.iter().any(|c| c.starts_with("host") || c.starts_with("srflx"));
+    let we_srflx = ours.srflx.iter().any(|(_, _, o)| matches!(o, crate::relay::Outcome::Ok(_)));
+    if !they_direct {
+        "the other side offered only relayed candidates".into()
+    } else if !we_srflx && !ours.srflx.is_empty() {
+        "no direct pair answered, and our STUN requests got no answer (no server-reflexive address)".into()
+    } else {
+        "no direct candidate pair answered the connectivity checks (a NAT that maps per destination, \
+         such as a symmetric NAT, or a firewall, on at least one side)"
+            .into()
     }
 }
 

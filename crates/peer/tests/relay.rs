@@ -103,6 +103,8 @@ async fn relay_only_peers_connect_through_turn_with_credentials_from_welcome() {
         a.pump_for(Duration::from_millis(100)).await;
     };
     assert_eq!(path.kind, PathKind::Relay, "{path}");
+    let why = a.room.stats(&ib).await.unwrap().why_relayed.expect("a relayed path is explained");
+    assert!(why.contains("relay-only"), "{why}");
     let relayed = turn.stats.snapshot();
     assert!(relayed.allocations_created >= 2, "{relayed:?}");
 }
