@@ -316,6 +316,73 @@ fn a_used_code_is_dead() {
     assert!(again.stderr().contains("nobody is sending"), "{}", again.stderr());
 }
 
+/// A client in the code's room that never completes pairing: a squatter,
+/// a crashed receiver. Here `peerlink chat`, which ignores pairing messages.
+fn squatter(url: &str, code: &str) -> Proc {
+    let room = format!("pair-{}", code.split('-').next().unwrap());
+    let mut p =
+        Proc::spawn(&["chat", &room, "--server", url, "--name", "squatter", "--ice-addr", "127.0.0.1"]);
+    p.expect(&format!("* joined {room}"));
+    p
+}
+
+/// The sender starts pairing with whoever comes first; if that peer goes
+/// quiet, it gives up on it after --pairing-timeout and pairs with the
+/// receiver that asked meanwhile.
+#[test]
+fn a_quiet_peer_in_the_room_does_not_hold_the_sender_up() {
+    let server = serve();
+    let t = Scratch::new("squat-sender");
+    std::fs::write(t.path("a.txt"), "payload").unwrap();
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("a.txt")], &["--pairing-timeout", "2s"], &[]);
+    let code = code_of(&mut s);
+    let _squatter = squatter(&server.url, &code);
+    // The sender is pairing with the squatter before the receiver arrives.
+    s.expect_event("peer", |_| true);
+    let mut r = receive(&server.url, &code, &out, &["--yes", "--pairing-timeout", "20s"]);
+    assert_eq!(r.wait_exit(), 0, "receiver: {:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 0, "sender: {:?}\n{}", s.seen, s.stderr());
+    assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "payload");
+}
+
+/// A quiet peer that got into the room before the sender is the first one
+/// the receiver tries; after --pairing-timeout it tries the next member.
+#[test]
+fn a_quiet_peer_ahead_of_the_sender_does_not_hold_the_receiver_up() {
+    let server = serve();
+    let t = Scratch::new("squat-receiver");
+    std::fs::write(t.path("a.txt"), "payload").unwrap();
+    let out = t.path("out");
+    let code = "4242-acid-zebra-lantern";
+    let _squatter = squatter(&server.url, code);
+    let mut s = send(&server.url, &[&t.str("a.txt")], &["--code", code, "--pairing-timeout", "3s"], &[]);
+    s.expect_event("peer", |_| true);
+    let mut r = receive(&server.url, code, &out, &["--yes", "--pairing-timeout", "2s"]);
+    assert_eq!(r.wait_exit(), 0, "receiver: {:?}\n{}", r.seen, r.stderr());
+    assert_eq!(s.wait_exit(), 0, "sender: {:?}\n{}", s.seen, s.stderr());
+    assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "payload");
+    assert!(
+        r.events("notice").iter().any(|n| n["message"].as_str().unwrap().contains("trying the next")),
+        "{:?}",
+        r.seen
+    );
+}
+
+/// With nobody but a quiet peer in the room, the receiver says so and
+/// stops instead of waiting forever.
+#[test]
+fn a_receiver_facing_only_a_quiet_peer_gives_up_with_a_clear_error() {
+    let server = serve();
+    let t = Scratch::new("squat-only");
+    let code = "4343-acid-zebra-lantern";
+    let _squatter = squatter(&server.url, code);
+    let mut r = receive(&server.url, code, &t.path("out"), &["--yes", "--pairing-timeout", "2s"]);
+    assert_eq!(r.wait_exit(), 1, "{:?}\n{}", r.seen, r.stderr());
+    let message = finished(&r)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("did not complete pairing within 2 s"), "{message}");
+}
+
 #[test]
 fn a_receiver_without_a_terminal_or_yes_declines() {
     let server = serve();

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
@@ -41,12 +41,15 @@ impl Outbox {
 struct Member {
     name: Option<String>,
     outbox: Outbox,
+    /// Join order, so `joined` can list members longest present first.
+    since: u64,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
     rooms: Mutex<HashMap<String, HashMap<PeerId, Member>>>,
     connections: AtomicUsize,
+    joins: AtomicU64,
 }
 
 /// A snapshot for `/healthz` and tests.
@@ -102,17 +105,20 @@ impl Hub {
         }
         let me = PeerInfo { id: id.clone(), name: name.clone() };
         let frame = encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me });
-        let present: Vec<PeerInfo> = members
+        let mut present: Vec<(u64, PeerInfo)> = members
             .iter()
             .map(|(pid, m)| {
                 m.outbox.deliver(frame.clone());
-                PeerInfo { id: pid.clone(), name: m.name.clone() }
+                (m.since, PeerInfo { id: pid.clone(), name: m.name.clone() })
             })
             .collect();
+        present.sort_unstable_by_key(|(since, _)| *since);
+        let present: Vec<PeerInfo> = present.into_iter().map(|(_, p)| p).collect();
         // `joined` goes out under the lock, before the joiner is visible:
         // a `peer_joined` from someone joining right after can only follow it.
         outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present.clone() }));
-        members.insert(id.clone(), Member { name, outbox });
+        let since = self.joins.fetch_add(1, Ordering::Relaxed);
+        members.insert(id.clone(), Member { name, outbox, since });
         Ok(present)
     }
 

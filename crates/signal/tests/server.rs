@@ -472,6 +472,36 @@ async fn presence_join_leave_and_drop() {
     assert_eq!(c.join("lobby", None).await, vec![PeerInfo { id: a_id, name: Some("ada".into()) }]);
 }
 
+/// `joined` lists members longest present first: whoever created a room
+/// (the sender of a code, say) is first, however many joined after.
+#[tokio::test]
+async fn joined_lists_members_longest_present_first() {
+    let server = TestServer::start(config()).await;
+    let mut clients = Vec::new();
+    let mut ids = Vec::new();
+    // The test config allows four members: three, then one more later.
+    for i in 0..3 {
+        let (mut c, id) = server.greeted().await;
+        let before = c.join("order", Some(&format!("m{i}"))).await;
+        let listed: Vec<PeerId> = before.into_iter().map(|p| p.id).collect();
+        assert_eq!(listed, ids, "member {i} sees the others in join order");
+        ids.push(id);
+        clients.push(c);
+    }
+    // The second leaves and comes back: it is now the newest.
+    let mut back = clients.remove(1);
+    back.send_json(json!({"type": "leave", "room": "order"})).await;
+    // It first hears of the third joining.
+    assert!(matches!(back.recv().await, ServerMsg::PeerJoined { .. }));
+    assert_eq!(back.recv().await, ServerMsg::Left { room: "order".into() });
+    let returning = ids.remove(1);
+    back.join("order", None).await;
+    ids.push(returning);
+    let (mut last, _) = server.greeted().await;
+    let listed: Vec<PeerId> = last.join("order", None).await.into_iter().map(|p| p.id).collect();
+    assert_eq!(listed, ids);
+}
+
 #[tokio::test]
 async fn join_errors() {
     let cfg = Config {

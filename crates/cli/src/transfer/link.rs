@@ -27,6 +27,9 @@ pub enum LinkEvent {
     Data(Vec<u8>),
     /// The paired peer left or the connection to it broke.
     Lost(String),
+    /// Something the user should know that does not change the state, such
+    /// as a peer in the room that never completed pairing.
+    Notice(String),
 }
 
 /// Why a link cannot go on.
@@ -47,6 +50,11 @@ impl LinkError {
     }
 }
 
+/// How many opening pairing messages from peers other than the one being
+/// paired with are kept for later (see `Pairer::waiting`), and how many
+/// room members a receiver keeps in mind to try.
+const MAX_WAITING: usize = 16;
+
 /// What a pairing message says when the other side found tampering.
 const TAMPER_PREFIX: &str = "tampering detected: ";
 
@@ -59,6 +67,21 @@ struct Pairer {
     pairing: Option<(PeerId, Pairing)>,
     /// The peer paired with, once the keys are known.
     paired: Option<PeerId>,
+    /// When the current pairing attempt started.
+    pairing_since: Option<tokio::time::Instant>,
+    /// A pairing attempt the other side does not complete in this time is
+    /// dropped, so that a peer that joins the code's room and goes quiet
+    /// cannot hold the transfer up.
+    pairing_timeout: Duration,
+    /// Opening messages from peers that wanted to pair while we were busy
+    /// with another, oldest first: when that one goes quiet or leaves, the
+    /// next is taken up where it left off.
+    waiting: Vec<(PeerId, PairMsg)>,
+    /// Room members in join order (the server lists the longest present
+    /// first), and those we have tried pairing with: a receiver that finds
+    /// a quiet peer where the sender should be tries the next.
+    members: Vec<PeerId>,
+    tried: Vec<PeerId>,
     ctl: Option<DataChannel>,
     data: Option<DataChannel>,
 }
@@ -79,13 +102,27 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Starts pairing in `room` as `role` with `code`.
-    pub fn start(room: Room, role: Role, code: Code) -> Link {
+    /// Starts pairing in `room` as `role` with `code`; a peer that does not
+    /// complete pairing within `pairing_timeout` is given up on.
+    pub fn start(room: Room, role: Role, code: Code, pairing_timeout: Duration) -> Link {
         // Bounded: when the transfer falls behind, the task stops reading
         // the room, and the room stops reading the network.
         let (tx, events) = mpsc::channel(256);
         let (close, mut close_rx) = oneshot::channel::<()>();
-        let mut pairer = Pairer { room, role, code, pairing: None, paired: None, ctl: None, data: None };
+        let mut pairer = Pairer {
+            room,
+            role,
+            code,
+            pairing: None,
+            paired: None,
+            pairing_since: None,
+            pairing_timeout,
+            waiting: Vec::new(),
+            members: Vec::new(),
+            tried: Vec::new(),
+            ctl: None,
+            data: None,
+        };
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -149,7 +186,11 @@ impl Pairer {
     async fn start_pairing(&mut self, peer: PeerId) {
         let (pairing, first) = Pairing::start(self.role, &self.code);
         self.tell(&peer, &first).await;
+        if !self.tried.contains(&peer) {
+            self.tried.push(peer.clone());
+        }
         self.pairing = Some((peer, pairing));
+        self.pairing_since = Some(tokio::time::Instant::now());
     }
 
     /// Tells the peer being paired or paired with that we are giving up.
@@ -165,7 +206,47 @@ impl Pairer {
         self.tell(&peer, &PairMsg::PairAbort { reason }).await;
     }
 
+    /// The peer being paired with said nothing for too long: take up the
+    /// next that asked, or (as the receiver, with nobody else) give up.
+    async fn pairing_timed_out(&mut self) -> Result<LinkEvent, LinkError> {
+        let quiet = self.pairing.as_ref().map(|(p, _)| p.clone());
+        tracing::info!(peer = ?quiet, "pairing timed out");
+        self.reset();
+        if let Some(ev) = self.take_up_waiting().await? {
+            return Ok(ev);
+        }
+        let secs = self.pairing_timeout.as_secs();
+        if self.role == Role::Joiner {
+            let untried = self.members.iter().find(|p| !self.tried.contains(p)).cloned();
+            if let Some(next) = untried {
+                self.start_pairing(next).await;
+                return Ok(LinkEvent::Notice(format!(
+                    "a peer in the code's room did not complete pairing within {secs} s; trying the next"
+                )));
+            }
+            return Err(LinkError::Failed(format!(
+                "the peer in the code's room did not complete pairing within {secs} s"
+            )));
+        }
+        Ok(LinkEvent::Notice(format!(
+            "a peer in the code's room did not complete pairing within {secs} s; still waiting for the receiver"
+        )))
+    }
+
+    /// Starts pairing with the first peer that asked while we were busy,
+    /// answering the opening message it sent then.
+    async fn take_up_waiting(&mut self) -> Result<Option<LinkEvent>, LinkError> {
+        if self.waiting.is_empty() {
+            return Ok(None);
+        }
+        let (peer, msg) = self.waiting.remove(0);
+        tracing::debug!(%peer, "pairing with a peer that asked earlier");
+        self.start_pairing(peer.clone()).await;
+        Ok(Some(self.on_pair_message(peer, msg).await?.unwrap_or(LinkEvent::PeerSeen)))
+    }
+
     fn reset(&mut self) {
+        self.pairing_since = None;
         self.pairing = None;
         self.paired = None;
         self.ctl = None;
@@ -176,11 +257,24 @@ impl Pairer {
     /// abandon midway: only the task calls it.
     async fn next(&mut self) -> Result<LinkEvent, LinkError> {
         loop {
-            let Some(ev) = self.room.next_event().await else {
+            let deadline = self.pairing_since.map(|t| t + self.pairing_timeout);
+            let ev = tokio::select! {
+                ev = self.room.next_event() => ev,
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => return self.pairing_timed_out().await,
+            };
+            let Some(ev) = ev else {
                 return Err(LinkError::Failed("the signaling connection closed".into()));
             };
             match ev {
                 Event::PeerJoined { peer, .. } => {
+                    if self.members.len() < MAX_WAITING {
+                        self.members.push(peer.clone());
+                    }
                     if self.pairing.is_none() && self.paired.is_none() {
                         self.start_pairing(peer.clone()).await;
                         return Ok(LinkEvent::PeerSeen);
@@ -213,7 +307,11 @@ impl Pairer {
                 Event::StateChanged { peer, state: state @ (ConnState::Failed | ConnState::Closed) }
                     if Some(&peer) == self.paired.as_ref() =>
                 {
+                    let why = self.room.stats(&peer).await.ok().and_then(|s| s.failure);
                     self.reset();
+                    if let Some(why) = why {
+                        return Ok(LinkEvent::Lost(format!("connection failed: {why}")));
+                    }
                     return Ok(LinkEvent::Lost(format!(
                         "connection {}",
                         format!("{state:?}").to_lowercase()
@@ -223,8 +321,15 @@ impl Pairer {
                 Event::PeerLeft { peer } => {
                     let ours = Some(&peer) == self.paired.as_ref()
                         || self.pairing.as_ref().is_some_and(|(p, _)| *p == peer);
+                    self.waiting.retain(|(p, _)| *p != peer);
+                    self.members.retain(|p| *p != peer);
+                    self.tried.retain(|p| *p != peer);
                     if ours {
+                        let was_paired = self.paired.is_some();
                         self.reset();
+                        if !was_paired && let Some(ev) = self.take_up_waiting().await? {
+                            return Ok(ev);
+                        }
                         return Ok(LinkEvent::Lost("the other side left".into()));
                     }
                 }
@@ -267,6 +372,16 @@ impl Pairer {
                 self.reset();
                 self.start_pairing(from.clone()).await;
             }
+            _ if fresh_pake => {
+                // Someone else wants to pair while we are busy: keep its
+                // opening in case the one we are pairing with goes quiet.
+                self.waiting.retain(|(p, _)| *p != from);
+                if self.paired.is_none() && self.waiting.len() < MAX_WAITING {
+                    tracing::debug!(%from, "a second peer wants to pair: kept for later");
+                    self.waiting.push((from, msg));
+                }
+                return Ok(None);
+            }
             _ => {
                 tracing::debug!(%from, "pairing message from a peer we are not pairing with: ignored");
                 return Ok(None);
@@ -282,6 +397,7 @@ impl Pairer {
                     self.tell(&peer, &reply).await;
                 }
                 let Some(keys) = keys else { return Ok(None) };
+                self.pairing_since = None;
                 self.pairing = None;
                 self.paired = Some(peer.clone());
                 // A connection left from an earlier pairing with this peer

@@ -26,6 +26,10 @@ pub struct Common {
     /// How long to wait for the other side to (re)connect, e.g. 90s, 10m, 1h.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub wait: Duration,
+    /// How long a peer in the code's room may take to complete pairing
+    /// before it is given up on (someone else who asked is tried next).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub pairing_timeout: Duration,
     #[command(flatten)]
     pub ice: IceArgs,
 }

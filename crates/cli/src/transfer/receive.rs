@@ -175,7 +175,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             code.nameplate()
         );
     }
-    let mut link = Link::start(room, Role::Joiner, code);
+    let mut link = Link::start(room, Role::Joiner, code, args.common.pairing_timeout);
     let mut ctl: Option<peerlink_peer::DataChannel> = None;
     let mut receiver = Receiver::new(ReceiverConfig::default());
     let mut files: HashMap<u32, Open> = HashMap::new();
@@ -337,6 +337,10 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             ev = link.next() => match ev {
                 Err(e) => break if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) },
                 Ok(LinkEvent::PeerSeen) => ui.say("Found the sender; checking the code..."),
+                Ok(LinkEvent::Notice(text)) => {
+                    ui.say(&text);
+                    ui.event("notice", json!({ "message": text }));
+                }
                 Ok(LinkEvent::Paired) => {
                     ui.say("Code confirmed; connecting directly...");
                     ui.event("paired", json!({}));

@@ -250,7 +250,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     ui.say(format!("Sending {files} file(s), {}.", human_bytes(total)));
     ui.say(format!("Code: {code}\nOn the other device run:\n\n    peerlink receive {code}\n"));
     ui.event("code", json!({ "code": code.to_string(), "files": files, "bytes": total }));
-    let mut link = Link::start(room, Role::Creator, code);
+    let mut link = Link::start(room, Role::Creator, code, args.common.pairing_timeout);
     let mut ctl: Option<DataChannel> = None;
     let mut sender = Sender::new(manifest);
 
@@ -332,6 +332,10 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 Ok(LinkEvent::PeerSeen) => {
                     ui.say("A receiver is here; checking the code...");
                     ui.event("peer", json!({}));
+                }
+                Ok(LinkEvent::Notice(text)) => {
+                    ui.say(&text);
+                    ui.event("notice", json!({ "message": text }));
                 }
                 Ok(LinkEvent::Paired) => {
                     ui.say("Code confirmed; connecting directly...");
