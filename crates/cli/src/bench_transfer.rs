@@ -142,6 +142,9 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
         let server = crate::bench::Server::start().await?;
         let exe = std::env::current_exe()?;
         for (i, case) in cases.iter().enumerate() {
+            if case.bytes == 0 {
+                continue; // --mib 0 or --files 0: that case is not wanted
+            }
             let out = root.join(format!("out-{i}"));
             std::fs::create_dir_all(&out)?;
             let (elapsed, sent, received) = one(&exe, &server.url, case, &out).await?;
@@ -153,7 +156,7 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
             }
             let mbs = case.bytes as f64 / elapsed.as_secs_f64() / 1e6;
             println!(
-                "transfer ({}, disk to disk, send + receive processes): {mbs:.1} MB/s ({:.2} s from `receive` start to verified and on disk); transfer/raw channel = {:.2}; peak RSS sender {}, receiver {}",
+                "transfer ({}, disk to disk, send + receive processes): {mbs:.1} MB/s ({:.2} s from `receive` start to verified and on disk); transfer/channel = {:.2}; peak RSS sender {}, receiver {}",
                 case.label,
                 elapsed.as_secs_f64(),
                 mbs / raw,

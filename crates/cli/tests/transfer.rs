@@ -397,6 +397,37 @@ fn a_receiver_without_a_terminal_or_yes_declines() {
     assert!(tree(&out).is_empty());
 }
 
+/// A file rewritten while it is being sent: the sender notices before the
+/// changed bytes go out (they no longer match the hashes the receiver was
+/// given), both sides stop and say which file, and nothing is presented as
+/// complete.
+#[test]
+fn a_file_changed_while_being_sent_stops_the_transfer() {
+    let server = serve();
+    let t = Scratch::new("changed");
+    write_big(&t.path("live.bin"), 16, 5);
+    let out = t.path("out");
+    let mut s = send(&server.url, &[&t.str("live.bin")], &[], &[("PEERLINK_TEST_FAULT", "throttle=4000000")]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    r.expect_event("progress", |v| v["bytes_done"].as_u64().unwrap() >= 2 << 20);
+    // Same size, other bytes, written in place (never shorter, so only the
+    // hashes can tell): the last 8 MiB, which have not been sent yet.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(t.path("live.bin")).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&pattern(8 << 20, 6)).unwrap();
+    }
+    assert_ne!(s.wait_exit(), 0, "{:?}\n{}", s.seen, s.stderr());
+    assert_ne!(r.wait_exit(), 0, "{:?}\n{}", r.seen, r.stderr());
+    for p in [&s, &r] {
+        let message = finished(p)["message"].as_str().unwrap().to_string();
+        assert!(message.contains("live.bin changed while it was being sent"), "{message}");
+    }
+    assert!(!out.join("live.bin").exists(), "not presented as complete");
+}
+
 /// Ctrl-C on one side: both stop with exit code 3, the other side is told
 /// why, and nothing half-received looks complete.
 fn cancel_from(side: &str) {

@@ -100,6 +100,9 @@ struct Pump {
     task: JoinHandle<()>,
 }
 
+/// A chunk read for sending, and whether it still matches its hash.
+type ReadChunk = (Vec<u8>, bool);
+
 /// Chunks read ahead of the one being sent.
 const READ_AHEAD: usize = 2;
 
@@ -118,7 +121,7 @@ impl Pump {
         let (jobs, mut rx) = mpsc::channel::<Job>(256);
         let task = tokio::spawn(async move {
             let frame_max = data.max_message_size().min(64 * 1024);
-            let mut reads: VecDeque<(Job, JoinHandle<std::io::Result<Vec<u8>>>)> = VecDeque::new();
+            let mut reads: VecDeque<(Job, JoinHandle<std::io::Result<ReadChunk>>)> = VecDeque::new();
             let mut corrupted = false;
             loop {
                 while reads.len() < READ_AHEAD {
@@ -134,13 +137,19 @@ impl Pump {
                         }
                     };
                     let srcs = srcs.clone();
+                    let (file, offset, len, expected) = (job.file, job.offset, job.len, job.expected);
+                    // Read and check in the background, ahead of sending:
+                    // a chunk that no longer matches the hash the receiver
+                    // was given means the file changed under us.
                     let read = tokio::task::spawn_blocking(move || {
-                        srcs[job.file as usize].read(job.offset, job.len as usize)
+                        let bytes = srcs[file as usize].read(offset, len as usize)?;
+                        let unchanged = peerlink_transfer::chunk_hash(&bytes) == expected;
+                        Ok((bytes, unchanged))
                     });
                     reads.push_back((job, read));
                 }
                 let Some((job, read)) = reads.pop_front() else { continue };
-                let bytes = match read.await {
+                let (bytes, unchanged) = match read.await {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
                         let _ = reports
@@ -155,11 +164,7 @@ impl Pump {
                         return;
                     }
                 };
-                let check = bytes.clone();
-                let matches = tokio::task::spawn_blocking(move || peerlink_transfer::chunk_hash(&check))
-                    .await
-                    .is_ok_and(|h| h == job.expected);
-                if !matches {
+                if !unchanged {
                     let _ = reports.send(PumpReport::Changed { file: job.file }).await;
                     return;
                 }
