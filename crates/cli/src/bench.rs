@@ -242,6 +242,28 @@ async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `count` messages of `size` bytes, waiting whenever the queue is full.
+async fn give_messages(channel: DataChannel, count: usize, size: usize) -> anyhow::Result<()> {
+    let msg = vec![0x5au8; size];
+    for _ in 0..count {
+        channel.send(msg.clone()).await?;
+    }
+    Ok(())
+}
+
+/// Reads `room`'s events until `total` bytes of messages arrived.
+async fn take_bytes(room: &mut Room, total: usize) -> anyhow::Result<()> {
+    let mut got = 0usize;
+    while got < total {
+        match tokio::time::timeout(WAIT, room.next_event()).await.context("data stalled for 30 s")? {
+            Some(Event::Message { message, .. }) => got += message.len(),
+            Some(_) => {}
+            None => bail!("room closed"),
+        }
+    }
+    Ok(())
+}
+
 /// Prints peerlink's and raw str0m's bulk throughput; returns peerlink's MB/s.
 pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
     let server = Server::start().await?;
@@ -263,35 +285,27 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
             let _cb = channel(&mut b, "bulk").await?;
             let _ = ready_tx.send(());
             let _ = go_rx.await;
-            let mut got = 0usize;
-            while got < count * size {
-                match tokio::time::timeout(WAIT, b.next_event()).await.context("data stalled for 30 s")? {
-                    Some(Event::Message { message, .. }) => got += message.len(),
-                    Some(_) => {}
-                    None => bail!("room closed"),
-                }
-            }
-            anyhow::Ok(())
+            take_bytes(&mut b, count * size).await
         })
     });
     let ca = channel(&mut a, "bulk").await?;
-    ready_rx.await.context("receiver failed")?;
+    if ready_rx.await.is_err() {
+        // The receiver gave up before its channel opened: say why.
+        let why = tokio::task::spawn_blocking(move || receiver.join()).await?;
+        return Err(match why {
+            Ok(Err(e)) => e.context("receiving peer"),
+            _ => anyhow::anyhow!("the receiving peer stopped"),
+        });
+    }
     let t0 = Instant::now();
     let _ = go_tx.send(());
-    let sender = tokio::spawn(async move {
-        let msg = vec![0x5au8; size];
-        for _ in 0..count {
-            ca.send(msg.clone()).await?;
-        }
-        anyhow::Ok(())
-    });
+    let sender = tokio::spawn(give_messages(ca, count, size));
     tokio::task::spawn_blocking(move || receiver.join())
         .await?
         .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    let got = count * size;
     let elapsed = t0.elapsed();
     sender.await??;
-    let mbs = got as f64 / elapsed.as_secs_f64() / 1e6;
+    let mbs = (count * size) as f64 / elapsed.as_secs_f64() / 1e6;
     println!(
         "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s)",
         elapsed.as_secs_f64()
@@ -323,21 +337,9 @@ async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::R
     let count = total.div_ceil(size);
     let t0 = Instant::now();
     let peer = ca.peer().clone();
-    let sender = tokio::spawn(async move {
-        let msg = vec![0x5au8; size];
-        for _ in 0..count {
-            ca.send(msg.clone()).await?;
-        }
-        anyhow::Ok(())
-    });
-    let mut got = 0usize;
-    while got < count * size {
-        match tokio::time::timeout(WAIT, b.next_event()).await.context("data stalled for 30 s")? {
-            Some(Event::Message { message, .. }) => got += message.len(),
-            Some(_) => {}
-            None => bail!("room closed"),
-        }
-    }
+    let sender = tokio::spawn(give_messages(ca, count, size));
+    let got = count * size;
+    take_bytes(&mut b, got).await?;
     let elapsed = t0.elapsed();
     sender.await??;
     let path = _a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
