@@ -193,13 +193,12 @@ fn ms(d: Duration) -> f64 {
 
 async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
     let server = Server::start().await?;
-    let (mut a, ca, mut b, cb) = pair(&server, "rtt", ChannelSpec::reliable("rtt")).await?;
+    let (mut a, ca, b, cb) = pair(&server, "rtt", ChannelSpec::reliable("rtt")).await?;
     // B echoes everything back.
     let echo = tokio::spawn(async move {
-        while let Some(ev) = b.next_event().await {
-            if let Event::Message { message, .. } = ev
-                && cb.send(message).await.is_err()
-            {
+        let _room = b;
+        while let Some(message) = cb.recv().await {
+            if cb.send(message).await.is_err() {
                 break;
             }
         }
@@ -210,12 +209,9 @@ async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
     for i in 0..warmup + count {
         let t0 = Instant::now();
         ca.send(payload.clone()).await?;
-        loop {
-            match tokio::time::timeout(WAIT, a.next_event()).await.context("echo did not come back")? {
-                Some(Event::Message { message: Message::Binary(_), .. }) => break,
-                Some(_) => {}
-                None => bail!("room closed"),
-            }
+        match tokio::time::timeout(WAIT, ca.recv()).await.context("echo did not come back")? {
+            Some(Message::Binary(_)) => {}
+            other => bail!("expected the echo, got {other:?}"),
         }
         if i >= warmup {
             times.push(t0.elapsed());
@@ -236,7 +232,7 @@ async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
     println!(
         "  ICE consent-check rtt {:?}, selected pair {}",
         stats.rtt,
-        stats.selected_pair.unwrap_or_default()
+        stats.path.map(|p| p.to_string()).unwrap_or_default()
     );
     echo.abort();
     Ok(())
@@ -251,14 +247,13 @@ async fn give_messages(channel: DataChannel, count: usize, size: usize) -> anyho
     Ok(())
 }
 
-/// Reads `room`'s events until `total` bytes of messages arrived.
-async fn take_bytes(room: &mut Room, total: usize) -> anyhow::Result<()> {
+/// Reads `channel` until `total` bytes of messages arrived.
+async fn take_bytes(channel: &DataChannel, total: usize) -> anyhow::Result<()> {
     let mut got = 0usize;
     while got < total {
-        match tokio::time::timeout(WAIT, room.next_event()).await.context("data stalled for 30 s")? {
-            Some(Event::Message { message, .. }) => got += message.len(),
-            Some(_) => {}
-            None => bail!("room closed"),
+        match tokio::time::timeout(WAIT, channel.recv()).await.context("data stalled for 30 s")? {
+            Some(message) => got += message.len(),
+            None => bail!("channel closed"),
         }
     }
     Ok(())
@@ -282,10 +277,10 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(async move {
             let mut b = Room::join(b_cfg).await?;
-            let _cb = channel(&mut b, "bulk").await?;
+            let cb = channel(&mut b, "bulk").await?;
             let _ = ready_tx.send(());
             let _ = go_rx.await;
-            take_bytes(&mut b, count * size).await
+            take_bytes(&cb, count * size).await
         })
     });
     let ca = channel(&mut a, "bulk").await?;
@@ -332,14 +327,14 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
 /// Moves `mib` MiB in `size`-byte messages between two peers of `server`;
 /// returns MB/s and the path kind.
 async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::Result<(f64, String)> {
-    let (_a, ca, mut b, _cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
+    let (_a, ca, _b, cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
     let total = mib * 1024 * 1024;
     let count = total.div_ceil(size);
     let t0 = Instant::now();
     let peer = ca.peer().clone();
     let sender = tokio::spawn(give_messages(ca, count, size));
     let got = count * size;
-    take_bytes(&mut b, got).await?;
+    take_bytes(&cb, got).await?;
     let elapsed = t0.elapsed();
     sender.await??;
     let path = _a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());

@@ -59,7 +59,17 @@ pub async fn run(server: String, room: String, name: Option<String>, ice: IceCon
                     names.remove(&peer);
                 }
                 Some(Event::ChannelOpen { channel }) if channel.label() == LABEL => {
-                    println!("* connected to {}", who(&names, channel.peer()));
+                    let peer = who(&names, channel.peer());
+                    println!("* connected to {peer}");
+                    let reader = channel.clone();
+                    tokio::spawn(async move {
+                        while let Some(message) = reader.recv().await {
+                            match message {
+                                Message::Text(t) => println!("{peer}: {t}"),
+                                Message::Binary(b) => println!("{peer}: <{} bytes>", b.len()),
+                            }
+                        }
+                    });
                     channels.insert(channel.peer().clone(), channel);
                 }
                 Some(Event::ChannelClosed { peer, label }) if label == LABEL => {
@@ -68,10 +78,6 @@ pub async fn run(server: String, room: String, name: Option<String>, ice: IceCon
                 Some(Event::StateChanged { peer, state }) => {
                     tracing::info!("{}: {state:?}", who(&names, &peer));
                 }
-                Some(Event::Message { peer, message, .. }) => match message {
-                    Message::Text(t) => println!("{}: {t}", who(&names, &peer)),
-                    Message::Binary(b) => println!("{}: <{} bytes>", who(&names, &peer), b.len()),
-                },
                 Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}

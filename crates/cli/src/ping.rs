@@ -87,20 +87,11 @@ fn path_json(stats: &PeerStats) -> Value {
     match &stats.path {
         Some(p) => json!({
             "kind": p.kind.as_str(),
-            "local": format!("{} {}", peerlink_peer_kind(p.local.0), p.local.1),
-            "remote": format!("{} {}", peerlink_peer_kind(p.remote.0), p.remote.1),
-            "why_relayed": stats.why_relayed,
+            "local": p.local.to_string(),
+            "remote": p.remote.to_string(),
+            "why_relayed": stats.why_relayed.map(|w| w.to_string()),
         }),
         None => Value::Null,
-    }
-}
-
-fn peerlink_peer_kind(k: peerlink_peer::CandidateKind) -> &'static str {
-    match k {
-        peerlink_peer::CandidateKind::Host => "host",
-        peerlink_peer::CandidateKind::PeerReflexive => "prflx",
-        peerlink_peer::CandidateKind::ServerReflexive => "srflx",
-        peerlink_peer::CandidateKind::Relayed => "relay",
     }
 }
 
@@ -150,6 +141,8 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let stream_until = args.stream_for.map(|d| t0 + d);
     let mut peers: HashMap<PeerId, PeerRun> = HashMap::new();
     let mut gathered_reported = false;
+    // Every channel's messages, read by a task per channel.
+    let (msg_tx, mut messages) = tokio::sync::mpsc::channel::<(PeerId, Message)>(256);
     let mut tick = tokio::time::interval(args.interval.max(Duration::from_millis(1)));
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
@@ -210,9 +203,36 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
                             || format!("connected to {peer} in {:.1} ms via {}", run.connect_ms.unwrap_or_default(), stats.path.map(|p| p.to_string()).unwrap_or_else(|| "?".into())),
                         );
                     }
+                    let (reader, tx) = (channel.clone(), msg_tx.clone());
+                    tokio::spawn(async move {
+                        while let Some(m) = reader.recv().await {
+                            if tx.send((reader.peer().clone(), m)).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
                     run.channel = Some(channel);
                 }
-                Some(Event::Message { peer, label, message: Message::Text(t) }) if label == LABEL => {
+                Some(Event::StateChanged { peer, state }) => {
+                    let run = peers.entry(peer.clone()).or_insert_with(|| PeerRun { in_order: true, ..Default::default() });
+                    let name = format!("{state:?}").to_lowercase();
+                    run.states.push(name.clone());
+                    match state {
+                        ConnState::Disconnected => { run.down_at.get_or_insert(Instant::now()); }
+                        ConnState::Connected => {
+                            if let Some(at) = run.down_at.take() {
+                                run.recovered = Some(at.elapsed());
+                            }
+                        }
+                        _ => {}
+                    }
+                    out.event("state", json!({"peer": peer.as_str(), "state": name}), || format!("{peer}: {state:?}"));
+                }
+                Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
+                Some(_) => {}
+            },
+            Some((peer, message)) = messages.recv() => {
+                if let Message::Text(t) = message {
                     let now = Instant::now();
                     let run = peers.entry(peer).or_insert_with(|| PeerRun { in_order: true, ..Default::default() });
                     if let Some(n) = t.strip_prefix("seq:").and_then(|n| n.parse::<u64>().ok()) {
@@ -241,23 +261,6 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
                         run.their_total = Some(n);
                     }
                 }
-                Some(Event::StateChanged { peer, state }) => {
-                    let run = peers.entry(peer.clone()).or_insert_with(|| PeerRun { in_order: true, ..Default::default() });
-                    let name = format!("{state:?}").to_lowercase();
-                    run.states.push(name.clone());
-                    match state {
-                        ConnState::Disconnected => { run.down_at.get_or_insert(Instant::now()); }
-                        ConnState::Connected => {
-                            if let Some(at) = run.down_at.take() {
-                                run.recovered = Some(at.elapsed());
-                            }
-                        }
-                        _ => {}
-                    }
-                    out.event("state", json!({"peer": peer.as_str(), "state": name}), || format!("{peer}: {state:?}"));
-                }
-                Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
-                Some(_) => {}
             }
         }
     }
@@ -292,7 +295,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
         let failure = if peer_ok {
             None
         } else if let Some(f) = &stats.failure {
-            Some(f.clone())
+            Some(f.to_string())
         } else if run.connect_ms.is_none() {
             Some(format!("not connected within {:?}", args.timeout))
         } else if run.their_total.is_none() {

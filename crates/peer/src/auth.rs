@@ -12,7 +12,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// what we send, theirs checks what we receive.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SignalKeys {
+    /// MACs what we send.
     pub local: [u8; 32],
+    /// Checks what we receive.
     pub remote: [u8; 32],
 }
 

@@ -1,5 +1,5 @@
-//! Data channels: reliability presets, messages, and the send handle with its
-//! bounded, backpressure-aware queue.
+//! Data channels: reliability presets, messages, and the channel handle
+//! with its two bounded queues (send and receive).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -14,6 +14,7 @@ use crate::error::SendError;
 
 /// How a channel delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Reliability {
     /// Every message arrives, in order (TCP-like). The default.
     ReliableOrdered,
@@ -21,13 +22,18 @@ pub enum Reliability {
     Unreliable,
     /// Ordered; a message not delivered within `ms` milliseconds is abandoned
     /// (`maxPacketLifeTime`).
-    MaxLifetime { ms: u16 },
+    MaxLifetime {
+        /// The lifetime in milliseconds.
+        ms: u16,
+    },
 }
 
 /// A channel's label and delivery mode.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChannelSpec {
+    /// The label both sides see (`RTCDataChannel.label`).
     pub label: String,
+    /// How messages are delivered.
     pub reliability: Reliability,
 }
 
@@ -71,19 +77,24 @@ impl ChannelSpec {
 /// One data-channel message.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Message {
+    /// A string (`send("...")` in a browser).
     Text(String),
+    /// Bytes (`send(ArrayBuffer)` in a browser).
     Binary(Vec<u8>),
 }
 
 impl Message {
+    /// Size in bytes.
     pub fn len(&self) -> usize {
         self.as_bytes().len()
     }
 
+    /// Whether it carries no byte (empty messages are legal).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The payload.
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Message::Text(s) => s.as_bytes(),
@@ -91,8 +102,17 @@ impl Message {
         }
     }
 
+    /// Whether it is [`Message::Binary`].
     pub fn is_binary(&self) -> bool {
         matches!(self, Message::Binary(_))
+    }
+
+    /// The payload, taking it.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Message::Text(s) => s.into_bytes(),
+            Message::Binary(b) => b,
+        }
     }
 }
 
@@ -124,19 +144,63 @@ impl From<Vec<u8>> for Message {
     }
 }
 
-/// State shared by a [`DataChannel`] handle and the room's driver.
+/// What the channels of one room share with its driver: which connections
+/// have messages to send, and whether any receive queue is full.
+#[derive(Debug, Default)]
+pub(crate) struct RoomWake {
+    /// Wakes the driver.
+    pub notify: Notify,
+    /// Connections (by key) whose channels queued something since the
+    /// driver last looked.
+    ready: Mutex<Vec<u64>>,
+    /// Channels whose receive queue is over its capacity; the driver reads
+    /// no datagram while this is above zero.
+    pub full_receivers: AtomicUsize,
+}
+
+impl RoomWake {
+    /// Connections with something to send, once each.
+    pub fn take_ready(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.ready.lock().expect("wake lock"))
+    }
+
+    fn schedule(&self, conn: u64) {
+        self.ready.lock().expect("wake lock").push(conn);
+        self.notify.notify_one();
+    }
+}
+
+/// Messages received and not yet taken by the application.
+#[derive(Debug, Default)]
+struct Inbox {
+    messages: VecDeque<Message>,
+    bytes: usize,
+    /// Over capacity: counted in [`RoomWake::full_receivers`].
+    full: bool,
+}
+
+/// State shared by the [`DataChannel`] handles and the room's driver.
 pub(crate) struct Shared {
     pub peer: PeerId,
     pub spec: ChannelSpec,
+    /// The connection this channel belongs to (see [`RoomWake`]).
+    conn: u64,
     /// Messages accepted by `send` and not yet written to SCTP.
     pub queue: Mutex<VecDeque<Message>>,
     /// Bytes of free queue space. Closed when the channel closes.
-    pub space: Semaphore,
-    pub capacity: usize,
+    space: Semaphore,
+    capacity: usize,
+    /// The connection is already on the driver's ready list.
+    scheduled: AtomicBool,
     pub max_message: AtomicUsize,
-    pub closed: AtomicBool,
-    /// Wakes the driver to drain queues.
-    pub wake: Arc<Notify>,
+    closed: AtomicBool,
+    wake: Arc<RoomWake>,
+    inbox: Mutex<Inbox>,
+    /// Wakes a task waiting in `recv`.
+    arrived: Notify,
+    receive_capacity: usize,
+    /// Application handles alive; with none, received messages are dropped.
+    handles: AtomicUsize,
     pub sent_bytes: AtomicU64,
     pub sent_messages: AtomicU64,
 }
@@ -145,49 +209,149 @@ impl Shared {
     pub fn new(
         peer: PeerId,
         spec: ChannelSpec,
-        capacity: usize,
+        conn: u64,
+        capacities: (usize, usize),
         max_message: usize,
-        wake: Arc<Notify>,
+        wake: Arc<RoomWake>,
     ) -> Self {
+        let (capacity, receive_capacity) = capacities;
         Shared {
             peer,
             spec,
+            conn,
             queue: Mutex::new(VecDeque::new()),
             space: Semaphore::new(capacity),
             capacity,
+            scheduled: AtomicBool::new(false),
             max_message: AtomicUsize::new(max_message),
             closed: AtomicBool::new(false),
             wake,
+            inbox: Mutex::new(Inbox::default()),
+            arrived: Notify::new(),
+            receive_capacity,
+            handles: AtomicUsize::new(0),
             sent_bytes: AtomicU64::new(0),
             sent_messages: AtomicU64::new(0),
         }
     }
 
     /// Queue space a message takes: its size, at least 1, at most the whole queue.
-    pub fn cost(&self, msg: &Message) -> u32 {
+    fn cost(&self, msg: &Message) -> u32 {
         msg.len().clamp(1, self.capacity) as u32
     }
 
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.space.close();
+        self.arrived.notify_waiters();
+        self.arrived.notify_one();
+        let mut inbox = self.inbox.lock().expect("inbox lock");
+        if inbox.full {
+            // Nobody will wait for the application to take these.
+            inbox.full = false;
+            self.wake.full_receivers.fetch_sub(1, Ordering::AcqRel);
+            self.wake.notify.notify_one();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The driver is about to drain the send queue: a later `send` must
+    /// schedule the connection again.
+    pub fn unschedule(&self) {
+        self.scheduled.store(false, Ordering::Release);
     }
 
     /// Returns queue space after the driver handed a message to SCTP.
     pub fn release(&self, msg: &Message) {
         self.space.add_permits(self.cost(msg) as usize);
     }
+
+    /// Hands a received message to the application. Dropped when no handle
+    /// is left to take it.
+    pub fn deliver(&self, msg: Message) {
+        if self.handles.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut inbox = self.inbox.lock().expect("inbox lock");
+        inbox.bytes += msg.len();
+        inbox.messages.push_back(msg);
+        if !inbox.full && inbox.bytes > self.receive_capacity {
+            inbox.full = true;
+            self.wake.full_receivers.fetch_add(1, Ordering::AcqRel);
+        }
+        drop(inbox);
+        self.arrived.notify_one();
+    }
+
+    fn take(&self) -> Option<Message> {
+        let mut inbox = self.inbox.lock().expect("inbox lock");
+        let msg = inbox.messages.pop_front()?;
+        inbox.bytes -= msg.len();
+        if inbox.full && inbox.bytes <= self.receive_capacity / 2 {
+            // Below half: the driver reads the network again.
+            inbox.full = false;
+            self.wake.full_receivers.fetch_sub(1, Ordering::AcqRel);
+            self.wake.notify.notify_one();
+        }
+        Some(msg)
+    }
+
+    fn enqueue(&self, msg: Message) {
+        self.queue.lock().expect("channel queue lock").push_back(msg);
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            self.wake.schedule(self.conn);
+        } else {
+            self.wake.notify.notify_one();
+        }
+    }
 }
 
-/// Sending half of one data channel to one peer. Cheap to clone.
+/// One data channel to one peer: send with [`DataChannel::send`], receive
+/// with [`DataChannel::recv`]. Cheap to clone; every clone is the same
+/// channel.
 ///
-/// `send` waits while the channel's queue is full (the peer or the network is
-/// slower than the sender); `try_send` fails with [`SendError::Overflow`]
-/// instead. On a reliable channel every accepted message is delivered, in
-/// order, unless the connection itself is lost.
-#[derive(Clone)]
+/// Both directions are bounded. `send` waits while the send queue is full
+/// (the peer or the network is slower than the sender); `try_send` fails
+/// with [`SendError::Overflow`] instead. On a reliable channel every
+/// accepted message is delivered, in order, unless the connection itself is
+/// lost. Received messages wait in a receive queue until taken; while one is
+/// full the room reads no more datagrams, so a slow reader slows the sender
+/// down rather than losing anything. Messages that arrive once every handle
+/// of a channel is dropped are discarded.
 pub struct DataChannel {
     pub(crate) shared: Arc<Shared>,
+}
+
+impl DataChannel {
+    pub(crate) fn new(shared: Arc<Shared>) -> DataChannel {
+        shared.handles.fetch_add(1, Ordering::AcqRel);
+        DataChannel { shared }
+    }
+}
+
+impl Clone for DataChannel {
+    fn clone(&self) -> Self {
+        DataChannel::new(self.shared.clone())
+    }
+}
+
+impl Drop for DataChannel {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Nobody will take what is queued: free it, and the driver.
+            let mut inbox = self.shared.inbox.lock().expect("inbox lock");
+            inbox.messages.clear();
+            inbox.bytes = 0;
+            if inbox.full {
+                inbox.full = false;
+                self.shared.wake.full_receivers.fetch_sub(1, Ordering::AcqRel);
+                self.shared.wake.notify.notify_one();
+            }
+        }
+    }
 }
 
 impl fmt::Debug for DataChannel {
@@ -200,14 +364,17 @@ impl fmt::Debug for DataChannel {
 }
 
 impl DataChannel {
+    /// The channel's label.
     pub fn label(&self) -> &str {
         &self.shared.spec.label
     }
 
+    /// The peer at the other end.
     pub fn peer(&self) -> &PeerId {
         &self.shared.peer
     }
 
+    /// How the channel delivers.
     pub fn reliability(&self) -> Reliability {
         self.shared.spec.reliability
     }
@@ -227,8 +394,14 @@ impl DataChannel {
         self.shared.capacity
     }
 
+    /// Bytes received and not yet taken with `recv`.
+    pub fn received_bytes_waiting(&self) -> usize {
+        self.shared.inbox.lock().expect("inbox lock").bytes
+    }
+
+    /// Whether the channel (or its connection) has closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
+        self.shared.is_closed()
     }
 
     fn check(&self, msg: &Message) -> Result<(), SendError> {
@@ -242,11 +415,6 @@ impl DataChannel {
         Ok(())
     }
 
-    fn enqueue(&self, msg: Message) {
-        self.shared.queue.lock().expect("channel queue lock").push_back(msg);
-        self.shared.wake.notify_one();
-    }
-
     /// Queues `msg`, waiting while the queue is full.
     pub async fn send(&self, msg: impl Into<Message>) -> Result<(), SendError> {
         let msg = msg.into();
@@ -254,7 +422,7 @@ impl DataChannel {
         let permit =
             self.shared.space.acquire_many(self.shared.cost(&msg)).await.map_err(|_| SendError::Closed)?;
         permit.forget();
-        self.enqueue(msg);
+        self.shared.enqueue(msg);
         Ok(())
     }
 
@@ -272,7 +440,7 @@ impl DataChannel {
             }
             Err(TryAcquireError::Closed) => return Err(SendError::Closed),
         }
-        self.enqueue(msg);
+        self.shared.enqueue(msg);
         Ok(())
     }
 
@@ -282,5 +450,29 @@ impl DataChannel {
         let permit = self.shared.space.acquire_many(all).await.map_err(|_| SendError::Closed)?;
         drop(permit);
         Ok(())
+    }
+
+    /// The next message from the peer, in arrival order; `None` once the
+    /// channel has closed and every message that arrived before has been
+    /// taken. Safe to cancel: a message is taken only when returned.
+    pub async fn recv(&self) -> Option<Message> {
+        loop {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(msg) = self.shared.take() {
+                return Some(msg);
+            }
+            if self.is_closed() {
+                // A message delivered just before the close is still taken.
+                return self.shared.take();
+            }
+            arrived.await;
+        }
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&self) -> Option<Message> {
+        self.shared.take()
     }
 }

@@ -15,6 +15,7 @@ use str0m::{Candidate, CandidateKind, Event as RtcEvent, IceConnectionState, Inp
 use crate::auth::SignalKeys;
 use crate::channel::ChannelSpec;
 use crate::error::Error;
+use crate::path::{self, Endpoint, Failure, Path};
 
 /// The message size a peer may send when the remote SDP names none (RFC 8841).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
@@ -63,59 +64,6 @@ pub(crate) enum ConnEvent {
         rtt: Option<Duration>,
         path: Option<Path>,
     },
-}
-
-/// How the data of a connection travels: the selected candidate pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Path {
-    /// `relay` if either end is a TURN relay, `srflx` if the remote end is
-    /// server- or peer-reflexive (a direct path through a NAT), `host` if
-    /// both are host candidates.
-    pub kind: PathKind,
-    pub local: (CandidateKind, SocketAddr),
-    pub remote: (CandidateKind, SocketAddr),
-}
-
-/// The kind of path a connection uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PathKind {
-    Host,
-    Srflx,
-    Relay,
-}
-
-impl PathKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathKind::Host => "host",
-            PathKind::Srflx => "srflx",
-            PathKind::Relay => "relay",
-        }
-    }
-}
-
-/// The SDP name of a candidate kind.
-pub fn kind_name(kind: CandidateKind) -> &'static str {
-    match kind {
-        CandidateKind::Host => "host",
-        CandidateKind::PeerReflexive => "prflx",
-        CandidateKind::ServerReflexive => "srflx",
-        CandidateKind::Relayed => "relay",
-    }
-}
-
-impl std::fmt::Display for Path {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: {} {} -> {} {}",
-            self.kind.as_str(),
-            kind_name(self.local.0),
-            self.local.1,
-            kind_name(self.remote.0),
-            self.remote.1
-        )
-    }
 }
 
 /// What [`PeerConn::poll_output`] hands the driver.
@@ -221,7 +169,7 @@ pub(crate) struct PeerConn {
     /// The outage was seen by our silence watch, not by ICE.
     silent: bool,
     /// Why the connection failed, once it has.
-    failure: Option<String>,
+    failure: Option<Failure>,
     /// ICE's own view, for failure reasons.
     ice_state: IceConnectionState,
 }
@@ -333,15 +281,18 @@ impl PeerConn {
     }
 
     /// Why the connection failed, if it has.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.as_deref()
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
     }
 
-    /// Remote candidates we were told about, as `kind addr`.
-    pub fn remote_candidates(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.remote_kinds.iter().map(|(a, k)| format!("{} {a}", kind_name(*k))).collect();
-        v.sort();
+    /// Remote candidates we were told about.
+    pub fn remote_candidates(&self) -> Vec<Endpoint> {
+        let mut v: Vec<Endpoint> = self
+            .remote_kinds
+            .iter()
+            .map(|(addr, k)| Endpoint { kind: path::CandidateKind::from_str0m(*k), addr: *addr })
+            .collect();
+        v.sort_by_key(|e| (e.kind.as_str(), e.addr));
         v
     }
 
@@ -367,17 +318,13 @@ impl PeerConn {
         let local_kind =
             if self.relayed.contains(&local) { CandidateKind::Relayed } else { CandidateKind::Host };
         let remote_kind = self.remote_kinds.get(&remote).copied().unwrap_or(CandidateKind::PeerReflexive);
-        let kind = if local_kind == CandidateKind::Relayed || remote_kind == CandidateKind::Relayed {
-            PathKind::Relay
-        } else if remote_kind == CandidateKind::Host {
-            PathKind::Host
-        } else {
-            PathKind::Srflx
-        };
-        Path { kind, local: (local_kind, local), remote: (remote_kind, remote) }
+        Path::new(
+            Endpoint { kind: path::CandidateKind::from_str0m(local_kind), addr: local },
+            Endpoint { kind: path::CandidateKind::from_str0m(remote_kind), addr: remote },
+        )
     }
 
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, reason: Failure) {
         if self.failure.is_none() {
             self.failure = Some(reason);
         }
@@ -429,7 +376,7 @@ impl PeerConn {
         };
         tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
         self.out.push_back(ConnOutput::Event(ConnEvent::AuthFailed(reason.clone())));
-        self.fail(format!("signaling was not authentic: {reason}"));
+        self.fail(Failure::Unauthenticated(reason.clone()));
         Err(Error::Unauthenticated { peer: self.remote.clone(), reason })
     }
 
@@ -513,6 +460,7 @@ impl PeerConn {
 
     /// Applies a signal from the remote peer.
     pub fn handle_signal(&mut self, signal: Signal, now: Instant) -> Result<(), Error> {
+        self.last_now = self.last_now.max(now);
         match signal {
             Signal::Offer { sdp, auth } => {
                 self.check_auth("offer", &sdp, auth.as_ref())?;
@@ -661,10 +609,7 @@ impl PeerConn {
             if now >= since + self.give_up_after {
                 tracing::info!(peer = %self.remote, "no path for {:?}: failed", self.give_up_after);
                 self.down_since = None;
-                self.fail(format!(
-                    "the connection was lost and no path came back within {:?} ({} ICE restarts)",
-                    self.give_up_after, self.restarts
-                ));
+                self.fail(Failure::Lost { after: self.give_up_after, restarts: self.restarts });
                 return Ok(());
             }
             if self.restart_due().is_some_and(|due| now >= due) {
@@ -680,13 +625,13 @@ impl PeerConn {
         {
             self.connect_deadline = None;
             let why = if !self.have_remote_description {
-                "no answer to the offer arrived (is the other side there?)".to_string()
+                Failure::NoAnswer
             } else if self.ice_state.is_connected() {
-                "a path was found but the secure (DTLS) handshake did not complete".to_string()
+                Failure::Handshake
             } else if self.remote_kinds.is_empty() {
-                "connectivity checks timed out, and the other side sent no candidates".to_string()
+                Failure::NoRemoteCandidates
             } else {
-                "connectivity checks timed out: no candidate pair answered".to_string()
+                Failure::ChecksTimedOut
             };
             self.fail(why);
             return Ok(());
@@ -702,7 +647,7 @@ impl PeerConn {
     }
 
     fn broken(&mut self, e: str0m::RtcError) -> Error {
-        self.fail(format!("WebRTC error: {e}"));
+        self.fail(Failure::WebRtc(e.to_string()));
         Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() }
     }
 
@@ -724,7 +669,7 @@ impl PeerConn {
                 if let Some(o) = self.out.pop_front() {
                     return o;
                 }
-                return ConnOutput::Timeout(far_future());
+                return ConnOutput::Timeout(far_future(self.last_now));
             }
             let output = match self.rtc.poll_output() {
                 Ok(o) => o,
@@ -743,7 +688,7 @@ impl PeerConn {
                     };
                 }
                 Output::Timeout(t) => {
-                    let mut t = if self.have_remote_description { t } else { far_future() };
+                    let mut t = if self.have_remote_description { t } else { far_future(self.last_now) };
                     if let (Some(since), Some(due)) = (self.down_since, self.restart_due()) {
                         t = t.min(due).min(since + self.give_up_after);
                     }
@@ -853,6 +798,7 @@ fn max_message_size(sdp: &str) -> Option<usize> {
         .map(|n: usize| if n == 0 { usize::MAX } else { n })
 }
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(3600)
+/// A deadline that never comes in practice: an hour after `now`.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(3600)
 }

@@ -8,34 +8,78 @@ use peerlink_proto::{ErrorCode, PeerId};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The signaling server could not be reached.
     #[error("cannot reach signaling server {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The signaling server did not answer in time.
     #[error("signaling server did not answer within {0:?}")]
     Timeout(Duration),
+    /// The signaling server refused a request (`error` message).
     #[error("signaling server refused: {code}: {message}")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server speaks another protocol version.
     #[error("signaling server speaks protocol version {0}, we speak {v}", v = peerlink_proto::PROTOCOL_VERSION)]
     Version(u32),
+    /// The signaling connection broke.
     #[error("signaling connection lost: {0}")]
     SignalingLost(String),
+    /// A signal from a peer could not be used (malformed SDP or candidate).
     #[error("unusable signal from {peer}: {reason}")]
-    BadSignal { peer: PeerId, reason: String },
+    BadSignal {
+        /// Who sent it.
+        peer: PeerId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The WebRTC stack refused a negotiation step.
     #[error("negotiation with {peer} failed: {reason}")]
-    Negotiation { peer: PeerId, reason: String },
+    Negotiation {
+        /// The remote peer.
+        peer: PeerId,
+        /// The stack's reason.
+        reason: String,
+    },
+    /// An offer or answer did not authenticate (paired connections).
     #[error(
         "refused signaling from {peer}: {reason}; the signaling server may be tampering with the session"
     )]
-    Unauthenticated { peer: PeerId, reason: String },
+    Unauthenticated {
+        /// The remote peer.
+        peer: PeerId,
+        /// What did not verify.
+        reason: String,
+    },
+    /// No such member in the room.
     #[error("no peer {0} in this room")]
     UnknownPeer(PeerId),
+    /// No local address to gather candidates from.
     #[error("no usable local address to gather candidates from ({0})")]
     NoAddresses(String),
+    /// A socket operation failed.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    /// A message larger than the channel can carry.
     #[error("message of {size} bytes exceeds the channel's maximum of {max}")]
-    MessageTooLarge { size: usize, max: usize },
+    MessageTooLarge {
+        /// Its size.
+        size: usize,
+        /// The negotiated maximum.
+        max: usize,
+    },
+    /// The channel is closed.
     #[error("channel closed")]
     ChannelClosed,
+    /// The room was left, or its driver stopped.
     #[error("the room was left or its driver stopped")]
     RoomClosed,
 }
@@ -46,11 +90,21 @@ pub enum Error {
 pub enum SendError {
     /// The bounded send queue is full; retry later or use `send().await`.
     #[error("send queue full: {queued} of {capacity} bytes queued")]
-    Overflow { queued: usize, capacity: usize },
+    Overflow {
+        /// Bytes queued now.
+        queued: usize,
+        /// The queue's capacity.
+        capacity: usize,
+    },
     /// Larger than the negotiated maximum message size; split it (file
     /// transfer chunks for you).
     #[error("message of {size} bytes exceeds the negotiated maximum of {max}")]
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The negotiated maximum.
+        max: usize,
+    },
     /// The channel or its connection closed.
     #[error("channel closed")]
     Closed,

@@ -4,9 +4,14 @@
 //! The WebRTC stack is [str0m] (sans-IO); this crate owns the I/O around it:
 //! UDP sockets, timers, candidate gathering and the signaling link. Offers are
 //! made with "perfect negotiation", so both sides may open channels or
-//! renegotiate at the same moment. Each channel has a bounded send queue:
-//! [`DataChannel::send`] waits while it is full, [`DataChannel::try_send`]
-//! fails with [`SendError::Overflow`].
+//! renegotiate at the same moment.
+//!
+//! A [`Room`] reports what happens in the room as [`Event`]s: members
+//! joining and leaving, connection states, channels opening and closing.
+//! Each [`DataChannel`] is a two-way handle with bounded queues both ways:
+//! [`DataChannel::send`] waits while the send queue is full
+//! ([`DataChannel::try_send`] fails with [`SendError::Overflow`]), and
+//! [`DataChannel::recv`] takes the next message.
 //!
 //! ```no_run
 //! use peerlink_peer::{ChannelSpec, Event, IceConfig, Room, RoomConfig};
@@ -17,22 +22,34 @@
 //! config.channels = vec![ChannelSpec::reliable("chat"), ChannelSpec::unreliable("state")];
 //! let mut room = Room::join(config).await?;
 //! while let Some(event) = room.next_event().await {
-//!     match event {
-//!         Event::ChannelOpen { channel } if channel.label() == "chat" => {
-//!             channel.send("hello").await.ok();
-//!         }
-//!         Event::Message { peer, message, .. } => println!("{peer}: {message:?}"),
-//!         _ => {}
+//!     if let Event::ChannelOpen { channel } = event
+//!         && channel.label() == "chat"
+//!     {
+//!         channel.send("hello").await.ok();
+//!         tokio::spawn(async move {
+//!             while let Some(message) = channel.recv().await {
+//!                 println!("{}: {message:?}", channel.peer());
+//!             }
+//!         });
 //!     }
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! The room's logic (`mesh.rs`) and each connection's (`conn.rs`) do no
+//! I/O: `sim.rs` runs whole rooms on simulated time with loss and delay.
+
+#![warn(missing_docs)]
 
 mod auth;
 mod channel;
 mod conn;
+mod driver;
 mod error;
+mod event;
 mod gather;
+mod mesh;
+mod path;
 mod relay;
 mod room;
 mod signaling;
@@ -40,10 +57,12 @@ mod sim;
 
 pub use auth::SignalKeys;
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};
-pub use conn::{ConnState, Path, PathKind};
+pub use conn::ConnState;
 pub use error::{Error, SendError};
+pub use event::{Event, PeerStats};
 pub use gather::IceConfig;
+pub use mesh::ConnectOptions;
+pub use path::{CandidateKind, Endpoint, Failure, FailureReport, Path, PathKind, WhyRelayed};
 pub use peerlink_proto::PeerId;
-pub use relay::{GatherReport, Outcome as GatherOutcome};
-pub use room::{ConnectOptions, Event, PeerStats, Room, RoomConfig};
-pub use str0m::CandidateKind;
+pub use relay::{GatherFailure, GatherReport, Outcome as GatherOutcome};
+pub use room::{Room, RoomConfig};

@@ -118,11 +118,12 @@ pub(crate) async fn resolve(servers: &[IceServer], timeout: Duration) -> Vec<Ser
 /// What became of one STUN or TURN server, for diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// No answer yet.
     Pending,
     /// The candidate it gave.
     Ok(SocketAddr),
     /// Why it gave none.
-    Failed(String),
+    Failed(GatherFailure),
 }
 
 impl fmt::Display for Outcome {
@@ -131,6 +132,51 @@ impl fmt::Display for Outcome {
             Outcome::Pending => f.write_str("pending"),
             Outcome::Ok(a) => write!(f, "{a}"),
             Outcome::Failed(why) => write!(f, "none ({why})"),
+        }
+    }
+}
+
+/// Why a STUN or TURN server gave no candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GatherFailure {
+    /// The STUN server answered the Binding request with an error.
+    StunError,
+    /// The STUN server never answered.
+    StunNoAnswer {
+        /// Requests sent.
+        tries: u32,
+    },
+    /// The TURN server refused the credentials (401 after authenticating).
+    TurnUnauthorized,
+    /// The TURN server refused the allocation with another error.
+    TurnRefused {
+        /// The STUN error code (486 quota, 508 capacity, ...).
+        code: u16,
+        /// The server's reason phrase.
+        reason: String,
+    },
+    /// No allocation was granted (no answer, or refused without a reason).
+    TurnNoAllocation,
+    /// A granted allocation expired or was lost.
+    AllocationLost,
+}
+
+impl fmt::Display for GatherFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GatherFailure::StunError => f.write_str("the STUN server answered with an error"),
+            GatherFailure::StunNoAnswer { tries } => {
+                write!(f, "no answer from the STUN server after {tries} tries")
+            }
+            GatherFailure::TurnUnauthorized => f.write_str("the TURN server refused the credentials (401)"),
+            GatherFailure::TurnRefused { code, reason } => {
+                write!(f, "the TURN server refused the allocation ({code} {reason})")
+            }
+            GatherFailure::TurnNoAllocation => f.write_str(
+                "the TURN server did not grant an allocation (no answer, or the credentials were refused)",
+            ),
+            GatherFailure::AllocationLost => f.write_str("the allocation expired or was lost"),
         }
     }
 }
@@ -396,8 +442,7 @@ impl Gatherer {
                         self.stun[i].outcome = Outcome::Ok(mapped);
                         self.srflx(socket, mapped);
                     } else {
-                        self.stun[i].outcome =
-                            Outcome::Failed("the STUN server answered with an error".into());
+                        self.stun[i].outcome = Outcome::Failed(GatherFailure::StunError);
                     }
                     self.check_complete();
                 }
@@ -434,10 +479,10 @@ impl Gatherer {
             let refused = match code {
                 401 => {
                     t.unauthorized += 1;
-                    (t.unauthorized >= 2).then(|| "the TURN server refused the credentials (401)".to_string())
+                    (t.unauthorized >= 2).then_some(GatherFailure::TurnUnauthorized)
                 }
                 438 => None,
-                _ => Some(format!("the TURN server refused the allocation ({code} {})", err.reason())),
+                _ => Some(GatherFailure::TurnRefused { code, reason: err.reason().to_string() }),
             };
             if let Some(why) = refused {
                 t.outcome = Outcome::Failed(why);
@@ -524,13 +569,10 @@ impl Gatherer {
                 }
                 TurnPollRet::Closed => {
                     if t.outcome == Outcome::Pending {
-                        t.outcome = Outcome::Failed(
-                            "the TURN server did not grant an allocation (no answer, or the credentials were refused)"
-                                .into(),
-                        );
+                        t.outcome = Outcome::Failed(GatherFailure::TurnNoAllocation);
                     } else if t.relayed.take().is_some() {
                         tracing::warn!(server = %t.server, "TURN allocation lost");
-                        t.outcome = Outcome::Failed("the allocation expired or was lost".into());
+                        t.outcome = Outcome::Failed(GatherFailure::AllocationLost);
                     }
                     wait = now + Duration::from_secs(3600);
                 }
@@ -556,7 +598,7 @@ impl Gatherer {
                         }
                     }
                     TurnEvent::AllocationCreateFailed(_) => {
-                        t.outcome = Outcome::Failed("the TURN server refused the allocation".into());
+                        t.outcome = Outcome::Failed(GatherFailure::TurnNoAllocation);
                     }
                     TurnEvent::PermissionCreateFailed(_, ip) => {
                         tracing::debug!(%ip, "TURN permission refused");
@@ -603,8 +645,7 @@ impl Gatherer {
                 continue;
             }
             if p.attempts >= STUN_ATTEMPTS {
-                p.outcome =
-                    Outcome::Failed(format!("no answer from the STUN server after {} tries", p.attempts));
+                p.outcome = Outcome::Failed(GatherFailure::StunNoAnswer { tries: p.attempts });
                 continue;
             }
             p.attempts += 1;

@@ -22,8 +22,9 @@ const OUTBOX: usize = 512;
 pub(crate) struct Signaling {
     pub id: PeerId,
     pub peers: Vec<PeerInfo>,
-    #[allow(dead_code)]
     pub ice_servers: Vec<IceServer>,
+    /// The server's limits; not acted on yet.
+    #[allow(dead_code)]
     pub limits: Limits,
     pub incoming: SplitStream<WsStream>,
     pub outgoing: mpsc::Sender<ClientMsg>,

@@ -71,6 +71,7 @@ async fn backpressure_bounds_memory_and_loses_nothing() {
     const QUEUE: usize = 256 * 1024;
     const MSG: usize = 16 * 1024;
     const TOTAL: usize = 16 * 1024 * 1024;
+    const RECEIVE_QUEUE: usize = 256 * 1024;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -80,11 +81,20 @@ async fn backpressure_bounds_memory_and_loses_nothing() {
     cfg.channels = vec![ChannelSpec::reliable("bulk")];
     cfg.send_queue_bytes = QUEUE;
     let mut tx = Peer::join(cfg.clone()).await;
-    cfg.event_capacity = 16; // a receiver that holds few events
-    let mut rx = Peer::join(cfg).await;
-    let (itx, irx) = (tx.id(), rx.id());
+    cfg.receive_queue_bytes = RECEIVE_QUEUE; // a receiver that holds little
+    let mut rx_room = peerlink_peer::Room::join(cfg).await.unwrap();
+    let irx = rx_room.id().clone();
     tx.until("channel", |p| p.has_channel(&irx, "bulk")).await;
-    rx.until("channel", |p| p.has_channel(&itx, "bulk")).await;
+    let rx = loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx_room.next_event())
+            .await
+            .expect("channel opens")
+        {
+            Some(peerlink_peer::Event::ChannelOpen { channel }) => break channel,
+            Some(_) => {}
+            None => panic!("room closed"),
+        }
+    };
     let ch = tx.channel(&irx, "bulk");
     assert_eq!(ch.queue_capacity(), QUEUE);
 
@@ -120,24 +130,31 @@ async fn backpressure_bounds_memory_and_loses_nothing() {
         (overflowed, max_queued)
     });
 
-    // The receiver reads slowly at first, then catches up.
+    // The receiver reads slowly at first, then catches up. What waits in
+    // its receive queue stays near the queue's bound (the room stops
+    // reading the network when the queue is full; what SCTP has already
+    // reassembled still lands).
     let mut expected = 0usize;
     let mut bytes = 0usize;
+    let mut most_waiting = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while bytes < TOTAL {
-        let ev = tokio::time::timeout_at(deadline, rx.room.next_event()).await.expect("data keeps coming");
-        if let Some(peerlink_peer::Event::Message { message: Message::Binary(b), .. }) = ev {
-            assert_eq!(b.len(), MSG);
-            let seq = u64::from_be_bytes(b[..8].try_into().unwrap()) as usize;
-            assert_eq!(seq, expected, "in order, nothing lost");
-            assert!(b[8..].iter().all(|x| *x == (seq % 251) as u8), "content intact");
-            expected += 1;
-            bytes += b.len();
-            if expected < 64 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        most_waiting = most_waiting.max(rx.received_bytes_waiting());
+        let m = tokio::time::timeout_at(deadline, rx.recv()).await.expect("data keeps coming");
+        let Some(Message::Binary(b)) = m else { panic!("binary messages until the end, got {m:?}") };
+        assert_eq!(b.len(), MSG);
+        let seq = u64::from_be_bytes(b[..8].try_into().unwrap()) as usize;
+        assert_eq!(seq, expected, "in order, nothing lost");
+        assert!(b[8..].iter().all(|x| *x == (seq % 251) as u8), "content intact");
+        expected += 1;
+        bytes += b.len();
+        if expected < 64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    assert!(most_waiting <= RECEIVE_QUEUE + 1024 * 1024, "receive queue bounded: {most_waiting}");
+    assert!(most_waiting > RECEIVE_QUEUE / 2, "the slow start filled the receive queue: {most_waiting}");
+    drop(rx_room);
     let (overflowed, max_queued) = sender.await.unwrap();
     assert!(overflowed, "try_send reported overflow when the queue was full");
     assert!(max_queued <= QUEUE, "queue stayed within its bound: {max_queued}");

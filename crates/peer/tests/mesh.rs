@@ -88,7 +88,7 @@ async fn three_peers_mesh_then_a_fourth_joins_and_one_leaves() {
     assert!(st.messages_sent >= 2, "{st:?}");
     assert_eq!(st.state, Some(ConnState::Connected));
     assert!(st.rtt.is_some(), "{st:?}");
-    let pair = st.selected_pair.clone().unwrap_or_default();
+    let pair = st.path.as_ref().map(|p| p.to_string()).unwrap_or_default();
     assert!(pair.contains("127.0.0.1") && pair.contains(&b.room.local_addrs()[0].to_string()), "{st:?}");
     server.stop().await;
 }

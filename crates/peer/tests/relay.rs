@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use common::{Peer, Server};
-use peerlink_peer::{ChannelSpec, ConnState, GatherOutcome, IceConfig, PathKind, RoomConfig};
+use peerlink_peer::{
+    ChannelSpec, ConnState, Failure, GatherFailure, GatherOutcome, IceConfig, PathKind, RoomConfig,
+    WhyRelayed,
+};
 use peerlink_proto::IceServer;
 use tokio::sync::oneshot;
 
@@ -104,7 +107,7 @@ async fn relay_only_peers_connect_through_turn_with_credentials_from_welcome() {
     };
     assert_eq!(path.kind, PathKind::Relay, "{path}");
     let why = a.room.stats(&ib).await.unwrap().why_relayed.expect("a relayed path is explained");
-    assert!(why.contains("relay-only"), "{why}");
+    assert_eq!(why, WhyRelayed::RelayOnly, "{why}");
     let relayed = turn.stats.snapshot();
     assert!(relayed.allocations_created >= 2, "{relayed:?}");
 }
@@ -133,9 +136,15 @@ async fn refused_turn_credentials_are_reported_and_explain_the_failure() {
     a.until("failed", |p| p.states.get(&ib) == Some(&ConnState::Failed)).await;
     b.until("failed", |p| p.states.get(&ia) == Some(&ConnState::Failed)).await;
     let report = a.room.gathering().await.unwrap();
-    assert!(report.relay.iter().all(|(_, _, o)| matches!(o, GatherOutcome::Failed(_))), "{report}");
+    assert!(
+        report.relay.iter().all(|(_, _, o)| *o == GatherOutcome::Failed(GatherFailure::TurnUnauthorized)),
+        "{report}"
+    );
     let failure = a.room.stats(&ib).await.unwrap().failure.expect("a reason");
-    assert!(failure.contains("relay") && failure.contains("none ("), "{failure}");
+    assert!(matches!(failure.reason, Failure::ChecksTimedOut | Failure::NoRemoteCandidates), "{failure}");
+    assert_eq!(failure.local, report, "the failure carries what gathering found");
+    let text = failure.to_string();
+    assert!(text.contains("refused the credentials (401)"), "{text}");
 }
 
 /// A socket on 127.0.0.1 never contacts a STUN/TURN server elsewhere: a

@@ -258,8 +258,22 @@ impl Pairer {
     async fn next(&mut self) -> Result<LinkEvent, LinkError> {
         loop {
             let deadline = self.pairing_since.map(|t| t + self.pairing_timeout);
+            // Messages are read once both channels are open (and `Open`
+            // was handed out), so none overtakes it.
+            let (ctl, data) = match (&self.ctl, &self.data) {
+                (Some(c), Some(d)) => (Some(c.clone()), Some(d.clone())),
+                _ => (None, None),
+            };
             let ev = tokio::select! {
                 ev = self.room.next_event() => ev,
+                Some(m) = async { ctl.as_ref()?.recv().await }, if ctl.is_some() => match m {
+                    Message::Text(t) => return Ok(LinkEvent::Ctl(t)),
+                    m => { tracing::debug!("unexpected control message {m:?}: ignored"); continue; }
+                },
+                Some(m) = async { data.as_ref()?.recv().await }, if data.is_some() => match m {
+                    Message::Binary(b) => return Ok(LinkEvent::Data(b)),
+                    m => { tracing::debug!("unexpected data message {m:?}: ignored"); continue; }
+                },
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -297,17 +311,11 @@ impl Pairer {
                         return Ok(LinkEvent::Open { ctl: ctl.clone(), data: data.clone() });
                     }
                 }
-                Event::Message { peer, message, label } if Some(&peer) == self.paired.as_ref() => {
-                    match (label.as_str(), message) {
-                        (CTL_LABEL, Message::Text(t)) => return Ok(LinkEvent::Ctl(t)),
-                        (DATA_LABEL, Message::Binary(b)) => return Ok(LinkEvent::Data(b)),
-                        (l, m) => tracing::debug!(label = l, "unexpected message {m:?}: ignored"),
-                    }
-                }
                 Event::StateChanged { peer, state: state @ (ConnState::Failed | ConnState::Closed) }
                     if Some(&peer) == self.paired.as_ref() =>
                 {
-                    let why = self.room.stats(&peer).await.ok().and_then(|s| s.failure);
+                    let why =
+                        self.room.stats(&peer).await.ok().and_then(|s| s.failure).map(|f| f.to_string());
                     self.reset();
                     if let Some(why) = why {
                         return Ok(LinkEvent::Lost(format!("connection failed: {why}")));

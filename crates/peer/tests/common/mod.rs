@@ -9,7 +9,7 @@ use std::time::Duration;
 use peerlink_peer::{
     ChannelSpec, ConnState, DataChannel, Event, IceConfig, Message, PeerId, Room, RoomConfig,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -61,6 +61,9 @@ pub struct Peer {
     pub server_messages: Vec<(PeerId, serde_json::Value)>,
     pub closed: Option<String>,
     pub auth_failures: Vec<(PeerId, String)>,
+    /// Messages read off every open channel by a task per channel.
+    inbox: mpsc::Receiver<(PeerId, String, Message)>,
+    inbox_tx: mpsc::Sender<(PeerId, String, Message)>,
 }
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -68,7 +71,10 @@ pub const WAIT: Duration = Duration::from_secs(20);
 impl Peer {
     pub async fn join(config: RoomConfig) -> Peer {
         let room = Room::join(config).await.expect("join");
+        let (inbox_tx, inbox) = mpsc::channel(1024);
         Peer {
+            inbox,
+            inbox_tx,
             room,
             joined: HashSet::new(),
             left: HashSet::new(),
@@ -98,13 +104,22 @@ impl Peer {
                 self.states.insert(peer, state);
             }
             Event::ChannelOpen { channel } => {
+                let key = (channel.peer().clone(), channel.label().to_string());
+                let tx = self.inbox_tx.clone();
+                let reader = channel.clone();
+                tokio::spawn(async move {
+                    while let Some(m) = reader.recv().await {
+                        if tx.send((key.0.clone(), key.1.clone(), m)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
                 self.channels.insert((channel.peer().clone(), channel.label().to_string()), channel);
             }
             Event::ChannelClosed { peer, label } => {
                 self.channels.remove(&(peer.clone(), label.clone()));
                 self.closed_channels.push((peer, label));
             }
-            Event::Message { peer, label, message } => self.messages.push((peer, label, message)),
             Event::ServerMessage { from, data } => self.server_messages.push((from, data)),
             Event::Closed { reason } => self.closed = Some(reason),
             Event::AuthFailed { peer, reason } => self.auth_failures.push((peer, reason)),
@@ -112,24 +127,33 @@ impl Peer {
         }
     }
 
-    /// Handles events until `cond` holds; panics after `WAIT`.
+    /// The next room event or channel message; `None` when the room ended.
+    async fn next(&mut self) -> Option<()> {
+        tokio::select! {
+            ev = self.room.next_event() => {
+                self.record(ev?);
+            }
+            Some(m) = self.inbox.recv() => self.messages.push(m),
+        }
+        Some(())
+    }
+
+    /// Handles events and messages until `cond` holds; panics after `WAIT`.
     pub async fn until(&mut self, what: &str, cond: impl Fn(&Peer) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !cond(self) {
-            match tokio::time::timeout_at(deadline, self.room.next_event()).await {
-                Ok(Some(ev)) => self.record(ev),
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Some(())) => {}
                 Ok(None) => panic!("{}: room closed while waiting for {what}", self.id()),
                 Err(_) => panic!("{}: timed out waiting for {what}", self.id()),
             }
         }
     }
 
-    /// Handles whatever events arrive within `d`.
+    /// Handles whatever events and messages arrive within `d`.
     pub async fn pump_for(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
-        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.room.next_event()).await {
-            self.record(ev);
-        }
+        while let Ok(Some(())) = tokio::time::timeout_at(deadline, self.next()).await {}
     }
 
     pub fn channel(&self, peer: &PeerId, label: &str) -> DataChannel {

@@ -1,0 +1,237 @@
+//! The tokio driver of a joined room: owns the UDP sockets, the signaling
+//! link and the clock, feeds the room's logic ([`Mesh`]) and carries out
+//! what it asks.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
+use peerlink_proto::{ClientMsg, ServerMsg};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::channel::RoomWake;
+use crate::event::Event;
+use crate::mesh::{Mesh, MeshOutput};
+use crate::room::Command;
+use crate::signaling::WsStream;
+
+/// Backlogged events above which the driver stops reading datagrams.
+const BACKLOG_PAUSE: usize = 64;
+/// Datagrams handled per wake-up before the driver looks at its other inputs.
+const RECV_BATCH: usize = 32;
+/// Interval of application pings keeping the signaling link alive.
+const SIGNALING_PING: Duration = Duration::from_secs(15);
+/// How long a send waits for a full socket buffer before the datagram is
+/// dropped (SCTP retransmits it).
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// How long the application gets to take each last event after the room
+/// closed.
+const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
+
+pub(crate) struct Driver {
+    pub mesh: Mesh,
+    pub wake: Arc<RoomWake>,
+    pub sockets: Vec<UdpSocket>,
+    pub commands: mpsc::Receiver<Command>,
+    pub events: mpsc::Sender<Event>,
+    /// Events the application has not taken yet; while it holds
+    /// [`BACKLOG_PAUSE`] or more the driver does not read the network.
+    pub backlog: VecDeque<Event>,
+}
+
+impl Driver {
+    fn emit(&mut self, ev: Event) {
+        if self.backlog.is_empty() {
+            match self.events.try_send(ev) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+            }
+        } else {
+            self.backlog.push_back(ev);
+        }
+    }
+
+    /// Whether the application keeps up with what the network brings.
+    fn can_read(&self) -> bool {
+        self.backlog.len() < BACKLOG_PAUSE && !self.mesh.receivers_full()
+    }
+
+    /// Carries out everything the room asked for.
+    async fn flush(&mut self, signaling: &mpsc::Sender<ClientMsg>) {
+        while let Some(out) = self.mesh.poll_output() {
+            match out {
+                MeshOutput::Transmit { socket, to, data } => {
+                    send_datagram(&self.sockets[socket], to, &data).await
+                }
+                MeshOutput::Signaling(msg) => match signaling.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.mesh.fail("signaling server is not reading")
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => self.mesh.fail("signaling connection lost"),
+                },
+                MeshOutput::Event(ev) => self.emit(ev),
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command, now: Instant) {
+        match cmd {
+            Command::Connect { peer, options, reply } => {
+                let _ = reply.send(self.mesh.connect(peer, options, now));
+            }
+            Command::Disconnect { peer, reply } => {
+                self.mesh.disconnect(&peer);
+                let _ = reply.send(());
+            }
+            Command::OpenChannel { peer, spec, reply } => {
+                let _ = reply.send(self.mesh.open_channel(&peer, spec, now));
+            }
+            Command::ServerSend { to, data } => self.mesh.send_via_server(to, data),
+            Command::Stats { peer, reply } => {
+                let _ = reply.send(self.mesh.stats(&peer));
+            }
+            Command::Gathering { reply } => {
+                let _ = reply.send(self.mesh.gathering());
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(self.mesh.members());
+            }
+            Command::Leave { reply } => {
+                self.mesh.leave();
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    pub async fn run(mut self, incoming: SplitStream<WsStream>, signaling: mpsc::Sender<ClientMsg>) {
+        let mut incoming = incoming;
+        let mut buf = vec![0u8; 2048];
+        let mut ping = tokio::time::interval(SIGNALING_PING);
+        let wake = self.wake.clone();
+        let events = self.events.clone();
+        let reason = loop {
+            self.mesh.handle_timeout(Instant::now());
+            self.flush(&signaling).await;
+            if let Some(reason) = self.mesh.take_closing() {
+                break reason;
+            }
+            let deadline = self.mesh.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read_net = self.can_read();
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd, Instant::now()),
+                    None => break "room handle dropped".to_string(),
+                },
+                permit = events.reserve(), if !self.backlog.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(self.backlog.pop_front().expect("non-empty"));
+                        while let Some(ev) = self.backlog.pop_front() {
+                            match self.events.try_send(ev) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(ev)) => {
+                                    self.backlog.push_front(ev);
+                                    break;
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                            }
+                        }
+                    }
+                    Err(_) => break "room handle dropped".to_string(),
+                },
+                frame = incoming.next() => match frame {
+                    Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
+                        Ok(msg) => self.mesh.handle_server(msg, Instant::now()),
+                        Err(e) => tracing::warn!("unreadable message from server: {e}"),
+                    },
+                    Some(Ok(WsMessage::Close(_))) | None => break "signaling server closed the connection".to_string(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("signaling connection lost: {e}"),
+                },
+                r = recv_any(&self.sockets, &mut buf), if read_net => match r {
+                    Ok((n, source, socket)) => {
+                        let now = Instant::now();
+                        let (mut n, mut source) = (n, source);
+                        for round in 1..=RECV_BATCH {
+                            self.mesh.handle_datagram(now, socket, source, &buf[..n]);
+                            self.flush(&signaling).await;
+                            // Read another only if it will be handled: a
+                            // datagram taken off the socket and then dropped
+                            // is a loss SCTP has to repair.
+                            if round == RECV_BATCH || !self.can_read() {
+                                break;
+                            }
+                            match self.sockets[socket].try_recv_from(&mut buf) {
+                                Ok((len, from)) => (n, source) = (len, from),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("udp receive: {e}"),
+                },
+                _ = wake.notify.notified() => {
+                    // Channels queued messages, or a receive queue drained.
+                    self.mesh.channels_ready(wake.take_ready());
+                }
+                _ = ping.tick() => {
+                    if signaling.try_send(ClientMsg::Ping { nonce: None }).is_err() {
+                        tracing::debug!("signaling ping not queued");
+                    }
+                }
+                _ = sleep => {}
+            }
+        };
+        tracing::debug!(peer = ?self.mesh, "room closing: {reason}");
+        self.mesh.close(reason, Instant::now());
+        self.flush(&signaling).await;
+        // Hand the application what is left, without waiting forever on it.
+        let backlog = std::mem::take(&mut self.backlog);
+        drop(self);
+        for ev in backlog {
+            if tokio::time::timeout(LAST_EVENTS_WAIT, events.send(ev)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+async fn send_datagram(sock: &UdpSocket, to: SocketAddr, data: &[u8]) {
+    match sock.try_send_to(data, to) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let _ = tokio::time::timeout(SEND_WAIT, sock.send_to(data, to)).await;
+        }
+        Err(e) => tracing::trace!(%to, "udp send: {e}"),
+    }
+}
+
+/// Receives one datagram from whichever socket has one.
+async fn recv_any(sockets: &[UdpSocket], buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+    poll_fn(|cx| {
+        for (i, s) in sockets.iter().enumerate() {
+            let mut rb = ReadBuf::new(buf);
+            match s.poll_recv_from(cx, &mut rb) {
+                Poll::Ready(Ok(addr)) => return Poll::Ready(Ok((rb.filled().len(), addr, i))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}

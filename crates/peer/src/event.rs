@@ -1,0 +1,101 @@
+//! What a room reports to the application: its events and per-connection
+//! statistics.
+
+use std::time::Duration;
+
+use peerlink_proto::{ErrorCode, PeerId};
+
+use crate::channel::DataChannel;
+use crate::conn::ConnState;
+use crate::path::{FailureReport, Path, WhyRelayed};
+
+/// What happens in a room. Channel messages are not room events: each
+/// [`DataChannel`] has its own receive queue ([`DataChannel::recv`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A peer is in the room (already there when we joined, or joined since).
+    PeerJoined {
+        /// Its id.
+        peer: PeerId,
+        /// The display name it gave, if any.
+        name: Option<String>,
+    },
+    /// A peer left or dropped; its connection and channels are gone.
+    PeerLeft {
+        /// Its id.
+        peer: PeerId,
+    },
+    /// The connection to `peer` changed state.
+    StateChanged {
+        /// The remote peer.
+        peer: PeerId,
+        /// The new state.
+        state: ConnState,
+    },
+    /// A channel to a peer is open, whoever opened it.
+    ChannelOpen {
+        /// The channel: send on it, and receive with [`DataChannel::recv`].
+        channel: DataChannel,
+    },
+    /// A channel closed (either side closed it, or its connection ended).
+    ChannelClosed {
+        /// The remote peer.
+        peer: PeerId,
+        /// The channel's label.
+        label: String,
+    },
+    /// An application message routed through the signaling server.
+    ServerMessage {
+        /// The sender, as stamped by the server.
+        from: PeerId,
+        /// The message as sent.
+        data: serde_json::Value,
+    },
+    /// An offer or answer from `peer` failed authentication (the signaling
+    /// path changed it, or it was not from the paired peer). The
+    /// connection to `peer` is closed.
+    AuthFailed {
+        /// The remote peer.
+        peer: PeerId,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The server refused something we sent.
+    ServerError {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// The server's explanation, for people.
+        message: String,
+    },
+    /// The signaling link is gone; the room is over.
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Traffic and path of one peer connection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerStats {
+    /// Message bytes handed to SCTP.
+    pub bytes_sent: u64,
+    /// Message bytes received.
+    pub bytes_received: u64,
+    /// Messages handed to SCTP.
+    pub messages_sent: u64,
+    /// Messages received.
+    pub messages_received: u64,
+    /// Latest round-trip time str0m measured.
+    pub rtt: Option<Duration>,
+    /// The connection's state.
+    pub state: Option<ConnState>,
+    /// ICE restarts this connection made to recover from outages.
+    pub ice_restarts: u32,
+    /// The selected path: its kind (host, srflx, relay) and both ends.
+    pub path: Option<Path>,
+    /// Why the connection failed, with what was gathered on each side.
+    pub failure: Option<FailureReport>,
+    /// Why the data goes through a relay, when it does.
+    pub why_relayed: Option<WhyRelayed>,
+}

@@ -1,0 +1,696 @@
+//! A room's logic without I/O: members, one connection per connected
+//! member, signals held for members not connected to yet, the channels'
+//! queues, which connection a datagram belongs to, and connection events
+//! turned into room events. Server messages, datagrams and time go in;
+//! datagrams, signaling messages and events come out, in the shape of
+//! str0m's `handle_input` / `poll_output`. The tokio driver (`driver.rs`)
+//! owns the sockets and the clock; `sim.rs` runs whole rooms on simulated
+//! time with the same code.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use peerlink_proto::{ClientMsg, PeerId, PeerInfo, ServerMsg, Signal};
+use str0m::channel::ChannelId;
+
+use crate::auth::SignalKeys;
+use crate::channel::{ChannelSpec, DataChannel, Message, RoomWake, Shared};
+use crate::conn::{ConnConfig, ConnEvent, ConnOutput, ConnState, PeerConn, is_dtls};
+use crate::error::Error;
+use crate::event::{Event, PeerStats};
+use crate::path::{FailureReport, PathKind, WhyRelayed};
+use crate::relay::{Demux, GatherReport, Gatherer, Output as GatherOutput};
+
+/// Signals held per member not connected to yet; the oldest go first.
+const MAX_HELD_SIGNALS: usize = 64;
+/// Members with held signals at once.
+const MAX_HELD_PEERS: usize = 64;
+/// Remembered (source, destination) → connection routes; the table is
+/// cleared when it grows past this (routes are relearned on first use).
+const MAX_ROUTES: usize = 4096;
+
+/// What a room does, beyond the connections' own settings.
+#[derive(Debug, Clone)]
+pub(crate) struct MeshConfig {
+    /// Channels the later joiner opens to every member.
+    pub channels: Vec<ChannelSpec>,
+    /// Connect to every member (a full mesh), or only when asked.
+    pub auto_connect: bool,
+    /// Offer relayed candidates only.
+    pub relay_only: bool,
+    /// Send-queue capacity per channel, in bytes.
+    pub send_queue_bytes: usize,
+    /// Receive-queue capacity per channel, in bytes.
+    pub receive_queue_bytes: usize,
+    /// Per-connection settings.
+    pub conn: ConnConfig,
+}
+
+/// How to connect to one peer with [`crate::Room::connect`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Channels this side opens (the other side gets `ChannelOpen` too).
+    /// Usually only one side names them.
+    pub channels: Vec<ChannelSpec>,
+    /// Keys from pairing: every offer and answer is authenticated, and the
+    /// connection is refused ([`Event::AuthFailed`]) if one is not.
+    pub keys: Option<SignalKeys>,
+}
+
+/// What the driver carries out for the room.
+#[derive(Debug)]
+pub(crate) enum MeshOutput {
+    /// Send `data` to `to` from host socket `socket`.
+    Transmit { socket: usize, to: SocketAddr, data: Vec<u8> },
+    /// Send a message to the signaling server.
+    Signaling(ClientMsg),
+    /// Hand an event to the application.
+    Event(Event),
+}
+
+struct PeerState {
+    /// Names this connection (not the member: a replaced connection gets a
+    /// new key), for routes and ready lists.
+    key: u64,
+    conn: PeerConn,
+    channels: HashMap<ChannelId, Arc<Shared>>,
+    stats: PeerStats,
+    next_timeout: Instant,
+    /// Has input or commands since its outputs were last polled.
+    dirty: bool,
+}
+
+/// One joined room's state.
+pub(crate) struct Mesh {
+    id: PeerId,
+    room: String,
+    config: MeshConfig,
+    /// Our host sockets' addresses; a transmit's source picks the socket.
+    local_addrs: Vec<SocketAddr>,
+    /// Room members and their display names.
+    members: HashMap<PeerId, Option<String>>,
+    /// Connections, by member.
+    peers: HashMap<PeerId, PeerState>,
+    /// Connection key → member.
+    keys: HashMap<u64, PeerId>,
+    next_key: u64,
+    /// Which connection a datagram from `source` to `destination` belongs
+    /// to, learned from the first one it accepted: later datagrams are not
+    /// offered to every connection.
+    routes: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// Signals from members not connected to yet (without `auto_connect`).
+    held: HashMap<PeerId, VecDeque<Signal>>,
+    /// STUN and TURN from our sockets.
+    gatherer: Gatherer,
+    /// Server-reflexive and relayed candidates found so far.
+    gathered: Vec<str0m::Candidate>,
+    gathering_complete: bool,
+    wake: Arc<RoomWake>,
+    out: VecDeque<MeshOutput>,
+    /// Set when the room must end, with the reason.
+    closing: Option<String>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("id", &self.id).field("room", &self.room).finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    pub fn new(
+        id: PeerId,
+        room: String,
+        config: MeshConfig,
+        local_addrs: Vec<SocketAddr>,
+        gatherer: Gatherer,
+        wake: Arc<RoomWake>,
+    ) -> Mesh {
+        Mesh {
+            id,
+            room,
+            config,
+            local_addrs,
+            members: HashMap::new(),
+            peers: HashMap::new(),
+            keys: HashMap::new(),
+            next_key: 0,
+            routes: HashMap::new(),
+            held: HashMap::new(),
+            gatherer,
+            gathered: Vec::new(),
+            gathering_complete: false,
+            wake,
+            out: VecDeque::new(),
+            closing: None,
+        }
+    }
+
+    /// The members listed in `joined`: as the later joiner, we connect to them.
+    pub fn start(&mut self, members: Vec<PeerInfo>, now: Instant) {
+        self.flush_gatherer(now);
+        for p in members {
+            self.member_joined(p.id, p.name, true, now);
+        }
+    }
+
+    /// Why the room must end, once it must.
+    pub fn take_closing(&mut self) -> Option<String> {
+        self.closing.take()
+    }
+
+    pub fn poll_output(&mut self) -> Option<MeshOutput> {
+        self.out.pop_front()
+    }
+
+    /// The earliest time [`Mesh::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers.values().map(|st| st.next_timeout).chain(self.gatherer.poll_timeout()).min()
+    }
+
+    fn emit(&mut self, ev: Event) {
+        self.out.push_back(MeshOutput::Event(ev));
+    }
+
+    fn signaling(&mut self, msg: ClientMsg) {
+        self.out.push_back(MeshOutput::Signaling(msg));
+    }
+
+    /// The signaling link failed or cannot keep up: the room ends.
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        self.closing.get_or_insert_with(|| reason.into());
+    }
+
+    /// A member is in the room (there when we joined, or joined since).
+    fn member_joined(&mut self, peer: PeerId, name: Option<String>, initiator: bool, now: Instant) {
+        if peer == self.id || self.members.contains_key(&peer) {
+            return;
+        }
+        self.members.insert(peer.clone(), name.clone());
+        self.emit(Event::PeerJoined { peer: peer.clone(), name });
+        if self.config.auto_connect {
+            let channels = if initiator { self.config.channels.clone() } else { Vec::new() };
+            self.create_conn(peer, channels, None, now);
+        }
+    }
+
+    /// Starts a connection to `peer`, replacing a dead one, and replays
+    /// signals held for it.
+    fn create_conn(
+        &mut self,
+        peer: PeerId,
+        channels: Vec<ChannelSpec>,
+        keys: Option<SignalKeys>,
+        now: Instant,
+    ) {
+        if peer == self.id {
+            return;
+        }
+        if let Some(st) = self.peers.get_mut(&peer)
+            && !matches!(st.conn.state(), ConnState::Failed | ConnState::Closed)
+        {
+            for spec in channels {
+                st.conn.open_channel(spec);
+            }
+            st.next_timeout = now;
+            st.dirty = true;
+            return;
+        }
+        self.drop_conn(&peer);
+        let polite = self.id < peer;
+        let hosts: &[SocketAddr] = if self.config.relay_only { &[] } else { &self.local_addrs };
+        let mut conn = PeerConn::new(peer.clone(), polite, hosts, &self.config.conn, now);
+        for c in &self.gathered {
+            conn.add_local_candidate(c.clone());
+        }
+        if self.gathering_complete {
+            conn.gathering_complete();
+        }
+        if let Some(keys) = keys {
+            conn.set_keys(keys);
+        }
+        for spec in channels {
+            conn.open_channel(spec);
+        }
+        tracing::debug!(local = %self.id, remote = %peer, polite, "connecting");
+        let key = self.next_key;
+        self.next_key += 1;
+        self.keys.insert(key, peer.clone());
+        self.peers.insert(
+            peer.clone(),
+            PeerState {
+                key,
+                conn,
+                channels: HashMap::new(),
+                stats: PeerStats { state: Some(ConnState::Connecting), ..Default::default() },
+                next_timeout: now,
+                dirty: true,
+            },
+        );
+        for signal in self.held.remove(&peer).unwrap_or_default() {
+            self.apply_signal(&peer, signal, now);
+        }
+    }
+
+    /// Closes and forgets the connection to `peer`, closing its channels.
+    fn drop_conn(&mut self, peer: &PeerId) {
+        let Some(mut st) = self.peers.remove(peer) else { return };
+        self.keys.remove(&st.key);
+        self.routes.retain(|_, k| *k != st.key);
+        st.conn.close();
+        for (_, shared) in st.channels.drain() {
+            shared.close();
+            self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+        }
+    }
+
+    fn remove_peer(&mut self, peer: &PeerId) {
+        self.held.remove(peer);
+        self.drop_conn(peer);
+        if self.members.remove(peer).is_some() {
+            self.emit(Event::PeerLeft { peer: peer.clone() });
+        }
+    }
+
+    fn apply_signal(&mut self, from: &PeerId, signal: Signal, now: Instant) {
+        let Some(st) = self.peers.get_mut(from) else { return };
+        if let Err(e) = st.conn.handle_signal(signal, now) {
+            tracing::warn!("{e}");
+        }
+        st.next_timeout = now;
+        st.dirty = true;
+    }
+
+    /// A message from the signaling server.
+    pub fn handle_server(&mut self, msg: ServerMsg, now: Instant) {
+        match msg {
+            ServerMsg::PeerJoined { peer, .. } => self.member_joined(peer.id, peer.name, false, now),
+            ServerMsg::PeerLeft { peer_id, .. } => self.remove_peer(&peer_id),
+            ServerMsg::Signal { from, signal, .. } => {
+                if self.peers.contains_key(&from) {
+                    self.apply_signal(&from, signal, now);
+                } else if self.config.auto_connect {
+                    self.create_conn(from.clone(), Vec::new(), None, now);
+                    self.apply_signal(&from, signal, now);
+                } else {
+                    // Not connected to yet: hold it for Room::connect, within bounds.
+                    if !self.held.contains_key(&from) && self.held.len() >= MAX_HELD_PEERS {
+                        tracing::debug!(peer = %from, "too many peers with held signals: dropped");
+                        return;
+                    }
+                    let q = self.held.entry(from).or_default();
+                    if q.len() >= MAX_HELD_SIGNALS {
+                        q.pop_front();
+                    }
+                    q.push_back(signal);
+                }
+            }
+            ServerMsg::Message { from, data, .. } => self.emit(Event::ServerMessage { from, data }),
+            ServerMsg::Error { code, message } => {
+                tracing::warn!(%code, "server: {message}");
+                if code.is_fatal() {
+                    self.fail(format!("{code}: {message}"));
+                } else {
+                    self.emit(Event::ServerError { code, message });
+                }
+            }
+            ServerMsg::Welcome { .. }
+            | ServerMsg::Joined { .. }
+            | ServerMsg::Left { .. }
+            | ServerMsg::Pong { .. }
+            | ServerMsg::Unknown => {}
+        }
+    }
+
+    /// Connects to `peer`, a member, with `options` (see [`crate::Room::connect`]).
+    pub fn connect(&mut self, peer: PeerId, options: ConnectOptions, now: Instant) -> Result<(), Error> {
+        if !self.members.contains_key(&peer) {
+            return Err(Error::UnknownPeer(peer));
+        }
+        self.create_conn(peer, options.channels, options.keys, now);
+        Ok(())
+    }
+
+    /// Closes the connection to `peer`; it stays a member.
+    pub fn disconnect(&mut self, peer: &PeerId) {
+        self.drop_conn(peer);
+    }
+
+    /// Opens another channel to `peer`.
+    pub fn open_channel(&mut self, peer: &PeerId, spec: ChannelSpec, now: Instant) -> Result<(), Error> {
+        let st = self.peers.get_mut(peer).ok_or_else(|| Error::UnknownPeer(peer.clone()))?;
+        st.conn.open_channel(spec);
+        st.next_timeout = now;
+        st.dirty = true;
+        Ok(())
+    }
+
+    /// Sends `data` through the server to `to`, or to every other member.
+    pub fn send_via_server(&mut self, to: Option<PeerId>, data: serde_json::Value) {
+        let room = self.room.clone();
+        self.signaling(ClientMsg::Send { room, to, data });
+    }
+
+    /// The connection to `peer`'s traffic and path.
+    pub fn stats(&self, peer: &PeerId) -> Option<PeerStats> {
+        self.peers.get(peer).map(|st| st.stats.clone())
+    }
+
+    /// What gathering found.
+    pub fn gathering(&self) -> GatherReport {
+        self.gatherer.report()
+    }
+
+    /// The room's other members.
+    pub fn members(&self) -> Vec<PeerId> {
+        self.members.keys().cloned().collect()
+    }
+
+    /// Leaves the room: the server is told, and the room ends.
+    pub fn leave(&mut self) {
+        let room = self.room.clone();
+        self.signaling(ClientMsg::Leave { room });
+        self.fail("left the room");
+    }
+
+    /// Channels of these connections queued messages to send.
+    pub fn channels_ready(&mut self, keys: impl IntoIterator<Item = u64>) {
+        for key in keys {
+            if let Some(st) = self.keys.get(&key).and_then(|peer| self.peers.get_mut(peer)) {
+                st.dirty = true;
+            }
+        }
+    }
+
+    /// Whether the application keeps up: while a channel's receive queue is
+    /// full, the driver should read no datagram.
+    pub fn receivers_full(&self) -> bool {
+        self.wake.full_receivers.load(Ordering::Acquire) > 0
+    }
+
+    /// Runs timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.gatherer.poll_timeout().is_some_and(|t| t <= now) {
+            self.gatherer.handle_timeout(now);
+        }
+        self.flush_gatherer(now);
+        self.pump(now);
+    }
+
+    /// Polls every connection that had input or whose timer is due.
+    pub fn pump(&mut self, now: Instant) {
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, st)| st.dirty || st.next_timeout <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for peer in due {
+            self.pump_peer(&peer, now);
+        }
+    }
+
+    /// A datagram that arrived on host socket `socket` from `source`.
+    pub fn handle_datagram(&mut self, now: Instant, socket: usize, source: SocketAddr, data: &[u8]) {
+        let Some(&destination) = self.local_addrs.get(socket) else { return };
+        let handled = match self.gatherer.handle_datagram(now, socket, source, data) {
+            Demux::Pass => self.route(now, source, destination, data),
+            Demux::Relayed { peer, relayed, data } => self.route(now, peer, relayed, &data),
+            Demux::Consumed => None,
+        };
+        self.flush_gatherer(now);
+        // str0m takes a bounded number of datagrams between polls: poll the
+        // connection after each.
+        if let Some(peer) = handled {
+            self.pump_peer(&peer, now);
+        }
+    }
+
+    /// Hands a datagram to the connection it belongs to.
+    fn route(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> Option<PeerId> {
+        let known = self.routes.get(&(source, destination)).and_then(|k| self.keys.get(k));
+        let peer = match known {
+            Some(peer) => peer.clone(),
+            None => {
+                let accepted = self
+                    .peers
+                    .iter()
+                    .find(|(_, st)| st.conn.accepts(now, source, destination, data))
+                    .map(|(id, st)| (id.clone(), st.key));
+                match accepted {
+                    Some((peer, key)) => {
+                        if self.routes.len() >= MAX_ROUTES {
+                            self.routes.clear();
+                        }
+                        self.routes.insert((source, destination), key);
+                        peer
+                    }
+                    // str0m only recognises a DTLS sender once ICE has seen
+                    // the path succeed; through a relay, the remote's first
+                    // DTLS flight can beat that, and dropping it costs a
+                    // one-second DTLS retransmission. A single connection
+                    // still being set up is where it belongs (DTLS
+                    // authenticates it anyway).
+                    None if is_dtls(data) => {
+                        let mut connecting =
+                            self.peers.iter().filter(|(_, st)| st.conn.state() == ConnState::Connecting);
+                        match (connecting.next(), connecting.next()) {
+                            (Some((id, _)), None) => id.clone(),
+                            _ => return None,
+                        }
+                    }
+                    None => return None,
+                }
+            }
+        };
+        let st = self.peers.get_mut(&peer)?;
+        if let Err(e) = st.conn.handle_datagram(now, source, destination, data) {
+            tracing::debug!("{e}");
+        }
+        Some(peer)
+    }
+
+    /// Moves queued messages of every channel of `st` into SCTP while it
+    /// takes them.
+    fn drain(st: &mut PeerState) {
+        for (id, shared) in &st.channels {
+            shared.unschedule();
+            loop {
+                let Some(msg) = shared.queue.lock().expect("channel queue lock").pop_front() else { break };
+                match st.conn.write(*id, msg.is_binary(), msg.as_bytes()) {
+                    Ok(true) => {
+                        st.stats.bytes_sent += msg.len() as u64;
+                        st.stats.messages_sent += 1;
+                        shared.sent_bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                        shared.sent_messages.fetch_add(1, Ordering::Relaxed);
+                        shared.release(&msg);
+                    }
+                    Ok(false) => {
+                        // SCTP's buffer is full: the rest waits for Writable.
+                        shared.queue.lock().expect("channel queue lock").push_front(msg);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %shared.peer, label = %shared.spec.label, "write failed: {e}");
+                        shared.release(&msg);
+                        shared.close();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Polls one connection until it waits for time or input.
+    fn pump_peer(&mut self, peer: &PeerId, now: Instant) {
+        let mut events = Vec::new();
+        let mut signals = Vec::new();
+        let mut dead = false;
+        {
+            let Some(st) = self.peers.get_mut(peer) else { return };
+            st.dirty = false;
+            st.stats.ice_restarts = st.conn.restarts();
+            if st.next_timeout <= now
+                && let Err(e) = st.conn.handle_timeout(now)
+            {
+                tracing::debug!("{e}");
+            }
+            Self::drain(st);
+            loop {
+                match st.conn.poll_output() {
+                    ConnOutput::Transmit { source, destination, contents } => {
+                        if self.gatherer.is_relayed(source) {
+                            self.gatherer.send_relayed(now, source, destination, &contents);
+                        } else if let Some(socket) = self.local_addrs.iter().position(|a| *a == source) {
+                            self.out.push_back(MeshOutput::Transmit {
+                                socket,
+                                to: destination,
+                                data: contents,
+                            });
+                        } else {
+                            tracing::trace!(%source, "no socket for source address");
+                        }
+                    }
+                    ConnOutput::Signal(s) => signals.push(s),
+                    ConnOutput::Timeout(t) => {
+                        st.next_timeout = t;
+                        break;
+                    }
+                    ConnOutput::Event(ev) => match ev {
+                        ConnEvent::State(state) => {
+                            st.stats.state = Some(state);
+                            if matches!(state, ConnState::Failed | ConnState::Closed) {
+                                dead = true;
+                            }
+                            if state == ConnState::Failed {
+                                let report = FailureReport {
+                                    reason: st
+                                        .conn
+                                        .failure()
+                                        .cloned()
+                                        .unwrap_or(crate::path::Failure::ChecksTimedOut),
+                                    local: self.gatherer.report(),
+                                    remote: st.conn.remote_candidates(),
+                                };
+                                tracing::info!(remote = %peer, "{report}");
+                                st.stats.failure = Some(report);
+                            }
+                            events.push(Event::StateChanged { peer: peer.clone(), state });
+                        }
+                        ConnEvent::ChannelOpen { id, label, spec } => {
+                            let shared = Arc::new(Shared::new(
+                                peer.clone(),
+                                spec,
+                                st.key,
+                                (self.config.send_queue_bytes, self.config.receive_queue_bytes),
+                                st.conn.max_message_size(),
+                                self.wake.clone(),
+                            ));
+                            st.channels.insert(id, shared.clone());
+                            tracing::debug!(remote = %peer, %label, "channel open");
+                            events.push(Event::ChannelOpen { channel: DataChannel::new(shared) });
+                        }
+                        ConnEvent::ChannelData { id, binary, data } => {
+                            let Some(shared) = st.channels.get(&id) else { continue };
+                            st.stats.bytes_received += data.len() as u64;
+                            st.stats.messages_received += 1;
+                            let message = if binary {
+                                Message::Binary(data)
+                            } else {
+                                match String::from_utf8(data) {
+                                    Ok(s) => Message::Text(s),
+                                    Err(e) => Message::Binary(e.into_bytes()),
+                                }
+                            };
+                            shared.deliver(message);
+                        }
+                        ConnEvent::ChannelClose { id } => {
+                            if let Some(shared) = st.channels.remove(&id) {
+                                shared.close();
+                                events.push(Event::ChannelClosed {
+                                    peer: peer.clone(),
+                                    label: shared.spec.label.clone(),
+                                });
+                            }
+                        }
+                        ConnEvent::Writable => Self::drain(st),
+                        ConnEvent::AuthFailed(reason) => {
+                            events.push(Event::AuthFailed { peer: peer.clone(), reason });
+                        }
+                        ConnEvent::Stats { rtt, path } => {
+                            if rtt.is_some() {
+                                st.stats.rtt = rtt;
+                            }
+                            if let Some(path) = path {
+                                st.stats.why_relayed = (path.kind == PathKind::Relay).then(|| {
+                                    WhyRelayed::explain(
+                                        self.config.relay_only,
+                                        &self.gatherer.report(),
+                                        &st.conn.remote_candidates(),
+                                    )
+                                });
+                                st.stats.path = Some(path);
+                            }
+                        }
+                    },
+                }
+            }
+            for ip in st.conn.take_remote_ips() {
+                self.gatherer.permit(now, ip);
+            }
+        }
+        self.flush_gatherer(now);
+        for signal in signals {
+            let room = self.room.clone();
+            self.signaling(ClientMsg::Signal { room, to: peer.clone(), signal });
+        }
+        for ev in events {
+            self.emit(ev);
+        }
+        if dead && let Some(st) = self.peers.get_mut(peer) {
+            let closed: Vec<_> = st.channels.drain().map(|(_, shared)| shared).collect();
+            for shared in closed {
+                shared.close();
+                self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+            }
+        }
+    }
+
+    /// Carries out what the gatherer asks: datagrams to STUN/TURN servers,
+    /// and new candidates for every connection.
+    fn flush_gatherer(&mut self, now: Instant) {
+        while let Some(out) = self.gatherer.poll_output() {
+            match out {
+                GatherOutput::Transmit { socket, to, data } => {
+                    self.out.push_back(MeshOutput::Transmit { socket, to, data });
+                }
+                GatherOutput::Candidate(c) => {
+                    tracing::debug!(candidate = %c.to_sdp_string(), "gathered");
+                    for st in self.peers.values_mut() {
+                        st.conn.add_local_candidate(c.clone());
+                        st.dirty = true;
+                        st.next_timeout = now;
+                    }
+                    self.gathered.push(c);
+                }
+                GatherOutput::Complete => {
+                    tracing::debug!(report = %self.gatherer.report(), "gathering complete");
+                    self.gathering_complete = true;
+                    for st in self.peers.values_mut() {
+                        st.conn.gathering_complete();
+                        st.dirty = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the room: closes every connection (their goodbyes go out),
+    /// gives TURN allocations back, and reports every member gone and then
+    /// [`Event::Closed`].
+    pub fn close(&mut self, reason: String, now: Instant) {
+        let ids: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in &ids {
+            if let Some(st) = self.peers.get_mut(peer) {
+                st.conn.close();
+            }
+            self.pump_peer(peer, now);
+        }
+        self.gatherer.close(now);
+        self.flush_gatherer(now);
+        let members: Vec<PeerId> = self.members.keys().chain(self.peers.keys()).cloned().collect();
+        for peer in &members {
+            self.remove_peer(peer);
+        }
+        self.emit(Event::Closed { reason });
+    }
+}
