@@ -154,8 +154,8 @@ async fn backpressure_bounds_memory_and_loses_nothing() {
     }
     assert!(most_waiting <= RECEIVE_QUEUE + 1024 * 1024, "receive queue bounded: {most_waiting}");
     assert!(most_waiting > RECEIVE_QUEUE / 2, "the slow start filled the receive queue: {most_waiting}");
-    drop(rx_room);
     let (overflowed, max_queued) = sender.await.unwrap();
+    drop(rx_room);
     assert!(overflowed, "try_send reported overflow when the queue was full");
     assert!(max_queued <= QUEUE, "queue stayed within its bound: {max_queued}");
     assert_eq!(expected, TOTAL / MSG);
