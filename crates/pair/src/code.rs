@@ -23,14 +23,28 @@ pub fn wordlist() -> &'static [&'static str] {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodeError {
+    /// Nothing was typed.
     #[error("empty code")]
     Empty,
+    /// The code does not start with a number.
     #[error("a code starts with a number, like 7-{example}; got {0:?}", example = "lantern-zebra")]
     BadNumber(String),
+    /// Fewer words than a code has.
     #[error("a code has at least {min} words after the number; got {got}")]
-    TooFewWords { min: usize, got: usize },
+    TooFewWords {
+        /// The fewest a code has.
+        min: usize,
+        /// How many were typed.
+        got: usize,
+    },
+    /// A word that is not on the list.
     #[error("{word:?} is not a code word{}", suggestion.as_ref().map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default())]
-    UnknownWord { word: String, suggestion: Option<String> },
+    UnknownWord {
+        /// The word as typed.
+        word: String,
+        /// The list's word with the same three-letter prefix, if any.
+        suggestion: Option<String>,
+    },
 }
 
 /// A pairing code: `<nameplate>-<word>-<word>-...`.
@@ -109,6 +123,7 @@ impl Code {
         Ok(Code { nameplate, words })
     }
 
+    /// The number in front: it names the room.
     pub fn nameplate(&self) -> u32 {
         self.nameplate
     }

@@ -26,8 +26,16 @@
 //! assert_eq!(creator.keys().unwrap().sdp_local, joiner.keys().unwrap().sdp_remote);
 //! ```
 
+//!
+//! [`Session`] decides whom to pair with in the code's room (the rules in
+//! `docs/PAIRING.md`), without I/O, so every client follows the same steps.
+
+#![warn(missing_docs)]
+
 mod code;
 mod pake;
+mod session;
 
 pub use code::{Code, CodeError, wordlist};
-pub use pake::{HKDF_SALT, ID_CREATOR, ID_JOINER, Keys, PairError, PairMsg, Pairing, Role};
+pub use pake::{AbortCode, HKDF_SALT, ID_CREATOR, ID_JOINER, Keys, PairError, PairMsg, Pairing, Role};
+pub use session::{Abort, MAX_WAITING, Notice, Session, SessionEvent, SessionOutput};

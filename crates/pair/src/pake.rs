@@ -22,7 +22,9 @@ pub const HKDF_SALT: &str = "peerlink pair v1";
 /// the creator is side A, the joiner side B.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Made the code (the sender); SPAKE2 side A.
     Creator,
+    /// Typed the code (the receiver); SPAKE2 side B.
     Joiner,
 }
 
@@ -31,15 +33,47 @@ pub enum Role {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PairMsg {
     /// The SPAKE2 message: 33 bytes (side byte `A`/`B` and a point), hex.
-    PairPake { msg: String },
+    PairPake {
+        /// The 33 bytes, lowercase hex.
+        msg: String,
+    },
     /// Key confirmation: HMAC-SHA256 with the sender's confirm key over both
     /// SPAKE2 messages (creator's first), hex.
-    PairConfirm { mac: String },
-    /// The sender gave up on this pairing; `reason` is for people.
-    PairAbort { reason: String },
+    PairConfirm {
+        /// The 32-byte MAC, lowercase hex.
+        mac: String,
+    },
+    /// The sender gave up on this pairing: `code` says why for programs
+    /// (absent from version-1 peers), `reason` for people.
+    PairAbort {
+        /// Why, for programs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<AbortCode>,
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+/// Why a side gave up, in a `pair_abort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AbortCode {
+    /// Key confirmation failed: the codes differ.
+    WrongCode,
+    /// An offer or answer did not authenticate.
+    Tampered,
+    /// Nobody completed pairing in time.
+    Timeout,
+    /// Anything else (cancelled, an error).
+    Failed,
+    /// A code this version does not know: treated as `failed`.
+    #[serde(other)]
+    Unknown,
 }
 
 impl PairMsg {
+    /// The JSON object sent through the server.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("pairing messages always serialize")
     }
@@ -153,6 +187,7 @@ impl Pairing {
         (Pairing { role, spake: Some(spake), mine, confirming: None, keys: None }, msg)
     }
 
+    /// Which end of the code this side is.
     pub fn role(&self) -> Role {
         self.role
     }
@@ -213,7 +248,7 @@ impl Pairing {
                 self.keys = Some(confirming.keys);
                 Ok(None)
             }
-            PairMsg::PairAbort { reason } => Err(PairError::Aborted(reason)),
+            PairMsg::PairAbort { reason, .. } => Err(PairError::Aborted(reason)),
         }
     }
 }
@@ -375,9 +410,27 @@ mod tests {
         assert!(matches!(a.handle(other_creator), Err(PairError::Invalid(_))));
         let (mut a, _) = Pairing::start(Role::Creator, &code);
         assert_eq!(
-            a.handle(PairMsg::PairAbort { reason: "bye".into() }),
+            a.handle(PairMsg::PairAbort { code: None, reason: "bye".into() }),
             Err(PairError::Aborted("bye".into()))
         );
+    }
+
+    /// `fixtures/pairing/messages.json`: every form parses and writes back
+    /// the same object; unknown abort codes read as `failed`-like; other
+    /// objects are not pairing messages.
+    #[test]
+    fn message_fixtures() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pairing/messages.json");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for m in v["messages"].as_array().unwrap() {
+            let msg = PairMsg::from_json(&m["json"]).unwrap_or_else(|| panic!("{} parses", m["name"]));
+            assert_eq!(msg.to_json(), m["json"], "{} round-trips", m["name"]);
+        }
+        let unknown = PairMsg::from_json(&v["unknown_code"]["json"]).unwrap();
+        assert!(matches!(unknown, PairMsg::PairAbort { code: Some(AbortCode::Unknown), .. }));
+        for n in v["not_pairing"].as_array().unwrap() {
+            assert_eq!(PairMsg::from_json(n), None, "{n} is not a pairing message");
+        }
     }
 
     #[test]

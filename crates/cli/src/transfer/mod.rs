@@ -69,6 +69,14 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The next message on `channel`; waits forever while there is no channel.
+async fn recv_on(channel: &Option<peerlink_peer::DataChannel>) -> Option<peerlink_peer::Message> {
+    match channel {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits (briefly) for the other side to leave after our final message.
 async fn linger(link: &mut link::Link) {
     let gone = async {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use peerlink_pair::{Code, Role};
-use peerlink_peer::{Room, RoomConfig};
+use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
     CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, to_hex,
 };
@@ -176,7 +176,8 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
         );
     }
     let mut link = Link::start(room, Role::Joiner, code, args.common.pairing_timeout);
-    let mut ctl: Option<peerlink_peer::DataChannel> = None;
+    let mut ctl: Option<DataChannel> = None;
+    let mut data: Option<DataChannel> = None;
     let mut receiver = Receiver::new(ReceiverConfig::default());
     let mut files: HashMap<u32, Open> = HashMap::new();
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(512);
@@ -334,6 +335,27 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     declined = true;
                 }
             }
+            m = super::recv_on(&ctl) => match m {
+                Some(Message::Text(text)) => {
+                    if let Err(e) = receiver.handle_ctl_json(&text) {
+                        tracing::warn!("sender broke the protocol: {e}");
+                    }
+                }
+                Some(Message::Binary(_)) => tracing::warn!("sender broke the protocol: binary control message"),
+                None => ctl = None,
+            },
+            m = super::recv_on(&data) => match m {
+                Some(Message::Binary(frame)) => {
+                    if let Ok((file, offset, payload)) = peerlink_transfer::decode_frame(&frame) {
+                        current = Some((file, offset + payload.len() as u64));
+                    }
+                    if let Err(e) = receiver.handle_data(&frame) {
+                        tracing::warn!("sender broke the protocol: {e}");
+                    }
+                }
+                Some(Message::Text(_)) => tracing::warn!("sender broke the protocol: text on the data channel"),
+                None => data = None,
+            },
             ev = link.next() => match ev {
                 Err(e) => break if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) },
                 Ok(LinkEvent::PeerSeen) => ui.say("Found the sender; checking the code..."),
@@ -345,27 +367,16 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     ui.say("Code confirmed; connecting directly...");
                     ui.event("paired", json!({}));
                 }
-                Ok(LinkEvent::Open { ctl: c, .. }) => {
+                Ok(LinkEvent::Open { ctl: c, data: d }) => {
                     ctl = Some(c);
+                    data = Some(d);
                     waiting_since = None;
                     ui.event("connected", json!({ "bytes_done": receiver.progress().bytes_done }));
                     receiver.start_session();
                 }
-                Ok(LinkEvent::Ctl(text)) => {
-                    if let Err(e) = receiver.handle_ctl_json(&text) {
-                        tracing::warn!("sender broke the protocol: {e}");
-                    }
-                }
-                Ok(LinkEvent::Data(frame)) => {
-                    if let Ok((file, offset, payload)) = peerlink_transfer::decode_frame(&frame) {
-                        current = Some((file, offset + payload.len() as u64));
-                    }
-                    if let Err(e) = receiver.handle_data(&frame) {
-                        tracing::warn!("sender broke the protocol: {e}");
-                    }
-                }
                 Ok(LinkEvent::Lost(reason)) => {
                     ctl = None;
+                    data = None;
                     waiting_since = Some(tokio::time::Instant::now());
                     ui.say(format!(
                         "Connection lost ({reason}); verified data is kept. Waiting up to {} for the sender to come back (or run `peerlink receive --resume` later).",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use peerlink_pair::{Code, Role};
-use peerlink_peer::{DataChannel, Room, RoomConfig};
+use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
     CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, Manifest, Sender, SenderEvent, SenderOutput,
 };
@@ -360,15 +360,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     ));
                     sender.start_session();
                 }
-                Ok(LinkEvent::Ctl(text)) => match Ctl::from_json(&text) {
-                    Ok(msg) => {
-                        if let Err(e) = sender.handle_ctl(msg) {
-                            tracing::warn!("receiver broke the protocol: {e}");
-                        }
-                    }
-                    Err(e) => sender.cancel(CancelCode::Protocol, format!("unreadable control message: {e}")),
-                },
-                Ok(LinkEvent::Data(_)) => {}
                 Ok(LinkEvent::Lost(reason)) => {
                     pump = None;
                     ctl = None;
@@ -379,6 +370,20 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     ));
                     ui.event("lost", json!({ "reason": reason }));
                 }
+            },
+            m = super::recv_on(&ctl) => match m {
+                Some(Message::Text(text)) => match Ctl::from_json(&text) {
+                    Ok(msg) => {
+                        if let Err(e) = sender.handle_ctl(msg) {
+                            tracing::warn!("receiver broke the protocol: {e}");
+                        }
+                    }
+                    Err(e) => sender.cancel(CancelCode::Protocol, format!("unreadable control message: {e}")),
+                },
+                Some(Message::Binary(_)) => {
+                    sender.cancel(CancelCode::Protocol, "binary message on the control channel".into());
+                }
+                None => ctl = None,
             },
             Some((file, from, count, r)) = hash_rx.recv() => match r {
                 Ok(hashes) if hashes.len() == count as usize => sender.hashes_computed(file, from, hashes),
