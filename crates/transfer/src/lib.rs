@@ -99,6 +99,7 @@
 //! assert_eq!(receiver.progress().bytes_done, 40_000);
 //! ```
 
+mod announce;
 mod bits;
 mod error;
 mod hash;

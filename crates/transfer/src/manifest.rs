@@ -7,8 +7,7 @@ use std::fmt;
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::Ctl;
-use crate::{MAX_CTL_BYTES, ManifestError, PROTOCOL_VERSION, PathError};
+use crate::{ManifestError, PathError};
 
 /// Longest path, in bytes.
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -353,59 +352,6 @@ impl Manifest {
         // At most chunk_size, which is a u32.
         Some((offset, (size - offset).min(u64::from(self.chunk_size)) as u32))
     }
-
-    /// The messages that announce this manifest: `manifest`, parts each at
-    /// most [`MAX_CTL_BYTES`] of JSON, `manifest_end`.
-    pub fn to_ctl_messages(&self) -> Vec<Ctl> {
-        let mut cursor = ManifestCursor::default();
-        std::iter::from_fn(|| cursor.next(self)).collect()
-    }
-}
-
-/// Where a sender is in announcing a manifest, so that the parts can be
-/// produced one at a time instead of all at once.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ManifestCursor {
-    header_sent: bool,
-    next_entry: usize,
-    end_sent: bool,
-}
-
-impl ManifestCursor {
-    pub(crate) fn next(&mut self, manifest: &Manifest) -> Option<Ctl> {
-        if !self.header_sent {
-            self.header_sent = true;
-            return Some(Ctl::Manifest {
-                version: PROTOCOL_VERSION,
-                chunk_size: manifest.chunk_size,
-                entries: manifest.entries.len() as u64,
-                bytes: manifest.total_bytes,
-            });
-        }
-        if self.next_entry < manifest.entries.len() {
-            // `{"type":"manifest_part","entries":[` … `]}` plus a comma between entries.
-            let mut len = Ctl::ManifestPart { entries: Vec::new() }.to_json().len();
-            let mut part = Vec::new();
-            for entry in &manifest.entries[self.next_entry..] {
-                let entry_len =
-                    serde_json::to_string(entry).map_or(0, |json| json.len()) + usize::from(!part.is_empty());
-                // A single entry is at most about 8 KiB of JSON (a 4096-byte path,
-                // escaped), so the first entry of a part always fits.
-                if !part.is_empty() && len + entry_len > MAX_CTL_BYTES {
-                    break;
-                }
-                len += entry_len;
-                part.push(entry.clone());
-            }
-            self.next_entry += part.len();
-            return Some(Ctl::ManifestPart { entries: part });
-        }
-        if !self.end_sent {
-            self.end_sent = true;
-            return Some(Ctl::ManifestEnd);
-        }
-        None
-    }
 }
 
 #[cfg(test)]
@@ -511,27 +457,5 @@ mod tests {
         assert_eq!(m.chunk_span(0, 1), Some((u64::from(MIN_CHUNK_SIZE), 1)));
         assert_eq!(m.chunk_span(0, 2), None);
         assert_eq!(m.chunk_span(1, 0), None);
-    }
-
-    #[test]
-    fn parts_stay_under_the_limit() {
-        let long = "x".repeat(200);
-        let entries: Vec<Entry> = (0..2000).map(|i| Entry::file(p(&format!("{long}/{i}")), i)).collect();
-        let m = Manifest::new(MIN_CHUNK_SIZE, entries.clone()).unwrap();
-        let msgs = m.to_ctl_messages();
-        assert!(msgs.len() > 4, "split into several parts");
-        assert!(matches!(msgs[0], Ctl::Manifest { entries: 2000, .. }));
-        assert_eq!(msgs.last(), Some(&Ctl::ManifestEnd));
-        let mut back = Vec::new();
-        for msg in &msgs[1..msgs.len() - 1] {
-            assert!(msg.to_json().len() <= MAX_CTL_BYTES);
-            let Ctl::ManifestPart { entries } = Ctl::from_json(&msg.to_json()).unwrap() else {
-                panic!("part")
-            };
-            back.extend(entries);
-        }
-        assert_eq!(back, entries);
-        let empty = Manifest::new(MIN_CHUNK_SIZE, vec![]).unwrap().to_ctl_messages();
-        assert_eq!(empty.len(), 2);
     }
 }

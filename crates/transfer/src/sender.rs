@@ -4,9 +4,10 @@
 use std::collections::VecDeque;
 
 use crate::ProtocolError;
+use crate::announce::ManifestCursor;
 use crate::bits::Bits;
 use crate::hash::{Hash, hashes_to_hex};
-use crate::manifest::{Manifest, ManifestCursor};
+use crate::manifest::Manifest;
 use crate::wire::{CancelCode, Ctl, HASHES_PER_MESSAGE};
 
 /// Most `get_hashes` a sender queues; a receiver keeps only a few in flight.

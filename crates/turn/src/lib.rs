@@ -56,6 +56,8 @@
 //!
 //! [turn-server-proto]: https://docs.rs/turn-server-proto
 
+#![warn(missing_docs)]
+
 mod bucket;
 mod config;
 mod policy;

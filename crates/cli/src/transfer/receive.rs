@@ -16,7 +16,7 @@ use peerlink_transfer::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
+
 use tokio::sync::{mpsc, oneshot};
 
 use super::fsio::{self, OutDir, Planned};
@@ -59,15 +59,6 @@ struct ResumeRecord {
 const RESUME_FILE: &str = ".peerlink-resume.json";
 /// One line per finished file: manifest path, tab, path it was saved as.
 const DONE_FILE: &str = ".peerlink-resume.done";
-
-fn manifest_id(m: &Manifest) -> String {
-    let mut h = Sha256::new();
-    for msg in m.to_ctl_messages() {
-        h.update(msg.to_json().as_bytes());
-        h.update(b"\n");
-    }
-    to_hex(&h.finalize())
-}
 
 struct Resume {
     dir: PathBuf,
@@ -210,7 +201,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                             let m = receiver.manifest().expect("offered means a manifest").clone();
                             describe(&ui, &m);
                             if args.yes {
-                                resume.accepted(manifest_id(&m));
+                                resume.accepted(m.id());
                                 receiver.accept();
                             } else if std::io::stdin().is_terminal() && !ui.is_json() {
                                 let (tx, rx) = oneshot::channel();
@@ -326,7 +317,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             yes = answer => {
                 prompt = None;
                 if yes {
-                    if let Some(id) = receiver.manifest().map(manifest_id) {
+                    if let Some(id) = receiver.manifest().map(Manifest::id) {
                         resume.accepted(id);
                     }
                     receiver.accept();
