@@ -60,6 +60,7 @@
 
 mod bucket;
 mod config;
+mod ledger;
 mod policy;
 mod relay;
 mod rest;

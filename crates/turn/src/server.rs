@@ -2,10 +2,12 @@
 //!
 //! The task reads the listen socket itself and receives peer datagrams from
 //! the relay tasks (see [`crate::relay`]). It answers Binding requests,
-//! applies credentials and limits, feeds everything else to
-//! turn-server-proto, and sends what the protocol produces. All sends use
-//! `try_send_to`: when the kernel's send buffer is full the datagram is
-//! dropped (and counted), so one slow path never stalls the others.
+//! checks credentials, asks the [`Ledger`] (the rules: quotas, admission,
+//! generations, revocation) and carries out its commands, feeds everything
+//! else to turn-server-proto, and sends what the protocol produces. All
+//! sends use `try_send_to`: when the kernel's send buffer is full the
+//! datagram is dropped (and counted), so one slow path never stalls the
+//! others.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -32,7 +34,8 @@ use turn_server_proto::types::transmit::TransmitBuild;
 
 use crate::Error;
 use crate::bucket::TokenBucket;
-use crate::config::{Config, Limits};
+use crate::config::Config;
+use crate::ledger::{Client, Command, Ledger, Record, Refusal};
 use crate::policy::Policy;
 use crate::relay::{self, PeerDatagram, RELAY_QUEUE};
 use crate::rest::{rest_expiry, rest_password, unix_now};
@@ -129,10 +132,10 @@ impl Server {
         let Server { socket, local, config, relay_ip, advertised_ip, stats } = self;
         let policy = Policy::new(&config.peer_policy, local, relay_ip, config.external_ip);
         let static_users: Vec<(String, String)> = config.auth.users.clone();
+        let ledger = Ledger::new(config.limits.clone(), now);
         let gens = Gens {
-            current: Gen::new(1, local, &config.realm, &static_users),
+            current: Gen::new(ledger.current_generation(), local, &config.realm, &static_users),
             old: None,
-            next_id: 2,
             local,
             realm: config.realm.clone(),
             static_users: static_users.clone(),
@@ -143,23 +146,16 @@ impl Server {
             realm: config.realm,
             rest_secret: config.auth.rest_secret,
             static_users: static_users.into_iter().map(|(u, _)| u).collect(),
-            new_clients: TokenBucket::new(
-                u64::from(config.limits.new_client_requests_per_sec),
-                u64::from(config.limits.new_client_requests_per_sec),
-                now,
-            ),
-            limits: config.limits,
+            max_auth_entries: config.limits.max_auth_entries,
+            bandwidth: config.limits.bandwidth_bytes_per_sec,
+            ledger,
             relay_ip,
             advertised_ip,
             relay_ports: config.relay_ports,
             policy,
             stats,
             base: now,
-            allocs: HashMap::new(),
-            clients: HashMap::new(),
-            per_user: HashMap::new(),
-            per_ip: HashMap::new(),
-            ports: HashSet::new(),
+            relays: HashMap::new(),
             relay_tx,
             tasks: JoinSet::new(),
             pending_user: None,
@@ -194,21 +190,12 @@ struct Gen {
     server: TurnServer,
     /// REST usernames added to `server`.
     primed: HashSet<String>,
-    /// Requests fed from addresses without an allocation: an upper bound on
-    /// the nonce entries they created.
-    new_client_requests: usize,
-    allocations: usize,
     wake: SioInstant,
 }
 
 impl std::fmt::Debug for Gen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gen")
-            .field("id", &self.id)
-            .field("primed", &self.primed.len())
-            .field("new_client_requests", &self.new_client_requests)
-            .field("allocations", &self.allocations)
-            .finish()
+        f.debug_struct("Gen").field("id", &self.id).field("primed", &self.primed.len()).finish()
     }
 }
 
@@ -218,18 +205,7 @@ impl Gen {
         for (user, password) in users {
             server.add_user(user.clone(), password.clone());
         }
-        Gen {
-            id,
-            server,
-            primed: HashSet::new(),
-            new_client_requests: 0,
-            allocations: 0,
-            wake: SioInstant::ZERO,
-        }
-    }
-
-    fn load(&self) -> usize {
-        self.primed.len() + self.new_client_requests
+        Gen { id, server, primed: HashSet::new(), wake: SioInstant::ZERO }
     }
 }
 
@@ -237,7 +213,6 @@ impl Gen {
 struct Gens {
     current: Gen,
     old: Option<Gen>,
-    next_id: u64,
     local: SocketAddr,
     realm: String,
     static_users: Vec<(String, String)>,
@@ -249,34 +224,20 @@ impl Gens {
     }
 }
 
-/// Driver-side record of one allocation, keyed by its advertised relayed
-/// address (the protocol's identity for it).
+/// The I/O side of one allocation (the [`Ledger`] holds its rules' side),
+/// keyed by its advertised relayed address.
 #[derive(Debug)]
-struct Alloc {
-    gen_id: u64,
-    client: SocketAddr,
-    user: String,
-    created: Instant,
-    port: u16,
+struct Relay {
     /// Kept open until the protocol closes the allocation, even when revoked,
     /// so its port cannot be handed to another allocation meanwhile.
     socket: Arc<UdpSocket>,
     task: AbortHandle,
     /// Client-to-peer budget (the relay task holds the other direction's).
     out_bucket: Option<TokenBucket>,
-    revoked: bool,
 }
 
-#[derive(Debug)]
-struct ClientState {
-    gen_id: u64,
-    allocations: usize,
-    /// An allocation of this client hit `max_lifetime`: its requests get 437.
-    revoked: bool,
-}
-
-/// Everything except the protocol instances. Every map is bounded: the
-/// allocation-keyed ones by `max_allocations`, `pending_user` holds one entry.
+/// Everything except the protocol instances. `relays` is bounded by
+/// `max_allocations` (the ledger refuses more), `pending_user` holds one entry.
 #[derive(Debug)]
 struct State {
     listen: UdpSocket,
@@ -284,23 +245,18 @@ struct State {
     realm: String,
     rest_secret: Option<String>,
     static_users: HashSet<String>,
-    limits: Limits,
+    max_auth_entries: usize,
+    bandwidth: Option<u64>,
+    ledger: Ledger,
     relay_ip: IpAddr,
     advertised_ip: IpAddr,
     relay_ports: RangeInclusive<u16>,
     policy: Policy,
     stats: Stats,
     base: Instant,
-    allocs: HashMap<SocketAddr, Alloc>,
-    clients: HashMap<SocketAddr, ClientState>,
-    per_user: HashMap<String, usize>,
-    per_ip: HashMap<IpAddr, usize>,
-    /// Relay ports held by live allocations.
-    ports: HashSet<u16>,
+    relays: HashMap<SocketAddr, Relay>,
     relay_tx: mpsc::Sender<PeerDatagram>,
     tasks: JoinSet<()>,
-    /// Rate of requests accepted from addresses without an allocation.
-    new_clients: TokenBucket,
     /// The username of the ALLOCATE being fed to the protocol right now, so
     /// that the `AllocateSocket` it produces can be charged to that user.
     pending_user: Option<(SocketAddr, String)>,
@@ -363,8 +319,8 @@ impl Driver {
         };
         // Close every relay socket before returning: drop our handles, then
         // stop the receive tasks and wait until they have let go of theirs.
-        let n = self.st.allocs.len();
-        self.st.allocs.clear();
+        let n = self.st.relays.len();
+        self.st.relays.clear();
         self.st.tasks.shutdown().await;
         info!(allocations = n, "STUN/TURN server stopped");
         result
@@ -394,31 +350,41 @@ impl Driver {
             return;
         }
 
-        let gen_id = match self.st.clients.get(&from) {
-            Some(client) if client.revoked => {
+        let gen_id = match self.st.ledger.client(from) {
+            Client::Revoked => {
                 if let Some(req) = request {
                     let response = stun::error_response(req, ErrorCode::ALLOCATION_MISMATCH, None, None);
                     self.st.send_to_client(&response, from);
                 }
                 return;
             }
-            Some(client) => client.gen_id,
-            None => {
+            Client::Known { gen_id } => gen_id,
+            Client::New => {
                 // Only requests create protocol state for a new address;
                 // anything else from it is ignored by the protocol anyway.
                 if request.is_none() {
                     return;
                 }
-                if !self.st.new_clients.try_take(1, now) {
-                    inc(&self.st.stats.counters().dropped_rate_limited);
-                    return;
+                let admitted = self.st.ledger.admit(now);
+                self.run_ledger(now);
+                match admitted {
+                    Ok(gen_id) => gen_id,
+                    Err(Refusal::RateLimited) => {
+                        inc(&self.st.stats.counters().dropped_rate_limited);
+                        return;
+                    }
+                    Err(_) => {
+                        if self.st.full_warned_at.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                            self.st.full_warned_at = Some(now);
+                            warn!(
+                                max_auth_entries = self.st.max_auth_entries,
+                                "TURN authentication tables full: dropping requests from new clients until older allocations end"
+                            );
+                        }
+                        inc(&self.st.stats.counters().dropped_tables_full);
+                        return;
+                    }
                 }
-                if !self.make_room(now) {
-                    inc(&self.st.stats.counters().dropped_tables_full);
-                    return;
-                }
-                self.gens.current.new_client_requests += 1;
-                self.gens.current.id
             }
         };
 
@@ -478,6 +444,7 @@ impl Driver {
                 {
                     generation.server.add_user(name.to_owned(), rest_password(secret, name));
                     generation.primed.insert(name.to_owned());
+                    self.st.ledger.primed(gen_id);
                 }
             }
             return Ok(Some(name.to_owned()));
@@ -490,45 +457,56 @@ impl Driver {
         }))
     }
 
-    /// Makes sure the current generation can take a new client: rotates when
-    /// it is full and the previous one has drained. See [`Gen`].
-    fn make_room(&mut self, now: Instant) -> bool {
-        if self.gens.current.load() < self.st.limits.max_auth_entries {
-            return true;
-        }
-        if self.gens.old.as_ref().is_some_and(|old| old.allocations > 0) {
-            if self.st.full_warned_at.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
-                self.st.full_warned_at = Some(now);
-                warn!(
-                    max_auth_entries = self.st.limits.max_auth_entries,
-                    "TURN authentication tables full: dropping requests from new clients until older allocations end"
-                );
+    /// Carries out what the ledger decided: generations started and
+    /// dropped, allocations revoked.
+    fn run_ledger(&mut self, now: Instant) {
+        while let Some(cmd) = self.st.ledger.poll_command() {
+            match cmd {
+                Command::NewGeneration { id, keep_previous } => {
+                    let fresh = Gen::new(id, self.gens.local, &self.gens.realm, &self.gens.static_users);
+                    let previous = std::mem::replace(&mut self.gens.current, fresh);
+                    info!(
+                        previous = previous.id,
+                        keep_previous,
+                        "TURN authentication tables full: new clients start on fresh protocol state"
+                    );
+                    inc(&self.st.stats.counters().auth_table_rotations);
+                    self.gens.old = keep_previous.then_some(previous);
+                }
+                Command::DropGeneration { id } => {
+                    if self.gens.old.as_ref().is_some_and(|g| g.id == id) {
+                        debug!(id, "previous TURN protocol state drained");
+                        self.gens.old = None;
+                    }
+                }
+                Command::Revoke { relayed } => {
+                    if let Some(relay) = self.st.relays.get(&relayed) {
+                        relay.task.abort();
+                    }
+                    inc(&self.st.stats.counters().allocations_revoked);
+                    if let Some(r) = self.st.ledger.allocation(relayed) {
+                        info!(
+                            user = r.user,
+                            client = %r.client,
+                            %relayed,
+                            age_s = Ledger::age(r, now).as_secs(),
+                            "TURN allocation reached its maximum lifetime: relaying stopped"
+                        );
+                    }
+                }
             }
-            return false;
         }
-        let fresh = Gen::new(self.gens.next_id, self.gens.local, &self.gens.realm, &self.gens.static_users);
-        self.gens.next_id += 1;
-        let previous = std::mem::replace(&mut self.gens.current, fresh);
-        info!(
-            entries = previous.load(),
-            allocations = previous.allocations,
-            "TURN authentication tables full: new clients start on fresh protocol state"
-        );
-        inc(&self.st.stats.counters().auth_table_rotations);
-        // A generation without allocations has nothing left to serve.
-        self.gens.old = (previous.allocations > 0).then_some(previous);
-        true
     }
 
     /// A datagram a peer sent to a relay socket.
     fn on_peer(&mut self, now: Instant, datagram: PeerDatagram) {
-        let Some(alloc) = self.st.allocs.get(&datagram.relay) else {
+        let Some(record) = self.st.ledger.allocation(datagram.relay) else {
             return; // closed while the datagram was queued
         };
-        if alloc.revoked {
+        if record.revoked {
             return;
         }
-        let gen_id = alloc.gen_id;
+        let gen_id = record.gen_id;
         if !self.st.peer_allowed(datagram.relay, datagram.from) {
             inc(&self.st.stats.counters().dropped_policy);
             trace!(peer = %datagram.from, relay = %datagram.relay, "peer refused by policy");
@@ -553,37 +531,13 @@ impl Driver {
         if let Some(old) = self.gens.old.as_mut() {
             pump(old, &mut self.st, now, None);
         }
-        self.drop_drained_generation();
+        self.run_ledger(now);
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        let max = self.st.limits.max_lifetime;
-        for (relayed, alloc) in &mut self.st.allocs {
-            if alloc.revoked || now.duration_since(alloc.created) < max {
-                continue;
-            }
-            alloc.revoked = true;
-            alloc.task.abort();
-            if let Some(client) = self.st.clients.get_mut(&alloc.client) {
-                client.revoked = true;
-            }
-            inc(&self.st.stats.counters().allocations_revoked);
-            info!(
-                user = alloc.user,
-                client = %alloc.client,
-                %relayed,
-                "TURN allocation reached its maximum lifetime: relaying stopped"
-            );
-        }
+        self.st.ledger.housekeeping(now);
+        self.run_ledger(now);
         while self.st.tasks.try_join_next().is_some() {}
-        self.drop_drained_generation();
-    }
-
-    fn drop_drained_generation(&mut self) {
-        if self.gens.old.as_ref().is_some_and(|old| old.allocations == 0) {
-            debug!("previous TURN protocol state drained");
-            self.gens.old = None;
-        }
     }
 }
 
@@ -608,9 +562,6 @@ fn pump(generation: &mut Gen, st: &mut State, now: Instant, requester: Option<So
                 family,
             } => {
                 let result = st.allocate(generation.id, client_addr, family, now);
-                if result.is_ok() {
-                    generation.allocations += 1;
-                }
                 generation.server.allocated_socket(
                     transport,
                     listen_addr,
@@ -621,11 +572,7 @@ fn pump(generation: &mut Gen, st: &mut State, now: Instant, requester: Option<So
                     sio,
                 );
             }
-            TurnServerPollRet::SocketClose { listen_addr, .. } => {
-                if st.release(listen_addr, now, requester) {
-                    generation.allocations = generation.allocations.saturating_sub(1);
-                }
-            }
+            TurnServerPollRet::SocketClose { listen_addr, .. } => st.release(listen_addr, now, requester),
             // Only TCP allocations (RFC 6062) produce these, and a UDP
             // listener refuses those with 400.
             TurnServerPollRet::TcpConnect { .. } | TurnServerPollRet::TcpClose { .. } => {}
@@ -660,17 +607,7 @@ impl State {
             _ => "<unknown>".to_owned(),
         };
         let counters = self.stats.counters();
-        let limits = &self.limits;
-        let refusal = if self.allocs.len() >= limits.max_allocations {
-            Some("server allocation limit reached")
-        } else if self.per_user.get(&user).copied().unwrap_or(0) >= limits.max_allocations_per_user {
-            Some("per-user allocation limit reached")
-        } else if self.per_ip.get(&client.ip()).copied().unwrap_or(0) >= limits.max_allocations_per_ip {
-            Some("per-address allocation limit reached")
-        } else {
-            None
-        };
-        if let Some(why) = refusal {
+        if let Err(why) = self.ledger.check_allocation(client, &user) {
             info!(%client, user, "TURN allocation refused: {why}");
             inc(&counters.allocations_refused);
             return Err(SocketAllocateError::InsufficientCapacity);
@@ -680,7 +617,7 @@ impl State {
             inc(&counters.allocations_refused);
             return Err(SocketAllocateError::AddressFamilyNotSupported);
         }
-        let socket = match relay::bind_relay(self.relay_ip, &self.relay_ports, &self.ports) {
+        let socket = match relay::bind_relay(self.relay_ip, &self.relay_ports, self.ledger.ports()) {
             Ok(socket) => socket,
             Err(e) => {
                 warn!(%client, user, "TURN allocation refused: no relay socket: {e}");
@@ -698,7 +635,7 @@ impl State {
         };
         let relayed = SocketAddr::new(self.advertised_ip, port);
         let socket = Arc::new(socket);
-        let bandwidth = limits.bandwidth_bytes_per_sec;
+        let bandwidth = self.bandwidth;
         let task = self.tasks.spawn(relay::relay_loop(
             Arc::clone(&socket),
             relayed,
@@ -706,60 +643,41 @@ impl State {
             bandwidth.map(|rate| TokenBucket::bandwidth(rate, now)),
             self.stats.clone(),
         ));
-        self.ports.insert(port);
-        *self.per_user.entry(user.clone()).or_default() += 1;
-        *self.per_ip.entry(client.ip()).or_default() += 1;
-        self.clients
-            .entry(client)
-            .or_insert(ClientState { gen_id, allocations: 0, revoked: false })
-            .allocations += 1;
         inc(&counters.allocations);
         inc(&counters.allocations_created);
         info!(%client, %relayed, user, "TURN allocation created");
-        self.allocs.insert(
+        self.ledger.allocation_created(Record {
             relayed,
-            Alloc {
-                gen_id,
-                client,
-                user,
-                created: now,
-                port,
-                socket,
-                task,
-                out_bucket: bandwidth.map(|rate| TokenBucket::bandwidth(rate, now)),
-                revoked: false,
-            },
+            gen_id,
+            client,
+            user,
+            created: now,
+            port,
+            revoked: false,
+        });
+        self.relays.insert(
+            relayed,
+            Relay { socket, task, out_bucket: bandwidth.map(|rate| TokenBucket::bandwidth(rate, now)) },
         );
         Ok(relayed)
     }
 
     /// Frees an allocation the protocol has closed (expired or deleted).
-    /// Returns whether it was one of ours.
-    fn release(&mut self, relayed: SocketAddr, now: Instant, requester: Option<SocketAddr>) -> bool {
-        let Some(alloc) = self.allocs.remove(&relayed) else {
-            return false;
-        };
-        alloc.task.abort();
-        self.ports.remove(&alloc.port);
-        decrement(&mut self.per_user, &alloc.user);
-        decrement(&mut self.per_ip, &alloc.client.ip());
-        if let Some(client) = self.clients.get_mut(&alloc.client) {
-            client.allocations = client.allocations.saturating_sub(1);
-            if client.allocations == 0 {
-                self.clients.remove(&alloc.client);
-            }
+    fn release(&mut self, relayed: SocketAddr, now: Instant, requester: Option<SocketAddr>) {
+        if let Some(relay) = self.relays.remove(&relayed) {
+            relay.task.abort();
         }
+        let Some(record) = self.ledger.allocation_closed(relayed) else { return };
         dec(&self.stats.counters().allocations);
-        let how = if requester == Some(alloc.client) { "deleted" } else { "expired" };
+        let how = if requester == Some(record.client) { "deleted" } else { "expired" };
         info!(
-            user = alloc.user,
-            client = %alloc.client,
+            user = record.user,
+            client = %record.client,
             %relayed,
-            age_s = now.duration_since(alloc.created).as_secs(),
+            age_s = Ledger::age(&record, now).as_secs(),
             "TURN allocation {how}"
         );
         while self.tasks.try_join_next().is_some() {}
-        true
     }
 
     /// Builds a reply or forward the protocol returned from `recv`, and sends it.
@@ -785,13 +703,11 @@ impl State {
         }
         let allowed = self.peer_allowed(from, to);
         let counters = self.stats.counters();
-        let Some(alloc) = self.allocs.get_mut(&from) else {
-            trace!(%from, %to, "transmit from an unknown relay dropped");
-            return;
-        };
-        if alloc.revoked {
+        if self.ledger.allocation(from).is_none_or(|r| r.revoked) {
+            trace!(%from, %to, "transmit from an unknown or revoked relay dropped");
             return;
         }
+        let Some(alloc) = self.relays.get_mut(&from) else { return };
         if !allowed {
             inc(&counters.dropped_policy);
             trace!(peer = %to, relay = %from, "peer refused by policy");
@@ -816,15 +732,6 @@ impl State {
         if let Err(e) = self.listen.try_send_to(data, to) {
             inc(&self.stats.counters().dropped_send_failed);
             trace!(client = %to, "send: {e}");
-        }
-    }
-}
-
-fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
-    if let Some(n) = map.get_mut(key) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            map.remove(key);
         }
     }
 }

@@ -1,0 +1,415 @@
+//! The allocation rules without I/O: who may allocate (quotas per server,
+//! user and client address), when new clients are admitted (a rate, and the
+//! protocol-state *generations* that bound the authentication tables), and
+//! when an allocation is revoked (maximum lifetime). Time and events go in;
+//! decisions and [`Command`]s for the driver (`server.rs`) come out.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::bucket::TokenBucket;
+use crate::config::Limits;
+
+/// What the driver does for the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Start fresh protocol state, generation `id`, for new clients. The
+    /// previous generation is kept when `keep_previous` (it still has
+    /// allocations), else dropped.
+    NewGeneration { id: u64, keep_previous: bool },
+    /// Forget generation `id`: its last allocation ended.
+    DropGeneration { id: u64 },
+    /// Stop relaying for the allocation at `relayed` (it reached the
+    /// maximum lifetime); its client's requests get 437 from now on.
+    Revoke { relayed: SocketAddr },
+}
+
+/// Why a request or an allocation is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Too many requests from new client addresses this second.
+    RateLimited,
+    /// The authentication tables are full and the previous generation still
+    /// has allocations.
+    TablesFull,
+    /// The server holds `max_allocations`.
+    ServerFull,
+    /// The user holds `max_allocations_per_user`.
+    UserQuota,
+    /// The client address holds `max_allocations_per_ip`.
+    AddressQuota,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::RateLimited => "too many new clients this second",
+            Refusal::TablesFull => "authentication tables full",
+            Refusal::ServerFull => "server allocation limit reached",
+            Refusal::UserQuota => "per-user allocation limit reached",
+            Refusal::AddressQuota => "per-address allocation limit reached",
+        })
+    }
+}
+
+/// What the ledger knows of a client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Client {
+    /// Nothing: its first request must be admitted ([`Ledger::admit`]).
+    New,
+    /// It has allocations in generation `gen`.
+    Known { gen_id: u64 },
+    /// One of its allocations was revoked.
+    Revoked,
+}
+
+/// One allocation, keyed by its advertised relayed address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    /// The advertised relayed address: the allocation's identity.
+    pub relayed: SocketAddr,
+    pub gen_id: u64,
+    pub client: SocketAddr,
+    pub user: String,
+    pub created: Instant,
+    pub port: u16,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Generation {
+    id: u64,
+    /// Users primed plus requests fed from new addresses: an upper bound on
+    /// the entries of the protocol's authentication tables.
+    load: usize,
+    allocations: usize,
+}
+
+impl Generation {
+    fn new(id: u64) -> Self {
+        Generation { id, load: 0, allocations: 0 }
+    }
+}
+
+#[derive(Debug)]
+struct ClientState {
+    gen_id: u64,
+    allocations: usize,
+    revoked: bool,
+}
+
+/// Every rule of the server, and the state they need. Every map is bounded
+/// by `max_allocations` (the client and quota maps hold only addresses and
+/// users with allocations).
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    limits: Limits,
+    current: Generation,
+    previous: Option<Generation>,
+    next_id: u64,
+    allocs: HashMap<SocketAddr, Record>,
+    clients: HashMap<SocketAddr, ClientState>,
+    per_user: HashMap<String, usize>,
+    per_ip: HashMap<IpAddr, usize>,
+    ports: HashSet<u16>,
+    new_clients: TokenBucket,
+    out: VecDeque<Command>,
+}
+
+impl Ledger {
+    /// The first generation has id 1.
+    pub fn new(limits: Limits, now: Instant) -> Self {
+        let rate = u64::from(limits.new_client_requests_per_sec);
+        Ledger {
+            limits,
+            current: Generation::new(1),
+            previous: None,
+            next_id: 2,
+            allocs: HashMap::new(),
+            clients: HashMap::new(),
+            per_user: HashMap::new(),
+            per_ip: HashMap::new(),
+            ports: HashSet::new(),
+            new_clients: TokenBucket::new(rate, rate, now),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    /// The generation new clients go to.
+    pub fn current_generation(&self) -> u64 {
+        self.current.id
+    }
+
+    /// What is known of `addr`.
+    pub fn client(&self, addr: SocketAddr) -> Client {
+        match self.clients.get(&addr) {
+            None => Client::New,
+            Some(c) if c.revoked => Client::Revoked,
+            Some(c) => Client::Known { gen_id: c.gen_id },
+        }
+    }
+
+    /// A request from an address without allocations: admitted to a
+    /// generation (the current one, or a fresh one when the current one's
+    /// tables are full), or refused.
+    pub fn admit(&mut self, now: Instant) -> Result<u64, Refusal> {
+        if !self.new_clients.try_take(1, now) {
+            return Err(Refusal::RateLimited);
+        }
+        if self.current.load >= self.limits.max_auth_entries {
+            if self.previous.is_some_and(|p| p.allocations > 0) {
+                return Err(Refusal::TablesFull);
+            }
+            let previous = std::mem::replace(&mut self.current, Generation::new(self.next_id));
+            self.next_id += 1;
+            let keep_previous = previous.allocations > 0;
+            self.previous = keep_previous.then_some(previous);
+            self.out.push_back(Command::NewGeneration { id: self.current.id, keep_previous });
+        }
+        self.current.load += 1;
+        Ok(self.current.id)
+    }
+
+    /// A REST user was added to generation `gen_id`'s tables.
+    pub fn primed(&mut self, gen_id: u64) {
+        if let Some(g) = self.generation_mut(gen_id) {
+            g.load += 1;
+        }
+    }
+
+    fn generation_mut(&mut self, id: u64) -> Option<&mut Generation> {
+        if self.current.id == id {
+            Some(&mut self.current)
+        } else {
+            self.previous.as_mut().filter(|g| g.id == id)
+        }
+    }
+
+    /// Whether `user` at `client` may have one more allocation.
+    pub fn check_allocation(&self, client: SocketAddr, user: &str) -> Result<(), Refusal> {
+        let limits = &self.limits;
+        if self.allocs.len() >= limits.max_allocations {
+            Err(Refusal::ServerFull)
+        } else if self.per_user.get(user).copied().unwrap_or(0) >= limits.max_allocations_per_user {
+            Err(Refusal::UserQuota)
+        } else if self.per_ip.get(&client.ip()).copied().unwrap_or(0) >= limits.max_allocations_per_ip {
+            Err(Refusal::AddressQuota)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Relay ports held by live allocations (a new relay socket must not
+    /// take one, even while its allocation is revoked and not yet closed).
+    pub fn ports(&self) -> &HashSet<u16> {
+        &self.ports
+    }
+
+    /// An allocation was made (after [`Ledger::check_allocation`]).
+    pub fn allocation_created(&mut self, record: Record) {
+        if let Some(g) = self.generation_mut(record.gen_id) {
+            g.allocations += 1;
+        }
+        self.ports.insert(record.port);
+        *self.per_user.entry(record.user.clone()).or_default() += 1;
+        *self.per_ip.entry(record.client.ip()).or_default() += 1;
+        self.clients
+            .entry(record.client)
+            .or_insert(ClientState { gen_id: record.gen_id, allocations: 0, revoked: false })
+            .allocations += 1;
+        self.allocs.insert(record.relayed, record);
+    }
+
+    /// The allocation at `relayed`, if it is live.
+    pub fn allocation(&self, relayed: SocketAddr) -> Option<&Record> {
+        self.allocs.get(&relayed)
+    }
+
+    /// The protocol closed the allocation at `relayed` (expired or deleted):
+    /// frees its quotas and port; the record, if it was ours.
+    pub fn allocation_closed(&mut self, relayed: SocketAddr) -> Option<Record> {
+        let record = self.allocs.remove(&relayed)?;
+        self.ports.remove(&record.port);
+        decrement(&mut self.per_user, &record.user);
+        decrement(&mut self.per_ip, &record.client.ip());
+        if let Some(client) = self.clients.get_mut(&record.client) {
+            client.allocations = client.allocations.saturating_sub(1);
+            if client.allocations == 0 {
+                self.clients.remove(&record.client);
+            }
+        }
+        if let Some(g) = self.generation_mut(record.gen_id) {
+            g.allocations = g.allocations.saturating_sub(1);
+        }
+        if let Some(p) = self.previous
+            && p.allocations == 0
+        {
+            self.previous = None;
+            self.out.push_back(Command::DropGeneration { id: p.id });
+        }
+        Some(record)
+    }
+
+    /// Revokes allocations that reached the maximum lifetime.
+    pub fn housekeeping(&mut self, now: Instant) {
+        let max = self.limits.max_lifetime;
+        for (relayed, record) in &mut self.allocs {
+            if record.revoked || now.saturating_duration_since(record.created) < max {
+                continue;
+            }
+            record.revoked = true;
+            if let Some(client) = self.clients.get_mut(&record.client) {
+                client.revoked = true;
+            }
+            self.out.push_back(Command::Revoke { relayed: *relayed });
+        }
+    }
+
+    /// How long `record` has lived at `now`.
+    pub fn age(record: &Record, now: Instant) -> Duration {
+        now.saturating_duration_since(record.created)
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_allocations: 4,
+            max_allocations_per_user: 2,
+            max_allocations_per_ip: 3,
+            max_lifetime: Duration::from_secs(60),
+            max_auth_entries: 3,
+            new_client_requests_per_sec: 5,
+            ..Limits::default()
+        }
+    }
+
+    fn addr(host: u8, port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, host], port))
+    }
+
+    fn record(ledger: &Ledger, port: u16, client: SocketAddr, user: &str, now: Instant) -> Record {
+        Record {
+            relayed: addr(200, port),
+            gen_id: ledger.current_generation(),
+            client,
+            user: user.into(),
+            created: now,
+            port,
+            revoked: false,
+        }
+    }
+
+    fn commands(ledger: &mut Ledger) -> Vec<Command> {
+        std::iter::from_fn(|| ledger.poll_command()).collect()
+    }
+
+    #[test]
+    fn quotas_per_server_user_and_address() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(limits(), t0);
+        let (alice, bob, carol) = (addr(1, 1000), addr(2, 1000), addr(3, 1000));
+        for port in [50000, 50001] {
+            assert_eq!(l.check_allocation(alice, "alice"), Ok(()));
+            l.allocation_created(record(&l, port, alice, "alice", t0));
+        }
+        assert_eq!(l.check_allocation(alice, "alice"), Err(Refusal::UserQuota));
+        assert_eq!(l.check_allocation(alice, "alice2"), Ok(()), "another user at the same address");
+        l.allocation_created(record(&l, 50002, alice, "alice2", t0));
+        assert_eq!(l.check_allocation(alice, "alice3"), Err(Refusal::AddressQuota));
+        l.allocation_created(record(&l, 50003, bob, "bob", t0));
+        assert_eq!(l.check_allocation(carol, "carol"), Err(Refusal::ServerFull));
+        assert_eq!(l.ports().len(), 4);
+        // Closing frees the user's quota, the address's and the port.
+        let closed = l.allocation_closed(addr(200, 50000)).unwrap();
+        assert_eq!(closed.user, "alice");
+        assert_eq!(l.allocation_closed(addr(200, 50000)), None, "closed once");
+        assert!(!l.ports().contains(&50000));
+        assert_eq!(l.check_allocation(carol, "carol"), Ok(()));
+        assert_eq!(
+            l.check_allocation(alice, "alice"),
+            Ok(()),
+            "one of alice's two, two of the address's three"
+        );
+        assert_eq!(l.client(bob), Client::Known { gen_id: 1 });
+        l.allocation_closed(addr(200, 50003));
+        assert_eq!(l.client(bob), Client::New, "a client without allocations is forgotten");
+    }
+
+    #[test]
+    fn new_clients_are_rate_limited_on_simulated_time() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(Limits { max_auth_entries: 1000, ..limits() }, t0);
+        let admitted = (0..10).filter(|_| l.admit(t0).is_ok()).count();
+        assert_eq!(admitted, 5, "a burst of one second's worth");
+        assert_eq!(l.admit(t0), Err(Refusal::RateLimited));
+        assert_eq!(l.admit(t0 + Duration::from_millis(200)), Ok(1), "one more after 1/5 s");
+        assert_eq!(l.admit(t0 + Duration::from_millis(200)), Err(Refusal::RateLimited));
+    }
+
+    /// Full tables start a new generation; while the previous one still
+    /// has allocations no third is started, and new clients are refused;
+    /// once it drains it is dropped and rotation works again.
+    #[test]
+    fn generations_bound_the_authentication_tables() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(Limits { new_client_requests_per_sec: 1000, ..limits() }, t0);
+        let c = addr(9, 1);
+        for _ in 0..3 {
+            assert_eq!(l.admit(t0), Ok(1));
+        }
+        l.allocation_created(record(&l, 50000, c, "u", t0));
+        assert_eq!(commands(&mut l), []);
+        // Generation 1 is full (3 entries): new clients go to generation 2,
+        // and generation 1 is kept for its allocation.
+        assert_eq!(l.admit(t0), Ok(2));
+        assert_eq!(commands(&mut l), [Command::NewGeneration { id: 2, keep_previous: true }]);
+        l.primed(2);
+        l.primed(2);
+        assert_eq!(l.admit(t0), Err(Refusal::TablesFull), "generation 2 is full, 1 not drained");
+        // The allocation of generation 1 ends: it is dropped...
+        l.allocation_closed(addr(200, 50000));
+        assert_eq!(commands(&mut l), [Command::DropGeneration { id: 1 }]);
+        // ...and generation 3 replaces 2, which has no allocation to keep.
+        assert_eq!(l.admit(t0), Ok(3));
+        assert_eq!(commands(&mut l), [Command::NewGeneration { id: 3, keep_previous: false }]);
+    }
+
+    #[test]
+    fn allocations_are_revoked_at_the_maximum_lifetime() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(limits(), t0);
+        let (a, b) = (addr(1, 1), addr(2, 2));
+        l.allocation_created(record(&l, 50000, a, "a", t0));
+        l.allocation_created(record(&l, 50001, b, "b", t0 + Duration::from_secs(30)));
+        l.housekeeping(t0 + Duration::from_secs(59));
+        assert_eq!(commands(&mut l), []);
+        l.housekeeping(t0 + Duration::from_secs(60));
+        assert_eq!(commands(&mut l), [Command::Revoke { relayed: addr(200, 50000) }]);
+        assert_eq!(l.client(a), Client::Revoked);
+        assert_eq!(l.client(b), Client::Known { gen_id: 1 });
+        l.housekeeping(t0 + Duration::from_secs(61));
+        assert_eq!(commands(&mut l), [], "revoked once");
+        assert!(l.ports().contains(&50000), "the port stays taken until the protocol closes it");
+        l.housekeeping(t0 + Duration::from_secs(90));
+        assert_eq!(commands(&mut l), [Command::Revoke { relayed: addr(200, 50001) }]);
+    }
+}
