@@ -24,7 +24,7 @@ pub async fn run(server: String, room: String, name: Option<String>, ice: IceCon
     let mut channels: HashMap<PeerId, DataChannel> = HashMap::new();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
-    let shutdown = crate::shutdown_signal();
+    let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
 
     loop {

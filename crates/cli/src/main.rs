@@ -2,18 +2,15 @@
 //! benchmark the stack.
 
 mod bench;
-mod bench_transfer;
 mod chat;
+mod common;
 mod ping;
-mod raw;
 mod serve;
 mod transfer;
 
-use std::net::IpAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use peerlink_peer::IceConfig;
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -57,7 +54,7 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
-        ice: IceArgs,
+        ice: common::IceArgs,
     },
     /// Send files, folders or a text; prints a code for the receiver.
     Send(transfer::send::SendArgs),
@@ -74,32 +71,6 @@ enum Command {
     },
 }
 
-/// Where ICE may gather candidates.
-#[derive(Debug, Clone, clap::Args)]
-pub struct IceArgs {
-    /// Gather only on this local address (repeatable).
-    #[arg(long = "ice-addr")]
-    addrs: Vec<IpAddr>,
-    /// Gather only on this interface (repeatable).
-    #[arg(long = "ice-interface")]
-    interfaces: Vec<String>,
-    /// Offer only relayed (TURN) candidates: the other side never learns
-    /// this machine's addresses.
-    #[arg(long)]
-    relay_only: bool,
-}
-
-impl IceArgs {
-    pub fn config(&self) -> IceConfig {
-        IceConfig {
-            addrs: self.addrs.clone(),
-            interfaces: self.interfaces.clone(),
-            relay_only: self.relay_only,
-            ..IceConfig::default()
-        }
-    }
-}
-
 fn init_tracing(default: &str) {
     // The STUN/TURN protocol crates log expected protocol steps (the first,
     // unauthenticated Allocate is refused with 401 by design) at error
@@ -108,33 +79,6 @@ fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{quiet}")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-/// Completes on the first Ctrl-C or SIGTERM; a second Ctrl-C exits with 130.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("interrupted");
-        std::process::exit(i32::from(exit::INTERRUPTED));
-    });
 }
 
 fn main() -> ExitCode {

@@ -12,7 +12,7 @@ use peerlink_peer::{
 };
 use serde_json::{Value, json};
 
-use crate::IceArgs;
+use crate::common::IceArgs;
 
 const LABEL: &str = "ping";
 
@@ -29,26 +29,19 @@ pub struct PingArgs {
     #[arg(long, default_value_t = 10)]
     count: u64,
     /// Pause between messages.
-    #[arg(long, default_value = "20ms", value_parser = parse_ms)]
+    #[arg(long, default_value = "20ms", value_parser = crate::common::parse_ms)]
     interval: Duration,
     /// Keep sending for this long instead of --count messages.
-    #[arg(long, value_parser = crate::transfer::parse_duration)]
+    #[arg(long, value_parser = crate::common::parse_duration)]
     stream_for: Option<Duration>,
     /// Give up if the peers are not connected, or the stream not complete, by then.
-    #[arg(long, default_value = "30s", value_parser = crate::transfer::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::common::parse_duration)]
     timeout: Duration,
     /// Peers to wait for.
     #[arg(long, default_value_t = 1)]
     expect_peers: usize,
     #[command(flatten)]
     ice: IceArgs,
-}
-
-fn parse_ms(s: &str) -> Result<Duration, String> {
-    match s.strip_suffix("ms") {
-        Some(n) => n.parse().map(Duration::from_millis).map_err(|_| format!("{s:?} is not like 20ms")),
-        None => crate::transfer::parse_duration(s),
-    }
 }
 
 fn unix_ms() -> u64 {
@@ -144,7 +137,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     // Every channel's messages, read by a task per channel.
     let (msg_tx, mut messages) = tokio::sync::mpsc::channel::<(PeerId, Message)>(256);
     let mut tick = tokio::time::interval(args.interval.max(Duration::from_millis(1)));
-    let shutdown = crate::shutdown_signal();
+    let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
 
     let finished = |peers: &HashMap<PeerId, PeerRun>| {

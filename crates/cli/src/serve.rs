@@ -40,7 +40,7 @@ pub struct TurnArgs {
     #[arg(long)]
     turn_url: Vec<String>,
     /// How long handed-out TURN credentials stay valid.
-    #[arg(long, default_value = "1h", value_parser = crate::transfer::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = crate::common::parse_duration)]
     turn_ttl: Duration,
     /// Relay bandwidth cap per allocation and direction, bytes per second (0: none).
     #[arg(long, default_value_t = 12_500_000)]
@@ -148,7 +148,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
     println!("peerlink serve: listening on {addr}");
     let shutdown = async move {
-        crate::shutdown_signal().await;
+        crate::common::shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
     peerlink_signal::serve(listener, config, shutdown).await?;

@@ -5,6 +5,7 @@
 mod fsio;
 mod link;
 pub mod receive;
+mod report;
 pub mod send;
 mod ui;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use peerlink_transfer::CancelCode;
 
-use crate::IceArgs;
+use crate::common::IceArgs;
 
 /// Options both commands take.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,27 +25,14 @@ pub struct Common {
     #[arg(long)]
     pub json: bool,
     /// How long to wait for the other side to (re)connect, e.g. 90s, 10m, 1h.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = crate::common::parse_duration)]
     pub wait: Duration,
     /// How long a peer in the code's room may take to complete pairing
     /// before it is given up on (someone else who asked is tried next).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::common::parse_duration)]
     pub pairing_timeout: Duration,
     #[command(flatten)]
     pub ice: IceArgs,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" | "min" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?}: the unit must be s, m or h")),
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 /// This process's peak resident memory (`VmHWM`), for `--json` reports.

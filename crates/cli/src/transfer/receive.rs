@@ -15,14 +15,15 @@ use peerlink_transfer::{
     CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, to_hex,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::fsio::{self, OutDir, Planned};
 use super::link::{Link, LinkEvent};
-use super::send::humantime;
-use super::ui::{Ui, human_bytes};
+use super::report::{Report, Side, Totals};
+use super::ui::Ui;
+use crate::common::humantime;
+
 use super::{Common, Outcome};
 
 #[derive(Debug, clap::Args)]
@@ -175,7 +176,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     let mut prompt: Option<oneshot::Receiver<bool>> = None;
     let mut waiting_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let shutdown = crate::shutdown_signal();
+    let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
     let mut started = false;
     let mut declined = false;
@@ -195,63 +196,50 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                         tracing::debug!("control channel closed");
                     }
                 }
-                ReceiverOutput::Event(ev) => {
-                    match ev {
-                        ReceiverEvent::Offered => {
-                            let m = receiver.manifest().expect("offered means a manifest").clone();
-                            describe(&ui, &m);
-                            if args.yes {
-                                resume.accepted(m.id());
-                                receiver.accept();
-                            } else if std::io::stdin().is_terminal() && !ui.is_json() {
-                                let (tx, rx) = oneshot::channel();
-                                std::thread::spawn(move || {
-                                    eprint!("Accept? [y/N] ");
-                                    let mut line = String::new();
-                                    let yes = std::io::stdin().read_line(&mut line).is_ok()
-                                        && matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
-                                    let _ = tx.send(yes);
-                                });
-                                prompt = Some(rx);
-                            } else {
-                                let why = "stdin is not a terminal to ask on; run with --yes to accept without asking";
-                                receiver.decline(format!("the receiver did not accept ({why})"));
-                                last_word = true;
-                                finished = Some(Outcome::Declined(format!("not accepted: {why}")));
-                            }
-                        }
-                        ReceiverEvent::Resumed => ui.say("Same transfer as before: continuing."),
-                        ReceiverEvent::ChunkCorrupt { file, chunk, attempt } => {
-                            let path = path_of(&receiver, file);
-                            ui.say(format!("chunk {chunk} of {path} arrived damaged (attempt {attempt}); fetching it again"));
-                            ui.event(
-                                "corrupt_chunk",
-                                json!({ "path": path, "chunk": chunk, "attempt": attempt }),
-                            );
-                        }
-                        ReceiverEvent::FileDone { file, hash } => {
-                            let path = path_of(&receiver, file);
-                            ui.event("file_done", json!({ "path": path, "hash": to_hex(&hash) }));
-                        }
-                        ReceiverEvent::Text { file, text } => {
-                            let path = path_of(&receiver, file);
-                            if ui.is_json() {
-                                ui.event("text", json!({ "name": path, "text": text }));
-                            } else {
-                                ui.say("Message:");
-                                println!("{text}");
-                            }
-                        }
-                        ReceiverEvent::Complete => {
+                ReceiverOutput::Event(ev) => match ev {
+                    ReceiverEvent::Offered => {
+                        let m = receiver.manifest().expect("offered means a manifest").clone();
+                        describe(&ui, &m);
+                        if args.yes {
+                            resume.accepted(m.id());
+                            receiver.accept();
+                        } else if std::io::stdin().is_terminal() && !ui.is_json() {
+                            let (tx, rx) = oneshot::channel();
+                            std::thread::spawn(move || {
+                                eprint!("Accept? [y/N] ");
+                                let mut line = String::new();
+                                let yes = std::io::stdin().read_line(&mut line).is_ok()
+                                    && matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
+                                let _ = tx.send(yes);
+                            });
+                            prompt = Some(rx);
+                        } else {
+                            let why =
+                                "stdin is not a terminal to ask on; run with --yes to accept without asking";
+                            receiver.decline(format!("the receiver did not accept ({why})"));
                             last_word = true;
-                            finished = Some(Outcome::Done);
-                        }
-                        ReceiverEvent::Cancelled { code, reason, by_peer } => {
-                            last_word = !by_peer;
-                            finished = Some(Outcome::from_cancel(code, reason, by_peer, "sender"));
+                            finished = Some(Outcome::Declined(format!("not accepted: {why}")));
                         }
                     }
-                }
+                    ReceiverEvent::Resumed => ui.show(Report::Resumed),
+                    ReceiverEvent::ChunkCorrupt { file, chunk, attempt } => {
+                        ui.show(Report::CorruptChunk { path: path_of(&receiver, file), chunk, attempt });
+                    }
+                    ReceiverEvent::FileDone { file, hash } => {
+                        ui.show(Report::FileDone { path: path_of(&receiver, file), hash: to_hex(&hash) });
+                    }
+                    ReceiverEvent::Text { file, text } => {
+                        ui.show(Report::Text { name: path_of(&receiver, file), text });
+                    }
+                    ReceiverEvent::Complete => {
+                        last_word = true;
+                        finished = Some(Outcome::Done);
+                    }
+                    ReceiverEvent::Cancelled { code, reason, by_peer } => {
+                        last_word = !by_peer;
+                        finished = Some(Outcome::from_cancel(code, reason, by_peer, "sender"));
+                    }
+                },
                 ReceiverOutput::Prepare { file } => {
                     let Some(entry) = receiver.manifest().and_then(|m| m.file(file)).cloned() else {
                         continue;
@@ -349,31 +337,22 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             },
             ev = link.next() => match ev {
                 Err(e) => break if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) },
-                Ok(LinkEvent::PeerSeen) => ui.say("Found the sender; checking the code..."),
-                Ok(LinkEvent::Notice(text)) => {
-                    ui.say(&text);
-                    ui.event("notice", json!({ "message": text }));
-                }
-                Ok(LinkEvent::Paired) => {
-                    ui.say("Code confirmed; connecting directly...");
-                    ui.event("paired", json!({}));
-                }
+                Ok(LinkEvent::PeerSeen) => ui.show(Report::PeerSeen { side: Side::Receiver }),
+                Ok(LinkEvent::Notice(message)) => ui.show(Report::Notice { message }),
+                Ok(LinkEvent::Paired) => ui.show(Report::Paired),
                 Ok(LinkEvent::Open { ctl: c, data: d }) => {
                     ctl = Some(c);
                     data = Some(d);
                     waiting_since = None;
-                    ui.event("connected", json!({ "bytes_done": receiver.progress().bytes_done }));
+                    ui.show(Report::Connected { bytes_done: Some(receiver.progress().bytes_done) });
                     receiver.start_session();
                 }
                 Ok(LinkEvent::Lost(reason)) => {
                     ctl = None;
                     data = None;
                     waiting_since = Some(tokio::time::Instant::now());
-                    ui.say(format!(
-                        "Connection lost ({reason}); verified data is kept. Waiting up to {} for the sender to come back (or run `peerlink receive --resume` later).",
-                        humantime(args.common.wait)
-                    ));
-                    ui.event("lost", json!({ "reason": reason, "bytes_done": receiver.progress().bytes_done }));
+                    let bytes_done = Some(receiver.progress().bytes_done);
+                    ui.show(Report::Lost { side: Side::Receiver, reason, wait: args.common.wait, bytes_done });
                 }
             },
             Some(io) = io_rx.recv() => match io {
@@ -407,11 +386,11 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                         let rel = path_of(&receiver, file);
                         if let Some(open) = files.remove(&file) {
                             resume.file_done(&rel, &open.planned.final_path);
-                            ui.event("saved", json!({
-                                "path": rel,
-                                "saved_as": open.planned.final_path.display().to_string(),
-                                "hash": to_hex(&hash),
-                            }));
+                            ui.show(Report::Saved {
+                                path: rel,
+                                saved_as: open.planned.final_path.display().to_string(),
+                                hash: to_hex(&hash),
+                            });
                         }
                         receiver.file_finished(file);
                     }
@@ -457,42 +436,27 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     if outcome == Outcome::Done {
         ui.progress(p.bytes_done, p.bytes_total);
         ui.finish();
-        ui.say(format!(
-            "Received {} file(s), {} in {:.1} s into {} ({} were already here and verified).",
-            p.files_total,
-            human_bytes(p.bytes_total),
-            ui.elapsed().as_secs_f64(),
-            out.root().display(),
-            human_bytes(p.bytes_resumed)
-        ));
         resume.complete();
     } else {
         ui.abandon();
-        if p.bytes_done > 0 && !matches!(outcome, Outcome::Declined(_)) {
-            ui.say(format!(
-                "Partial data is kept in {} ({} verified); `peerlink receive --resume --out {}` continues.",
-                out.root().display(),
-                human_bytes(p.bytes_done),
-                out.root().display()
-            ));
-        }
     }
-    ui.event(
-        "finished",
-        json!({
-            "ok": outcome == Outcome::Done,
-            "exit_code": outcome.exit_code(),
-            "message": outcome.message(),
-            "files": p.files_total,
-            "bytes_total": p.bytes_total,
-            "bytes_done": p.bytes_done,
-            "bytes_resumed": p.bytes_resumed,
-            "bytes_received": p.bytes_received_session,
-            "corrupt_chunks": p.corrupt_chunks,
-            "elapsed_s": ui.elapsed().as_secs_f64(),
-            "peak_rss_kib": super::peak_rss_kib(),
-        }),
-    );
+    ui.show(Report::Finished {
+        ok: outcome == Outcome::Done,
+        exit_code: outcome.exit_code(),
+        message: outcome.message(),
+        elapsed: ui.elapsed(),
+        peak_rss_kib: super::peak_rss_kib(),
+        totals: Totals::Receiver {
+            files: u64::from(p.files_total),
+            bytes_total: p.bytes_total,
+            bytes_done: p.bytes_done,
+            bytes_resumed: p.bytes_resumed,
+            bytes_received: p.bytes_received_session,
+            corrupt_chunks: p.corrupt_chunks,
+            out: out.root().to_path_buf(),
+            declined: matches!(outcome, Outcome::Declined(_)),
+        },
+    });
     link.close().await;
     Ok(outcome)
 }
@@ -503,23 +467,13 @@ fn path_of(receiver: &Receiver, file: u32) -> String {
 
 fn describe(ui: &Ui, m: &Manifest) {
     let files: Vec<_> = m.files().collect();
-    let texts = files.iter().filter(|(_, e)| e.kind == EntryKind::Text).count();
-    ui.event(
-        "offer",
-        json!({
-            "files": files.len() - texts,
-            "texts": texts,
-            "bytes": m.total_bytes(),
-            "entries": m.entries().iter().take(100).map(|e| json!({"path": e.path.as_str(), "size": e.size})).collect::<Vec<_>>(),
-        }),
-    );
-    ui.say(format!("The sender offers {} file(s), {}:", files.len() - texts, human_bytes(m.total_bytes())));
-    for (_, e) in files.iter().take(10) {
-        ui.say(format!("  {} ({})", e.path.as_str(), human_bytes(e.size)));
-    }
-    if files.len() > 10 {
-        ui.say(format!("  ... and {} more", files.len() - 10));
-    }
+    let texts = files.iter().filter(|(_, e)| e.kind == EntryKind::Text).count() as u64;
+    ui.show(Report::Offer {
+        files: files.len() as u64 - texts,
+        texts,
+        bytes: m.total_bytes(),
+        entries: files.iter().map(|(_, e)| (e.path.as_str().to_string(), e.size)).collect(),
+    });
 }
 
 /// Picks where a file goes, opens its partial file and hashes what an

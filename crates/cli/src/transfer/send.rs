@@ -13,14 +13,16 @@ use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
     CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, Manifest, Sender, SenderEvent, SenderOutput,
 };
-use serde_json::json;
+
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::fsio::{self, Source};
 use super::link::{Link, LinkError, LinkEvent};
-use super::ui::{Ui, human_bytes};
+use super::report::{Report, Side, Totals};
+use super::ui::Ui;
 use super::{Common, Fault, Outcome};
+use crate::common::humantime;
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
@@ -244,17 +246,14 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     );
     let mut ui = Ui::new(args.common.json);
     for s in &source.skipped {
-        ui.say(format!("skipping {s}"));
-        ui.event("skipped", json!({ "path": s }));
+        ui.show(Report::Skipped { path: s.to_string() });
     }
     let total = manifest.total_bytes();
     let files = manifest.file_count();
     let fault = Fault::from_env();
 
     let (room, code) = join(&args).await?;
-    ui.say(format!("Sending {files} file(s), {}.", human_bytes(total)));
-    ui.say(format!("Code: {code}\nOn the other device run:\n\n    peerlink receive {code}\n"));
-    ui.event("code", json!({ "code": code.to_string(), "files": files, "bytes": total }));
+    ui.show(Report::Code { code: code.to_string(), files: u64::from(files), bytes: total });
     let mut link = Link::start(room, Role::Creator, code, args.common.pairing_timeout);
     let mut ctl: Option<DataChannel> = None;
     let mut sender = Sender::new(manifest);
@@ -269,7 +268,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let mut pump: Option<Pump> = None;
     let mut waiting_since = Some(tokio::time::Instant::now());
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let shutdown = crate::shutdown_signal();
+    let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
     let chunk_size = sender.manifest().chunk_size();
 
@@ -302,8 +301,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 }
                 SenderOutput::Event(SenderEvent::Accepted) => {
                     accepted = true;
-                    ui.say("The receiver accepted; sending.");
-                    ui.event("accepted", json!({}));
+                    ui.show(Report::Accepted);
                     if !ui.is_json() {
                         ui.start("sent", total, 0);
                     }
@@ -334,22 +332,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
             }
             ev = link.next() => match ev {
                 Err(e) => break link_failure(e),
-                Ok(LinkEvent::PeerSeen) => {
-                    ui.say("A receiver is here; checking the code...");
-                    ui.event("peer", json!({}));
-                }
-                Ok(LinkEvent::Notice(text)) => {
-                    ui.say(&text);
-                    ui.event("notice", json!({ "message": text }));
-                }
-                Ok(LinkEvent::Paired) => {
-                    ui.say("Code confirmed; connecting directly...");
-                    ui.event("paired", json!({}));
-                }
+                Ok(LinkEvent::PeerSeen) => ui.show(Report::PeerSeen { side: Side::Sender }),
+                Ok(LinkEvent::Notice(message)) => ui.show(Report::Notice { message }),
+                Ok(LinkEvent::Paired) => ui.show(Report::Paired),
                 Ok(LinkEvent::Open { ctl: c, data }) => {
                     ctl = Some(c);
                     waiting_since = None;
-                    ui.event("connected", json!({}));
+                    ui.show(Report::Connected { bytes_done: None });
                     pump = Some(Pump::start(
                         data,
                         srcs.clone(),
@@ -364,11 +353,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     pump = None;
                     ctl = None;
                     waiting_since = Some(tokio::time::Instant::now());
-                    ui.say(format!(
-                        "Connection lost ({reason}); waiting up to {} for the receiver to come back with the same code.",
-                        humantime(args.common.wait)
-                    ));
-                    ui.event("lost", json!({ "reason": reason }));
+                    ui.show(Report::Lost { side: Side::Sender, reason, wait: args.common.wait, bytes_done: None });
                 }
             },
             m = super::recv_on(&ctl) => match m {
@@ -426,45 +411,26 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     drop(pump);
     let stats = sender.stats();
     match &outcome {
-        Outcome::Done => {
-            ui.finish();
-            ui.say(format!(
-                "Sent {files} file(s), {} in {:.1} s ({} this run).",
-                human_bytes(total),
-                ui.elapsed().as_secs_f64(),
-                human_bytes(stats.bytes_sent)
-            ));
-        }
+        Outcome::Done => ui.finish(),
         _ => ui.abandon(),
     }
-    ui.event(
-        "finished",
-        json!({
-            "ok": matches!(outcome, Outcome::Done),
-            "exit_code": outcome.exit_code(),
-            "message": outcome.message(),
-            "bytes_total": total,
-            "bytes_sent": stats.bytes_sent,
-            "chunks_sent": stats.chunks_sent,
-            "elapsed_s": ui.elapsed().as_secs_f64(),
-            "peak_rss_kib": super::peak_rss_kib(),
-        }),
-    );
+    ui.show(Report::Finished {
+        ok: matches!(outcome, Outcome::Done),
+        exit_code: outcome.exit_code(),
+        message: outcome.message(),
+        elapsed: ui.elapsed(),
+        peak_rss_kib: super::peak_rss_kib(),
+        totals: Totals::Sender {
+            files: u64::from(files),
+            bytes_total: total,
+            bytes_sent: stats.bytes_sent,
+            chunks_sent: stats.chunks_sent,
+        },
+    });
     link.close().await;
     Ok(outcome)
 }
 
 fn link_failure(e: LinkError) -> Outcome {
     if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) }
-}
-
-pub fn humantime(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 && s.is_multiple_of(3600) {
-        format!("{} h", s / 3600)
-    } else if s >= 60 && s.is_multiple_of(60) {
-        format!("{} min", s / 60)
-    } else {
-        format!("{s} s")
-    }
 }

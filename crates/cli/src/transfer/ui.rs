@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
+use super::report::Report;
+
 /// Interval between `progress` events in JSON mode.
 const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -47,33 +49,19 @@ impl Ui {
         self.json
     }
 
-    /// A line for people (stderr); JSON mode stays quiet.
-    pub fn say(&self, text: impl AsRef<str>) {
-        if !self.json {
-            let text = text.as_ref();
-            self.bars.suspend(|| eprintln!("{text}"));
-        }
-    }
-
-    /// A machine-readable event (JSON mode only): `{"event": name, ...fields}`.
-    pub fn event(&self, name: &str, fields: Value) {
-        if !self.json {
-            return;
-        }
-        let mut obj = match fields {
-            Value::Object(m) => m,
-            Value::Null => serde_json::Map::new(),
-            other => {
-                let mut m = serde_json::Map::new();
-                m.insert("value".into(), other);
-                m
+    /// Shows `report` to its audience: a line for people on stderr, or a JSON
+    /// object for programs on stdout (`--json`).
+    pub fn show(&self, report: Report) {
+        if self.json {
+            if let Some(v) = report.json() {
+                write_json(&v);
             }
-        };
-        obj.insert("event".into(), json!(name));
-        let line = serde_json::to_string(&Value::Object(obj)).expect("JSON values serialize");
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        } else if let Some(text) = report.text() {
+            self.bars.suspend(|| eprintln!("{text}"));
+            if let Report::Text { text, .. } = &report {
+                println!("{text}");
+            }
+        }
     }
 
     /// Starts the overall progress bar (`already`: bytes found on disk).
@@ -117,7 +105,9 @@ impl Ui {
             if self.last_json.is_none_or(|t| now.duration_since(t) >= JSON_PROGRESS_EVERY) || done >= total {
                 self.last_json = Some(now);
                 let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-                self.event("progress", json!({"bytes_done": done, "bytes_total": total, "elapsed_s": secs}));
+                write_json(
+                    &json!({"event": "progress", "bytes_done": done, "bytes_total": total, "elapsed_s": secs}),
+                );
             }
         }
     }
@@ -147,7 +137,9 @@ impl Ui {
     }
 }
 
-/// `12.3 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    indicatif::BinaryBytes(n).to_string()
+/// One JSON object, one line, flushed.
+fn write_json(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
 }

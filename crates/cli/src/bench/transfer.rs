@@ -138,8 +138,8 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
             },
         ];
 
-        let raw = crate::bench::throughput(256, 65536).await?;
-        let server = crate::bench::Server::start().await?;
+        let raw = super::peer::throughput(256, 65536).await?;
+        let server = super::Server::start().await?;
         let exe = std::env::current_exe()?;
         for (i, case) in cases.iter().enumerate() {
             if case.bytes == 0 {

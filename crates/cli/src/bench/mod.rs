@@ -1,0 +1,169 @@
+//! `peerlink bench`: native peers through a real in-process signaling
+//! server, ICE on 127.0.0.1 only. Prints figures; run it in a network
+//! namespace with only loopback (see the README).
+//!
+//! - `peer.rs`: connect time, round trips, throughput, the TURN relay;
+//! - `raw.rs`: the raw str0m reference the throughput is compared with;
+//! - `signal.rs`: the signaling server's memory per connection;
+//! - `transfer.rs`: `peerlink send` to `peerlink receive`, disk to disk.
+
+mod peer;
+mod raw;
+mod signal;
+mod transfer;
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use peerlink_peer::{ChannelSpec, DataChannel, Event, IceConfig, Room, RoomConfig};
+use tokio::sync::oneshot;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// Join to channel open (both sides), through the server.
+    Connect {
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+    },
+    /// Round-trip time of small messages on a reliable channel.
+    Rtt {
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        size: usize,
+    },
+    /// Bulk throughput on a reliable ordered channel.
+    Throughput {
+        /// Total MiB to move.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+    },
+    /// Disk to disk with `peerlink send` and `peerlink receive` processes: one
+    /// big file, then many small ones, beside the raw channel throughput.
+    Transfer {
+        /// Size of the big file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Number of small files.
+        #[arg(long, default_value_t = 1000)]
+        files: usize,
+        /// Size of each small file, KiB.
+        #[arg(long, default_value_t = 100)]
+        file_kib: usize,
+        /// Folder for the test files (default: under the system temp folder).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Bulk throughput through the embedded TURN server (both peers
+    /// relay-only), beside the direct path in the same run.
+    Relay {
+        #[arg(long, default_value_t = 128)]
+        mib: usize,
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+    },
+    /// Signaling server memory per idle (greeted, joined) connection.
+    SignalMemory {
+        #[arg(long, default_value_t = 500)]
+        conns: usize,
+    },
+    /// Everything above with default settings.
+    All,
+}
+
+pub struct Server {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    /// Peers offer relayed candidates only.
+    pub(crate) relay_only: bool,
+}
+
+impl Server {
+    pub async fn start() -> anyhow::Result<Server> {
+        Self::start_with(peerlink_signal::Config::default()).await
+    }
+
+    pub(crate) async fn start_with(config: peerlink_signal::Config) -> anyhow::Result<Server> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}/ws", listener.local_addr()?);
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(peerlink_signal::serve(listener, config, async move {
+            let _ = rx.await;
+        }));
+        Ok(Server { url, stop: Some(tx), relay_only: false })
+    }
+
+    pub(crate) fn config(&self, room: &str, channels: Vec<ChannelSpec>) -> RoomConfig {
+        let mut c = RoomConfig::new(self.url.clone(), room);
+        c.ice = IceConfig { relay_only: self.relay_only, ..IceConfig::loopback() };
+        c.channels = channels;
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for the channel `label` to open on `room`.
+pub(crate) async fn channel(room: &mut Room, label: &str) -> anyhow::Result<DataChannel> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, room.next_event())
+            .await
+            .context("channel did not open in 30 s")?
+        {
+            Some(Event::ChannelOpen { channel }) if channel.label() == label => return Ok(channel),
+            Some(Event::Closed { reason }) | Some(Event::ServerError { message: reason, .. }) => {
+                bail!("room failed: {reason}")
+            }
+            Some(_) => {}
+            None => bail!("room closed"),
+        }
+    }
+}
+
+/// Two rooms connected with one channel; returns both ends.
+pub(crate) async fn pair(
+    server: &Server,
+    room: &str,
+    spec: ChannelSpec,
+) -> anyhow::Result<(Room, DataChannel, Room, DataChannel)> {
+    let label = spec.label.clone();
+    let mut a = Room::join(server.config(room, vec![])).await?;
+    let mut b = Room::join(server.config(room, vec![spec])).await?;
+    let (ca, cb) = tokio::join!(channel(&mut a, &label), channel(&mut b, &label));
+    Ok((a, ca?, b, cb?))
+}
+
+pub(crate) fn pct(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+pub async fn run(what: Bench) -> anyhow::Result<()> {
+    match what {
+        Bench::Connect { iterations } => peer::connect(iterations).await,
+        Bench::Rtt { count, size } => peer::rtt(count, size).await,
+        Bench::Throughput { mib, size } => peer::throughput(mib, size).await.map(|_| ()),
+        Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
+        Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
+        Bench::Relay { mib, size } => peer::relay(mib, size).await,
+        Bench::All => {
+            peer::connect(50).await?;
+            peer::rtt(5000, 16).await?;
+            peer::throughput(256, 65536).await?;
+            signal::signal_memory(500).await?;
+            peer::relay(128, 65536).await?;
+            transfer::run(1024, 1000, 100, None).await
+        }
+    }
+}

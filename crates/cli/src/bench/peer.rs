@@ -1,0 +1,230 @@
+//! Two native peers: connect time, round trips, bulk throughput beside the
+//! raw str0m reference, and bulk through the embedded TURN relay.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use peerlink_peer::{ChannelSpec, DataChannel, Message, Room};
+use tokio::sync::oneshot;
+
+use super::{Server, WAIT, channel, pair, pct};
+
+pub(super) async fn connect(iterations: usize) -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let mut times = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let room = format!("connect-{i}");
+        let mut a = Room::join(server.config(&room, vec![])).await?;
+        let t0 = Instant::now();
+        let mut b = Room::join(server.config(&room, vec![ChannelSpec::reliable("c")])).await?;
+        let (ca, cb) = tokio::join!(channel(&mut a, "c"), channel(&mut b, "c"));
+        ca?;
+        cb?;
+        times.push(t0.elapsed());
+        a.leave().await?;
+        b.leave().await?;
+    }
+    times.sort();
+    println!(
+        "connect (join -> channel open on both sides, {iterations} runs): p50 {:.2} ms  p99 {:.2} ms  min {:.2} ms  max {:.2} ms",
+        ms(pct(&times, 0.5)),
+        ms(pct(&times, 0.99)),
+        ms(times[0]),
+        ms(*times.last().expect("runs")),
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub(super) async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let (mut a, ca, b, cb) = pair(&server, "rtt", ChannelSpec::reliable("rtt")).await?;
+    // B echoes everything back.
+    let echo = tokio::spawn(async move {
+        let _room = b;
+        while let Some(message) = cb.recv().await {
+            if cb.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let warmup = 200;
+    let mut times = Vec::with_capacity(count);
+    let payload = vec![7u8; size.max(1)];
+    for i in 0..warmup + count {
+        let t0 = Instant::now();
+        ca.send(payload.clone()).await?;
+        match tokio::time::timeout(WAIT, ca.recv()).await.context("echo did not come back")? {
+            Some(Message::Binary(_)) => {}
+            other => bail!("expected the echo, got {other:?}"),
+        }
+        if i >= warmup {
+            times.push(t0.elapsed());
+        }
+    }
+    times.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "rtt ({size}-byte messages, reliable ordered, {count} round trips): p50 {:.0} us  p99 {:.0} us  min {:.0} us",
+        us(pct(&times, 0.5)),
+        us(pct(&times, 0.99)),
+        us(times[0]),
+    );
+    // str0m reports stats every 500 ms.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::timeout_at(until, a.next_event()).await.is_ok() {}
+    let stats = a.stats(ca.peer()).await?;
+    println!(
+        "  ICE consent-check rtt {:?}, selected pair {}",
+        stats.rtt,
+        stats.path.map(|p| p.to_string()).unwrap_or_default()
+    );
+    echo.abort();
+    Ok(())
+}
+
+/// Sends `count` messages of `size` bytes, waiting whenever the queue is full.
+async fn give_messages(channel: DataChannel, count: usize, size: usize) -> anyhow::Result<()> {
+    let msg = vec![0x5au8; size];
+    for _ in 0..count {
+        channel.send(msg.clone()).await?;
+    }
+    Ok(())
+}
+
+/// Reads `channel` until `total` bytes of messages arrived.
+async fn take_bytes(channel: &DataChannel, total: usize) -> anyhow::Result<()> {
+    let mut got = 0usize;
+    while got < total {
+        match tokio::time::timeout(WAIT, channel.recv()).await.context("data stalled for 30 s")? {
+            Some(message) => got += message.len(),
+            None => bail!("channel closed"),
+        }
+    }
+    Ok(())
+}
+
+/// Prints peerlink's and raw str0m's bulk throughput; returns peerlink's MB/s.
+pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
+    let server = Server::start().await?;
+    let total = mib * 1024 * 1024;
+    let count = total.div_ceil(size);
+    let a_cfg = server.config("tput", vec![]);
+    let b_cfg = server.config("tput", vec![ChannelSpec::reliable("bulk")]);
+    // The sender joins first; the receiver, joining second, opens the channel.
+    let mut a = Room::join(a_cfg).await?;
+    // The receiving peer on its own thread and runtime, as it would be in
+    // another process: two peers on one runtime share one I/O driver, and
+    // each waits for the other to park before its datagrams are seen.
+    let (ready_tx, ready_rx) = oneshot::channel::<()>();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let receiver = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            let mut b = Room::join(b_cfg).await?;
+            let cb = channel(&mut b, "bulk").await?;
+            let _ = ready_tx.send(());
+            let _ = go_rx.await;
+            take_bytes(&cb, count * size).await
+        })
+    });
+    let ca = channel(&mut a, "bulk").await?;
+    if ready_rx.await.is_err() {
+        // The receiver gave up before its channel opened: say why.
+        let why = tokio::task::spawn_blocking(move || receiver.join()).await?;
+        return Err(match why {
+            Ok(Err(e)) => e.context("receiving peer"),
+            _ => anyhow::anyhow!("the receiving peer stopped"),
+        });
+    }
+    let t0 = Instant::now();
+    let _ = go_tx.send(());
+    let sender = tokio::spawn(give_messages(ca, count, size));
+    tokio::task::spawn_blocking(move || receiver.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let elapsed = t0.elapsed();
+    sender.await??;
+    let mbs = (count * size) as f64 / elapsed.as_secs_f64() / 1e6;
+    println!(
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s)",
+        elapsed.as_secs_f64()
+    );
+    drop((a, server));
+    // The reference varies run to run more than peerlink does on this
+    // machine: take the median of three.
+    let mut raws = Vec::with_capacity(3);
+    for _ in 0..3 {
+        raws.push(tokio::task::spawn_blocking(move || super::raw::throughput(total, size)).await??);
+    }
+    raws.sort_by(f64::total_cmp);
+    let raw = raws[1];
+    println!(
+        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s (median of {:.1}, {:.1}, {:.1}); peerlink/raw = {:.2}",
+        raws[0],
+        raws[1],
+        raws[2],
+        mbs / raw
+    );
+    Ok(mbs)
+}
+
+/// Moves `mib` MiB in `size`-byte messages between two peers of `server`;
+/// returns MB/s and the path kind.
+async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::Result<(f64, String)> {
+    let (_a, ca, _b, cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
+    let total = mib * 1024 * 1024;
+    let count = total.div_ceil(size);
+    let t0 = Instant::now();
+    let peer = ca.peer().clone();
+    let sender = tokio::spawn(give_messages(ca, count, size));
+    let got = count * size;
+    take_bytes(&cb, got).await?;
+    let elapsed = t0.elapsed();
+    sender.await??;
+    let path = _a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
+    Ok((got as f64 / elapsed.as_secs_f64() / 1e6, path))
+}
+
+pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
+    const SECRET: &str = "bench-secret";
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let mut config = peerlink_turn::Config::new(peerlink_turn::Auth::rest(SECRET));
+    config.relay_ports = 0..=0;
+    config.peer_policy.allow_loopback = true;
+    config.limits.bandwidth_bytes_per_sec = None;
+    let turn = peerlink_turn::Server::new(socket, config)?;
+    let turn_addr = turn.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(turn.run(async {
+        let _ = stopped.await;
+    }));
+    let provider = peerlink_signal::IceProvider::new(move |req| {
+        let c = peerlink_turn::rest_credentials(
+            SECRET,
+            req.peer.as_str(),
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        );
+        vec![peerlink_proto::IceServer {
+            urls: vec![format!("turn:{turn_addr}?transport=udp")],
+            username: Some(c.username),
+            credential: Some(c.password),
+        }]
+    });
+    let mut server =
+        Server::start_with(peerlink_signal::Config { ice_provider: Some(provider), ..Default::default() })
+            .await?;
+    let (direct, direct_path) = bulk(&server, "direct", mib, size).await?;
+    server.relay_only = true;
+    let (relayed, relay_path) = bulk(&server, "relayed", mib, size).await?;
+    let _ = stop.send(());
+    println!(
+        "relay ({mib} MiB in {size}-byte messages): through the embedded TURN server {relayed:.1} MB/s [{relay_path}]; direct {direct:.1} MB/s [{direct_path}]; relayed/direct = {:.2}",
+        relayed / direct
+    );
+    Ok(())
+}
