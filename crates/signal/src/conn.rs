@@ -213,26 +213,12 @@ impl Conn {
                 format!("message of {} bytes exceeds the limit of {}", text.len(), limits.max_message_bytes),
             ));
         }
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Failure::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
-        let Some(obj) = value.as_object() else {
-            return Err(Failure::new(ErrorCode::BadJson, "a message is a JSON object"));
-        };
-        if obj.contains_key("from") {
-            return Err(Failure::new(
-                ErrorCode::SpoofedSender,
-                "messages may not carry `from`: the server stamps the sender",
-            ));
-        }
-        let ty = obj.get("type").and_then(|t| t.as_str()).map(str::to_owned);
-        let msg: ClientMsg = serde_json::from_value(value).map_err(|e| match &ty {
-            None => Failure::new(ErrorCode::BadMessage, "missing string field `type`"),
-            Some(ty) => Failure::new(ErrorCode::BadMessage, format!("bad `{ty}` message: {e}")),
-        })?;
+        let (msg, ty) =
+            crate::frame::parse_client_frame(text).map_err(|(code, message)| Failure::new(code, message))?;
         if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
             return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
         }
-        self.dispatch(msg, ty.unwrap_or_default())
+        self.dispatch(msg, ty)
     }
 
     fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {

@@ -16,6 +16,7 @@
 //! ```
 
 mod conn;
+mod frame;
 mod hub;
 mod limit;
 
@@ -33,6 +34,7 @@ use peerlink_proto::{IceServer, Limits, PeerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use frame::parse_client_frame;
 pub use hub::HubStats;
 
 /// What the server enforces and announces.

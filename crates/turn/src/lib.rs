@@ -60,6 +60,9 @@
 
 mod bucket;
 mod config;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod ledger;
 mod policy;
 mod relay;
