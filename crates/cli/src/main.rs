@@ -47,7 +47,7 @@ enum Command {
     /// Line chat with everyone in ROOM over data channels.
     Chat {
         room: String,
-        /// Signaling server WebSocket URL.
+        /// Signaling server: ws://HOST:PORT/ws, http://HOST:PORT or HOST:PORT.
         #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
         server: String,
         /// Name shown to the others.
@@ -78,7 +78,9 @@ fn init_tracing(default: &str) {
     let quiet = "stun_proto=off,turn_server_proto=off,turn_client_proto=off";
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{quiet}")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only for a terminal: logs captured to a file stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn main() -> ExitCode {

@@ -19,7 +19,7 @@ const LABEL: &str = "ping";
 #[derive(Debug, clap::Args)]
 pub struct PingArgs {
     room: String,
-    /// Signaling server WebSocket URL.
+    /// Signaling server: ws://HOST:PORT/ws, http://HOST:PORT or HOST:PORT.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
     server: String,
     /// One JSON object per line instead of text.

@@ -154,6 +154,9 @@ pub(crate) struct PeerConn {
     /// Our candidates in SDP attribute form, trickled after our first offer
     /// or answer (str0m also lists them in the SDP).
     local_candidates: Vec<String>,
+    /// The media id of our data m-line, from our first offer or answer:
+    /// trickled candidates carry it (W3C stacks refuse a candidate without).
+    mid: Option<String>,
     trickled: bool,
     /// Every local candidate is known (STUN and TURN have answered).
     gathering_done: bool,
@@ -237,6 +240,7 @@ impl PeerConn {
             recv_seq: None,
             out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
             local_candidates,
+            mid: None,
             trickled: false,
             gathering_done: false,
             relayed: Vec::new(),
@@ -260,7 +264,10 @@ impl PeerConn {
         let Some(c) = self.rtc.add_local_candidate(c) else { return };
         let sdp = c.to_sdp_string();
         if self.trickled {
-            self.out.push_back(ConnOutput::Signal(Signal::Candidate { candidate: sdp.clone(), mid: None }));
+            self.out.push_back(ConnOutput::Signal(Signal::Candidate {
+                candidate: sdp.clone(),
+                mid: self.mid.clone(),
+            }));
         }
         self.local_candidates.push(sdp);
     }
@@ -350,6 +357,9 @@ impl PeerConn {
 
     /// Wraps an outgoing SDP, with `auth` when the connection has keys.
     fn sdp_signal(&mut self, kind: &str, sdp: String) -> Signal {
+        if self.mid.is_none() {
+            self.mid = first_mid(&sdp);
+        }
         let auth = self.keys.as_ref().map(|k| k.sign(kind, self.send_seq, &sdp));
         if auth.is_some() {
             self.send_seq += 1;
@@ -450,8 +460,10 @@ impl PeerConn {
         }
         self.trickled = true;
         for candidate in &self.local_candidates {
-            self.out
-                .push_back(ConnOutput::Signal(Signal::Candidate { candidate: candidate.clone(), mid: None }));
+            self.out.push_back(ConnOutput::Signal(Signal::Candidate {
+                candidate: candidate.clone(),
+                mid: self.mid.clone(),
+            }));
         }
         if self.gathering_done {
             self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
@@ -473,7 +485,16 @@ impl PeerConn {
                 self.handle_answer(&sdp, now)
             }
             Signal::Candidate { candidate, .. } => {
-                let c = Candidate::from_sdp_string(&candidate).map_err(|e| Error::BadSignal {
+                // node-datachannel trickles the SDP attribute line itself.
+                let candidate = candidate.strip_prefix("a=").unwrap_or(&candidate);
+                if is_mdns(candidate) {
+                    // A browser's host address behind an mDNS name: we cannot
+                    // resolve it, and need not: its connectivity checks reach
+                    // us and make a peer-reflexive candidate.
+                    tracing::debug!(peer = %self.remote, "skipping mDNS candidate {candidate}");
+                    return Ok(());
+                }
+                let c = Candidate::from_sdp_string(candidate).map_err(|e| Error::BadSignal {
                     peer: self.remote.clone(),
                     reason: format!("candidate: {e}"),
                 })?;
@@ -790,6 +811,17 @@ pub(crate) fn is_dtls(data: &[u8]) -> bool {
     data.first().is_some_and(|b| (20..=63).contains(b))
 }
 
+/// The media id of the first m-line of an SDP (`a=mid:`).
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=mid:")).map(|m| m.trim().to_string())
+}
+
+/// Whether a candidate's address is an mDNS name (`<uuid>.local`).
+fn is_mdns(candidate: &str) -> bool {
+    // candidate:<foundation> <component> <transport> <priority> <address> <port> typ ...
+    candidate.split_whitespace().nth(4).is_some_and(|a| a.ends_with(".local"))
+}
+
 /// Reads `a=max-message-size` from an SDP; 0 there means "no limit".
 fn max_message_size(sdp: &str) -> Option<usize> {
     sdp.lines()
@@ -801,4 +833,52 @@ fn max_message_size(sdp: &str) -> Option<usize> {
 /// A deadline that never comes in practice: an hour after `now`.
 fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_in_either_form_and_mdns_names() {
+        let sdp =
+            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:i0n\r\na=sctp-port:5000\r\n";
+        assert_eq!(first_mid(sdp).as_deref(), Some("i0n"));
+        assert!(is_mdns(
+            "candidate:1 1 udp 2122260223 6f8a5e1c-91b2-4c1e-9d1a-2b3c4d5e6f70.local 54321 typ host"
+        ));
+        assert!(!is_mdns("candidate:1 1 udp 2122260223 192.0.2.7 54321 typ host"));
+        let now = Instant::now();
+        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[], &ConnConfig::default(), now);
+        for form in [
+            "a=candidate:1 1 udp 2122260223 192.0.2.7 54321 typ host",
+            "candidate:2 1 udp 2122260223 192.0.2.8 54321 typ host",
+            "candidate:3 1 udp 2122260223 6f8a5e1c-91b2-4c1e-9d1a-2b3c4d5e6f70.local 54321 typ host",
+        ] {
+            c.handle_signal(Signal::Candidate { candidate: form.into(), mid: Some("0".into()) }, now)
+                .unwrap();
+        }
+        let remote: Vec<String> = c.remote_candidates().iter().map(|e| e.to_string()).collect();
+        assert_eq!(remote, ["host 192.0.2.7:54321", "host 192.0.2.8:54321"]);
+    }
+
+    #[test]
+    fn trickled_candidates_carry_our_mid() {
+        let now = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[addr], &ConnConfig::default(), now);
+        c.open_channel(ChannelSpec::reliable("x"));
+        let mut mid_in_offer = None;
+        let mut candidates = Vec::new();
+        loop {
+            match c.poll_output() {
+                ConnOutput::Signal(Signal::Offer { sdp, .. }) => mid_in_offer = first_mid(&sdp),
+                ConnOutput::Signal(Signal::Candidate { mid, .. }) => candidates.push(mid),
+                ConnOutput::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        assert!(mid_in_offer.is_some());
+        assert_eq!(candidates, [mid_in_offer], "one host candidate, with the offer's mid");
+    }
 }

@@ -66,3 +66,4 @@ pub use path::{CandidateKind, Endpoint, Failure, FailureReport, Path, PathKind, 
 pub use peerlink_proto::PeerId;
 pub use relay::{GatherFailure, GatherReport, Outcome as GatherOutcome};
 pub use room::{Room, RoomConfig};
+pub use signaling::signaling_url;

@@ -69,6 +69,26 @@ fn refused(msg: ServerMsg) -> Error {
     }
 }
 
+/// The signaling WebSocket URL for what a person typed: `ws://` and `wss://`
+/// URLs as given (with `/ws` added when they have no path), `http://` and
+/// `https://` as the matching WebSocket URL, and a bare `host[:port]` as
+/// `ws://host[:port]/ws`.
+pub fn signaling_url(input: &str) -> String {
+    let input = input.trim();
+    let (scheme, rest) = match input.split_once("://") {
+        Some(("http", rest)) => ("ws", rest),
+        Some(("https", rest)) => ("wss", rest),
+        Some((scheme, rest)) => (scheme, rest),
+        None => ("ws", input),
+    };
+    let rest = match rest.find('/') {
+        Some(i) if &rest[i..] != "/" => rest.to_string(),
+        Some(i) => format!("{}/ws", &rest[..i]),
+        None => format!("{rest}/ws"),
+    };
+    format!("{scheme}://{rest}")
+}
+
 /// Connects, says hello, joins `room`.
 pub(crate) async fn join(
     url: &str,
@@ -76,6 +96,7 @@ pub(crate) async fn join(
     name: Option<String>,
     timeout: Duration,
 ) -> Result<Signaling, Error> {
+    let url = &signaling_url(url);
     // Signaling is latency-bound request/response: no Nagle.
     let connect = tokio_tungstenite::connect_async_with_config(url, None, true);
     let (mut ws, _) = tokio::time::timeout(timeout, connect)
@@ -114,4 +135,26 @@ pub(crate) async fn join(
         let _ = sink.close().await;
     });
     Ok(Signaling { id, peers, ice_servers, limits, incoming, outgoing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signaling_url;
+
+    #[test]
+    fn server_addresses_as_people_type_them() {
+        for (typed, url) in [
+            ("ws://127.0.0.1:8080/ws", "ws://127.0.0.1:8080/ws"),
+            ("ws://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"),
+            ("ws://127.0.0.1:8080/", "ws://127.0.0.1:8080/ws"),
+            ("wss://peer.example/signal/ws", "wss://peer.example/signal/ws"),
+            ("http://192.0.2.7:8080", "ws://192.0.2.7:8080/ws"),
+            ("https://peer.example/", "wss://peer.example/ws"),
+            ("192.0.2.7:8080", "ws://192.0.2.7:8080/ws"),
+            ("peer.example", "ws://peer.example/ws"),
+            ("[::1]:8080", "ws://[::1]:8080/ws"),
+        ] {
+            assert_eq!(signaling_url(typed), url, "{typed}");
+        }
+    }
 }

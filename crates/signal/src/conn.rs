@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use futures_util::SinkExt;
 use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerId, ServerMsg, valid_room};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -106,7 +107,12 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
                         conn.reply_error(Failure::new(ErrorCode::BinaryFrame, "binary frames are not part of the protocol; send JSON text"));
                     }
                     Message::Ping(_) | Message::Pong(_) => {}
-                    Message::Close(_) => break None,
+                    Message::Close(_) => {
+                        // tungstenite queued the reply; send it, so the
+                        // client's close handshake completes (bounded).
+                        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, ws.flush()).await;
+                        break None;
+                    }
                 }
                 continue;
             }

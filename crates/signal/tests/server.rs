@@ -967,6 +967,19 @@ async fn a_client_blocking_the_server_write_does_not_hold_up_shutdown() {
 
 // ---------------------------------------------------------------- shutdown
 
+/// A client that closes gets the server's close frame back: the close
+/// handshake completes (browsers otherwise report 1006, "no close frame").
+#[tokio::test]
+async fn a_clients_close_is_answered_with_a_close() {
+    let server = TestServer::start(config()).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    a.send_msg(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await;
+    match a.next_frame(Instant::now() + WAIT).await {
+        Some(Message::Close(frame)) => assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal)),
+        other => panic!("expected the server's close frame, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_tells_clients_and_returns() {
     let mut server = TestServer::start(config()).await;

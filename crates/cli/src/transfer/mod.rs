@@ -18,7 +18,7 @@ use crate::common::IceArgs;
 /// Options both commands take.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
-    /// Signaling server WebSocket URL.
+    /// Signaling server: ws://HOST:PORT/ws, http://HOST:PORT or HOST:PORT.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
     pub server: String,
     /// Print one JSON object per line on stdout instead of progress bars.
