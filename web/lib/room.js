@@ -1,0 +1,560 @@
+// A joined room: a full mesh of WebRTC connections with perfect
+// negotiation, named channels, ICE restarts, and the signaling link under
+// it. The browser's twin of crates/peer (room.rs, mesh.rs): the same
+// conventions (docs/PROTOCOL.md, "Peers"), so browsers and native peers
+// share rooms.
+//
+//   const room = new Room({ server: location.origin, room: 'lobby', channels: [reliable('chat')] });
+//   room.on('channel_open', (ch) => ch.on('message', (m) => console.log(ch.peer, m)));
+//   await room.join();
+
+import { Emitter } from './events.js';
+import { Channel, channelInit } from './channel.js';
+import { Signaling } from './signaling.js';
+import { signSdp, verifySdp } from './auth.js';
+
+/** @typedef {import('./channel.js').ChannelSpec} ChannelSpec */
+/** @typedef {import('./protocol.js').ServerMsg} ServerMsg */
+/** @typedef {import('./protocol.js').Signal} Signal */
+/** @typedef {{ local: Uint8Array, remote: Uint8Array }} SignalKeys  from pairing: MAC ours, check theirs */
+
+/** @typedef {'connecting' | 'connected' | 'disconnected' | 'failed' | 'closed'} ConnState */
+
+/**
+ * How the data of a connection travels (`Path` in Rust): `relay` if either
+ * end is a TURN relay, `host` if both are interface addresses, else `srflx`
+ * (direct, through a NAT).
+ * @typedef {{ kind: 'host' | 'srflx' | 'relay', local: string, remote: string }} Path
+ */
+
+/**
+ * @typedef {object} PeerStats
+ * @property {ConnState} state
+ * @property {Path | null} path
+ * @property {number | null} rttMs
+ * @property {number} bytesSent
+ * @property {number} bytesReceived
+ * @property {number} iceRestarts
+ * @property {string | null} failure  why it failed, when it did
+ */
+
+/**
+ * @typedef {object} RoomOptions
+ * @property {string} server          signaling server (`http://host:port`, `ws://host:port/ws`, `host:port`)
+ * @property {string} room
+ * @property {string} [name]          display name
+ * @property {ChannelSpec[]} [channels] opened to every member by the later joiner
+ * @property {boolean} [autoConnect]  full mesh (true), or only {@link Room.connect}
+ * @property {RTCIceServer[]} [iceServers] more STUN/TURN servers besides the server's
+ * @property {RTCIceTransportPolicy} [iceTransportPolicy] `relay` to offer relayed candidates only
+ * @property {number} [connectTimeoutMs] negotiation plus checks per peer (15 s)
+ * @property {number} [restartAfterMs] a connection down this long is restarted (1 s; the polite side 2 s)
+ * @property {number} [giveUpAfterMs] down this long: failed for good (60 s)
+ * @property {import('./channel.js').ChannelOptions} [channelOptions]
+ * @property {typeof RTCPeerConnection} [RTCPeerConnection]
+ * @property {typeof WebSocket} [WebSocket]
+ */
+
+/**
+ * @typedef {object} RoomEvents
+ * @property {{ peer: string, name: string | null }} peer_joined
+ * @property {{ peer: string }} peer_left
+ * @property {{ peer: string, state: ConnState }} state
+ * @property {Channel} channel_open
+ * @property {{ peer: string, label: string }} channel_close
+ * @property {{ from: string, data: unknown }} server_message
+ * @property {{ peer: string, reason: string }} auth_failed
+ * @property {{ code: string, message: string }} server_error
+ * @property {{ attempt: number, inMs: number, reason: string }} reconnecting
+ * @property {{ id: string }} rejoined   after a reconnect, with our new id
+ * @property {{ reason: string }} closed
+ */
+
+/** Signals held per member not connected to yet, and members with held signals. */
+const MAX_HELD = 64;
+/** Remote candidates held until the remote description is set. */
+const MAX_EARLY_CANDIDATES = 64;
+
+/** @extends {Emitter<RoomEvents>} */
+export class Room extends Emitter {
+  /** @param {RoomOptions} options */
+  constructor(options) {
+    super();
+    this.options = {
+      channels: [],
+      autoConnect: true,
+      connectTimeoutMs: 15_000,
+      restartAfterMs: 1_000,
+      giveUpAfterMs: 60_000,
+      ...options,
+    };
+    /** @type {string} */
+    this.id = '';
+    /** @type {Map<string, { name: string | null }>} */
+    this.members = new Map();
+    /** @type {Map<string, Conn>} */
+    this.conns = new Map();
+    /** @type {Map<string, Signal[]>} */
+    this.held = new Map();
+    /** @type {RTCIceServer[]} */
+    this.iceServers = [];
+    this.closed = false;
+    this.signaling = new Signaling({
+      server: options.server,
+      room: options.room,
+      name: options.name,
+      WebSocket: options.WebSocket,
+    });
+  }
+
+  /**
+   * Connects to the signaling server, joins the room and starts connecting
+   * to everyone in it. Listen for events before calling it.
+   */
+  async join() {
+    const session = await this.signaling.connect();
+    this.signaling.on('message', (msg) => this._onServer(msg));
+    this.signaling.on('reconnecting', (r) => {
+      // A new session means new ids on both sides: today's connections go,
+      // and the room is joined afresh (channels are opened again).
+      for (const peer of [...this.members.keys()]) this._removeMember(peer);
+      this.emit('reconnecting', r);
+    });
+    this.signaling.on('joined', (s) => {
+      this._start(s);
+      this.emit('rejoined', { id: s.id });
+    });
+    this.signaling.on('closed', ({ reason }) => this._close(reason));
+    this._start(session);
+    return this;
+  }
+
+  /** @param {import('./signaling.js').Session} session */
+  _start(session) {
+    this.id = session.id;
+    this.iceServers = [...(session.iceServers ?? []), ...(this.options.iceServers ?? [])];
+    for (const p of session.peers) this._memberJoined(p.id, p.name ?? null, true);
+  }
+
+  /**
+   * @param {string} peer
+   * @param {string | null} name
+   * @param {boolean} initiator  listed in `joined`: we make the connection
+   */
+  _memberJoined(peer, name, initiator) {
+    if (peer === this.id || this.members.has(peer)) return;
+    this.members.set(peer, { name });
+    this.emit('peer_joined', { peer, name });
+    if (this.options.autoConnect) {
+      this._createConn(peer, initiator ? this.options.channels ?? [] : [], null);
+    }
+  }
+
+  /**
+   * @param {string} peer
+   * @param {ChannelSpec[]} channels
+   * @param {SignalKeys | null} keys
+   */
+  _createConn(peer, channels, keys) {
+    const existing = this.conns.get(peer);
+    if (existing && existing.state !== 'failed' && existing.state !== 'closed') {
+      for (const spec of channels) existing.openChannel(spec);
+      return existing;
+    }
+    existing?.close();
+    const conn = new Conn(this, peer, this.id < peer, keys);
+    this.conns.set(peer, conn);
+    for (const spec of channels) conn.openChannel(spec);
+    for (const signal of this.held.get(peer) ?? []) conn.onSignal(signal);
+    this.held.delete(peer);
+    return conn;
+  }
+
+  /** @param {string} peer */
+  _removeMember(peer) {
+    this.held.delete(peer);
+    this.conns.get(peer)?.close();
+    this.conns.delete(peer);
+    if (this.members.delete(peer)) this.emit('peer_left', { peer });
+  }
+
+  /** @param {ServerMsg} msg */
+  _onServer(msg) {
+    switch (msg.type) {
+      case 'peer_joined':
+        this._memberJoined(msg.peer.id, msg.peer.name ?? null, false);
+        break;
+      case 'peer_left':
+        this._removeMember(msg.peer_id);
+        break;
+      case 'signal': {
+        const conn = this.conns.get(msg.from);
+        if (conn) conn.onSignal(msg.signal);
+        else if (this.options.autoConnect && this.members.has(msg.from)) this._createConn(msg.from, [], null).onSignal(msg.signal);
+        else if (this.members.has(msg.from)) {
+          // Not connected to yet: held for connect(), within bounds.
+          const q = this.held.get(msg.from) ?? [];
+          if (!this.held.has(msg.from) && this.held.size >= MAX_HELD) return;
+          if (q.length >= MAX_HELD) q.shift();
+          q.push(msg.signal);
+          this.held.set(msg.from, q);
+        }
+        break;
+      }
+      case 'message':
+        this.emit('server_message', { from: msg.from, data: msg.data });
+        break;
+      case 'error':
+        this.emit('server_error', { code: msg.code, message: msg.message });
+        break;
+      default:
+        break;
+    }
+  }
+
+  /**
+   * Connects to `peer`, a member, opening `channels` (for rooms without
+   * `autoConnect`); on a live connection it only opens the channels.
+   * @param {string} peer
+   * @param {{ channels?: ChannelSpec[], keys?: SignalKeys | null }} [opts]
+   */
+  connect(peer, opts = {}) {
+    if (!this.members.has(peer)) throw new Error(`no peer ${peer} in this room`);
+    this._createConn(peer, opts.channels ?? [], opts.keys ?? null);
+  }
+
+  /** Closes the connection to `peer`; it stays a member. @param {string} peer */
+  disconnect(peer) {
+    this.conns.get(peer)?.close();
+    this.conns.delete(peer);
+  }
+
+  /**
+   * Opens another channel to `peer` (the other side gets `channel_open` too).
+   * @param {string} peer
+   * @param {ChannelSpec} spec
+   */
+  openChannel(peer, spec) {
+    const conn = this.conns.get(peer);
+    if (!conn) throw new Error(`no connection to ${peer}`);
+    conn.openChannel(spec);
+  }
+
+  /**
+   * Sends `data` through the server to `to`, or to every other member.
+   * @param {string | null} to
+   * @param {unknown} data
+   */
+  sendViaServer(to, data) {
+    /** @type {Record<string, unknown>} */
+    const msg = { type: 'send', room: this.options.room, data };
+    if (to) msg.to = to;
+    return this.signaling.send(/** @type {any} */ (msg));
+  }
+
+  /**
+   * @param {string} peer
+   * @param {Signal} signal
+   */
+  _signal(peer, signal) {
+    this.signaling.send({ type: 'signal', room: this.options.room, to: peer, signal });
+  }
+
+  /** @param {string} peer @returns {Promise<PeerStats | null>} */
+  async stats(peer) {
+    return (await this.conns.get(peer)?.stats()) ?? null;
+  }
+
+  /** Leaves the room and closes every connection. */
+  leave() {
+    this.signaling.close();
+  }
+
+  /** @param {string} reason */
+  _close(reason) {
+    if (this.closed) return;
+    this.closed = true;
+    for (const peer of [...this.members.keys()]) this._removeMember(peer);
+    for (const conn of this.conns.values()) conn.close();
+    this.conns.clear();
+    this.emit('closed', { reason });
+  }
+}
+
+/** One peer connection: perfect negotiation, channels, restarts, timers. */
+class Conn {
+  /**
+   * @param {Room} room
+   * @param {string} peer
+   * @param {boolean} polite
+   * @param {SignalKeys | null} keys
+   */
+  constructor(room, peer, polite, keys) {
+    this.room = room;
+    this.peer = peer;
+    this.polite = polite;
+    this.keys = keys;
+    this.sendSeq = 0;
+    /** @type {number | null} */
+    this.recvSeq = null;
+    /** @type {ConnState} */
+    this.state = 'connecting';
+    this.everConnected = false;
+    this.makingOffer = false;
+    this.ignoreOffer = false;
+    this.settingAnswer = false;
+    this.iceRestarts = 0;
+    /** @type {string | null} */
+    this.failure = null;
+    /** @type {Map<string, Channel>} */
+    this.channels = new Map();
+    /** @type {RTCIceCandidateInit[]} */
+    this.early = [];
+    /** @type {Promise<void>} */
+    this.chain = Promise.resolve();
+    /** @type {number | null} */
+    this.downSince = null;
+    /** @type {ReturnType<typeof setTimeout> | null} */
+    this.restartTimer = null;
+    const PC = room.options.RTCPeerConnection ?? globalThis.RTCPeerConnection;
+    this.pc = new PC({ iceServers: room.iceServers, iceTransportPolicy: room.options.iceTransportPolicy ?? 'all' });
+    const pc = this.pc;
+    pc.onnegotiationneeded = () => this._offer();
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate && candidate.candidate) {
+        /** @type {Signal} */
+        const s = { kind: 'candidate', candidate: candidate.candidate };
+        if (candidate.sdpMid !== null && candidate.sdpMid !== undefined) s.mid = candidate.sdpMid;
+        room._signal(peer, s);
+      } else if (!candidate) {
+        room._signal(peer, { kind: 'end_of_candidates' });
+      }
+    };
+    pc.ondatachannel = ({ channel }) => this._adopt(channel);
+    pc.onconnectionstatechange = () => this._onState();
+    this.connectTimer = setTimeout(() => {
+      if (!this.everConnected) this._fail(this.pc.remoteDescription ? 'connectivity checks timed out: no candidate pair answered' : 'no answer to the offer arrived (is the other side there?)');
+    }, room.options.connectTimeoutMs ?? 15_000);
+  }
+
+  /** @param {ChannelSpec} spec */
+  openChannel(spec) {
+    this._adopt(this.pc.createDataChannel(spec.label, channelInit(spec)));
+  }
+
+  /** @param {RTCDataChannel} raw */
+  _adopt(raw) {
+    const maxMessageSize = this.pc.sctp?.maxMessageSize || 65_536;
+    const ch = new Channel(raw, this.peer, { maxMessageSize, ...(this.room.options.channelOptions ?? {}) });
+    const opened = () => {
+      const old = this.channels.get(ch.label);
+      if (old && old !== ch && !old.isClosed) old.close();
+      this.channels.set(ch.label, ch);
+      ch.maxMessageSize = this.pc.sctp?.maxMessageSize || maxMessageSize;
+      this.room.emit('channel_open', ch);
+    };
+    if (raw.readyState === 'open') opened();
+    else ch.on('open', opened);
+    ch.on('close', () => {
+      if (this.channels.get(ch.label) === ch) {
+        this.channels.delete(ch.label);
+        this.room.emit('channel_close', { peer: this.peer, label: ch.label });
+      }
+    });
+  }
+
+  async _offer() {
+    try {
+      this.makingOffer = true;
+      await this.pc.setLocalDescription();
+      const sdp = this.pc.localDescription?.sdp;
+      if (sdp && this.pc.localDescription?.type === 'offer') await this._sendSdp('offer', sdp);
+    } catch (e) {
+      console.warn(`peerlink: offer to ${this.peer} failed`, e);
+    } finally {
+      this.makingOffer = false;
+    }
+  }
+
+  /**
+   * @param {'offer' | 'answer'} kind
+   * @param {string} sdp
+   */
+  async _sendSdp(kind, sdp) {
+    /** @type {Signal} */
+    const signal = kind === 'offer' ? { kind: 'offer', sdp } : { kind: 'answer', sdp };
+    if (this.keys) {
+      signal.auth = await signSdp(this.keys.local, kind, this.sendSeq, sdp);
+      this.sendSeq += 1;
+    }
+    this.room._signal(this.peer, signal);
+  }
+
+  /** Applies signals one after another. @param {Signal} signal */
+  onSignal(signal) {
+    this.chain = this.chain.then(() => this._apply(signal)).catch((e) => {
+      console.warn(`peerlink: signal from ${this.peer} not applied`, e);
+    });
+  }
+
+  /** @param {Signal} signal */
+  async _apply(signal) {
+    if (this.state === 'closed') return;
+    const pc = this.pc;
+    if (signal.kind === 'offer' || signal.kind === 'answer') {
+      if (this.keys) {
+        const why = await this._checkAuth(signal.kind, signal.sdp, signal.auth);
+        if (why) {
+          this.room.emit('auth_failed', { peer: this.peer, reason: why });
+          this._fail(`signaling was not authentic: ${why}`);
+          return;
+        }
+      }
+      const ready = !this.makingOffer && (pc.signalingState === 'stable' || this.settingAnswer);
+      const collision = signal.kind === 'offer' && !ready;
+      this.ignoreOffer = !this.polite && collision;
+      if (this.ignoreOffer) return;
+      if (signal.kind === 'answer' && pc.signalingState !== 'have-local-offer') return;
+      this.settingAnswer = signal.kind === 'answer';
+      await pc.setRemoteDescription({ type: signal.kind, sdp: signal.sdp });
+      this.settingAnswer = false;
+      for (const c of this.early.splice(0)) await this._addCandidate(c);
+      if (signal.kind === 'offer') {
+        await pc.setLocalDescription();
+        const sdp = pc.localDescription?.sdp;
+        if (sdp) await this._sendSdp('answer', sdp);
+      }
+    } else if (signal.kind === 'candidate') {
+      const c = { candidate: signal.candidate.replace(/^a=/, ''), sdpMid: signal.mid ?? null, sdpMLineIndex: signal.mid ? null : 0 };
+      if (!pc.remoteDescription) {
+        if (this.early.length < MAX_EARLY_CANDIDATES) this.early.push(c);
+      } else {
+        await this._addCandidate(c);
+      }
+    }
+  }
+
+  /** @param {RTCIceCandidateInit} c */
+  async _addCandidate(c) {
+    try {
+      await this.pc.addIceCandidate(c);
+    } catch (e) {
+      if (!this.ignoreOffer) console.debug(`peerlink: candidate from ${this.peer} not used`, e);
+    }
+  }
+
+  /**
+   * Why an offer or answer is not authentic, or null.
+   * @param {'offer' | 'answer'} kind
+   * @param {string} sdp
+   * @param {{ seq: number, mac: string } | undefined} auth
+   */
+  async _checkAuth(kind, sdp, auth) {
+    if (!this.keys) return null;
+    if (!auth) return `the ${kind} carries no authentication`;
+    if (!(await verifySdp(this.keys.remote, kind, sdp, auth))) {
+      return `the ${kind} was modified in transit (its MAC does not match)`;
+    }
+    if (this.recvSeq !== null && auth.seq <= this.recvSeq) {
+      return `the ${kind} is a replay (sequence ${auth.seq} after ${this.recvSeq})`;
+    }
+    this.recvSeq = auth.seq;
+    return null;
+  }
+
+  /** @param {ConnState} state */
+  _setState(state) {
+    if (this.state === state || this.state === 'closed' || (this.state === 'failed' && state !== 'closed')) return;
+    this.state = state;
+    this.room.emit('state', { peer: this.peer, state });
+  }
+
+  _onState() {
+    const s = this.pc.connectionState;
+    if (s === 'connected') {
+      this.everConnected = true;
+      this.downSince = null;
+      if (this.restartTimer) clearTimeout(this.restartTimer);
+      this.restartTimer = null;
+      this._setState('connected');
+    } else if ((s === 'disconnected' || s === 'failed') && this.everConnected) {
+      this.downSince ??= Date.now();
+      this._setState('disconnected');
+      this._scheduleRestart();
+    } else if (s === 'failed') {
+      this._fail('connectivity checks failed: no candidate pair answered');
+    }
+  }
+
+  /** The impolite side restarts ICE first; the polite one later, if still down. */
+  _scheduleRestart() {
+    if (this.restartTimer) return;
+    const o = this.room.options;
+    const wait = (o.restartAfterMs ?? 1000) * (this.polite ? 2 : 1);
+    this.restartTimer = setTimeout(() => {
+      this.restartTimer = null;
+      if (this.downSince === null || this.state === 'closed' || this.state === 'failed') return;
+      if (Date.now() - this.downSince >= (o.giveUpAfterMs ?? 60_000)) {
+        this._fail(`the connection was lost and no path came back within ${(o.giveUpAfterMs ?? 60_000) / 1000} s (${this.iceRestarts} ICE restarts)`);
+        return;
+      }
+      this.iceRestarts += 1;
+      this.pc.restartIce();
+      this._scheduleRestart();
+    }, wait);
+  }
+
+  /** @param {string} why */
+  _fail(why) {
+    if (this.state === 'failed' || this.state === 'closed') return;
+    this.failure = why;
+    this._setState('failed');
+    this._shutdown();
+  }
+
+  close() {
+    this._setState('closed');
+    this._shutdown();
+  }
+
+  _shutdown() {
+    clearTimeout(this.connectTimer);
+    if (this.restartTimer) clearTimeout(this.restartTimer);
+    try { this.pc.close(); } catch { /* already closed */ }
+    // pc.close() fires no close event on its channels: close them here, so
+    // every open channel reports `channel_close`.
+    for (const ch of [...this.channels.values()]) ch._closed();
+  }
+
+  /** @returns {Promise<PeerStats>} */
+  async stats() {
+    /** @type {PeerStats} */
+    const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts, failure: this.failure };
+    if (this.state === 'closed' || this.state === 'failed') return out;
+    const report = await this.pc.getStats();
+    /** @type {Map<string, any>} */
+    const byId = new Map();
+    report.forEach((s) => byId.set(s.id, s));
+    let pair = null;
+    for (const s of byId.values()) {
+      if (s.type === 'transport' && s.selectedCandidatePairId) pair = byId.get(s.selectedCandidatePairId);
+      if (s.type === 'data-channel') {
+        out.bytesSent += s.bytesSent ?? 0;
+        out.bytesReceived += s.bytesReceived ?? 0;
+      }
+    }
+    if (!pair) {
+      for (const s of byId.values()) if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
+    }
+    if (pair) {
+      const l = byId.get(pair.localCandidateId);
+      const r = byId.get(pair.remoteCandidateId);
+      if (l && r) {
+        const kind = l.candidateType === 'relay' || r.candidateType === 'relay' ? 'relay' : r.candidateType === 'host' ? 'host' : 'srflx';
+        out.path = { kind, local: `${l.candidateType} ${l.address ?? l.ip}:${l.port}`, remote: `${r.candidateType} ${r.address ?? r.ip}:${r.port}` };
+      }
+      if (typeof pair.currentRoundTripTime === 'number') out.rttMs = pair.currentRoundTripTime * 1000;
+    }
+    return out;
+  }
+}

@@ -1,0 +1,279 @@
+// The signaling client (docs/PROTOCOL.md): greets the server, joins a
+// room, then carries client messages out and server messages in. When the
+// socket drops it reconnects with backoff and joins again (a new peer id:
+// the room's connections are then rebuilt by the room). Mirrors
+// crates/peer/src/signaling.rs.
+
+import { Emitter } from './events.js';
+import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
+
+/** @typedef {import('./protocol.js').ServerMsg} ServerMsg */
+/** @typedef {import('./protocol.js').ClientMsg} ClientMsg */
+/** @typedef {import('./protocol.js').IceServer} IceServer */
+/** @typedef {import('./protocol.js').PeerInfo} PeerInfo */
+
+/**
+ * A joined session: what `welcome` and `joined` said.
+ * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[] }} Session
+ */
+
+/**
+ * @typedef {object} SignalingEvents
+ * @property {ServerMsg} message        a server message after `joined`
+ * @property {Session} joined           joined (again, after a reconnect)
+ * @property {{ attempt: number, inMs: number, reason: string }} reconnecting
+ * @property {{ reason: string }} closed  for good
+ */
+
+/** Why the signaling connection cannot go on. */
+export class SignalingError extends Error {
+  /**
+   * @param {string} code  a server error code, or `timeout`, `unreachable`, `closed`
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message);
+    this.name = 'SignalingError';
+    this.code = code;
+  }
+}
+
+/**
+ * The signaling WebSocket URL for what a person typed: ws(s) URLs as given
+ * (with `/ws` added when they have no path), http(s) URLs as the matching
+ * WebSocket URL, a bare `host[:port]` as `ws://host[:port]/ws`.
+ * Same rules as `signaling_url` in crates/peer.
+ * @param {string} input
+ */
+export function signalingUrl(input) {
+  const text = input.trim();
+  const m = /^([a-z]+):\/\/(.*)$/.exec(text);
+  let scheme = 'ws';
+  let rest = text;
+  if (m) {
+    scheme = { http: 'ws', https: 'wss' }[m[1]] ?? m[1];
+    rest = m[2];
+  }
+  const slash = rest.indexOf('/');
+  if (slash < 0) rest += '/ws';
+  else if (rest.slice(slash) === '/') rest = rest.slice(0, slash) + '/ws';
+  return `${scheme}://${rest}`;
+}
+
+/**
+ * @typedef {object} SignalingOptions
+ * @property {string} server      server address (see {@link signalingUrl})
+ * @property {string} room
+ * @property {string} [name]      display name
+ * @property {number} [timeoutMs] bound on every wait for the server (10 s)
+ * @property {boolean} [reconnect] reconnect when the socket drops (true)
+ * @property {number} [maxBackoffMs] longest wait between attempts (10 s)
+ * @property {number} [maxAttempts] attempts before giving up for good (30)
+ * @property {string} [client]    free-form client description for the server's logs
+ * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global)
+ */
+
+/** Messages queued while the socket is open but not yet writable (bounded). */
+const MAX_QUEUED = 512;
+/** An application ping keeps the link honest; a pong must come within. */
+const PING_EVERY_MS = 15_000;
+const PONG_WITHIN_MS = 10_000;
+
+/** @extends {Emitter<SignalingEvents>} */
+export class Signaling extends Emitter {
+  /** @param {SignalingOptions} options */
+  constructor(options) {
+    super();
+    this.options = { timeoutMs: 10_000, reconnect: true, maxBackoffMs: 10_000, maxAttempts: 30, ...options };
+    this.url = signalingUrl(options.server);
+    /** @type {WebSocket | null} */
+    this.ws = null;
+    /** @type {Session | null} */
+    this.session = null;
+    this.closed = false;
+    this._attempt = 0;
+    /** @type {ReturnType<typeof setInterval> | null} */
+    this._pinger = null;
+    this._nonce = 0;
+    /** @type {number | null} */
+    this._awaitingPong = null;
+  }
+
+  /**
+   * Connects, says hello and joins; resolves with the session, or rejects
+   * with a {@link SignalingError} (refused, unreachable, timed out).
+   * @returns {Promise<Session>}
+   */
+  async connect() {
+    const session = await this._open();
+    return session;
+  }
+
+  /** @returns {Promise<Session>} */
+  _open() {
+    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    const { timeoutMs } = this.options;
+    return new Promise((resolve, reject) => {
+      /** @type {WebSocket} */
+      let ws;
+      try {
+        ws = new WS(this.url);
+      } catch (e) {
+        reject(new SignalingError('unreachable', `cannot open ${this.url}: ${e}`));
+        return;
+      }
+      let settled = false;
+      /** @type {{ id: string, iceServers: IceServer[], limits: Record<string, number> } | null} */
+      let welcome = null;
+      const fail = (/** @type {SignalingError} */ err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        try { ws.close(); } catch { /* already closed */ }
+        reject(err);
+      };
+      const timer = setTimeout(
+        () => fail(new SignalingError('timeout', `the signaling server did not answer within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      ws.onopen = () => {
+        ws.send(JSON.stringify({ type: 'hello', version: PROTOCOL_VERSION, client: this.options.client ?? 'peerlink-web/0.1' }));
+      };
+      ws.onerror = () => fail(new SignalingError('unreachable', `cannot reach the signaling server at ${this.url}`));
+      ws.onclose = (ev) => {
+        if (!settled) fail(new SignalingError('closed', `the signaling server closed the connection (${ev.code} ${ev.reason})`));
+        else if (this.ws === ws) this._lost(`the signaling connection closed (${ev.code}${ev.reason ? ' ' + ev.reason : ''})`);
+      };
+      ws.onmessage = (ev) => {
+        const msg = parseServerMsg(String(ev.data));
+        if (settled) {
+          this._onMessage(msg);
+          return;
+        }
+        if (msg.type === 'error') {
+          fail(new SignalingError(msg.code, `the signaling server refused: ${msg.code}: ${msg.message}`));
+        } else if (msg.type === 'welcome') {
+          if (msg.version !== PROTOCOL_VERSION) {
+            fail(new SignalingError('unsupported_version', `the server speaks protocol ${msg.version}, we speak ${PROTOCOL_VERSION}`));
+            return;
+          }
+          welcome = { id: msg.peer_id, iceServers: msg.ice_servers, limits: msg.limits };
+          /** @type {Record<string, unknown>} */
+          const join = { type: 'join', room: this.options.room };
+          if (this.options.name) join.name = this.options.name;
+          ws.send(JSON.stringify(join));
+        } else if (msg.type === 'joined' && welcome) {
+          settled = true;
+          clearTimeout(timer);
+          this.ws = ws;
+          this.session = { ...welcome, peers: msg.peers };
+          this._attempt = 0;
+          this._startPings();
+          resolve(this.session);
+        }
+      };
+    });
+  }
+
+  /** @param {ServerMsg} msg */
+  _onMessage(msg) {
+    if (msg.type === 'pong') {
+      this._awaitingPong = null;
+      return;
+    }
+    if (msg.type === 'error' && isFatal(msg.code)) {
+      // The server closes next; `shutting_down` is worth a reconnect.
+      if (msg.code !== 'shutting_down') this.options.reconnect = false;
+    }
+    this.emit('message', msg);
+  }
+
+  _startPings() {
+    this._stopPings();
+    this._pinger = setInterval(() => {
+      if (this._awaitingPong !== null && Date.now() - this._awaitingPong > PONG_WITHIN_MS) {
+        this.ws?.close(4000, 'no pong');
+        return;
+      }
+      if (this._awaitingPong === null) this._awaitingPong = Date.now();
+      this.send({ type: 'ping', nonce: ++this._nonce });
+    }, PING_EVERY_MS);
+  }
+
+  _stopPings() {
+    if (this._pinger) clearInterval(this._pinger);
+    this._pinger = null;
+    this._awaitingPong = null;
+  }
+
+  /** @param {string} reason */
+  async _lost(reason) {
+    this._stopPings();
+    this.ws = null;
+    if (this.closed) return;
+    if (!this.options.reconnect) {
+      this.closed = true;
+      this.emit('closed', { reason });
+      return;
+    }
+    while (!this.closed) {
+      this._attempt += 1;
+      if (this._attempt > (this.options.maxAttempts ?? 30)) {
+        this.closed = true;
+        this.emit('closed', { reason: `${reason}; gave up after ${this._attempt - 1} attempts to reconnect` });
+        return;
+      }
+      const base = Math.min(this.options.maxBackoffMs ?? 10_000, 250 * 2 ** Math.min(this._attempt, 10));
+      const inMs = Math.round(base / 2 + Math.random() * (base / 2));
+      this.emit('reconnecting', { attempt: this._attempt, inMs, reason });
+      await new Promise((r) => setTimeout(r, inMs));
+      if (this.closed) return;
+      try {
+        const session = await this._open();
+        this.emit('joined', session);
+        return;
+      } catch (e) {
+        reason = e instanceof Error ? e.message : String(e);
+        if (e instanceof SignalingError && !['timeout', 'unreachable', 'closed', 'shutting_down'].includes(e.code)) {
+          this.closed = true;
+          this.emit('closed', { reason });
+          return;
+        }
+      }
+    }
+  }
+
+  /**
+   * Sends a client message; false when there is no open connection (the
+   * message is dropped: signals belong to the session they were made in).
+   * @param {ClientMsg} msg
+   */
+  send(msg) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== 1) return false;
+    if (ws.bufferedAmount > MAX_QUEUED * 65_536) {
+      ws.close(4001, 'not draining');
+      return false;
+    }
+    ws.send(JSON.stringify(msg));
+    return true;
+  }
+
+  /** Leaves the room and closes the connection for good. */
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    this._stopPings();
+    if (this.ws && this.session) {
+      try { this.ws.send(JSON.stringify({ type: 'leave', room: this.options.room })); } catch { /* closing anyway */ }
+    }
+    try { this.ws?.close(1000, 'bye'); } catch { /* already closed */ }
+    this.ws = null;
+    this.emit('closed', { reason: 'left the room' });
+  }
+}
+
+/** @param {string} code */
+function isFatal(code) {
+  return ['unsupported_version', 'idle_timeout', 'slow_consumer', 'shutting_down'].includes(code);
+}
