@@ -14,7 +14,7 @@ use futures_util::stream::SplitStream;
 use peerlink_proto::{ClientMsg, ServerMsg};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::channel::RoomWake;
@@ -35,6 +35,8 @@ const SEND_WAIT: Duration = Duration::from_millis(100);
 /// How long the application gets to take each last event after the room
 /// closed.
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
+/// How long closing waits for the signaling socket to take what is queued.
+const LEAVE_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Driver {
     pub mesh: Mesh,
@@ -45,6 +47,9 @@ pub(crate) struct Driver {
     /// Events the application has not taken yet; while it holds
     /// [`BACKLOG_PAUSE`] or more the driver does not read the network.
     pub backlog: VecDeque<Event>,
+    /// Callers of [`Room::leave`](crate::Room::leave), answered once the
+    /// signaling socket has been flushed and closed.
+    pub leave_replies: Vec<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -107,12 +112,17 @@ impl Driver {
             }
             Command::Leave { reply } => {
                 self.mesh.leave();
-                let _ = reply.send(());
+                self.leave_replies.push(reply);
             }
         }
     }
 
-    pub async fn run(mut self, incoming: SplitStream<WsStream>, signaling: mpsc::Sender<ClientMsg>) {
+    pub async fn run(
+        mut self,
+        incoming: SplitStream<WsStream>,
+        signaling: mpsc::Sender<ClientMsg>,
+        writer: tokio::task::JoinHandle<()>,
+    ) {
         let mut incoming = incoming;
         let mut buf = vec![0u8; 2048];
         let mut ping = tokio::time::interval(SIGNALING_PING);
@@ -199,6 +209,23 @@ impl Driver {
         tracing::debug!(peer = ?self.mesh, "room closing: {reason}");
         self.mesh.close(reason, Instant::now());
         self.flush(&signaling).await;
+        // Everything queued for the server goes out before a leave returns:
+        // a last `pair_abort` must not lose the race with the socket's close.
+        let leave_replies = std::mem::take(&mut self.leave_replies);
+        drop(signaling);
+        // Then read until the server closes too: a socket closed with unread
+        // data is reset, and a reset makes the server's kernel throw away
+        // what it received but the server has not read yet.
+        let drained = tokio::time::timeout(LEAVE_FLUSH_WAIT, async {
+            let _ = writer.await;
+            while let Some(Ok(_)) = incoming.next().await {}
+        });
+        if drained.await.is_err() {
+            tracing::debug!("signaling close not completed in {LEAVE_FLUSH_WAIT:?}");
+        }
+        for reply in leave_replies {
+            let _ = reply.send(());
+        }
         // Hand the application what is left, without waiting forever on it.
         let backlog = std::mem::take(&mut self.backlog);
         drop(self);

@@ -133,9 +133,16 @@ impl Room {
             wake.clone(),
         );
         mesh.start(sig.peers, Instant::now());
-        let driver =
-            Driver { mesh, wake, sockets, commands: cmd_rx, events: ev_tx, backlog: Default::default() };
-        tokio::spawn(driver.run(sig.incoming, sig.outgoing));
+        let driver = Driver {
+            mesh,
+            wake,
+            sockets,
+            commands: cmd_rx,
+            events: ev_tx,
+            backlog: Default::default(),
+            leave_replies: Vec::new(),
+        };
+        tokio::spawn(driver.run(sig.incoming, sig.outgoing, sig.writer));
         Ok(Room { id, local_addrs, commands, events })
     }
 
@@ -202,7 +209,9 @@ impl Room {
         self.call(|reply| Command::Peers { reply }).await
     }
 
-    /// Leaves the room and closes every connection.
+    /// Leaves the room and closes every connection. Returns once the server
+    /// has been handed everything sent before (messages via the server, the
+    /// leave itself), or after a bounded wait if it is not reading.
     pub async fn leave(self) -> Result<(), Error> {
         self.call(|reply| Command::Leave { reply }).await
     }

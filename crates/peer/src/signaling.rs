@@ -28,6 +28,9 @@ pub(crate) struct Signaling {
     pub limits: Limits,
     pub incoming: SplitStream<WsStream>,
     pub outgoing: mpsc::Sender<ClientMsg>,
+    /// The task writing `outgoing` to the socket; it ends once every queued
+    /// message is written and the socket closed (or writing failed).
+    pub writer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -124,7 +127,7 @@ pub(crate) async fn join(
 
     let (mut sink, incoming) = ws.split();
     let (outgoing, mut rx) = mpsc::channel::<ClientMsg>(OUTBOX);
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             let text = serde_json::to_string(&msg).expect("client messages always serialize");
             if let Err(e) = sink.send(WsMessage::Text(text.into())).await {
@@ -134,7 +137,7 @@ pub(crate) async fn join(
         }
         let _ = sink.close().await;
     });
-    Ok(Signaling { id, peers, ice_servers, limits, incoming, outgoing })
+    Ok(Signaling { id, peers, ice_servers, limits, incoming, outgoing, writer })
 }
 
 #[cfg(test)]

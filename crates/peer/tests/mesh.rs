@@ -92,3 +92,33 @@ async fn three_peers_mesh_then_a_fourth_joins_and_one_leaves() {
     assert!(pair.contains("127.0.0.1") && pair.contains(&b.room.local_addrs()[0].to_string()), "{st:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_just_before_leaving_arrive_before_the_leave() {
+    let server = Server::start().await;
+    let mut a = Peer::join(server.config("last-words")).await;
+    let (a_id, config) = (a.id(), server.config("last-words"));
+    // B lives in a runtime of its own that is dropped as soon as leave()
+    // returns, the way a process exits after a pairing abort: leave() must
+    // not return before the server has been handed everything.
+    let b_id = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let id = rt.block_on(async {
+            let room = peerlink_peer::Room::join(config).await.expect("join");
+            for i in 0..50 {
+                room.send_via_server(Some(&a_id), serde_json::json!({ "n": i })).await.unwrap();
+            }
+            let id = room.id().clone();
+            room.leave().await.unwrap();
+            id
+        });
+        drop(rt);
+        id
+    })
+    .await
+    .unwrap();
+    a.until("b left", |p| p.left.contains(&b_id)).await;
+    let got: Vec<_> =
+        a.server_messages.iter().filter(|(f, _)| *f == b_id).map(|(_, d)| d["n"].clone()).collect();
+    assert_eq!(got, (0..50).map(|i| serde_json::json!(i)).collect::<Vec<_>>());
+}
