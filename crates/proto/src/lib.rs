@@ -19,6 +19,8 @@
 //! assert_eq!(msg, ServerMsg::Pong { nonce: Some(7) });
 //! ```
 
+#![warn(missing_docs)]
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,7 @@ impl PeerId {
         PeerId(id.into())
     }
 
+    /// The id as the server wrote it, e.g. `p-9b71e0aa`; opaque, so compare it but do not parse it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -68,6 +71,7 @@ pub fn valid_room(room: &str) -> bool {
 pub enum ClientMsg {
     /// First message on a connection: the protocol version the client speaks.
     Hello {
+        /// The protocol version the client speaks; any other than the server's closes the connection.
         version: u32,
         /// Free-form client description for logs, e.g. `peerlink-cli/0.1`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,24 +79,40 @@ pub enum ClientMsg {
     },
     /// Join a room; answered by `joined` (or `error`).
     Join {
+        /// The room to join or create: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`.
         room: String,
+        /// Display name shown to the other members, at most [`MAX_NAME_LEN`] bytes; need not be unique.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
     /// Leave a room; answered by `left`.
-    Leave { room: String },
+    Leave {
+        /// The room to leave; `not_in_room` if this connection is not a member.
+        room: String,
+    },
     /// WebRTC negotiation for one peer in a shared room.
-    Signal { room: String, to: PeerId, signal: Signal },
+    Signal {
+        /// A room that both the sender and `to` are members of.
+        room: String,
+        /// The member the negotiation is for (`unknown_peer` if not in `room`).
+        to: PeerId,
+        /// The offer, answer or candidate, delivered to `to` in a server `signal`.
+        signal: Signal,
+    },
     /// An application message routed through the server, to one peer or
     /// (without `to`) to every other member of the room.
     Send {
+        /// The room to send in; the sender must be a member.
         room: String,
+        /// The one member to deliver to; when absent, every other member of the room.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<PeerId>,
+        /// Any JSON value, delivered unchanged in `message`; counts against `max_message_bytes`.
         data: serde_json::Value,
     },
     /// Application-level liveness check; answered by `pong` with the same nonce.
     Ping {
+        /// Any number, echoed back in the `pong` so answers can be matched to pings.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
@@ -107,6 +127,7 @@ pub enum ClientMsg {
 pub enum Signal {
     /// An SDP offer (initial, renegotiation or ICE restart).
     Offer {
+        /// The offer's SDP text, as `RTCSessionDescription.sdp` holds it.
         sdp: String,
         /// Proof that a paired peer wrote this SDP (see [`SignalAuth`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,13 +135,17 @@ pub enum Signal {
     },
     /// The SDP answer to the last offer.
     Answer {
+        /// The answer's SDP text, as `RTCSessionDescription.sdp` holds it.
         sdp: String,
+        /// Proof that a paired peer wrote this SDP (see [`SignalAuth`]); absent between unpaired peers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auth: Option<SignalAuth>,
     },
     /// A trickled ICE candidate, in SDP `candidate:` attribute form.
     Candidate {
+        /// The candidate attribute, e.g. `candidate:1 1 udp 2130706431 192.0.2.7 50000 typ host`.
         candidate: String,
+        /// Media id of the m-line it belongs to, copied from the sender's SDP (e.g. `0`, `i0n`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mid: Option<String>,
     },
@@ -148,23 +173,70 @@ pub struct SignalAuth {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// Answer to `hello`: who you are, how to reach TURN, what the limits are.
-    Welcome { version: u32, peer_id: PeerId, ice_servers: Vec<IceServer>, limits: Limits },
+    Welcome {
+        /// The protocol version the server speaks ([`PROTOCOL_VERSION`]).
+        version: u32,
+        /// This connection's id, stamped on everything it sends; a reconnect gets a new one.
+        peer_id: PeerId,
+        /// STUN and TURN servers for `RTCConfiguration.iceServers`; possibly none.
+        ice_servers: Vec<IceServer>,
+        /// The limits the server enforces on this connection.
+        limits: Limits,
+    },
     /// Answer to `join`: the other members already in the room.
-    Joined { room: String, peers: Vec<PeerInfo> },
+    Joined {
+        /// The room joined.
+        room: String,
+        /// The members already there, not including you, longest present first.
+        peers: Vec<PeerInfo>,
+    },
     /// Answer to `leave`.
-    Left { room: String },
+    Left {
+        /// The room left.
+        room: String,
+    },
     /// Someone joined a room you are in.
-    PeerJoined { room: String, peer: PeerInfo },
+    PeerJoined {
+        /// The room they joined.
+        room: String,
+        /// The newcomer's id and display name.
+        peer: PeerInfo,
+    },
     /// Someone left a room you are in (or their connection dropped).
-    PeerLeft { room: String, peer_id: PeerId },
+    PeerLeft {
+        /// The room they left.
+        room: String,
+        /// Who left; nothing more comes from them in this room.
+        peer_id: PeerId,
+    },
     /// Negotiation from another member; `from` is stamped by the server.
-    Signal { room: String, from: PeerId, signal: Signal },
+    Signal {
+        /// The room the sender shares with you.
+        room: String,
+        /// The sender's id.
+        from: PeerId,
+        /// The payload as sent; a `kind` the server does not know arrives as [`Signal::Unknown`].
+        signal: Signal,
+    },
     /// An application message routed by the server; `from` is stamped by it.
-    Message { room: String, from: PeerId, data: serde_json::Value },
+    Message {
+        /// The room it was sent in.
+        room: String,
+        /// The sender's id.
+        from: PeerId,
+        /// The JSON value the sender put in `send`, unchanged.
+        data: serde_json::Value,
+    },
     /// Something the client sent was refused, or the connection is closing.
-    Error { code: ErrorCode, message: String },
+    Error {
+        /// Why, for the client to act on; a fatal code ([`ErrorCode::is_fatal`]) closes the connection.
+        code: ErrorCode,
+        /// Explanation for people; its wording may change at any time.
+        message: String,
+    },
     /// Answer to `ping`.
     Pong {
+        /// The `nonce` of the `ping` answered; absent if it had none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
@@ -176,7 +248,9 @@ pub enum ServerMsg {
 /// A room member as presence reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
+    /// The member's server-assigned id.
     pub id: PeerId,
+    /// The display name it gave in `join`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -184,9 +258,12 @@ pub struct PeerInfo {
 /// One entry of `RTCConfiguration.iceServers`, in the browser's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IceServer {
+    /// One server's `stun:` or `turn:` URLs, e.g. `turn:127.0.0.1:3478?transport=udp`.
     pub urls: Vec<String>,
+    /// The TURN username; absent for STUN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// The TURN password that goes with `username`; absent for STUN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
 }

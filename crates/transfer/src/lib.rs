@@ -99,6 +99,8 @@
 //! assert_eq!(receiver.progress().bytes_done, 40_000);
 //! ```
 
+#![warn(missing_docs)]
+
 mod announce;
 mod bits;
 mod error;

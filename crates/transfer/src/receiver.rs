@@ -71,17 +71,37 @@ pub enum ReceiverOutput {
     /// [`Receiver::partial_scanned`] (with an empty list for a new file).
     /// Comes only once all of the file's hashes are known, so the driver can
     /// do both in one pass.
-    Prepare { file: u32 },
+    Prepare {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+    },
     /// Create the folder of `dir` entry `entry` (an index into
     /// [`Manifest::entries`]).
-    CreateDir { entry: usize },
+    CreateDir {
+        /// The `dir` entry's index in [`Manifest::entries`] (not a file index).
+        entry: usize,
+    },
     /// Write this verified chunk at `offset`, then call
     /// [`Receiver::chunk_written`] (or [`Receiver::write_failed`]).
-    Write { file: u32, chunk: u32, offset: u64, data: Vec<u8> },
+    Write {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The chunk index, to pass back to [`Receiver::chunk_written`].
+        chunk: u32,
+        /// Where the chunk starts in the file, in bytes: `chunk * chunk_size`.
+        offset: u64,
+        /// The chunk's bytes, already checked against its hash.
+        data: Vec<u8>,
+    },
     /// Every chunk of `file` is written: flush it, rename it from its
     /// partial name to its final name, then call [`Receiver::file_finished`].
     /// `hash` is its file hash.
-    Finish { file: u32, hash: Hash },
+    Finish {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The file hash (`docs/TRANSFER.md`), computed from its chunk hashes.
+        hash: Hash,
+    },
 }
 
 /// What happened, for the user.
@@ -95,15 +115,39 @@ pub enum ReceiverEvent {
     Resumed,
     /// A chunk did not match its hash; it was discarded and is asked for
     /// again. `attempt` counts its failures.
-    ChunkCorrupt { file: u32, chunk: u32, attempt: u32 },
+    ChunkCorrupt {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The chunk index.
+        chunk: u32,
+        /// This chunk's failures so far, from 1; `max_chunk_attempts` cancels the transfer.
+        attempt: u32,
+    },
     /// A file is complete: verified, written and renamed (or a text shown).
-    FileDone { file: u32, hash: Hash },
+    FileDone {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The file hash (`docs/TRANSFER.md`), computed from its chunk hashes.
+        hash: Hash,
+    },
     /// A `text` entry's content, right before its `FileDone`.
-    Text { file: u32, text: String },
+    Text {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The message, checked to be valid UTF-8.
+        text: String,
+    },
     /// Everything is stored and `done` is queued. Final.
     Complete,
     /// The transfer is over. Final.
-    Cancelled { code: CancelCode, reason: String, by_peer: bool },
+    Cancelled {
+        /// The `cancel` code sent or received.
+        code: CancelCode,
+        /// The `cancel`'s explanation for people; may be empty.
+        reason: String,
+        /// Whether the peer sent the `cancel` (`false`: this side cancelled).
+        by_peer: bool,
+    },
 }
 
 /// Counters for progress displays.

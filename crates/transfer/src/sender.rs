@@ -24,12 +24,30 @@ pub enum SenderOutput {
     /// Read chunks `from..from + count` of `file`, hash each
     /// ([`crate::chunk_hash`]) and hand them to [`Sender::hashes_computed`]
     /// (or [`Sender::read_failed`]).
-    Hash { file: u32, from: u32, count: u32 },
+    Hash {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The first chunk index to hash.
+        from: u32,
+        /// How many consecutive chunks to hash, at most [`HASHES_PER_MESSAGE`] (256).
+        count: u32,
+    },
     /// Read `len` bytes of `file` at `offset`, check that their
     /// [`crate::chunk_hash`] is `expected` (if not, the file changed: call
     /// [`Sender::cancel`] with [`CancelCode::Changed`]), and send them as data
     /// frames ([`crate::frames`]), in order, before the next `Send`.
-    Send { file: u32, chunk: u32, offset: u64, len: u32, expected: Hash },
+    Send {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The chunk index.
+        chunk: u32,
+        /// Where the chunk starts in the file, in bytes.
+        offset: u64,
+        /// The chunk's length in bytes: `chunk_size`, or less for a file's last chunk.
+        len: u32,
+        /// The chunk's hash from [`Sender::hashes_computed`]; the bytes read must match it.
+        expected: Hash,
+    },
     /// Something to tell the user.
     Event(SenderEvent),
 }
@@ -40,11 +58,21 @@ pub enum SenderEvent {
     /// The receiver accepted the manifest (once per session).
     Accepted,
     /// The receiver declined. Final.
-    Declined { reason: String },
+    Declined {
+        /// The reason the receiver gave in `decline`; may be empty.
+        reason: String,
+    },
     /// The receiver stored and verified everything. Final.
     Finished,
     /// The transfer is over. Final.
-    Cancelled { code: CancelCode, reason: String, by_peer: bool },
+    Cancelled {
+        /// The `cancel` code sent or received.
+        code: CancelCode,
+        /// The `cancel`'s explanation for people; may be empty.
+        reason: String,
+        /// Whether the peer sent the `cancel` (`false`: this side cancelled).
+        by_peer: bool,
+    },
 }
 
 /// Counters for progress displays.

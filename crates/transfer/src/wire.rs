@@ -19,7 +19,9 @@ pub const HASHES_PER_MESSAGE: u32 = 256;
 pub enum Ctl {
     /// Sender → receiver, first: the manifest's header.
     Manifest {
+        /// The transfer protocol version, [`crate::PROTOCOL_VERSION`]; another cancels with `protocol`.
         version: u32,
+        /// Bytes per chunk: a power of two from 16 KiB to 16 MiB, 1 MiB by default.
         chunk_size: u32,
         /// Entries in all parts together.
         entries: u64,
@@ -27,28 +29,56 @@ pub enum Ctl {
         bytes: u64,
     },
     /// Sender → receiver: the next entries of the manifest.
-    ManifestPart { entries: Vec<Entry> },
+    ManifestPart {
+        /// The next entries, in manifest order; as many as fit in one message.
+        entries: Vec<Entry>,
+    },
     /// Sender → receiver: the manifest is complete.
     ManifestEnd,
     /// Sender → receiver: chunk hashes of `file` from chunk `from`, 64 hex
     /// characters each ([`crate::hashes_from_hex`]).
-    Hashes { file: u32, from: u32, hashes: String },
+    Hashes {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The chunk index of the first hash, as asked in `get_hashes`.
+        from: u32,
+        /// `min(256, chunks - from)` SHA-256 chunk hashes, lowercase hex, concatenated.
+        hashes: String,
+    },
     /// Receiver → sender: the manifest is accepted.
     Accept,
     /// Receiver → sender: the manifest is declined.
     Decline {
+        /// Why, for the sender's user; may be empty.
         #[serde(default)]
         reason: String,
     },
     /// Receiver → sender: asks for the hashes of `file` from chunk `from`.
-    GetHashes { file: u32, from: u32 },
+    GetHashes {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// The chunk index of the first hash wanted; below the file's chunk count.
+        from: u32,
+    },
     /// Receiver → sender: asks for chunks, as half-open index ranges.
-    Want { file: u32, ranges: Vec<[u32; 2]> },
+    Want {
+        /// The file index (`file` and `text` entries, in manifest order, from 0).
+        file: u32,
+        /// `[start, end]` pairs of chunk indices, `end` excluded; each non-empty and within the file.
+        ranges: Vec<[u32; 2]>,
+    },
     /// Receiver → sender: every file is stored and verified.
-    Done { files: u64, bytes: u64 },
+    Done {
+        /// File indices stored (`file` and `text` entries).
+        files: u64,
+        /// The manifest's total bytes, repeated.
+        bytes: u64,
+    },
     /// Either side: the transfer is over.
     Cancel {
+        /// Why; a code this side does not know still ends the transfer.
         code: CancelCode,
+        /// Details for people (for `io`, which disk error); may be empty.
         #[serde(default)]
         reason: String,
     },
