@@ -297,11 +297,15 @@ impl Conn {
             ClientMsg::Signal { room, to, signal } => {
                 let frame = encode(&ServerMsg::Signal { room: room.clone(), from: self.id.clone(), signal });
                 hub.send_to(&room, &self.id, &to, frame)?;
+                hub.signals_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             ClientMsg::Send { room, to, data } => {
                 let frame = encode(&ServerMsg::Message { room: room.clone(), from: self.id.clone(), data });
                 match to {
-                    Some(to) => hub.send_to(&room, &self.id, &to, frame)?,
+                    Some(to) => {
+                        hub.send_to(&room, &self.id, &to, frame)?;
+                        hub.messages_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     None => hub.broadcast(&room, &self.id, frame)?,
                 }
             }

@@ -50,13 +50,24 @@ pub(crate) struct Hub {
     rooms: Mutex<HashMap<String, HashMap<PeerId, Member>>>,
     connections: AtomicUsize,
     joins: AtomicU64,
+    /// `signal`s relayed (offers, answers, candidates).
+    pub(crate) signals_relayed: AtomicU64,
+    /// Server-routed application messages delivered (a broadcast counts
+    /// once per addressee).
+    pub(crate) messages_relayed: AtomicU64,
 }
 
 /// A snapshot for `/healthz` and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HubStats {
+    /// Open WebSocket connections.
     pub connections: usize,
+    /// Rooms with at least one member.
     pub rooms: usize,
+    /// `signal`s relayed since the start.
+    pub signals_relayed: u64,
+    /// Server-routed application messages delivered since the start.
+    pub messages_relayed: u64,
 }
 
 pub(crate) fn encode(msg: &ServerMsg) -> Utf8Bytes {
@@ -80,6 +91,8 @@ impl Hub {
         HubStats {
             connections: self.connections.load(Ordering::Relaxed),
             rooms: self.rooms.lock().expect("hub lock").len(),
+            signals_relayed: self.signals_relayed.load(Ordering::Relaxed),
+            messages_relayed: self.messages_relayed.load(Ordering::Relaxed),
         }
     }
 
@@ -164,6 +177,7 @@ impl Hub {
         for (pid, m) in members {
             if pid != from {
                 m.outbox.deliver(frame.clone());
+                self.messages_relayed.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())

@@ -15,6 +15,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod conn;
 mod frame;
 mod hub;
@@ -77,6 +79,8 @@ type IceFn = dyn Fn(&IceRequest<'_>) -> Vec<IceServer> + Send + Sync;
 pub struct IceProvider(Arc<IceFn>);
 
 impl IceProvider {
+    /// Wraps `f`, which the server calls for each connection's `welcome`; the servers it returns
+    /// are appended to [`Config::ice_servers`].
     pub fn new(f: impl Fn(&IceRequest<'_>) -> Vec<IceServer> + Send + Sync + 'static) -> Self {
         IceProvider(Arc::new(f))
     }
@@ -161,6 +165,8 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
         "status": "ok",
         "connections": s.connections,
         "rooms": s.rooms,
+        "signals_relayed": s.signals_relayed,
+        "messages_relayed": s.messages_relayed,
     }))
 }
 
