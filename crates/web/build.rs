@@ -24,7 +24,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// FNV-1a: enough to tell versions of a file apart in an ETag.
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn main() {
@@ -36,13 +38,21 @@ fn main() {
         println!("cargo:rerun-if-changed={}", dir.display());
         walk(&dir, &mut files);
     }
-    let mut code = String::from("/// Every embedded file: (URL path, bytes, content hash).\npub static ASSETS: &[(&str, &[u8], u64)] = &[\n");
+    let mut code = String::from(
+        "/// Every embedded file: (URL path, bytes, content hash).\npub static ASSETS: &[(&str, &[u8], u64)] = &[\n",
+    );
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
         let rel = f.strip_prefix(&web).expect("under web/").to_string_lossy().replace('\\', "/");
         let bytes = std::fs::read(f).expect("readable asset");
-        writeln!(code, "    ({:?}, include_bytes!({:?}), {}),", format!("/{rel}"), f.display().to_string(), fnv(&bytes))
-            .expect("writing to a String");
+        writeln!(
+            code,
+            "    ({:?}, include_bytes!({:?}), {}),",
+            format!("/{rel}"),
+            f.display().to_string(),
+            fnv(&bytes)
+        )
+        .expect("writing to a String");
     }
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("assets.rs");

@@ -151,7 +151,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         crate::common::shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
-    peerlink_signal::serve(listener, config, shutdown).await?;
+    tracing::info!("web app on http://{addr}/");
+    peerlink_signal::serve_with(listener, config, shutdown, peerlink_web::routes).await?;
     if let Some(task) = turn_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Err(e))) => tracing::warn!("STUN/TURN server: {e}"),

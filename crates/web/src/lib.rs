@@ -23,7 +23,10 @@ mod assets {
 
 /// The embedded file at `path` (e.g. `/lib/room.js`): its bytes and ETag.
 pub fn asset(path: &str) -> Option<(&'static [u8], String)> {
-    assets::ASSETS.iter().find(|(p, _, _)| *p == path).map(|(_, bytes, hash)| (*bytes, format!("\"{hash:016x}\"")))
+    assets::ASSETS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|(_, bytes, hash)| (*bytes, format!("\"{hash:016x}\"")))
 }
 
 /// Every embedded path.
@@ -45,6 +48,27 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
+/// The page's Content-Security-Policy: scripts from this origin only, plus
+/// the page's inline import map, allowed by its hash.
+fn csp(html: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let text = String::from_utf8_lossy(html);
+    let mut hashes = String::new();
+    let open = "<script type=\"importmap\">";
+    if let Some(start) = text.find(open).map(|i| i + open.len())
+        && let Some(len) = text[start..].find("</script>")
+    {
+        let digest = sha2::Sha256::digest(&text.as_bytes()[start..start + len]);
+        hashes = format!(" 'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(digest));
+    }
+    format!(
+        "default-src 'self'; script-src 'self'{hashes}; connect-src 'self' ws: wss:; img-src 'self' data: blob:; \
+         media-src 'self' blob: mediastream:; style-src 'self'; worker-src 'self'; object-src 'none'; \
+         base-uri 'none'; frame-src 'self'"
+    )
+}
+
 /// Serves the embedded file `path`, with an ETag (a matching `If-None-Match`
 /// gets 304) and headers that keep the app to its own origin.
 fn serve(path: &str, headers: &HeaderMap) -> Response {
@@ -61,14 +85,10 @@ fn serve(path: &str, headers: &HeaderMap) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    if path.ends_with(".html") {
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(
-                "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; \
-                 media-src 'self' blob:; style-src 'self'; object-src 'none'; base-uri 'none'; frame-src 'self'",
-            ),
-        );
+    if path.ends_with(".html")
+        && let Ok(v) = HeaderValue::from_str(&csp(bytes))
+    {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
     resp
 }
