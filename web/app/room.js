@@ -1,0 +1,238 @@
+// The room page (`/room/NAME`): who is here and how each connection runs,
+// chat over the `chat` channel (the same as `peerlink chat`), and files
+// dropped to one peer or everyone (the transfer protocol on a pair of
+// channels per transfer, docs/PROTOCOL.md "Peers").
+
+import { Room } from '../lib/room.js';
+import { reliable } from '../lib/channel.js';
+import { SendTransfer, ReceiveTransfer, ChannelLink } from '../lib/xfer.js';
+import { CTL_LABEL } from '../lib/transfer/wire.js';
+import { $, h, bytes, progressText, chooseSink, droppedFiles, pickedFiles } from './ui.js';
+
+/** @typedef {import('../lib/channel.js').Channel} Channel */
+
+const roomName = decodeURIComponent(location.pathname.slice('/room/'.length));
+$('room-name').textContent = roomName;
+document.title = `${roomName} · peerlink`;
+const myName = new URLSearchParams(location.search).get('name')?.slice(0, 64) || localStorage.getItem('peerlink-name') || `guest-${Math.floor(Math.random() * 9000 + 1000)}`;
+localStorage.setItem('peerlink-name', myName);
+
+const room = new Room({ server: location.origin, room: roomName, name: myName, channels: [reliable('chat')] });
+/** @type {Map<string, Channel>} */
+const chats = new Map();
+/** @type {Map<string, { li: HTMLElement, state: string, path: string }>} */
+const peers = new Map();
+
+/** @param {string} text */
+function status(text) {
+  $('status').textContent = text;
+}
+/** @param {string} text */
+function error(text) {
+  $('error').textContent = text;
+  $('error').hidden = !text;
+}
+
+/** @param {string} peer */
+function nameOf(peer) {
+  return room.members.get(peer)?.name || peer;
+}
+
+/** @param {string} who @param {string} text @param {string} [cls] */
+function log(who, text, cls = '') {
+  const li = h('li', { class: cls }, [h('b', {}, [who]), ' ', text]);
+  $('log').append(li);
+  li.scrollIntoView({ block: 'nearest' });
+}
+
+const PATHS = { host: 'direct', srflx: 'direct, through a NAT', relay: 'relayed by the TURN server' };
+
+function renderPeers() {
+  const select = /** @type {HTMLSelectElement} */ ($('to'));
+  const chosen = select.value;
+  select.replaceChildren(h('option', { value: '' }, ['everyone']));
+  for (const [peer, p] of peers) {
+    p.li.replaceChildren(
+      h('span', { class: 'name' }, [nameOf(peer)]),
+      h('span', { class: `state ${p.state}` }, [p.state]),
+      h('span', { class: 'path' }, [p.path]),
+    );
+    p.li.dataset.peer = peer;
+    p.li.dataset.state = p.state;
+    select.append(h('option', { value: peer }, [nameOf(peer)]));
+  }
+  select.value = peers.has(chosen) ? chosen : '';
+  $('peers').dataset.count = String(peers.size);
+}
+
+room.on('peer_joined', ({ peer }) => {
+  const li = h('li', {});
+  $('peers').append(li);
+  peers.set(peer, { li, state: 'connecting', path: '' });
+  renderPeers();
+  log('·', `${nameOf(peer)} joined`, 'notice');
+});
+room.on('peer_left', ({ peer }) => {
+  peers.get(peer)?.li.remove();
+  peers.delete(peer);
+  chats.delete(peer);
+  renderPeers();
+  log('·', `${nameOf(peer)} left`, 'notice');
+});
+room.on('state', ({ peer, state }) => {
+  const p = peers.get(peer);
+  if (!p) return;
+  p.state = state;
+  renderPeers();
+  if (state === 'failed') {
+    room.stats(peer).then((s) => log('·', `no path to ${nameOf(peer)}: ${s?.failure ?? 'the connection checks failed'}`, 'notice'));
+  }
+});
+room.on('channel_open', (ch) => {
+  if (ch.label === 'chat') {
+    chats.set(ch.peer, ch);
+    ch.on('message', (m) => {
+      if (typeof m === 'string') log(nameOf(ch.peer), m);
+    });
+    ch.on('close', () => {
+      if (chats.get(ch.peer) === ch) chats.delete(ch.peer);
+    });
+  } else if (ch.label.startsWith(`${CTL_LABEL}:`)) {
+    incoming(ch);
+  }
+});
+room.on('reconnecting', ({ inMs, reason }) => status(`Lost the server (${reason}); trying again in ${Math.round(inMs / 1000)} s…`));
+room.on('rejoined', () => status(''));
+room.on('closed', ({ reason }) => error(`Left the room: ${reason}`));
+room.on('server_error', ({ message }) => error(message));
+
+// Each connection's path, from getStats, every two seconds.
+setInterval(async () => {
+  for (const [peer, p] of peers) {
+    const s = await room.stats(peer);
+    const path = s?.path ? `${PATHS[s.path.kind]}${s.rttMs != null ? ` · ${Math.round(s.rttMs)} ms` : ''}` : '';
+    if (path !== p.path) {
+      p.path = path;
+      renderPeers();
+    }
+  }
+}, 2000);
+
+$('chat-form').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const input = /** @type {HTMLInputElement} */ ($('chat-input'));
+  const text = input.value.replace(/[\r\n]+/g, ' ').trim();
+  if (!text) return;
+  input.value = '';
+  log(myName, text, 'mine');
+  for (const ch of chats.values()) ch.send(text).catch((e) => log('·', `not delivered to ${nameOf(ch.peer)}: ${e.message}`, 'notice'));
+  if (chats.size === 0) log('·', 'nobody is connected yet', 'notice');
+});
+
+// ---- files ----
+
+let transferSeq = 0;
+
+/** @param {string} title */
+function transferRow(title) {
+  const bar = /** @type {HTMLProgressElement} */ (h('progress', { max: '1', value: '0' }));
+  const text = h('span', { class: 'detail' }, ['waiting']);
+  const actions = h('span', { class: 'actions' });
+  const li = h('li', { class: 'transfer' }, [h('span', { class: 'title' }, [title]), bar, text, actions]);
+  $('transfers').prepend(li);
+  return { li, bar, text, actions };
+}
+
+/** @param {{ path: string, blob: File }[]} items */
+function send(items) {
+  if (!items.length) return;
+  const to = /** @type {HTMLSelectElement} */ ($('to')).value;
+  const targets = to ? [to] : [...peers.keys()].filter((p) => peers.get(p)?.state === 'connected');
+  if (!targets.length) {
+    error('Nobody to send to yet: wait until someone is connected.');
+    return;
+  }
+  error('');
+  const total = items.reduce((n, i) => n + i.blob.size, 0);
+  for (const peer of targets) {
+    const id = `${room.id}-${++transferSeq}`;
+    const row = transferRow(`${items.length === 1 ? items[0].path : `${items.length} files`} (${bytes(total)}) → ${nameOf(peer)}`);
+    row.li.dataset.direction = 'out';
+    const tx = new SendTransfer({ server: location.origin, items, link: new ChannelLink(room, peer, id, { open: true }) });
+    tx.on('connected', () => { row.text.textContent = 'waiting for them to accept'; });
+    tx.on('progress', (p) => {
+      row.bar.value = p.bytesTotal ? p.bytesDone / p.bytesTotal : 1;
+      row.text.textContent = progressText(p);
+    });
+    tx.run().then(
+      () => { row.bar.value = 1; row.text.textContent = 'delivered and verified'; row.li.dataset.state = 'done'; },
+      (e) => { row.text.textContent = e.message; row.li.dataset.state = 'failed'; },
+    );
+  }
+}
+
+/** @param {Channel} ctl */
+function incoming(ctl) {
+  const peer = ctl.peer;
+  const id = ctl.label.slice(CTL_LABEL.length + 1);
+  const row = transferRow(`from ${nameOf(peer)}`);
+  row.li.dataset.direction = 'in';
+  /** @type {import('../lib/xfer.js').Sink | null} */
+  let real = null;
+  const rx = new ReceiveTransfer({
+    server: location.origin,
+    link: new ChannelLink(room, peer, id, { first: ctl }),
+    sink: { open: (p, s) => /** @type {import('../lib/xfer.js').Sink} */ (real).open(p, s), dir: (p) => real?.dir?.(p) ?? Promise.resolve() },
+  });
+  rx.on('offered', ({ manifest }) => {
+    const files = manifest.files();
+    row.li.querySelector('.title')?.replaceChildren(`${files.length === 1 ? files[0][1].path : `${files.length} files`} (${bytes(manifest.totalBytes)}) from ${nameOf(peer)}`);
+    row.text.textContent = 'offered';
+    const yes = h('button', { class: 'primary accept' }, ['Save']);
+    const no = h('button', { class: 'decline' }, ['No thanks']);
+    row.actions.replaceChildren(yes, no);
+    yes.addEventListener('click', async () => {
+      row.actions.replaceChildren();
+      try {
+        real = await chooseSink({ pick: false, files: files.length, firstName: files[0]?.[1].path ?? 'download' });
+        rx.accept();
+      } catch (e) {
+        rx.decline(`could not save: ${/** @type {Error} */ (e).message}`);
+      }
+    });
+    no.addEventListener('click', () => {
+      row.actions.replaceChildren();
+      rx.decline('they said no');
+    });
+  });
+  rx.on('progress', (p) => {
+    row.bar.value = p.bytesTotal ? p.bytesDone / p.bytesTotal : 1;
+    row.text.textContent = progressText(p);
+  });
+  rx.run().then(
+    () => { row.bar.value = 1; row.text.textContent = 'received, every chunk verified'; row.li.dataset.state = 'done'; },
+    (e) => { row.text.textContent = e.message; row.li.dataset.state = 'failed'; row.actions.replaceChildren(); },
+  );
+}
+
+const drop = $('drop');
+drop.addEventListener('dragover', (ev) => { ev.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', async (ev) => {
+  ev.preventDefault();
+  drop.classList.remove('over');
+  if (ev.dataTransfer) send(await droppedFiles(ev.dataTransfer));
+});
+$('pick-files').addEventListener('change', (ev) => {
+  const input = /** @type {HTMLInputElement} */ (ev.target);
+  send(pickedFiles(input));
+  input.value = '';
+});
+
+room.join().then(
+  () => {
+    $('me').textContent = `You are ${myName}`;
+    document.body.dataset.joined = room.id;
+  },
+  (e) => error(`Cannot join the room: ${e.message}`),
+);

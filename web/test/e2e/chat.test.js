@@ -1,0 +1,51 @@
+// Two tabs in a room chat both ways over a data channel; the server's
+// counters show the chat did not pass through it.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { assertIsolated, serve, browser, shot, until } from './harness.js';
+
+/** @type {Awaited<ReturnType<typeof serve>>} */
+let server;
+/** @type {Awaited<ReturnType<typeof browser>>} */
+let chrome;
+
+before(async () => {
+  assertIsolated();
+  server = await serve();
+  chrome = await browser();
+});
+after(async () => {
+  await chrome?.close();
+  await server?.stop();
+});
+
+/** @param {import('playwright-core').Page} page @param {string} text */
+async function say(page, text) {
+  await page.fill('#chat-input', text);
+  await page.click('#chat-form button');
+}
+
+test('two tabs chat both ways, peer to peer', async () => {
+  const a = await chrome.page(`${server.url}/room/lobby`);
+  const b = await chrome.page(`${server.url}/room/lobby`);
+  for (const p of [a, b]) {
+    await p.waitForSelector('#peers li[data-state="connected"]', { timeout: 20_000 });
+  }
+  // The path shown comes from getStats: both tabs on loopback, direct.
+  await until(async () => (await a.textContent('#peers li .path'))?.startsWith('direct'), 10_000, 'path shown');
+  const before = await server.healthz();
+  await say(a, 'hello from a');
+  await say(b, 'and hello from b');
+  await b.waitForSelector('#log li:has-text("hello from a")');
+  await a.waitForSelector('#log li:has-text("and hello from b")');
+  const after = await server.healthz();
+  // Signals (SDP, candidates) went through the server; chat did not.
+  assert.ok(before.signals_relayed > 0, JSON.stringify(before));
+  assert.equal(after.messages_relayed, before.messages_relayed, 'chat messages passed through the server');
+  assert.equal(after.signals_relayed, before.signals_relayed, 'chat caused signaling');
+  await shot(a, 'room-chat');
+  await a.close();
+  await b.waitForSelector('#log li:has-text("left")');
+  assert.equal(await b.locator('#peers li').count(), 0);
+});
