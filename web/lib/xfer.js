@@ -342,7 +342,10 @@ export class SendTransfer extends Emitter {
       /** Work (hashing, reading, sending) in order, one job at a time. */
       let work = Promise.resolve();
       let session = 0;
+      let ended = false;
       const finish = (/** @type {Error | null} */ err) => {
+        if (ended) return;
+        ended = true;
         link.close();
         if (err) reject(err);
         else resolve(undefined);
@@ -406,7 +409,7 @@ export class SendTransfer extends Emitter {
       link.on('lost', (e) => {
         session++;
         ctl = data = null;
-        this.emit('lost', e);
+        if (!ended && !this.sender.isFinal()) this.emit('lost', e);
       });
       link.on('ended', ({ error }) => finish(error));
       link.on('open', (o) => {
@@ -468,7 +471,7 @@ export class SendTransfer extends Emitter {
  */
 /**
  * @typedef {object} FileWriter
- * @property {(data: Uint8Array) => Promise<void>} write   resolves when the bytes are taken (backpressure)
+ * @property {(data: Uint8Array) => Promise<void>} write   resolves when the bytes are taken (backpressure); it may keep or detach `data`
  * @property {() => Promise<void>} close
  * @property {(reason: string) => Promise<void>} abort
  */
@@ -520,6 +523,7 @@ export class ReceiveTransfer extends Emitter {
       let verify = Promise.resolve();
       let disk = Promise.resolve();
       let ended = false;
+      let completed = false;
       const finish = (/** @type {Error | null} */ err) => {
         if (ended) return;
         ended = true;
@@ -565,7 +569,7 @@ export class ReceiveTransfer extends Emitter {
                 const h = await chunkHashAsync(out.data);
                 r.chunkHashed(out.file, out.chunk, h);
                 pump();
-              });
+              }).catch((e) => finish(new TransferError('failed', `verifying a chunk: ${e}`)));
               break;
             case 'write': {
               const f = this.files.get(out.file);
@@ -575,8 +579,9 @@ export class ReceiveTransfer extends Emitter {
                 // Writes go out in offset order; an early chunk waits for the ones before it.
                 for (let h = f.held.get(f.next); h; h = f.held.get(f.next)) {
                   f.held.delete(f.next);
-                  await f.writer.write(h.data);
-                  f.next += h.data.byteLength;
+                  const len = h.data.byteLength;
+                  await f.writer.write(h.data); // takes the bytes (may detach them)
+                  f.next += len;
                   r.chunkWritten(out.file, h.chunk);
                 }
                 this._progress();
@@ -608,6 +613,7 @@ export class ReceiveTransfer extends Emitter {
             case 'resumed':
               break;
             case 'complete':
+              completed = true;
               this._progress();
               this.emit('done', { bytes: r.manifest()?.totalBytes ?? 0, seconds: (performance.now() - this.startedAt) / 1000 });
               ctl?.flush().finally(() => finish(null));
@@ -631,7 +637,8 @@ export class ReceiveTransfer extends Emitter {
       link.on('notice', (e) => this.emit('notice', e));
       link.on('lost', (e) => {
         ctl = null;
-        this.emit('lost', e);
+        // The sender leaves once it has heard `done`: not a loss.
+        if (!ended && !completed) this.emit('lost', e);
       });
       link.on('ended', ({ error }) => finish(error));
       link.on('open', (o) => {
