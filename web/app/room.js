@@ -97,7 +97,8 @@ room.on('channel_open', (ch) => {
     ch.on('close', () => {
       if (chats.get(ch.peer) === ch) chats.delete(ch.peer);
     });
-  } else if (ch.label.startsWith(`${CTL_LABEL}:`)) {
+  } else if (ch.label.startsWith(`${CTL_LABEL}:`) && !ch.label.startsWith(`${CTL_LABEL}:${room.id}-`)) {
+    // Transfers we start are named after our id; the rest are offers to us.
     incoming(ch);
   }
 });

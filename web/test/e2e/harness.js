@@ -114,7 +114,10 @@ export async function serve(extra = []) {
 export async function browser({ media = true, loopback = true } = {}) {
   const userDataDir = mkdtempSync(join(tmpdir(), 'peerlink-chromium-'));
   const args = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream'];
+    '--disable-component-update', '--disable-sync'];
+  // The fake media flags count as media permission to Chromium: without
+  // them (and without a grant) it hides host addresses behind mDNS names.
+  if (media) args.push('--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream');
   if (loopback) args.push('--allow-loopback-in-peer-connection');
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM, headless: true, args, acceptDownloads: true, viewport: { width: 1100, height: 800 },

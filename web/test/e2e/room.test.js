@@ -1,0 +1,121 @@
+// A room with two browsers and a native `peerlink chat`: everyone sees
+// everyone, chat reaches all, and a file dropped in one tab reaches the
+// other. Then Chromium with default settings (no media permission: its host
+// addresses hidden behind mDNS names) against a native peer.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { assertIsolated, serve, browser, run, scratch, writeRandom, sha256, shot, until } from './harness.js';
+
+/** @type {Awaited<ReturnType<typeof serve>>} */
+let server;
+/** @type {Awaited<ReturnType<typeof browser>>} */
+let chrome;
+
+before(async () => {
+  assertIsolated();
+  server = await serve();
+  chrome = await browser();
+});
+after(async () => {
+  await chrome?.close();
+  await server?.stop();
+});
+
+/** @param {import('playwright-core').Page} page @param {string} text */
+async function say(page, text) {
+  await page.fill('#chat-input', text);
+  await page.click('#chat-form button');
+}
+
+test('two browsers and peerlink chat share a room: presence, chat, file drop', async () => {
+  const native = run(['chat', '--server', server.ws, '--ice-addr', '127.0.0.1', '--name', 'native', 'team']);
+  await native.line((l) => l.startsWith('* joined'), 20_000, 'joined');
+  const a = await chrome.page(`${server.url}/room/team?name=alice`);
+  const b = await chrome.page(`${server.url}/room/team?name=bob`);
+  for (const p of [a, b]) {
+    await p.waitForFunction(() => document.querySelectorAll('#peers li[data-state="connected"]').length === 2, null, { timeout: 30_000 });
+  }
+  const names = await a.locator('#peers li .name').allTextContents();
+  assert.deepEqual(names.sort(), ['bob', 'native']);
+  // The native side has two data-channel connections.
+  await native.line((l) => l.startsWith('* connected to'), 20_000);
+  await until(() => native.lines.filter((l) => l.startsWith('* connected to')).length === 2, 20_000, 'native connected to both tabs');
+
+  await say(a, 'hi all, alice here');
+  await b.waitForSelector('#log li:has-text("hi all, alice here")');
+  await native.line((l) => l.endsWith(': hi all, alice here'), 10_000, 'alice at the native peer');
+  native.proc.stdin.write('native says hello\n');
+  for (const p of [a, b]) await p.waitForSelector('#log li:has-text("native says hello")', { timeout: 10_000 });
+
+  // A file dropped (picked) in alice's tab, to bob only.
+  const dir = scratch('room');
+  const file = join(dir, 'slides.pdf');
+  writeRandom(file, 7 * (1 << 20) + 5);
+  const bobId = await b.evaluate(() => document.body.dataset.joined);
+  await a.selectOption('#to', /** @type {string} */ (bobId));
+  await a.setInputFiles('#pick-files', file);
+  await b.waitForSelector('#transfers li[data-direction="in"] button.accept', { timeout: 20_000 });
+  assert.match(await b.textContent('#transfers li[data-direction="in"] .title') ?? '', /slides\.pdf .* from alice/);
+  const download = b.waitForEvent('download');
+  await b.click('#transfers li[data-direction="in"] button.accept');
+  const d = await download;
+  const path = await Promise.race([d.path(), d.failure().then((f) => { throw new Error(`download failed: ${f}`); })]);
+  await b.waitForSelector('#transfers li[data-direction="in"][data-state="done"]', { timeout: 60_000 });
+  await a.waitForSelector('#transfers li[data-direction="out"][data-state="done"]', { timeout: 60_000 });
+  assert.equal(d.suggestedFilename(), 'slides.pdf');
+  assert.equal(await sha256(/** @type {string} */ (path)), await sha256(file));
+  await shot(a, 'room-page');
+
+  // Leaving shows on every side.
+  native.proc.stdin.end();
+  native.kill();
+  await native.exit(10_000);
+  for (const p of [a, b]) {
+    await p.waitForFunction(() => document.querySelectorAll('#peers li').length === 1, null, { timeout: 20_000 });
+  }
+});
+
+test('Chromium with default settings (mDNS host candidates) connects to a native peer', async () => {
+  // A veth pair gives Chromium a real interface and a default route, the
+  // case where it hides its host address behind a <uuid>.local name; the
+  // names begin with `pl` so assertIsolated knows them as ours.
+  const sh = (/** @type {string} */ c) => execFileSync('sh', ['-c', c]);
+  sh('ip link show pl0 >/dev/null 2>&1 || (ip link add pl0 type veth peer name pl1 && ip addr add 10.77.0.1/24 dev pl0 && ip addr add 10.77.0.2/24 dev pl1 && ip link set pl0 up && ip link set pl1 up && ip route add default via 10.77.0.2 dev pl0)');
+  const plain = await browser({ media: false, loopback: false });
+  try {
+    const native = run(['chat', '--server', server.ws, '--ice-addr', '10.77.0.2', '--name', 'native', 'mdns'], { env: { RUST_LOG: 'peerlink_peer=debug' } });
+    await native.line((l) => l.startsWith('* joined'), 20_000, 'joined');
+    // Record the candidates the page gathers.
+    await plain.context.addInitScript(() => {
+      const Native = window.RTCPeerConnection;
+      /** @type {any} */ (window).__candidates = [];
+      window.RTCPeerConnection = class extends Native {
+        /** @param {RTCConfiguration} [c] */
+        constructor(c) {
+          super(c);
+          this.addEventListener('icecandidate', (e) => { if (e.candidate) /** @type {any} */ (window).__candidates.push(e.candidate.candidate); });
+        }
+      };
+    });
+    const page = await plain.page(`${server.url}/room/mdns?name=plain`);
+    await page.waitForSelector('#peers li[data-state="connected"]', { timeout: 30_000 });
+    await say(page, 'from a browser that hides its address');
+    await native.line((l) => l.endsWith(': from a browser that hides its address'), 10_000, 'chat at the native peer');
+    // Chromium never revealed its address (10.77.0.1) in a candidate, and
+    // the native peer did not complain about what it got: the connection
+    // formed through the peer-reflexive candidate of Chromium's checks.
+    const candidates = await page.evaluate(() => /** @type {any} */ (window).__candidates);
+    console.log(`candidates offered by default Chromium: ${JSON.stringify(candidates)}`);
+    assert.ok(candidates.some((/** @type {string} */ c) => /[0-9a-f-]{36}\.local .* typ host/.test(c)), JSON.stringify(candidates));
+    assert.ok(candidates.every((/** @type {string} */ c) => !c.includes('10.77.0.1')), JSON.stringify(candidates));
+    assert.match(native.stderr, /skipping mDNS candidate/);
+    assert.doesNotMatch(native.stderr, /WARN/);
+    native.kill();
+    await native.exit(10_000);
+  } finally {
+    await plain.close();
+  }
+});
