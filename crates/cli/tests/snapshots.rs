@@ -19,6 +19,7 @@ fn settings(scratch: &Scratch) -> insta::Settings {
     s.add_filter(r"\b\d{1,3}-[a-z]+-[a-z]+-[a-z]+\b", "[CODE]");
     s.add_filter(r"in \d+\.\d s", "in [T] s");
     s.add_filter(r"ws://127\.0\.0\.1:\d+/ws", "[SERVER]");
+    s.add_filter(r"http://127\.0\.0\.1:\d+", "[WEB]");
     s.set_prepend_module_to_snapshot(false);
     s
 }

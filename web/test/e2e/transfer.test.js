@@ -91,8 +91,10 @@ async function tree(root) {
 
 test('peerlink send -> browser: a 100 MiB file and a folder arrive with equal hashes', async () => {
   const s = run(['send', ...net(), big]);
-  const { code } = await s.event('code');
-  const page = await chrome.page(`${server.url}/r#${code}`);
+  // The link peerlink send prints opens the receiving page.
+  const { code, link } = await s.event('code');
+  assert.equal(link, `${server.url}/r#${code}`);
+  const page = await chrome.page(link);
   const got = await receiveInPage(page, 1);
   assert.equal(await s.exit(), 0, s.stderr);
   assert.equal(await sha256(/** @type {string} */ (got.get('big.bin'))), bigHash);

@@ -52,6 +52,10 @@ pub enum Report {
         code: String,
         files: u64,
         bytes: u64,
+        /// The web app's receive link (`http://HOST/r#CODE`).
+        link: String,
+        /// The link as a QR code drawn in text, with `--qr`.
+        qr: Option<String>,
     },
     /// A peer is in the code's room; pairing started.
     PeerSeen {
@@ -122,9 +126,12 @@ impl Report {
     pub fn text(&self) -> Option<String> {
         Some(match self {
             Report::Skipped { path } => format!("skipping {path}"),
-            Report::Code { code, files, bytes } => format!(
-                "Sending {files} file(s), {}.\nCode: {code}\nOn the other device run:\n\n    peerlink receive {code}\n",
-                human_bytes(*bytes)
+            Report::Code { code, files, bytes, link, qr } => format!(
+                "Sending {files} file(s), {}.\nCode: {code}\nOn the other device run:\n\n    peerlink receive {code}\n\n\
+                 or open this link in a browser{}:\n\n    {link}\n{}",
+                human_bytes(*bytes),
+                if qr.is_some() { " (or scan the QR code)" } else { "" },
+                qr.as_deref().map(|q| format!("\n{q}")).unwrap_or_default(),
             ),
             Report::PeerSeen { side: Side::Sender } => "A receiver is here; checking the code...".into(),
             Report::PeerSeen { side: Side::Receiver } => "Found the sender; checking the code...".into(),
@@ -184,8 +191,8 @@ impl Report {
     pub fn json(&self) -> Option<Value> {
         Some(match self {
             Report::Skipped { path } => json!({"event": "skipped", "path": path}),
-            Report::Code { code, files, bytes } => {
-                json!({"event": "code", "code": code, "files": files, "bytes": bytes})
+            Report::Code { code, files, bytes, link, qr: _ } => {
+                json!({"event": "code", "code": code, "files": files, "bytes": bytes, "link": link})
             }
             Report::PeerSeen { side: Side::Sender } => json!({"event": "peer"}),
             Report::PeerSeen { side: Side::Receiver } | Report::Resumed => return None,
@@ -267,7 +274,13 @@ mod tests {
     fn every_event_renders_for_someone() {
         let all = [
             Report::Skipped { path: "a".into() },
-            Report::Code { code: "7-a-b-c".into(), files: 1, bytes: 2 },
+            Report::Code {
+                code: "7-a-b-c".into(),
+                files: 1,
+                bytes: 2,
+                link: "http://h/r#7-a-b-c".into(),
+                qr: None,
+            },
             Report::PeerSeen { side: Side::Sender },
             Report::PeerSeen { side: Side::Receiver },
             Report::Notice { message: "m".into() },

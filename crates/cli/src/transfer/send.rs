@@ -39,6 +39,14 @@ pub struct SendArgs {
     /// Words in a fresh code.
     #[arg(long, default_value_t = Code::DEFAULT_WORDS as u8, value_parser = clap::value_parser!(u8).range(2..=8))]
     words: u8,
+    /// Also draw the receive link as a QR code (a phone scans it and
+    /// receives in its browser).
+    #[arg(long)]
+    qr: bool,
+    /// Where people reach the web app, for the receive link. Default: the
+    /// signaling server's address (`peerlink serve` carries the app).
+    #[arg(long, value_name = "URL")]
+    web: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -253,7 +261,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let fault = Fault::from_env();
 
     let (room, code) = join(&args).await?;
-    ui.show(Report::Code { code: code.to_string(), files: u64::from(files), bytes: total });
+    let link = receive_link(args.web.as_deref().unwrap_or(&args.common.server), &code.to_string());
+    let qr = if args.qr { Some(qr_text(&link)?) } else { None };
+    ui.show(Report::Code { code: code.to_string(), files: u64::from(files), bytes: total, link, qr });
     let mut link = Link::start(room, Role::Creator, code, args.common.pairing_timeout);
     let mut ctl: Option<DataChannel> = None;
     let mut sender = Sender::new(manifest);
@@ -433,4 +443,58 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
 
 fn link_failure(e: LinkError) -> Outcome {
     if e.is_security() { Outcome::Security(e.to_string()) } else { Outcome::Failed(e.to_string()) }
+}
+
+/// The web app's receive link for `code`: the page at `/r` with the code in
+/// the fragment, which browsers never send to the server. `base` is what
+/// the user typed for the server (any form `--server` takes) or the web
+/// app's URL.
+pub fn receive_link(base: &str, code: &str) -> String {
+    let ws = peerlink_peer::signaling_url(base);
+    let (scheme, rest) = ws.split_once("://").unwrap_or(("ws", &ws));
+    let scheme = if scheme == "wss" { "https" } else { "http" };
+    let host = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{host}/r#{code}")
+}
+
+/// `text` as a QR code in Unicode half blocks (two modules per character
+/// cell), dark on light with the quiet zone, for a terminal.
+fn qr_text(text: &str) -> anyhow::Result<String> {
+    let code = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::M)?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_receive_link_follows_what_was_typed_for_the_server() {
+        let code = "7-lantern-zebra-orbit";
+        for (typed, link) in [
+            ("ws://127.0.0.1:8080/ws", "http://127.0.0.1:8080/r#7-lantern-zebra-orbit"),
+            ("wss://peerlink.example/ws", "https://peerlink.example/r#7-lantern-zebra-orbit"),
+            ("https://peerlink.example", "https://peerlink.example/r#7-lantern-zebra-orbit"),
+            ("host.lan:9000", "http://host.lan:9000/r#7-lantern-zebra-orbit"),
+            ("http://[::1]:8080/", "http://[::1]:8080/r#7-lantern-zebra-orbit"),
+        ] {
+            assert_eq!(receive_link(typed, code), link, "{typed}");
+        }
+    }
+
+    #[test]
+    fn the_qr_code_is_a_square_of_half_blocks() {
+        let q = qr_text("http://127.0.0.1:8080/r#7-lantern-zebra-orbit").unwrap();
+        let lines: Vec<&str> = q.lines().collect();
+        let width = lines[0].chars().count();
+        // Two modules per line: a square of `width` modules is width/2 lines (rounded up).
+        assert_eq!(lines.len(), width.div_ceil(2));
+        assert!(lines.iter().all(|l| l.chars().count() == width));
+        assert!(q.chars().all(|c| " ▀▄█\n".contains(c)), "{q}");
+    }
 }
