@@ -196,3 +196,35 @@ test('a sender leaving mid-transfer is shown to the browser receiving', async ()
   assert.match(await page.textContent('#status') ?? '', /the other side left|connection/);
   await page.close();
 });
+
+test('the picker path: received straight into the file showSaveFilePicker returns', async () => {
+  const s = run(['send', ...net(), join(folder, 'raw', 'two.dng')]);
+  const { link } = await s.event('code');
+  // Chromium headless has the File System Access API but no dialog: the
+  // picker returns a file in the origin's private file system instead.
+  await chrome.context.addInitScript(() => {
+    /** @type {any} */ (window).showSaveFilePicker = async () => (await navigator.storage.getDirectory()).getFileHandle('picked.bin', { create: true });
+  });
+  const page = await chrome.page(link.replace(/#.*/, ''));
+  await page.click('#tab-receive');
+  await page.fill('#code-input', link.split('#')[1]);
+  await page.check('#pick');
+  await page.click('#receive-go');
+  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 });
+  await page.click('#accept');
+  await page.waitForFunction(() => document.body.dataset.state === 'received', null, { timeout: 60_000 });
+  assert.equal(await s.exit(), 0, s.stderr);
+  // Download the picked file (a disk-backed File, not read into the page) to hash it.
+  const download = page.waitForEvent('download');
+  await page.evaluate(async () => {
+    const file = await (await (await navigator.storage.getDirectory()).getFileHandle('picked.bin')).getFile();
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(file);
+    a.download = 'picked.bin';
+    document.body.append(a);
+    a.click();
+  });
+  const d = await download;
+  assert.equal(await sha256(/** @type {string} */ (await d.path())), folderHashes.get('album/raw/two.dng'));
+  await page.close();
+});
