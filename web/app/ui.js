@@ -24,7 +24,8 @@ export function duration(s) {
 /** @param {import('../lib/xfer.js').Progress} p */
 export function progressText(p) {
   const pct = p.bytesTotal ? Math.floor((p.bytesDone * 100) / p.bytesTotal) : 100;
-  return `${pct}% · ${bytes(p.bytesDone)} of ${bytes(p.bytesTotal)} · ${bytes(p.rate)}/s · ${duration(p.etaSeconds)} left`;
+  const now = p.files > 1 && p.current ? `${p.current} (file ${Math.min(p.filesDone + 1, p.files)} of ${p.files}) · ` : '';
+  return `${now}${pct}% · ${bytes(p.bytesDone)} of ${bytes(p.bytesTotal)} · ${bytes(p.rate)}/s · ${duration(p.etaSeconds)} left`;
 }
 
 /** @param {string} id */

@@ -110,10 +110,22 @@ export class Link extends Emitter {
     });
     r.on('state', ({ peer, state }) => {
       if (peer !== this.session.paired || (state !== 'failed' && state !== 'closed')) return;
+      if (state === 'closed') {
+        // A member that leaves has its connection closed first: let
+        // peer_left say so ("the other side left") if that is what happened.
+        setTimeout(() => {
+          if (this.session.paired !== peer || this.room.members.has(peer) === false) return;
+          this.session.connectionLost(peer);
+          this.ctl = this.data = null;
+          this._step(() => {});
+          this.emit('lost', { reason: 'the connection closed' });
+        }, 0);
+        return;
+      }
       this.session.connectionLost(peer);
       this.ctl = this.data = null;
       this._step(() => {});
-      this.emit('lost', { reason: state === 'failed' ? 'no path found to the other side' : 'the connection closed' });
+      this.emit('lost', { reason: 'no path found to the other side' });
     });
     r.on('auth_failed', ({ reason }) => this._step(() => this.session.abort({ code: 'tampered', detail: reason })));
     r.on('closed', ({ reason }) => this._step(() => this.session.abort({ code: 'failed', detail: `signaling: ${reason}` })));
@@ -256,6 +268,7 @@ export class ChannelLink extends Emitter {
  * @property {number} files
  * @property {number} rate     bytes per second over the last few seconds
  * @property {number | null} etaSeconds
+ * @property {string} current  the file being sent or received now
  */
 
 class Meter {
@@ -323,6 +336,8 @@ export class SendTransfer extends Emitter {
     this.sender = new Sender(this.manifest);
     this.meter = new Meter();
     this.startedAt = 0;
+    this.current = '';
+    this.currentIndex = 0;
   }
 
   /** The link a receiving browser opens (`/r#CODE`; the fragment never reaches the server). */
@@ -370,6 +385,8 @@ export class SendTransfer extends Emitter {
             case 'send':
               work = work.then(async () => {
                 if (mine !== session || !data) return;
+                this.current = this.manifest.file(out.file)?.path ?? '';
+                this.currentIndex = out.file;
                 const bytes = await this._read(out.file, out.chunk);
                 if (!equalBytes(await chunkHashAsync(bytes), out.expected)) {
                   this.sender.cancel('changed', `${this.manifest.file(out.file)?.path} changed while it was being sent`);
@@ -447,10 +464,11 @@ export class SendTransfer extends Emitter {
     this.emit('progress', {
       bytesDone,
       bytesTotal: total,
-      filesDone: 0,
+      filesDone: this.currentIndex,
       files: this.manifest.fileCount,
       rate,
       etaSeconds: rate > 0 ? (total - bytesDone) / rate : null,
+      current: this.current,
     });
   }
 
@@ -497,6 +515,7 @@ export class ReceiveTransfer extends Emitter {
     this.files = new Map();
     this.startedAt = 0;
     this.filesDone = 0;
+    this.current = '';
     /** @type {(() => void) | null} */
     this._accept = null;
   }
@@ -552,6 +571,7 @@ export class ReceiveTransfer extends Emitter {
             case 'prepare': {
               const m = /** @type {Manifest} */ (r.manifest());
               const e = /** @type {import('./transfer/manifest.js').Entry} */ (m.file(out.file));
+              this.current = e.path;
               const f = { writer: /** @type {FileWriter} */ (/** @type {unknown} */ (null)), next: 0, held: new Map(), opened: Promise.resolve() };
               f.opened = this.opts.sink.open(e.path, e.size).then((w) => { f.writer = w; });
               this.files.set(out.file, f);
@@ -680,6 +700,7 @@ export class ReceiveTransfer extends Emitter {
       files: this.receiver.manifest()?.fileCount ?? 0,
       rate,
       etaSeconds: rate > 0 ? (total - p.bytesDone) / rate : null,
+      current: this.current,
     });
   }
 

@@ -1,6 +1,7 @@
 // Send and receive by code between the CLI and browsers, and between two
 // browsers: hashes equal for a 100 MiB file and a folder; a wrong code
-// fails on both sides; a sender leaving mid-transfer is shown.
+// fails on both sides; a sender leaving mid-transfer is shown, and one
+// restarted with the same code finishes the transfer.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -184,16 +185,32 @@ test('a wrong code fails on both sides, browser receiving and browser sending', 
   await p2.close();
 });
 
-test('a sender leaving mid-transfer is shown to the browser receiving', async () => {
+test('a sender leaving mid-transfer is shown, and a sender restarted with the same code finishes the transfer', async () => {
   const s = run(['send', ...net(), big]);
   const { code } = await s.event('code');
   const page = await chrome.page(`${server.url}/r#${code}`);
+  /** @type {Promise<string>} */
+  const downloaded = new Promise((ok, fail) => {
+    page.once('download', (d) => Promise.race([d.path(), d.failure().then((f) => { throw new Error(`download failed: ${f}`); })]).then((p) => ok(/** @type {string} */ (p)), fail));
+  });
   await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 });
   await page.click('#accept');
-  await page.waitForFunction(() => /** @type {HTMLProgressElement} */ (document.getElementById('progress')).value > 0.02, null, { timeout: 60_000 });
+  await page.waitForFunction(() => /** @type {HTMLProgressElement} */ (document.getElementById('progress')).value > 0.05, null, { timeout: 60_000 });
   s.kill('SIGKILL');
   await page.waitForFunction(() => /Connection lost/.test(document.getElementById('status')?.textContent ?? ''), null, { timeout: 30_000 });
-  assert.match(await page.textContent('#status') ?? '', /the other side left|connection/);
+  assert.match(await page.textContent('#status') ?? '', /the other side left/);
+  const before = await page.evaluate(() => /** @type {HTMLProgressElement} */ (document.getElementById('progress')).value);
+  // The sender comes back with the same code; the page, still open, pairs
+  // again and asks only for what it has not verified yet.
+  const again = run(['send', ...net(), '--code', code, big]);
+  await page.waitForFunction(() => document.body.dataset.state === 'received' || document.body.dataset.state === 'failed', null, { timeout: 120_000 });
+  assert.equal(await page.evaluate(() => document.body.dataset.state), 'received', await page.textContent('#error') ?? '');
+  assert.equal(await again.exit(), 0, again.stderr);
+  const done = again.events().find((e) => e.event === 'finished');
+  assert.ok(before > 0.05, `progress before the restart: ${before}`);
+  // The restarted sender sent less than the whole file: the rest was kept.
+  assert.ok(done.bytes_sent < 100 * MiB, JSON.stringify(done));
+  assert.equal(await sha256(await downloaded), bigHash);
   await page.close();
 });
 
