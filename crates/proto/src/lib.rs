@@ -325,6 +325,9 @@ pub enum ErrorCode {
     SpoofedSender,
     /// More than the allowed messages per second; the message was dropped.
     RateLimited,
+    /// The connection kept sending far above the rate limit (more dropped
+    /// than allowed, three seconds in a row). The connection closes.
+    Flooding,
     /// The connection sent nothing for `idle_timeout_ms`. The connection closes.
     IdleTimeout,
     /// The client did not read its messages fast enough. The connection closes.
@@ -357,6 +360,7 @@ impl ErrorCode {
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::SpoofedSender => "spoofed_sender",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Flooding => "flooding",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -372,6 +376,7 @@ impl ErrorCode {
                 | ErrorCode::IdleTimeout
                 | ErrorCode::SlowConsumer
                 | ErrorCode::ShuttingDown
+                | ErrorCode::Flooding
         )
     }
 }
@@ -407,6 +412,7 @@ mod tests {
             ErrorCode::RateLimited,
             ErrorCode::UnsupportedVersion,
             ErrorCode::SlowConsumer,
+            ErrorCode::Flooding,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -151,6 +151,15 @@ fn server_messages() {
             message: "room lobby has 32 members, the limit".into(),
         },
     );
+    check(
+        "server/error_flooding.json",
+        ServerMsg::Error {
+            code: ErrorCode::Flooding,
+            message:
+                "over the rate limit for 3 seconds in a row (50 messages per second, burst 200); closing"
+                    .into(),
+        },
+    );
     check("server/pong.json", ServerMsg::Pong { nonce: Some(42) });
 }
 
@@ -170,5 +179,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 20);
+    assert_eq!(names.len(), 21);
 }

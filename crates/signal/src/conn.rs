@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::hub::{Kick, Outbox, Refused, encode};
-use crate::limit::TokenBucket;
+use crate::limit::{FLOOD_SECONDS, FloodMeter, TokenBucket};
 use crate::{Config, Server};
 
 /// Longest we spend telling a client goodbye before dropping the socket.
@@ -51,6 +51,7 @@ struct Conn {
     bucket: TokenBucket,
     /// When we last told this client it was rate limited (one notice a second).
     last_rate_notice: Option<Instant>,
+    flood: FloodMeter,
 }
 
 pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, host: Option<String>) {
@@ -67,6 +68,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         rooms: HashSet::new(),
         bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
         last_rate_notice: None,
+        flood: FloodMeter::new(cfg.limits.messages_per_second, now.into_std()),
     };
     server.inner.hub.connected();
     tracing::debug!(peer = %conn.id, %addr, "connected");
@@ -104,7 +106,12 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
                         }
                     }
                     Message::Binary(_) => {
-                        conn.reply_error(Failure::new(ErrorCode::BinaryFrame, "binary frames are not part of the protocol; send JSON text"));
+                        if let Err(f) = conn.handle_binary() {
+                            if f.code.is_fatal() {
+                                break Some(f);
+                            }
+                            conn.reply_error(f);
+                        }
                     }
                     Message::Ping(_) | Message::Pong(_) => {}
                     Message::Close(_) => {
@@ -194,23 +201,55 @@ impl Conn {
         self.reply(&ServerMsg::Error { code: f.code, message: f.message });
     }
 
-    fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
+    /// Takes a token for a frame: `Ok(false)` when the frame is to be
+    /// dropped silently, an error for the first drop in a second (the
+    /// notice) and for a flood (fatal).
+    fn admit(&mut self) -> Result<bool, Failure> {
         let limits = self.server.inner.config.limits;
         let now = std::time::Instant::now();
-        if !self.bucket.take(now) {
-            let notice_due = self.last_rate_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-            if notice_due {
-                self.last_rate_notice = Some(Instant::now());
-                return Err(Failure::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "more than {} messages per second (burst {}); dropped, retry in {} ms",
-                        limits.messages_per_second,
-                        limits.message_burst,
-                        self.bucket.retry_after().as_millis().max(1)
-                    ),
-                ));
-            }
+        if self.bucket.take(now) {
+            return Ok(true);
+        }
+        if self.flood.dropped(now) {
+            return Err(Failure::new(
+                ErrorCode::Flooding,
+                format!(
+                    "over the rate limit for {FLOOD_SECONDS} seconds in a row ({} messages per second, burst {}); closing",
+                    limits.messages_per_second, limits.message_burst
+                ),
+            ));
+        }
+        let notice_due = self.last_rate_notice.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if notice_due {
+            self.last_rate_notice = Some(Instant::now());
+            return Err(Failure::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second (burst {}); dropped, retry in {} ms",
+                    limits.messages_per_second,
+                    limits.message_burst,
+                    self.bucket.retry_after().as_millis().max(1)
+                ),
+            ));
+        }
+        Ok(false)
+    }
+
+    /// A binary frame: refused, but counted against the rate like any frame
+    /// (each refusal is a reply).
+    fn handle_binary(&mut self) -> Result<(), Failure> {
+        if !self.admit()? {
+            return Ok(());
+        }
+        Err(Failure::new(
+            ErrorCode::BinaryFrame,
+            "binary frames are not part of the protocol; send JSON text",
+        ))
+    }
+
+    fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
+        let limits = self.server.inner.config.limits;
+        if !self.admit()? {
             return Ok(());
         }
         if text.len() > limits.max_message_bytes as usize {

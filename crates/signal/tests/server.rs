@@ -805,6 +805,88 @@ async fn flood_above_the_rate_limit_is_dropped() {
     assert_eq!(a.expect_signal("lobby", &b_id).await, Signal::EndOfCandidates);
 }
 
+#[tokio::test]
+async fn binary_frames_count_against_the_rate_limit() {
+    let cfg = Config {
+        limits: Limits { messages_per_second: 2, message_burst: 10, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut a, _) = server.greeted().await; // 1 of A's 10 tokens
+    for _ in 0..3000 {
+        a.send_msg(Message::binary(vec![0u8; 16])).await;
+    }
+    // A refusal for each frame a token let through, one rate_limited notice,
+    // then silence: the burst does not turn into 3,000 replies (which would
+    // overflow A's own queue and get it kicked as a slow consumer).
+    let mut refusals = 0;
+    let mut notices = 0;
+    while let Some(msg) = a.try_recv(Duration::from_millis(300)).await {
+        match msg {
+            ServerMsg::Error { code: ErrorCode::BinaryFrame, .. } => refusals += 1,
+            ServerMsg::Error { code: ErrorCode::RateLimited, .. } => notices += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((9..=12).contains(&refusals), "{refusals} binary_frame refusals");
+    assert_eq!(notices, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.ping(7).await;
+}
+
+#[tokio::test]
+async fn a_connection_flooding_for_seconds_is_closed_and_others_are_served() {
+    let cfg = Config {
+        limits: Limits { messages_per_second: 20, message_burst: 20, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut flooder, flooder_id) = server.member("lobby", "flood").await;
+    let (mut b, b_id) = server.member("lobby", "b").await;
+    assert!(matches!(flooder.recv().await, ServerMsg::PeerJoined { .. }));
+    // One legal burst over the rate for a second is not a flood...
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(900) {
+        flooder.send_json(json!({"type": "ping"})).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // (its pings were answered, one notice came, and it is still served)
+    let mut pongs = 0;
+    while let Some(msg) = flooder.try_recv(Duration::from_millis(200)).await {
+        match msg {
+            ServerMsg::Pong { .. } => pongs += 1,
+            ServerMsg::Error { code: ErrorCode::RateLimited, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs >= 20, "{pongs} pongs");
+    flooder.ping(1).await;
+    // ...but four seconds at ten times the rate are.
+    let t1 = Instant::now();
+    let mut closed = false;
+    while t1.elapsed() < Duration::from_secs(6) && !closed {
+        flooder.send_json(json!({"type": "ping"})).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        while let Some(msg) = flooder.try_recv(Duration::from_millis(0)).await {
+            if let ServerMsg::Error { code: ErrorCode::Flooding, message } = msg {
+                assert!(message.contains("3 seconds in a row"), "{message}");
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the flooder was not closed");
+    let flooded_for = t1.elapsed();
+    assert!(flooded_for >= Duration::from_secs(1), "closed after only {flooded_for:?}");
+    let frame = flooder.expect_close().await.expect("a close frame");
+    assert_eq!(frame.reason.as_str(), "flooding");
+    // The room is told it left; B is served throughout.
+    b.chat_until_left(&flooder_id).await;
+    b.ping(9).await;
+    let _ = b_id;
+}
+
 // ---------------------------------------------------------------- liveness
 
 #[tokio::test]
