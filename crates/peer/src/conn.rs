@@ -19,8 +19,6 @@ use crate::path::{self, Endpoint, Failure, Path};
 
 /// The message size a peer may send when the remote SDP names none (RFC 8841).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
-/// str0m refuses single writes larger than its SCTP send buffer (128 KiB by default).
-const SCTP_SEND_BUFFER: usize = 128 * 1024;
 /// Remote candidates held while no remote description is set.
 const MAX_EARLY_CANDIDATES: usize = 64;
 
@@ -183,6 +181,13 @@ impl std::fmt::Debug for PeerConn {
     }
 }
 
+/// SCTP's send buffer. str0m counts data as buffered until the peer
+/// acknowledges it, so this is also the most data in flight: its 128 KiB
+/// default lets a 64 KiB message out only when 64 KiB or less is
+/// outstanding, one per round trip. str0m also refuses single writes larger
+/// than this.
+const SCTP_SEND_BUFFER: usize = 1 << 20;
+
 impl PeerConn {
     /// A connection to `remote` using `locals` as host candidates.
     pub fn new(
@@ -202,6 +207,7 @@ impl PeerConn {
         // A first check that a TURN server drops (its permission is still on
         // the way) is retried after 100 ms rather than 250.
         builder.set_initial_stun_rto(Duration::from_millis(100));
+        let builder = builder.set_sctp_max_buffered_amount(SCTP_SEND_BUFFER);
         let mut rtc = builder.build(now);
         let mut local_candidates = Vec::new();
         for addr in locals {

@@ -3944,6 +3944,12 @@ impl Association {
     /// or abandoned yet.
     fn get_data_packets_to_retransmit(&mut self, now: Instant) -> Vec<Packet> {
         self.expire_inflight_messages(now);
+        // Only a T3 timeout marks chunks: without one there is nothing to
+        // find, and walking every chunk in flight on every poll is what made
+        // large windows cost a core.
+        if !self.outbound_queue.retransmit_marked() {
+            return vec![];
+        }
         let awnd = core::cmp::min(self.cwnd, self.rwnd);
         let mut chunks: Vec<ChunkPayloadData> = vec![];
         let mut bytes_to_send = 0;
@@ -3999,6 +4005,7 @@ impl Association {
             c.nsent += 1;
             chunk.nsent = c.nsent;
         }
+        self.outbound_queue.refresh_retransmit_marked();
         self.bundle_data_chunks_into_packets(chunks)
     }
 
@@ -4107,6 +4114,9 @@ impl Association {
     fn expire_inflight_messages(&mut self, now: Instant) {
         if self.use_forward_tsn {
             self.outbound_queue.start_timed_messages(now);
+            if !self.outbound_queue.may_expire() {
+                return;
+            }
             let mut abandoned = false;
             for tsn in self.outbound_queue.expired_inflight(now) {
                 abandoned |= self.abandon_if_needed(tsn, now);

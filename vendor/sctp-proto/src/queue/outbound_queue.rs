@@ -18,6 +18,10 @@ pub(crate) struct OutboundQueue {
     inflight: PayloadQueue,
     next_message_id: u64,
     next_unstarted_message_id: u64,
+    /// Some queued chunk may have a deadline. Until one does, nothing can
+    /// expire and the per-poll expiry scan of every chunk in flight is
+    /// skipped; cleared when both queues are empty.
+    timed: bool,
 }
 
 impl OutboundQueue {
@@ -44,10 +48,35 @@ impl OutboundQueue {
 
     pub(crate) fn start_timed_messages(&mut self, now: Instant) {
         if self.next_unstarted_message_id != self.next_message_id {
-            self.pending
+            self.timed |= self
+                .pending
                 .start_timed_messages(self.next_unstarted_message_id, now);
             self.next_unstarted_message_id = self.next_message_id;
         }
+    }
+
+    /// Whether some queued chunk may have a deadline (see `timed`).
+    pub(crate) fn may_expire(&mut self) -> bool {
+        if self.timed && self.pending_len() == 0 && self.inflight_len() == 0 {
+            self.timed = false;
+        }
+        self.timed
+    }
+
+    /// Whether some chunk in flight may be marked for retransmission.
+    pub(crate) fn retransmit_marked(&self) -> bool {
+        self.inflight.retransmit_marked()
+    }
+
+    /// See `PayloadQueue::refresh_retransmit_marked`.
+    pub(crate) fn refresh_retransmit_marked(&mut self) {
+        self.inflight.refresh_retransmit_marked();
+    }
+
+    /// Records that a chunk was marked by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn note_retransmit_marked(&mut self) {
+        self.inflight.note_retransmit_marked();
     }
 
     /// Discard an expired, entirely unsent head message without allocating a TSN.

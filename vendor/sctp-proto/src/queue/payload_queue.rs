@@ -14,6 +14,9 @@ pub(crate) struct PayloadQueue {
     pub(crate) sorted: VecDeque<u32>,
     dup_tsn: Vec<u32>,
     n_bytes: usize,
+    /// Some chunk may have `retransmit` set (only a T3 timeout sets it): the
+    /// retransmission pass walks the queue only then.
+    retransmit_marked: bool,
 }
 
 impl PayloadQueue {
@@ -35,12 +38,21 @@ impl PayloadQueue {
         !(self.chunk_map.contains_key(&p.tsn) || sna32lte(p.tsn, cumulative_tsn))
     }
 
+    /// Puts `tsn` in its place in `sorted`. TSNs come almost always in
+    /// order, so this looks from the back: O(1) for the usual case, where
+    /// sorting the whole queue on every push cost O(n log n).
+    fn insert_sorted(&mut self, tsn: u32) {
+        let mut i = self.sorted.len();
+        while i > 0 && sna32lt(tsn, self.sorted[i - 1]) {
+            i -= 1;
+        }
+        self.sorted.insert(i, tsn);
+    }
+
     pub(crate) fn push_no_check(&mut self, p: ChunkPayloadData) {
         self.n_bytes += p.user_data.len();
-        self.sorted.push_back(p.tsn);
+        self.insert_sorted(p.tsn);
         self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
     }
 
     /// push pushes a payload data. If the payload data is already in our queue or
@@ -55,10 +67,8 @@ impl PayloadQueue {
         }
 
         self.n_bytes += p.user_data.len();
-        self.sorted.push_back(p.tsn);
+        self.insert_sorted(p.tsn);
         self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
 
         true
     }
@@ -126,7 +136,26 @@ impl PayloadQueue {
         for chunk in self.chunk_map.values_mut() {
             if !chunk.acked && !chunk.abandoned {
                 chunk.retransmit = true;
+                self.retransmit_marked = true;
             }
+        }
+    }
+
+    /// Whether some chunk may be marked for retransmission.
+    pub(crate) fn retransmit_marked(&self) -> bool {
+        self.retransmit_marked
+    }
+
+    /// Records that a chunk was marked by hand (tests); see `retransmit_marked`.
+    #[cfg(test)]
+    pub(crate) fn note_retransmit_marked(&mut self) {
+        self.retransmit_marked = true;
+    }
+
+    /// After a retransmission pass: clears the mark if no chunk is left marked.
+    pub(crate) fn refresh_retransmit_marked(&mut self) {
+        if self.retransmit_marked {
+            self.retransmit_marked = self.chunk_map.values().any(|c| c.retransmit);
         }
     }
 
