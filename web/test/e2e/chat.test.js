@@ -49,3 +49,22 @@ test('two tabs chat both ways, peer to peer', async () => {
   await b.waitForSelector('#log li:has-text("left")');
   assert.equal(await b.locator('#peers li').count(), 0);
 });
+
+test('the server restarts: tabs reconnect with backoff, rejoin the room and chat again', async () => {
+  const a = await chrome.page(`${server.url}/room/again?name=ann`);
+  const b = await chrome.page(`${server.url}/room/again?name=ben`);
+  for (const p of [a, b]) await p.waitForSelector('#peers li[data-state="connected"]', { timeout: 20_000 });
+  const addr = server.addr;
+  await server.stop();
+  await a.waitForFunction(() => /Lost the server/.test(document.getElementById('status')?.textContent ?? ''), null, { timeout: 10_000 });
+  server = await serve([], addr);
+  // Each tab rejoins under a new id and the mesh forms again, channels and all.
+  for (const p of [a, b]) {
+    await p.waitForFunction(() => document.querySelectorAll('#peers li[data-state="connected"]').length === 1, null, { timeout: 30_000 });
+  }
+  await say(a, 'back again');
+  await b.waitForSelector('#log li:has-text("back again")', { timeout: 10_000 });
+  assert.equal(await a.locator('#peers li').count(), 1, 'the old ids are gone');
+  await a.close();
+  await b.close();
+});
