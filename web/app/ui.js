@@ -24,8 +24,11 @@ export function duration(s) {
 /** @param {import('../lib/xfer.js').Progress} p */
 export function progressText(p) {
   const pct = p.bytesTotal ? Math.floor((p.bytesDone * 100) / p.bytesTotal) : 100;
-  const now = p.files > 1 && p.current ? `${p.current} (file ${Math.min(p.filesDone + 1, p.files)} of ${p.files}) · ` : '';
-  return `${now}${pct}% · ${bytes(p.bytesDone)} of ${bytes(p.bytesTotal)} · ${bytes(p.rate)}/s · ${duration(p.etaSeconds)} left`;
+  const all = `${pct}% · ${bytes(p.bytesDone)} of ${bytes(p.bytesTotal)} · ${bytes(p.rate)}/s · ${duration(p.etaSeconds)} left`;
+  if (p.files <= 1 || !p.current) return all;
+  const filePct = p.currentSize ? Math.floor((p.currentDone * 100) / p.currentSize) : 100;
+  const fileEta = p.rate > 0 ? (p.currentSize - p.currentDone) / p.rate : null;
+  return `${p.current} (file ${Math.min(p.filesDone + 1, p.files)} of ${p.files}): ${filePct}% of ${bytes(p.currentSize)}, ${duration(fileEta)} left · all: ${all}`;
 }
 
 /** @param {string} id */

@@ -269,6 +269,8 @@ export class ChannelLink extends Emitter {
  * @property {number} rate     bytes per second over the last few seconds
  * @property {number | null} etaSeconds
  * @property {string} current  the file being sent or received now
+ * @property {number} currentDone  its bytes sent (or verified and written)
+ * @property {number} currentSize  its size
  */
 
 class Meter {
@@ -338,6 +340,8 @@ export class SendTransfer extends Emitter {
     this.startedAt = 0;
     this.current = '';
     this.currentIndex = 0;
+    /** @type {Map<number, number>} bytes sent of each file (this session and before) */
+    this.fileSent = new Map();
   }
 
   /** The link a receiving browser opens (`/r#CODE`; the fragment never reaches the server). */
@@ -399,6 +403,7 @@ export class SendTransfer extends Emitter {
                   await data.ready(frame.byteLength);
                   await data.send(frame);
                 }
+                this.fileSent.set(out.file, (this.fileSent.get(out.file) ?? 0) + out.len);
                 this._progress();
               }).catch(() => { /* the channel closed: the link reports it */ });
               break;
@@ -469,6 +474,8 @@ export class SendTransfer extends Emitter {
       rate,
       etaSeconds: rate > 0 ? (total - bytesDone) / rate : null,
       current: this.current,
+      currentDone: Math.min(this.fileSent.get(this.currentIndex) ?? 0, this.manifest.file(this.currentIndex)?.size ?? 0),
+      currentSize: this.manifest.file(this.currentIndex)?.size ?? 0,
     });
   }
 
@@ -516,6 +523,8 @@ export class ReceiveTransfer extends Emitter {
     this.startedAt = 0;
     this.filesDone = 0;
     this.current = '';
+    this.currentFile = -1;
+    this.currentSize = 0;
     /** @type {(() => void) | null} */
     this._accept = null;
   }
@@ -572,6 +581,8 @@ export class ReceiveTransfer extends Emitter {
               const m = /** @type {Manifest} */ (r.manifest());
               const e = /** @type {import('./transfer/manifest.js').Entry} */ (m.file(out.file));
               this.current = e.path;
+              this.currentFile = out.file;
+              this.currentSize = e.size;
               const f = { writer: /** @type {FileWriter} */ (/** @type {unknown} */ (null)), next: 0, held: new Map(), opened: Promise.resolve() };
               f.opened = this.opts.sink.open(e.path, e.size).then((w) => { f.writer = w; });
               this.files.set(out.file, f);
@@ -701,6 +712,8 @@ export class ReceiveTransfer extends Emitter {
       rate,
       etaSeconds: rate > 0 ? (total - p.bytesDone) / rate : null,
       current: this.current,
+      currentDone: this.files.get(this.currentFile)?.next ?? this.currentSize,
+      currentSize: this.currentSize,
     });
   }
 

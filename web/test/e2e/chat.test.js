@@ -68,3 +68,17 @@ test('the server restarts: tabs reconnect with backoff, rejoin the room and chat
   await a.close();
   await b.close();
 });
+
+test('the pages fit a phone (390 px wide): nothing runs off the side', async () => {
+  const page = await chrome.page(`${server.url}/`);
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const path of ['/', '/room/phone?name=pat']) {
+    await page.goto(`${server.url}${path}`);
+    await page.waitForLoadState('networkidle');
+    const { scroll, client } = await page.evaluate(() => ({ scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth }));
+    assert.ok(scroll <= client, `${path}: ${scroll} px wide in a ${client} px window`);
+  }
+  await page.waitForSelector('body[data-joined]');
+  await shot(page, 'room-phone');
+  await page.close();
+});
