@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use peerlink_proto::IceServer;
-use peerlink_signal::{IceProvider, IceRequest};
+use peerlink_signal::{DEFAULT_LIMITS, IceProvider, IceRequest};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -14,7 +14,72 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
     listen: SocketAddr,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     turn: TurnArgs,
+}
+
+/// What one client may do; announced to every client in `welcome` and shown
+/// at `/healthz`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Largest signaling message accepted, in bytes (`too_large` above; a
+    /// frame over four times this closes the connection).
+    #[arg(long, env = "PEERLINK_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_LIMITS.max_message_bytes,
+          value_parser = clap::value_parser!(u32).range(1024..=16 << 20))]
+    max_message_bytes: u32,
+    /// Members per room (`room_full` above).
+    #[arg(long, env = "PEERLINK_MAX_PEERS_PER_ROOM", default_value_t = DEFAULT_LIMITS.max_peers_per_room,
+          value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    max_peers_per_room: u32,
+    /// Rooms one connection may be in at once (`too_many_rooms` above).
+    #[arg(long, env = "PEERLINK_MAX_ROOMS_PER_CONNECTION", default_value_t = DEFAULT_LIMITS.max_rooms_per_connection,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    max_rooms_per_connection: u32,
+    /// Sustained messages per second per connection (`rate_limited` above;
+    /// more than twice this for 3 s in a row is `flooding`).
+    #[arg(long, env = "PEERLINK_MESSAGES_PER_SECOND", default_value_t = DEFAULT_LIMITS.messages_per_second,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    messages_per_second: u32,
+    /// Messages a connection may send at once on top of the rate.
+    #[arg(long, env = "PEERLINK_MESSAGE_BURST", default_value_t = DEFAULT_LIMITS.message_burst,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    message_burst: u32,
+    /// A connection that sends nothing for this long is closed
+    /// (`idle_timeout`), e.g. 45s, 5m.
+    #[arg(long, env = "PEERLINK_IDLE_TIMEOUT", default_value = "45s", value_parser = parse_idle)]
+    idle_timeout: Duration,
+    /// Messages queued for a connection that does not read before it is
+    /// closed (`slow_consumer`).
+    #[arg(long, env = "PEERLINK_OUTBOUND_QUEUE", default_value_t = peerlink_signal::DEFAULT_OUTBOUND_QUEUE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=1_000_000))]
+    outbound_queue: usize,
+}
+
+/// An idle timeout: at least 5 s (clients ping every 15 s or so).
+fn parse_idle(s: &str) -> Result<Duration, String> {
+    let d = crate::common::parse_duration(s)?;
+    if d < Duration::from_secs(5) {
+        return Err(format!("{s} is too short for an idle timeout; at least 5s"));
+    }
+    Ok(d)
+}
+
+impl LimitArgs {
+    fn config(&self) -> peerlink_signal::Config {
+        let limits = peerlink_proto::Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_peers_per_room: self.max_peers_per_room,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            messages_per_second: self.messages_per_second,
+            message_burst: self.message_burst,
+            idle_timeout_ms: self.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+        };
+        peerlink_signal::Config {
+            outbound_queue: self.outbound_queue,
+            ..peerlink_signal::Config::with_limits(limits)
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -143,8 +208,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         out
     });
-    let config =
-        peerlink_signal::Config { ice_provider: Some(provider), ..peerlink_signal::Config::default() };
+    let config = peerlink_signal::Config { ice_provider: Some(provider), ..args.limits.config() };
     tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
     println!("peerlink serve: listening on {addr}");
     let shutdown = async move {

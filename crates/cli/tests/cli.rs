@@ -87,3 +87,66 @@ fn ping_through_the_embedded_turn_server() {
         assert_eq!(p.wait_exit(), 0);
     }
 }
+
+/// The limits are flags: `welcome` announces them (shown at /healthz too)
+/// and the server holds them: a room of two refuses a third member.
+#[test]
+fn serve_takes_its_limits_from_flags_and_enforces_them() {
+    let mut server = Proc::spawn_env(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-turn",
+            "--max-peers-per-room",
+            "2",
+            "--messages-per-second",
+            "7",
+            "--idle-timeout",
+            "30s",
+        ],
+        &[("PEERLINK_MESSAGE_BURST", "9")],
+    );
+    let line = server.expect("listening on");
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let health = http_get(&addr, "/healthz");
+    let v: serde_json::Value = serde_json::from_str(&health).unwrap_or_else(|e| panic!("{e}: {health}"));
+    let limits = &v["limits"];
+    assert_eq!(limits["max_peers_per_room"], 2, "{v}");
+    assert_eq!(limits["messages_per_second"], 7, "{v}");
+    assert_eq!(limits["message_burst"], 9, "{v}");
+    assert_eq!(limits["idle_timeout_ms"], 30_000, "{v}");
+    assert_eq!(limits["max_message_bytes"], 65_536, "{v}");
+
+    let url = format!("ws://{addr}/ws");
+    let chat = |name: &str| {
+        Proc::spawn(&["chat", "small", "--server", &url, "--name", name, "--ice-addr", "127.0.0.1"])
+    };
+    let mut a = chat("a");
+    a.expect("* joined small");
+    let mut b = chat("b");
+    b.expect("* joined small");
+    let mut c = chat("c");
+    assert_eq!(c.wait_exit(), 1);
+    assert!(c.stderr().contains("room_full"), "{}", c.stderr());
+
+    let mut bad = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--no-turn", "--idle-timeout", "1s"]);
+    assert_eq!(bad.wait_exit(), 2);
+    assert!(bad.stderr().contains("too short"), "{}", bad.stderr());
+    for p in [&a, &b] {
+        p.terminate();
+    }
+    server.terminate();
+    assert_eq!(server.wait_exit(), 0);
+}
+
+/// A plain HTTP/1.1 GET on loopback; the response body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)
+}

@@ -96,21 +96,35 @@ impl std::fmt::Debug for IceProvider {
     }
 }
 
+/// The limits a server announces unless configured otherwise.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    max_message_bytes: 64 * 1024,
+    max_peers_per_room: 32,
+    max_rooms_per_connection: 8,
+    messages_per_second: 50,
+    message_burst: 200,
+    idle_timeout_ms: 45_000,
+};
+
+/// Messages queued for one connection before it is closed as a slow consumer.
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+
+impl Config {
+    /// The default configuration with these limits (the hard frame limit,
+    /// where a frame closes the connection, follows the message size).
+    pub fn with_limits(limits: Limits) -> Self {
+        Config { limits, hard_frame_limit: 4 * limits.max_message_bytes as usize, ..Config::default() }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
-        let limits = Limits {
-            max_message_bytes: 64 * 1024,
-            max_peers_per_room: 32,
-            max_rooms_per_connection: 8,
-            messages_per_second: 50,
-            message_burst: 200,
-            idle_timeout_ms: 45_000,
-        };
+        let limits = DEFAULT_LIMITS;
         Config {
             limits,
             heartbeat: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
-            outbound_queue: 256,
+            outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             hard_frame_limit: 4 * limits.max_message_bytes as usize,
             ice_servers: Vec::new(),
             ice_provider: None,
@@ -167,6 +181,8 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
         "rooms": s.rooms,
         "signals_relayed": s.signals_relayed,
         "messages_relayed": s.messages_relayed,
+        "limits": server.inner.config.limits,
+        "outbound_queue": server.inner.config.outbound_queue,
     }))
 }
 
