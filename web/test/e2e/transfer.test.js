@@ -107,6 +107,8 @@ test('peerlink send -> browser: a 100 MiB file and a folder arrive with equal ha
   const p2 = await chrome.page(`${server.url}/r#${c2}`);
   const files = await receiveInPage(p2, folderHashes.size);
   assert.equal(await f.exit(), 0, f.stderr);
+  // Progress names the file, its share and the total.
+  assert.match(await p2.textContent('#progress-text') ?? '', /\(file [1-4] of 4\): \d+% of .* · all: 100%/);
   for (const [rel, hash] of folderHashes) {
     const path = files.get(rel.split('/').join(' - '));
     assert.ok(path, `${rel} downloaded (got ${[...files.keys()]})`);
