@@ -54,6 +54,11 @@ pub struct LimitArgs {
     #[arg(long, env = "PEERLINK_OUTBOUND_QUEUE", default_value_t = peerlink_signal::DEFAULT_OUTBOUND_QUEUE,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=1_000_000))]
     outbound_queue: usize,
+    /// Bytes queued for a connection that does not read before it is closed
+    /// (`slow_consumer`): the most server memory one client can pin.
+    #[arg(long, env = "PEERLINK_OUTBOUND_QUEUE_BYTES", default_value_t = peerlink_signal::DEFAULT_OUTBOUND_QUEUE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64 * 1024..=1 << 30))]
+    outbound_queue_bytes: usize,
 }
 
 /// An idle timeout: at least 5 s (clients ping every 15 s or so).

@@ -63,7 +63,12 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         server: server.clone(),
         id: new_peer_id(),
         host,
-        outbox: Outbox { tx, kick: kick.clone() },
+        outbox: Outbox {
+            tx,
+            kick: kick.clone(),
+            queued: Default::default(),
+            max_bytes: cfg.outbound_queue_bytes,
+        },
         greeted: false,
         rooms: HashSet::new(),
         bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
@@ -123,7 +128,10 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
                 }
                 continue;
             }
-            Some(frame) = rx.recv() => Message::Text(frame),
+            Some(frame) = rx.recv() => {
+                conn.outbox.taken(&frame);
+                Message::Text(frame)
+            }
             _ = heartbeat.tick() => Message::Ping(Default::default()),
             _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
             // Only the hub notifies, and only when it gave up on our queue.
@@ -189,7 +197,13 @@ fn deadline_passed(greeted: bool, cfg: &Config) -> Failure {
 }
 
 fn slow_consumer(cfg: &Config) -> Failure {
-    Failure::new(ErrorCode::SlowConsumer, format!("more than {} messages queued for you", cfg.outbound_queue))
+    Failure::new(
+        ErrorCode::SlowConsumer,
+        format!(
+            "more than {} messages or {} bytes queued for you",
+            cfg.outbound_queue, cfg.outbound_queue_bytes
+        ),
+    )
 }
 
 impl Conn {

@@ -14,6 +14,10 @@ use tokio::sync::{Notify, mpsc};
 pub(crate) struct Outbox {
     pub tx: mpsc::Sender<Utf8Bytes>,
     pub kick: Arc<Kick>,
+    /// Bytes queued and not yet taken by the connection's writer.
+    pub queued: Arc<AtomicUsize>,
+    /// Most bytes that may wait for this connection.
+    pub max_bytes: usize,
 }
 
 /// Notified when the hub gives up on a connection (its queue overflowed).
@@ -25,15 +29,32 @@ pub(crate) struct Kick {
 impl Outbox {
     /// Queues a frame without waiting. A connection that cannot keep up is
     /// kicked rather than allowed to grow memory or stall its sender.
+    /// The queue is bounded in messages and in bytes: a client that stops
+    /// reading pins at most `max_bytes` of server memory.
     pub fn deliver(&self, frame: Utf8Bytes) -> bool {
+        let n = frame.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.kick.notify.notify_one();
+            return false;
+        }
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
                 self.kick.notify.notify_one();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
+                false
+            }
         }
+    }
+
+    /// The writer took `frame` off the queue.
+    pub fn taken(&self, frame: &Utf8Bytes) {
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
     }
 }
 

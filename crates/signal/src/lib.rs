@@ -51,6 +51,8 @@ pub struct Config {
     /// Server→client messages queued per connection before the connection is
     /// dropped as a slow consumer.
     pub outbound_queue: usize,
+    /// The same bound in bytes: what a client that stops reading can pin.
+    pub outbound_queue_bytes: usize,
     /// Frames larger than this (bytes) kill the connection outright; frames
     /// between `limits.max_message_bytes` and this get a `too_large` error.
     pub hard_frame_limit: usize,
@@ -108,6 +110,9 @@ pub const DEFAULT_LIMITS: Limits = Limits {
 
 /// Messages queued for one connection before it is closed as a slow consumer.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// Bytes queued for one connection before it is closed as a slow consumer:
+/// what a client that stops reading can pin of the server's memory.
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1 << 20;
 
 impl Config {
     /// The default configuration with these limits (the hard frame limit,
@@ -125,6 +130,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
             hard_frame_limit: 4 * limits.max_message_bytes as usize,
             ice_servers: Vec::new(),
             ice_provider: None,
@@ -183,6 +189,7 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
         "messages_relayed": s.messages_relayed,
         "limits": server.inner.config.limits,
         "outbound_queue": server.inner.config.outbound_queue,
+        "outbound_queue_bytes": server.inner.config.outbound_queue_bytes,
     }))
 }
 

@@ -993,6 +993,8 @@ async fn slow_consumer_is_disconnected_and_the_flooder_still_served() {
 fn flood_config(outbound_queue: usize, idle_timeout_ms: u64) -> Config {
     Config {
         outbound_queue,
+        // Bounded by the message count alone here; the byte bound has its own test.
+        outbound_queue_bytes: 1 << 30,
         limits: Limits {
             max_message_bytes: 64 * 1024,
             messages_per_second: 100_000,
@@ -1003,6 +1005,38 @@ fn flood_config(outbound_queue: usize, idle_timeout_ms: u64) -> Config {
         hard_frame_limit: 256 * 1024,
         ..config()
     }
+}
+
+/// The queue is bounded in bytes too: with room for 100,000 messages, a
+/// client that stops reading is still dropped once 256 KiB wait for it
+/// (beyond what the socket buffers hold), not after gigabytes.
+#[tokio::test]
+async fn a_client_that_stops_reading_pins_at_most_its_byte_budget() {
+    let cfg = Config { outbound_queue_bytes: 256 * 1024, ..flood_config(100_000, 30_000) };
+    let server = TestServer::start(cfg).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let (mut slow, slow_id) = server.greeted().await;
+    slow.join("lobby", None).await;
+    a.recv().await;
+    let payload = "x".repeat(60_000);
+    let mut sent = 0;
+    let mut gone = false;
+    while !gone {
+        // Socket buffers on loopback hold a few MB; 2,000 messages are 120 MB.
+        assert!(sent < 2000, "slow consumer still connected after {sent} messages of 60 kB");
+        for _ in 0..4 {
+            a.send_json(json!({"type": "send", "room": "lobby", "to": slow_id, "data": payload})).await;
+            sent += 1;
+        }
+        while let Some(msg) = a.try_recv(Duration::from_millis(1)).await {
+            match msg {
+                ServerMsg::PeerLeft { peer_id, .. } if peer_id == slow_id => gone = true,
+                ServerMsg::Error { code: ErrorCode::UnknownPeer, .. } if gone => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    slow.drain_until_closed(Duration::from_secs(20)).await;
 }
 
 /// Queues ~36 MB for `to`: more than the socket buffers between the server
