@@ -241,8 +241,13 @@ export class ChannelLink extends Emitter {
     );
     if (this.opener) for (const label of this.labels) this.room.openChannel(this.peer, reliable(label));
     else {
-      const [ctl, data] = this.chans;
-      if (ctl && data) this.emit('open', { ctl, data, peer: this.peer });
+      // The two channels may open in either order (DCEP messages on two
+      // streams): take one that opened before this link existed.
+      const open = this.room.conns.get(this.peer)?.channels;
+      for (const label of this.labels) {
+        const ch = open?.get(label);
+        if (ch && !this.chans.includes(ch)) this._take(ch);
+      }
     }
   }
 
