@@ -951,26 +951,7 @@ async fn slow_consumer_is_disconnected_and_the_flooder_still_served() {
 
     // `slow` never reads from here on: once the socket buffers are full the
     // server's queue for it fills up.
-    let payload = "x".repeat(60_000);
-    let mut sent = 0;
-    let mut gone = false;
-    while !gone {
-        assert!(sent < 2000, "slow consumer still connected after {sent} messages of 60 kB");
-        for _ in 0..4 {
-            a.send_json(json!({"type": "send", "room": "lobby", "to": slow_id, "data": payload})).await;
-            sent += 1;
-        }
-        // Read everything the server has for the flooder, so that it is not
-        // the slow consumer itself (its queue is just as small).
-        while let Some(msg) = a.try_recv(Duration::from_millis(1)).await {
-            match msg {
-                ServerMsg::PeerLeft { peer_id, .. } if peer_id == slow_id => gone = true,
-                // Sends already in flight when `slow` was dropped.
-                ServerMsg::Error { code: ErrorCode::UnknownPeer, .. } if gone => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    send_until_dropped(&mut a, &slow_id).await;
 
     // The flooder is still served (after refusals for sends already in flight).
     a.send_json(json!({"type": "ping", "nonce": 1})).await;
@@ -1018,25 +999,34 @@ async fn a_client_that_stops_reading_pins_at_most_its_byte_budget() {
     let (mut slow, slow_id) = server.greeted().await;
     slow.join("lobby", None).await;
     a.recv().await;
+    send_until_dropped(&mut a, &slow_id).await;
+    slow.drain_until_closed(Duration::from_secs(20)).await;
+}
+
+/// Sends 60 kB messages from `a` to `slow`, which does not read, until the
+/// server drops `slow` (a `peer_left`). Socket buffers on loopback hold a few
+/// MB; 2,000 messages are 120 MB.
+async fn send_until_dropped(a: &mut Client, slow_id: &PeerId) {
     let payload = "x".repeat(60_000);
     let mut sent = 0;
     let mut gone = false;
     while !gone {
-        // Socket buffers on loopback hold a few MB; 2,000 messages are 120 MB.
         assert!(sent < 2000, "slow consumer still connected after {sent} messages of 60 kB");
         for _ in 0..4 {
             a.send_json(json!({"type": "send", "room": "lobby", "to": slow_id, "data": payload})).await;
             sent += 1;
         }
+        // Read everything the server has for the sender, so that it is not
+        // the slow consumer itself.
         while let Some(msg) = a.try_recv(Duration::from_millis(1)).await {
             match msg {
-                ServerMsg::PeerLeft { peer_id, .. } if peer_id == slow_id => gone = true,
+                ServerMsg::PeerLeft { peer_id, .. } if peer_id == *slow_id => gone = true,
+                // Sends already in flight when `slow` was dropped.
                 ServerMsg::Error { code: ErrorCode::UnknownPeer, .. } if gone => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
     }
-    slow.drain_until_closed(Duration::from_secs(20)).await;
 }
 
 /// Queues ~36 MB for `to`: more than the socket buffers between the server

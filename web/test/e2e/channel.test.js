@@ -2,23 +2,17 @@
 // queue with a typed overflow error, backpressure that waits instead of
 // dropping, and everything that was accepted delivered in order.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { assertIsolated, serve, browser } from './harness.js';
+import { setup } from './harness.js';
 
-/** @type {Awaited<ReturnType<typeof serve>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
-/** @type {Awaited<ReturnType<typeof browser>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').browser>>} */
 let chrome;
-
-before(async () => {
-  assertIsolated();
-  server = await serve();
-  chrome = await browser();
-});
-after(async () => {
-  await chrome?.close();
-  await server?.stop();
+setup((s, c) => {
+  server = s;
+  chrome = c;
 });
 
 /** Joins `room` in the page with the library alone; resolves with the first channel's label. */

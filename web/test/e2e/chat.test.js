@@ -1,30 +1,20 @@
 // Two tabs in a room chat both ways over a data channel; the server's
 // counters show the chat did not pass through it.
 
-import { test, before, after } from 'node:test';
+import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { assertIsolated, serve, browser, shot, until } from './harness.js';
+import { serve, shot, until, setup, say } from './harness.js';
 
-/** @type {Awaited<ReturnType<typeof serve>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
-/** @type {Awaited<ReturnType<typeof browser>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').browser>>} */
 let chrome;
-
-before(async () => {
-  assertIsolated();
-  server = await serve();
-  chrome = await browser();
+setup((s, c) => {
+  server = s;
+  chrome = c;
 });
-after(async () => {
-  await chrome?.close();
-  await server?.stop();
-});
-
-/** @param {import('playwright-core').Page} page @param {string} text */
-async function say(page, text) {
-  await page.fill('#chat-input', text);
-  await page.click('#chat-form button');
-}
+// The restart test replaces the server: stop the one running at the end.
+after(() => server?.stop());
 
 test('two tabs chat both ways, peer to peer', async () => {
   const a = await chrome.page(`${server.url}/room/lobby`);

@@ -3,6 +3,7 @@
 // only inside a network namespace (scripts/netns-test.sh makes one with
 // just loopback): a browser cannot be kept off other interfaces otherwise.
 
+import { before, after } from 'node:test';
 import { chromium } from 'playwright-core';
 import { spawn, execFileSync } from 'node:child_process';
 import { readFileSync, mkdtempSync, mkdirSync, rmSync, createReadStream } from 'node:fs';
@@ -175,4 +176,33 @@ export async function until(fn, ms = 30_000, what = 'condition') {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/**
+ * Registers, for the test file calling it, a `peerlink serve` and a
+ * Chromium started before its tests and stopped after them; `ready` gets
+ * them once started.
+ * @param {(server: Awaited<ReturnType<typeof serve>>, chrome: Awaited<ReturnType<typeof browser>>) => void} ready
+ */
+export function setup(ready) {
+  /** @type {Awaited<ReturnType<typeof serve>> | undefined} */
+  let server;
+  /** @type {Awaited<ReturnType<typeof browser>> | undefined} */
+  let chrome;
+  before(async () => {
+    assertIsolated();
+    server = await serve();
+    chrome = await browser();
+    ready(server, chrome);
+  });
+  after(async () => {
+    await chrome?.close();
+    await server?.stop();
+  });
+}
+
+/** Types `text` into the room page's chat and sends it. @param {import('playwright-core').Page} page @param {string} text */
+export async function say(page, text) {
+  await page.fill('#chat-input', text);
+  await page.click('#chat-form button');
 }

@@ -3,32 +3,20 @@
 // other. Then Chromium with default settings (no media permission: its host
 // addresses hidden behind mDNS names) against a native peer.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { assertIsolated, serve, browser, run, scratch, writeRandom, sha256, shot, until } from './harness.js';
+import { run, scratch, writeRandom, sha256, shot, until, setup, say, browser } from './harness.js';
 
-/** @type {Awaited<ReturnType<typeof serve>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
-/** @type {Awaited<ReturnType<typeof browser>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').browser>>} */
 let chrome;
-
-before(async () => {
-  assertIsolated();
-  server = await serve();
-  chrome = await browser();
+setup((s, c) => {
+  server = s;
+  chrome = c;
 });
-after(async () => {
-  await chrome?.close();
-  await server?.stop();
-});
-
-/** @param {import('playwright-core').Page} page @param {string} text */
-async function say(page, text) {
-  await page.fill('#chat-input', text);
-  await page.click('#chat-form button');
-}
 
 test('two browsers and peerlink chat share a room: presence, chat, file drop', async () => {
   const native = run(['chat', '--server', server.ws, '--ice-addr', '127.0.0.1', '--name', 'native', 'team']);

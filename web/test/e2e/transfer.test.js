@@ -3,16 +3,16 @@
 // fails on both sides; a sender leaving mid-transfer is shown, and one
 // restarted with the same code finishes the transfer.
 
-import { test, before, after } from 'node:test';
+import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync, mkdirSync, readdirSync, statSync } from 'node:fs';
-import { assertIsolated, serve, browser, run, scratch, writeRandom, sha256, shot } from './harness.js';
+import { setup, run, scratch, writeRandom, sha256, shot } from './harness.js';
 
 const MiB = 1 << 20;
-/** @type {Awaited<ReturnType<typeof serve>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
-/** @type {Awaited<ReturnType<typeof browser>>} */
+/** @type {Awaited<ReturnType<typeof import('./harness.js').browser>>} */
 let chrome;
 /** @type {string} */
 let dir;
@@ -25,10 +25,12 @@ const folderHashes = new Map();
 /** @type {string} */
 let bigHash;
 
+setup((s, c) => {
+  server = s;
+  chrome = c;
+});
+
 before(async () => {
-  assertIsolated();
-  server = await serve();
-  chrome = await browser();
   dir = scratch('transfer');
   big = join(dir, 'big.bin');
   writeRandom(big, 100 * MiB);
@@ -40,10 +42,6 @@ before(async () => {
   writeFileSync(join(folder, 'notes été.txt'), 'Ünïcode notes\n');
   writeFileSync(join(folder, 'empty'), '');
   for (const rel of ['one.jpg', 'raw/two.dng', 'notes été.txt', 'empty']) folderHashes.set(`album/${rel}`, await sha256(join(folder, rel)));
-});
-after(async () => {
-  await chrome?.close();
-  await server?.stop();
 });
 
 const net = () => ['--server', server.ws, '--ice-addr', '127.0.0.1', '--json'];
