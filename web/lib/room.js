@@ -99,6 +99,7 @@ export class Room extends Emitter {
     /** @type {RTCIceServer[]} */
     this.iceServers = [];
     this.closed = false;
+    this.leaving = false;
     this.signaling = new Signaling({
       server: options.server,
       room: options.room,
@@ -265,8 +266,26 @@ export class Room extends Emitter {
     return (await this.conns.get(peer)?.stats()) ?? null;
   }
 
-  /** Leaves the room and closes every connection. */
-  leave() {
+  /**
+   * Leaves the room and closes every connection, without losing what was
+   * sent: first waits, at most `linger` ms, until every connected peer's
+   * channels have handed all queued messages to the browser and the
+   * browser has passed them to SCTP (`bufferedAmount` 0), gives them
+   * `settle` ms more on the wire, and only then tells the server (members
+   * close their connection to a peer that left).
+   * @param {{ linger?: number, settle?: number }} [options]
+   */
+  async leave({ linger = 5000, settle = 250 } = {}) {
+    if (this.closed || this.leaving) return;
+    this.leaving = true;
+    const deadline = Date.now() + linger;
+    const pending = () =>
+      [...this.conns.values()].some(
+        (c) => c.state === 'connected' && [...c.channels.values()].some((ch) => !ch.isClosed && (ch.queuedBytes > 0 || ch.bufferedAmount > 0)),
+      );
+    while (pending() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    const connected = [...this.conns.values()].some((c) => c.state === 'connected');
+    if (connected && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(settle, deadline - Date.now())));
     this.signaling.close();
   }
 

@@ -181,7 +181,7 @@ export class Link extends Emitter {
     if (this.closed) return;
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
-    this.room.leave();
+    void this.room.leave();
   }
 }
 

@@ -263,15 +263,6 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
             run.stats = Some(s);
         }
     }
-    // Give our last messages a moment to reach the other side before leaving.
-    for run in peers.values() {
-        if let Some(ch) = &run.channel {
-            let _ = tokio::time::timeout(Duration::from_secs(2), ch.flush()).await;
-        }
-    }
-    let linger = Instant::now() + Duration::from_secs(1);
-    while let Ok(Some(_)) = tokio::time::timeout_at(linger.into(), room.next_event()).await {}
-
     // Results, with the connection's own view.
     let mut results = Vec::new();
     let mut ok = peers.len() >= args.expect_peers;
@@ -324,6 +315,8 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
         }
         lines.join("\n")
     });
-    let _ = tokio::time::timeout(Duration::from_secs(2), room.leave()).await;
+    // Leaving waits (up to the room's linger) until the other side has
+    // acknowledged our last messages, so its count completes.
+    let _ = tokio::time::timeout(Duration::from_secs(10), room.leave()).await;
     Ok(ok)
 }

@@ -806,6 +806,13 @@ impl PeerConn {
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
     }
 
+    /// Bytes written to open channels that the peer has not acknowledged
+    /// yet (SCTP counts a message as buffered until it is acknowledged).
+    pub fn unacknowledged(&mut self) -> usize {
+        let ids: Vec<ChannelId> = self.open.keys().copied().collect();
+        ids.into_iter().map(|id| self.rtc.channel(id).map_or(0, |mut ch| ch.buffered_amount())).sum()
+    }
+
     pub fn close(&mut self) {
         self.rtc.disconnect();
         self.set_state(ConnState::Closed);

@@ -111,7 +111,7 @@ impl Driver {
                 let _ = reply.send(self.mesh.members());
             }
             Command::Leave { reply } => {
-                self.mesh.leave();
+                self.mesh.leave(now);
                 self.leave_replies.push(reply);
             }
         }

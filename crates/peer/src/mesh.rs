@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use peerlink_proto::{ClientMsg, PeerId, PeerInfo, ServerMsg, Signal};
 use str0m::channel::ChannelId;
@@ -41,6 +41,8 @@ pub(crate) struct MeshConfig {
     pub auto_connect: bool,
     /// Offer relayed candidates only.
     pub relay_only: bool,
+    /// Longest wait of a leave for sent messages to be acknowledged.
+    pub linger: Duration,
     /// Send-queue capacity per channel, in bytes.
     pub send_queue_bytes: usize,
     /// Receive-queue capacity per channel, in bytes.
@@ -112,6 +114,8 @@ pub(crate) struct Mesh {
     out: VecDeque<MeshOutput>,
     /// Set when the room must end, with the reason.
     closing: Option<String>,
+    /// A leave waiting for sent messages to be acknowledged, until then.
+    leaving: Option<Instant>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -146,6 +150,7 @@ impl Mesh {
             wake,
             out: VecDeque::new(),
             closing: None,
+            leaving: None,
         }
     }
 
@@ -168,7 +173,12 @@ impl Mesh {
 
     /// The earliest time [`Mesh::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.peers.values().map(|st| st.next_timeout).chain(self.gatherer.poll_timeout()).min()
+        self.peers
+            .values()
+            .map(|st| st.next_timeout)
+            .chain(self.gatherer.poll_timeout())
+            .chain(self.leaving)
+            .min()
     }
 
     fn emit(&mut self, ev: Event) {
@@ -369,11 +379,40 @@ impl Mesh {
         self.members.keys().cloned().collect()
     }
 
-    /// Leaves the room: the server is told, and the room ends.
-    pub fn leave(&mut self) {
+    /// Leaves the room once every message queued on a channel has been
+    /// acknowledged by its peer, or at `now` + the configured linger: until
+    /// then connections keep running (retransmitting what was lost); then
+    /// the server is told, and the room ends. The server is told last
+    /// because members drop their connection to a peer that left.
+    pub fn leave(&mut self, now: Instant) {
+        if self.leaving.is_none() && self.closing.is_none() {
+            self.leaving = Some(now + self.config.linger);
+            self.check_leaving(now);
+        }
+    }
+
+    /// Finishes a leave whose messages are all delivered or whose linger
+    /// is over.
+    fn check_leaving(&mut self, now: Instant) {
+        let Some(deadline) = self.leaving else { return };
+        if now < deadline && !self.all_acknowledged() {
+            return;
+        }
+        self.leaving = None;
         let room = self.room.clone();
         self.signaling(ClientMsg::Leave { room });
         self.fail("left the room");
+    }
+
+    /// Whether nothing sent on a connected peer's channels waits, in our
+    /// queues or unacknowledged in SCTP. Connections that are not
+    /// connected cannot deliver and are not waited for.
+    fn all_acknowledged(&mut self) -> bool {
+        self.peers.values_mut().all(|st| {
+            st.conn.state() != ConnState::Connected
+                || (st.channels.values().all(|ch| ch.queue.lock().expect("channel queue lock").is_empty())
+                    && st.conn.unacknowledged() == 0)
+        })
     }
 
     /// Channels of these connections queued messages to send.
@@ -398,6 +437,7 @@ impl Mesh {
         }
         self.flush_gatherer(now);
         self.pump(now);
+        self.check_leaving(now);
     }
 
     /// Polls every connection that had input or whose timer is due.

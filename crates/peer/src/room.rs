@@ -50,6 +50,9 @@ pub struct RoomConfig {
     /// application chooses with [`Room::connect`]; signals from a member it
     /// has not connected to yet are held (a bounded number) until it does.
     pub auto_connect: bool,
+    /// How long [`Room::leave`] waits for messages already sent to be
+    /// acknowledged by their peers before it leaves anyway.
+    pub linger: Duration,
 }
 
 impl RoomConfig {
@@ -68,6 +71,7 @@ impl RoomConfig {
             signaling_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(15),
             auto_connect: true,
+            linger: Duration::from_secs(5),
         }
     }
 }
@@ -119,6 +123,7 @@ impl Room {
             channels: config.channels.clone(),
             auto_connect: config.auto_connect,
             relay_only: config.ice.relay_only,
+            linger: config.linger,
             send_queue_bytes: config.send_queue_bytes,
             receive_queue_bytes: config.receive_queue_bytes,
             conn: ConnConfig { connect_timeout: config.connect_timeout, dtls_cert, ..ConnConfig::default() },
@@ -209,9 +214,14 @@ impl Room {
         self.call(|reply| Command::Peers { reply }).await
     }
 
-    /// Leaves the room and closes every connection. Returns once the server
-    /// has been handed everything sent before (messages via the server, the
-    /// leave itself), or after a bounded wait if it is not reading.
+    /// Leaves the room and closes every connection, without losing what
+    /// was sent: first every message already queued on a channel is handed
+    /// to its connection and acknowledged by the peer (waiting at most
+    /// [`RoomConfig::linger`]; lost packets are retransmitted meanwhile),
+    /// then the server is told. Returns once the server has been handed
+    /// everything sent before (messages via the server, the leave itself),
+    /// or after a bounded wait if it is not reading. Dropping the [`Room`]
+    /// instead leaves at once.
     pub async fn leave(self) -> Result<(), Error> {
         self.call(|reply| Command::Leave { reply }).await
     }

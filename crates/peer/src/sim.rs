@@ -346,6 +346,8 @@ mod rooms {
     use crate::relay::Gatherer;
 
     const ROOM: &str = "sim";
+    /// How long a leave waits for its messages to be acknowledged.
+    const LINGER: Duration = Duration::from_secs(5);
 
     /// Something on its way: a datagram to a host address, or a server
     /// message to a peer.
@@ -470,6 +472,7 @@ mod rooms {
                 channels: self.channels.clone(),
                 auto_connect: true,
                 relay_only: false,
+                linger: LINGER,
                 send_queue_bytes: 1 << 20,
                 receive_queue_bytes: 4 << 20,
                 conn: ConnConfig::default(),
@@ -498,8 +501,10 @@ mod rooms {
         /// Peer `i` leaves (`leave`), or its connection drops (`!leave`).
         fn depart(&mut self, i: usize, leave: bool) {
             if leave {
-                self.peers[i].mesh.as_mut().expect("present").leave();
-                self.pump();
+                let now = self.instant();
+                self.peers[i].mesh.as_mut().expect("present").leave(now);
+                self.run_until(self.now + Duration::from_secs(30), "leave", |s| s.peers[i].mesh.is_none());
+                return;
             }
             let now = self.instant();
             if let Some(mut mesh) = self.peers[i].mesh.take() {
@@ -562,6 +567,14 @@ mod rooms {
                 while let Some(o) = mesh.poll_output() {
                     outputs.push(o);
                 }
+                // The room ended (a leave finished): closed as the driver
+                // closes it, and its socket to the server goes away.
+                let ended = mesh.take_closing().map(|reason| {
+                    mesh.close(reason, now);
+                    while let Some(o) = mesh.poll_output() {
+                        outputs.push(o);
+                    }
+                });
                 for o in outputs {
                     match o {
                         MeshOutput::Transmit { to, data, .. } => {
@@ -594,6 +607,10 @@ mod rooms {
                     while let Some(m) = ch.try_recv() {
                         p.received.entry((peer.clone(), label.clone())).or_default().push(m);
                     }
+                }
+                if ended.is_some() {
+                    self.peers[i].mesh = None;
+                    self.on_gone(i);
                 }
             }
         }
@@ -767,6 +784,60 @@ mod rooms {
         let mut members = mesh.members();
         members.sort();
         assert_eq!(members, vec![sim.id(d)]);
+    }
+
+    /// A peer queues messages and leaves at once, over a lossy link: the
+    /// leave waits until the other side has acknowledged all of them (lost
+    /// ones retransmitted), so every message arrives, in order, before the
+    /// other side sees the peer go.
+    #[test]
+    fn a_leave_delivers_what_was_sent_before_it_through_loss() {
+        for seed in [21, 22, 23] {
+            let mut sim = Sim::new(seed, 0.1, Duration::from_millis(25), Duration::from_millis(5));
+            let all: Vec<usize> = (0..2).map(|_| sim.join()).collect();
+            sim.run_until(Duration::from_secs(30), "mesh", |s| s.full_mesh(&all, "chat"));
+            let ch = sim.peers[1].channel(&sim.id(0), "chat").unwrap().clone();
+            const N: usize = 200;
+            for n in 0..N {
+                ch.try_send(numbered(1, 0, n)).expect("the queue holds 200 short messages");
+            }
+            let left_at = sim.now;
+            sim.depart(1, true);
+            let took = sim.now - left_at;
+            assert!(
+                took < LINGER,
+                "seed {seed}: everything was acknowledged before the linger ran out ({took:?})"
+            );
+            let id1 = sim.id(1);
+            sim.run_until(sim.now + Duration::from_secs(10), "peer_left", |s| {
+                s.peers[0].events.iter().any(|e| matches!(e, Event::PeerLeft { peer } if *peer == id1))
+            });
+            let want: Vec<Message> = (0..N).map(|n| Message::Text(numbered(1, 0, n))).collect();
+            assert_eq!(
+                sim.peers[0].got(&id1, "chat"),
+                want.as_slice(),
+                "seed {seed}: every message, in order"
+            );
+            assert!(sim.dropped > 0, "the network dropped datagrams");
+        }
+    }
+
+    /// A leave whose messages cannot be delivered (the peer's network is
+    /// gone) still ends: when the connection is seen down, or at the latest
+    /// when the linger runs out.
+    #[test]
+    fn a_leave_ends_within_the_linger_when_nothing_can_be_delivered() {
+        let mut sim = Sim::new(31, 0.0, Duration::from_millis(10), Duration::ZERO);
+        let all: Vec<usize> = (0..2).map(|_| sim.join()).collect();
+        sim.run_until(Duration::from_secs(20), "mesh", |s| s.full_mesh(&all, "chat"));
+        sim.cut.insert(0, (sim.now, sim.now + Duration::from_secs(3600)));
+        let ch = sim.peers[1].channel(&sim.id(0), "chat").unwrap().clone();
+        ch.try_send("into the void").unwrap();
+        let left_at = sim.now;
+        sim.depart(1, true);
+        let took = sim.now - left_at;
+        assert!(took <= LINGER, "the leave waited no longer than the linger ({took:?})");
+        assert!(sim.peers[1].mesh.is_none(), "the room ended");
     }
 
     /// Two connected peers of a room of three open channels to each other

@@ -86,3 +86,33 @@ test('a full send queue refuses with ChannelOverflowError, ready() waits, and wh
   await a.close();
   await b.close();
 });
+
+test('a tab that sends and leaves at once: everything it queued arrives before the other sees it go', async () => {
+  const a = await chrome.page(`${server.url}/`);
+  const b = await chrome.page(`${server.url}/`);
+  const options = { maxBufferedAmount: 64 * 1024, maxQueuedSends: 1000, maxQueuedBytes: 4 << 20 };
+  await Promise.all([
+    a.evaluate(join, { server: server.url, room: 'leave', channelOptions: options }),
+    b.evaluate(join, { server: server.url, room: 'leave', channelOptions: options }),
+  ]);
+  await b.evaluate(() => {
+    const w = /** @type {any} */ (window);
+    w.room.on('peer_left', () => (w.gotAtLeave = w.got.length));
+  });
+  // 2 MiB queued: most of it still waits in the library's queue when
+  // leave() is called.
+  const n = await a.evaluate(async () => {
+    const w = /** @type {any} */ (window);
+    const part = new Uint8Array(16 * 1024);
+    let n = 0;
+    for (; n < 128; n++) w.ch.trySend(part);
+    await w.room.leave();
+    return n;
+  });
+  await b.waitForFunction(() => /** @type {any} */ (window).gotAtLeave !== undefined, null, { timeout: 20_000 });
+  const { got, gotAtLeave } = await b.evaluate(() => ({ got: /** @type {any} */ (window).got, gotAtLeave: /** @type {any} */ (window).gotAtLeave }));
+  assert.equal(gotAtLeave, n, 'every message arrived before peer_left');
+  assert.deepEqual(got, Array(n).fill(`bin:${16 * 1024}`));
+  await a.close();
+  await b.close();
+});
