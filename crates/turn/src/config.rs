@@ -158,32 +158,34 @@ impl Default for Limits {
     }
 }
 
-/// Which peers an allocation may talk to ("no open relay").
+/// Which peers an allocation may talk to ("no open relay"), by default
+/// coturn's safe stance: public addresses only.
 ///
 /// Always refused, whatever the flags: unspecified, multicast, broadcast,
-/// link-local, `0.0.0.0/8`, reserved `240.0.0.0/4`, the server's listen
-/// socket (at any of its addresses) and an allocation's own relayed address.
-/// Other allocations' relayed addresses are allowed: when both peers are
-/// relayed by this server, their data goes from relay to relay. IPv4-mapped
-/// IPv6 addresses are judged as IPv4.
-#[derive(Debug, Clone)]
+/// `0.0.0.0/8`, reserved `240.0.0.0/4`, the server's own addresses on any
+/// port but another live allocation's relayed port (when both peers are
+/// relayed by this server their data goes from relay to relay), and an
+/// allocation's own relayed address. Refused unless allowed: loopback,
+/// private space, link-local. IPv4-mapped IPv6 addresses are judged as IPv4.
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct PeerPolicy {
     /// Relay to and from loopback addresses. Default `false`; tests turn it on.
     pub allow_loopback: bool,
     /// Relay to and from private space: RFC 1918 (`10/8`, `172.16/12`,
     /// `192.168/16`), shared CGNAT space (`100.64/10`) and IPv6 ULA
-    /// (`fc00::/7`). Default `true`: NAT test labs and LAN peers use them.
+    /// (`fc00::/7`). Default `false`: a relay into the server's own network
+    /// lets anyone with credentials reach hosts behind its firewall. Allow
+    /// what a LAN deployment needs with `allowed` instead, where possible.
     pub allow_private: bool,
+    /// Networks allowed even though their class is refused (private,
+    /// loopback, link-local): e.g. `10.20.0.0/16` for a LAN deployment.
+    /// Never overrides the server's own addresses or `denied`.
+    pub allowed: Vec<IpNet>,
     /// Further networks to refuse.
     pub denied: Vec<IpNet>,
 }
 
-impl Default for PeerPolicy {
-    fn default() -> Self {
-        PeerPolicy { allow_loopback: false, allow_private: true, denied: Vec::new() }
-    }
-}
 
 /// An IP network in CIDR notation, such as `10.0.0.0/8` or `fd00::/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -591,7 +591,7 @@ impl State {
     /// The peer policy for data between `relay` and `peer`. An allocation
     /// talking to its own relayed address is refused too.
     fn peer_allowed(&self, relay: SocketAddr, peer: SocketAddr) -> bool {
-        peer != relay && self.policy.allows(peer)
+        peer != relay && self.policy.allows(peer, self.ledger.ports())
     }
 
     /// Binds a relay socket for a new allocation, or says why not.

@@ -589,6 +589,38 @@ async fn the_server_never_relays_to_itself() {
     srv.shutdown().await;
 }
 
+/// Allowing a network (here all of loopback) for LAN peers does not open
+/// the server's own host: at its own address only other allocations'
+/// relays are reachable, not the services listening there.
+#[tokio::test]
+async fn an_allocation_reaches_no_service_on_the_servers_host() {
+    let mut config = test_config();
+    config.peer_policy.allow_loopback = false;
+    config.peer_policy.allowed = vec!["127.0.0.0/8".parse().unwrap()];
+    let srv = start(config).await;
+    let (ua, pa) = creds("ada");
+    let (ub, pb) = creds("bob");
+    let mut a = Client::new(srv.addr, &ua, &pa).await;
+    let mut b = Client::new(srv.addr, &ub, &pb).await;
+    let relay_a = a.allocated().await;
+    let relay_b = b.allocated().await;
+    let lan_ip: IpAddr = "127.0.0.2".parse().unwrap();
+    a.permit(LOCALHOST).await;
+    a.permit(lan_ip).await;
+    b.permit(LOCALHOST).await;
+
+    let service = udp().await;
+    a.send(service.local_addr().unwrap(), b"to a service on the server's host").await;
+    a.send(relay_b, b"hello bob").await;
+    assert_eq!(b.recv_data(PROMPT).await, Some((relay_a, b"hello bob".to_vec())), "relay to relay");
+    let lan = UdpSocket::bind((lan_ip, 0)).await.unwrap();
+    a.send(lan.local_addr().unwrap(), b"to a LAN peer").await;
+    assert_eq!(recv(&lan, PROMPT).await.map(|(d, _)| d), Some(b"to a LAN peer".to_vec()), "allowed network");
+    assert_eq!(recv(&service, QUIET).await, None, "nothing reached the service");
+    assert_eq!(srv.stats().dropped_policy, 1);
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn bandwidth_limit_drops_the_excess() {
     let mut config = test_config();
