@@ -14,7 +14,7 @@ export const MAX_NAME_LEN = 64;
 export const ERROR_CODES = Object.freeze([
   'bad_json', 'unknown_type', 'bad_message', 'too_large', 'binary_frame', 'unsupported_version',
   'hello_required', 'already_greeted', 'invalid_room', 'invalid_name', 'room_full', 'too_many_rooms',
-  'already_joined', 'not_in_room', 'unknown_peer', 'spoofed_sender', 'rate_limited', 'flooding', 'idle_timeout',
+  'already_joined', 'not_in_room', 'unknown_peer', 'spoofed_sender', 'rate_limited', 'flooding', 'peer_busy', 'idle_timeout',
   'slow_consumer', 'shutting_down',
 ]);
 

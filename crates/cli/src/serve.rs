@@ -59,6 +59,58 @@ pub struct LimitArgs {
     #[arg(long, env = "PEERLINK_OUTBOUND_QUEUE_BYTES", default_value_t = peerlink_signal::DEFAULT_OUTBOUND_QUEUE_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64 * 1024..=1 << 30))]
     outbound_queue_bytes: usize,
+    /// Bytes queued for all connections together: past it relayed messages
+    /// are refused to their senders (`peer_busy`) until queues drain.
+    #[arg(long, env = "PEERLINK_QUEUE_BUDGET_BYTES", default_value_t = peerlink_signal::DEFAULT_QUEUE_BUDGET_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1 << 20..=1 << 40))]
+    queue_budget_bytes: usize,
+    /// A connection that reads nothing for this long while messages wait
+    /// for it is closed (`slow_consumer`).
+    #[arg(long, env = "PEERLINK_SLOW_CONSUMER_TIMEOUT", default_value = "10s", value_parser = parse_request_timeout)]
+    slow_consumer_timeout: Duration,
+    /// TCP connections open at once (WebSocket or HTTP); more are answered
+    /// 503 and closed. Default: 50,000, or what the file descriptor limit
+    /// allows (serve raises its soft limit to the hard one).
+    #[arg(long, env = "PEERLINK_MAX_CONNECTIONS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    max_connections: Option<usize>,
+    /// TCP connections open at once from one IP address.
+    #[arg(long, env = "PEERLINK_MAX_CONNECTIONS_PER_IP", default_value_t = peerlink_signal::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    max_connections_per_ip: usize,
+    /// Time a connection has to send a complete HTTP request (a half-sent
+    /// request is closed after it; also the keep-alive idle time).
+    /// WebSockets are not affected.
+    #[arg(long, env = "PEERLINK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_request_timeout)]
+    request_timeout: Duration,
+}
+
+/// A request or slow-consumer timeout: between 1 s and 10 min.
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    let d = crate::common::parse_duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d) {
+        return Err(format!("{s} is not a usable timeout; 1s to 10m"));
+    }
+    Ok(d)
+}
+
+/// File descriptors kept for everything but client connections (TURN
+/// relay sockets have their own quota).
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and returns the
+/// limit now in force (`None`: unlimited).
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let raised = rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return lim.maximum,
+            Err(e) => tracing::debug!("raising RLIMIT_NOFILE: {e}"),
+        }
+    }
+    lim.current
 }
 
 /// An idle timeout: at least 5 s (clients ping every 15 s or so).
@@ -80,8 +132,24 @@ impl LimitArgs {
             message_burst: self.message_burst,
             idle_timeout_ms: self.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         };
+        let fd_limit = raise_fd_limit();
+        let fits = fd_limit.map_or(usize::MAX, |n| n.saturating_sub(FD_RESERVE).max(64) as usize);
+        let max_connections =
+            self.max_connections.unwrap_or(peerlink_signal::DEFAULT_MAX_CONNECTIONS.min(fits));
+        if max_connections > fits {
+            tracing::warn!(
+                "--max-connections {max_connections} is more than the file descriptor limit ({fd_limit:?}) allows"
+            );
+        }
+        tracing::info!("file descriptor limit {fd_limit:?}; at most {max_connections} connections");
         peerlink_signal::Config {
             outbound_queue: self.outbound_queue,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+            queue_budget_bytes: self.queue_budget_bytes,
+            slow_consumer_timeout: self.slow_consumer_timeout,
+            max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            request_timeout: self.request_timeout,
             ..peerlink_signal::Config::with_limits(limits)
         }
     }
@@ -118,6 +186,21 @@ pub struct TurnArgs {
     /// Let the TURN server relay to loopback addresses (tests on one machine).
     #[arg(long)]
     turn_allow_loopback: bool,
+    /// Let the TURN server relay to private space (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7), which it refuses by default: a relay
+    /// into the server's own network reaches hosts behind its firewall.
+    /// Prefer --turn-allow-peer with the networks peers really use.
+    #[arg(long, env = "PEERLINK_TURN_ALLOW_PRIVATE")]
+    turn_allow_private: bool,
+    /// A network (CIDR, e.g. 10.20.0.0/16) the TURN server may relay to
+    /// although its class is refused (private, loopback, link-local);
+    /// repeatable, or comma-separated in the environment. The server's own
+    /// addresses stay refused but for other allocations' relays.
+    #[arg(long, env = "PEERLINK_TURN_ALLOW_PEER", value_delimiter = ',')]
+    turn_allow_peer: Vec<peerlink_turn::IpNet>,
+    /// A network (CIDR) the TURN server never relays to; repeatable.
+    #[arg(long, env = "PEERLINK_TURN_DENY_PEER", value_delimiter = ',')]
+    turn_deny_peer: Vec<peerlink_turn::IpNet>,
 }
 
 fn random_secret() -> String {
@@ -167,6 +250,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.external_ip = Some(external.unwrap_or(IpAddr::from([127, 0, 0, 1])));
         config.limits.bandwidth_bytes_per_sec = (turn.turn_rate > 0).then_some(turn.turn_rate);
         config.peer_policy.allow_loopback = turn.turn_allow_loopback;
+        config.peer_policy.allow_private = turn.turn_allow_private;
+        config.peer_policy.allowed = turn.turn_allow_peer.clone();
+        config.peer_policy.denied = turn.turn_deny_peer.clone();
         let server =
             peerlink_turn::Server::new(socket, config).context("cannot start the STUN/TURN server")?;
         tracing::info!(

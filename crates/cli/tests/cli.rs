@@ -104,8 +104,14 @@ fn serve_takes_its_limits_from_flags_and_enforces_them() {
             "7",
             "--idle-timeout",
             "30s",
+            "--outbound-queue-bytes",
+            "200000",
+            "--max-connections",
+            "500",
+            "--request-timeout",
+            "3s",
         ],
-        &[("PEERLINK_MESSAGE_BURST", "9")],
+        &[("PEERLINK_MESSAGE_BURST", "9"), ("PEERLINK_MAX_CONNECTIONS_PER_IP", "40")],
     );
     let line = server.expect("listening on");
     let addr = line.rsplit(' ').next().unwrap().to_string();
@@ -117,6 +123,10 @@ fn serve_takes_its_limits_from_flags_and_enforces_them() {
     assert_eq!(limits["message_burst"], 9, "{v}");
     assert_eq!(limits["idle_timeout_ms"], 30_000, "{v}");
     assert_eq!(limits["max_message_bytes"], 65_536, "{v}");
+    assert_eq!(v["outbound_queue_bytes"], 200_000, "{v}");
+    assert_eq!(v["max_connections"], 500, "{v}");
+    assert_eq!(v["max_connections_per_ip"], 40, "{v}");
+    assert_eq!(v["request_timeout_ms"], 3_000, "{v}");
 
     let url = format!("ws://{addr}/ws");
     let chat = |name: &str| {

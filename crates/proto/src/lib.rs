@@ -330,6 +330,10 @@ pub enum ErrorCode {
     Flooding,
     /// The connection sent nothing for `idle_timeout_ms`. The connection closes.
     IdleTimeout,
+    /// The addressee's queue is full (it reads slower than messages arrive
+    /// for it), or the server's queue budget is used up: the message was
+    /// not delivered to the peers named. Retry later.
+    PeerBusy,
     /// The client did not read its messages fast enough. The connection closes.
     SlowConsumer,
     /// The server is shutting down. The connection closes.
@@ -361,6 +365,7 @@ impl ErrorCode {
             ErrorCode::SpoofedSender => "spoofed_sender",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Flooding => "flooding",
+            ErrorCode::PeerBusy => "peer_busy",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -413,6 +418,7 @@ mod tests {
             ErrorCode::UnsupportedVersion,
             ErrorCode::SlowConsumer,
             ErrorCode::Flooding,
+            ErrorCode::PeerBusy,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -160,6 +160,13 @@ fn server_messages() {
                     .into(),
         },
     );
+    check(
+        "server/error_peer_busy.json",
+        ServerMsg::Error {
+            code: ErrorCode::PeerBusy,
+            message: "not delivered to peer p-9b71e0aa: its queue is full: it reads slower than messages arrive for it; retry later".into(),
+        },
+    );
     check("server/pong.json", ServerMsg::Pong { nonce: Some(42) });
 }
 
@@ -179,5 +186,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 21);
+    assert_eq!(names.len(), 22);
 }

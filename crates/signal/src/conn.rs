@@ -68,6 +68,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
             kick: kick.clone(),
             queued: Default::default(),
             max_bytes: cfg.outbound_queue_bytes,
+            budget: server.inner.budget.clone(),
         },
         greeted: false,
         rooms: HashSet::new(),
@@ -135,7 +136,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
             _ = heartbeat.tick() => Message::Ping(Default::default()),
             _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
             // Only the hub notifies, and only when it gave up on our queue.
-            _ = kick.notify.notified() => break Some(slow_consumer(&cfg)),
+            _ = kick.notify.notified() => break Some(queue_overflow(&cfg)),
             // `Ok` only: if the sender is gone (the `serve` future was dropped
             // without shutting down) the branch is disabled instead of spinning.
             Ok(()) = shutdown.changed() => continue,
@@ -143,12 +144,17 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         // A client that stops reading fills the socket buffers and this write
         // waits for it. Keep watching for what ends the connection meanwhile,
         // or a stalled client would never be kicked, timed out or shut down.
+        // A client whose socket takes nothing for the slow-consumer timeout
+        // is behind for good: what waits for it is refused to its senders
+        // meanwhile (`peer_busy`), and now it is closed.
+        let behind = Instant::now() + cfg.slow_consumer_timeout;
         tokio::select! {
             sent = ws.send(outgoing) => if sent.is_err() {
                 break None;
             },
             _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
-            _ = kick.notify.notified() => break Some(slow_consumer(&cfg)),
+            _ = tokio::time::sleep_until(behind) => break Some(not_reading(&cfg)),
+            _ = kick.notify.notified() => break Some(queue_overflow(&cfg)),
             Ok(()) = shutdown.changed() => break Some(shutting_down()),
         }
     };
@@ -156,6 +162,8 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
     for room in std::mem::take(&mut conn.rooms) {
         server.inner.hub.leave(&room, &conn.id);
     }
+    // What is still queued for us leaves the server's budget.
+    conn.outbox.drain(&mut rx);
     if let Some(f) = &end {
         tracing::debug!(peer = %conn.id, code = %f.code, "closing: {}", f.message);
         let frame = encode(&ServerMsg::Error { code: f.code, message: f.message.clone() });
@@ -196,12 +204,24 @@ fn deadline_passed(greeted: bool, cfg: &Config) -> Failure {
     }
 }
 
-fn slow_consumer(cfg: &Config) -> Failure {
+/// A message the server itself sends (presence, a reply) did not fit.
+fn queue_overflow(cfg: &Config) -> Failure {
     Failure::new(
         ErrorCode::SlowConsumer,
         format!(
             "more than {} messages or {} bytes queued for you",
             cfg.outbound_queue, cfg.outbound_queue_bytes
+        ),
+    )
+}
+
+/// The client's socket took nothing for the slow-consumer timeout.
+fn not_reading(cfg: &Config) -> Failure {
+    Failure::new(
+        ErrorCode::SlowConsumer,
+        format!(
+            "you read nothing of what was queued for you for {} ms",
+            cfg.slow_consumer_timeout.as_millis()
         ),
     )
 }

@@ -18,6 +18,15 @@ pub(crate) struct Outbox {
     pub queued: Arc<AtomicUsize>,
     /// Most bytes that may wait for this connection.
     pub max_bytes: usize,
+    /// Bytes queued for every connection of the server, and their bound.
+    pub budget: Arc<Budget>,
+}
+
+/// The server-wide bound on queued bytes.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    pub queued: AtomicUsize,
+    pub max_bytes: usize,
 }
 
 /// Notified when the hub gives up on a connection (its queue overflowed).
@@ -26,11 +35,50 @@ pub(crate) struct Kick {
     pub notify: Notify,
 }
 
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// The connection's own queue (messages or bytes) is full.
+    Connection,
+    /// The server's budget for all queues is used up.
+    Server,
+    /// The connection is closing.
+    Closed,
+}
+
 impl Outbox {
-    /// Queues a frame without waiting. A connection that cannot keep up is
-    /// kicked rather than allowed to grow memory or stall its sender.
-    /// The queue is bounded in messages and in bytes: a client that stops
-    /// reading pins at most `max_bytes` of server memory.
+    /// Queues a frame without waiting, or says why not. The queue is
+    /// bounded in messages and bytes, and all queues together by the
+    /// server's budget: a client that stops reading pins at most
+    /// `max_bytes`, all of them together at most the budget.
+    pub fn try_deliver(&self, frame: Utf8Bytes) -> Result<(), Full> {
+        let n = frame.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(Full::Connection);
+        }
+        if self.budget.queued.fetch_add(n, Ordering::Relaxed) + n > self.budget.max_bytes {
+            self.budget.queued.fetch_sub(n, Ordering::Relaxed);
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(Full::Server);
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
+                self.budget.queued.fetch_sub(n, Ordering::Relaxed);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => Full::Connection,
+                    mpsc::error::TrySendError::Closed(_) => Full::Closed,
+                })
+            }
+        }
+    }
+
+    /// Queues a frame the server itself sends (presence, replies): these
+    /// must not be lost, so a connection whose queue cannot take one is
+    /// closed as a slow consumer. They are exempt from the server budget
+    /// (each is small, and bounded by the connection's own queue).
     pub fn deliver(&self, frame: Utf8Bytes) -> bool {
         let n = frame.len();
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
@@ -38,15 +86,15 @@ impl Outbox {
             self.kick.notify.notify_one();
             return false;
         }
+        self.budget.queued.fetch_add(n, Ordering::Relaxed);
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(e) => {
                 self.queued.fetch_sub(n, Ordering::Relaxed);
-                self.kick.notify.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.queued.fetch_sub(n, Ordering::Relaxed);
+                self.budget.queued.fetch_sub(n, Ordering::Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.kick.notify.notify_one();
+                }
                 false
             }
         }
@@ -55,6 +103,15 @@ impl Outbox {
     /// The writer took `frame` off the queue.
     pub fn taken(&self, frame: &Utf8Bytes) {
         self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.budget.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
+
+    /// Frames still queued when the connection ends leave the budget.
+    pub fn drain(&self, rx: &mut mpsc::Receiver<Utf8Bytes>) {
+        rx.close();
+        while let Ok(frame) = rx.try_recv() {
+            self.taken(&frame);
+        }
     }
 }
 
@@ -93,6 +150,26 @@ pub struct HubStats {
 
 pub(crate) fn encode(msg: &ServerMsg) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(msg).expect("server messages always serialize"))
+}
+
+/// The refusal of a relayed frame that `peers` (of `addressed`) could not take.
+fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
+    let names: Vec<&str> = peers.iter().take(8).map(|p| p.as_str()).collect();
+    let more = if peers.len() > names.len() {
+        format!(" and {} more", peers.len() - names.len())
+    } else {
+        String::new()
+    };
+    let reason = match why {
+        Full::Server => "the server's queue budget is used up",
+        _ => "its queue is full: it reads slower than messages arrive for it",
+    };
+    let whom = if addressed == 1 {
+        format!("peer {}{more}", names.join(", "))
+    } else {
+        format!("{} of {addressed} members ({}{more})", peers.len(), names.join(", "))
+    };
+    Refused(ErrorCode::PeerBusy, format!("not delivered to {whom}: {reason}; retry later"))
 }
 
 /// Why a join was refused.
@@ -174,7 +251,10 @@ impl Hub {
         true
     }
 
-    /// Delivers `frame` to `to` if both `from` and `to` are in `room`.
+    /// Delivers `frame` to `to` if both `from` and `to` are in `room`. A
+    /// frame the addressee's queue (or the server's budget) cannot take is
+    /// refused to the sender with `peer_busy`: the addressee, which may be
+    /// reading as fast as it can, is not punished for what others send it.
     pub fn send_to(&self, room: &str, from: &PeerId, to: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
         let rooms = self.rooms.lock().expect("hub lock");
         let members = rooms
@@ -184,23 +264,39 @@ impl Hub {
         let target = members
             .get(to)
             .ok_or_else(|| Refused(ErrorCode::UnknownPeer, format!("no peer {to} in room {room}")))?;
-        target.outbox.deliver(frame);
-        Ok(())
+        match target.outbox.try_deliver(frame) {
+            Ok(()) => Ok(()),
+            Err(Full::Closed) => {
+                Err(Refused(ErrorCode::UnknownPeer, format!("peer {to} is leaving room {room}")))
+            }
+            Err(full) => Err(busy(&[to], 1, full)),
+        }
     }
 
-    /// Delivers `frame` to every member of `room` but `from`.
+    /// Delivers `frame` to every member of `room` but `from`; members whose
+    /// queue cannot take it are named in one `peer_busy` refusal.
     pub fn broadcast(&self, room: &str, from: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
         let rooms = self.rooms.lock().expect("hub lock");
         let members = rooms
             .get(room)
             .filter(|m| m.contains_key(from))
             .ok_or_else(|| Refused(ErrorCode::NotInRoom, format!("you are not in room {room}")))?;
+        let mut busy_peers = Vec::new();
+        let mut why = Full::Connection;
         for (pid, m) in members {
             if pid != from {
-                m.outbox.deliver(frame.clone());
-                self.messages_relayed.fetch_add(1, Ordering::Relaxed);
+                match m.outbox.try_deliver(frame.clone()) {
+                    Ok(()) => {
+                        self.messages_relayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Full::Closed) => {}
+                    Err(full) => {
+                        busy_peers.push(pid);
+                        why = full;
+                    }
+                }
             }
         }
-        Ok(())
+        if busy_peers.is_empty() { Ok(()) } else { Err(busy(&busy_peers, members.len() - 1, why)) }
     }
 }

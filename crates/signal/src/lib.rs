@@ -21,9 +21,9 @@ mod conn;
 mod frame;
 mod hub;
 mod limit;
+mod listen;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,13 +31,13 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use peerlink_proto::{IceServer, Limits, PeerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 pub use frame::parse_client_frame;
 pub use hub::HubStats;
+pub use listen::AdmissionStats;
 
 /// What the server enforces and announces.
 #[derive(Debug, Clone)]
@@ -52,7 +52,16 @@ pub struct Config {
     /// dropped as a slow consumer.
     pub outbound_queue: usize,
     /// The same bound in bytes: what a client that stops reading can pin.
+    /// A relayed message that does not fit is refused to its sender
+    /// (`peer_busy`); a message from the server itself that does not fit
+    /// closes the connection (`slow_consumer`).
     pub outbound_queue_bytes: usize,
+    /// All connections' queues together, in bytes: past it relayed messages
+    /// are refused to their senders (`peer_busy`) until queues drain.
+    pub queue_budget_bytes: usize,
+    /// A connection whose socket takes nothing for this long while messages
+    /// wait for it is closed (`slow_consumer`).
+    pub slow_consumer_timeout: Duration,
     /// Frames larger than this (bytes) kill the connection outright; frames
     /// between `limits.max_message_bytes` and this get a `too_large` error.
     pub hard_frame_limit: usize,
@@ -61,6 +70,15 @@ pub struct Config {
     /// More ICE servers made for each peer, e.g. with short-lived TURN
     /// credentials; appended to `ice_servers`.
     pub ice_provider: Option<IceProvider>,
+    /// TCP connections open at once (WebSocket or HTTP); more are answered
+    /// `503` and closed. Keep it under the process's file descriptor limit.
+    pub max_connections: usize,
+    /// TCP connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Time a connection has to send a complete HTTP request, from when it
+    /// opened or from its previous request (also how long an idle
+    /// keep-alive connection stays open). WebSockets are not affected.
+    pub request_timeout: Duration,
 }
 
 /// Who a `welcome` is for: the input of an [`IceProvider`].
@@ -108,11 +126,24 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     idle_timeout_ms: 45_000,
 };
 
-/// Messages queued for one connection before it is closed as a slow consumer.
-pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// Messages queued for one connection: above what the announced limits let
+/// a full room send it at once (31 members with a burst of 200 each).
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 8192;
+/// All connections' queued bytes together, unless configured otherwise.
+pub const DEFAULT_QUEUE_BUDGET_BYTES: usize = 256 << 20;
+/// How long a connection may read nothing while messages wait for it.
+pub const DEFAULT_SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes queued for one connection before it is closed as a slow consumer:
 /// what a client that stops reading can pin of the server's memory.
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1 << 20;
+/// TCP connections open at once, unless configured otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+/// TCP connections open at once from one IP address, unless configured
+/// otherwise: room for a busy office behind one NAT, not for one attacker
+/// to take every slot.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Time for a complete HTTP request, unless configured otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Config {
     /// The default configuration with these limits (the hard frame limit,
@@ -131,9 +162,14 @@ impl Default for Config {
             hello_timeout: Duration::from_secs(10),
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
+            queue_budget_bytes: DEFAULT_QUEUE_BUDGET_BYTES,
+            slow_consumer_timeout: DEFAULT_SLOW_CONSUMER_TIMEOUT,
             hard_frame_limit: 4 * limits.max_message_bytes as usize,
             ice_servers: Vec::new(),
             ice_provider: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -149,6 +185,8 @@ pub struct Server {
 struct Inner {
     config: Config,
     hub: hub::Hub,
+    budget: Arc<hub::Budget>,
+    admission: Arc<listen::Admission>,
     shutdown: watch::Receiver<bool>,
     /// Never sent on: `serve` waits for its receiver to see every sender
     /// dropped, which happens when the last connection task drops its `Server`.
@@ -162,7 +200,21 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (alive_tx, alive_rx) = mpsc::channel(1);
         let server = Server {
-            inner: Arc::new(Inner { config, hub: hub::Hub::default(), shutdown: stop_rx, _alive: alive_tx }),
+            inner: Arc::new(Inner {
+                admission: listen::Admission::new(listen::Caps {
+                    total: config.max_connections,
+                    per_ip: config.max_connections_per_ip,
+                    request_timeout: config.request_timeout,
+                }),
+                budget: Arc::new(hub::Budget {
+                    queued: Default::default(),
+                    max_bytes: config.queue_budget_bytes,
+                }),
+                config,
+                hub: hub::Hub::default(),
+                shutdown: stop_rx,
+                _alive: alive_tx,
+            }),
         };
         (server, stop_tx, alive_rx)
     }
@@ -171,34 +223,53 @@ impl Server {
     pub fn stats(&self) -> HubStats {
         self.inner.hub.stats()
     }
+
+    /// TCP connections open now, and those refused or timed out.
+    pub fn admission(&self) -> AdmissionStats {
+        self.inner.admission.stats()
+    }
 }
 
 /// The HTTP routes: `GET /ws` (the signaling WebSocket) and `GET /healthz`.
-/// Other routes (the web app) can be merged onto the returned router.
-pub fn router(server: Server) -> Router {
+/// Other routes (the web app) are merged onto it by `serve_with`.
+fn router(server: Server) -> Router {
     Router::new().route("/ws", get(ws_upgrade)).route("/healthz", get(healthz)).with_state(server)
 }
 
 async fn healthz(State(server): State<Server>) -> impl IntoResponse {
     let s = server.stats();
+    let a = server.admission();
+    let cfg = &server.inner.config;
     axum::Json(serde_json::json!({
         "status": "ok",
+        "tcp_connections": a.open,
+        "connections_refused": a.refused,
+        "requests_timed_out": a.timed_out,
+        "max_connections": cfg.max_connections,
+        "max_connections_per_ip": cfg.max_connections_per_ip,
+        "request_timeout_ms": cfg.request_timeout.as_millis() as u64,
         "connections": s.connections,
         "rooms": s.rooms,
         "signals_relayed": s.signals_relayed,
         "messages_relayed": s.messages_relayed,
         "limits": server.inner.config.limits,
-        "outbound_queue": server.inner.config.outbound_queue,
-        "outbound_queue_bytes": server.inner.config.outbound_queue_bytes,
+        "outbound_queue": cfg.outbound_queue,
+        "outbound_queue_bytes": cfg.outbound_queue_bytes,
+        "queued_bytes": server.inner.budget.queued.load(std::sync::atomic::Ordering::Relaxed),
+        "queue_budget_bytes": cfg.queue_budget_bytes,
+        "slow_consumer_timeout_ms": cfg.slow_consumer_timeout.as_millis() as u64,
     }))
 }
 
 async fn ws_upgrade(
     State(server): State<Server>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<listen::Peer>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
+    // From here the WebSocket's own idle timeout applies.
+    peer.deadline.upgraded();
+    let addr = peer.addr;
     let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).map(host_of);
     let cfg = &server.inner.config;
     ws
@@ -210,6 +281,14 @@ async fn ws_upgrade(
         .max_message_size(cfg.hard_frame_limit)
         .max_frame_size(cfg.hard_frame_limit)
         .on_upgrade(move |socket| conn::run(server, socket, addr, host))
+}
+
+/// Every request gives its connection a fresh request deadline.
+async fn note_request(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<listen::Peer>>() {
+        peer.deadline.request_started();
+    }
+    next.run(req).await
 }
 
 /// `example.org:8080` → `example.org`, `[2001:db8::1]:80` → `2001:db8::1`.
@@ -239,19 +318,14 @@ pub async fn serve_with(
     extend: impl FnOnce(Router) -> Router,
 ) -> std::io::Result<()> {
     let (server, stop, mut alive) = Server::new(config);
-    let app = extend(router(server.clone()));
+    let app = extend(router(server.clone())).layer(axum::middleware::from_fn(note_request));
     let stop_signal = async move {
         shutdown.await;
         tracing::info!("shutting down: closing connections");
         let _ = stop.send(true);
     };
-    // Signaling is small request/response frames: no Nagle delays.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+    let listener = listen::Guarded { listener, admission: server.inner.admission.clone() };
+    axum::serve(listener, app.into_make_service_with_connect_info::<listen::Peer>())
         .with_graceful_shutdown(stop_signal)
         .await?;
     // Every connection task holds a clone of `alive`; wait for them to finish.

@@ -943,15 +943,21 @@ async fn slow_consumer_is_disconnected_and_the_flooder_still_served() {
     // A queue of 64: small enough to fill quickly, large enough that the
     // flooder, which reads its own replies only between batches, never
     // overflows its own queue with the refusals of sends in flight.
-    let server = TestServer::start(flood_config(64, 30_000)).await;
+    let server = TestServer::start(Config {
+        slow_consumer_timeout: Duration::from_secs(1),
+        ..flood_config(64, 30_000)
+    })
+    .await;
     let (mut a, a_id) = server.member("lobby", "ada").await;
     let (mut slow, slow_id) = server.greeted().await;
     slow.join("lobby", None).await;
     a.recv().await;
 
     // `slow` never reads from here on: once the socket buffers are full the
-    // server's queue for it fills up.
-    send_until_dropped(&mut a, &slow_id).await;
+    // server's queue for it fills up, the sender is told, and a second
+    // later `slow` is closed.
+    let refused = send_until_dropped(&mut a, &slow_id).await;
+    assert!(refused > 0, "the sender was told its messages did not fit");
 
     // The flooder is still served (after refusals for sends already in flight).
     a.send_json(json!({"type": "ping", "nonce": 1})).await;
@@ -976,6 +982,7 @@ fn flood_config(outbound_queue: usize, idle_timeout_ms: u64) -> Config {
         outbound_queue,
         // Bounded by the message count alone here; the byte bound has its own test.
         outbound_queue_bytes: 1 << 30,
+        queue_budget_bytes: 1 << 40,
         limits: Limits {
             max_message_bytes: 64 * 1024,
             messages_per_second: 100_000,
@@ -989,26 +996,156 @@ fn flood_config(outbound_queue: usize, idle_timeout_ms: u64) -> Config {
 }
 
 /// The queue is bounded in bytes too: with room for 100,000 messages, a
-/// client that stops reading is still dropped once 256 KiB wait for it
-/// (beyond what the socket buffers hold), not after gigabytes.
+/// client that stops reading has at most 256 KiB waiting for it (beyond
+/// what the socket buffers hold), not gigabytes: what does not fit is
+/// refused to the sender, and the client is closed once it has read
+/// nothing for the slow-consumer timeout.
 #[tokio::test]
 async fn a_client_that_stops_reading_pins_at_most_its_byte_budget() {
-    let cfg = Config { outbound_queue_bytes: 256 * 1024, ..flood_config(100_000, 30_000) };
+    let cfg = Config {
+        outbound_queue_bytes: 256 * 1024,
+        slow_consumer_timeout: Duration::from_secs(1),
+        ..flood_config(100_000, 30_000)
+    };
     let server = TestServer::start(cfg).await;
     let (mut a, _) = server.member("lobby", "ada").await;
     let (mut slow, slow_id) = server.greeted().await;
     slow.join("lobby", None).await;
     a.recv().await;
-    send_until_dropped(&mut a, &slow_id).await;
+    let refused = send_until_dropped(&mut a, &slow_id).await;
+    assert!(refused > 0, "the sender was told its messages did not fit");
     slow.drain_until_closed(Duration::from_secs(20)).await;
 }
 
+/// All queues together are bounded by the server's budget: two clients
+/// that stop reading, each with room for 256 KiB, share a budget of
+/// 320 KiB. Past it senders get `peer_busy` saying so, and `/healthz`
+/// never shows more queued than the budget.
+#[tokio::test]
+async fn all_queues_together_stay_within_the_server_budget() {
+    let budget = 320 * 1024;
+    let cfg = Config {
+        outbound_queue_bytes: 256 * 1024,
+        queue_budget_bytes: budget,
+        slow_consumer_timeout: Duration::from_secs(30),
+        ..flood_config(100_000, 60_000)
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let (mut s, id) = server.greeted().await;
+        s.join("lobby", None).await;
+        a.recv().await;
+        stuck.push((s, id));
+    }
+    let payload = "x".repeat(60_000);
+    let mut server_full = false;
+    for round in 0..400 {
+        for (_, id) in &stuck {
+            a.send_json(json!({"type": "send", "room": "lobby", "to": id, "data": payload})).await;
+        }
+        while let Some(msg) = a.try_recv(Duration::from_millis(1)).await {
+            match msg {
+                ServerMsg::Error { code: ErrorCode::PeerBusy, message } => {
+                    server_full |= message.contains("the server's queue budget is used up");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if server_full && round % 10 == 0 {
+            break;
+        }
+    }
+    assert!(server_full, "the budget was never reached");
+    let (_, body) = http_get(server.addr, "/healthz").await;
+    let health: Value = serde_json::from_str(&body).expect("json");
+    let queued = health["queued_bytes"].as_u64().expect("queued_bytes");
+    assert!(queued <= budget as u64 && queued > 200 * 1024, "{health}");
+    assert_eq!(health["queue_budget_bytes"], budget as u64);
+    // When the stuck clients go, their queues leave the budget.
+    drop(stuck);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(server.addr, "/healthz").await;
+        let health: Value = serde_json::from_str(&body).expect("json");
+        if health["queued_bytes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queued bytes not given back: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ten members each send one legal burst of 200 messages to one member
+/// that reads as fast as it can: it gets all 2,000, in order per sender,
+/// and nobody is refused or closed.
+#[tokio::test]
+async fn an_honest_reader_takes_a_whole_rooms_burst() {
+    let cfg = Config {
+        limits: Limits {
+            max_peers_per_room: 32,
+            messages_per_second: 50,
+            message_burst: 200,
+            ..config().limits
+        },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut reader, reader_id) = server.member("lobby", "reader").await;
+    let mut senders = Vec::new();
+    for i in 0..10 {
+        let (c, id) = server.member("lobby", &format!("s{i}")).await;
+        senders.push((c, id));
+    }
+    // Each sender hears of those who joined after it.
+    for (i, (c, _)) in senders.iter_mut().enumerate() {
+        for _ in i + 1..10 {
+            assert!(matches!(c.recv().await, ServerMsg::PeerJoined { .. }));
+        }
+    }
+    // The reader's presence news, read now so only the burst follows.
+    for _ in 0..10 {
+        assert!(matches!(reader.recv().await, ServerMsg::PeerJoined { .. }));
+    }
+    let bursts = senders.iter_mut().map(|(c, _)| {
+        let to = reader_id.clone();
+        async move {
+            for n in 0..200 {
+                c.send_json(json!({"type": "send", "room": "lobby", "to": to, "data": n})).await;
+            }
+        }
+    });
+    let reading = async {
+        let mut next: std::collections::HashMap<PeerId, u64> = Default::default();
+        for _ in 0..2000 {
+            match reader.recv().await {
+                ServerMsg::Message { from, data, .. } => {
+                    let want = next.entry(from.clone()).or_default();
+                    assert_eq!(data, json!(*want), "in order from {from}");
+                    *want += 1;
+                }
+                other => panic!("the reader got {other:?}"),
+            }
+        }
+        next
+    };
+    let (_, got) = tokio::join!(futures_util::future::join_all(bursts), reading);
+    assert_eq!(got.len(), 10);
+    assert!(got.values().all(|&n| n == 200), "{got:?}");
+    for (c, _) in &mut senders {
+        assert!(c.try_recv(Duration::from_millis(20)).await.is_none(), "a sender was refused something");
+    }
+}
+
 /// Sends 60 kB messages from `a` to `slow`, which does not read, until the
-/// server drops `slow` (a `peer_left`). Socket buffers on loopback hold a few
-/// MB; 2,000 messages are 120 MB.
-async fn send_until_dropped(a: &mut Client, slow_id: &PeerId) {
+/// server drops `slow` (a `peer_left`); returns how many were refused with
+/// `peer_busy` meanwhile. Socket buffers on loopback hold a few MB; 2,000
+/// messages are 120 MB.
+async fn send_until_dropped(a: &mut Client, slow_id: &PeerId) -> usize {
     let payload = "x".repeat(60_000);
     let mut sent = 0;
+    let mut refused = 0;
     let mut gone = false;
     while !gone {
         assert!(sent < 2000, "slow consumer still connected after {sent} messages of 60 kB");
@@ -1021,12 +1158,21 @@ async fn send_until_dropped(a: &mut Client, slow_id: &PeerId) {
         while let Some(msg) = a.try_recv(Duration::from_millis(1)).await {
             match msg {
                 ServerMsg::PeerLeft { peer_id, .. } if peer_id == *slow_id => gone = true,
+                ServerMsg::Error { code: ErrorCode::PeerBusy, message } if !gone => {
+                    assert!(message.contains(slow_id.as_str()), "{message}");
+                    refused += 1;
+                }
                 // Sends already in flight when `slow` was dropped.
-                ServerMsg::Error { code: ErrorCode::UnknownPeer, .. } if gone => {}
+                ServerMsg::Error { code: ErrorCode::UnknownPeer | ErrorCode::PeerBusy, .. } if gone => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
+        if refused > 0 {
+            // Full: wait for the slow-consumer timeout rather than spin.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
+    refused
 }
 
 /// Queues ~36 MB for `to`: more than the socket buffers between the server
@@ -1148,4 +1294,108 @@ async fn healthz_reports_ok_and_counts() {
 
     let (head, _) = http_get(server.addr, "/nope").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+/// Reads until the server closes the connection; how long that took, or
+/// `None` if it was still open after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match timeout_at(start + within, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Slowloris: connections that send half a request and then trickle
+/// nothing more are closed at the request timeout, and meanwhile normal
+/// clients connect and are served.
+#[tokio::test]
+async fn half_sent_requests_are_closed_at_the_request_timeout() {
+    let server = TestServer::start(Config { request_timeout: Duration::from_secs(1), ..config() }).await;
+    let mut loris = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.expect("write");
+        loris.push(s);
+    }
+    // A byte now and then does not keep a request alive.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for s in &mut loris {
+        s.write_all(b"X").await.expect("write");
+    }
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.member("lobby", "bob").await;
+    a.recv().await; // bob's peer_joined
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 3).await;
+    for s in &mut loris {
+        let took = closed_within(s, Duration::from_secs(3)).await;
+        assert!(took.is_some(), "a half-sent request was still open 3 s later");
+    }
+    let (_, body) = http_get(server.addr, "/healthz").await;
+    let health: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(health["requests_timed_out"], 50, "{health}");
+    assert_eq!(health["tcp_connections"], 3, "two clients and this request: {health}");
+}
+
+/// The request timeout is for HTTP only: a WebSocket that stays quiet for
+/// longer than it is still served.
+#[tokio::test]
+async fn websockets_outlive_the_request_timeout() {
+    let server = TestServer::start(Config { request_timeout: Duration::from_secs(1), ..config() }).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.member("lobby", "bob").await;
+    a.recv().await; // bob's peer_joined
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 3).await;
+}
+
+/// Over a connection cap a connection is answered 503 and closed; the slot
+/// of a connection that closes is given back.
+#[tokio::test]
+async fn connections_over_the_caps_are_refused_with_503() {
+    async fn refused(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut response = Vec::new();
+        timeout(WAIT, s.read_to_end(&mut response)).await.expect("closed in time").expect("read");
+        String::from_utf8(response).expect("utf-8")
+    }
+    for (total, per_ip) in [(3, 100), (100, 3)] {
+        let server =
+            TestServer::start(Config { max_connections: total, max_connections_per_ip: per_ip, ..config() })
+                .await;
+        let (mut a, a_id) = server.member("lobby", "ada").await;
+        let (mut b, b_id) = server.member("lobby", "bob").await;
+        a.recv().await; // bob's peer_joined
+        let c = server.greeted().await;
+        let answer = refused(server.addr).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "caps {total}/{per_ip}: {answer}");
+        assert!(answer.contains("too many connections"), "{answer}");
+        still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 2).await;
+        drop(c);
+        // The slot comes back once the server has seen the close.
+        let deadline = Instant::now() + WAIT;
+        let (head, body) = loop {
+            let mut s = TcpStream::connect(server.addr).await.expect("connect");
+            let request = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            s.write_all(request.as_bytes()).await.expect("write");
+            let mut response = Vec::new();
+            timeout(WAIT, s.read_to_end(&mut response)).await.expect("timed out").expect("read");
+            let response = String::from_utf8(response).expect("utf-8");
+            if response.starts_with("HTTP/1.1 200") {
+                let (h, b) = response.split_once("\r\n\r\n").expect("separator");
+                break (h.to_string(), b.to_string());
+            }
+            assert!(Instant::now() < deadline, "the closed connection's slot never came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(head.starts_with("HTTP/1.1 200"));
+        let health: Value = serde_json::from_str(&body).expect("json");
+        assert!(health["connections_refused"].as_u64() >= Some(1), "{health}");
+        assert_eq!(health["max_connections"], total);
+        assert_eq!(health["max_connections_per_ip"], per_ip);
+    }
 }

@@ -19,6 +19,7 @@ test('every server fixture parses and writes back byte for byte', () => {
     const msg = parseServerMsg(wire);
     assert.notEqual(msg.type, 'unknown', f);
     assert.equal(JSON.stringify(msg), wire, f);
+    if (msg.type === 'error') assert.ok(ERROR_CODES.includes(msg.code), `${f}: ${msg.code} is a known code`);
   }
 });
 
