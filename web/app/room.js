@@ -17,7 +17,9 @@ document.title = `${roomName} · peerlink`;
 const myName = new URLSearchParams(location.search).get('name')?.slice(0, 64) || localStorage.getItem('peerlink-name') || `guest-${Math.floor(Math.random() * 9000 + 1000)}`;
 localStorage.setItem('peerlink-name', myName);
 
-const room = new Room({ server: location.origin, room: roomName, name: myName, channels: [reliable('chat')] });
+// A server run with --join-secret needs a token: the link carries it (`?token=`).
+const token = new URLSearchParams(location.search).get('token') ?? undefined;
+const room = new Room({ server: location.origin, room: roomName, name: myName, token, channels: [reliable('chat')] });
 /** @type {Map<string, Channel>} */
 const chats = new Map();
 /** @type {Map<string, { li: HTMLElement, state: string, path: string }>} */

@@ -14,12 +14,12 @@ export const MAX_NAME_LEN = 64;
 export const ERROR_CODES = Object.freeze([
   'bad_json', 'unknown_type', 'bad_message', 'too_large', 'binary_frame', 'unsupported_version',
   'hello_required', 'already_greeted', 'invalid_room', 'invalid_name', 'room_full', 'too_many_rooms',
-  'already_joined', 'not_in_room', 'unknown_peer', 'spoofed_sender', 'rate_limited', 'flooding', 'peer_busy', 'idle_timeout',
+  'already_joined', 'not_in_room', 'unknown_peer', 'spoofed_sender', 'unauthorized', 'origin_not_allowed', 'rate_limited', 'flooding', 'peer_busy', 'idle_timeout',
   'slow_consumer', 'shutting_down',
 ]);
 
 /** Codes after which the server closes the connection. */
-export const FATAL_CODES = Object.freeze(['unsupported_version', 'idle_timeout', 'slow_consumer', 'shutting_down', 'flooding']);
+export const FATAL_CODES = Object.freeze(['unsupported_version', 'idle_timeout', 'slow_consumer', 'shutting_down', 'flooding', 'origin_not_allowed']);
 
 /** @param {string} room */
 export function validRoom(room) {
@@ -41,7 +41,7 @@ export function validRoom(room) {
 /**
  * Client → server.
  * @typedef {{ type: 'hello', version: number, client?: string }
- *   | { type: 'join', room: string, name?: string }
+ *   | { type: 'join', room: string, name?: string, token?: string }
  *   | { type: 'leave', room: string }
  *   | { type: 'signal', room: string, to: string, signal: Signal }
  *   | { type: 'send', room: string, to?: string, data: unknown }

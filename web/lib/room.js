@@ -43,6 +43,7 @@ import { signSdp, verifySdp } from './auth.js';
  * @property {string} server          signaling server (`http://host:port`, `ws://host:port/ws`, `host:port`)
  * @property {string} room
  * @property {string} [name]          display name
+ * @property {string} [token]         join token from the application's backend, for servers that require one
  * @property {ChannelSpec[]} [channels] opened to every member by the later joiner
  * @property {boolean} [autoConnect]  full mesh (true), or only {@link Room.connect}
  * @property {RTCIceServer[]} [iceServers] more STUN/TURN servers besides the server's
@@ -104,6 +105,7 @@ export class Room extends Emitter {
       server: options.server,
       room: options.room,
       name: options.name,
+      token: options.token,
       WebSocket: options.WebSocket,
     });
   }

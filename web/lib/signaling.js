@@ -65,6 +65,7 @@ export function signalingUrl(input) {
  * @property {string} server      server address (see {@link signalingUrl})
  * @property {string} room
  * @property {string} [name]      display name
+ * @property {string} [token]     join token, for servers that require one (`unauthorized` otherwise)
  * @property {number} [timeoutMs] bound on every wait for the server (10 s)
  * @property {boolean} [reconnect] reconnect when the socket drops (true)
  * @property {number} [maxBackoffMs] longest wait between attempts (10 s)
@@ -161,6 +162,7 @@ export class Signaling extends Emitter {
           /** @type {Record<string, unknown>} */
           const join = { type: 'join', room: this.options.room };
           if (this.options.name) join.name = this.options.name;
+          if (this.options.token) join.token = this.options.token;
           ws.send(JSON.stringify(join));
         } else if (msg.type === 'joined' && welcome) {
           settled = true;

@@ -12,9 +12,16 @@ fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
     names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
 }
 
-pub async fn run(server: String, room: String, name: Option<String>, ice: IceConfig) -> anyhow::Result<()> {
+pub async fn run(
+    server: String,
+    room: String,
+    name: Option<String>,
+    token: Option<String>,
+    ice: IceConfig,
+) -> anyhow::Result<()> {
     let mut config = RoomConfig::new(server.clone(), room.clone());
     config.name = name;
+    config.token = token;
     config.ice = ice;
     config.channels = vec![ChannelSpec::reliable(LABEL)];
     let mut room_handle = Room::join(config).await.with_context(|| format!("joining {room} on {server}"))?;

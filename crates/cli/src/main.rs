@@ -53,6 +53,9 @@ enum Command {
         /// Name shown to the others.
         #[arg(long)]
         name: Option<String>,
+        /// Join token for servers that require one (`peerlink token`).
+        #[arg(long, env = "PEERLINK_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         #[command(flatten)]
         ice: common::IceArgs,
     },
@@ -64,6 +67,9 @@ enum Command {
     /// srflx, relay) and why, RTT, and whether numbered messages arrive once
     /// and in order. Exits 0 when everything arrived.
     Ping(ping::PingArgs),
+    /// Sign a join token for a server run with --join-secret (what an
+    /// application backend does): prints it.
+    Token(serve::TokenArgs),
     /// Measure the stack: two native peers through an in-process server on 127.0.0.1.
     Bench {
         #[command(subcommand)]
@@ -92,10 +98,11 @@ fn main() -> ExitCode {
                 init_tracing("info");
                 serve::run(args).await.map(|()| None)
             }
-            Command::Chat { room, server, name, ice } => {
+            Command::Chat { room, server, name, token, ice } => {
                 init_tracing("warn");
-                chat::run(server, room, name, ice.config()).await.map(|()| None)
+                chat::run(server, room, name, token, ice.config()).await.map(|()| None)
             }
+            Command::Token(args) => serve::token(args).map(|()| None),
             Command::Send(args) => {
                 init_tracing("warn");
                 transfer::send::run(args).await.map(Some)

@@ -22,6 +22,9 @@ pub struct PingArgs {
     /// Signaling server: ws://HOST:PORT/ws, http://HOST:PORT or HOST:PORT.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
     server: String,
+    /// Join token for servers that require one (`peerlink token`).
+    #[arg(long, env = "PEERLINK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -122,6 +125,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let out = Out { json: args.json };
     let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
     config.ice = args.ice.config();
+    config.token = args.token.clone();
     config.channels = vec![ChannelSpec::reliable(LABEL)];
     let t0 = Instant::now();
     let mut room =

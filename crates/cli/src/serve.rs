@@ -68,6 +68,17 @@ pub struct LimitArgs {
     /// for it is closed (`slow_consumer`).
     #[arg(long, env = "PEERLINK_SLOW_CONSUMER_TIMEOUT", default_value = "10s", value_parser = parse_request_timeout)]
     slow_consumer_timeout: Duration,
+    /// Require a join token signed with this secret on every join
+    /// (`peerlink token`, or your backend: see the README); `unauthorized`
+    /// without a valid one.
+    #[arg(long, env = "PEERLINK_JOIN_SECRET", hide_env_values = true)]
+    join_secret: Option<String>,
+    /// A browser origin whose pages may use the server, e.g.
+    /// https://app.example.org (repeatable; comma-separated in the
+    /// environment). Default: any. Pages served by this server itself and
+    /// clients without an Origin (native ones) are always allowed.
+    #[arg(long, env = "PEERLINK_ALLOW_ORIGIN", value_delimiter = ',')]
+    allow_origin: Vec<String>,
     /// TCP connections open at once (WebSocket or HTTP); more are answered
     /// 503 and closed. Default: 50,000, or what the file descriptor limit
     /// allows (serve raises its soft limit to the hard one).
@@ -150,6 +161,8 @@ impl LimitArgs {
             max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             request_timeout: self.request_timeout,
+            join_secret: self.join_secret.clone().map(peerlink_signal::Secret),
+            allowed_origins: self.allow_origin.clone(),
             ..peerlink_signal::Config::with_limits(limits)
         }
     }
@@ -315,5 +328,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Err(_) => tracing::warn!("STUN/TURN server did not stop in time"),
         }
     }
+    Ok(())
+}
+
+/// `peerlink token`: signs a join token.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The room the token lets its holder join; `*` for any room.
+    room: String,
+    /// The display name the join must carry (default: any).
+    #[arg(long)]
+    name: Option<String>,
+    /// How long the token is valid, e.g. 10m, 1h.
+    #[arg(long, default_value = "1h", value_parser = crate::common::parse_duration)]
+    ttl: Duration,
+    /// The server's --join-secret.
+    #[arg(long, env = "PEERLINK_JOIN_SECRET", hide_env_values = true)]
+    secret: String,
+}
+
+pub fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+    let claims =
+        peerlink_signal::JoinClaims { room: args.room, name: args.name, exp: now + args.ttl.as_secs() };
+    println!("{}", peerlink_signal::join_token(args.secret.as_bytes(), &claims));
     Ok(())
 }

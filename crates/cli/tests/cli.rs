@@ -160,3 +160,62 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)
 }
+
+/// A server with a join secret: `peerlink token` signs what it accepts; a
+/// chat without a token is refused with `unauthorized`, one with a token
+/// joins (the server also has an origin allow-list, which native clients,
+/// sending no Origin, pass).
+#[test]
+fn a_join_secret_lets_in_only_token_holders() {
+    let mut server = Proc::spawn_env(
+        &["serve", "--listen", "127.0.0.1:0", "--no-turn", "--allow-origin", "https://app.example"],
+        &[("PEERLINK_JOIN_SECRET", "s3cret")],
+    );
+    let line = server.expect("listening on");
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let url = format!("ws://{addr}/ws");
+
+    let mut no_token = Proc::spawn(&["chat", "club", "--server", &url, "--ice-addr", "127.0.0.1"]);
+    assert_eq!(no_token.wait_exit(), 1);
+    assert!(no_token.stderr().contains("unauthorized"), "{}", no_token.stderr());
+
+    let mut minted = Proc::spawn_env(
+        &["token", "club", "--name", "ada", "--ttl", "10m"],
+        &[("PEERLINK_JOIN_SECRET", "s3cret")],
+    );
+    assert_eq!(minted.wait_exit(), 0);
+    let token = minted.seen.last().expect("a token line").trim().to_string();
+    assert!(token.contains('.'), "{token}");
+
+    let mut wrong_name = Proc::spawn(&[
+        "chat",
+        "club",
+        "--server",
+        &url,
+        "--name",
+        "bob",
+        "--token",
+        &token,
+        "--ice-addr",
+        "127.0.0.1",
+    ]);
+    assert_eq!(wrong_name.wait_exit(), 1);
+    assert!(wrong_name.stderr().contains("for the name"), "{}", wrong_name.stderr());
+
+    let mut ada = Proc::spawn(&[
+        "chat",
+        "club",
+        "--server",
+        &url,
+        "--name",
+        "ada",
+        "--token",
+        &token,
+        "--ice-addr",
+        "127.0.0.1",
+    ]);
+    ada.expect("* joined club");
+    ada.terminate();
+    server.terminate();
+    assert_eq!(server.wait_exit(), 0);
+}

@@ -28,6 +28,9 @@ pub struct RoomConfig {
     pub room: String,
     /// Display name announced to the room.
     pub name: Option<String>,
+    /// Join token from the application's backend, for servers that require
+    /// one (`peerlink serve --join-secret`).
+    pub token: Option<String>,
     /// Where candidates are gathered, and which STUN/TURN servers to use.
     pub ice: IceConfig,
     /// Channels opened to every peer. The peer that joins later opens them,
@@ -63,6 +66,7 @@ impl RoomConfig {
             server: server.into(),
             room: room.into(),
             name: None,
+            token: None,
             ice: IceConfig::default(),
             channels: vec![ChannelSpec::reliable("data")],
             send_queue_bytes: 1024 * 1024,
@@ -105,9 +109,14 @@ impl Room {
         let sockets = gather::bind(&addrs).await?;
         let dtls_cert = tokio::task::spawn_blocking(crate::conn::generate_dtls_cert).await.ok().flatten();
         let local_addrs = sockets.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
-        let sig =
-            signaling::join(&config.server, &config.room, config.name.clone(), config.signaling_timeout)
-                .await?;
+        let sig = signaling::join(
+            &config.server,
+            &config.room,
+            config.name.clone(),
+            config.token.clone(),
+            config.signaling_timeout,
+        )
+        .await?;
         let id = sig.id.clone();
         tracing::info!(peer = %id, room = %config.room, addrs = ?local_addrs, "joined");
         let mut ice_servers = config.ice.servers.clone();

@@ -97,6 +97,7 @@ pub(crate) async fn join(
     url: &str,
     room: &str,
     name: Option<String>,
+    token: Option<String>,
     timeout: Duration,
 ) -> Result<Signaling, Error> {
     let url = &signaling_url(url);
@@ -119,7 +120,7 @@ pub(crate) async fn join(
         other => return Err(refused(other)),
     };
 
-    send(&mut ws, &ClientMsg::Join { room: room.to_string(), name }).await?;
+    send(&mut ws, &ClientMsg::Join { room: room.to_string(), name, token }).await?;
     let peers = match recv(&mut ws, timeout).await? {
         ServerMsg::Joined { peers, .. } => peers,
         other => return Err(refused(other)),

@@ -84,6 +84,10 @@ pub enum ClientMsg {
         /// Display name shown to the other members, at most [`MAX_NAME_LEN`] bytes; need not be unique.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// A join token from the application's backend, required by servers
+        /// run with a join secret (`unauthorized` without a valid one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Leave a room; answered by `left`.
     Leave {
@@ -325,6 +329,13 @@ pub enum ErrorCode {
     SpoofedSender,
     /// More than the allowed messages per second; the message was dropped.
     RateLimited,
+    /// The server requires a join token and the `join` had none, or one
+    /// that is not valid for this room and name (or expired); the message
+    /// says which. Get a fresh token and join again.
+    Unauthorized,
+    /// The browser page's `Origin` is not one the server allows. The
+    /// connection closes.
+    OriginNotAllowed,
     /// The connection kept sending far above the rate limit (more dropped
     /// than allowed, three seconds in a row). The connection closes.
     Flooding,
@@ -364,6 +375,8 @@ impl ErrorCode {
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::SpoofedSender => "spoofed_sender",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Flooding => "flooding",
             ErrorCode::PeerBusy => "peer_busy",
             ErrorCode::IdleTimeout => "idle_timeout",
@@ -382,6 +395,7 @@ impl ErrorCode {
                 | ErrorCode::SlowConsumer
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Flooding
+                | ErrorCode::OriginNotAllowed
         )
     }
 }
@@ -419,6 +433,8 @@ mod tests {
             ErrorCode::SlowConsumer,
             ErrorCode::Flooding,
             ErrorCode::PeerBusy,
+            ErrorCode::Unauthorized,
+            ErrorCode::OriginNotAllowed,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

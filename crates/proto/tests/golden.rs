@@ -37,7 +37,15 @@ fn client_messages() {
     let room = || "lobby".to_string();
     let to = || peer("p-4f2a9c1d");
     check("client/hello.json", ClientMsg::Hello { version: 1, client: Some("peerlink-cli/0.1.0".into()) });
-    check("client/join.json", ClientMsg::Join { room: room(), name: Some("ada".into()) });
+    check("client/join.json", ClientMsg::Join { room: room(), name: Some("ada".into()), token: None });
+    check(
+        "client/join_token.json",
+        ClientMsg::Join {
+            room: room(),
+            name: Some("ada".into()),
+            token: Some("eyJyb29tIjoibG9iYnkiLCJuYW1lIjoiYWRhIiwiZXhwIjoxNzY3MjI1NjAwfQ.y3_4jLKoyBDRSULMcDf_klyNETm9LxrvKkYHM-h_4q0".into()),
+        },
+    );
     check("client/leave.json", ClientMsg::Leave { room: room() });
     check(
         "client/signal_offer.json",
@@ -167,6 +175,20 @@ fn server_messages() {
             message: "not delivered to peer p-9b71e0aa: its queue is full: it reads slower than messages arrive for it; retry later".into(),
         },
     );
+    check(
+        "server/error_unauthorized.json",
+        ServerMsg::Error {
+            code: ErrorCode::Unauthorized,
+            message: "joining lobby needs a valid token: the token expired 12 s ago".into(),
+        },
+    );
+    check(
+        "server/error_origin_not_allowed.json",
+        ServerMsg::Error {
+            code: ErrorCode::OriginNotAllowed,
+            message: "pages from https://evil.example may not use this server".into(),
+        },
+    );
     check("server/pong.json", ServerMsg::Pong { nonce: Some(42) });
 }
 
@@ -186,5 +208,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 22);
+    assert_eq!(names.len(), 25);
 }

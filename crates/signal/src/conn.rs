@@ -185,6 +185,21 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
     tracing::debug!(peer = %conn.id, "disconnected");
 }
 
+/// Tells a page from a refused origin why, and closes.
+pub(crate) async fn refuse_origin(mut ws: WebSocket, origin: &str) {
+    tracing::debug!(%origin, "origin not allowed");
+    let frame = encode(&ServerMsg::Error {
+        code: ErrorCode::OriginNotAllowed,
+        message: format!("pages from {origin} may not use this server"),
+    });
+    let close = CloseFrame { code: close_code::POLICY, reason: ErrorCode::OriginNotAllowed.as_str().into() };
+    let goodbye = async {
+        ws.send(Message::Text(frame)).await?;
+        ws.send(Message::Close(Some(close))).await
+    };
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+}
+
 fn shutting_down() -> Failure {
     Failure::new(ErrorCode::ShuttingDown, "server is shutting down")
 }
@@ -330,7 +345,7 @@ impl Conn {
                     limits: inner.config.limits,
                 });
             }
-            ClientMsg::Join { room, name } => {
+            ClientMsg::Join { room, name, token } => {
                 if !valid_room(&room) {
                     return Err(Failure::new(
                         ErrorCode::InvalidRoom,
@@ -352,6 +367,24 @@ impl Conn {
                         ErrorCode::TooManyRooms,
                         format!("already in {max_rooms} rooms, the limit"),
                     ));
+                }
+                if let Some(secret) = &inner.config.join_secret {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let checked = match token.as_deref() {
+                        None => Err("this server requires one".to_string()),
+                        Some(t) => {
+                            crate::verify_join_token(secret.0.as_bytes(), t, &room, name.as_deref(), now)
+                                .map(|_| ())
+                        }
+                    };
+                    if let Err(why) = checked {
+                        return Err(Failure::new(
+                            ErrorCode::Unauthorized,
+                            format!("joining {room} needs a valid token: {why}"),
+                        ));
+                    }
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
                 // The hub sends `joined` itself, ordered before any `peer_joined`.

@@ -22,6 +22,7 @@ mod frame;
 mod hub;
 mod limit;
 mod listen;
+mod token;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 pub use frame::parse_client_frame;
 pub use hub::HubStats;
 pub use listen::AdmissionStats;
+pub use token::{JoinClaims, join_token, verify_join_token};
 
 /// What the server enforces and announces.
 #[derive(Debug, Clone)]
@@ -79,6 +81,23 @@ pub struct Config {
     /// opened or from its previous request (also how long an idle
     /// keep-alive connection stays open). WebSockets are not affected.
     pub request_timeout: Duration,
+    /// When set, every `join` must carry a token signed with this secret
+    /// (see [`join_token`]); `unauthorized` otherwise.
+    pub join_secret: Option<Secret>,
+    /// Browser origins (`https://app.example.org`) whose pages may open
+    /// the WebSocket; empty: any. Pages served by this server itself, and
+    /// clients that send no `Origin` (native ones), are always allowed.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A secret that never shows in logs.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// Who a `welcome` is for: the input of an [`IceProvider`].
@@ -170,6 +189,8 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            join_secret: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -270,8 +291,14 @@ async fn ws_upgrade(
     // From here the WebSocket's own idle timeout applies.
     peer.deadline.upgraded();
     let addr = peer.addr;
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).map(host_of);
+    let host_header = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    let host = host_header.map(host_of);
     let cfg = &server.inner.config;
+    let origin = headers.get(axum::http::header::ORIGIN).and_then(|h| h.to_str().ok());
+    let refused_origin = match origin {
+        Some(o) if !origin_allowed(&cfg.allowed_origins, o, host_header) => Some(o.to_string()),
+        _ => None,
+    };
     ws
         // Idle connections must be cheap: tungstenite's default is a 128 KiB
         // read buffer per connection. Signaling frames are small.
@@ -280,7 +307,24 @@ async fn ws_upgrade(
         .max_write_buffer_size(cfg.hard_frame_limit * 4)
         .max_message_size(cfg.hard_frame_limit)
         .max_frame_size(cfg.hard_frame_limit)
-        .on_upgrade(move |socket| conn::run(server, socket, addr, host))
+        .on_upgrade(move |socket| async move {
+            match refused_origin {
+                // A browser tells its page only that the socket closed: the
+                // reason goes over the socket, as a protocol error.
+                Some(origin) => conn::refuse_origin(socket, &origin).await,
+                None => conn::run(server, socket, addr, host).await,
+            }
+        })
+}
+
+/// Whether a page from `origin` may use the server: any when no list is
+/// set, else one on the list or this server's own (same host and port).
+fn origin_allowed(allowed: &[String], origin: &str, host: Option<&str>) -> bool {
+    if allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    host.is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
 }
 
 /// Every request gives its connection a fresh request deadline.

@@ -1399,3 +1399,105 @@ async fn connections_over_the_caps_are_refused_with_503() {
         assert_eq!(health["max_connections_per_ip"], per_ip);
     }
 }
+
+// ------------------------------------------------------------ access control
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// With a join secret, a join needs a token for its room (and name, if
+/// the token names one) that has not expired; each refusal is
+/// `unauthorized` with the reason, and the connection may try again.
+#[tokio::test]
+async fn a_join_secret_admits_only_valid_tokens() {
+    use peerlink_signal::{JoinClaims, Secret, join_token};
+    let secret = "backend secret";
+    let server = TestServer::start(Config { join_secret: Some(Secret(secret.into())), ..config() }).await;
+    let token = |room: &str, name: Option<&str>, exp: u64| {
+        join_token(secret.as_bytes(), &JoinClaims { room: room.into(), name: name.map(Into::into), exp })
+    };
+    let now = unix_now();
+    let (mut c, _) = server.greeted().await;
+    let attempts = [
+        (None, "requires one"),
+        (Some(token("other", None, now + 60)), "for room other"),
+        (Some(token("lobby", Some("bob"), now + 60)), "for the name"),
+        (Some(token("lobby", None, now - 1)), "expired"),
+        (
+            Some(join_token(
+                b"wrong secret",
+                &JoinClaims { room: "lobby".into(), name: None, exp: now + 60 },
+            )),
+            "secret",
+        ),
+        (Some("garbage".to_string()), "PAYLOAD.MAC"),
+    ];
+    for (tok, why) in attempts {
+        c.send_json(json!({"type": "join", "room": "lobby", "name": "ada", "token": tok})).await;
+        let message = c.expect_error(ErrorCode::Unauthorized).await;
+        assert!(message.contains(why), "{why}: {message}");
+    }
+    c.send_json(json!({"type": "join", "room": "lobby", "name": "ada", "token": token("lobby", Some("ada"), now + 60)}))
+        .await;
+    assert!(matches!(c.recv().await, ServerMsg::Joined { .. }));
+    // A wildcard token lets its holder into any room.
+    c.send_json(json!({"type": "join", "room": "elsewhere", "token": token("*", None, now + 60)})).await;
+    assert!(matches!(c.recv().await, ServerMsg::Joined { .. }));
+}
+
+/// Connects with `Origin: origin` (and the given Host); the first message.
+async fn first_message_with_origin(
+    addr: SocketAddr,
+    origin: &str,
+    host: Option<&str>,
+) -> (ServerMsg, Option<CloseCode>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut().insert("Origin", origin.parse().unwrap());
+    if let Some(h) = host {
+        req.headers_mut().insert("Host", h.parse().unwrap());
+    }
+    let (ws, _) =
+        timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("timed out").expect("connect");
+    let mut c = Client { ws };
+    c.send_json(json!({"type": "hello", "version": 1})).await;
+    let first = c.recv().await;
+    let mut close = None;
+    if matches!(first, ServerMsg::Error { .. }) {
+        let deadline = Instant::now() + WAIT;
+        while let Some(msg) = c.next_frame(deadline).await {
+            if let Message::Close(frame) = msg {
+                close = frame.map(|f| f.code);
+                break;
+            }
+        }
+    }
+    (first, close)
+}
+
+/// With an origin allow-list, pages from other origins are told
+/// `origin_not_allowed` and closed (cross-site WebSocket hijacking); listed
+/// origins, the server's own pages and clients without an Origin are served.
+#[tokio::test]
+async fn pages_from_other_origins_are_refused() {
+    let server =
+        TestServer::start(Config { allowed_origins: vec!["https://app.example".into()], ..config() }).await;
+    let (first, close) = first_message_with_origin(server.addr, "https://evil.example", None).await;
+    match first {
+        ServerMsg::Error { code: ErrorCode::OriginNotAllowed, message } => {
+            assert!(message.contains("https://evil.example"), "{message}")
+        }
+        other => panic!("expected origin_not_allowed, got {other:?}"),
+    }
+    assert_eq!(close, Some(CloseCode::Policy));
+    for (origin, host) in
+        [("https://app.example", None), ("http://chat.example:8080", Some("chat.example:8080"))]
+    {
+        let (first, _) = first_message_with_origin(server.addr, origin, host).await;
+        assert!(matches!(first, ServerMsg::Welcome { .. }), "{origin}: {first:?}");
+    }
+    // Native clients send no Origin.
+    let (mut a, _) = server.greeted().await;
+    a.join("lobby", None).await;
+}

@@ -186,7 +186,6 @@ pub struct PeerPolicy {
     pub denied: Vec<IpNet>,
 }
 
-
 /// An IP network in CIDR notation, such as `10.0.0.0/8` or `fd00::/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpNet {

@@ -27,6 +27,7 @@ test('the client messages the library sends are the fixtures', () => {
   const expected = {
     'hello.json': { type: 'hello', version: PROTOCOL_VERSION, client: 'peerlink-cli/0.1.0' },
     'join.json': { type: 'join', room: 'lobby', name: 'ada' },
+    'join_token.json': { type: 'join', room: 'lobby', name: 'ada', token: 'eyJyb29tIjoibG9iYnkiLCJuYW1lIjoiYWRhIiwiZXhwIjoxNzY3MjI1NjAwfQ.y3_4jLKoyBDRSULMcDf_klyNETm9LxrvKkYHM-h_4q0' },
     'leave.json': { type: 'leave', room: 'lobby' },
     'ping.json': { type: 'ping', nonce: 42 },
     'send_one.json': { type: 'send', room: 'lobby', to: 'p-4f2a9c1d', data: { type: 'hello', name: 'ada' } },

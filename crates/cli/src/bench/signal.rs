@@ -23,6 +23,8 @@ pub(super) async fn signal_memory(conns: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-turn"])
+        // Every connection comes from 127.0.0.1.
+        .args(["--max-connections-per-ip", &(conns + 64).to_string()])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)

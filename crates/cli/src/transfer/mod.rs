@@ -31,6 +31,10 @@ pub struct Common {
     /// before it is given up on (someone else who asked is tried next).
     #[arg(long, default_value = "30s", value_parser = crate::common::parse_duration)]
     pub pairing_timeout: Duration,
+    /// Join token for servers that require one (`peerlink token`); a code's
+    /// room is random, so the token must grant any room (`*`).
+    #[arg(long, env = "PEERLINK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(flatten)]
     pub ice: IceArgs,
 }

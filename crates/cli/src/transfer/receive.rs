@@ -158,6 +158,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     config.channels = Vec::new();
     config.ice = args.common.ice.config();
     config.name = Some("peerlink-receive".into());
+    config.token = args.common.token.clone();
     let room =
         Room::join(config).await.with_context(|| format!("cannot reach the signaling server at {server}"))?;
     if room.peers().await.map(|p| p.is_empty()).unwrap_or(true) {

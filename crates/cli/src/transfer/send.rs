@@ -221,6 +221,7 @@ async fn join(args: &SendArgs) -> anyhow::Result<(Room, Code)> {
         config.channels = Vec::new();
         config.ice = args.common.ice.config();
         config.name = Some("peerlink-send".into());
+        config.token = args.common.token.clone();
         let room = Room::join(config)
             .await
             .with_context(|| format!("cannot reach the signaling server at {}", args.common.server))?;
