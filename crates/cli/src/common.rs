@@ -97,3 +97,18 @@ pub async fn shutdown_signal() {
         std::process::exit(i32::from(crate::exit::INTERRUPTED));
     });
 }
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and returns the
+/// limit now in force (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let raised = rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return lim.maximum,
+            Err(e) => tracing::debug!("raising RLIMIT_NOFILE: {e}"),
+        }
+    }
+    lim.current
+}

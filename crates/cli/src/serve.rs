@@ -109,21 +109,6 @@ fn parse_request_timeout(s: &str) -> Result<Duration, String> {
 /// relay sockets have their own quota).
 const FD_RESERVE: u64 = 1024;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and returns the
-/// limit now in force (`None`: unlimited).
-fn raise_fd_limit() -> Option<u64> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if lim.current != lim.maximum {
-        let raised = rustix::process::Rlimit { current: lim.maximum, maximum: lim.maximum };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => return lim.maximum,
-            Err(e) => tracing::debug!("raising RLIMIT_NOFILE: {e}"),
-        }
-    }
-    lim.current
-}
-
 /// An idle timeout: at least 5 s (clients ping every 15 s or so).
 fn parse_idle(s: &str) -> Result<Duration, String> {
     let d = crate::common::parse_duration(s)?;
@@ -143,7 +128,7 @@ impl LimitArgs {
             message_burst: self.message_burst,
             idle_timeout_ms: self.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         };
-        let fd_limit = raise_fd_limit();
+        let fd_limit = crate::common::raise_fd_limit();
         let fits = fd_limit.map_or(usize::MAX, |n| n.saturating_sub(FD_RESERVE).max(64) as usize);
         let max_connections =
             self.max_connections.unwrap_or(peerlink_signal::DEFAULT_MAX_CONNECTIONS.min(fits));

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
@@ -147,9 +148,16 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         // A client whose socket takes nothing for the slow-consumer timeout
         // is behind for good: what waits for it is refused to its senders
         // meanwhile (`peer_busy`), and now it is closed.
+        // Most writes complete at once and need none of those timers.
+        let mut send = std::pin::pin!(ws.send(outgoing));
+        match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => break None,
+            Poll::Pending => {}
+        }
         let behind = Instant::now() + cfg.slow_consumer_timeout;
         tokio::select! {
-            sent = ws.send(outgoing) => if sent.is_err() {
+            sent = send => if sent.is_err() {
                 break None;
             },
             _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),

@@ -181,9 +181,8 @@ impl Listener for Guarded {
                 tracing::debug!("TCP_NODELAY: {e}");
             }
             let deadline = Arc::new(Deadline::new(self.admission.caps.request_timeout));
-            let sleep = Box::pin(tokio::time::sleep_until(deadline.at().expect("not upgraded")));
             return (
-                GuardedIo { tcp, _slot: slot, deadline, sleep, admission: self.admission.clone() },
+                GuardedIo { tcp, _slot: slot, deadline, sleep: None, admission: self.admission.clone() },
                 addr,
             );
         }
@@ -199,7 +198,10 @@ pub(crate) struct GuardedIo {
     tcp: TcpStream,
     _slot: Slot,
     deadline: Arc<Deadline>,
-    sleep: Pin<Box<Sleep>>,
+    /// The request deadline's timer, made when a read first waits and
+    /// dropped once the connection is a WebSocket: idle WebSockets carry
+    /// none.
+    sleep: Option<Pin<Box<Sleep>>>,
     admission: Arc<Admission>,
 }
 
@@ -210,19 +212,27 @@ impl AsyncRead for GuardedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if let Some(at) = this.deadline.at() {
-            if this.sleep.deadline() != at {
-                this.sleep.as_mut().reset(at);
-            }
-            if this.sleep.as_mut().poll(cx).is_ready() {
-                this.admission.timed_out.fetch_add(1, Ordering::Relaxed);
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no complete request in time",
-                )));
-            }
+        let Some(at) = this.deadline.at() else {
+            this.sleep = None;
+            return Pin::new(&mut this.tcp).poll_read(cx, buf);
+        };
+        // Data already waiting needs no timer.
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if read.is_ready() {
+            return read;
         }
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            this.admission.timed_out.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete request in time",
+            )));
+        }
+        Poll::Pending
     }
 }
 

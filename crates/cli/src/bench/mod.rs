@@ -5,10 +5,12 @@
 //! - `peer.rs`: connect time, round trips, throughput, the TURN relay;
 //! - `raw.rs`: the raw str0m reference the throughput is compared with;
 //! - `signal.rs`: the signaling server's memory per connection;
+//! - `sigload.rs`: the signaling server under load (CPU per message, latency);
 //! - `transfer.rs`: `peerlink send` to `peerlink receive`, disk to disk.
 
 mod peer;
 mod raw;
+mod sigload;
 mod signal;
 mod transfer;
 
@@ -70,6 +72,10 @@ pub enum Bench {
         #[arg(long, default_value_t = 500)]
         conns: usize,
     },
+    /// The signaling server under N connections in pairs relaying
+    /// messages: msgs/s, latency p50/p99, the server's CPU per message
+    /// (user, kernel) and RSS per connection.
+    SignalLoad(sigload::SignalLoadArgs),
     /// Everything above with default settings.
     All,
 }
@@ -156,6 +162,7 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Throughput { mib, size } => peer::throughput(mib, size).await.map(|_| ()),
         Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
+        Bench::SignalLoad(args) => sigload::run(args).await,
         Bench::Relay { mib, size } => peer::relay(mib, size).await,
         Bench::All => {
             peer::connect(50).await?;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -15,7 +15,9 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
-pub(super) async fn signal_memory(conns: usize) -> anyhow::Result<()> {
+/// A `peerlink serve --no-turn` child on a free loopback port, with `extra`
+/// flags, once it accepts connections: (child, pid, port).
+pub(super) async fn spawn_server(extra: &[&str]) -> anyhow::Result<(tokio::process::Child, u32, u16)> {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -23,23 +25,29 @@ pub(super) async fn signal_memory(conns: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-turn"])
-        // Every connection comes from 127.0.0.1.
-        .args(["--max-connections-per-ip", &(conns + 64).to_string()])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().context("server pid")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill().await;
+            bail!("server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((child, pid, port))
+}
+
+pub(super) async fn signal_memory(conns: usize) -> anyhow::Result<()> {
+    // Every connection comes from 127.0.0.1.
+    let (mut child, pid, port) =
+        spawn_server(&["--max-connections-per-ip", &(conns + 64).to_string()]).await?;
     let url = format!("ws://127.0.0.1:{port}/ws");
     let result = async {
-        // Wait for the server to listen.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if Instant::now() > deadline {
-                bail!("server did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let open = |i: usize| {
             let url = url.clone();
             async move {

@@ -1,0 +1,330 @@
+//! `bench signal-load`: a real `peerlink serve` process under N WebSocket
+//! connections in pairs, each pair in its own room, relaying `send`
+//! messages peer to peer through the server. Two phases: saturated (each
+//! pair keeps W messages in flight, echoed back; round trip = two relays)
+//! and paced (a fixed total rate, one way). The server's CPU per relayed
+//! message comes from its own `/proc/PID/stat`, split into user and kernel
+//! time, since on one machine the load generator competes for the same
+//! cores; its RSS per idle connection from `/proc/PID/status`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as M;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// `/proc` reports CPU time in USER_HZ ticks, 100 per second on Linux.
+const TICKS_PER_SEC: f64 = 100.0;
+const IDLE: u8 = 0;
+const SATURATED: u8 = 1;
+const PACED: u8 = 2;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SignalLoadArgs {
+    /// Connections (in pairs).
+    #[arg(long, default_value_t = 2000)]
+    conns: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Messages in flight per pair in the saturated phase.
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Total messages per second in the paced phase.
+    #[arg(long, default_value_t = 2000)]
+    paced_rate: u64,
+    /// Bytes of each message's `data`.
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+}
+
+/// What the receivers record during a phase.
+#[derive(Default)]
+struct Tally {
+    phase: AtomicU8,
+    relayed: AtomicU64,
+    /// Microseconds: round trips (saturated) or one-way times (paced).
+    latencies: std::sync::Mutex<Vec<u32>>,
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(") ").context("unreadable /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok((f[11].parse()?, f[12].parse()?))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+pub(super) async fn run(args: SignalLoadArgs) -> anyhow::Result<()> {
+    let pairs = (args.conns / 2).max(1);
+    // This process holds a socket per connection too.
+    if let Some(limit) = crate::common::raise_fd_limit()
+        && limit < (pairs * 2 + 256) as u64
+    {
+        bail!("the open-file limit ({limit}) is too low for {} connections", pairs * 2);
+    }
+    let (mut child, pid, port) = super::signal::spawn_server(&[
+        "--max-connections-per-ip",
+        &(pairs * 2 + 64).to_string(),
+        "--max-connections",
+        &(pairs * 2 + 64).to_string(),
+        "--messages-per-second",
+        "1000000",
+        "--message-burst",
+        "1000000",
+        "--idle-timeout",
+        "10m",
+    ])
+    .await?;
+    let result = load(&args, pairs, pid, port).await;
+    let _ = child.kill().await;
+    result
+}
+
+async fn load(args: &SignalLoadArgs, pairs: usize, pid: u32, port: u16) -> anyhow::Result<()> {
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let t0 = Instant::now();
+    let tally = Arc::new(Tally::default());
+    let rss_before = super::signal::rss_kib(pid)?;
+
+    // Open the pairs, 64 at a time; a task per connection owns its socket.
+    let mut starts = Vec::with_capacity(pairs);
+    let mut opened = futures_util::stream::iter((0..pairs).map(|i| open_pair(url.clone(), i))).buffered(64);
+    let mut conns = Vec::with_capacity(pairs);
+    while let Some(pair) = opened.next().await {
+        conns.push(pair?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = super::signal::rss_kib(pid)?;
+    let per_conn = rss_after.saturating_sub(rss_before) as f64 / (pairs * 2) as f64;
+    println!(
+        "signal load: peerlink serve (pid {pid}), {} connections in {pairs} pairs (a room each), {}-byte data per message",
+        pairs * 2,
+        args.payload
+    );
+    println!(
+        "  idle: server RSS {:.1} -> {:.1} MiB, {per_conn:.1} KiB per connection (greeted, joined)",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    let pad: Arc<str> = "x".repeat(args.payload.saturating_sub(30)).into();
+    for (a, a_id, b, b_id, room) in conns {
+        let (start, cmds) = tokio::sync::mpsc::channel(args.window.max(64));
+        starts.push(start);
+        let room: Arc<str> = room.into();
+        tokio::spawn(conn_task(
+            a,
+            Role::A,
+            room.clone(),
+            b_id.into(),
+            tally.clone(),
+            pad.clone(),
+            t0,
+            Some(cmds),
+        ));
+        tokio::spawn(conn_task(b, Role::B, room, a_id.into(), tally.clone(), pad.clone(), t0, None));
+    }
+
+    // Saturated: every pair starts its window, then echoes keep it full.
+    let phase = Duration::from_secs(args.secs);
+    tally.phase.store(SATURATED, Ordering::Relaxed);
+    for start in &starts {
+        for _ in 0..args.window {
+            let _ = start.try_send(());
+        }
+    }
+    let (stat, relayed) = measure(&tally, pid, phase).await?;
+    report(
+        &format!("saturated, {} in flight per pair", args.window),
+        "round trip (2 relays)",
+        stat,
+        relayed,
+        phase,
+        &tally,
+    );
+    tally.phase.store(IDLE, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Paced: one message every 1/rate s, round-robin over the pairs.
+    tally.phase.store(PACED, Ordering::Relaxed);
+    let start = Instant::now();
+    let rate = args.paced_rate.max(1);
+    let pacer = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            tick.tick().await;
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let _ = starts[(sent % starts.len() as u64) as usize].try_send(());
+                sent += 1;
+            }
+        }
+    });
+    let (stat, relayed) = measure(&tally, pid, phase).await?;
+    pacer.abort();
+    tally.phase.store(IDLE, Ordering::Relaxed);
+    report(&format!("paced, {} msgs/s", args.paced_rate), "one way", stat, relayed, phase, &tally);
+    println!(
+        "  (the PeerJS reference for the same load: ../shared/tools/refbench/sigload.sh peerlink peerjs; see the README)"
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Starts messages (on command), gets the echoes back.
+    A,
+    /// Echoes (saturated) or records the one-way time (paced).
+    B,
+}
+
+/// One connection: reads relayed messages and reacts as its role says;
+/// A also sends a message for each command.
+#[allow(clippy::too_many_arguments)]
+async fn conn_task(
+    mut ws: Ws,
+    role: Role,
+    room: Arc<str>,
+    to: Arc<str>,
+    tally: Arc<Tally>,
+    pad: Arc<str>,
+    t0: Instant,
+    mut cmds: Option<tokio::sync::mpsc::Receiver<()>>,
+) {
+    let frame = |t: u64| {
+        M::text(format!(r#"{{"type":"send","room":"{room}","to":"{to}","data":{{"t":{t},"p":"{pad}"}}}}"#))
+    };
+    let now = || t0.elapsed().as_micros() as u64;
+    loop {
+        let cmd = async {
+            match cmds.as_mut() {
+                Some(c) => c.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = ws.next() => {
+                let Some(Ok(M::Text(text))) = msg else {
+                    if matches!(msg, None | Some(Err(_))) { return; }
+                    continue;
+                };
+                // {"type":"message","room":..,"from":..,"data":{"t":N,..}}
+                let Some(t) = text.split_once(r#""t":"#).and_then(|(_, rest)| {
+                    rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u64>().ok())
+                }) else {
+                    continue;
+                };
+                match (role, tally.phase.load(Ordering::Relaxed)) {
+                    (Role::A, SATURATED) => {
+                        let n = now();
+                        tally.relayed.fetch_add(2, Ordering::Relaxed);
+                        tally.latencies.lock().expect("lock").push(n.saturating_sub(t) as u32);
+                        if ws.send(frame(n)).await.is_err() { return; }
+                    }
+                    (Role::B, SATURATED) if ws.send(frame(t)).await.is_err() => return,
+                    (Role::B, PACED) => {
+                        tally.relayed.fetch_add(1, Ordering::Relaxed);
+                        tally.latencies.lock().expect("lock").push(now().saturating_sub(t) as u32);
+                    }
+                    _ => {}
+                }
+            }
+            Some(()) = cmd => {
+                if ws.send(frame(now())).await.is_err() { return; }
+            }
+        }
+    }
+}
+
+/// The server's CPU ticks (user, kernel) and messages relayed over `phase`.
+async fn measure(tally: &Tally, pid: u32, phase: Duration) -> anyhow::Result<((u64, u64), u64)> {
+    // Let the phase settle before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tally.latencies.lock().expect("lock").clear();
+    let relayed0 = tally.relayed.load(Ordering::Relaxed);
+    let (u0, s0) = cpu_ticks(pid)?;
+    tokio::time::sleep(phase).await;
+    let (u1, s1) = cpu_ticks(pid)?;
+    let relayed = tally.relayed.load(Ordering::Relaxed) - relayed0;
+    Ok(((u1 - u0, s1 - s0), relayed))
+}
+
+fn report(
+    what: &str,
+    latency: &str,
+    (user, kernel): (u64, u64),
+    relayed: u64,
+    phase: Duration,
+    tally: &Tally,
+) {
+    let mut lat = std::mem::take(&mut *tally.latencies.lock().expect("lock"));
+    lat.sort_unstable();
+    let per_msg = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / relayed.max(1) as f64;
+    println!(
+        "  {what}: {:.0} msgs/s relayed; {latency} p50 {:.2} ms, p99 {:.2} ms; server CPU {:.1} µs/msg (user {:.1}, kernel {:.1}), {:.0} % of a core",
+        relayed as f64 / phase.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        per_msg(user + kernel),
+        per_msg(user),
+        per_msg(kernel),
+        (user + kernel) as f64 / TICKS_PER_SEC / phase.as_secs_f64() * 100.0
+    );
+}
+
+/// Two greeted connections in room `load-i`, with their ids.
+async fn open_pair(url: String, i: usize) -> anyhow::Result<(Ws, String, Ws, String, String)> {
+    let room = format!("load-{i}");
+    let (mut a, a_id) = greet(&url).await?;
+    join(&mut a, &room).await?;
+    let (mut b, b_id) = greet(&url).await?;
+    join(&mut b, &room).await?;
+    // A hears of B.
+    next_text(&mut a).await?;
+    Ok((a, a_id, b, b_id, room))
+}
+
+async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
+        .await
+        .context("connect timed out")??;
+    ws.send(M::text(r#"{"type":"hello","version":1}"#)).await?;
+    let welcome: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await?)?;
+    let id = welcome["peer_id"].as_str().context("no peer_id in welcome")?.to_string();
+    Ok((ws, id))
+}
+
+async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<()> {
+    ws.send(M::text(format!(r#"{{"type":"join","room":"{room}"}}"#))).await?;
+    let joined = next_text(ws).await?;
+    if !joined.contains(r#""type":"joined""#) {
+        bail!("join refused: {joined}");
+    }
+    Ok(())
+}
+
+async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.context("server silent")? {
+            Some(Ok(M::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("server closed the connection"),
+        }
+    }
+}
