@@ -13,6 +13,10 @@ pub struct ServeArgs {
     /// Address to listen on for signaling (WebSocket at /ws, health at /healthz).
     #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
     listen: SocketAddr,
+    /// Serve GET /metrics (Prometheus text) and /healthz on this address
+    /// instead of the public one, e.g. 127.0.0.1:9090.
+    #[arg(long, env = "PEERLINK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -230,6 +234,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut turn_task = None;
+    let mut turn_stats: Option<peerlink_turn::Stats> = None;
     // The embedded server's address as clients should dial it; `None` means
     // "the host the client reached signaling by".
     let mut embedded: Option<(Option<IpAddr>, u16)> = None;
@@ -253,6 +258,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.peer_policy.denied = turn.turn_deny_peer.clone();
         let server =
             peerlink_turn::Server::new(socket, config).context("cannot start the STUN/TURN server")?;
+        turn_stats = Some(server.stats());
         tracing::info!(
             "STUN/TURN on udp {bound}, relaying as {}",
             external.map_or("127.0.0.1".to_string(), |i| i.to_string())
@@ -297,7 +303,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         out
     });
-    let config = peerlink_signal::Config { ice_provider: Some(provider), ..args.limits.config() };
+    let more_metrics =
+        turn_stats.map(|stats| peerlink_signal::MoreMetrics::new(move |m| turn_metrics(&stats, m)));
+    let config =
+        peerlink_signal::Config { ice_provider: Some(provider), more_metrics, ..args.limits.config() };
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            println!("peerlink serve: metrics on http://{}/metrics", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
     println!("peerlink serve: listening on {addr}");
     let shutdown = async move {
@@ -305,7 +324,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     };
     tracing::info!("web app on http://{addr}/");
-    peerlink_signal::serve_with(listener, config, shutdown, peerlink_web::routes).await?;
+    peerlink_signal::serve_full(listener, metrics_listener, config, shutdown, peerlink_web::routes).await?;
     if let Some(task) = turn_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Err(e))) => tracing::warn!("STUN/TURN server: {e}"),
@@ -338,4 +357,55 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
         peerlink_signal::JoinClaims { room: args.room, name: args.name, exp: now + args.ttl.as_secs() };
     println!("{}", peerlink_signal::join_token(args.secret.as_bytes(), &claims));
     Ok(())
+}
+
+/// The embedded TURN server's counters for `GET /metrics`.
+fn turn_metrics(stats: &peerlink_turn::Stats, m: &mut peerlink_signal::Metrics) {
+    let s = stats.snapshot();
+    m.single("peerlink_turn_allocations", "gauge", "Live TURN allocations.", s.allocations);
+    m.single(
+        "peerlink_turn_allocations_total",
+        "counter",
+        "TURN allocations created.",
+        s.allocations_created,
+    );
+    m.single(
+        "peerlink_turn_allocations_refused_total",
+        "counter",
+        "ALLOCATE requests refused by a quota or an unsupported family.",
+        s.allocations_refused,
+    );
+    m.single(
+        "peerlink_turn_allocations_revoked_total",
+        "counter",
+        "Allocations ended at the maximum lifetime.",
+        s.allocations_revoked,
+    );
+    m.single(
+        "peerlink_turn_binding_requests_total",
+        "counter",
+        "STUN Binding requests answered.",
+        s.binding_requests,
+    );
+    m.family("peerlink_turn_relayed_bytes_total", "counter", "Payload bytes relayed, by direction.");
+    m.sample("peerlink_turn_relayed_bytes_total", &[("direction", "to_peers")], s.bytes_to_peers);
+    m.sample("peerlink_turn_relayed_bytes_total", &[("direction", "to_clients")], s.bytes_to_clients);
+    m.family(
+        "peerlink_turn_refusals_total",
+        "counter",
+        "Requests and datagrams refused or dropped, by reason.",
+    );
+    for (reason, n) in [
+        ("expired_credentials", s.expired_credentials),
+        ("peer_policy", s.dropped_policy),
+        ("bandwidth", s.dropped_bandwidth),
+        ("no_permission", s.dropped_no_permission),
+        ("queue_full", s.dropped_queue_full),
+        ("rate_limited", s.dropped_rate_limited),
+        ("tables_full", s.dropped_tables_full),
+        ("send_failed", s.dropped_send_failed),
+        ("oversize", s.dropped_oversize),
+    ] {
+        m.sample("peerlink_turn_refusals_total", &[("reason", reason)], n);
+    }
 }

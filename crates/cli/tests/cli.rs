@@ -219,3 +219,35 @@ fn a_join_secret_lets_in_only_token_holders() {
     server.terminate();
     assert_eq!(server.wait_exit(), 0);
 }
+
+/// `--metrics-listen` moves GET /metrics (with the TURN server's counters)
+/// off the public port.
+#[test]
+fn metrics_are_served_on_their_own_address() {
+    let mut server = Proc::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--turn-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let line = server.expect("metrics on http://");
+    let metrics_addr = line.rsplit("http://").next().unwrap().trim_end_matches("/metrics").to_string();
+    let line = server.expect("listening on");
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let text = http_get(&metrics_addr, "/metrics");
+    for family in [
+        "peerlink_connections 0",
+        "peerlink_joins_total 0",
+        "peerlink_turn_allocations 0",
+        "peerlink_turn_relayed_bytes_total{direction=\"to_peers\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == family), "{family} in:\n{text}");
+    }
+    let public = http_get(&addr, "/metrics");
+    assert!(!public.contains("peerlink_connections"), "not on the public port: {public}");
+    server.terminate();
+    assert_eq!(server.wait_exit(), 0);
+}

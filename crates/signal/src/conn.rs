@@ -173,6 +173,8 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
     // What is still queued for us leaves the server's budget.
     conn.outbox.drain(&mut rx);
     if let Some(f) = &end {
+        server.inner.hub.count_error(f.code);
+        server.inner.hub.count_kick(f.code);
         tracing::debug!(peer = %conn.id, code = %f.code, "closing: {}", f.message);
         let frame = encode(&ServerMsg::Error { code: f.code, message: f.message.clone() });
         let close = CloseFrame {
@@ -255,6 +257,7 @@ impl Conn {
     }
 
     fn reply_error(&self, f: Failure) {
+        self.server.inner.hub.count_error(f.code);
         self.reply(&ServerMsg::Error { code: f.code, message: f.message });
     }
 

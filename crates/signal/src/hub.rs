@@ -133,6 +133,10 @@ pub(crate) struct Hub {
     /// Server-routed application messages delivered (a broadcast counts
     /// once per addressee).
     pub(crate) messages_relayed: AtomicU64,
+    /// `error`s sent, by code.
+    errors: Mutex<HashMap<ErrorCode, u64>>,
+    /// Connections the server closed, by the code it closed them with.
+    kicks: Mutex<HashMap<ErrorCode, u64>>,
 }
 
 /// A snapshot for `/healthz` and tests.
@@ -172,6 +176,13 @@ fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
     Refused(ErrorCode::PeerBusy, format!("not delivered to {whom}: {reason}; retry later"))
 }
 
+fn sorted(counts: &Mutex<HashMap<ErrorCode, u64>>) -> Vec<(ErrorCode, u64)> {
+    let mut v: Vec<(ErrorCode, u64)> =
+        counts.lock().expect("hub lock").iter().map(|(c, n)| (*c, *n)).collect();
+    v.sort_by_key(|(c, _)| c.as_str());
+    v
+}
+
 /// Why a join was refused.
 #[derive(Debug)]
 pub(crate) struct Refused(pub ErrorCode, pub String);
@@ -183,6 +194,31 @@ impl Hub {
 
     pub fn disconnected(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// An `error` with `code` went to a client.
+    pub fn count_error(&self, code: ErrorCode) {
+        *self.errors.lock().expect("hub lock").entry(code).or_default() += 1;
+    }
+
+    /// The server closed a connection with `code`.
+    pub fn count_kick(&self, code: ErrorCode) {
+        *self.kicks.lock().expect("hub lock").entry(code).or_default() += 1;
+    }
+
+    /// `error`s sent so far, by code.
+    pub fn errors(&self) -> Vec<(ErrorCode, u64)> {
+        sorted(&self.errors)
+    }
+
+    /// Connections closed by the server so far, by code.
+    pub fn kicks(&self) -> Vec<(ErrorCode, u64)> {
+        sorted(&self.kicks)
+    }
+
+    /// Joins accepted since the start.
+    pub fn joins(&self) -> u64 {
+        self.joins.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> HubStats {

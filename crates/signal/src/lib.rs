@@ -22,6 +22,7 @@ mod frame;
 mod hub;
 mod limit;
 mod listen;
+mod metrics;
 mod token;
 
 use std::future::Future;
@@ -39,6 +40,7 @@ use tokio::sync::{mpsc, watch};
 pub use frame::parse_client_frame;
 pub use hub::HubStats;
 pub use listen::AdmissionStats;
+pub use metrics::{Metrics, MoreMetrics};
 pub use token::{JoinClaims, join_token, verify_join_token};
 
 /// What the server enforces and announces.
@@ -88,6 +90,8 @@ pub struct Config {
     /// the WebSocket; empty: any. Pages served by this server itself, and
     /// clients that send no `Origin` (native ones), are always allowed.
     pub allowed_origins: Vec<String>,
+    /// More metrics for `GET /metrics` (the TURN server's, say).
+    pub more_metrics: Option<MoreMetrics>,
 }
 
 /// A secret that never shows in logs.
@@ -191,6 +195,7 @@ impl Default for Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             join_secret: None,
             allowed_origins: Vec::new(),
+            more_metrics: None,
         }
     }
 }
@@ -251,10 +256,17 @@ impl Server {
     }
 }
 
-/// The HTTP routes: `GET /ws` (the signaling WebSocket) and `GET /healthz`.
+/// The HTTP routes: `GET /ws` (the signaling WebSocket), `GET /healthz`
+/// and, unless metrics have a listener of their own, `GET /metrics`.
 /// Other routes (the web app) are merged onto it by `serve_with`.
-fn router(server: Server) -> Router {
-    Router::new().route("/ws", get(ws_upgrade)).route("/healthz", get(healthz)).with_state(server)
+fn router(server: Server, with_metrics: bool) -> Router {
+    let r = Router::new().route("/ws", get(ws_upgrade)).route("/healthz", get(healthz));
+    let r = if with_metrics { r.route("/metrics", get(metrics)) } else { r };
+    r.with_state(server)
+}
+
+async fn metrics(State(server): State<Server>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render(&server))
 }
 
 async fn healthz(State(server): State<Server>) -> impl IntoResponse {
@@ -299,6 +311,10 @@ async fn ws_upgrade(
         Some(o) if !origin_allowed(&cfg.allowed_origins, o, host_header) => Some(o.to_string()),
         _ => None,
     };
+    if refused_origin.is_some() {
+        server.inner.hub.count_error(peerlink_proto::ErrorCode::OriginNotAllowed);
+        server.inner.hub.count_kick(peerlink_proto::ErrorCode::OriginNotAllowed);
+    }
     ws
         // Idle connections must be cheap: tungstenite's default is a 128 KiB
         // read buffer per connection. Signaling frames are small.
@@ -361,8 +377,55 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     extend: impl FnOnce(Router) -> Router,
 ) -> std::io::Result<()> {
+    serve_full(listener, None, config, shutdown, extend).await
+}
+
+/// Like [`serve_with`]; with `metrics` set, `GET /metrics` (and
+/// `/healthz`) are served on that listener instead of the public one.
+pub async fn serve_full(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extend: impl FnOnce(Router) -> Router,
+) -> std::io::Result<()> {
     let (server, stop, mut alive) = Server::new(config);
-    let app = extend(router(server.clone())).layer(axum::middleware::from_fn(note_request));
+    let app =
+        extend(router(server.clone(), metrics.is_none())).layer(axum::middleware::from_fn(note_request));
+    if let Some(metrics_listener) = metrics {
+        // A weak reference: a scraper's open connection must not keep the
+        // server from shutting down.
+        let weak = Arc::downgrade(&server.inner);
+        let private = Router::new().route(
+            "/metrics",
+            get(move || {
+                let inner = weak.upgrade();
+                async move {
+                    match inner {
+                        Some(inner) => (
+                            axum::http::StatusCode::OK,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            metrics::render(&Server { inner }),
+                        ),
+                        None => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            "shutting down\n".to_string(),
+                        ),
+                    }
+                }
+            }),
+        );
+        let mut stopped = stop.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                served = axum::serve(metrics_listener, private) => if let Err(e) = served {
+                    tracing::warn!("metrics listener: {e}");
+                },
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+        });
+    }
     let stop_signal = async move {
         shutdown.await;
         tracing::info!("shutting down: closing connections");

@@ -1501,3 +1501,50 @@ async fn pages_from_other_origins_are_refused() {
     let (mut a, _) = server.greeted().await;
     a.join("lobby", None).await;
 }
+
+// ---------------------------------------------------------------- metrics
+
+/// The value of the sample `name` (with its labels, as written) in a
+/// Prometheus exposition.
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `GET /metrics` counts what happened, in the Prometheus text format:
+/// connections, rooms, joins, relayed messages by type, errors by code,
+/// kicks by reason.
+#[tokio::test]
+async fn metrics_count_connections_relays_errors_and_kicks() {
+    let server = TestServer::start(config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.member("lobby", "bob").await;
+    a.recv().await;
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 1).await;
+    a.send_json(json!({"type": "send", "room": "lobby", "data": "hi"})).await;
+    b.recv().await;
+    a.send_raw("{not json").await;
+    a.expect_error(ErrorCode::BadJson).await;
+    // One kicked: no hello in time.
+    let quiet_config = Config { hello_timeout: Duration::from_millis(200), ..config() };
+    let quiet_server = TestServer::start(quiet_config).await;
+    let mut quiet = quiet_server.client().await;
+    quiet.drain_until_closed(WAIT).await;
+
+    let (head, text) = http_get(server.addr, "/metrics").await;
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(text.contains("# TYPE peerlink_relayed_messages_total counter"), "{text}");
+    assert_eq!(sample(&text, "peerlink_connections"), Some(2), "{text}");
+    assert_eq!(sample(&text, "peerlink_rooms"), Some(1));
+    assert_eq!(sample(&text, "peerlink_joins_total"), Some(2));
+    assert_eq!(sample(&text, r#"peerlink_relayed_messages_total{type="signal"}"#), Some(1));
+    assert_eq!(sample(&text, r#"peerlink_relayed_messages_total{type="send"}"#), Some(1));
+    assert_eq!(sample(&text, r#"peerlink_errors_total{code="bad_json"}"#), Some(1));
+    let (_, quiet_text) = http_get(quiet_server.addr, "/metrics").await;
+    assert_eq!(
+        sample(&quiet_text, r#"peerlink_kicks_total{reason="hello_required"}"#),
+        Some(1),
+        "{quiet_text}"
+    );
+    assert_eq!(sample(&quiet_text, r#"peerlink_errors_total{code="hello_required"}"#), Some(1));
+    assert_eq!(sample(&text, r#"peerlink_kicks_total{reason="hello_required"}"#), None, "the other server's");
+}
