@@ -50,6 +50,8 @@ pub(crate) struct Driver {
     /// Callers of [`Room::leave`](crate::Room::leave), answered once the
     /// signaling socket has been flushed and closed.
     pub leave_replies: Vec<oneshot::Sender<()>>,
+    /// The emulated WAN datagrams go through first, if any.
+    pub netem: Option<crate::netem::Link>,
 }
 
 impl Driver {
@@ -73,9 +75,10 @@ impl Driver {
     async fn flush(&mut self, signaling: &mpsc::Sender<ClientMsg>) {
         while let Some(out) = self.mesh.poll_output() {
             match out {
-                MeshOutput::Transmit { socket, to, data } => {
-                    send_datagram(&self.sockets[socket], to, &data).await
-                }
+                MeshOutput::Transmit { socket, to, data } => match &mut self.netem {
+                    Some(link) => link.send(Instant::now(), socket, to, data),
+                    None => send_datagram(&self.sockets[socket], to, &data).await,
+                },
                 MeshOutput::Signaling(msg) => match signaling.try_send(msg) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -131,6 +134,12 @@ impl Driver {
         let reason = loop {
             self.mesh.handle_timeout(Instant::now());
             self.flush(&signaling).await;
+            if let Some(link) = &mut self.netem {
+                let now = Instant::now();
+                while let Some((socket, to, data)) = link.pop_due(now) {
+                    send_datagram(&self.sockets[socket], to, &data).await;
+                }
+            }
             if let Some(reason) = self.mesh.take_closing() {
                 break reason;
             }
@@ -142,6 +151,13 @@ impl Driver {
                 }
             };
             let read_net = self.can_read();
+            let netem_due = self.netem.as_ref().and_then(|l| l.next_due());
+            let netem_sleep = async {
+                match netem_due {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => match cmd {
@@ -204,6 +220,8 @@ impl Driver {
                     }
                 }
                 _ = sleep => {}
+                // Due datagrams go out at the top of the loop.
+                _ = netem_sleep => {}
             }
         };
         tracing::debug!(peer = ?self.mesh, "room closing: {reason}");

@@ -56,6 +56,9 @@ pub struct RoomConfig {
     /// How long [`Room::leave`] waits for messages already sent to be
     /// acknowledged by their peers before it leaves anyway.
     pub linger: Duration,
+    /// An emulated WAN on the datagrams this peer sends (benchmarks and
+    /// tests): delay and random loss. `None`: the real network only.
+    pub netem: Option<crate::NetEm>,
 }
 
 impl RoomConfig {
@@ -76,6 +79,7 @@ impl RoomConfig {
             connect_timeout: Duration::from_secs(15),
             auto_connect: true,
             linger: Duration::from_secs(5),
+            netem: None,
         }
     }
 }
@@ -155,6 +159,7 @@ impl Room {
             events: ev_tx,
             backlog: Default::default(),
             leave_replies: Vec::new(),
+            netem: config.netem.map(crate::netem::Link::new),
         };
         tokio::spawn(driver.run(sig.incoming, sig.outgoing, sig.writer));
         Ok(Room { id, local_addrs, commands, events })

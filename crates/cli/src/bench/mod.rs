@@ -43,6 +43,24 @@ pub enum Bench {
         #[arg(long, default_value_t = 65536)]
         size: usize,
     },
+    /// Bulk throughput over an emulated WAN: round trips of 0, 10, 20, 50
+    /// and 100 ms and 50 ms with 1 % loss, delay and loss applied in both
+    /// peers' drivers, beside what 64 KiB per round trip allows.
+    Wan {
+        /// MiB to move per case (a quarter of it with loss).
+        #[arg(long, default_value_t = 32)]
+        mib: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+        /// A bottleneck in each direction, Mbit/s (0: none), with a queue of
+        /// 100 ms.
+        #[arg(long, default_value_t = 0)]
+        rate_mbit: u64,
+        /// Extra random delay per datagram, up to this many ms.
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+    },
     /// Disk to disk with `peerlink send` and `peerlink receive` processes: one
     /// big file, then many small ones, beside the raw channel throughput.
     Transfer {
@@ -160,6 +178,7 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Connect { iterations } => peer::connect(iterations).await,
         Bench::Rtt { count, size } => peer::rtt(count, size).await,
         Bench::Throughput { mib, size } => peer::throughput(mib, size).await.map(|_| ()),
+        Bench::Wan { mib, size, rate_mbit, jitter_ms } => peer::wan(mib, size, rate_mbit, jitter_ms).await,
         Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
         Bench::SignalLoad(args) => sigload::run(args).await,

@@ -109,11 +109,81 @@ async fn take_bytes(channel: &DataChannel, total: usize) -> anyhow::Result<()> {
 
 /// Prints peerlink's and raw str0m's bulk throughput; returns peerlink's MB/s.
 pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
+    let total = mib * 1024 * 1024;
+    let t0 = Instant::now();
+    let mbs = peerlink_throughput(mib, size, None).await?;
+    println!(
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s with setup)",
+        t0.elapsed().as_secs_f64()
+    );
+    // The reference varies run to run more than peerlink does on this
+    // machine: take the median of three.
+    let mut raws = Vec::with_capacity(3);
+    for _ in 0..3 {
+        raws.push(tokio::task::spawn_blocking(move || super::raw::throughput(total, size)).await??);
+    }
+    raws.sort_by(f64::total_cmp);
+    let raw = raws[1];
+    println!(
+        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s (median of {:.1}, {:.1}, {:.1}); peerlink/raw = {:.2}",
+        raws[0],
+        raws[1],
+        raws[2],
+        mbs / raw
+    );
+    Ok(mbs)
+}
+
+/// Bulk throughput over an emulated WAN (both peers' datagrams delayed by
+/// half of each round trip, some lost), for each case in one run, beside
+/// what a 64 KiB-per-round-trip window allows.
+pub async fn wan(mib: usize, size: usize, rate_mbit: u64, jitter_ms: u64) -> anyhow::Result<()> {
+    let cases: [(u64, f64); 6] = [(0, 0.0), (10, 0.0), (20, 0.0), (50, 0.0), (100, 0.0), (50, 0.01)];
+    let rate = (rate_mbit > 0).then_some(rate_mbit * 1_000_000 / 8);
+    let jitter = Duration::from_millis(jitter_ms);
+    println!(
+        "throughput over an emulated WAN ({size}-byte messages, reliable ordered; delay, jitter {jitter_ms} ms, loss{} in both drivers' datagram paths):",
+        rate.map(|_| format!(" and a {rate_mbit} Mbit/s bottleneck")).unwrap_or_default()
+    );
+    for (rtt_ms, loss) in cases {
+        let rtt = Duration::from_millis(rtt_ms);
+        let em = |seed| peerlink_peer::NetEm {
+            loss: loss / 2.0,
+            seed,
+            rate,
+            jitter,
+            ..peerlink_peer::NetEm::delay(rtt / 2)
+        };
+        // Lossy links are slow: move less.
+        let mib = if loss > 0.0 { (mib / 4).max(1) } else { mib };
+        let netem = (rtt_ms > 0 || loss > 0.0 || rate.is_some() || jitter_ms > 0).then(|| (em(1), em(2)));
+        let mbs = peerlink_throughput(mib, size, netem).await?;
+        let bound =
+            if rtt_ms > 0 { format!("{:.2} MB/s", 65536.0 / rtt.as_secs_f64() / 1e6) } else { "-".into() };
+        println!(
+            "  RTT {rtt_ms:>3} ms, loss {:>3.1} %: {mbs:>6.2} MB/s   (64 KiB per round trip: {bound})",
+            loss * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// peerlink's bulk throughput between two peers, optionally each behind an
+/// emulated WAN; prints and returns MB/s.
+async fn peerlink_throughput(
+    mib: usize,
+    size: usize,
+    netem: Option<(peerlink_peer::NetEm, peerlink_peer::NetEm)>,
+) -> anyhow::Result<f64> {
     let server = Server::start().await?;
     let total = mib * 1024 * 1024;
     let count = total.div_ceil(size);
-    let a_cfg = server.config("tput", vec![]);
-    let b_cfg = server.config("tput", vec![ChannelSpec::reliable("bulk")]);
+    let mut a_cfg = server.config("tput", vec![]);
+    let mut b_cfg = server.config("tput", vec![ChannelSpec::reliable("bulk")]);
+    if let Some((a, b)) = netem {
+        a_cfg.netem = Some(a);
+        b_cfg.netem = Some(b);
+    }
     // The sender joins first; the receiver, joining second, opens the channel.
     let mut a = Room::join(a_cfg).await?;
     // The receiving peer on its own thread and runtime, as it would be in
@@ -149,26 +219,7 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
     let elapsed = t0.elapsed();
     sender.await??;
     let mbs = (count * size) as f64 / elapsed.as_secs_f64() / 1e6;
-    println!(
-        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s)",
-        elapsed.as_secs_f64()
-    );
     drop((a, server));
-    // The reference varies run to run more than peerlink does on this
-    // machine: take the median of three.
-    let mut raws = Vec::with_capacity(3);
-    for _ in 0..3 {
-        raws.push(tokio::task::spawn_blocking(move || super::raw::throughput(total, size)).await??);
-    }
-    raws.sort_by(f64::total_cmp);
-    let raw = raws[1];
-    println!(
-        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s (median of {:.1}, {:.1}, {:.1}); peerlink/raw = {:.2}",
-        raws[0],
-        raws[1],
-        raws[2],
-        mbs / raw
-    );
     Ok(mbs)
 }
 
