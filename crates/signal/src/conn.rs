@@ -6,14 +6,12 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::SinkExt;
 use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerId, ServerMsg, valid_room};
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::frame::Frame;
 use crate::hub::{Kick, Outbox, Refused, encode};
 use crate::limit::{FLOOD_SECONDS, FloodMeter, TokenBucket};
 use crate::{Config, Server};
@@ -320,37 +318,12 @@ impl Conn {
                 format!("message of {} bytes exceeds the limit of {}", text.len(), limits.max_message_bytes),
             ));
         }
-        let frame = crate::frame::parse_frame(text).map_err(|(code, message)| Failure::new(code, message))?;
-        let (msg, ty) = match frame {
-            Frame::Send { room, to, data } => {
-                if !self.greeted {
-                    return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
-                }
-                return self.relay_send(&room, to, data);
-            }
-            Frame::Other(msg, ty) => (msg, ty),
-        };
+        let (msg, ty) =
+            crate::frame::parse_client_frame(text).map_err(|(code, message)| Failure::new(code, message))?;
         if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
             return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
         }
         self.dispatch(msg, ty)
-    }
-
-    /// Relays a `send` as a `message` stamped with our id, its `data` the
-    /// exact JSON the client sent (the same bytes as encoding
-    /// `ServerMsg::Message`, but for the data's own spacing and key order,
-    /// which are kept).
-    fn relay_send(&self, room: &str, to: Option<PeerId>, data: &RawValue) -> Result<(), Failure> {
-        let hub = &self.server.inner.hub;
-        let frame = Utf8Bytes::from(crate::frame::message_frame(room, &self.id, data));
-        match to {
-            Some(to) => {
-                hub.send_to(room, &self.id, &to, frame)?;
-                hub.messages_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            None => hub.broadcast(room, &self.id, frame)?,
-        }
-        Ok(())
     }
 
     fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {
