@@ -269,12 +269,13 @@ export class Room extends Emitter {
   }
 
   /**
-   * Leaves the room and closes every connection, without losing what was
-   * sent: first waits, at most `linger` ms, until every connected peer's
-   * channels have handed all queued messages to the browser and the
+   * Leaves the room and closes every connection, trying not to lose what
+   * was sent: first waits, at most `linger` ms, until every connected
+   * peer's channels have handed all queued messages to the browser and the
    * browser has passed them to SCTP (`bufferedAmount` 0), gives them
    * `settle` ms more on the wire, and only then tells the server (members
-   * close their connection to a peer that left).
+   * close their connection to a peer that left). A browser cannot see what
+   * SCTP has acknowledged: a packet lost in the last `settle` ms is lost.
    * @param {{ linger?: number, settle?: number }} [options]
    */
   async leave({ linger = 5000, settle = 250 } = {}) {

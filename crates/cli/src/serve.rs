@@ -13,8 +13,8 @@ pub struct ServeArgs {
     /// Address to listen on for signaling (WebSocket at /ws, health at /healthz).
     #[arg(long, default_value = "0.0.0.0:8080", env = "PEERLINK_LISTEN")]
     listen: SocketAddr,
-    /// Serve GET /metrics (Prometheus text) and /healthz on this address
-    /// instead of the public one, e.g. 127.0.0.1:9090.
+    /// Serve GET /metrics (Prometheus text) on this address instead of the
+    /// public one, e.g. 127.0.0.1:9090 (/healthz stays public).
     #[arg(long, env = "PEERLINK_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]

@@ -67,8 +67,12 @@ impl Driver {
     }
 
     /// Whether the application keeps up with what the network brings.
+    /// While leaving it always reads: the application, which gave up its
+    /// `Room`, no longer takes events, but the peers' acknowledgements the
+    /// leave waits for arrive as datagrams (what arrives meanwhile is held
+    /// for at most the linger).
     fn can_read(&self) -> bool {
-        self.backlog.len() < BACKLOG_PAUSE && !self.mesh.receivers_full()
+        self.mesh.is_leaving() || (self.backlog.len() < BACKLOG_PAUSE && !self.mesh.receivers_full())
     }
 
     /// Carries out everything the room asked for.

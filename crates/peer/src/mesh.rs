@@ -391,6 +391,11 @@ impl Mesh {
         }
     }
 
+    /// Whether a leave is waiting for acknowledgements.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.is_some()
+    }
+
     /// Finishes a leave whose messages are all delivered or whose linger
     /// is over.
     fn check_leaving(&mut self, now: Instant) {

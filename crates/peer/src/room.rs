@@ -229,8 +229,9 @@ impl Room {
     }
 
     /// Leaves the room and closes every connection, without losing what
-    /// was sent: first every message already queued on a channel is handed
-    /// to its connection and acknowledged by the peer (waiting at most
+    /// was sent to connected peers: first every message already queued on
+    /// such a channel is handed to its connection and acknowledged by the
+    /// peer (connections not up at the time are not waited for; waiting at most
     /// [`RoomConfig::linger`]; lost packets are retransmitted meanwhile),
     /// then the server is told. Returns once the server has been handed
     /// everything sent before (messages via the server, the leave itself),

@@ -51,9 +51,18 @@ impl Outbox {
     /// bounded in messages and bytes, and all queues together by the
     /// server's budget: a client that stops reading pins at most
     /// `max_bytes`, all of them together at most the budget.
+    ///
+    /// Relayed frames may fill three quarters of the queue (bytes and
+    /// slots): the rest is kept for the server's own messages (presence,
+    /// replies), so a client that keeps up is never closed because others
+    /// filled its queue.
     pub fn try_deliver(&self, frame: Utf8Bytes) -> Result<(), Full> {
         let n = frame.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
+        let relay_max = self.max_bytes - self.max_bytes / 4;
+        if self.tx.capacity() <= self.tx.max_capacity() / 4 {
+            return Err(Full::Connection);
+        }
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > relay_max {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return Err(Full::Connection);
         }

@@ -343,12 +343,16 @@ fn origin_allowed(allowed: &[String], origin: &str, host: Option<&str>) -> bool 
     host.is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
 }
 
-/// Every request gives its connection a fresh request deadline.
+/// A request lifts its connection's request deadline until its response
+/// body is done; then the next request has a full timeout.
 async fn note_request(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<listen::Peer>>() {
-        peer.deadline.request_started();
-    }
-    next.run(req).await
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<listen::Peer>>().cloned() else {
+        return next.run(req).await;
+    };
+    peer.deadline.request_started();
+    let response = next.run(req).await;
+    let deadline = peer.deadline.clone();
+    response.map(move |inner| axum::body::Body::new(listen::Answering { inner, deadline }))
 }
 
 /// `example.org:8080` → `example.org`, `[2001:db8::1]:80` → `2001:db8::1`.
@@ -380,8 +384,8 @@ pub async fn serve_with(
     serve_full(listener, None, config, shutdown, extend).await
 }
 
-/// Like [`serve_with`]; with `metrics` set, `GET /metrics` (and
-/// `/healthz`) are served on that listener instead of the public one.
+/// Like [`serve_with`]; with `metrics` set, `GET /metrics` is served on
+/// that listener instead of the public one (`/healthz` stays public).
 pub async fn serve_full(
     listener: TcpListener,
     metrics: Option<TcpListener>,

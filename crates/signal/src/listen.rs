@@ -118,6 +118,8 @@ pub(crate) struct Deadline {
     /// Milliseconds after `start` at which a waiting read fails.
     at_ms: AtomicU64,
     upgraded: AtomicBool,
+    /// Requests being answered.
+    answering: AtomicUsize,
 }
 
 impl Deadline {
@@ -127,13 +129,23 @@ impl Deadline {
             timeout,
             at_ms: AtomicU64::new(timeout.as_millis() as u64),
             upgraded: AtomicBool::new(false),
+            answering: AtomicUsize::new(0),
         }
     }
 
-    /// A request arrived: the next one has a full timeout from now.
+    /// A request arrived: no deadline while it is answered (hyper keeps
+    /// reading the socket for a close meanwhile, and a slow reader of a
+    /// response must not be cut off).
     pub(crate) fn request_started(&self) {
+        self.answering.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The response was written (or dropped): the next request has a full
+    /// timeout from now.
+    pub(crate) fn request_finished(&self) {
         let at = (self.start.elapsed() + self.timeout).as_millis() as u64;
         self.at_ms.store(at, Ordering::Relaxed);
+        self.answering.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The connection became a WebSocket, which has its own idle timeout.
@@ -142,8 +154,41 @@ impl Deadline {
     }
 
     fn at(&self) -> Option<Instant> {
-        (!self.upgraded.load(Ordering::Relaxed))
+        (!self.upgraded.load(Ordering::Relaxed) && self.answering.load(Ordering::Relaxed) == 0)
             .then(|| self.start + Duration::from_millis(self.at_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A response body that gives its connection a fresh request deadline
+/// when it is done (written to the end, or dropped).
+pub(crate) struct Answering<B> {
+    pub inner: B,
+    pub deadline: Arc<Deadline>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Answering<B> {
+    fn drop(&mut self) {
+        self.deadline.request_finished();
     }
 }
 
