@@ -495,6 +495,78 @@ fn test_pending_queue_selection_persistence() -> Result<()> {
     Ok(())
 }
 
+fn stream_message(stream: u16, id: u64, frag: usize) -> ChunkPayloadData {
+    ChunkPayloadData {
+        stream_identifier: stream,
+        message_id: id,
+        tsn: id as u32,
+        ..make_data_chunk(0, false, frag)
+    }
+}
+
+fn send_order(pq: &mut PendingQueue) -> Vec<(u16, u64)> {
+    let mut sent = Vec::new();
+    while let Some(c) = pq.peek() {
+        let (b, u) = (c.beginning_fragment, c.unordered);
+        let c = pq.pop(b, u).expect("peeked chunk pops");
+        sent.push((c.stream_identifier, c.message_id));
+    }
+    sent
+}
+
+// A small message on one stream is not queued behind everything another
+// stream wrote before it: streams take turns, a whole message each.
+#[test]
+fn test_pending_queue_streams_take_turns() -> Result<()> {
+    let mut pq = PendingQueue::new();
+    for id in 0..3 {
+        pq.push(stream_message(1, id, FRAG_BEGIN));
+        pq.push(stream_message(1, id, FRAG_END));
+    }
+    pq.push(stream_message(2, 10, NO_FRAGMENT));
+    pq.push(stream_message(2, 11, NO_FRAGMENT));
+    assert_eq!(80, pq.get_num_bytes());
+    assert_eq!(
+        send_order(&mut pq),
+        vec![(1, 0), (1, 0), (2, 10), (1, 1), (1, 1), (2, 11), (1, 2), (1, 2)]
+    );
+    assert!(pq.is_empty() && pq.get_num_bytes() == 0);
+    assert!(!pq.contains_stream(1) && !pq.contains_stream(2));
+    Ok(())
+}
+
+// A message that arrives while another stream's message is half sent waits
+// for its last fragment: fragments of one message stay back to back.
+#[test]
+fn test_pending_queue_turns_keep_fragments_together() -> Result<()> {
+    let mut pq = PendingQueue::new();
+    pq.push(stream_message(1, 0, FRAG_BEGIN));
+    pq.push(stream_message(1, 0, FRAG_MIDDLE));
+    pq.push(stream_message(1, 0, FRAG_END));
+    let c = pq.peek().expect("queued");
+    let (b, u) = (c.beginning_fragment, c.unordered);
+    assert_eq!(pq.pop(b, u).map(|c| c.message_id), Some(0));
+    pq.push(stream_message(2, 1, NO_FRAGMENT));
+    assert_eq!(send_order(&mut pq), vec![(1, 0), (1, 0), (2, 1)]);
+    Ok(())
+}
+
+// Removing a message (an expired or abandoned one) leaves the other
+// streams' turns intact.
+#[test]
+fn test_pending_queue_remove_message_keeps_turns() -> Result<()> {
+    let mut pq = PendingQueue::new();
+    pq.push(stream_message(1, 0, NO_FRAGMENT));
+    pq.push(stream_message(2, 1, NO_FRAGMENT));
+    pq.push(stream_message(3, 2, NO_FRAGMENT));
+    pq.push(stream_message(2, 3, NO_FRAGMENT));
+    assert_eq!(10, pq.remove_message(1, |_| {}));
+    assert!(pq.contains_stream(2) && !pq.contains_message(1));
+    assert_eq!(send_order(&mut pq), vec![(1, 0), (2, 3), (3, 2)]);
+    assert_eq!(0, pq.len());
+    Ok(())
+}
+
 ///////////////////////////////////////////////////////////////////
 //reassembly_queue_test
 ///////////////////////////////////////////////////////////////////
