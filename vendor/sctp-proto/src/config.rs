@@ -4,6 +4,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use bytes::Bytes;
 use core::fmt;
+use core::time::Duration;
 
 /// MTU for inbound packet (from DTLS)
 pub(crate) const RECEIVE_MTU: usize = 8192;
@@ -18,6 +19,8 @@ pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65536;
 pub(crate) const RTO_INITIAL: u64 = 3000;
 pub(crate) const RTO_MIN: u64 = 1000;
 pub(crate) const RTO_MAX: u64 = 60000;
+/// Queueing allowed on top of twice the bandwidth-delay product.
+pub(crate) const DEFAULT_QUEUE_DELAY_TARGET: Duration = Duration::from_millis(1);
 
 // Default max retransmit value (RFC 4960 Section 15)
 const DEFAULT_MAX_INIT_RETRANS: usize = 8;
@@ -69,6 +72,11 @@ pub struct TransportConfig {
     ///
     /// Default: [`DEFAULT_SCTP_PORT`]
     remote_port: u16,
+
+    /// Queueing allowed on top of twice the measured bandwidth-delay
+    /// product before the data in flight is capped; `None`: no cap.
+    /// Default: 1 ms.
+    queue_delay_target: Option<Duration>,
 }
 
 impl Default for TransportConfig {
@@ -86,6 +94,7 @@ impl Default for TransportConfig {
             rto_max_ms: RTO_MAX,
             local_port: DEFAULT_SCTP_PORT,
             remote_port: DEFAULT_SCTP_PORT,
+            queue_delay_target: Some(DEFAULT_QUEUE_DELAY_TARGET),
         }
     }
 }
@@ -162,6 +171,21 @@ impl TransportConfig {
     pub fn with_max_data_retransmits(mut self, value: Option<usize>) -> Self {
         self.max_data_retransmits = value;
         self
+    }
+
+    /// Cap the data in flight at `2 × min_rtt + target` times the measured
+    /// delivery rate, so that a sender does not fill a deep queue on the
+    /// path (and every stream's messages wait behind it) before a loss
+    /// tells it to slow down; a fast retransmit then keeps at least one
+    /// measured bandwidth-delay product in flight. `None` keeps RFC 4960's
+    /// loss-driven window alone.
+    pub fn with_queue_delay_target(mut self, target: Option<Duration>) -> Self {
+        self.queue_delay_target = target;
+        self
+    }
+
+    pub(crate) fn queue_delay_target(&self) -> Option<Duration> {
+        self.queue_delay_target
     }
 
     /// Set initial RTO in milliseconds.

@@ -5919,3 +5919,37 @@ fn test_abort_from_the_peer_is_not_an_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// peerlink: a round trip that shows a queue building brings the window
+/// down to the measured rate times `2 × min_rtt + target`; a round trip
+/// within that leaves it alone; with the change off nothing moves.
+#[test]
+fn test_queue_building_brings_the_window_down() {
+    let t0 = Instant::now();
+    let target = Duration::from_millis(2);
+    for on in [true, false] {
+        let config = TransportConfig::default().with_queue_delay_target(on.then_some(target));
+        let mut a = create_association(config);
+        // 10 round trips of 10 ms, each delivering 100 kB while data waits:
+        // 10 MB/s.
+        let rtt = Duration::from_millis(10);
+        for i in 0..10u32 {
+            let now = t0 + rtt * i;
+            a.on_rtt_sample(rtt, now);
+            a.delivery.on_sack(100_000, i * 10, i * 10 + 10, true, now);
+        }
+        a.cwnd = 1 << 20;
+        a.ssthresh = 1 << 20;
+        let now = t0 + Duration::from_millis(100);
+        a.on_rtt_sample(Duration::from_millis(21), now);
+        assert_eq!(a.cwnd, 1 << 20, "21 ms is within 2 × 10 ms + 2 ms");
+        a.on_rtt_sample(Duration::from_millis(40), now);
+        if on {
+            // 10 MB/s × 22 ms.
+            assert!((219_000..=221_000).contains(&a.cwnd), "cwnd {}", a.cwnd);
+            assert_eq!(a.ssthresh, a.cwnd, "growth goes on by congestion avoidance");
+        } else {
+            assert_eq!(a.cwnd, 1 << 20);
+        }
+    }
+}

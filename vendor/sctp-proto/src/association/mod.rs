@@ -59,6 +59,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use thiserror::Error;
 
+mod delivery;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
@@ -306,6 +307,8 @@ pub struct Association {
     partial_bytes_acked: u32,
     pub(crate) in_fast_recovery: bool,
     fast_recover_exit_point: u32,
+    /// Delivery rate and round-trip time: caps the data in flight.
+    delivery: delivery::DeliveryModel,
 
     // Chunks stored for retransmission
     stored_init: Option<ChunkInit>,
@@ -407,6 +410,7 @@ impl Default for Association {
             partial_bytes_acked: 0,
             in_fast_recovery: false,
             fast_recover_exit_point: 0,
+            delivery: delivery::DeliveryModel::new(None),
 
             // Chunks stored for retransmission
             stored_init: None,
@@ -452,6 +456,7 @@ impl Association {
         Association {
             side,
             handshake_completed: false,
+            delivery: delivery::DeliveryModel::new(config.queue_delay_target()),
             max_receive_buffer_size: config.max_receive_buffer_size(),
             max_send_message_size: config.max_send_message_size(),
             max_receive_message_size: config.max_receive_message_size(),
@@ -2546,6 +2551,14 @@ impl Association {
         // Peer delivery earns congestion credit even after its stream was reset.
         // Application credit below belongs only to the current stream generation.
         let total_bytes_acked = (outstanding_before - self.outbound_queue.inflight_bytes()) as i64;
+        self.delivery.on_sack(
+            total_bytes_acked as u64,
+            d.cumulative_tsn_ack,
+            self.my_next_tsn,
+            self.outbound_queue.pending_len() != 0
+                || self.outbound_queue.inflight_bytes() + self.mtu as usize >= self.cwnd as usize,
+            now,
+        );
 
         let mut cum_tsn_ack_point_advanced = false;
         if sna32lt(self.cumulative_tsn_ack_point, d.cumulative_tsn_ack) {
@@ -3057,6 +3070,7 @@ impl Association {
                         self.min_tsn2measure_rtt = self.my_next_tsn;
                         if let Some(since) = &c.since {
                             let rtt = now.duration_since(*since);
+                            self.on_rtt_sample(rtt, now);
                             let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                             trace!(
                                 "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3120,6 +3134,7 @@ impl Association {
                             self.min_tsn2measure_rtt = self.my_next_tsn;
                             if let Some(since) = &c.since {
                                 let rtt = now.duration_since(*since);
+                                self.on_rtt_sample(rtt, now);
                                 let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                                 trace!(
                                     "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3156,6 +3171,27 @@ impl Association {
             self.timers.set(Timer::T3RTX, None);
         }
         Ok((bytes_acked_per_stream, htna))
+    }
+
+    /// A round-trip sample: when it shows a queue building on the path,
+    /// the window comes down to the delivery model's cap (delivery.rs) and
+    /// grows from there by congestion avoidance.
+    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.delivery.on_rtt(rtt, now);
+        if !self.delivery.queue_building(rtt) {
+            return;
+        }
+        if let Some(cap) = self.delivery.cap(4 * self.mtu) {
+            if self.cwnd > cap {
+                trace!(
+                    "[{}] queue building (rtt {:?}): cwnd {} -> {}",
+                    self.side, rtt, self.cwnd, cap
+                );
+                self.cwnd = cap;
+                self.ssthresh = self.ssthresh.min(cap);
+                self.partial_bytes_acked = 0;
+            }
+        }
     }
 
     fn on_cumulative_tsn_ack_point_advanced(&mut self, total_bytes_acked: i64, now: Instant) {
@@ -3268,7 +3304,12 @@ impl Association {
                             //     last sent, according to the formula described in Section 7.2.3.
                             self.in_fast_recovery = true;
                             self.fast_recover_exit_point = htna;
-                            self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
+                            // One measured bandwidth-delay product stays in
+                            // flight (delivery.rs): random loss is not
+                            // congestion.
+                            self.ssthresh = (self.cwnd / 2)
+                                .max(4 * self.mtu)
+                                .max(self.delivery.bdp().unwrap_or(0));
                             self.cwnd = self.ssthresh;
                             self.partial_bytes_acked = 0;
                             self.will_retransmit_fast = true;

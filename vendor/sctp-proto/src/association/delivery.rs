@@ -1,0 +1,269 @@
+//! A cap on the data in flight from the path's measured delivery rate and
+//! round-trip time (peerlink's change, PATCHES.md §4).
+//!
+//! RFC 4960's congestion control grows the window until a packet is lost.
+//! When the bottleneck holds a deep queue (a receiving socket buffer, a
+//! router with large buffers) nothing is lost for a long time: the window
+//! grows to the peer's receive window and everything written later, on
+//! every stream, waits behind that queue. A small message sent beside a
+//! bulk transfer then takes tens of milliseconds on loopback.
+//!
+//! The model here measures what the path delivers: the most bytes
+//! acknowledged per round trip over the last few round trips (`bw`) and the
+//! smallest round-trip time seen in the last ten seconds (`min_rtt`), as BBR
+//! does. Data in flight is capped at `bw × (2 × min_rtt + target)`: twice
+//! the bandwidth-delay product (room for acknowledgements that arrive in
+//! bursts) plus `target` of queueing. While the queue stays below that the
+//! cap does not bind and each round trip may deliver more than the last, so
+//! the estimate, and the cap, keep growing with the window; once the round
+//! trip grows past `2 × min_rtt + target` the cap holds the queue there.
+//!
+//! The same estimate makes loss recovery keep what the path has shown it
+//! can carry: after a fast retransmit the window is not cut below one
+//! bandwidth-delay product, so random loss that is not congestion does not
+//! halve the rate each time (a timeout still resets the window).
+
+use alloc::collections::VecDeque;
+use core::time::Duration;
+use std::time::Instant;
+
+use crate::util::sna32gte;
+
+/// Round trips over which the delivery rate's maximum is kept.
+const BW_ROUNDS: usize = 10;
+/// How long a minimum round-trip time is kept before it is measured again.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+
+/// One round trip's measurement in progress.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    start: Instant,
+    delivered: u64,
+    /// The round ends when this TSN (the next one sent after the round
+    /// began) is cumulatively acknowledged.
+    end_tsn: u32,
+    /// Whether data waited for the window during the round: if never, the
+    /// round measured the application's rate, not the path's.
+    limited: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct DeliveryModel {
+    /// Queueing allowed on top of twice the bandwidth-delay product; `None`
+    /// turns the cap off (RFC 4960 behaviour).
+    target: Option<Duration>,
+    /// Bytes acknowledged for the first time, in total.
+    delivered: u64,
+    round: Option<Round>,
+    /// Delivery rate of each recent round, bytes per second, and whether
+    /// the window limited it.
+    rates: VecDeque<(f64, bool)>,
+    min_rtt: Option<Duration>,
+    /// When `min_rtt` was last lowered or renewed.
+    min_rtt_stamp: Option<Instant>,
+    /// The smallest round trip since `min_rtt_stamp`.
+    window_min: Option<Duration>,
+}
+
+impl DeliveryModel {
+    pub(crate) fn new(target: Option<Duration>) -> Self {
+        DeliveryModel {
+            target,
+            delivered: 0,
+            round: None,
+            rates: VecDeque::with_capacity(BW_ROUNDS),
+            min_rtt: None,
+            min_rtt_stamp: None,
+            window_min: None,
+        }
+    }
+
+    /// A round-trip time measured on a chunk sent once.
+    pub(crate) fn on_rtt(&mut self, rtt: Duration, now: Instant) {
+        if self.target.is_none() {
+            return;
+        }
+        self.window_min = Some(self.window_min.map_or(rtt, |m| m.min(rtt)));
+        let stale = self
+            .min_rtt_stamp
+            .is_none_or(|at| now.saturating_duration_since(at) >= MIN_RTT_WINDOW);
+        if self.min_rtt.is_none_or(|m| rtt <= m) {
+            self.min_rtt = Some(rtt);
+            self.min_rtt_stamp = Some(now);
+            self.window_min = None;
+        } else if stale {
+            // No round trip as short for ten seconds: the path changed.
+            self.min_rtt = self.window_min.take();
+            self.min_rtt_stamp = Some(now);
+        }
+    }
+
+    /// A SACK acknowledged `bytes` for the first time and left the
+    /// cumulative ack at `cum_tsn`; `next_tsn` is the next TSN to be sent;
+    /// `waiting`: data is queued that the window has not let out.
+    pub(crate) fn on_sack(
+        &mut self,
+        bytes: u64,
+        cum_tsn: u32,
+        next_tsn: u32,
+        waiting: bool,
+        now: Instant,
+    ) {
+        if self.target.is_none() {
+            return;
+        }
+        self.delivered += bytes;
+        let fresh = Round {
+            start: now,
+            delivered: self.delivered,
+            end_tsn: next_tsn,
+            limited: waiting,
+        };
+        let Some(round) = &mut self.round else {
+            self.round = Some(fresh);
+            return;
+        };
+        round.limited |= waiting;
+        if !sna32gte(cum_tsn, round.end_tsn) {
+            return;
+        }
+        let round = *round;
+        self.round = Some(fresh);
+        let elapsed = now.saturating_duration_since(round.start).as_secs_f64();
+        if elapsed <= 0.0 {
+            return;
+        }
+        let rate = (self.delivered - round.delivered) as f64 / elapsed;
+        // A round the application limited says the path carries at least
+        // that much, not at most: it counts only if it raises the estimate
+        // (as in BBR).
+        if !round.limited && self.bw().is_some_and(|bw| rate < bw) {
+            return;
+        }
+        if self.rates.len() == BW_ROUNDS {
+            self.rates.pop_front();
+        }
+        self.rates.push_back((rate, round.limited));
+    }
+
+    /// The delivery rate estimate, bytes per second, once a round limited
+    /// by the window measured it: before that (an application that never
+    /// fills the window) there is no queue to keep short.
+    fn bw(&self) -> Option<f64> {
+        if !self.rates.iter().any(|(_, limited)| *limited) {
+            return None;
+        }
+        self.rates.iter().map(|(rate, _)| *rate).reduce(f64::max)
+    }
+
+    /// One bandwidth-delay product, in bytes, once both are measured.
+    pub(crate) fn bdp(&self) -> Option<u32> {
+        let (bw, rtt) = (self.bw()?, self.min_rtt?);
+        Some((bw * rtt.as_secs_f64()).min(u32::MAX as f64) as u32)
+    }
+
+    /// Whether a round trip of `rtt` shows a queue longer than the cap
+    /// allows: more than `2 × min_rtt + target`.
+    pub(crate) fn queue_building(&self, rtt: Duration) -> bool {
+        match (self.target, self.min_rtt) {
+            (Some(target), Some(min)) => rtt > min * 2 + target,
+            _ => false,
+        }
+    }
+
+    /// The most data that should be in flight, once the path is measured;
+    /// never below `floor`.
+    pub(crate) fn cap(&self, floor: u32) -> Option<u32> {
+        let target = self.target?;
+        let (bw, rtt) = (self.bw()?, self.min_rtt?);
+        let allowed = bw * (2.0 * rtt.as_secs_f64() + target.as_secs_f64());
+        Some((allowed.min(u32::MAX as f64) as u32).max(floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender whose every round trip takes `rtt` and delivers `per_round`.
+    fn run_rounds(m: &mut DeliveryModel, t0: Instant, rounds: u32, rtt: Duration, per_round: u64) {
+        rounds_of(m, t0, rounds, rtt, per_round, true);
+    }
+
+    fn rounds_of(
+        m: &mut DeliveryModel,
+        t0: Instant,
+        rounds: u32,
+        rtt: Duration,
+        per_round: u64,
+        limited: bool,
+    ) {
+        // Carry on from the round in progress.
+        let mut tsn = m.round.map_or(0, |r| r.end_tsn);
+        for i in 0..rounds {
+            let now = t0 + rtt * i;
+            m.on_rtt(rtt, now);
+            tsn += 10;
+            m.on_sack(per_round, tsn, tsn + 10, limited, now);
+        }
+    }
+
+    #[test]
+    fn an_application_that_never_fills_the_window_is_not_capped() {
+        let t0 = Instant::now();
+        let mut m = DeliveryModel::new(Some(Duration::from_millis(2)));
+        rounds_of(&mut m, t0, 20, Duration::from_millis(10), 1_000, false);
+        assert_eq!(m.cap(0), None);
+        // Once data waits for the window, the rate is the path's.
+        rounds_of(
+            &mut m,
+            t0 + Duration::from_secs(1),
+            3,
+            Duration::from_millis(10),
+            100_000,
+            true,
+        );
+        assert!(m.cap(0).is_some_and(|cap| cap > 200_000));
+    }
+
+    #[test]
+    fn the_cap_is_twice_the_bdp_plus_the_target() {
+        let t0 = Instant::now();
+        let mut m = DeliveryModel::new(Some(Duration::from_millis(2)));
+        assert_eq!(m.cap(0), None, "nothing measured yet");
+        // 100 kB per 10 ms round trip: 10 MB/s.
+        run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
+        let cap = m.cap(0).expect("measured");
+        // 10 MB/s × (20 ms + 2 ms) = 220 kB.
+        assert!((219_000..=221_000).contains(&cap), "cap {cap}");
+        assert!((99_000..=101_000).contains(&m.bdp().unwrap()));
+        assert_eq!(m.cap(500_000), Some(500_000), "the floor holds");
+    }
+
+    #[test]
+    fn a_longer_path_is_learned_after_the_window() {
+        let t0 = Instant::now();
+        let mut m = DeliveryModel::new(Some(Duration::ZERO));
+        run_rounds(&mut m, t0, 5, Duration::from_millis(10), 100_000);
+        // The route changes: every round trip now takes 50 ms.
+        let later = t0 + Duration::from_secs(1);
+        run_rounds(&mut m, later, 5, Duration::from_millis(50), 100_000);
+        assert_eq!(
+            m.min_rtt,
+            Some(Duration::from_millis(10)),
+            "kept inside the window"
+        );
+        let after = t0 + MIN_RTT_WINDOW + Duration::from_secs(1);
+        run_rounds(&mut m, after, 2, Duration::from_millis(50), 100_000);
+        assert_eq!(m.min_rtt, Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn off_means_no_cap() {
+        let t0 = Instant::now();
+        let mut m = DeliveryModel::new(None);
+        run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
+        assert_eq!(m.cap(0), None);
+        assert_eq!(m.bdp(), None);
+    }
+}
