@@ -184,9 +184,17 @@ impl std::fmt::Debug for PeerConn {
 /// SCTP's send buffer. str0m counts data as buffered until the peer
 /// acknowledges it, so this is also the most data in flight: its 128 KiB
 /// default lets a 64 KiB message out only when 64 KiB or less is
-/// outstanding, one per round trip. str0m also refuses single writes larger
-/// than this.
-const SCTP_SEND_BUFFER: usize = 1 << 20;
+/// outstanding, one per round trip. Twice the receive window (1 MiB, set by
+/// str0m) keeps a full window in flight with more waiting behind it. str0m
+/// also refuses single writes larger than this.
+const SCTP_SEND_BUFFER: usize = 2 << 20;
+
+/// The most one channel may have in SCTP's send buffer, unless it has
+/// nothing there: the rest is kept for the other channels, so a chat
+/// message beside a bulk transfer is taken at once (and, with the vendored
+/// sctp-proto's turns, sent after at most one bulk message) instead of
+/// waiting in peerlink's queue for the buffer to drain.
+const CHANNEL_SHARE: usize = SCTP_SEND_BUFFER - (256 << 10);
 
 impl PeerConn {
     /// A connection to `remote` using `locals` as host candidates.
@@ -792,7 +800,8 @@ impl PeerConn {
         }
     }
 
-    /// Writes one message. `Ok(false)`: the send buffer is full, try again
+    /// Writes one message. `Ok(false)`: the send buffer, or this channel's
+    /// share of it, is full: try again
     /// after [`ConnEvent::Writable`] or more input.
     pub fn write(&mut self, id: ChannelId, binary: bool, data: &[u8]) -> Result<bool, Error> {
         let max = self.max_message_size();
@@ -802,6 +811,10 @@ impl PeerConn {
         let Some(mut ch) = self.rtc.channel(id) else {
             return Err(Error::ChannelClosed);
         };
+        let buffered = ch.buffered_amount();
+        if buffered > 0 && buffered + data.len() > CHANNEL_SHARE {
+            return Ok(false);
+        }
         ch.write(binary, data)
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
     }
