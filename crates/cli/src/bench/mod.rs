@@ -33,6 +33,10 @@ pub enum Bench {
         count: usize,
         #[arg(long, default_value_t = 16)]
         size: usize,
+        /// Meanwhile, a bulk transfer of 64 KiB messages runs on another
+        /// reliable channel of the same connection.
+        #[arg(long)]
+        bulk: bool,
     },
     /// Bulk throughput on a reliable ordered channel.
     Throughput {
@@ -42,6 +46,10 @@ pub enum Bench {
         /// Message size in bytes.
         #[arg(long, default_value_t = 65536)]
         size: usize,
+        /// Skip the raw str0m reference runs (so that an outside harness can
+        /// attribute CPU time and drops to peerlink alone).
+        #[arg(long)]
+        no_reference: bool,
     },
     /// Bulk throughput over an emulated WAN: round trips of 0, 10, 20, 50
     /// and 100 ms and 50 ms with 1 % loss, delay and loss applied in both
@@ -176,8 +184,10 @@ pub(crate) fn pct(sorted: &[Duration], q: f64) -> Duration {
 pub async fn run(what: Bench) -> anyhow::Result<()> {
     match what {
         Bench::Connect { iterations } => peer::connect(iterations).await,
-        Bench::Rtt { count, size } => peer::rtt(count, size).await,
-        Bench::Throughput { mib, size } => peer::throughput(mib, size).await.map(|_| ()),
+        Bench::Rtt { count, size, bulk } => peer::rtt(count, size, bulk).await,
+        Bench::Throughput { mib, size, no_reference } => {
+            peer::throughput(mib, size, !no_reference).await.map(|_| ())
+        }
         Bench::Wan { mib, size, rate_mbit, jitter_ms } => peer::wan(mib, size, rate_mbit, jitter_ms).await,
         Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
@@ -185,8 +195,9 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Relay { mib, size } => peer::relay(mib, size).await,
         Bench::All => {
             peer::connect(50).await?;
-            peer::rtt(5000, 16).await?;
-            peer::throughput(256, 65536).await?;
+            peer::rtt(5000, 16, false).await?;
+            peer::rtt(2000, 16, true).await?;
+            peer::throughput(256, 65536, true).await?;
             signal::signal_memory(500).await?;
             peer::relay(128, 65536).await?;
             transfer::run(1024, 1000, 100, None).await

@@ -39,22 +39,65 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub(super) async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
+pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result<()> {
     let server = Server::start().await?;
-    let (mut a, ca, b, cb) = pair(&server, "rtt", ChannelSpec::reliable("rtt")).await?;
-    // B echoes everything back.
-    let echo = tokio::spawn(async move {
-        let _room = b;
-        while let Some(message) = cb.recv().await {
-            if cb.send(message).await.is_err() {
-                break;
+    let mut specs = vec![ChannelSpec::reliable("rtt")];
+    if bulk {
+        specs.push(ChannelSpec::reliable("bulk"));
+    }
+    let mut a = Room::join(server.config("rtt", vec![])).await?;
+    let b_cfg = server.config("rtt", specs);
+    // B on its own thread and runtime, as it would be in another process:
+    // it echoes "rtt" back and reads "bulk", counting the bytes.
+    let moved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (ready_tx, ready_rx) = oneshot::channel::<()>();
+    let counter = moved.clone();
+    let peer_b = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            let mut b = Room::join(b_cfg).await?;
+            let cb = channel(&mut b, "rtt").await?;
+            if bulk {
+                let bb = channel(&mut b, "bulk").await?;
+                tokio::spawn(async move {
+                    while let Some(m) = bb.recv().await {
+                        counter.fetch_add(m.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
             }
-        }
+            let _ = ready_tx.send(());
+            while let Some(message) = cb.recv().await {
+                if cb.send(message).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
     });
+    let ca = channel(&mut a, "rtt").await?;
+    // A sends 64 KiB messages on "bulk" as fast as it can while the round
+    // trips run.
+    let mut bulk_task = None;
+    if bulk {
+        let ba = channel(&mut a, "bulk").await?;
+        let msg = vec![0x5au8; 65536];
+        bulk_task = Some(tokio::spawn(async move { while ba.send(msg.clone()).await.is_ok() {} }));
+    }
+    if ready_rx.await.is_err() {
+        let why = tokio::task::spawn_blocking(move || peer_b.join()).await?;
+        return Err(match why {
+            Ok(Err(e)) => e.context("echoing peer"),
+            _ => anyhow::anyhow!("the echoing peer stopped"),
+        });
+    }
     let warmup = 200;
     let mut times = Vec::with_capacity(count);
     let payload = vec![7u8; size.max(1)];
+    let mut started = (Instant::now(), 0);
     for i in 0..warmup + count {
+        if i == warmup {
+            started = (Instant::now(), moved.load(std::sync::atomic::Ordering::Relaxed));
+        }
         let t0 = Instant::now();
         ca.send(payload.clone()).await?;
         match tokio::time::timeout(WAIT, ca.recv()).await.context("echo did not come back")? {
@@ -65,14 +108,25 @@ pub(super) async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
             times.push(t0.elapsed());
         }
     }
+    let bulk_mbs = (moved.load(std::sync::atomic::Ordering::Relaxed) - started.1) as f64
+        / started.0.elapsed().as_secs_f64()
+        / 1e6;
     times.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let during = if bulk {
+        format!(", while 64 KiB messages move at {bulk_mbs:.1} MB/s on another channel")
+    } else {
+        String::new()
+    };
     println!(
-        "rtt ({size}-byte messages, reliable ordered, {count} round trips): p50 {:.0} us  p99 {:.0} us  min {:.0} us",
+        "rtt ({size}-byte messages, reliable ordered, {count} round trips{during}): p50 {:.0} us  p99 {:.0} us  min {:.0} us",
         us(pct(&times, 0.5)),
         us(pct(&times, 0.99)),
         us(times[0]),
     );
+    if let Some(task) = bulk_task {
+        task.abort();
+    }
     // str0m reports stats every 500 ms.
     let until = tokio::time::Instant::now() + Duration::from_millis(1200);
     while tokio::time::timeout_at(until, a.next_event()).await.is_ok() {}
@@ -82,7 +136,12 @@ pub(super) async fn rtt(count: usize, size: usize) -> anyhow::Result<()> {
         stats.rtt,
         stats.path.map(|p| p.to_string()).unwrap_or_default()
     );
-    echo.abort();
+    // A leaves: B's channel closes and its thread ends.
+    drop(ca);
+    tokio::time::timeout(Duration::from_secs(10), a.leave()).await.context("leave")??;
+    tokio::task::spawn_blocking(move || peer_b.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("echoing peer panicked"))??;
     Ok(())
 }
 
@@ -108,7 +167,7 @@ async fn take_bytes(channel: &DataChannel, total: usize) -> anyhow::Result<()> {
 }
 
 /// Prints peerlink's and raw str0m's bulk throughput; returns peerlink's MB/s.
-pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
+pub async fn throughput(mib: usize, size: usize, reference: bool) -> anyhow::Result<f64> {
     let total = mib * 1024 * 1024;
     let t0 = Instant::now();
     let mbs = peerlink_throughput(mib, size, None).await?;
@@ -116,6 +175,9 @@ pub async fn throughput(mib: usize, size: usize) -> anyhow::Result<f64> {
         "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s with setup)",
         t0.elapsed().as_secs_f64()
     );
+    if !reference {
+        return Ok(mbs);
+    }
     // The reference varies run to run more than peerlink does on this
     // machine: take the median of three.
     let mut raws = Vec::with_capacity(3);

@@ -138,7 +138,7 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
             },
         ];
 
-        let raw = super::peer::throughput(256, 65536).await?;
+        let raw = super::peer::throughput(256, 65536, true).await?;
         let server = super::Server::start().await?;
         let exe = std::env::current_exe()?;
         for (i, case) in cases.iter().enumerate() {
