@@ -181,13 +181,25 @@ impl std::fmt::Debug for PeerConn {
     }
 }
 
+/// SCTP's receive window, and the largest message this side accepts
+/// (`a=max-message-size`). str0m sizes sctp-proto's receive buffer as
+/// max(max-message-size, 1 MiB), so raising the one raises the other; the
+/// window bounds the data in flight to one round trip, and 1 MiB is 10 MB/s
+/// at 100 ms; 4 MiB allows 40 MB/s there. A browser reads the larger
+/// `a=max-message-size` as leave to send us messages up to 4 MiB (if its own
+/// limit allows), which we can reassemble: no message is larger than the
+/// window. What a connection holds for an application that does not read
+/// is still bounded by the window.
+const RECEIVE_WINDOW: usize = 4 << 20;
+
 /// SCTP's send buffer. str0m counts data as buffered until the peer
 /// acknowledges it, so this is also the most data in flight: its 128 KiB
 /// default lets a 64 KiB message out only when 64 KiB or less is
-/// outstanding, one per round trip. Twice the receive window (1 MiB, set by
-/// str0m) keeps a full window in flight with more waiting behind it. str0m
-/// also refuses single writes larger than this.
-const SCTP_SEND_BUFFER: usize = 2 << 20;
+/// outstanding, one per round trip. The peer's receive window plus 2 MiB
+/// keeps a full window of ours in flight (a native peer's is
+/// [`RECEIVE_WINDOW`]) with more waiting behind it. str0m also refuses
+/// single writes larger than this.
+const SCTP_SEND_BUFFER: usize = RECEIVE_WINDOW + (2 << 20);
 
 /// The most one channel may have in SCTP's send buffer, unless it has
 /// nothing there: the rest is kept for the other channels, so a chat
@@ -215,7 +227,9 @@ impl PeerConn {
         // A first check that a TURN server drops (its permission is still on
         // the way) is retried after 100 ms rather than 250.
         builder.set_initial_stun_rto(Duration::from_millis(100));
-        let builder = builder.set_sctp_max_buffered_amount(SCTP_SEND_BUFFER);
+        let builder = builder
+            .set_sctp_max_buffered_amount(SCTP_SEND_BUFFER)
+            .set_sctp_max_message_size(RECEIVE_WINDOW as u32);
         let mut rtc = builder.build(now);
         let mut local_candidates = Vec::new();
         for addr in locals {
