@@ -15,7 +15,7 @@ export const ERROR_CODES = Object.freeze([
   'bad_json', 'unknown_type', 'bad_message', 'too_large', 'binary_frame', 'unsupported_version',
   'hello_required', 'already_greeted', 'invalid_room', 'invalid_name', 'room_full', 'too_many_rooms',
   'already_joined', 'not_in_room', 'unknown_peer', 'spoofed_sender', 'unauthorized', 'origin_not_allowed', 'rate_limited', 'flooding', 'peer_busy', 'idle_timeout',
-  'slow_consumer', 'shutting_down',
+  'slow_consumer', 'shutting_down', 'unavailable',
 ]);
 
 /** Codes after which the server closes the connection. */

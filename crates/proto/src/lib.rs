@@ -349,6 +349,11 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The server is shutting down. The connection closes.
     ShuttingDown,
+    /// The server cannot reach the room store it shares with other nodes
+    /// (Redis): the join, or the message to a member on another node, was
+    /// not served. Retry shortly (with backoff), or reconnect: another node
+    /// may be fine.
+    Unavailable,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -382,6 +387,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unknown => "unknown",
         }
     }

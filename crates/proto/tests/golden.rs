@@ -176,6 +176,13 @@ fn server_messages() {
         },
     );
     check(
+        "server/error_unavailable.json",
+        ServerMsg::Error {
+            code: ErrorCode::Unavailable,
+            message: "cannot join lobby now: this server cannot reach the room store shared by its nodes; retry shortly".into(),
+        },
+    );
+    check(
         "server/error_unauthorized.json",
         ServerMsg::Error {
             code: ErrorCode::Unauthorized,
