@@ -17,6 +17,17 @@ pub struct ServeArgs {
     /// public one, e.g. 127.0.0.1:9090 (/healthz stays public).
     #[arg(long, env = "PEERLINK_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Share rooms with every other `peerlink serve` given the same Redis
+    /// (redis://[user:password@]host:port[/db]): peers on different nodes
+    /// behind one load balancer meet in one room. Without it rooms live in
+    /// this process.
+    #[arg(long, env = "PEERLINK_REDIS")]
+    redis: Option<String>,
+    /// How long a node's members outlive it in Redis when it dies or is cut
+    /// off: the other nodes tell their peers `peer_left` within about this
+    /// and a third. 1s to 1m.
+    #[arg(long, env = "PEERLINK_REDIS_LEASE", default_value = "3s", value_parser = parse_lease)]
+    redis_lease: Duration,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -98,6 +109,15 @@ pub struct LimitArgs {
     /// WebSockets are not affected.
     #[arg(long, env = "PEERLINK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_request_timeout)]
     request_timeout: Duration,
+}
+
+/// A backplane lease: 1 s to 1 min.
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = crate::common::parse_duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&d) {
+        return Err(format!("{s} is not a usable lease; 1s to 1m"));
+    }
+    Ok(d)
 }
 
 /// A request or slow-consumer timeout: between 1 s and 10 min.
@@ -305,8 +325,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let more_metrics =
         turn_stats.map(|stats| peerlink_signal::MoreMetrics::new(move |m| turn_metrics(&stats, m)));
-    let config =
-        peerlink_signal::Config { ice_provider: Some(provider), more_metrics, ..args.limits.config() };
+    let backplane = args.redis.as_ref().map(|url| peerlink_signal::BackplaneConfig {
+        lease: args.redis_lease,
+        ..peerlink_signal::BackplaneConfig::redis(url.clone())
+    });
+    let config = peerlink_signal::Config {
+        ice_provider: Some(provider),
+        more_metrics,
+        backplane,
+        ..args.limits.config()
+    };
     let metrics_listener = match args.metrics_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)

@@ -104,7 +104,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
                 last_seen = Instant::now();
                 match msg {
                     Message::Text(text) => {
-                        if let Err(f) = conn.handle_text(text.as_str()) {
+                        if let Err(f) = conn.handle_text(text.as_str()).await {
                             let fatal = f.code.is_fatal();
                             if fatal {
                                 break Some(f);
@@ -168,7 +168,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
     };
 
     for room in std::mem::take(&mut conn.rooms) {
-        server.inner.hub.leave(&room, &conn.id);
+        server.inner.hub.leave(&room, &conn.id).await;
     }
     // What is still queued for us leaves the server's budget.
     conn.outbox.drain(&mut rx);
@@ -307,7 +307,7 @@ impl Conn {
         ))
     }
 
-    fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
+    async fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
         let limits = self.server.inner.config.limits;
         if !self.admit()? {
             return Ok(());
@@ -323,10 +323,10 @@ impl Conn {
         if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
             return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
         }
-        self.dispatch(msg, ty)
+        self.dispatch(msg, ty).await
     }
 
-    fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {
+    async fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {
         let inner = &self.server.inner;
         let hub = &inner.hub;
         match msg {
@@ -399,15 +399,15 @@ impl Conn {
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
                 // The hub sends `joined` itself, ordered before any `peer_joined`.
-                let peers = hub.join(&room, &self.id, name, self.outbox.clone(), max_peers)?;
-                tracing::info!(peer = %self.id, %room, members = peers.len() + 1, "joined");
+                hub.join(&room, &self.id, name, self.outbox.clone(), max_peers).await?;
+                tracing::info!(peer = %self.id, %room, "joined");
                 self.rooms.insert(room);
             }
             ClientMsg::Leave { room } => {
                 if !self.rooms.remove(&room) {
                     return Err(Failure::new(ErrorCode::NotInRoom, format!("you are not in room {room}")));
                 }
-                hub.leave(&room, &self.id);
+                hub.leave(&room, &self.id).await;
                 tracing::info!(peer = %self.id, %room, "left");
                 self.reply(&ServerMsg::Left { room });
             }

@@ -1,13 +1,14 @@
 //! Room membership and delivery between connections.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
 use tokio::sync::{Notify, mpsc};
+
+use crate::backplane::{Backplane, Entry, Event, JoinOutcome};
 
 /// The sending half of one connection, as the hub sees it.
 #[derive(Debug, Clone)]
@@ -44,6 +45,10 @@ pub(crate) enum Full {
     Server,
     /// The connection is closing.
     Closed,
+    /// The queue towards the other nodes (backplane) is full.
+    Backplane,
+    /// The backplane is unreachable.
+    Down,
 }
 
 impl Outbox {
@@ -124,17 +129,79 @@ impl Outbox {
     }
 }
 
+/// Where a member's connection is.
+#[derive(Debug)]
+enum At {
+    /// On this node: its queue.
+    Local(Outbox),
+    /// On another node of a Redis backplane, by node id.
+    Remote(Arc<str>),
+}
+
 #[derive(Debug)]
 struct Member {
     name: Option<String>,
-    outbox: Outbox,
+    at: At,
     /// Join order, so `joined` can list members longest present first.
     since: u64,
 }
 
+/// One room as this node sees it: with the memory backend every member;
+/// with a backplane, a replica kept for the rooms that have members here
+/// (every member, each with its node), updated from the node's one ordered
+/// stream of events.
+#[derive(Debug, Default)]
+struct Room {
+    members: HashMap<PeerId, Member>,
+}
+
+impl Room {
+    fn locals(&self) -> impl Iterator<Item = (&PeerId, &Outbox)> {
+        self.members.iter().filter_map(|(id, m)| match &m.at {
+            At::Local(o) => Some((id, o)),
+            At::Remote(_) => None,
+        })
+    }
+
+    fn has_local(&self) -> bool {
+        self.locals().next().is_some()
+    }
+
+    /// Tells every member here but `except` (the memory backend: everyone).
+    fn tell_locals(&self, except: &PeerId, frame: &Utf8Bytes) {
+        for (id, o) in self.locals() {
+            if id != except {
+                o.deliver(frame.clone());
+            }
+        }
+    }
+
+    /// Members other than `except`, longest present first.
+    fn listing(&self, except: &PeerId) -> Vec<PeerInfo> {
+        let mut present: Vec<(u64, PeerInfo)> = self
+            .members
+            .iter()
+            .filter(|(id, _)| *id != except)
+            .map(|(id, m)| (m.since, PeerInfo { id: id.clone(), name: m.name.clone() }))
+            .collect();
+        present.sort_unstable_by_key(|(since, _)| *since);
+        present.into_iter().map(|(_, p)| p).collect()
+    }
+}
+
+/// A joiner on this node waiting for its place in the backplane's stream.
+#[derive(Debug)]
+struct Pending {
+    outbox: Outbox,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
-    rooms: Mutex<HashMap<String, HashMap<PeerId, Member>>>,
+    rooms: Mutex<HashMap<String, Room>>,
+    /// Backplane joins sent and not yet seen in the stream, by (room, peer).
+    pending: Mutex<HashMap<(String, PeerId), Pending>>,
+    /// Set once, when the server runs with a backplane.
+    backplane: OnceLock<Arc<Backplane>>,
     connections: AtomicUsize,
     joins: AtomicU64,
     /// `signal`s relayed (offers, answers, candidates).
@@ -153,7 +220,7 @@ pub(crate) struct Hub {
 pub struct HubStats {
     /// Open WebSocket connections.
     pub connections: usize,
-    /// Rooms with at least one member.
+    /// Rooms with at least one member (on this node, with a backplane).
     pub rooms: usize,
     /// `signal`s relayed since the start.
     pub signals_relayed: u64,
@@ -166,7 +233,7 @@ pub(crate) fn encode(msg: &ServerMsg) -> Utf8Bytes {
 }
 
 /// The refusal of a relayed frame that `peers` (of `addressed`) could not take.
-fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
+pub(crate) fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
     let names: Vec<&str> = peers.iter().take(8).map(|p| p.as_str()).collect();
     let more = if peers.len() > names.len() {
         format!(" and {} more", peers.len() - names.len())
@@ -175,6 +242,7 @@ fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
     };
     let reason = match why {
         Full::Server => "the server's queue budget is used up",
+        Full::Backplane => "the server's queue towards other nodes is full",
         _ => "its queue is full: it reads slower than messages arrive for it",
     };
     let whom = if addressed == 1 {
@@ -196,7 +264,23 @@ fn sorted(counts: &Mutex<HashMap<ErrorCode, u64>>) -> Vec<(ErrorCode, u64)> {
 #[derive(Debug)]
 pub(crate) struct Refused(pub ErrorCode, pub String);
 
+fn unavailable(what: &str) -> Refused {
+    Refused(
+        ErrorCode::Unavailable,
+        format!("{what}: this server cannot reach the room store shared by its nodes; retry shortly"),
+    )
+}
+
 impl Hub {
+    /// Runs the hub over `backplane` (once, before any connection).
+    pub fn attach(&self, backplane: Arc<Backplane>) {
+        let _ = self.backplane.set(backplane);
+    }
+
+    pub fn backplane(&self) -> Option<&Arc<Backplane>> {
+        self.backplane.get()
+    }
+
     pub fn connected(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
@@ -225,7 +309,7 @@ impl Hub {
         sorted(&self.kicks)
     }
 
-    /// Joins accepted since the start.
+    /// Joins accepted since the start (on this node).
     pub fn joins(&self) -> u64 {
         self.joins.load(Ordering::Relaxed)
     }
@@ -239,61 +323,99 @@ impl Hub {
         }
     }
 
-    /// Adds `id` to `room`, tells the others, and returns who was there.
-    pub fn join(
+    /// Adds `id` to `room` and tells the others; `id` gets `joined` (the
+    /// members before it) ahead of any `peer_joined`.
+    pub async fn join(
         &self,
         room: &str,
         id: &PeerId,
         name: Option<String>,
         outbox: Outbox,
         max_peers: usize,
-    ) -> Result<Vec<PeerInfo>, Refused> {
+    ) -> Result<(), Refused> {
+        let Some(bp) = self.backplane.get() else {
+            return self.join_here(room, id, name, outbox, max_peers);
+        };
+        if !bp.is_up() {
+            return Err(unavailable(&format!("cannot join {room} now")));
+        }
+        let key = (room.to_string(), id.clone());
+        self.pending.lock().expect("hub lock").insert(key.clone(), Pending { outbox });
+        let outcome = bp.join(room, id, name, max_peers).await;
+        if !matches!(outcome, JoinOutcome::Joined) {
+            self.pending.lock().expect("hub lock").remove(&key);
+        }
+        match outcome {
+            // `joined` is sent when the join's event comes through the stream.
+            JoinOutcome::Joined => Ok(()),
+            JoinOutcome::Already => Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}"))),
+            JoinOutcome::Full(n) => {
+                Err(Refused(ErrorCode::RoomFull, format!("room {room} has {n} members, the limit")))
+            }
+            JoinOutcome::Failed => {
+                // It may have happened: take it back (a no-op otherwise).
+                bp.leave(room, id);
+                Err(unavailable(&format!("joining {room} failed")))
+            }
+        }
+    }
+
+    fn join_here(
+        &self,
+        room: &str,
+        id: &PeerId,
+        name: Option<String>,
+        outbox: Outbox,
+        max_peers: usize,
+    ) -> Result<(), Refused> {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let members = rooms.entry(room.to_string()).or_default();
-        if members.contains_key(id) {
+        if members.members.contains_key(id) {
             return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));
         }
-        if members.len() >= max_peers {
+        if members.members.len() >= max_peers {
             return Err(Refused(
                 ErrorCode::RoomFull,
-                format!("room {room} has {} members, the limit", members.len()),
+                format!("room {room} has {} members, the limit", members.members.len()),
             ));
         }
         let me = PeerInfo { id: id.clone(), name: name.clone() };
-        let frame = encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me });
-        let mut present: Vec<(u64, PeerInfo)> = members
-            .iter()
-            .map(|(pid, m)| {
-                m.outbox.deliver(frame.clone());
-                (m.since, PeerInfo { id: pid.clone(), name: m.name.clone() })
-            })
-            .collect();
-        present.sort_unstable_by_key(|(since, _)| *since);
-        let present: Vec<PeerInfo> = present.into_iter().map(|(_, p)| p).collect();
+        members.tell_locals(id, &encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me }));
         // `joined` goes out under the lock, before the joiner is visible:
         // a `peer_joined` from someone joining right after can only follow it.
-        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present.clone() }));
+        let present = members.listing(id);
+        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present }));
         let since = self.joins.fetch_add(1, Ordering::Relaxed);
-        members.insert(id.clone(), Member { name, outbox, since });
-        Ok(present)
+        members.members.insert(id.clone(), Member { name, at: At::Local(outbox), since });
+        Ok(())
     }
 
-    /// Removes `id` from `room` and tells the others. Returns whether it was a member.
-    pub fn leave(&self, room: &str, id: &PeerId) -> bool {
+    /// Removes `id` from `room` and tells the others. Returns whether it
+    /// was a member. With a backplane, returns once Redis has the change
+    /// (bounded), so that a join anywhere after it does not find `id`.
+    pub async fn leave(&self, room: &str, id: &PeerId) -> bool {
+        let bp = self.backplane.get();
+        let known = {
+            let rooms = self.rooms.lock().expect("hub lock");
+            rooms.get(room).is_some_and(|r| r.members.contains_key(id))
+                || self.pending.lock().expect("hub lock").contains_key(&(room.to_string(), id.clone()))
+        };
+        if known && let Some(bp) = bp {
+            bp.leave_and_wait(room, id).await;
+        }
         let mut rooms = self.rooms.lock().expect("hub lock");
-        let Some(members) = rooms.get_mut(room) else { return false };
-        if members.remove(id).is_none() {
-            return false;
-        }
-        if members.is_empty() {
-            rooms.remove(room);
-        } else {
+        let mut was = false;
+        if let Some(members) = rooms.get_mut(room)
+            && members.members.remove(id).is_some()
+        {
             let frame = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });
-            for m in members.values() {
-                m.outbox.deliver(frame.clone());
+            members.tell_locals(id, &frame);
+            if !members.has_local() {
+                rooms.remove(room);
             }
+            was = true;
         }
-        true
+        was | self.pending.lock().expect("hub lock").remove(&(room.to_string(), id.clone())).is_some()
     }
 
     /// Delivers `frame` to `to` if both `from` and `to` are in `room`. A
@@ -304,33 +426,48 @@ impl Hub {
         let rooms = self.rooms.lock().expect("hub lock");
         let members = rooms
             .get(room)
-            .filter(|m| m.contains_key(from))
+            .filter(|m| m.members.contains_key(from))
             .ok_or_else(|| Refused(ErrorCode::NotInRoom, format!("you are not in room {room}")))?;
         let target = members
+            .members
             .get(to)
             .ok_or_else(|| Refused(ErrorCode::UnknownPeer, format!("no peer {to} in room {room}")))?;
-        match target.outbox.try_deliver(frame) {
+        let sent = match &target.at {
+            At::Local(outbox) => outbox.try_deliver(frame),
+            At::Remote(node) => match self.backplane.get() {
+                Some(bp) => bp.forward(node, room, Some(to), from, &frame),
+                None => Err(Full::Closed),
+            },
+        };
+        match sent {
             Ok(()) => Ok(()),
             Err(Full::Closed) => {
                 Err(Refused(ErrorCode::UnknownPeer, format!("peer {to} is leaving room {room}")))
             }
+            Err(Full::Down) => Err(unavailable(&format!("not delivered to peer {to}"))),
             Err(full) => Err(busy(&[to], 1, full)),
         }
     }
 
     /// Delivers `frame` to every member of `room` but `from`; members whose
-    /// queue cannot take it are named in one `peer_busy` refusal.
+    /// queue cannot take it are named in one `peer_busy` refusal. Members on
+    /// other nodes get it through their node (one copy per node), which
+    /// refuses on their behalf the same way.
     pub fn broadcast(&self, room: &str, from: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
         let rooms = self.rooms.lock().expect("hub lock");
         let members = rooms
             .get(room)
-            .filter(|m| m.contains_key(from))
+            .filter(|m| m.members.contains_key(from))
             .ok_or_else(|| Refused(ErrorCode::NotInRoom, format!("you are not in room {room}")))?;
         let mut busy_peers = Vec::new();
         let mut why = Full::Connection;
-        for (pid, m) in members {
-            if pid != from {
-                match m.outbox.try_deliver(frame.clone()) {
+        let mut nodes: Vec<&Arc<str>> = Vec::new();
+        for (pid, m) in &members.members {
+            if pid == from {
+                continue;
+            }
+            match &m.at {
+                At::Local(outbox) => match outbox.try_deliver(frame.clone()) {
                     Ok(()) => {
                         self.messages_relayed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -339,9 +476,204 @@ impl Hub {
                         busy_peers.push(pid);
                         why = full;
                     }
+                },
+                At::Remote(node) => {
+                    if !nodes.contains(&node) {
+                        nodes.push(node);
+                    }
                 }
             }
         }
-        if busy_peers.is_empty() { Ok(()) } else { Err(busy(&busy_peers, members.len() - 1, why)) }
+        if let Some(bp) = self.backplane.get() {
+            for node in nodes {
+                if let Err(full) = bp.forward(node, room, None, from, &frame) {
+                    if full == Full::Down {
+                        return Err(unavailable("not delivered to the members on other nodes"));
+                    }
+                    // Name those the copy was for.
+                    busy_peers.extend(members.members.iter().filter_map(|(pid, m)| match &m.at {
+                        At::Remote(n) if n == node => Some(pid),
+                        _ => None,
+                    }));
+                    why = full;
+                }
+            }
+        }
+        if busy_peers.is_empty() { Ok(()) } else { Err(busy(&busy_peers, members.members.len() - 1, why)) }
+    }
+
+    /// Members on this node, by room, with their names: what a node puts
+    /// back after Redis lost them.
+    pub fn local_members(&self) -> Vec<(String, PeerId, Option<String>)> {
+        let rooms = self.rooms.lock().expect("hub lock");
+        let mut out = Vec::new();
+        for (room, members) in rooms.iter() {
+            for (id, m) in &members.members {
+                if matches!(m.at, At::Local(_)) {
+                    out.push((room.clone(), id.clone(), m.name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Rooms with members (or joiners) on this node.
+    pub fn local_rooms(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.rooms.lock().expect("hub lock").keys().cloned().collect();
+        for (room, _) in self.pending.lock().expect("hub lock").keys() {
+            if !out.contains(room) {
+                out.push(room.clone());
+            }
+        }
+        out
+    }
+
+    /// Applies one event from the backplane's stream for this node.
+    pub fn apply(&self, me: &str, event: Event) {
+        match event {
+            Event::Members { room, members } => self.resync(me, &room, members),
+            Event::Joined { room, member } => {
+                let mut rooms = self.rooms.lock().expect("hub lock");
+                let Some(r) = rooms.get_mut(&room) else { return };
+                let id = PeerId::from_server(member.id);
+                if let Some(m) = r.members.get_mut(&id) {
+                    // Put back after Redis lost it: known already.
+                    if let At::Remote(node) = &mut m.at {
+                        *node = member.node.into();
+                    }
+                    return;
+                }
+                let info = PeerInfo { id: id.clone(), name: member.n.clone() };
+                r.tell_locals(&id, &encode(&ServerMsg::PeerJoined { room: room.clone(), peer: info }));
+                r.members.insert(
+                    id,
+                    Member { name: member.n, at: At::Remote(member.node.into()), since: member.s },
+                );
+            }
+            Event::Left { room, peer } => {
+                let mut rooms = self.rooms.lock().expect("hub lock");
+                let Some(r) = rooms.get_mut(&room) else { return };
+                let id = PeerId::from_server(peer);
+                // A member of ours is never removed by another node (a
+                // sweep after a partition): it is put back instead.
+                if !matches!(r.members.get(&id), Some(Member { at: At::Remote(_), .. })) {
+                    return;
+                }
+                r.members.remove(&id);
+                r.tell_locals(&id, &encode(&ServerMsg::PeerLeft { room, peer_id: id.clone() }));
+            }
+            Event::Frame { room, to, from, from_node, frame } => {
+                let rooms = self.rooms.lock().expect("hub lock");
+                let Some(r) = rooms.get(&room) else { return };
+                let targets: Vec<(&PeerId, &Outbox)> = match &to {
+                    Some(to) => r.locals().filter(|(id, _)| *id == to).collect(),
+                    None => r.locals().filter(|(id, _)| *id != &from).collect(),
+                };
+                let mut refused = Vec::new();
+                let mut why = Full::Connection;
+                for (id, outbox) in &targets {
+                    match outbox.try_deliver(frame.clone()) {
+                        Ok(()) => {
+                            if to.is_none() {
+                                self.messages_relayed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(Full::Closed) => {}
+                        Err(full) => {
+                            refused.push(*id);
+                            why = full;
+                        }
+                    }
+                }
+                let refusal = if let Some(to) = &to
+                    && targets.is_empty()
+                {
+                    Some(Refused(ErrorCode::UnknownPeer, format!("peer {to} left room {room}")))
+                } else if refused.is_empty() {
+                    None
+                } else {
+                    Some(busy(&refused, targets.len(), why))
+                };
+                if let (Some(Refused(code, message)), Some(bp)) = (refusal, self.backplane.get()) {
+                    bp.refuse(&from_node, &room, &from, &encode(&ServerMsg::Error { code, message }));
+                }
+            }
+            Event::Refused { room, to, frame } => {
+                let rooms = self.rooms.lock().expect("hub lock");
+                if let Some(At::Local(outbox)) =
+                    rooms.get(&room).and_then(|r| r.members.get(&to)).map(|m| &m.at)
+                {
+                    outbox.deliver(frame);
+                }
+            }
+        }
+    }
+
+    /// Makes the replica of `room` what the store says (`members`, in
+    /// stream order), telling the members here what changed; a joiner here
+    /// that the store lists gets its `joined`.
+    fn resync(&self, me: &str, room: &str, members: Vec<Entry>) {
+        let mut rooms = self.rooms.lock().expect("hub lock");
+        let mut pending = self.pending.lock().expect("hub lock");
+        let mut old = rooms.remove(room).unwrap_or_default();
+        let mut new = Room::default();
+        let mut joiners = Vec::new();
+        let mut added = Vec::new();
+        for e in members {
+            let id = PeerId::from_server(e.id);
+            let at = if e.node == me {
+                if let Some(m) = old.members.remove(&id) {
+                    m.at
+                } else if let Some(p) = pending.remove(&(room.to_string(), id.clone())) {
+                    joiners.push(id.clone());
+                    added.push(id.clone());
+                    At::Local(p.outbox)
+                } else {
+                    // Ours in the store but gone here: a join its connection
+                    // gave up on, or a leave lost with a broken connection
+                    // to Redis. Take it out (a repeated leave does nothing).
+                    if let Some(bp) = self.backplane.get() {
+                        bp.leave(room, &id);
+                    }
+                    continue;
+                }
+            } else {
+                if old.members.remove(&id).is_none() {
+                    added.push(id.clone());
+                }
+                At::Remote(e.node.into())
+            };
+            new.members.insert(id, Member { name: e.n, at, since: e.s });
+        }
+        // Ours that the store does not list yet (being put back) stay.
+        let mut gone = Vec::new();
+        for (id, m) in old.members.drain() {
+            match m.at {
+                At::Local(_) => {
+                    new.members.insert(id, m);
+                }
+                At::Remote(_) => gone.push(id),
+            }
+        }
+        for (id, outbox) in new.locals() {
+            if joiners.contains(id) {
+                continue;
+            }
+            for g in &gone {
+                outbox.deliver(encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: g.clone() }));
+            }
+            for a in &added {
+                let peer = PeerInfo { id: a.clone(), name: new.members[a].name.clone() };
+                outbox.deliver(encode(&ServerMsg::PeerJoined { room: room.to_string(), peer }));
+            }
+        }
+        for j in &joiners {
+            self.joins.fetch_add(1, Ordering::Relaxed);
+            let At::Local(outbox) = &new.members[j].at else { continue };
+            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: new.listing(j) }));
+        }
+        if new.has_local() {
+            rooms.insert(room.to_string(), new);
+        }
     }
 }

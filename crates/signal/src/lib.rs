@@ -17,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+mod backplane;
 mod conn;
 mod frame;
 mod hub;
@@ -37,6 +38,7 @@ use peerlink_proto::{IceServer, Limits, PeerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use backplane::BackplaneConfig;
 pub use frame::parse_client_frame;
 pub use hub::HubStats;
 pub use listen::AdmissionStats;
@@ -92,6 +94,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// More metrics for `GET /metrics` (the TURN server's, say).
     pub more_metrics: Option<MoreMetrics>,
+    /// Share rooms with other nodes through Redis; `None`: rooms live in
+    /// this process only.
+    pub backplane: Option<BackplaneConfig>,
 }
 
 /// A secret that never shows in logs.
@@ -196,6 +201,7 @@ impl Default for Config {
             join_secret: None,
             allowed_origins: Vec::new(),
             more_metrics: None,
+            backplane: None,
         }
     }
 }
@@ -210,7 +216,7 @@ pub struct Server {
 #[derive(Debug)]
 struct Inner {
     config: Config,
-    hub: hub::Hub,
+    hub: Arc<hub::Hub>,
     budget: Arc<hub::Budget>,
     admission: Arc<listen::Admission>,
     shutdown: watch::Receiver<bool>,
@@ -237,7 +243,7 @@ impl Server {
                     max_bytes: config.queue_budget_bytes,
                 }),
                 config,
-                hub: hub::Hub::default(),
+                hub: Arc::new(hub::Hub::default()),
                 shutdown: stop_rx,
                 _alive: alive_tx,
             }),
@@ -273,8 +279,11 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
     let s = server.stats();
     let a = server.admission();
     let cfg = &server.inner.config;
+    let backplane = server.inner.hub.backplane().map(|b| b.status());
+    let status = if backplane.as_ref().is_some_and(|b| !b.up) { "degraded" } else { "ok" };
     axum::Json(serde_json::json!({
-        "status": "ok",
+        "status": status,
+        "backplane": backplane,
         "tcp_connections": a.open,
         "connections_refused": a.refused,
         "requests_timed_out": a.timed_out,
@@ -393,7 +402,12 @@ pub async fn serve_full(
     shutdown: impl Future<Output = ()> + Send + 'static,
     extend: impl FnOnce(Router) -> Router,
 ) -> std::io::Result<()> {
+    let backplane = config.backplane.clone();
     let (server, stop, mut alive) = Server::new(config);
+    if let Some(cfg) = &backplane {
+        backplane::Backplane::start(cfg, server.inner.hub.clone(), stop.subscribe())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--redis: {e}")))?;
+    }
     let app =
         extend(router(server.clone(), metrics.is_none())).layer(axum::middleware::from_fn(note_request));
     if let Some(metrics_listener) = metrics {

@@ -116,6 +116,57 @@ pub(crate) fn render(server: &Server) -> String {
         "HTTP connections closed because a request did not arrive in time.",
         adm.timed_out,
     );
+    if let Some(bp) = inner.hub.backplane() {
+        let c = &bp.counters;
+        m.single(
+            "peerlink_backplane_up",
+            "gauge",
+            "1 when Redis is reachable (joins and messages to other nodes are served).",
+            u64::from(bp.is_up()),
+        );
+        m.single(
+            "peerlink_backplane_published_total",
+            "counter",
+            "Messages published to other nodes.",
+            c.published.load(Ordering::Relaxed),
+        );
+        m.single(
+            "peerlink_backplane_received_total",
+            "counter",
+            "Events received from Redis for this node.",
+            c.received.load(Ordering::Relaxed),
+        );
+        m.single(
+            "peerlink_backplane_errors_total",
+            "counter",
+            "Redis errors (failed connections, commands, subscriptions).",
+            c.errors.load(Ordering::Relaxed),
+        );
+        m.single(
+            "peerlink_backplane_reconnects_total",
+            "counter",
+            "Times the connection to Redis was made again.",
+            c.reconnects.load(Ordering::Relaxed),
+        );
+        m.single(
+            "peerlink_backplane_members_swept_total",
+            "counter",
+            "Members of dead nodes this node removed.",
+            c.members_swept.load(Ordering::Relaxed),
+        );
+        m.single(
+            "peerlink_backplane_queued_bytes",
+            "gauge",
+            "Bytes of messages waiting to be published.",
+            bp.queued_bytes() as u64,
+        );
+        m.single(
+            "peerlink_backplane_lag_microseconds",
+            "gauge",
+            "How long the last batch's oldest message waited for Redis.",
+            c.lag_us.load(Ordering::Relaxed),
+        );
+    }
     if let Some(more) = &inner.config.more_metrics {
         (more.0)(&mut m);
     }

@@ -40,25 +40,152 @@ fn config() -> Config {
     }
 }
 
+/// Where rooms live: in the one server process, or in Redis shared by
+/// several nodes (clients then spread over the nodes in turn).
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+/// Nodes a Redis-backed test server runs.
+const NODES: usize = 3;
+
+/// A `redis-server` of the test's own on a loopback port, killed when dropped.
+struct Redis {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+        let mut redis = Redis { port, child: None };
+        redis.run().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn run(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills it: its data is gone (nothing is saved).
+    async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().await.expect("kill redis-server");
+    }
+}
+
 struct TestServer {
+    /// The first node.
     addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    next: std::sync::atomic::AtomicUsize,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// Nodes after the first (Redis only).
+    others: Vec<(oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>,
+    redis: Option<Redis>,
+}
+
+async fn start_node(config: Config) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<std::io::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+/// Waits until the node at `addr` reports its backplane up.
+async fn backplane_up(addr: SocketAddr) {
+    backplane_is(addr, true).await
+}
+
+/// Waits until the node at `addr` reports its backplane up (or down).
+async fn backplane_is(addr: SocketAddr, up: bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(addr, "/healthz").await;
+        let v: Value = serde_json::from_str(&body).expect("healthz is JSON");
+        if v["backplane"]["up"] == json!(up) {
+            assert_eq!(v["status"], json!(if up { "ok" } else { "degraded" }), "{body}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backplane of {addr} was not up={up} within {WAIT:?}: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl TestServer {
     async fn start(config: Config) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, config, async move {
-            let _ = stopped.await;
-        }));
-        TestServer { addr, stop: Some(stop), task: Some(task) }
+        TestServer::on(Backend::Memory, config).await
     }
 
+    async fn on(backend: Backend, config: Config) -> TestServer {
+        let (redis, n) = match backend {
+            Backend::Memory => (None, 1),
+            Backend::Redis => (Some(Redis::start().await), NODES),
+        };
+        let mut config = config;
+        if let Some(r) = &redis {
+            let mut bp = peerlink_signal::BackplaneConfig::redis(r.url());
+            bp.lease = Duration::from_millis(1500);
+            config.backplane = Some(bp);
+        }
+        let (addr, stop, task) = start_node(config.clone()).await;
+        let mut addrs = vec![addr];
+        let mut others = Vec::new();
+        for _ in 1..n {
+            let (a, s, t) = start_node(config.clone()).await;
+            addrs.push(a);
+            others.push((s, t));
+        }
+        if redis.is_some() {
+            for a in &addrs {
+                backplane_up(*a).await;
+            }
+        }
+        TestServer {
+            addr,
+            addrs,
+            next: Default::default(),
+            stop: Some(stop),
+            task: Some(task),
+            others,
+            redis,
+        }
+    }
+
+    /// A client of the next node in turn.
     async fn client(&self) -> Client {
-        Client::connect(self.addr).await
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Client::connect(self.addrs[i % self.addrs.len()]).await
     }
 
     /// A client that has said hello, with the id the server gave it.
@@ -85,6 +212,14 @@ impl TestServer {
             .unwrap_or_else(|_| panic!("serve did not return within {limit:?} of shutdown"));
         result.expect("serve task panicked").expect("serve returned an error");
         start.elapsed()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        for (stop, _) in self.others.drain(..) {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -306,6 +441,100 @@ async fn still_served(a: &mut Client, a_id: &PeerId, b: &mut Client, b_id: &Peer
     b.ping(n).await;
 }
 
+/// Runs a hub test on both backends: the memory hub of one process, and
+/// three nodes sharing rooms through Redis (clients spread over them in
+/// turn, so members of one room sit on different nodes).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(super::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(super::Backend::Redis).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    joined_comes_before_any_peer_joined_even_when_joins_race,
+    messages_before_hello_are_refused,
+    presence_join_leave_and_drop,
+    joined_lists_members_longest_present_first,
+    join_errors,
+    signals_are_relayed_with_the_sender_stamped,
+    send_to_one_and_broadcast,
+);
+
+/// Redis restarted, its data lost: the nodes put their members back and
+/// the members hear nothing of it (no `peer_left`); while it is away a
+/// join is refused `unavailable` and members on one node still reach each
+/// other; once it is back, relaying across nodes and joins work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_no_member() {
+    let mut server = TestServer::on(Backend::Redis, config()).await;
+    // Clients go to nodes 0, 1, 2, 0 in turn.
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let (mut b, b_id) = server.member("lobby", "bob").await;
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+    let (mut c, c_id) = server.greeted().await;
+    let (mut d, d_id) = server.member("lobby", "dan").await;
+    for x in [&mut a, &mut b] {
+        assert!(matches!(x.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == d_id));
+    }
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 1).await;
+
+    let redis = server.redis.as_mut().expect("redis");
+    redis.kill().await;
+    for addr in &server.addrs {
+        backplane_is(*addr, false).await;
+    }
+    c.send_json(json!({"type": "join", "room": "lobby"})).await;
+    let why = c.expect_error(ErrorCode::Unavailable).await;
+    assert!(why.contains("lobby"), "{why}");
+    // A and D share node 0: served without Redis.
+    still_served(&mut a, &a_id, &mut d, &d_id, "lobby", 2).await;
+
+    redis.run().await;
+    for addr in &server.addrs {
+        backplane_up(*addr).await;
+    }
+    // A lease and a half: the nodes have put their members back and
+    // compared each room with Redis; nobody was told anyone left.
+    for x in [&mut a, &mut b, &mut d] {
+        assert_eq!(x.try_recv(Duration::from_millis(2500)).await, None, "no presence change");
+    }
+    still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 3).await;
+    still_served(&mut b, &b_id, &mut d, &d_id, "lobby", 4).await;
+    let peers: Vec<PeerId> = c.join("lobby", None).await.into_iter().map(|p| p.id).collect();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    for id in [&a_id, &b_id, &d_id] {
+        assert!(peers.contains(id), "{id} listed after the restart: {peers:?}");
+    }
+    for x in [&mut a, &mut b, &mut d] {
+        assert!(matches!(x.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == c_id));
+    }
+    still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 5).await;
+}
+
+/// Members of one node leave when their node stops (a node shut down
+/// gracefully takes its members out of Redis at once; the others tell
+/// their members `peer_left`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_takes_its_members_out() {
+    let mut server = TestServer::on(Backend::Redis, config()).await;
+    let (mut a, _) = server.member("lobby", "ada").await;
+    let (_b, b_id) = server.member("lobby", "bob").await;
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+    let (stop, task) = server.others.remove(0);
+    stop.send(()).expect("node 1 running");
+    timeout(WAIT, task).await.expect("node 1 stopped in time").unwrap().unwrap();
+    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: b_id });
+}
+
 // ---------------------------------------------------------------- greeting
 
 #[tokio::test]
@@ -358,9 +587,8 @@ async fn welcome_carries_ice_servers_made_for_each_peer() {
 /// Peers joining one room at the same moment: each gets its `joined` before
 /// any `peer_joined` about the others (a client may treat anything else
 /// before `joined` as a broken server).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joined_comes_before_any_peer_joined_even_when_joins_race() {
-    let server = TestServer::start(config()).await;
+async fn joined_comes_before_any_peer_joined_even_when_joins_race(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     for round in 0..40 {
         let mut clients = Vec::new();
         // The test config allows 4 members per room.
@@ -394,9 +622,8 @@ async fn wrong_version_is_refused_and_closed() {
     server.greeted().await;
 }
 
-#[tokio::test]
-async fn messages_before_hello_are_refused() {
-    let server = TestServer::start(config()).await;
+async fn messages_before_hello_are_refused(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     let mut early = server.client().await;
     early.send_json(json!({"type": "join", "room": "lobby"})).await;
     early.expect_error(ErrorCode::HelloRequired).await;
@@ -438,9 +665,8 @@ async fn unknown_fields_are_ignored() {
 
 // ---------------------------------------------------------------- presence
 
-#[tokio::test]
-async fn presence_join_leave_and_drop() {
-    let server = TestServer::start(config()).await;
+async fn presence_join_leave_and_drop(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     let (mut a, a_id) = server.greeted().await;
     assert_eq!(a.join("lobby", Some("ada")).await, vec![]);
 
@@ -478,9 +704,8 @@ async fn presence_join_leave_and_drop() {
 
 /// `joined` lists members longest present first: whoever created a room
 /// (the sender of a code, say) is first, however many joined after.
-#[tokio::test]
-async fn joined_lists_members_longest_present_first() {
-    let server = TestServer::start(config()).await;
+async fn joined_lists_members_longest_present_first(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     let mut clients = Vec::new();
     let mut ids = Vec::new();
     // The test config allows four members: three, then one more later.
@@ -506,13 +731,12 @@ async fn joined_lists_members_longest_present_first() {
     assert_eq!(listed, ids);
 }
 
-#[tokio::test]
-async fn join_errors() {
+async fn join_errors(backend: Backend) {
     let cfg = Config {
         limits: Limits { max_peers_per_room: 2, max_rooms_per_connection: 2, ..config().limits },
         ..config()
     };
-    let server = TestServer::start(cfg).await;
+    let server = TestServer::on(backend, cfg).await;
     let (mut a, a_id) = server.member("lobby", "ada").await;
     let (mut b, b_id) = server.greeted().await;
     b.join("lobby", None).await;
@@ -562,9 +786,8 @@ async fn join_errors() {
 
 // ---------------------------------------------------------------- relay
 
-#[tokio::test]
-async fn signals_are_relayed_with_the_sender_stamped() {
-    let server = TestServer::start(config()).await;
+async fn signals_are_relayed_with_the_sender_stamped(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     let (mut a, a_id) = server.member("lobby", "ada").await;
     let (mut b, b_id) = server.greeted().await;
     b.join("lobby", Some("bob")).await;
@@ -596,9 +819,8 @@ async fn signals_are_relayed_with_the_sender_stamped() {
     still_served(&mut c, &c_id, &mut b, &b_id, "lobby", 3).await;
 }
 
-#[tokio::test]
-async fn send_to_one_and_broadcast() {
-    let server = TestServer::start(config()).await;
+async fn send_to_one_and_broadcast(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
     let (mut a, a_id) = server.member("lobby", "ada").await;
     let (mut b, b_id) = server.greeted().await;
     b.join("lobby", None).await;

@@ -42,6 +42,135 @@ pub struct SignalLoadArgs {
     /// Bytes of each message's `data`.
     #[arg(long, default_value_t = 200)]
     payload: usize,
+    /// Then again with two nodes sharing rooms through a `redis-server`
+    /// started here (the Debian package): both peers of each pair on one
+    /// node, then one on each node. Server CPU is both nodes' and Redis's.
+    #[arg(long)]
+    backplane: bool,
+}
+
+/// Where the two peers of each pair connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// One server, rooms in memory.
+    Memory,
+    /// Two nodes on Redis, both peers on the first.
+    SameNode,
+    /// Two nodes on Redis, one peer on each.
+    CrossNode,
+}
+
+/// The processes serving one run: their pids (CPU and RSS are summed) and
+/// the ports the two peers of a pair use.
+struct Servers {
+    children: Vec<tokio::process::Child>,
+    pids: Vec<u32>,
+    ports: (u16, u16),
+    /// Redis's pid, counted in CPU but not in RSS per connection.
+    redis: Option<u32>,
+}
+
+/// A `redis-server` on a free loopback port that keeps nothing on disk.
+async fn spawn_redis() -> anyhow::Result<(tokio::process::Child, u32, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("redis-server (Debian package redis-server) is needed for --backplane")?;
+    let pid = child.id().context("redis pid")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill().await;
+            bail!("redis-server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((child, pid, port))
+}
+
+impl Servers {
+    async fn start(layout: Layout, pairs: usize) -> anyhow::Result<Servers> {
+        let caps = (pairs * 2 + 64).to_string();
+        let mut flags = vec![
+            "--max-connections-per-ip".to_string(),
+            caps.clone(),
+            "--max-connections".into(),
+            caps,
+            "--messages-per-second".into(),
+            "1000000".into(),
+            "--message-burst".into(),
+            "1000000".into(),
+            "--idle-timeout".into(),
+            "10m".into(),
+        ];
+        let mut children = Vec::new();
+        let mut redis = None;
+        if layout != Layout::Memory {
+            let (child, pid, port) = spawn_redis().await?;
+            children.push(child);
+            redis = Some(pid);
+            flags.extend(["--redis".to_string(), format!("redis://127.0.0.1:{port}/")]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut pids = Vec::new();
+        let mut ports = Vec::new();
+        let nodes = if layout == Layout::Memory { 1 } else { 2 };
+        for _ in 0..nodes {
+            let (child, pid, port) = super::signal::spawn_server(&flags).await?;
+            children.push(child);
+            pids.push(pid);
+            ports.push(port);
+        }
+        if layout != Layout::Memory {
+            // Joins are refused until each node's backplane is up.
+            for port in &ports {
+                wait_backplane(*port).await?;
+            }
+        }
+        let ports = match layout {
+            Layout::CrossNode => (ports[0], ports[1]),
+            _ => (ports[0], ports[0]),
+        };
+        Ok(Servers { children, pids, ports, redis })
+    }
+
+    fn cpu(&self) -> anyhow::Result<(u64, u64)> {
+        let mut t = (0, 0);
+        for pid in self.pids.iter().chain(&self.redis) {
+            let (u, s) = cpu_ticks(*pid)?;
+            t = (t.0 + u, t.1 + s);
+        }
+        Ok(t)
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let mut t = 0;
+        for pid in &self.pids {
+            t += super::signal::rss_kib(*pid)?;
+        }
+        Ok(t)
+    }
+}
+
+async fn wait_backplane(port: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
+        if body.contains(r#""up":true"#) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the backplane of the node on port {port} did not come up: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What the receivers record during a phase.
@@ -77,42 +206,50 @@ pub(super) async fn run(args: SignalLoadArgs) -> anyhow::Result<()> {
     {
         bail!("the open-file limit ({limit}) is too low for {} connections", pairs * 2);
     }
-    let (mut child, pid, port) = super::signal::spawn_server(&[
-        "--max-connections-per-ip",
-        &(pairs * 2 + 64).to_string(),
-        "--max-connections",
-        &(pairs * 2 + 64).to_string(),
-        "--messages-per-second",
-        "1000000",
-        "--message-burst",
-        "1000000",
-        "--idle-timeout",
-        "10m",
-    ])
-    .await?;
-    let result = load(&args, pairs, pid, port).await;
-    let _ = child.kill().await;
-    result
+    let layouts: &[Layout] = if args.backplane {
+        &[Layout::Memory, Layout::SameNode, Layout::CrossNode]
+    } else {
+        &[Layout::Memory]
+    };
+    for layout in layouts {
+        let mut servers = Servers::start(*layout, pairs).await?;
+        let result = load(&args, pairs, &servers, *layout).await;
+        // Nodes first, then Redis (so the nodes do not log its loss).
+        for child in servers.children.iter_mut().rev() {
+            let _ = child.kill().await;
+        }
+        result?;
+    }
+    println!(
+        "  (the PeerJS reference for the same load: ../shared/tools/refbench/sigload.sh peerlink peerjs; see the README)"
+    );
+    Ok(())
 }
 
-async fn load(args: &SignalLoadArgs, pairs: usize, pid: u32, port: u16) -> anyhow::Result<()> {
-    let url = format!("ws://127.0.0.1:{port}/ws");
+async fn load(args: &SignalLoadArgs, pairs: usize, servers: &Servers, layout: Layout) -> anyhow::Result<()> {
+    let urls =
+        (format!("ws://127.0.0.1:{}/ws", servers.ports.0), format!("ws://127.0.0.1:{}/ws", servers.ports.1));
     let t0 = Instant::now();
     let tally = Arc::new(Tally::default());
-    let rss_before = super::signal::rss_kib(pid)?;
+    let rss_before = servers.rss_kib()?;
 
     // Open the pairs, 64 at a time; a task per connection owns its socket.
     let mut starts = Vec::with_capacity(pairs);
-    let mut opened = futures_util::stream::iter((0..pairs).map(|i| open_pair(url.clone(), i))).buffered(64);
+    let mut opened = futures_util::stream::iter((0..pairs).map(|i| open_pair(urls.clone(), i))).buffered(64);
     let mut conns = Vec::with_capacity(pairs);
     while let Some(pair) = opened.next().await {
         conns.push(pair?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_after = super::signal::rss_kib(pid)?;
+    let rss_after = servers.rss_kib()?;
     let per_conn = rss_after.saturating_sub(rss_before) as f64 / (pairs * 2) as f64;
+    let what = match layout {
+        Layout::Memory => format!("peerlink serve (pid {})", servers.pids[0]),
+        Layout::SameNode => "two nodes on Redis, both peers of a pair on one node".to_string(),
+        Layout::CrossNode => "two nodes on Redis, the peers of a pair on different nodes".to_string(),
+    };
     println!(
-        "signal load: peerlink serve (pid {pid}), {} connections in {pairs} pairs (a room each), {}-byte data per message",
+        "signal load: {what}, {} connections in {pairs} pairs (a room each), {}-byte data per message",
         pairs * 2,
         args.payload
     );
@@ -147,7 +284,7 @@ async fn load(args: &SignalLoadArgs, pairs: usize, pid: u32, port: u16) -> anyho
             let _ = start.try_send(());
         }
     }
-    let (stat, relayed) = measure(&tally, pid, phase).await?;
+    let (stat, relayed) = measure(&tally, servers, phase).await?;
     report(
         &format!("saturated, {} in flight per pair", args.window),
         "round trip (2 relays)",
@@ -175,13 +312,10 @@ async fn load(args: &SignalLoadArgs, pairs: usize, pid: u32, port: u16) -> anyho
             }
         }
     });
-    let (stat, relayed) = measure(&tally, pid, phase).await?;
+    let (stat, relayed) = measure(&tally, servers, phase).await?;
     pacer.abort();
     tally.phase.store(IDLE, Ordering::Relaxed);
     report(&format!("paced, {} msgs/s", args.paced_rate), "one way", stat, relayed, phase, &tally);
-    println!(
-        "  (the PeerJS reference for the same load: ../shared/tools/refbench/sigload.sh peerlink peerjs; see the README)"
-    );
     Ok(())
 }
 
@@ -252,14 +386,14 @@ async fn conn_task(
 }
 
 /// The server's CPU ticks (user, kernel) and messages relayed over `phase`.
-async fn measure(tally: &Tally, pid: u32, phase: Duration) -> anyhow::Result<((u64, u64), u64)> {
+async fn measure(tally: &Tally, servers: &Servers, phase: Duration) -> anyhow::Result<((u64, u64), u64)> {
     // Let the phase settle before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tally.latencies.lock().expect("lock").clear();
     let relayed0 = tally.relayed.load(Ordering::Relaxed);
-    let (u0, s0) = cpu_ticks(pid)?;
+    let (u0, s0) = servers.cpu()?;
     tokio::time::sleep(phase).await;
-    let (u1, s1) = cpu_ticks(pid)?;
+    let (u1, s1) = servers.cpu()?;
     let relayed = tally.relayed.load(Ordering::Relaxed) - relayed0;
     Ok(((u1 - u0, s1 - s0), relayed))
 }
@@ -288,11 +422,11 @@ fn report(
 }
 
 /// Two greeted connections in room `load-i`, with their ids.
-async fn open_pair(url: String, i: usize) -> anyhow::Result<(Ws, String, Ws, String, String)> {
+async fn open_pair(urls: (String, String), i: usize) -> anyhow::Result<(Ws, String, Ws, String, String)> {
     let room = format!("load-{i}");
-    let (mut a, a_id) = greet(&url).await?;
+    let (mut a, a_id) = greet(&urls.0).await?;
     join(&mut a, &room).await?;
-    let (mut b, b_id) = greet(&url).await?;
+    let (mut b, b_id) = greet(&urls.1).await?;
     join(&mut b, &room).await?;
     // A hears of B.
     next_text(&mut a).await?;

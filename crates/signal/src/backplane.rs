@@ -1,0 +1,725 @@
+//! Rooms shared by several `peerlink serve` nodes through Redis.
+//!
+//! Every node keeps, for each room with members on it, a replica of the
+//! room (every member and the node it is on); Redis holds the truth and
+//! carries the changes. Each node subscribes to one channel of its own
+//! (`pl:n:NODE`), and everything it learns arrives there in one order:
+//! membership changes are Lua scripts that update a room's hash and publish
+//! to the nodes with members in it in the same atomic step, so no node sees
+//! a `peer_joined` before a `joined` it should follow, nor a signal from a
+//! peer before that peer's `peer_joined`. Messages between members of one
+//! node never touch Redis; to a member elsewhere they are one `PUBLISH` to
+//! its node. Keys:
+//!
+//! - `pl:{ROOM}:m`: the members, peer id → `{"id","node","s","n"}` (`s`
+//!   the join order, `n` the name); `pl:{ROOM}:seq` the join counter. Both
+//!   in the room's hash slot, so a script touches one slot (Redis Cluster).
+//! - `{pl}:nodes`: node leases (sorted set, expiry in Redis's clock) and
+//!   `{pl}:members:NODE`: what each node holds, so the others can remove
+//!   the members of a node whose lease ran out (killed, cut off) and tell
+//!   their peers `peer_left`.
+//!
+//! A node that finds its lease gone (Redis restarted and lost its data, or
+//! the node was cut off for longer than the lease) puts its members back,
+//! and a lease later compares each room with Redis's copy, telling its
+//! members what changed meanwhile.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use peerlink_proto::PeerId;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::hub::{Full, Hub};
+
+const JOIN: &str = include_str!("lua/join.lua");
+const LEAVE: &str = include_str!("lua/leave.lua");
+const SYNC: &str = include_str!("lua/sync.lua");
+const HEARTBEAT: &str = include_str!("lua/heartbeat.lua");
+const FORGET: &str = include_str!("lua/forget.lua");
+
+/// Longest a connection attempt or a reply from Redis may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a join waits for Redis before it is refused (`unavailable`).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff bounds.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest a stopping node waits for its connections' leaves.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Operations sent to Redis in one pipeline at most.
+const BATCH: usize = 512;
+
+/// How a server shares its rooms with other nodes.
+#[derive(Debug, Clone)]
+pub struct BackplaneConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// How long a node's members outlive it: a node renews its lease every
+    /// third of this; when it stops (killed, cut off from Redis) the other
+    /// nodes remove its members and tell their peers `peer_left` within
+    /// about one lease and a third.
+    pub lease: Duration,
+    /// Bytes of messages for other nodes that may wait to be sent to
+    /// Redis; past it they are refused to their senders (`peer_busy`).
+    pub max_queued_bytes: usize,
+}
+
+impl BackplaneConfig {
+    /// Redis at `url`, with a 3 s lease and 16 MiB of queue.
+    pub fn redis(url: impl Into<String>) -> Self {
+        BackplaneConfig { url: url.into(), lease: Duration::from_secs(3), max_queued_bytes: 16 << 20 }
+    }
+}
+
+/// One member as Redis stores it.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Entry {
+    pub id: String,
+    pub node: String,
+    pub s: u64,
+    #[serde(default)]
+    pub n: Option<String>,
+}
+
+/// What a node's channel carries.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Every member of a room: after a join here (`J`), or a resync (`S`).
+    Members { room: String, members: Vec<Entry> },
+    /// Someone joined on another node.
+    Joined { room: String, member: Entry },
+    /// Someone on another node left (or its node's lease ran out).
+    Left { room: String, peer: String },
+    /// A relayed frame for a member here (`to`), or for all members here
+    /// but `from` (`to` is `None`).
+    Frame { room: String, to: Option<PeerId>, from: PeerId, from_node: String, frame: Utf8Bytes },
+    /// A refusal for a sender here, from the node of its addressee.
+    Refused { room: String, to: PeerId, frame: Utf8Bytes },
+}
+
+#[derive(Deserialize)]
+struct Membership {
+    t: String,
+    r: String,
+    #[serde(default)]
+    p: Option<String>,
+    #[serde(default)]
+    m: Vec<Entry>,
+}
+
+impl Event {
+    /// Reads a message from a node's channel. Membership events are JSON
+    /// (written by the scripts); frames are `f\tROOM\tTO\tFROM\tNODE\n` or
+    /// `e\tROOM\tTO\n` and the frame as the client will get it.
+    pub fn parse(payload: &[u8]) -> Option<Event> {
+        if payload.first() == Some(&b'{') {
+            let m: Membership = serde_json::from_slice(payload).ok()?;
+            return match m.t.as_str() {
+                "J" | "S" => Some(Event::Members { room: m.r, members: m.m }),
+                "j" => Some(Event::Joined { room: m.r, member: m.m.into_iter().next()? }),
+                "l" => Some(Event::Left { room: m.r, peer: m.p? }),
+                _ => None,
+            };
+        }
+        let text = std::str::from_utf8(payload).ok()?;
+        let (head, frame) = text.split_once('\n')?;
+        let frame = Utf8Bytes::from(frame.to_string());
+        let mut f = head.split('\t');
+        match f.next()? {
+            "f" => {
+                let room = f.next()?.to_string();
+                let to = f.next()?;
+                let to = (!to.is_empty()).then(|| PeerId::from_server(to));
+                let from = PeerId::from_server(f.next()?);
+                let from_node = f.next()?.to_string();
+                Some(Event::Frame { room, to, from, from_node, frame })
+            }
+            "e" => {
+                let room = f.next()?.to_string();
+                let to = PeerId::from_server(f.next()?);
+                Some(Event::Refused { room, to, frame })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What became of a join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinOutcome {
+    Joined,
+    Already,
+    Full(u64),
+    /// Redis did not answer in time, or the connection broke.
+    Failed,
+}
+
+enum Op {
+    Join { room: String, peer: PeerId, name: Option<String>, max: usize, reply: oneshot::Sender<JoinOutcome> },
+    Leave { room: String, peer: PeerId, done: Option<oneshot::Sender<()>> },
+    Publish { node: String, payload: String, at: Instant },
+}
+
+/// Counters for `/metrics` and `/healthz`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+    pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub members_swept: AtomicU64,
+    /// Microseconds the last batch's oldest message waited for Redis.
+    pub lag_us: AtomicU64,
+}
+
+/// This node's link to the others.
+#[derive(Debug)]
+pub(crate) struct Backplane {
+    node: String,
+    ops: mpsc::UnboundedSender<Op>,
+    /// Bytes of frames queued towards Redis.
+    queued: AtomicUsize,
+    max_queued: usize,
+    lease: Duration,
+    commands_up: AtomicBool,
+    stream_up: AtomicBool,
+    pub counters: Counters,
+    /// The last error, for `/healthz`.
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Join { room, peer, .. } => write!(f, "Join({room}, {peer})"),
+            Op::Leave { room, peer, .. } => write!(f, "Leave({room}, {peer})"),
+            Op::Publish { node, .. } => write!(f, "Publish({node})"),
+        }
+    }
+}
+
+/// Status for `/healthz`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Status {
+    pub kind: &'static str,
+    pub node: String,
+    pub up: bool,
+    pub last_error: Option<String>,
+    pub queued_bytes: usize,
+    pub lag_us: u64,
+}
+
+impl Backplane {
+    /// Connects this node to Redis at `cfg.url` (in the background: a node
+    /// starts, and serves what it can, while Redis is away) and feeds
+    /// `hub` from its channel until `stop`.
+    pub fn start(
+        cfg: &BackplaneConfig,
+        hub: Arc<Hub>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Backplane>, redis::RedisError> {
+        let client = redis::Client::open(cfg.url.as_str())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bp = Arc::new(Backplane {
+            node: format!("{:016x}", rand::random::<u64>()),
+            ops: tx,
+            queued: AtomicUsize::new(0),
+            max_queued: cfg.max_queued_bytes,
+            lease: cfg.lease,
+            commands_up: AtomicBool::new(false),
+            stream_up: AtomicBool::new(false),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        });
+        hub.attach(bp.clone());
+        tracing::info!(node = %bp.node, "sharing rooms through Redis");
+        let (resync_tx, resync_rx) = mpsc::unbounded_channel();
+        tokio::spawn(commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop.clone()));
+        tokio::spawn(stream(bp.clone(), hub, client, resync_tx, stop));
+        Ok(bp)
+    }
+
+    /// Whether joins and messages to other nodes can be served now.
+    pub fn is_up(&self) -> bool {
+        self.commands_up.load(Ordering::Relaxed) && self.stream_up.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            kind: "redis",
+            node: self.node.clone(),
+            up: self.is_up(),
+            last_error: self.last_error.lock().expect("backplane lock").clone(),
+            queued_bytes: self.queued.load(Ordering::Relaxed),
+            lag_us: self.counters.lag_us.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("{what}: {e}");
+        let mut last = self.last_error.lock().expect("backplane lock");
+        if last.as_deref() != Some(msg.as_str()) {
+            tracing::warn!("redis backplane: {msg}");
+        }
+        *last = Some(msg);
+    }
+
+    /// Adds `peer` to `room` in Redis; its `joined` comes through the stream.
+    pub async fn join(&self, room: &str, peer: &PeerId, name: Option<String>, max: usize) -> JoinOutcome {
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Join { room: room.to_string(), peer: peer.clone(), name, max, reply };
+        if self.ops.send(op).is_err() {
+            return JoinOutcome::Failed;
+        }
+        match tokio::time::timeout(JOIN_TIMEOUT, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            _ => JoinOutcome::Failed,
+        }
+    }
+
+    /// Removes `peer` from `room` in Redis (in order after what it sent).
+    /// Never refused: leaves are bounded by the members this node has.
+    pub fn leave(&self, room: &str, peer: &PeerId) {
+        let _ = self.ops.send(Op::Leave { room: room.to_string(), peer: peer.clone(), done: None });
+    }
+
+    /// Like [`Backplane::leave`], and waits until Redis has it (bounded;
+    /// not at all while Redis is unreachable): a join anywhere after this
+    /// returns does not find `peer` in the room.
+    pub async fn leave_and_wait(&self, room: &str, peer: &PeerId) {
+        let (done, finished) = oneshot::channel();
+        let op = Op::Leave { room: room.to_string(), peer: peer.clone(), done: Some(done) };
+        if self.ops.send(op).is_ok() && self.is_up() {
+            let _ = tokio::time::timeout(JOIN_TIMEOUT, finished).await;
+        }
+    }
+
+    /// Sends `frame` from `from` to `to` on `node` (to every member there
+    /// but `from` when `to` is `None`).
+    pub fn forward(
+        &self,
+        node: &str,
+        room: &str,
+        to: Option<&PeerId>,
+        from: &PeerId,
+        frame: &Utf8Bytes,
+    ) -> Result<(), Full> {
+        if !self.is_up() {
+            return Err(Full::Down);
+        }
+        let to = to.map_or("", |t| t.as_str());
+        let payload = format!("f\t{room}\t{to}\t{from}\t{}\n{}", self.node, frame.as_str());
+        self.publish(node, payload)
+    }
+
+    /// Tells `to` on `node` that what it sent was refused (`frame` is the error).
+    pub fn refuse(&self, node: &str, room: &str, to: &PeerId, frame: &Utf8Bytes) {
+        let payload = format!("e\t{room}\t{to}\n{}", frame.as_str());
+        if self.publish(node, payload).is_err() {
+            tracing::debug!(%to, "a refusal for another node was dropped: its queue is full");
+        }
+    }
+
+    fn publish(&self, node: &str, payload: String) -> Result<(), Full> {
+        let n = payload.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_queued {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(Full::Backplane);
+        }
+        let op = Op::Publish { node: node.to_string(), payload, at: Instant::now() };
+        if self.ops.send(op).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(Full::Down);
+        }
+        Ok(())
+    }
+}
+
+fn members_key(room: &str) -> String {
+    format!("pl:{{{room}}}:m")
+}
+
+fn seq_key(room: &str) -> String {
+    format!("pl:{{{room}}}:seq")
+}
+
+const LEASES: &str = "{pl}:nodes";
+
+fn index_key(node: &str) -> String {
+    format!("{{pl}}:members:{node}")
+}
+
+fn channel(node: &str) -> String {
+    format!("pl:n:{node}")
+}
+
+fn join_cmd(room: &str, peer: &PeerId, node: &str, name: Option<&str>, max: usize, mode: &str) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(JOIN)
+        .arg(2)
+        .arg(members_key(room))
+        .arg(seq_key(room))
+        .arg(room)
+        .arg(peer.as_str())
+        .arg(node)
+        .arg(if name.is_some() { "1" } else { "0" })
+        .arg(name.unwrap_or(""))
+        .arg(max)
+        .arg(mode);
+    c
+}
+
+fn leave_cmd(room: &str, peer: &str, owner: &str) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(LEAVE).arg(2).arg(members_key(room)).arg(seq_key(room)).arg(room).arg(peer).arg(owner);
+    c
+}
+
+fn entry(room: &str, peer: &str) -> String {
+    format!("{room}\t{peer}")
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(REDIS_TIMEOUT)
+        .set_response_timeout(REDIS_TIMEOUT);
+    client.get_multiplexed_async_connection_with_config(&cfg).await
+}
+
+/// Sends what the hub asks for, renews the lease, sweeps dead nodes and
+/// puts this node's members back when Redis lost them.
+async fn commands(
+    bp: Arc<Backplane>,
+    hub: Arc<Hub>,
+    client: redis::Client,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+    mut resync: mpsc::UnboundedReceiver<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    // Resync every room a lease after an interruption: by then every live
+    // node has put its members back.
+    let mut sync_at: Option<Instant> = None;
+    let mut restore_again = false;
+    // After `stop`: the connections are closing, and each one's leaves
+    // must still reach Redis; then this node says goodbye.
+    let mut draining: Option<Instant> = None;
+    loop {
+        if *stop.borrow() && draining.is_none() {
+            draining = Some(Instant::now() + DRAIN_TIMEOUT);
+        }
+        if draining.is_some_and(|d| Instant::now() > d) {
+            return;
+        }
+        let mut conn = match connect(&client).await {
+            Ok(c) => c,
+            Err(e) => {
+                bp.failed("connecting", &e);
+                if draining.is_some() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = MIN_BACKOFF;
+        if !first {
+            bp.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("redis backplane: connected again");
+            sync_at = Some(Instant::now() + bp.lease);
+        }
+        first = false;
+        let mut beat = tokio::time::interval(bp.lease / 3);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let broke: redis::RedisError = loop {
+            tokio::select! {
+                op = ops.recv() => {
+                    let Some(op) = op else { return };
+                    let mut batch = vec![op];
+                    while batch.len() < BATCH {
+                        match ops.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = run_batch(&bp, &mut conn, batch).await {
+                        if is_connection_error(&e) {
+                            break e;
+                        }
+                        bp.failed("a batch failed", &e);
+                    }
+                }
+                _ = beat.tick() => {
+                    match heartbeat(&bp, &hub, &mut conn, &mut restore_again).await {
+                        Ok(fresh) => {
+                            bp.commands_up.store(true, Ordering::Relaxed);
+                            if fresh {
+                                sync_at = Some(Instant::now() + bp.lease);
+                            }
+                        }
+                        Err(e) if is_connection_error(&e) => break e,
+                        Err(e) => bp.failed("heartbeat", &e),
+                    }
+                }
+                Some(()) = resync.recv() => {
+                    sync_at = Some(Instant::now() + bp.lease);
+                }
+                _ = tokio::time::sleep_until(sync_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if sync_at.is_some() => {
+                    sync_at = None;
+                    let mut pipe = redis::pipe();
+                    for room in hub.local_rooms() {
+                        pipe.cmd("EVAL").arg(SYNC).arg(1).arg(members_key(&room)).arg(&room).arg(&bp.node).ignore();
+                    }
+                    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                        if is_connection_error(&e) {
+                            break e;
+                        }
+                        bp.failed("resync", &e);
+                    }
+                }
+                _ = stop.changed(), if draining.is_none() => {
+                    draining = Some(Instant::now() + DRAIN_TIMEOUT);
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)), if draining.is_some() => {
+                    let overdue = draining.is_some_and(|d| Instant::now() > d);
+                    if hub.stats().connections == 0 && ops.is_empty() || overdue {
+                        if let Err(e) = farewell(&bp, &mut conn).await {
+                            bp.failed("leaving", &e);
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        bp.commands_up.store(false, Ordering::Relaxed);
+        bp.failed("connection lost", &broke);
+    }
+}
+
+/// Takes what is left of this node out of Redis (its members, whose
+/// connections are gone, and its lease).
+async fn farewell(bp: &Backplane, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+    let held: Vec<String> = redis::cmd("SMEMBERS").arg(index_key(&bp.node)).query_async(conn).await?;
+    let mut pipe = redis::pipe();
+    for e in &held {
+        if let Some((room, peer)) = e.split_once('\t') {
+            pipe.add_command(leave_cmd(room, peer, &bp.node)).ignore();
+        }
+    }
+    pipe.cmd("DEL").arg(index_key(&bp.node)).ignore();
+    pipe.cmd("ZREM").arg(LEASES).arg(&bp.node).ignore();
+    pipe.query_async::<()>(conn).await?;
+    tracing::info!(members = held.len(), "redis backplane: this node left");
+    Ok(())
+}
+
+/// Renews the lease; puts our members back if Redis had lost them (returns
+/// whether it had); removes the members of nodes whose leases ran out.
+async fn heartbeat(
+    bp: &Backplane,
+    hub: &Hub,
+    conn: &mut redis::aio::MultiplexedConnection,
+    restore_again: &mut bool,
+) -> redis::RedisResult<bool> {
+    let reply: Vec<String> = redis::cmd("EVAL")
+        .arg(HEARTBEAT)
+        .arg(1)
+        .arg(LEASES)
+        .arg(&bp.node)
+        .arg(bp.lease.as_millis() as u64)
+        .query_async(conn)
+        .await?;
+    let fresh = reply.first().is_some_and(|f| f == "1");
+    if fresh || *restore_again {
+        // A sweep that read our lease as expired may still remove what we
+        // put back now: put it back once more on the next beat.
+        *restore_again = fresh;
+        let members = hub.local_members();
+        if !members.is_empty() {
+            if fresh {
+                tracing::info!(members = members.len(), "redis backplane: putting this node's members back");
+            }
+            let mut pipe = redis::pipe();
+            for (room, peer, name) in &members {
+                pipe.cmd("SADD").arg(index_key(&bp.node)).arg(entry(room, peer.as_str())).ignore();
+                pipe.add_command(join_cmd(room, peer, &bp.node, name.as_deref(), usize::MAX, "restore"))
+                    .ignore();
+            }
+            pipe.query_async::<()>(conn).await?;
+        }
+    }
+    for dead in reply.iter().skip(1).filter(|d| **d != bp.node) {
+        let held: Vec<String> = redis::cmd("SMEMBERS").arg(index_key(dead)).query_async(conn).await?;
+        let mut pipe = redis::pipe();
+        for e in &held {
+            if let Some((room, peer)) = e.split_once('\t') {
+                pipe.add_command(leave_cmd(room, peer, dead));
+            }
+        }
+        let removed: Vec<i64> = pipe.query_async(conn).await?;
+        let n = removed.iter().filter(|r| **r == 1).count();
+        let _: i64 = redis::cmd("EVAL")
+            .arg(FORGET)
+            .arg(2)
+            .arg(LEASES)
+            .arg(index_key(dead))
+            .arg(dead.as_str())
+            .query_async(conn)
+            .await?;
+        bp.counters.members_swept.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::info!(node = %dead, members = n, "redis backplane: a node's lease ran out; its members were removed");
+    }
+    Ok(fresh)
+}
+
+/// Sends one batch in one round trip.
+async fn run_batch(
+    bp: &Backplane,
+    conn: &mut redis::aio::MultiplexedConnection,
+    batch: Vec<Op>,
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    let mut joins: Vec<(usize, oneshot::Sender<JoinOutcome>)> = Vec::new();
+    // Dropped at the end, which tells the waiting leaves (done or failed).
+    let mut _leaves: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut bytes = 0;
+    let mut oldest: Option<Instant> = None;
+    let mut published = 0u64;
+    let mut i = 0;
+    for op in batch {
+        match op {
+            Op::Join { room, peer, name, max, reply } => {
+                pipe.cmd("SADD").arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                pipe.add_command(join_cmd(&room, &peer, &bp.node, name.as_deref(), max, "join"));
+                joins.push((i + 1, reply));
+                i += 2;
+            }
+            Op::Leave { room, peer, done } => {
+                _leaves.extend(done);
+                pipe.add_command(leave_cmd(&room, peer.as_str(), &bp.node));
+                pipe.cmd("SREM").arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                i += 2;
+            }
+            Op::Publish { node, payload, at } => {
+                bytes += payload.len();
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                pipe.cmd("PUBLISH").arg(channel(&node)).arg(payload);
+                published += 1;
+                i += 1;
+            }
+        }
+    }
+    let result = pipe.query_async::<Vec<redis::Value>>(conn).await;
+    bp.queued.fetch_sub(bytes, Ordering::Relaxed);
+    if let Some(at) = oldest {
+        bp.counters.lag_us.store(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+    let replies = match result {
+        Ok(r) => r,
+        Err(e) => {
+            for (_, reply) in joins {
+                let _ = reply.send(JoinOutcome::Failed);
+            }
+            return Err(e);
+        }
+    };
+    bp.counters.published.fetch_add(published, Ordering::Relaxed);
+    for (at, reply) in joins {
+        let said =
+            replies.get(at).and_then(|v| redis::from_redis_value::<String>(v).ok()).unwrap_or_default();
+        let outcome = match said.as_str() {
+            "ok" => JoinOutcome::Joined,
+            "already" => JoinOutcome::Already,
+            s => match s.strip_prefix("full:").and_then(|n| n.parse().ok()) {
+                Some(n) => JoinOutcome::Full(n),
+                None => JoinOutcome::Failed,
+            },
+        };
+        let _ = reply.send(outcome);
+    }
+    Ok(())
+}
+
+/// Reads this node's channel into the hub; after a break, asks for a resync.
+async fn stream(
+    bp: Arc<Backplane>,
+    hub: Arc<Hub>,
+    client: redis::Client,
+    resync: mpsc::UnboundedSender<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    let name = channel(&bp.node);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let subscribed = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(&name).await?;
+            Ok::<_, redis::RedisError>(ps)
+        })
+        .await;
+        let ps = match subscribed {
+            Ok(Ok(ps)) => ps,
+            Ok(Err(e)) => {
+                bp.failed("subscribing", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            Err(_) => {
+                bp.failed("subscribing", &"timed out");
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = MIN_BACKOFF;
+        if !first {
+            // Whatever was published to us meanwhile is lost.
+            let _ = resync.send(());
+        }
+        first = false;
+        bp.stream_up.store(true, Ordering::Relaxed);
+        let mut messages = ps.into_on_message();
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { break };
+                    bp.counters.received.fetch_add(1, Ordering::Relaxed);
+                    match Event::parse(msg.get_payload_bytes()) {
+                        Some(ev) => hub.apply(&bp.node, ev),
+                        None => bp.failed("stream", &"a message this version cannot read"),
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+        bp.stream_up.store(false, Ordering::Relaxed);
+        bp.failed("subscription", &"the connection closed");
+    }
+}

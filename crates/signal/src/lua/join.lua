@@ -1,0 +1,31 @@
+-- Adds a member to a room, unless it is there already or (mode "join")
+-- the room is full. Tells the other nodes with members in the room (`j`)
+-- and, for a join, the joiner's own node (`J`, every member, so the
+-- joiner's `joined` takes its place in the node's one ordered stream).
+-- KEYS: members hash, join counter (one hash slot: {room}).
+-- ARGV: room, peer, node, has name ("1"/"0"), name, max members, mode
+-- ("join" or "restore").
+local room, peer, node = ARGV[1], ARGV[2], ARGV[3]
+local max, mode = tonumber(ARGV[6]), ARGV[7]
+if redis.call('HEXISTS', KEYS[1], peer) == 1 then
+  if mode == 'restore' then return 'present' end
+  return 'already'
+end
+local n = redis.call('HLEN', KEYS[1])
+if mode ~= 'restore' and n >= max then return 'full:' .. n end
+local since = redis.call('INCR', KEYS[2])
+local me = { id = peer, node = node, s = since }
+if ARGV[4] == '1' then me.n = ARGV[5] end
+redis.call('HSET', KEYS[1], peer, cjson.encode(me))
+local members, nodes = {}, {}
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  local e = cjson.decode(v)
+  table.insert(members, e)
+  if e.node ~= node then nodes[e.node] = true end
+end
+local ev = cjson.encode({ t = 'j', r = room, m = { me } })
+for other in pairs(nodes) do redis.call('PUBLISH', 'pl:n:' .. other, ev) end
+if mode ~= 'restore' then
+  redis.call('PUBLISH', 'pl:n:' .. node, cjson.encode({ t = 'J', r = room, p = peer, m = members }))
+end
+return 'ok'
