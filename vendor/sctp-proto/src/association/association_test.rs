@@ -5908,11 +5908,16 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
 /// an orderly close) ends the association without an error.
 #[test]
 fn test_abort_from_the_peer_is_not_an_error() -> Result<()> {
-    let violation = crate::chunk::ErrorCause { code: crate::chunk::PROTOCOL_VIOLATION, ..Default::default() };
+    let violation = crate::chunk::ErrorCause {
+        code: crate::chunk::PROTOCOL_VIOLATION,
+        ..Default::default()
+    };
     for causes in [vec![], vec![violation]] {
         let mut a = create_association(TransportConfig::default());
         a.set_state(AssociationState::Established);
-        let packet = a.create_packet(vec![Box::new(ChunkAbort { error_causes: causes })]);
+        let packet = a.create_packet(vec![Box::new(ChunkAbort {
+            error_causes: causes,
+        })]);
         let packet = crate::packet::PartialDecode::unmarshal(&packet.marshal()?)?.finish()?;
         assert_eq!(a.handle_inbound(packet, Instant::now()), Ok(()));
         assert!(a.is_closed());
@@ -5947,9 +5952,233 @@ fn test_queue_building_brings_the_window_down() {
         if on {
             // 10 MB/s × 22 ms.
             assert!((219_000..=221_000).contains(&a.cwnd), "cwnd {}", a.cwnd);
-            assert_eq!(a.ssthresh, a.cwnd, "growth goes on by congestion avoidance");
+            assert!(
+                a.ssthresh < a.cwnd,
+                "growth goes on by congestion avoidance"
+            );
         } else {
             assert_eq!(a.cwnd, 1 << 20);
+        }
+    }
+}
+
+/// An association with `n` chunks in flight after `cumulative_tsn`, a large
+/// window and an MTU that holds many small chunks.
+fn association_with_many_inflight(cumulative_tsn: u32, n: u32, now: Instant) -> Association {
+    let mut a = Association {
+        state: AssociationState::Established,
+        cumulative_tsn_ack_point: cumulative_tsn,
+        advanced_peer_tsn_ack_point: cumulative_tsn,
+        my_next_tsn: cumulative_tsn.wrapping_add(n + 1),
+        cwnd: 1 << 20,
+        rwnd: 1 << 20,
+        mtu: 1400,
+        ..Default::default()
+    };
+    for i in 0..n {
+        queue_inflight(
+            &mut a,
+            ChunkPayloadData {
+                tsn: cumulative_tsn.wrapping_add(i + 1),
+                stream_identifier: 1,
+                stream_sequence_number: i as u16,
+                beginning_fragment: true,
+                ending_fragment: true,
+                payload_type: PayloadProtocolIdentifier::Binary,
+                user_data: Bytes::from_static(b"payload"),
+                nsent: 1,
+                since: Some(now),
+                ..Default::default()
+            },
+        );
+    }
+    a
+}
+
+/// TSNs in the fast retransmissions `gather` produced.
+fn fast_retransmitted(a: &mut Association, now: Instant) -> Result<Vec<u32>> {
+    let mut tsns = vec![];
+    for raw in a.gather_outbound_fast_retransmission_packets(vec![], now) {
+        for chunk in Packet::unmarshal(&raw)?.chunks {
+            tsns.push(
+                chunk
+                    .as_any()
+                    .downcast_ref::<ChunkPayloadData>()
+                    .unwrap()
+                    .tsn,
+            );
+        }
+    }
+    Ok(tsns)
+}
+
+/// A hole that appears while fast recovery is already under way is found
+/// and repaired in the same recovery: RFC 4960 counts misses in fast
+/// recovery only when the cumulative ack advances, so it would wait for
+/// the first hole's repair (or a timeout).
+#[test]
+fn test_a_hole_found_in_fast_recovery_is_repaired_in_it() -> Result<()> {
+    let now = Instant::now();
+    let mut a = association_with_many_inflight(10, 20, now);
+    // 11 is lost; SACKs for 12, 13, 14: fast recovery for 11.
+    for htna in [12, 13, 14] {
+        a.outbound_queue.mark_as_acked(htna);
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert!(a.in_fast_recovery);
+    assert_eq!(fast_retransmitted(&mut a, now)?, vec![11]);
+    // 15 is lost too; 16, 17, 18 arrive, the cumulative ack stays at 10.
+    for htna in [16, 17, 18] {
+        a.outbound_queue.mark_as_acked(htna);
+        a.fast_retransmit_budget += 100;
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert_eq!(a.outbound_queue.get(15).unwrap().miss_indicator, 3);
+    assert_eq!(
+        fast_retransmitted(&mut a, now)?,
+        vec![15],
+        "11 was sent again already"
+    );
+    Ok(())
+}
+
+/// Fast recovery retransmits every chunk reported lost, in as many packets
+/// as the SACKs' acknowledged bytes allow (packet conservation), not one
+/// packet per cumulative ack advance.
+#[test]
+fn test_fast_recovery_repairs_a_burst_of_losses_within_the_budget() -> Result<()> {
+    let now = Instant::now();
+    let mut a = association_with_many_inflight(10, 403, now);
+    a.mtu = 200;
+    // Every fourth chunk up to 408 lost, the rest acknowledged.
+    let lost: Vec<u32> = (11..=408).filter(|t| t % 4 == 0).collect();
+    for tsn in 11..=413u32 {
+        if !lost.contains(&tsn) {
+            a.outbound_queue.mark_as_acked(tsn);
+        }
+    }
+    for htna in [411, 412, 413] {
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert!(a.in_fast_recovery);
+    // Entering recovery: one packet (a 12-byte header and 8 chunks of 23
+    // bytes in 200).
+    let first = fast_retransmitted(&mut a, now)?;
+    assert_eq!(first, lost[..8]);
+    // Acknowledged bytes pay for the rest, lowest TSN first.
+    a.fast_retransmit_budget = 23 * 50;
+    a.will_retransmit_fast = true;
+    let next = fast_retransmitted(&mut a, now)?;
+    assert_eq!(next, lost[8..58]);
+    assert_eq!(a.fast_retransmit_budget, 0);
+    a.fast_retransmit_budget = 1 << 20;
+    a.will_retransmit_fast = true;
+    let rest = fast_retransmitted(&mut a, now)?;
+    assert_eq!(rest, lost[58..]);
+    Ok(())
+}
+
+/// A fast retransmission that is lost as well is found again by SACKs for
+/// data sent after it, and sent a third time, instead of waiting for the
+/// T3 timer (a second loss under 1 % random loss is otherwise a timeout).
+#[test]
+fn test_a_lost_fast_retransmission_is_sent_again() -> Result<()> {
+    let now = Instant::now();
+    let mut a = association_with_many_inflight(10, 10, now);
+    for htna in [12, 13, 14] {
+        a.outbound_queue.mark_as_acked(htna);
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert_eq!(fast_retransmitted(&mut a, now)?, vec![11]);
+    assert_eq!(
+        a.outbound_queue.get(11).unwrap().fast_retransmitted_before,
+        Some(21)
+    );
+    // SACKs for what was sent before the retransmission say nothing of it.
+    for htna in [15, 16, 17, 18, 19, 20] {
+        a.outbound_queue.mark_as_acked(htna);
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert_eq!(a.outbound_queue.get(11).unwrap().miss_indicator, 0);
+    assert_eq!(fast_retransmitted(&mut a, now)?, Vec::<u32>::new());
+    // New data after it arrives and 11 still does not: lost again.
+    for tsn in 21..=23u32 {
+        queue_inflight(
+            &mut a,
+            ChunkPayloadData {
+                tsn,
+                stream_identifier: 1,
+                stream_sequence_number: tsn as u16,
+                beginning_fragment: true,
+                ending_fragment: true,
+                payload_type: PayloadProtocolIdentifier::Binary,
+                user_data: Bytes::from_static(b"payload"),
+                nsent: 1,
+                since: Some(now),
+                ..Default::default()
+            },
+        );
+    }
+    a.my_next_tsn = 24;
+    for htna in [21, 22, 23] {
+        a.outbound_queue.mark_as_acked(htna);
+        a.fast_retransmit_budget += 100;
+        a.process_fast_retransmission(10, htna, false)?;
+    }
+    assert_eq!(fast_retransmitted(&mut a, now)?, vec![11]);
+    assert_eq!(a.outbound_queue.get(11).unwrap().nsent, 3);
+    Ok(())
+}
+
+/// HyStart++ in the association: a round trip that grows during slow start
+/// ends it (ssthresh comes down to the window), a flat one does not.
+#[test]
+fn test_slow_start_ends_when_the_round_trip_grows() {
+    let t0 = Instant::now();
+    for grows in [false, true] {
+        let config = TransportConfig::default();
+        let mut a = create_association(config);
+        a.cwnd = 100_000;
+        a.ssthresh = u32::MAX;
+        // Data waits: slow start grows the window only then.
+        queue_pending(
+            &mut a,
+            ChunkPayloadData {
+                stream_identifier: 1,
+                beginning_fragment: true,
+                ending_fragment: true,
+                payload_type: PayloadProtocolIdentifier::Binary,
+                user_data: Bytes::from_static(b"waiting"),
+                ..Default::default()
+            },
+        );
+        let mut tsn = 0u32;
+        for round in 0..12u32 {
+            let rtt = if grows && round >= 6 {
+                Duration::from_millis(70)
+            } else {
+                Duration::from_millis(50)
+            };
+            for _ in 0..10 {
+                tsn += 1;
+                a.cumulative_tsn_ack_point = tsn;
+                a.my_next_tsn = tsn + 10;
+                a.last_sack_rtt = Some(rtt);
+                a.on_cumulative_tsn_ack_point_advanced(1000, t0);
+            }
+        }
+        if grows {
+            assert!(a.ssthresh < u32::MAX, "slow start ended");
+            // Congestion avoidance from there: a packet per window at most.
+            assert!(
+                a.cwnd > a.ssthresh && a.cwnd - a.ssthresh <= a.mtu + 1,
+                "{} {}",
+                a.cwnd,
+                a.ssthresh
+            );
+        } else {
+            assert_eq!(a.ssthresh, u32::MAX, "slow start goes on");
+            assert_eq!(a.cwnd, 100_000 + 120 * 1000);
         }
     }
 }

@@ -181,9 +181,130 @@ impl DeliveryModel {
     }
 }
 
+/// Fewest RTT samples in a round before HyStart++ compares it with the last.
+const HYSTART_SAMPLES: u32 = 8;
+const HYSTART_MIN_THRESH: Duration = Duration::from_millis(4);
+const HYSTART_MAX_THRESH: Duration = Duration::from_millis(16);
+/// Rounds of conservative slow start before congestion avoidance.
+const CSS_ROUNDS: u32 = 5;
+/// In conservative slow start the window grows by a quarter of what is acknowledged.
+pub(crate) const CSS_GROWTH_DIVISOR: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    SlowStart,
+    /// Conservative slow start: the round's minimum RTT rose; `baseline`
+    /// is that minimum, and `rounds` rounds are left before the window
+    /// stops growing exponentially.
+    Conservative {
+        baseline: Duration,
+        rounds: u32,
+    },
+}
+
+/// Slow start that ends when the round trip starts growing, before the
+/// bottleneck's queue overflows (HyStart++, RFC 9406; peerlink's change,
+/// PATCHES.md §5).
+///
+/// Slow start doubles the window every round trip until a packet is lost.
+/// Behind a bottleneck with a finite queue, the loss comes a round trip
+/// after the queue overflowed, with the window twice too large, and a burst
+/// of losses follows that sctp-proto repairs one hole per round trip. Here
+/// each round's smallest RTT is compared with the previous round's: when it
+/// grew by an eighth (4 to 16 ms), the window grows a quarter as fast for
+/// five rounds (conservative slow start) and then by congestion avoidance;
+/// if the RTT falls back meanwhile, the rise was noise and slow start goes
+/// on.
+#[derive(Debug)]
+pub(crate) struct SlowStartExit {
+    phase: Phase,
+    /// The round ends when this TSN is cumulatively acknowledged.
+    round_end: Option<u32>,
+    last_round_min: Option<Duration>,
+    round_min: Option<Duration>,
+    samples: u32,
+}
+
+/// What the window should do after a SACK in slow start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// Grow by what was acknowledged divided by this.
+    By(u32),
+    /// Slow start is over: the window as it stands is the threshold.
+    Exit,
+}
+
+impl SlowStartExit {
+    pub(crate) fn new() -> Self {
+        SlowStartExit {
+            phase: Phase::SlowStart,
+            round_end: None,
+            last_round_min: None,
+            round_min: None,
+            samples: 0,
+        }
+    }
+
+    /// Slow start begins again (after a timeout).
+    pub(crate) fn restart(&mut self) {
+        *self = SlowStartExit::new();
+    }
+
+    /// A SACK in slow start left the cumulative ack at `cum_tsn`;
+    /// `next_tsn` is the next TSN to be sent; `rtt` is the round trip of the
+    /// newest chunk it acknowledged that was sent once.
+    pub(crate) fn on_sack(&mut self, cum_tsn: u32, next_tsn: u32, rtt: Option<Duration>) -> Growth {
+        if self.round_end.is_none_or(|end| sna32gte(cum_tsn, end)) {
+            self.round_end = Some(next_tsn);
+            if self.samples >= HYSTART_SAMPLES || self.last_round_min.is_none() {
+                self.last_round_min = self.round_min;
+            }
+            self.round_min = None;
+            self.samples = 0;
+            if let Phase::Conservative { baseline, rounds } = self.phase {
+                if rounds <= 1 {
+                    return Growth::Exit;
+                }
+                self.phase = Phase::Conservative {
+                    baseline,
+                    rounds: rounds - 1,
+                };
+            }
+        }
+        if let Some(rtt) = rtt {
+            self.round_min = Some(self.round_min.map_or(rtt, |m| m.min(rtt)));
+            self.samples += 1;
+        }
+        if self.samples >= HYSTART_SAMPLES {
+            if let (Some(now), Some(last)) = (self.round_min, self.last_round_min) {
+                match self.phase {
+                    Phase::SlowStart => {
+                        let thresh = (last / 8).clamp(HYSTART_MIN_THRESH, HYSTART_MAX_THRESH);
+                        if now >= last + thresh {
+                            self.phase = Phase::Conservative {
+                                baseline: now,
+                                rounds: CSS_ROUNDS,
+                            };
+                        }
+                    }
+                    Phase::Conservative { baseline, .. } if now < baseline => {
+                        self.phase = Phase::SlowStart;
+                    }
+                    Phase::Conservative { .. } => {}
+                }
+            }
+        }
+        match self.phase {
+            Phase::SlowStart => Growth::By(1),
+            Phase::Conservative { .. } => Growth::By(CSS_GROWTH_DIVISOR),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
 
     /// A sender whose every round trip takes `rtt` and delivers `per_round`.
     fn run_rounds(m: &mut DeliveryModel, t0: Instant, rounds: u32, rtt: Duration, per_round: u64) {
@@ -265,5 +386,71 @@ mod tests {
         run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
         assert_eq!(m.cap(0), None);
         assert_eq!(m.bdp(), None);
+    }
+
+    /// Rounds of `n` SACKs each, every one with an RTT of `rtt`; the
+    /// cumulative ack passes the round's end on the first SACK of a round.
+    fn hystart_rounds(
+        h: &mut SlowStartExit,
+        tsn: &mut u32,
+        rounds: u32,
+        rtt: Duration,
+    ) -> Vec<Growth> {
+        let mut out = Vec::new();
+        for _ in 0..rounds {
+            for _ in 0..10 {
+                *tsn += 1;
+                out.push(h.on_sack(*tsn, *tsn + 10, Some(rtt)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn slow_start_goes_on_while_the_round_trip_is_flat() {
+        let mut h = SlowStartExit::new();
+        let mut tsn = 0;
+        let g = hystart_rounds(&mut h, &mut tsn, 20, Duration::from_millis(50));
+        assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
+        // A rise below the threshold (50 ms / 8 = 6.25 ms) is not a queue.
+        let g = hystart_rounds(&mut h, &mut tsn, 5, Duration::from_millis(55));
+        assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
+    }
+
+    #[test]
+    fn a_growing_round_trip_slows_growth_then_ends_slow_start() {
+        let mut h = SlowStartExit::new();
+        let mut tsn = 0;
+        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(50));
+        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(57));
+        assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)), "{g:?}");
+        let g = hystart_rounds(&mut h, &mut tsn, CSS_ROUNDS, Duration::from_millis(58));
+        assert!(g.contains(&Growth::Exit), "{g:?}");
+    }
+
+    #[test]
+    fn a_rise_that_falls_back_was_noise() {
+        let mut h = SlowStartExit::new();
+        let mut tsn = 0;
+        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(20));
+        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(30));
+        assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)));
+        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(21));
+        assert_eq!(g.last(), Some(&Growth::By(1)), "{g:?}");
+    }
+
+    #[test]
+    fn thresholds_are_clamped_to_4_and_16_ms() {
+        // 1 ms round trips: a 3 ms rise is below the 4 ms floor.
+        let mut h = SlowStartExit::new();
+        let mut tsn = 0;
+        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(1));
+        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(4));
+        assert_eq!(g.last(), Some(&Growth::By(1)));
+        // 200 ms round trips: 16 ms is enough (an eighth would be 25).
+        let mut h = SlowStartExit::new();
+        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(200));
+        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(216));
+        assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)));
     }
 }

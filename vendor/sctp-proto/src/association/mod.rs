@@ -227,6 +227,13 @@ pub struct Association {
     min_tsn2measure_rtt: u32,
     will_send_forward_tsn: bool,
     will_retransmit_fast: bool,
+    /// Bytes fast recovery may retransmit: what SACKs acknowledged since
+    /// it began (a packet leaves the network for each that enters), and
+    /// one packet at the start (peerlink's change, PATCHES.md §6).
+    fast_retransmit_budget: u32,
+    /// The highest TSN a SACK has acknowledged so far in fast recovery:
+    /// no chunk above it can be reported missing.
+    highest_sacked: u32,
     will_retransmit_reconfig: bool,
 
     will_send_shutdown_ack: bool,
@@ -309,6 +316,12 @@ pub struct Association {
     fast_recover_exit_point: u32,
     /// Delivery rate and round-trip time: caps the data in flight.
     delivery: delivery::DeliveryModel,
+    /// Ends slow start when the round trip grows (HyStart++); `None`: RFC
+    /// 4960 slow start (with the delivery cap off).
+    slow_start: Option<delivery::SlowStartExit>,
+    /// The round trip of the newest chunk sent once that the last SACK
+    /// acknowledged (for `slow_start`, which wants a sample per SACK).
+    last_sack_rtt: Option<Duration>,
 
     // Chunks stored for retransmission
     stored_init: Option<ChunkInit>,
@@ -352,6 +365,8 @@ impl Default for Association {
             min_tsn2measure_rtt: 0,
             will_send_forward_tsn: false,
             will_retransmit_fast: false,
+            fast_retransmit_budget: 0,
+            highest_sacked: 0,
             will_retransmit_reconfig: false,
 
             will_send_shutdown_ack: false,
@@ -411,6 +426,8 @@ impl Default for Association {
             in_fast_recovery: false,
             fast_recover_exit_point: 0,
             delivery: delivery::DeliveryModel::new(None),
+            slow_start: None,
+            last_sack_rtt: None,
 
             // Chunks stored for retransmission
             stored_init: None,
@@ -457,6 +474,10 @@ impl Association {
             side,
             handshake_completed: false,
             delivery: delivery::DeliveryModel::new(config.queue_delay_target()),
+            slow_start: config
+                .queue_delay_target()
+                .map(|_| delivery::SlowStartExit::new()),
+            last_sack_rtt: None,
             max_receive_buffer_size: config.max_receive_buffer_size(),
             max_send_message_size: config.max_send_message_size(),
             max_receive_message_size: config.max_receive_message_size(),
@@ -2596,6 +2617,14 @@ impl Association {
             self.rwnd = d.advertised_receiver_window_credit - bytes_outstanding;
         }
 
+        if self.in_fast_recovery {
+            // Packet conservation: what left the network may be replaced
+            // by retransmissions (bounded by one window).
+            self.fast_retransmit_budget = self
+                .fast_retransmit_budget
+                .saturating_add(total_bytes_acked.max(0) as u32)
+                .min(self.cwnd.max(self.mtu));
+        }
         self.process_fast_retransmission(d.cumulative_tsn_ack, htna, cum_tsn_ack_point_advanced)?;
 
         if self.use_forward_tsn {
@@ -3037,6 +3066,7 @@ impl Association {
         // New ack point, so pop cumulatively ACKed chunks from the outbound queue.
         // We add 1 because the "currentAckPoint" has already been popped from the inflight queue
         // For the first SACK we take care of this by setting the ackpoint to cumAck - 1
+        self.last_sack_rtt = None;
         let first_outstanding_tsn = self.cumulative_tsn_ack_point.wrapping_add(1);
         let mut i = first_outstanding_tsn;
         //log::debug!("[{}] i={} d={}", self.name, i, d.cumulative_tsn_ack);
@@ -3066,6 +3096,11 @@ impl Association {
                     //        packets that were retransmitted (and thus for which it is
                     //        ambiguous whether the reply was for the first instance of the
                     //        chunk or for a later instance)
+                    if c.nsent == 1 {
+                        if let Some(since) = &c.since {
+                            self.last_sack_rtt = Some(now.duration_since(*since));
+                        }
+                    }
                     if c.nsent == 1 && sna32gte(c.tsn, self.min_tsn2measure_rtt) {
                         self.min_tsn2measure_rtt = self.my_next_tsn;
                         if let Some(since) = &c.since {
@@ -3088,6 +3123,7 @@ impl Association {
                 if self.in_fast_recovery && c.tsn == self.fast_recover_exit_point {
                     debug!("[{}] exit fast-recovery", self.side);
                     self.in_fast_recovery = false;
+                    self.fast_retransmit_budget = 0;
                 }
             } else {
                 return Err(Error::ErrInflightQueueTsnPop);
@@ -3130,6 +3166,11 @@ impl Association {
 
                         trace!("[{}] tsn={} has been sacked", self.side, c.tsn);
 
+                        if c.nsent == 1 {
+                            if let Some(since) = &c.since {
+                                self.last_sack_rtt = Some(now.duration_since(*since));
+                            }
+                        }
                         if c.nsent == 1 {
                             self.min_tsn2measure_rtt = self.my_next_tsn;
                             if let Some(since) = &c.since {
@@ -3188,7 +3229,9 @@ impl Association {
                     self.side, rtt, self.cwnd, cap
                 );
                 self.cwnd = cap;
-                self.ssthresh = self.ssthresh.min(cap);
+                // Below the window, so that it grows by congestion
+                // avoidance (at or above it, slow start would go on).
+                self.ssthresh = self.ssthresh.min(cap - 1);
                 self.partial_bytes_acked = 0;
             }
         }
@@ -3225,7 +3268,28 @@ impl Association {
             //      outstanding DATA chunk(s) acknowledged, and 2) the destination's
             //      path MTU.
             if !self.in_fast_recovery && self.outbound_queue.pending_len() != 0 {
-                self.cwnd += core::cmp::min(total_bytes_acked as u32, self.cwnd); // TCP way
+                let rtt = self.last_sack_rtt.take();
+                let growth = match &mut self.slow_start {
+                    Some(h) => h.on_sack(self.cumulative_tsn_ack_point, self.my_next_tsn, rtt),
+                    None => delivery::Growth::By(1),
+                };
+                let divisor = match growth {
+                    delivery::Growth::By(d) => d,
+                    delivery::Growth::Exit => {
+                        // The round trip grew and kept growing: the path's
+                        // queue is filling. Congestion avoidance from here.
+                        self.ssthresh = self.cwnd - 1;
+                        if let Some(h) = &mut self.slow_start {
+                            h.restart();
+                        }
+                        trace!(
+                            "[{}] slow start ends at cwnd={} (HyStart++)",
+                            self.side, self.cwnd
+                        );
+                        return;
+                    }
+                };
+                self.cwnd += core::cmp::min(total_bytes_acked as u32, self.cwnd) / divisor; // TCP way
                 // self.cwnd += min32(uint32(total_bytes_acked), self.mtu) // SCTP way (slow)
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} acked={} (SS)",
@@ -3273,65 +3337,62 @@ impl Association {
         htna: u32,
         cum_tsn_ack_point_advanced: bool,
     ) -> Result<()> {
-        // HTNA algorithm - RFC 4960 Sec 7.2.4
-        // Increment missIndicator of each chunks that the SACK reported missing
-        // when either of the following is met:
-        // a)  Not in fast-recovery
-        //     miss indications are incremented only for missing TSNs prior to the
-        //     highest TSN newly acknowledged in the SACK.
-        // b)  In fast-recovery AND the Cumulative TSN Ack Point advanced
-        //     the miss indications are incremented for all TSNs reported missing
-        //     in the SACK.
-        if !self.in_fast_recovery || cum_tsn_ack_point_advanced {
-            let max_tsn = if !self.in_fast_recovery {
-                // a) increment only for missing TSNs prior to the HTNA
-                htna
-            } else {
-                // b) increment for all TSNs reported missing
-                cum_tsn_ack_point
-                    .wrapping_add(self.outbound_queue.inflight_len() as u32)
-                    .wrapping_add(1)
-            };
+        // HTNA algorithm - RFC 4960 Sec 7.2.4: each SACK is one miss
+        // indication for every TSN still missing below the highest TSN it
+        // newly acknowledged. RFC 4960 counts them in fast recovery only
+        // when the cumulative ack advances (rule b), for every TSN sent:
+        // a burst of losses is then found and repaired one hole per round
+        // trip, and chunks merely in flight are counted too. Here the rule
+        // is the same in and out of fast recovery (peerlink's change,
+        // PATCHES.md §6), so every hole a SACK reports three times is
+        // retransmitted within about one round trip.
+        let _ = cum_tsn_ack_point_advanced;
+        if sna32gt(htna, self.highest_sacked) || !self.in_fast_recovery {
+            self.highest_sacked = htna;
+        }
+        let mut tsn = cum_tsn_ack_point.wrapping_add(1);
+        while sna32lt(tsn, htna) {
+            if let Some(c) = self.outbound_queue.get_mut(tsn) {
+                // A retransmission is missed only by what was sent after it.
+                let counts = c
+                    .fast_retransmitted_before
+                    .is_none_or(|after| sna32gte(htna, after));
+                if !c.acked && !c.abandoned && c.miss_indicator < 3 && counts {
+                    c.miss_indicator += 1;
+                    if c.miss_indicator == 3 && !self.in_fast_recovery {
+                        // 2)  If not in Fast Recovery, adjust the ssthresh and cwnd of the
+                        //     destination address(es) to which the missing DATA chunks were
+                        //     last sent, according to the formula described in Section 7.2.3.
+                        self.in_fast_recovery = true;
+                        self.fast_recover_exit_point = htna;
+                        // One measured bandwidth-delay product stays in
+                        // flight (delivery.rs): random loss is not
+                        // congestion.
+                        self.ssthresh = (self.cwnd / 2)
+                            .max(4 * self.mtu)
+                            .max(self.delivery.bdp().unwrap_or(0));
+                        self.cwnd = self.ssthresh;
+                        self.partial_bytes_acked = 0;
+                        // The first retransmission ignores cwnd (7.2.4 3).
+                        self.fast_retransmit_budget = self.mtu;
 
-            let mut tsn = cum_tsn_ack_point.wrapping_add(1);
-            while sna32lt(tsn, max_tsn) {
-                if let Some(c) = self.outbound_queue.get_mut(tsn) {
-                    if !c.acked && !c.abandoned && c.miss_indicator < 3 {
-                        c.miss_indicator += 1;
-                        if c.miss_indicator == 3 && !self.in_fast_recovery {
-                            // 2)  If not in Fast Recovery, adjust the ssthresh and cwnd of the
-                            //     destination address(es) to which the missing DATA chunks were
-                            //     last sent, according to the formula described in Section 7.2.3.
-                            self.in_fast_recovery = true;
-                            self.fast_recover_exit_point = htna;
-                            // One measured bandwidth-delay product stays in
-                            // flight (delivery.rs): random loss is not
-                            // congestion.
-                            self.ssthresh = (self.cwnd / 2)
-                                .max(4 * self.mtu)
-                                .max(self.delivery.bdp().unwrap_or(0));
-                            self.cwnd = self.ssthresh;
-                            self.partial_bytes_acked = 0;
-                            self.will_retransmit_fast = true;
-
-                            trace!(
-                                "[{}] updated cwnd={} ssthresh={} inflight={} (FR)",
-                                self.side,
-                                self.cwnd,
-                                self.ssthresh,
-                                self.outbound_queue.inflight_bytes()
-                            );
-                        }
+                        trace!(
+                            "[{}] updated cwnd={} ssthresh={} inflight={} (FR)",
+                            self.side,
+                            self.cwnd,
+                            self.ssthresh,
+                            self.outbound_queue.inflight_bytes()
+                        );
                     }
-                } else {
-                    return Err(Error::ErrTsnRequestNotExist);
                 }
-
-                tsn = tsn.wrapping_add(1);
+            } else {
+                return Err(Error::ErrTsnRequestNotExist);
             }
+
+            tsn = tsn.wrapping_add(1);
         }
 
-        if self.in_fast_recovery && cum_tsn_ack_point_advanced {
+        if self.in_fast_recovery {
             self.will_retransmit_fast = true;
         }
 
@@ -3785,65 +3846,86 @@ impl Association {
         if self.will_retransmit_fast {
             self.will_retransmit_fast = false;
 
+            // Every chunk reported missing three times, lowest TSN first,
+            // in packets of at most one MTU, as far as the budget goes
+            // (RFC 4960 sends one packet per cumulative ack advance;
+            // peerlink's change, PATCHES.md §6).
+            let mut packets: Vec<Vec<Box<dyn Chunk + Send + Sync>>> = vec![];
             let mut to_fast_retrans: Vec<Box<dyn Chunk + Send + Sync>> = vec![];
             let mut fast_retrans_size = COMMON_HEADER_SIZE;
 
-            let mut i = 0;
-            loop {
-                let tsn = self
-                    .cumulative_tsn_ack_point
-                    .wrapping_add(i)
-                    .wrapping_add(1);
-                if let Some(c) = self.outbound_queue.get(tsn) {
-                    if c.acked || c.abandoned || c.nsent > 1 || c.miss_indicator < 3 {
-                        i += 1;
-                        continue;
-                    }
-
-                    // RFC 4960 Sec 7.2.4 Fast Retransmit on Gap Reports
-                    //  3)  Determine how many of the earliest (i.e., lowest TSN) DATA chunks
-                    //      marked for retransmission will fit into a single packet, subject
-                    //      to constraint of the path MTU of the destination transport
-                    //      address to which the packet is being sent.  Call this value K.
-                    //      Retransmit those K DATA chunks in a single packet.  When a Fast
-                    //      Retransmit is being performed, the sender SHOULD ignore the value
-                    //      of cwnd and SHOULD NOT delay retransmission for this single
-                    //		packet.
-
-                    if self.abandon_if_needed(tsn, now) {
-                        i += 1;
-                        continue;
-                    }
-
-                    let c = self.outbound_queue.get_mut(tsn).unwrap();
-                    let data_chunk_size = DATA_CHUNK_HEADER_SIZE + c.user_data.len() as u32;
-                    if self.mtu < fast_retrans_size + data_chunk_size {
-                        break;
-                    }
-
-                    fast_retrans_size += data_chunk_size;
-                    self.stats.inc_fast_retrans();
-                    c.nsent += 1;
-                } else {
+            // One packet per trigger as RFC 4960 has it; more from the budget.
+            let mut allowance = self.fast_retransmit_budget.max(self.mtu);
+            let used_before = allowance;
+            let mut tsn = self.cumulative_tsn_ack_point.wrapping_add(1);
+            // In fast recovery nothing above the highest TSN acknowledged
+            // can have been reported missing.
+            let end = self
+                .in_fast_recovery
+                .then_some(self.highest_sacked.wrapping_add(1));
+            while end.is_none_or(|end| sna32lt(tsn, end)) {
+                let Some(c) = self.outbound_queue.get(tsn) else {
                     break; // end of pending data
+                };
+                // A chunk a timeout retransmitted is left to the timer.
+                let timer_sent = c.nsent > 1 && c.fast_retransmitted_before.is_none();
+                if c.acked || c.abandoned || timer_sent || c.miss_indicator < 3 {
+                    tsn = tsn.wrapping_add(1);
+                    continue;
                 }
 
-                if let Some(c) = self.outbound_queue.get_mut(tsn) {
-                    to_fast_retrans.push(Box::new(c.clone()));
-                    trace!(
-                        "[{}] fast-retransmit: tsn={} sent={} htna={}",
-                        self.side, c.tsn, c.nsent, self.fast_recover_exit_point
-                    );
+                // RFC 4960 Sec 7.2.4 Fast Retransmit on Gap Reports
+                //  3)  Determine how many of the earliest (i.e., lowest TSN) DATA chunks
+                //      marked for retransmission will fit into a single packet, subject
+                //      to constraint of the path MTU of the destination transport
+                //      address to which the packet is being sent.  Call this value K.
+                //      Retransmit those K DATA chunks in a single packet.  When a Fast
+                //      Retransmit is being performed, the sender SHOULD ignore the value
+                //      of cwnd and SHOULD NOT delay retransmission for this single
+                //		packet.
+
+                if self.abandon_if_needed(tsn, now) {
+                    tsn = tsn.wrapping_add(1);
+                    continue;
                 }
-                i += 1;
+
+                let c = self.outbound_queue.get_mut(tsn).unwrap();
+                let data_chunk_size = DATA_CHUNK_HEADER_SIZE + c.user_data.len() as u32;
+                if allowance < data_chunk_size {
+                    break;
+                }
+                if self.mtu < fast_retrans_size + data_chunk_size {
+                    packets.push(core::mem::take(&mut to_fast_retrans));
+                    fast_retrans_size = COMMON_HEADER_SIZE;
+                }
+                allowance -= data_chunk_size;
+                fast_retrans_size += data_chunk_size;
+                self.stats.inc_fast_retrans();
+                c.nsent += 1;
+                // Lost again, it will be found again.
+                c.miss_indicator = 0;
+                c.fast_retransmitted_before = Some(self.my_next_tsn);
+                to_fast_retrans.push(Box::new(c.clone()));
+                trace!(
+                    "[{}] fast-retransmit: tsn={} sent={} htna={}",
+                    self.side, c.tsn, c.nsent, self.fast_recover_exit_point
+                );
+                tsn = tsn.wrapping_add(1);
             }
+            packets.push(to_fast_retrans);
+            self.fast_retransmit_budget = self
+                .fast_retransmit_budget
+                .saturating_sub(used_before - allowance);
 
-            to_fast_retrans.retain(|chunk| {
-                let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
-                !self.outbound_queue.is_abandoned(data.tsn)
-            });
-            if !to_fast_retrans.is_empty() {
-                if let Ok(raw) = self.create_packet(to_fast_retrans).marshal() {
+            for mut chunks in packets {
+                chunks.retain(|chunk| {
+                    let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
+                    !self.outbound_queue.is_abandoned(data.tsn)
+                });
+                if chunks.is_empty() {
+                    continue;
+                }
+                if let Ok(raw) = self.create_packet(chunks).marshal() {
                     raw_packets.push(raw);
                 } else {
                     warn!(
@@ -4403,6 +4485,9 @@ impl Association {
 
                 self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
                 self.cwnd = self.mtu;
+                if let Some(h) = &mut self.slow_start {
+                    h.restart();
+                }
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} inflight={} (RTO)",
                     self.side,

@@ -117,6 +117,12 @@ pub struct ChunkPayloadData {
     /// Retransmission flag set when T1-RTX timeout occurred and this
     /// chunk is still in the inflight queue
     pub(crate) retransmit: bool,
+
+    /// Set when fast recovery retransmitted this chunk: the next TSN new
+    /// data would take then. Only SACKs acknowledging a TSN from there on
+    /// (sent after the retransmission) count as misses of the
+    /// retransmission (peerlink's change, PATCHES.md §6).
+    pub(crate) fast_retransmitted_before: Option<u32>,
 }
 
 impl Default for ChunkPayloadData {
@@ -140,6 +146,7 @@ impl Default for ChunkPayloadData {
             deadline: None,
             nsent: 0,
             retransmit: false,
+            fast_retransmitted_before: None,
         }
     }
 }
@@ -220,6 +227,7 @@ impl Chunk for ChunkPayloadData {
             deadline: None,
             nsent: 0,
             retransmit: false,
+            fast_retransmitted_before: None,
         })
     }
 
