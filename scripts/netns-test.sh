@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # What the tests use from the system: the NAT lab (crates/cli/tests/natlab.rs)
-# needs NATs, conntrack and coturn; the browser tests (web/test/e2e) need
-# Debian's Chromium and Node.
+# needs NATs, conntrack and coturn; the Redis backplane tests
+# (crates/signal/tests/server.rs, crates/cli/tests/cluster.rs) run Debian's
+# redis-server; the browser tests (web/test/e2e) need Debian's Chromium and
+# Node.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
@@ -17,6 +19,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v turnserver >/dev/null || need+=(coturn)
+command -v redis-server >/dev/null || need+=(redis-server)
 command -v python3 >/dev/null || need+=(python3)
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)
