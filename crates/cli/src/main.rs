@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the signaling server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Line chat with everyone in ROOM over data channels.
     Chat {
         room: String,
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => {
                 init_tracing("info");
-                serve::run(args).await.map(|()| None)
+                serve::run(*args).await.map(|()| None)
             }
             Command::Chat { room, server, name, token, ice } => {
                 init_tracing("warn");

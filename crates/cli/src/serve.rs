@@ -185,6 +185,26 @@ pub struct TurnArgs {
     /// Do not run the embedded STUN/TURN server (use --turn-url for another).
     #[arg(long)]
     no_turn: bool,
+    /// TCP address of the embedded TURN server, for networks that block UDP
+    /// (`turn:HOST:PORT?transport=tcp`; relaying stays UDP). Default: the
+    /// --turn-listen address.
+    #[arg(long, env = "PEERLINK_TURN_TCP_LISTEN")]
+    turn_tcp_listen: Option<SocketAddr>,
+    /// Do not accept TURN clients over TCP.
+    #[arg(long)]
+    no_turn_tcp: bool,
+    /// TLS address of the embedded TURN server (`turns:HOST:PORT`), served
+    /// when --turn-tls-cert and --turn-tls-key are given.
+    #[arg(long, default_value = "0.0.0.0:5349", env = "PEERLINK_TURN_TLS_LISTEN")]
+    turn_tls_listen: SocketAddr,
+    /// PEM certificate chain (leaf first) for TURN over TLS. Its name must be
+    /// the host peers reach the server by (the --turn-external-ip, or the
+    /// host in the signaling URL).
+    #[arg(long, env = "PEERLINK_TURN_TLS_CERT", requires = "turn_tls_key")]
+    turn_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --turn-tls-cert.
+    #[arg(long, env = "PEERLINK_TURN_TLS_KEY", requires = "turn_tls_cert")]
+    turn_tls_key: Option<std::path::PathBuf>,
     /// The address relayed candidates carry and peers reach the TURN server
     /// at. Default: the --turn-listen address, or when that is 0.0.0.0, the
     /// first non-loopback interface address.
@@ -238,6 +258,16 @@ fn guess_external_ip(like: IpAddr) -> Option<IpAddr> {
         .find(|ip| !ip.is_loopback() && ip.is_ipv4() == like.is_ipv4() && !ip.is_unspecified())
 }
 
+/// Where peers reach the embedded STUN/TURN server.
+#[derive(Debug, Clone, Copy)]
+struct Embedded {
+    /// `None`: the host the peer reached signaling by.
+    ip: Option<IpAddr>,
+    udp: u16,
+    tcp: Option<u16>,
+    tls: Option<u16>,
+}
+
 /// `host` as it goes in a STUN/TURN URL.
 fn url_host(host: &str) -> String {
     if host.contains(':') { format!("[{host}]") } else { host.to_string() }
@@ -257,7 +287,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut turn_stats: Option<peerlink_turn::Stats> = None;
     // The embedded server's address as clients should dial it; `None` means
     // "the host the client reached signaling by".
-    let mut embedded: Option<(Option<IpAddr>, u16)> = None;
+    let mut embedded: Option<Embedded> = None;
     if !turn.no_turn {
         let socket = tokio::net::UdpSocket::bind(turn.turn_listen).await.with_context(|| {
             format!("cannot bind the STUN/TURN server to {} (use --no-turn to go without)", turn.turn_listen)
@@ -276,8 +306,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.peer_policy.allow_private = turn.turn_allow_private;
         config.peer_policy.allowed = turn.turn_allow_peer.clone();
         config.peer_policy.denied = turn.turn_deny_peer.clone();
-        let server =
+        let mut server =
             peerlink_turn::Server::new(socket, config).context("cannot start the STUN/TURN server")?;
+        let mut tcp_port = None;
+        if !turn.no_turn_tcp {
+            let at = turn.turn_tcp_listen.unwrap_or(bound);
+            let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
+                format!("cannot bind TURN over TCP to {at} (use --no-turn-tcp to go without)")
+            })?;
+            let at = listener.local_addr()?;
+            println!("peerlink serve: TURN on tcp {at}");
+            tcp_port = Some(at.port());
+            server = server.with_tcp(listener);
+        }
+        let mut tls_port = None;
+        if let (Some(cert), Some(key)) = (&turn.turn_tls_cert, &turn.turn_tls_key) {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let tls = peerlink_turn::TlsConfig::from_pem(&read(cert)?, &read(key)?)
+                .context("unusable TLS certificate or key for TURN over TLS")?;
+            let listener = tokio::net::TcpListener::bind(turn.turn_tls_listen)
+                .await
+                .with_context(|| format!("cannot bind TURN over TLS to {}", turn.turn_tls_listen))?;
+            let at = listener.local_addr()?;
+            println!("peerlink serve: TURN on tls {at}");
+            tls_port = Some(at.port());
+            server = server.with_tls(listener, tls);
+        }
         turn_stats = Some(server.stats());
         tracing::info!(
             "STUN/TURN on udp {bound}, relaying as {}",
@@ -292,24 +348,36 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })
                 .await
         }));
-        embedded = Some((
-            turn.turn_external_ip.or((!bound.ip().is_unspecified()).then_some(bound.ip())),
-            bound.port(),
-        ));
+        embedded = Some(Embedded {
+            ip: turn.turn_external_ip.or((!bound.ip().is_unspecified()).then_some(bound.ip())),
+            udp: bound.port(),
+            tcp: tcp_port,
+            tls: tls_port,
+        });
     }
 
     let extra: Vec<String> = turn.turn_url.clone();
     let provider = IceProvider::new(move |req: &IceRequest<'_>| {
         let creds = peerlink_turn::rest_credentials(&secret, req.peer.as_str(), ttl, SystemTime::now());
         let mut out = Vec::new();
-        if let Some((ip, port)) = embedded {
-            let host = match (ip, req.host) {
+        if let Some(e) = embedded {
+            let host = match (e.ip, req.host) {
                 (Some(ip), _) => url_host(&ip.to_string()),
                 (None, Some(h)) => url_host(h),
                 (None, None) => "127.0.0.1".to_string(),
             };
+            let port = e.udp;
+            let mut urls = vec![format!("stun:{host}:{port}"), format!("turn:{host}:{port}?transport=udp")];
+            if let Some(tcp) = e.tcp {
+                urls.push(format!("turn:{host}:{tcp}?transport=tcp"));
+            }
+            if let Some(tls) = e.tls {
+                // The certificate names the host signaling was reached by.
+                let host = req.host.map(url_host).unwrap_or(host);
+                urls.push(format!("turns:{host}:{tls}?transport=tcp"));
+            }
             out.push(IceServer {
-                urls: vec![format!("stun:{host}:{port}"), format!("turn:{host}:{port}?transport=udp")],
+                urls,
                 username: Some(creds.username.clone()),
                 credential: Some(creds.password.clone()),
             });
@@ -410,6 +478,18 @@ fn turn_metrics(stats: &peerlink_turn::Stats, m: &mut peerlink_signal::Metrics) 
         s.allocations_revoked,
     );
     m.single(
+        "peerlink_turn_stream_connections",
+        "gauge",
+        "Open TURN client connections over TCP and TLS.",
+        s.stream_connections,
+    );
+    m.single(
+        "peerlink_turn_stream_connections_total",
+        "counter",
+        "TURN client connections over TCP and TLS that sent a first message.",
+        s.stream_connections_total,
+    );
+    m.single(
         "peerlink_turn_binding_requests_total",
         "counter",
         "STUN Binding requests answered.",
@@ -433,6 +513,9 @@ fn turn_metrics(stats: &peerlink_turn::Stats, m: &mut peerlink_signal::Metrics) 
         ("tables_full", s.dropped_tables_full),
         ("send_failed", s.dropped_send_failed),
         ("oversize", s.dropped_oversize),
+        ("stream_connection_limit", s.stream_refused),
+        ("tls_handshake_failed", s.tls_handshakes_failed),
+        ("stream_not_stun", s.stream_framing_errors),
     ] {
         m.sample("peerlink_turn_refusals_total", &[("reason", reason)], n);
     }

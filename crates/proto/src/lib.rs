@@ -21,6 +21,8 @@
 
 #![warn(missing_docs)]
 
+pub mod turn_stream;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

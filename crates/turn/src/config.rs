@@ -142,6 +142,11 @@ pub struct Limits {
     /// that hold no allocation (the only requests that grow those tables).
     /// Excess requests are dropped; clients retransmit. Default 500.
     pub new_client_requests_per_sec: u32,
+    /// Open TCP and TLS client connections, together. Beyond it a new
+    /// connection is closed at once. Default 1000.
+    pub max_stream_connections: usize,
+    /// Open TCP and TLS client connections per client IP. Default 32.
+    pub max_stream_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -154,6 +159,8 @@ impl Default for Limits {
             bandwidth_bytes_per_sec: Some(2 * 1024 * 1024),
             max_auth_entries: 20_000,
             new_client_requests_per_sec: 500,
+            max_stream_connections: 1000,
+            max_stream_connections_per_ip: 32,
         }
     }
 }

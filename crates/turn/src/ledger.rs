@@ -21,9 +21,18 @@ pub(crate) enum Command {
     NewGeneration { id: u64, keep_previous: bool },
     /// Forget generation `id`: its last allocation ended.
     DropGeneration { id: u64 },
-    /// Stop relaying for the allocation at `relayed` (it reached the
-    /// maximum lifetime); its client's requests get 437 from now on.
-    Revoke { relayed: SocketAddr },
+    /// Stop relaying for the allocation at `relayed`; its client's
+    /// requests get 437 from now on.
+    Revoke { relayed: SocketAddr, why: RevokeWhy },
+}
+
+/// Why an allocation stops relaying before the protocol closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RevokeWhy {
+    /// It reached `max_lifetime`.
+    MaxLifetime,
+    /// The TCP or TLS connection it was made on ended.
+    ConnectionClosed,
 }
 
 /// Why a request or an allocation is refused.
@@ -267,7 +276,23 @@ impl Ledger {
             if let Some(client) = self.clients.get_mut(&record.client) {
                 client.revoked = true;
             }
-            self.out.push_back(Command::Revoke { relayed: *relayed });
+            self.out.push_back(Command::Revoke { relayed: *relayed, why: RevokeWhy::MaxLifetime });
+        }
+    }
+
+    /// The TCP or TLS connection of `client` ended: its allocations stop
+    /// relaying (RFC 8656 §3.1: an allocation over a stream lives as long
+    /// as the connection).
+    pub fn connection_closed(&mut self, client: SocketAddr) {
+        for (relayed, record) in &mut self.allocs {
+            if record.client != client || record.revoked {
+                continue;
+            }
+            record.revoked = true;
+            self.out.push_back(Command::Revoke { relayed: *relayed, why: RevokeWhy::ConnectionClosed });
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.revoked = true;
         }
     }
 
@@ -403,13 +428,19 @@ mod tests {
         l.housekeeping(t0 + Duration::from_secs(59));
         assert_eq!(commands(&mut l), []);
         l.housekeeping(t0 + Duration::from_secs(60));
-        assert_eq!(commands(&mut l), [Command::Revoke { relayed: addr(200, 50000) }]);
+        assert_eq!(
+            commands(&mut l),
+            [Command::Revoke { relayed: addr(200, 50000), why: RevokeWhy::MaxLifetime }]
+        );
         assert_eq!(l.client(a), Client::Revoked);
         assert_eq!(l.client(b), Client::Known { gen_id: 1 });
         l.housekeeping(t0 + Duration::from_secs(61));
         assert_eq!(commands(&mut l), [], "revoked once");
         assert!(l.ports().contains(&50000), "the port stays taken until the protocol closes it");
         l.housekeeping(t0 + Duration::from_secs(90));
-        assert_eq!(commands(&mut l), [Command::Revoke { relayed: addr(200, 50001) }]);
+        assert_eq!(
+            commands(&mut l),
+            [Command::Revoke { relayed: addr(200, 50001), why: RevokeWhy::MaxLifetime }]
+        );
     }
 }

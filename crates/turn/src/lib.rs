@@ -1,4 +1,5 @@
-//! peerlink's embedded STUN/TURN server (RFC 8489 / RFC 8656, UDP).
+//! peerlink's embedded STUN/TURN server (RFC 8489 / RFC 8656; clients on
+//! UDP, TCP or TLS, relaying over UDP).
 //!
 //! `peerlink serve` runs it next to the signaling server so that peers behind
 //! NATs that defeat direct connections can still reach each other through a
@@ -23,10 +24,22 @@
 //! - **Bounded memory**: every queue and map has a cap; datagrams that do not
 //!   fit are dropped, as UDP would drop them, and counted in [`Stats`].
 //!
+//! - **TCP and TLS clients** ([`Server::with_tcp`], [`Server::with_tls`]) for
+//!   networks that block UDP: `turn:HOST:PORT?transport=tcp` and
+//!   `turns:HOST:PORT`. Messages are framed as RFC 8656 §12.5 says
+//!   (ChannelData padded to four bytes; unpadded input is accepted too) and
+//!   handled exactly like datagrams from the connection's address; the
+//!   relayed side is UDP. An allocation stops relaying when its connection
+//!   ends. Connections are capped in total and per IP, must finish the TLS
+//!   handshake and send a first message within [`HANDSHAKE_TIMEOUT`], are
+//!   closed after [`IDLE_TIMEOUT`] without a message while they hold no
+//!   allocation, and queue at most [`WRITE_QUEUE_BYTES`] for writing.
+//!
 //! One task owns all state. Each relay socket has a small receive task that
 //! forwards datagrams to it over a bounded queue (1024 datagrams, shared;
-//! overflow is dropped). Sends never wait: a full kernel buffer drops the
-//! datagram.
+//! overflow is dropped); each TCP/TLS connection has a task that frames what
+//! it reads into the same kind of queue. Sends never wait: a full kernel
+//! buffer (or a connection's full write queue) drops the message.
 //!
 //! ```no_run
 //! use std::time::{Duration, SystemTime};
@@ -49,7 +62,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Limitations: UDP only (no TCP/TLS listener, no RFC 6062 TCP allocations);
+//! Limitations: relaying is UDP only (no RFC 6062 TCP allocations: those get 400);
 //! ICMP from peers is not relayed; a client that hides its username behind
 //! USERHASH can only use static credentials; the peer policy is applied to
 //! data, so CreatePermission for a refused peer succeeds but nothing flows.
@@ -69,6 +82,7 @@ mod relay;
 mod rest;
 mod server;
 mod stats;
+mod stream;
 mod stun;
 
 use std::future::Future;
@@ -77,6 +91,7 @@ pub use config::{Auth, Config, IpNet, Limits, PeerPolicy};
 pub use rest::{RestCredentials, rest_credentials, rest_password};
 pub use server::Server;
 pub use stats::{Stats, StatsSnapshot};
+pub use stream::{HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, TlsConfig, WRITE_QUEUE_BYTES};
 
 /// Errors from starting or running the server.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ use stun_proto::Instant as SioInstant;
 use stun_proto::types::attribute::{ErrorCode, Nonce, Userhash, Username};
 use stun_proto::types::message::{BINDING, Message, MessageClass};
 use stun_proto::types::{AddressFamily, TransportType};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
@@ -35,11 +35,12 @@ use turn_server_proto::types::transmit::TransmitBuild;
 use crate::Error;
 use crate::bucket::TokenBucket;
 use crate::config::Config;
-use crate::ledger::{Client, Command, Ledger, Record, Refusal};
+use crate::ledger::{Client, Command, Ledger, Record, Refusal, RevokeWhy};
 use crate::policy::Policy;
 use crate::relay::{self, PeerDatagram, RELAY_QUEUE};
 use crate::rest::{rest_expiry, rest_password, unix_now};
 use crate::stats::{Stats, add, dec, inc};
+use crate::stream::{self, IDLE_TIMEOUT, STREAM_QUEUE, StreamConn, StreamEvent, StreamLimits, TlsConfig};
 use crate::stun;
 
 /// How often allocation ages are checked against `max_lifetime`.
@@ -65,6 +66,8 @@ pub struct Server {
     relay_ip: IpAddr,
     advertised_ip: IpAddr,
     stats: Stats,
+    tcp: Option<TcpListener>,
+    tls: Option<(TcpListener, TlsConfig)>,
 }
 
 impl Server {
@@ -111,7 +114,29 @@ impl Server {
         {
             return Err(Error::Config(format!("limits must be above zero: {l:?}")));
         }
-        Ok(Server { socket, local, config, relay_ip, advertised_ip, stats: Stats::default() })
+        Ok(Server {
+            socket,
+            local,
+            config,
+            relay_ip,
+            advertised_ip,
+            stats: Stats::default(),
+            tcp: None,
+            tls: None,
+        })
+    }
+
+    /// Also serves clients over TCP on `listener` (`turn:HOST:PORT?transport=tcp`).
+    /// Relaying stays UDP.
+    pub fn with_tcp(mut self, listener: TcpListener) -> Self {
+        self.tcp = Some(listener);
+        self
+    }
+
+    /// Also serves clients over TLS on `listener` (`turns:HOST:PORT`).
+    pub fn with_tls(mut self, listener: TcpListener, tls: TlsConfig) -> Self {
+        self.tls = Some((listener, tls));
+        self
     }
 
     /// The address the server receives STUN/TURN on.
@@ -129,7 +154,26 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
         let now = Instant::now();
-        let Server { socket, local, config, relay_ip, advertised_ip, stats } = self;
+        let Server { socket, local, config, relay_ip, advertised_ip, stats, tcp, tls } = self;
+        let mut tasks = JoinSet::new();
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_QUEUE);
+        let limits = StreamLimits {
+            max_connections: config.limits.max_stream_connections,
+            max_connections_per_ip: config.limits.max_stream_connections_per_ip,
+        };
+        let counts = Arc::default();
+        let listeners = tcp.map(|l| (l, None)).into_iter().chain(tls.map(|(l, t)| (l, Some(t))));
+        for (listener, tls) in listeners {
+            tasks.spawn(stream::accept_loop(
+                listener,
+                tls,
+                stream_tx.clone(),
+                limits,
+                Arc::clone(&counts),
+                stats.clone(),
+            ));
+        }
+        drop(stream_tx);
         let policy = Policy::new(&config.peer_policy, local, relay_ip, config.external_ip);
         let static_users: Vec<(String, String)> = config.auth.users.clone();
         let ledger = Ledger::new(config.limits.clone(), now);
@@ -157,7 +201,8 @@ impl Server {
             base: now,
             relays: HashMap::new(),
             relay_tx,
-            tasks: JoinSet::new(),
+            tasks,
+            streams: HashMap::new(),
             pending_user: None,
             full_warned_at: None,
         };
@@ -167,7 +212,7 @@ impl Server {
             advertised_ip = %st.advertised_ip,
             "STUN/TURN server running"
         );
-        Driver { gens, st }.run(shutdown, relay_rx).await
+        Driver { gens, st }.run(shutdown, relay_rx, stream_rx).await
     }
 }
 
@@ -261,6 +306,15 @@ struct State {
     /// that the `AllocateSocket` it produces can be charged to that user.
     pending_user: Option<(SocketAddr, String)>,
     full_warned_at: Option<Instant>,
+    /// Clients on TCP or TLS, by remote address.
+    streams: HashMap<SocketAddr, Stream>,
+}
+
+/// A client connection over TCP or TLS.
+#[derive(Debug)]
+struct Stream {
+    conn: StreamConn,
+    last_message: Instant,
 }
 
 #[derive(Debug)]
@@ -274,6 +328,7 @@ impl Driver {
         mut self,
         shutdown: impl Future<Output = ()>,
         mut relay_rx: mpsc::Receiver<PeerDatagram>,
+        mut stream_rx: mpsc::Receiver<StreamEvent>,
     ) -> Result<(), Error> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut buf = vec![0u8; MAX_CLIENT_DATAGRAM];
@@ -290,7 +345,7 @@ impl Driver {
                     match r {
                         Ok((n, from)) => {
                             recv_errors = 0;
-                            self.on_client(now, from, &buf[..n]);
+                            self.on_datagram(now, from, &buf[..n]);
                         }
                         Err(e) => {
                             debug!("TURN listen socket receive: {e}");
@@ -303,7 +358,7 @@ impl Driver {
                     }
                     for _ in 0..BATCH {
                         let Ok((n, from)) = self.st.listen.try_recv_from(&mut buf) else { break };
-                        self.on_client(now, from, &buf[..n]);
+                        self.on_datagram(now, from, &buf[..n]);
                     }
                 }
                 // Never 0: `State` holds a sender, so the channel stays open.
@@ -313,6 +368,8 @@ impl Driver {
                         self.on_peer(now, datagram);
                     }
                 }
+                // `None` once no listener is left (or none was configured).
+                Some(ev) = stream_rx.recv() => self.on_stream(Instant::now(), ev),
                 () = tokio::time::sleep_until(wake) => self.on_timer(Instant::now()),
                 _ = tick.tick() => self.housekeeping(Instant::now()),
             }
@@ -337,7 +394,45 @@ impl Driver {
         at.max(Instant::now() + Duration::from_millis(1))
     }
 
-    /// A datagram on the listen socket.
+    /// A datagram on the UDP listen socket.
+    fn on_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        // An address is a client on one transport only.
+        if self.st.streams.contains_key(&from) {
+            return;
+        }
+        self.on_client(now, from, data);
+    }
+
+    /// A connection on the TCP or TLS listener opened, sent a message, or ended.
+    fn on_stream(&mut self, now: Instant, ev: StreamEvent) {
+        match ev {
+            StreamEvent::Open { client, conn } => {
+                // A UDP client of the same address and port is improbable but
+                // possible: it keeps the address, the connection is refused.
+                if self.st.ledger.client(client) != Client::New {
+                    debug!(%client, "TURN stream refused: the address is a UDP client");
+                    return;
+                }
+                inc(&self.st.stats.counters().stream_connections_total);
+                debug!(%client, tls = conn.tls, "TURN stream client");
+                self.st.streams.insert(client, Stream { conn, last_message: now });
+            }
+            StreamEvent::Frame { client, data } => {
+                let Some(stream) = self.st.streams.get_mut(&client) else { return };
+                stream.last_message = now;
+                self.on_client(now, client, &data);
+            }
+            StreamEvent::Closed { client } => {
+                if self.st.streams.remove(&client).is_some() {
+                    debug!(%client, "TURN stream ended");
+                    self.st.ledger.connection_closed(client);
+                    self.run_ledger(now);
+                }
+            }
+        }
+    }
+
+    /// A STUN or ChannelData message from a client, whatever its transport.
     fn on_client(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         let msg = Message::from_bytes(data).ok();
         let request = msg.as_ref().filter(|m| m.has_class(MessageClass::Request));
@@ -479,18 +574,22 @@ impl Driver {
                         self.gens.old = None;
                     }
                 }
-                Command::Revoke { relayed } => {
+                Command::Revoke { relayed, why } => {
                     if let Some(relay) = self.st.relays.get(&relayed) {
                         relay.task.abort();
                     }
                     inc(&self.st.stats.counters().allocations_revoked);
                     if let Some(r) = self.st.ledger.allocation(relayed) {
+                        let why = match why {
+                            RevokeWhy::MaxLifetime => "reached its maximum lifetime",
+                            RevokeWhy::ConnectionClosed => "lost its TCP/TLS connection",
+                        };
                         info!(
                             user = r.user,
                             client = %r.client,
                             %relayed,
                             age_s = Ledger::age(r, now).as_secs(),
-                            "TURN allocation reached its maximum lifetime: relaying stopped"
+                            "TURN allocation {why}: relaying stopped"
                         );
                     }
                 }
@@ -535,6 +634,17 @@ impl Driver {
     }
 
     fn housekeeping(&mut self, now: Instant) {
+        // Connections that hold no allocation and say nothing are closed
+        // (dropping the handle ends the connection task's writer).
+        let ledger = &self.st.ledger;
+        self.st.streams.retain(|client, s| {
+            let keep =
+                ledger.client(*client) != Client::New || now.duration_since(s.last_message) < IDLE_TIMEOUT;
+            if !keep {
+                debug!(%client, "TURN stream closed: idle without an allocation");
+            }
+            keep
+        });
         self.st.ledger.housekeeping(now);
         self.run_ledger(now);
         while self.st.tasks.try_join_next().is_some() {}
@@ -573,8 +683,9 @@ fn pump(generation: &mut Gen, st: &mut State, now: Instant, requester: Option<So
                 );
             }
             TurnServerPollRet::SocketClose { listen_addr, .. } => st.release(listen_addr, now, requester),
-            // Only TCP allocations (RFC 6062) produce these, and a UDP
-            // listener refuses those with 400.
+            // Only TCP allocations (RFC 6062) produce these; the protocol
+            // state is UDP-typed for every client transport, so it refuses
+            // them with 400.
             TurnServerPollRet::TcpConnect { .. } | TurnServerPollRet::TcpClose { .. } => {}
         }
     }
@@ -729,6 +840,13 @@ impl State {
     }
 
     fn send_to_client(&self, data: &[u8], to: SocketAddr) {
+        if let Some(stream) = self.streams.get(&to) {
+            if !stream.conn.send(data) {
+                inc(&self.stats.counters().dropped_send_failed);
+                trace!(client = %to, "stream write queue full");
+            }
+            return;
+        }
         if let Err(e) = self.listen.try_send_to(data, to) {
             inc(&self.stats.counters().dropped_send_failed);
             trace!(client = %to, "send: {e}");

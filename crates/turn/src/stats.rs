@@ -29,6 +29,11 @@ pub(crate) struct Counters {
     pub(crate) dropped_send_failed: AtomicU64,
     pub(crate) dropped_oversize: AtomicU64,
     pub(crate) auth_table_rotations: AtomicU64,
+    pub(crate) stream_connections: AtomicU64,
+    pub(crate) stream_connections_total: AtomicU64,
+    pub(crate) stream_refused: AtomicU64,
+    pub(crate) tls_handshakes_failed: AtomicU64,
+    pub(crate) stream_framing_errors: AtomicU64,
 }
 
 /// One reading of every counter.
@@ -71,6 +76,17 @@ pub struct StatsSnapshot {
     pub dropped_oversize: u64,
     /// Times the protocol state's authentication tables were started afresh.
     pub auth_table_rotations: u64,
+    /// Open TCP and TLS client connections.
+    pub stream_connections: u64,
+    /// TCP and TLS client connections that became ready (after the TLS
+    /// handshake and a first STUN message).
+    pub stream_connections_total: u64,
+    /// TCP and TLS connections closed at once: a connection limit was reached.
+    pub stream_refused: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshakes_failed: u64,
+    /// TCP and TLS connections closed because they did not carry STUN.
+    pub stream_framing_errors: u64,
 }
 
 impl Stats {
@@ -96,6 +112,11 @@ impl Stats {
             dropped_send_failed: r(&c.dropped_send_failed),
             dropped_oversize: r(&c.dropped_oversize),
             auth_table_rotations: r(&c.auth_table_rotations),
+            stream_connections: r(&c.stream_connections),
+            stream_connections_total: r(&c.stream_connections_total),
+            stream_refused: r(&c.stream_refused),
+            tls_handshakes_failed: r(&c.tls_handshakes_failed),
+            stream_framing_errors: r(&c.stream_framing_errors),
         }
     }
 
