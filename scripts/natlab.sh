@@ -6,6 +6,8 @@
 #   natlab.sh down               stop coturn and every process in the lab, delete its namespaces
 #   natlab.sh nat none|fullcone|symmetric
 #   natlab.sh link p1|p2|h1|h2|srv|nat1|nat2 down|up
+#   natlab.sh udpblock p1|p2 on|off   the node's router drops its UDP but DNS
+#                                (a network that allows only TCP out); `nat` clears it
 #   natlab.sh exec NODE CMD...   run CMD in namespace PREFIX-NODE
 #   natlab.sh coturn start SECRET PORT | coturn stop [PORT]
 #   natlab.sh check [MODE...]    self-test (default: every mode), exit 1 on any failure
@@ -270,6 +272,20 @@ cmd_link() { # NODE down|up
   fi
 }
 
+cmd_udpblock() { # NODE on|off
+  local node=${1:-} state=${2:-} r
+  case $node in p1) r=nat1 ;; p2) r=nat2 ;; *) die "udpblock: node must be p1 or p2" ;; esac
+  lab_exists || die "no lab with prefix $P: run 'natlab.sh up' first"
+  local rule=(FORWARD -i lan0 -p udp ! --dport 53 -j DROP)
+  case $state in
+    on) nsx "$r" iptables -C "${rule[@]}" 2>/dev/null || nsx "$r" iptables -I "${rule[@]}" ;;
+    off) while nsx "$r" iptables -D "${rule[@]}" 2>/dev/null; do :; done ;;
+    *) die "udpblock: state must be on or off" ;;
+  esac
+  # Flows that were allowed must not outlive the rule.
+  nsx "$r" conntrack -F >/dev/null 2>&1 || true
+}
+
 cmd_status() {
   lab_exists || { echo "no lab with prefix $P"; return 0; }
   echo "namespaces: $(lab_namespaces | tr '\n' ' ')"
@@ -475,6 +491,7 @@ case $cmd in
   down) need ip; teardown; say "lab $P down" ;;
   nat) need ip iptables conntrack; [ $# = 1 ] || die "usage: natlab.sh nat none|fullcone|symmetric"; apply_nat "$1"; say "nat $1" ;;
   link) need ip; [ $# = 2 ] || die "usage: natlab.sh link NODE down|up"; cmd_link "$1" "$2" ;;
+  udpblock) need ip iptables conntrack; [ $# = 2 ] || die "usage: natlab.sh udpblock p1|p2 on|off"; cmd_udpblock "$1" "$2" ;;
   exec)
     [ $# -ge 2 ] || die "usage: natlab.sh exec NODE CMD..."
     node=$1; shift

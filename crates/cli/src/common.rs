@@ -4,6 +4,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use peerlink_peer::IceConfig;
 
 /// Parses `90s`, `10m`, `1h` (or plain seconds).
@@ -58,16 +60,25 @@ pub struct IceArgs {
     /// this machine's addresses.
     #[arg(long)]
     relay_only: bool,
+    /// PEM certificates to trust for `turns:` (TURN over TLS) servers
+    /// besides the system's: a private CA or a self-signed certificate.
+    #[arg(long, env = "PEERLINK_TURN_CA")]
+    turn_ca: Option<std::path::PathBuf>,
 }
 
 impl IceArgs {
-    pub fn config(&self) -> IceConfig {
-        IceConfig {
+    pub fn config(&self) -> anyhow::Result<IceConfig> {
+        let turn_ca = match &self.turn_ca {
+            Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),
+            None => None,
+        };
+        Ok(IceConfig {
             addrs: self.addrs.clone(),
             interfaces: self.interfaces.clone(),
             relay_only: self.relay_only,
+            turn_ca,
             ..IceConfig::default()
-        }
+        })
     }
 }
 

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             }
             Command::Chat { room, server, name, token, ice } => {
                 init_tracing("warn");
-                chat::run(server, room, name, token, ice.config()).await.map(|()| None)
+                chat::run(server, room, name, token, ice.config()?).await.map(|()| None)
             }
             Command::Token(args) => serve::token(args).map(|()| None),
             Command::Send(args) => {

@@ -86,6 +86,7 @@ fn path_json(stats: &PeerStats) -> Value {
             "local": p.local.to_string(),
             "remote": p.remote.to_string(),
             "why_relayed": stats.why_relayed.map(|w| w.to_string()),
+            "relay_transport": p.relay_transport.map(|t| t.as_str()),
         }),
         None => Value::Null,
     }
@@ -124,7 +125,7 @@ async fn stats_with_path(room: &Room, peer: &PeerId) -> PeerStats {
 pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let out = Out { json: args.json };
     let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
-    config.ice = args.ice.config();
+    config.ice = args.ice.config()?;
     config.token = args.token.clone();
     config.channels = vec![ChannelSpec::reliable(LABEL)];
     let t0 = Instant::now();

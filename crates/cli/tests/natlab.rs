@@ -44,6 +44,11 @@ fn natlab() {
 
     let mut cases = Vec::new();
     let mut link = LinkCase::default();
+    // TURN over TLS: a certificate for the server's address, which the
+    // peers are told to trust.
+    let tls = TlsFiles::new();
+    let tls_args = ["--turn-tls-listen", "203.0.113.10:5349", "--turn-tls-cert", &tls.cert, "--turn-tls-key", &tls.key];
+    let trust = ["--turn-ca", tls.cert.as_str()];
 
     lab.sh(&["nat", "fullcone"], Duration::from_secs(20));
     let server = lab.serve(&embedded_turn_args(&secret));
@@ -61,6 +66,17 @@ fn natlab() {
         runs,
     ));
     drop(server);
+
+    // p1's network lets no UDP out (DNS aside): p1 reaches the TURN server
+    // over TCP, then over TLS when TCP is not offered either.
+    lab.sh(&["udpblock", "p1", "on"], Duration::from_secs(20));
+    let server = lab.serve(&[embedded_turn_args(&secret), tls_args.to_vec()].concat());
+    cases.push(lab.connect_case_via("f", "p1's network blocks UDP: TURN over TCP", "tcp", &trust, runs));
+    drop(server);
+    let server = lab.serve(&[embedded_turn_args(&secret), tls_args.to_vec(), vec!["--no-turn-tcp"]].concat());
+    cases.push(lab.connect_case_via("g", "p1's network blocks UDP: TURN over TLS", "tls", &trust, runs));
+    drop(server);
+    lab.sh(&["udpblock", "p1", "off"], Duration::from_secs(20));
 
     lab.sh(&["coturn", "start", &secret, COTURN_PORT], Duration::from_secs(30));
     let server = lab.serve(&coturn_args(&secret));
@@ -138,20 +154,51 @@ impl Lab {
         kind: &'static str,
         runs: usize,
     ) -> Case {
+        self.connect_runs(id, title, nodes, kind, None, &[], runs)
+    }
+
+    /// Like [`Lab::connect_case`] between p1 and p2, where p1's path must be
+    /// relayed with p1 reaching its TURN server over `transport`.
+    fn connect_case_via(
+        &self,
+        id: &'static str,
+        title: &'static str,
+        transport: &'static str,
+        extra: &[&str],
+        runs: usize,
+    ) -> Case {
+        self.connect_runs(id, title, ["p1", "p2"], "relay", Some(transport), extra, runs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect_runs(
+        &self,
+        id: &'static str,
+        title: &'static str,
+        nodes: [&str; 2],
+        kind: &'static str,
+        first_via: Option<&'static str>,
+        extra: &[&str],
+        runs: usize,
+    ) -> Case {
         let mut case = Case { id, title, kind, runs, connect_ms: Vec::new(), failures: Vec::new() };
         let count = COUNT.to_string();
         for run in 0..runs {
             let room = format!("natlab-{id}-{run}-{}", std::process::id());
             let outcome = catch(|| {
-                let mut peers: Vec<Proc> = nodes
-                    .iter()
-                    .map(|n| self.ping(n, &room, &["--count", &count, "--interval", "20ms"]))
-                    .collect();
+                let args = [&["--count", count.as_str(), "--interval", "20ms"][..], extra].concat();
+                let mut peers: Vec<Proc> = nodes.iter().map(|n| self.ping(n, &room, &args)).collect();
                 let mut errors = Vec::new();
                 let mut times = Vec::new();
-                for (node, peer) in nodes.iter().zip(peers.iter_mut()) {
+                for (i, (node, peer)) in nodes.iter().zip(peers.iter_mut()).enumerate() {
                     match check_ping(peer, &Expect { kind, count: Some(COUNT), final_path: true }) {
-                        Ok(r) => times.push(r.connect_ms),
+                        Ok(r) => match first_via.filter(|_| i == 0) {
+                            Some(via) if r.relay_transport != via => errors.push(format!(
+                                "{node}: relayed over {:?}, want {via} ({})",
+                                r.relay_transport, r.path
+                            )),
+                            _ => times.push(r.connect_ms),
+                        },
                         Err(e) => errors.push(format!("{node}: {e}")),
                     }
                 }
@@ -255,6 +302,33 @@ fn coturn_args(secret: &str) -> Vec<&str> {
     ]
 }
 
+/// A self-signed certificate for 203.0.113.10 and its key, as PEM files
+/// (removed on drop).
+struct TlsFiles {
+    dir: PathBuf,
+    cert: String,
+    key: String,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        let dir = std::env::temp_dir().join(format!("natlab-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::generate_simple_self_signed(vec!["203.0.113.10".to_string()]).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, key.cert.pem()).unwrap();
+        std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+        let s = |p: PathBuf| p.to_str().unwrap().to_string();
+        TlsFiles { dir, cert: s(cert_path), key: s(key_path) }
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 // --- one ping process -----------------------------------------------------------
 
 /// What one `peerlink ping` reported about its one peer.
@@ -262,6 +336,8 @@ fn coturn_args(secret: &str) -> Vec<&str> {
 struct PingResult {
     connect_ms: f64,
     kind: String,
+    /// How this side reaches its TURN server when its end is relayed.
+    relay_transport: String,
     path: String,
     ice_restarts: u64,
     recovered_ms: Option<f64>,
@@ -343,6 +419,7 @@ fn check_ping(peer: &mut Proc, expect: &Expect) -> Result<PingResult, String> {
     Ok(PingResult {
         connect_ms: connect_ms.unwrap_or_default(),
         kind: p["path"]["kind"].as_str().unwrap_or_default().to_string(),
+        relay_transport: p["path"]["relay_transport"].as_str().unwrap_or_default().to_string(),
         path: format!(
             "{} <-> {}",
             p["path"]["local"].as_str().unwrap_or("?"),

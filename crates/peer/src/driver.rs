@@ -22,6 +22,7 @@ use crate::event::Event;
 use crate::mesh::{Mesh, MeshOutput};
 use crate::room::Command;
 use crate::signaling::WsStream;
+use crate::stream::{StreamEvent, Streams};
 
 /// Backlogged events above which the driver stops reading datagrams.
 const BACKLOG_PAUSE: usize = 64;
@@ -52,6 +53,8 @@ pub(crate) struct Driver {
     pub leave_replies: Vec<oneshot::Sender<()>>,
     /// The emulated WAN datagrams go through first, if any.
     pub netem: Option<crate::netem::Link>,
+    /// Connections to TURN servers over TCP or TLS.
+    pub streams: Streams,
 }
 
 impl Driver {
@@ -90,7 +93,23 @@ impl Driver {
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => self.mesh.fail("signaling connection lost"),
                 },
+                MeshOutput::StreamConnect { stream, from, server, tls_name } => {
+                    self.streams.connect(stream, from, server, tls_name)
+                }
+                MeshOutput::StreamSend { stream, data } => self.streams.send(stream, &data),
+                MeshOutput::StreamClose { stream } => self.streams.close(stream),
                 MeshOutput::Event(ev) => self.emit(ev),
+            }
+        }
+    }
+
+    fn on_stream(&mut self, ev: StreamEvent, now: Instant) {
+        match ev {
+            StreamEvent::Connected { stream, local } => self.mesh.stream_connected(now, stream, local),
+            StreamEvent::Frame { stream, data } => self.mesh.handle_stream(now, stream, &data),
+            StreamEvent::Failed { stream, why } => {
+                self.streams.ended(stream);
+                self.mesh.stream_failed(now, stream, why);
             }
         }
     }
@@ -214,6 +233,7 @@ impl Driver {
                     }
                     Err(e) => tracing::debug!("udp receive: {e}"),
                 },
+                Some(ev) = self.streams.events.recv(), if read_net => self.on_stream(ev, Instant::now()),
                 _ = wake.notify.notified() => {
                     // Channels queued messages, or a receive queue drained.
                     self.mesh.channels_ready(wake.take_ready());

@@ -30,13 +30,18 @@ pub struct IceConfig {
     pub interfaces: Vec<String>,
     /// Use the STUN/TURN servers the signaling server hands out. On by default.
     pub use_server_ice: bool,
-    /// More STUN/TURN servers, in the browser's `iceServers` shape
-    /// (`stun:` and `turn:` URLs over UDP).
+    /// More STUN/TURN servers, in the browser's `iceServers` shape:
+    /// `stun:`, `turn:` (UDP, or TCP with `?transport=tcp`) and `turns:`
+    /// (TLS) URLs. TCP and TLS are tried only when no UDP allocation is
+    /// granted within 1.5 s.
     pub servers: Vec<IceServer>,
     /// Offer relayed candidates only (the browser's `iceTransportPolicy:
     /// "relay"`): the other side never learns our addresses, at the cost of
     /// relaying everything. Needs a TURN server.
     pub relay_only: bool,
+    /// PEM certificates trusted for `turns:` servers besides the system's
+    /// (a private CA, or a self-signed server certificate).
+    pub turn_ca: Option<Vec<u8>>,
 }
 
 impl Default for IceConfig {
@@ -47,6 +52,7 @@ impl Default for IceConfig {
             use_server_ice: true,
             servers: Vec::new(),
             relay_only: false,
+            turn_ca: None,
         }
     }
 }

@@ -55,6 +55,7 @@ mod relay;
 mod room;
 mod signaling;
 mod sim;
+mod stream;
 
 pub use auth::SignalKeys;
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};
@@ -66,6 +67,6 @@ pub use mesh::ConnectOptions;
 pub use netem::NetEm;
 pub use path::{CandidateKind, Endpoint, Failure, FailureReport, Path, PathKind, WhyRelayed};
 pub use peerlink_proto::PeerId;
-pub use relay::{GatherFailure, GatherReport, Outcome as GatherOutcome};
+pub use relay::{GatherFailure, GatherReport, Outcome as GatherOutcome, RelayAttempt, TurnTransport};
 pub use room::{Room, RoomConfig};
 pub use signaling::signaling_url;

@@ -67,6 +67,14 @@ pub struct ConnectOptions {
 pub(crate) enum MeshOutput {
     /// Send `data` to `to` from host socket `socket`.
     Transmit { socket: usize, to: SocketAddr, data: Vec<u8> },
+    /// Open stream `stream` to a TURN server (TCP from `from`, with TLS
+    /// checked against `tls_name` when set); answer with
+    /// [`Mesh::stream_connected`] or [`Mesh::stream_failed`].
+    StreamConnect { stream: usize, from: std::net::IpAddr, server: SocketAddr, tls_name: Option<String> },
+    /// Write one STUN or ChannelData message to stream `stream`.
+    StreamSend { stream: usize, data: Vec<u8> },
+    /// Close stream `stream` once what is queued is written.
+    StreamClose { stream: usize },
     /// Send a message to the signaling server.
     Signaling(ClientMsg),
     /// Hand an event to the application.
@@ -474,6 +482,30 @@ impl Mesh {
         }
     }
 
+    /// One message from TURN stream `stream`.
+    pub fn handle_stream(&mut self, now: Instant, stream: usize, frame: &[u8]) {
+        let handled = match self.gatherer.handle_stream(now, stream, frame) {
+            Demux::Relayed { peer, relayed, data } => self.route(now, peer, relayed, &data),
+            Demux::Pass | Demux::Consumed => None,
+        };
+        self.flush_gatherer(now);
+        if let Some(peer) = handled {
+            self.pump_peer(&peer, now);
+        }
+    }
+
+    /// TURN stream `stream` is connected from `local`.
+    pub fn stream_connected(&mut self, now: Instant, stream: usize, local: SocketAddr) {
+        self.gatherer.stream_connected(now, stream, local);
+        self.flush_gatherer(now);
+    }
+
+    /// TURN stream `stream` did not connect, or ended.
+    pub fn stream_failed(&mut self, now: Instant, stream: usize, why: String) {
+        self.gatherer.stream_failed(now, stream, why);
+        self.flush_gatherer(now);
+    }
+
     /// Hands a datagram to the connection it belongs to.
     fn route(
         &mut self,
@@ -655,7 +687,8 @@ impl Mesh {
                             if rtt.is_some() {
                                 st.stats.rtt = rtt;
                             }
-                            if let Some(path) = path {
+                            if let Some(mut path) = path {
+                                path.relay_transport = self.gatherer.relay_transport(path.local.addr);
                                 st.stats.why_relayed = (path.kind == PathKind::Relay).then(|| {
                                     WhyRelayed::explain(
                                         self.config.relay_only,
@@ -698,6 +731,13 @@ impl Mesh {
                 GatherOutput::Transmit { socket, to, data } => {
                     self.out.push_back(MeshOutput::Transmit { socket, to, data });
                 }
+                GatherOutput::Connect { stream, from, server, tls_name } => {
+                    self.out.push_back(MeshOutput::StreamConnect { stream, from, server, tls_name });
+                }
+                GatherOutput::StreamSend { stream, data } => {
+                    self.out.push_back(MeshOutput::StreamSend { stream, data });
+                }
+                GatherOutput::StreamClose { stream } => self.out.push_back(MeshOutput::StreamClose { stream }),
                 GatherOutput::Candidate(c) => {
                     tracing::debug!(candidate = %c.to_sdp_string(), "gathered");
                     for st in self.peers.values_mut() {

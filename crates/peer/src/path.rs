@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::relay::{GatherReport, Outcome};
+use crate::relay::{GatherReport, Outcome, TurnTransport};
 
 /// Where a candidate address comes from (RFC 8445 §5.1.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +75,9 @@ pub struct Path {
     pub local: Endpoint,
     /// Their end.
     pub remote: Endpoint,
+    /// When our end is a relayed address of ours: how we reach that TURN
+    /// server (UDP, or TCP/TLS on networks that block UDP).
+    pub relay_transport: Option<TurnTransport>,
 }
 
 impl Path {
@@ -87,13 +90,16 @@ impl Path {
         } else {
             PathKind::Srflx
         };
-        Path { kind, local, remote }
+        Path { kind, local, remote, relay_transport: None }
     }
 }
 
 impl fmt::Display for Path {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} -> {}", self.kind, self.local, self.remote)
+        match self.relay_transport {
+            Some(t) => write!(f, "{} over {t}: {} -> {}", self.kind, self.local, self.remote),
+            None => write!(f, "{}: {} -> {}", self.kind, self.local, self.remote),
+        }
     }
 }
 

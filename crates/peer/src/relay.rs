@@ -19,8 +19,11 @@ use turn_client_proto::prelude::*;
 use turn_client_proto::stun::Instant as SioInstant;
 use turn_client_proto::stun::auth::Feature;
 use turn_client_proto::types::message::ALLOCATE;
+use turn_client_proto::tcp::TurnClientTcp;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
+
+turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
 
 /// STUN Binding retransmissions (RFC 8489 §6.2.1, shortened: gathering
 /// should not hold up a connection for long).
@@ -33,42 +36,89 @@ const TURN_MAX_WAIT: Duration = Duration::from_secs(1);
 /// way: the client paces requests 50 ms apart without asking for the poll
 /// that sends the next one.
 const TURN_BUSY_WAIT: Duration = Duration::from_millis(20);
+/// TURN over TCP or TLS is tried when no UDP allocation has been granted
+/// this long after gathering began (or every UDP one has failed): UDP is
+/// faster and cheaper for everyone, so it goes first.
+pub(crate) const STREAM_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
+
+/// How we reach a TURN server (the relayed side is UDP whatever this is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TurnTransport {
+    /// `turn:HOST:PORT` or `?transport=udp`.
+    Udp,
+    /// `turn:HOST:PORT?transport=tcp`.
+    Tcp,
+    /// `turns:HOST:PORT`: TCP with TLS, the server's certificate checked.
+    Tls,
+}
+
+impl TurnTransport {
+    /// `udp`, `tcp` or `tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnTransport::Udp => "udp",
+            TurnTransport::Tcp => "tcp",
+            TurnTransport::Tls => "tls",
+        }
+    }
+}
+
+impl fmt::Display for TurnTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One ICE server from `welcome` (or configured), resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Server {
     Stun(SocketAddr),
-    Turn { addr: SocketAddr, username: String, credential: String },
+    Turn {
+        addr: SocketAddr,
+        username: String,
+        credential: String,
+        transport: TurnTransport,
+        /// The host name of the URL: what a TLS certificate must name.
+        host: String,
+    },
 }
 
-/// Parses `stun:host[:port]` and `turn:host[:port][?transport=udp]` URLs;
-/// `turns:`, TCP and unknown schemes are skipped (UDP is all we speak).
-/// Host names are left for the caller to resolve: returns (scheme, host,
-/// port, credentials).
-pub(crate) fn parse_url(url: &str) -> Option<(bool, String, u16)> {
+/// A parsed STUN or TURN URL; host names are left for the caller to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Url {
+    /// `None` for `stun:`.
+    pub turn: Option<TurnTransport>,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Parses `stun:host[:port]`, `turn:host[:port][?transport=udp|tcp]` and
+/// `turns:host[:port][?transport=tcp]` URLs (RFC 7064, RFC 7065); other
+/// schemes and transports are skipped.
+pub(crate) fn parse_url(url: &str) -> Option<Url> {
     let (scheme, rest) = url.split_once(':')?;
-    let is_turn = match scheme {
-        "stun" => false,
-        "turn" => true,
+    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let transport = query.split('&').find_map(|kv| kv.strip_prefix("transport="));
+    let (turn, default_port) = match (scheme, transport) {
+        ("stun", None) => (None, 3478),
+        ("turn", None | Some("udp")) => (Some(TurnTransport::Udp), 3478),
+        ("turn", Some("tcp")) => (Some(TurnTransport::Tcp), 3478),
+        ("turns", None | Some("tcp")) => (Some(TurnTransport::Tls), 5349),
         _ => return None,
     };
-    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if query.split('&').any(|kv| kv.starts_with("transport=") && kv != "transport=udp") {
-        return None;
-    }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
         let (h, p) = v6.split_once(']')?;
-        (h.to_string(), p.strip_prefix(':').map(str::parse).transpose().ok()?.unwrap_or(3478))
+        (h.to_string(), p.strip_prefix(':').map(str::parse).transpose().ok()?.unwrap_or(default_port))
     } else {
         match hostport.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), p.parse().ok()?),
-            None => (hostport.to_string(), 3478),
+            None => (hostport.to_string(), default_port),
         }
     };
     if host.is_empty() {
         return None;
     }
-    Some((is_turn, host, port))
+    Some(Url { turn, host, port })
 }
 
 /// Resolves the ICE servers' URLs (bounded in time) into servers we can use.
@@ -76,8 +126,8 @@ pub(crate) async fn resolve(servers: &[IceServer], timeout: Duration) -> Vec<Ser
     let mut out = Vec::new();
     for s in servers {
         for url in &s.urls {
-            let Some((is_turn, host, port)) = parse_url(url) else {
-                tracing::debug!(%url, "ICE server skipped (not UDP STUN/TURN)");
+            let Some(Url { turn, host, port }) = parse_url(url) else {
+                tracing::debug!(%url, "ICE server skipped (unknown scheme or transport)");
                 continue;
             };
             let addrs = match host.parse::<IpAddr>() {
@@ -93,11 +143,15 @@ pub(crate) async fn resolve(servers: &[IceServer], timeout: Duration) -> Vec<Ser
                 },
             };
             for addr in addrs {
-                let server = if is_turn {
+                let server = if let Some(transport) = turn {
                     match (&s.username, &s.credential) {
-                        (Some(u), Some(c)) => {
-                            Server::Turn { addr, username: u.clone(), credential: c.clone() }
-                        }
+                        (Some(u), Some(c)) => Server::Turn {
+                            addr,
+                            username: u.clone(),
+                            credential: c.clone(),
+                            transport,
+                            host: host.clone(),
+                        },
                         _ => {
                             tracing::warn!(%url, "TURN server without credentials skipped");
                             continue;
@@ -160,6 +214,11 @@ pub enum GatherFailure {
     TurnNoAllocation,
     /// A granted allocation expired or was lost.
     AllocationLost,
+    /// The TCP connection or TLS handshake to the TURN server failed.
+    StreamConnect(String),
+    /// TCP and TLS are tried only when UDP gets no allocation, and a UDP
+    /// allocation was granted.
+    NotNeeded,
 }
 
 impl fmt::Display for GatherFailure {
@@ -177,6 +236,8 @@ impl fmt::Display for GatherFailure {
                 "the TURN server did not grant an allocation (no answer, or the credentials were refused)",
             ),
             GatherFailure::AllocationLost => f.write_str("the allocation expired or was lost"),
+            GatherFailure::StreamConnect(why) => write!(f, "cannot reach the TURN server: {why}"),
+            GatherFailure::NotNeeded => f.write_str("not tried (a UDP allocation was granted)"),
         }
     }
 }
@@ -188,8 +249,8 @@ pub struct GatherReport {
     pub host: Vec<SocketAddr>,
     /// Server-reflexive: (local socket, STUN server, outcome).
     pub srflx: Vec<(SocketAddr, SocketAddr, Outcome)>,
-    /// Relayed: (local socket, TURN server, outcome).
-    pub relay: Vec<(SocketAddr, SocketAddr, Outcome)>,
+    /// Relayed: one entry per TURN server and local socket.
+    pub relay: Vec<RelayAttempt>,
     /// Every STUN and TURN request has an outcome.
     pub complete: bool,
 }
@@ -207,11 +268,24 @@ impl fmt::Display for GatherReport {
         if self.relay.is_empty() {
             f.write_str("; relay: no TURN server")?;
         }
-        for (local, server, o) in &self.relay {
-            write!(f, "; relay from {local} via {server}: {o}")?;
+        for r in &self.relay {
+            write!(f, "; relay from {} via {} {}: {}", r.local, r.transport, r.server, r.outcome)?;
         }
         Ok(())
     }
+}
+
+/// One TURN server tried from one local address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayAttempt {
+    /// Our socket (for TCP and TLS, the host address until connected).
+    pub local: SocketAddr,
+    /// The TURN server.
+    pub server: SocketAddr,
+    /// How we reach it.
+    pub transport: TurnTransport,
+    /// The relayed address, or why there is none.
+    pub outcome: Outcome,
 }
 
 /// Where a datagram that arrived on a host socket goes.
@@ -230,6 +304,14 @@ pub(crate) enum Demux {
 pub(crate) enum Output {
     /// Send from host socket `socket`.
     Transmit { socket: usize, to: SocketAddr, data: Vec<u8> },
+    /// Open stream `stream`: a TCP connection from `from` to `server`, with
+    /// TLS when `tls_name` is set (the name the certificate must carry).
+    /// Answer with [`Gatherer::stream_connected`] or [`Gatherer::stream_failed`].
+    Connect { stream: usize, from: IpAddr, server: SocketAddr, tls_name: Option<String> },
+    /// Write one STUN or ChannelData message to stream `stream`.
+    StreamSend { stream: usize, data: Vec<u8> },
+    /// Close stream `stream`.
+    StreamClose { stream: usize },
     /// A candidate for every connection (server-reflexive or relayed).
     Candidate(Candidate),
     /// Every server has answered or given up.
@@ -246,10 +328,22 @@ struct StunProbe {
     outcome: Outcome,
 }
 
+/// How an allocation reaches its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// A host UDP socket, by index.
+    Socket(usize),
+    /// A TCP or TLS stream, by index into `Gatherer::streams`.
+    Stream(usize),
+}
+
 struct TurnAlloc {
-    socket: usize,
+    link: Link,
+    /// The host socket's address, or the stream's local address.
+    local: SocketAddr,
     server: SocketAddr,
-    client: TurnClientUdp,
+    transport: TurnTransport,
+    client: TurnClient,
     wait: Instant,
     relayed: Option<SocketAddr>,
     outcome: Outcome,
@@ -265,6 +359,28 @@ struct TurnAlloc {
     refused: Vec<IpAddr>,
 }
 
+/// A TURN server reached over TCP or TLS: planned, connecting, or carrying
+/// the allocation `alloc`.
+struct StreamPlan {
+    /// The host socket whose address the connection goes out from.
+    socket: usize,
+    server: SocketAddr,
+    transport: TurnTransport,
+    host: String,
+    config: TurnConfig,
+    state: StreamState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StreamState {
+    /// Waiting to see whether UDP gets an allocation.
+    Planned,
+    Connecting,
+    /// Connected: the allocation is `turn[i]`.
+    Up(usize),
+    Done(GatherFailure),
+}
+
 /// Datagrams held per allocation while permissions are being created.
 const MAX_WAITING: usize = 64;
 
@@ -275,6 +391,9 @@ pub(crate) struct Gatherer {
     hosts: Vec<SocketAddr>,
     stun: Vec<StunProbe>,
     turn: Vec<TurnAlloc>,
+    streams: Vec<StreamPlan>,
+    /// Whether TCP/TLS servers were started or found not needed.
+    fallback_decided: bool,
     out: VecDeque<Output>,
     /// Server-reflexive candidates announced (one per address).
     srflx_seen: Vec<SocketAddr>,
@@ -313,15 +432,56 @@ fn binding_request() -> (TransactionId, Vec<u8>) {
     (tid, msg.finish())
 }
 
+/// Where a message for the server goes.
+fn send(out: &mut VecDeque<Output>, link: Link, to: SocketAddr, data: Vec<u8>) {
+    out.push_back(match link {
+        Link::Socket(socket) => Output::Transmit { socket, to, data },
+        Link::Stream(stream) => Output::StreamSend { stream, data },
+    });
+}
+
+fn turn_config(username: &str, credential: &str) -> TurnConfig {
+    let mut config = TurnConfig::new(TurnCredentials::new(username, credential));
+    // USERHASH would hide the REST username (`<expiry>:<user>`)
+    // a coturn-style server derives the password from.
+    config.set_anonymous_username(Feature::Disabled);
+    config.set_request_retransmits(Duration::from_millis(250), Duration::from_secs(2), 5, Duration::from_secs(2));
+    config
+}
+
+impl TurnAlloc {
+    fn new(link: Link, local: SocketAddr, server: SocketAddr, transport: TurnTransport, client: TurnClient, now: Instant) -> Self {
+        TurnAlloc {
+            link,
+            local,
+            server,
+            transport,
+            client,
+            wait: now,
+            relayed: None,
+            outcome: Outcome::Pending,
+            mapped: None,
+            permitted: Vec::new(),
+            waiting: VecDeque::new(),
+            unauthorized: 0,
+            refused: Vec::new(),
+        }
+    }
+}
+
 impl Gatherer {
     /// Starts gathering from each of `hosts` (the bound host sockets) to each
-    /// of `servers` whose address family matches.
+    /// of `servers` whose address family matches. TURN servers over TCP or
+    /// TLS are tried only if UDP gets no allocation within
+    /// [`STREAM_FALLBACK_AFTER`].
     pub fn new(hosts: &[SocketAddr], servers: &[Server], now: Instant) -> Gatherer {
         let mut g = Gatherer {
             base: now,
             hosts: hosts.to_vec(),
             stun: Vec::new(),
             turn: Vec::new(),
+            streams: Vec::new(),
+            fallback_decided: false,
             out: VecDeque::new(),
             srflx_seen: Vec::new(),
             complete_sent: false,
@@ -350,29 +510,23 @@ impl Gatherer {
                             outcome: Outcome::Pending,
                         });
                     }
-                    Server::Turn { addr, username, credential } => {
-                        let mut config = TurnConfig::new(TurnCredentials::new(username, credential));
-                        // USERHASH would hide the REST username (`<expiry>:<user>`)
-                        // a coturn-style server derives the password from.
-                        config.set_anonymous_username(Feature::Disabled);
-                        config.set_request_retransmits(
-                            Duration::from_millis(250),
-                            Duration::from_secs(2),
-                            5,
-                            Duration::from_secs(2),
-                        );
-                        g.turn.push(TurnAlloc {
+                    Server::Turn { addr, username, credential, transport: TurnTransport::Udp, .. } => {
+                        let client = TurnClient::Udp(TurnClientUdp::allocate(*host, *addr, turn_config(username, credential)));
+                        g.turn.push(TurnAlloc::new(Link::Socket(socket), *host, *addr, TurnTransport::Udp, client, now));
+                    }
+                    Server::Turn { addr, username, credential, transport, host: name } => {
+                        // One connection per server, from the first host
+                        // address that can reach it.
+                        if g.streams.iter().any(|p| p.server == *addr && p.transport == *transport) {
+                            continue;
+                        }
+                        g.streams.push(StreamPlan {
                             socket,
                             server: *addr,
-                            client: TurnClientUdp::allocate(*host, *addr, config),
-                            wait: now,
-                            relayed: None,
-                            outcome: Outcome::Pending,
-                            mapped: None,
-                            permitted: Vec::new(),
-                            waiting: VecDeque::new(),
-                            unauthorized: 0,
-                            refused: Vec::new(),
+                            transport: *transport,
+                            host: name.clone(),
+                            config: turn_config(username, credential),
+                            state: StreamState::Planned,
                         });
                     }
                 }
@@ -391,7 +545,20 @@ impl Gatherer {
         self.turn.iter().any(|t| t.relayed == Some(addr))
     }
 
+    /// How our relayed address `addr` reaches its TURN server.
+    pub fn relay_transport(&self, addr: SocketAddr) -> Option<TurnTransport> {
+        self.turn.iter().find(|t| t.relayed == Some(addr)).map(|t| t.transport)
+    }
+
     pub fn report(&self) -> GatherReport {
+        let planned = self.streams.iter().filter_map(|p| {
+            let outcome = match &p.state {
+                StreamState::Up(_) => return None,
+                StreamState::Planned | StreamState::Connecting => Outcome::Pending,
+                StreamState::Done(why) => Outcome::Failed(why.clone()),
+            };
+            Some(RelayAttempt { local: self.hosts[p.socket], server: p.server, transport: p.transport, outcome })
+        });
         GatherReport {
             host: self.hosts.clone(),
             srflx: self
@@ -399,11 +566,21 @@ impl Gatherer {
                 .iter()
                 .map(|p| (self.hosts[p.socket], p.server, p.outcome.clone()))
                 .chain(self.turn.iter().filter_map(|t| {
-                    let from_stun = self.stun.iter().any(|p| p.socket == t.socket && p.server == t.server);
-                    t.mapped.filter(|_| !from_stun).map(|m| (self.hosts[t.socket], t.server, Outcome::Ok(m)))
+                    let from_stun = self.stun.iter().any(|p| p.server == t.server && self.hosts[p.socket] == t.local);
+                    t.mapped.filter(|_| !from_stun).map(|m| (t.local, t.server, Outcome::Ok(m)))
                 }))
                 .collect(),
-            relay: self.turn.iter().map(|t| (self.hosts[t.socket], t.server, t.outcome.clone())).collect(),
+            relay: self
+                .turn
+                .iter()
+                .map(|t| RelayAttempt {
+                    local: t.local,
+                    server: t.server,
+                    transport: t.transport,
+                    outcome: t.outcome.clone(),
+                })
+                .chain(planned)
+                .collect(),
             complete: self.is_complete(),
         }
     }
@@ -411,15 +588,15 @@ impl Gatherer {
     fn is_complete(&self) -> bool {
         self.stun.iter().all(|p| p.outcome != Outcome::Pending)
             && self.turn.iter().all(|t| t.outcome != Outcome::Pending)
+            && self.streams.iter().all(|p| matches!(p.state, StreamState::Up(_) | StreamState::Done(_)))
     }
 
-    fn srflx(&mut self, socket: usize, mapped: SocketAddr) {
-        let host = self.hosts[socket];
-        if mapped == host || self.srflx_seen.contains(&mapped) {
+    fn srflx(&mut self, local: SocketAddr, mapped: SocketAddr) {
+        if mapped == local || self.srflx_seen.contains(&mapped) {
             return;
         }
         self.srflx_seen.push(mapped);
-        match Candidate::server_reflexive(mapped, host, "udp") {
+        match Candidate::server_reflexive(mapped, local, "udp") {
             Ok(c) => self.out.push_back(Output::Candidate(c)),
             Err(e) => tracing::debug!(%mapped, "unusable server-reflexive address: {e}"),
         }
@@ -433,37 +610,124 @@ impl Gatherer {
             && msg.is_response()
             && msg.transaction_id() == self.stun[i].tid
         {
-            {
-                if self.stun[i].outcome == Outcome::Pending {
-                    if msg.has_class(MessageClass::Success)
-                        && let Ok(x) = msg.attribute::<XorMappedAddress>()
-                    {
-                        let mapped = x.addr(msg.transaction_id());
-                        self.stun[i].outcome = Outcome::Ok(mapped);
-                        self.srflx(socket, mapped);
-                    } else {
-                        self.stun[i].outcome = Outcome::Failed(GatherFailure::StunError);
-                    }
-                    self.check_complete();
+            if self.stun[i].outcome == Outcome::Pending {
+                if msg.has_class(MessageClass::Success)
+                    && let Ok(x) = msg.attribute::<XorMappedAddress>()
+                {
+                    let mapped = x.addr(msg.transaction_id());
+                    self.stun[i].outcome = Outcome::Ok(mapped);
+                    self.srflx(self.hosts[socket], mapped);
+                } else {
+                    self.stun[i].outcome = Outcome::Failed(GatherFailure::StunError);
                 }
-                return Demux::Consumed;
+                self.check_complete();
             }
+            return Demux::Consumed;
         }
         // TURN: the allocation on this socket with this server.
-        let Some(i) = self.turn.iter().position(|t| t.socket == socket && t.server == from) else {
+        let Some(i) = self.turn.iter().position(|t| t.link == Link::Socket(socket) && t.server == from) else {
             return Demux::Pass;
         };
+        let demux = self.turn_input(i, now, data);
+        self.decide_fallback(now);
+        demux
+    }
+
+    /// Takes one message that arrived on stream `stream`.
+    pub fn handle_stream(&mut self, now: Instant, stream: usize, frame: &[u8]) -> Demux {
+        let Some(i) = self.turn.iter().position(|t| t.link == Link::Stream(stream)) else {
+            return Demux::Consumed;
+        };
+        match self.turn_input(i, now, frame) {
+            // Nothing but TURN comes over the stream.
+            Demux::Pass => Demux::Consumed,
+            d => d,
+        }
+    }
+
+    /// Stream `stream` is connected (and its TLS handshake done): the
+    /// allocation starts.
+    pub fn stream_connected(&mut self, now: Instant, stream: usize, local: SocketAddr) {
+        let Some(p) = self.streams.get_mut(stream) else { return };
+        if p.state != StreamState::Connecting {
+            return;
+        }
+        let client = TurnClient::Tcp(TurnClientTcp::allocate(local, p.server, p.config.clone()));
+        let alloc = TurnAlloc::new(Link::Stream(stream), local, p.server, p.transport, client, now);
+        p.state = StreamState::Up(self.turn.len());
+        tracing::debug!(server = %p.server, transport = %p.transport, %local, "TURN stream connected");
+        self.turn.push(alloc);
+        self.pump_turn(self.turn.len() - 1, now);
+    }
+
+    /// Stream `stream` could not connect, or ended.
+    pub fn stream_failed(&mut self, now: Instant, stream: usize, why: String) {
+        let Some(p) = self.streams.get_mut(stream) else { return };
+        match p.state {
+            StreamState::Connecting => {
+                tracing::debug!(server = %p.server, transport = %p.transport, "TURN stream: {why}");
+                p.state = StreamState::Done(GatherFailure::StreamConnect(why));
+            }
+            StreamState::Up(i) => {
+                let t = &mut self.turn[i];
+                t.wait = now + Duration::from_secs(3600);
+                if t.relayed.take().is_some() {
+                    tracing::warn!(server = %t.server, transport = %t.transport, "TURN allocation lost: {why}");
+                    t.outcome = Outcome::Failed(GatherFailure::AllocationLost);
+                } else if t.outcome == Outcome::Pending {
+                    t.outcome = Outcome::Failed(GatherFailure::StreamConnect(why));
+                }
+            }
+            StreamState::Planned | StreamState::Done(_) => {}
+        }
+        self.check_complete();
+    }
+
+    /// Starts the TCP and TLS servers once UDP has had its chance, or marks
+    /// them not needed.
+    fn decide_fallback(&mut self, now: Instant) {
+        if self.fallback_decided || self.streams.is_empty() {
+            return;
+        }
+        let udp = || self.turn.iter().filter(|t| t.transport == TurnTransport::Udp);
+        let granted = udp().any(|t| matches!(t.outcome, Outcome::Ok(_)));
+        let all_failed = udp().all(|t| matches!(t.outcome, Outcome::Failed(_)));
+        if granted {
+            self.fallback_decided = true;
+            for p in &mut self.streams {
+                p.state = StreamState::Done(GatherFailure::NotNeeded);
+            }
+            self.check_complete();
+        } else if all_failed || now >= self.base + STREAM_FALLBACK_AFTER {
+            self.fallback_decided = true;
+            for (stream, p) in self.streams.iter_mut().enumerate() {
+                tracing::debug!(server = %p.server, transport = %p.transport, "no UDP relay: trying TURN over {}", p.transport);
+                p.state = StreamState::Connecting;
+                self.out.push_back(Output::Connect {
+                    stream,
+                    from: self.hosts[p.socket].ip(),
+                    server: p.server,
+                    tls_name: (p.transport == TurnTransport::Tls).then(|| p.host.clone()),
+                });
+            }
+        }
+    }
+
+    /// A message from allocation `i`'s server.
+    fn turn_input(&mut self, i: usize, now: Instant, data: &[u8]) -> Demux {
         let sio = self.sio(now);
         // turn-client-proto ignores XOR-MAPPED-ADDRESS; the Allocate answer
-        // carries our server-reflexive address for free.
-        if let Ok(msg) = Message::from_bytes(data)
+        // carries our server-reflexive address for free (over UDP only: a
+        // TCP connection's mapping is no use to UDP candidates).
+        if self.turn[i].transport == TurnTransport::Udp
+            && let Ok(msg) = Message::from_bytes(data)
             && msg.has_method(ALLOCATE)
             && msg.has_class(MessageClass::Success)
             && let Ok(x) = msg.attribute::<XorMappedAddress>()
         {
             let mapped = x.addr(msg.transaction_id());
             self.turn[i].mapped = Some(mapped);
-            self.srflx(socket, mapped);
+            self.srflx(self.turn[i].local, mapped);
         }
         // turn-client-proto retries refused credentials until its request
         // times out; a second 401 (after we authenticated) or any other
@@ -497,8 +761,10 @@ impl Gatherer {
         {
             return Demux::Consumed;
         }
-        let host = self.hosts[socket];
-        let ret = self.turn[i].client.recv(Transmit::new(data, TransportType::Udp, from, host), sio);
+        let t = &mut self.turn[i];
+        let transport = if t.transport == TurnTransport::Udp { TransportType::Udp } else { TransportType::Tcp };
+        let (server, local) = (t.server, t.local);
+        let ret = t.client.recv(Transmit::new(data, transport, server, local), sio);
         let demux = match ret {
             TurnRecvRet::Handled => Demux::Consumed,
             TurnRecvRet::PeerData(pd) => match self.turn[i].relayed {
@@ -518,11 +784,11 @@ impl Gatherer {
     pub fn send_relayed(&mut self, now: Instant, relayed: SocketAddr, to: SocketAddr, data: &[u8]) {
         let Some(i) = self.turn.iter().position(|t| t.relayed == Some(relayed)) else { return };
         let sio = self.sio(now);
-        let socket = self.turn[i].socket;
+        let link = self.turn[i].link;
         match self.turn[i].client.send_to(TransportType::Udp, to, data, sio) {
             Ok(Some(t)) => {
                 let t = t.build();
-                self.out.push_back(Output::Transmit { socket, to: t.to, data: t.data });
+                send(&mut self.out, link, t.to, t.data);
             }
             Ok(None) => {}
             Err(turn_client_proto::api::SendError::NoPermission)
@@ -579,20 +845,19 @@ impl Gatherer {
                 _ => {}
             }
             let mut sent = false;
-            let socket = t.socket;
+            let link = t.link;
             while let Some(tx) = t.client.poll_transmit(sio) {
-                self.out.push_back(Output::Transmit { socket, to: tx.to, data: tx.data.to_vec() });
+                send(&mut self.out, link, tx.to, tx.data.to_vec());
                 sent = true;
             }
             let t = &mut self.turn[i];
             while let Some(ev) = t.client.poll_event() {
                 match ev {
                     TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
-                        let host = self.hosts[socket];
-                        tracing::debug!(%relayed, server = %t.server, "TURN allocation");
+                        tracing::debug!(%relayed, server = %t.server, transport = %t.transport, "TURN allocation");
                         t.relayed = Some(relayed);
                         t.outcome = Outcome::Ok(relayed);
-                        match Candidate::relayed(relayed, host, "udp") {
+                        match Candidate::relayed(relayed, t.local, "udp") {
                             Ok(c) => self.out.push_back(Output::Candidate(c)),
                             Err(e) => tracing::warn!(%relayed, "unusable relayed address: {e}"),
                         }
@@ -615,7 +880,7 @@ impl Gatherer {
                         for (to, data) in ready {
                             if let Ok(Some(tx)) = t.client.send_to(TransportType::Udp, to, &data[..], sio) {
                                 let tx = tx.build();
-                                self.out.push_back(Output::Transmit { socket, to: tx.to, data: tx.data });
+                                send(&mut self.out, link, tx.to, tx.data);
                             }
                         }
                     }
@@ -657,6 +922,7 @@ impl Gatherer {
                 self.pump_turn(i, now);
             }
         }
+        self.decide_fallback(now);
         self.check_complete();
     }
 
@@ -664,20 +930,28 @@ impl Gatherer {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stun = self.stun.iter().filter(|p| p.outcome == Outcome::Pending).map(|p| p.next_at);
         let turn = self.turn.iter().map(|t| t.wait);
-        stun.chain(turn).min()
+        let fallback =
+            (!self.fallback_decided && !self.streams.is_empty()).then_some(self.base + STREAM_FALLBACK_AFTER);
+        stun.chain(turn).chain(fallback).min()
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
     }
 
-    /// Gives the allocations back (REFRESH with lifetime 0).
+    /// Gives the allocations back (REFRESH with lifetime 0), then closes
+    /// the streams (the driver writes what is queued first).
     pub fn close(&mut self, now: Instant) {
         let sio = self.sio(now);
         for i in 0..self.turn.len() {
             if self.turn[i].relayed.is_some() {
                 let _ = self.turn[i].client.delete(sio);
                 self.pump_turn(i, now);
+            }
+        }
+        for (stream, p) in self.streams.iter().enumerate() {
+            if matches!(p.state, StreamState::Connecting | StreamState::Up(_)) {
+                self.out.push_back(Output::StreamClose { stream });
             }
         }
     }
@@ -689,15 +963,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("stun:203.0.113.1:3478"), Some((false, "203.0.113.1".into(), 3478)));
-        assert_eq!(parse_url("turn:example.org"), Some((true, "example.org".into(), 3478)));
-        assert_eq!(
-            parse_url("turn:example.org:5000?transport=udp"),
-            Some((true, "example.org".into(), 5000))
-        );
-        assert_eq!(parse_url("turn:[2001:db8::1]:3479"), Some((true, "2001:db8::1".into(), 3479)));
-        assert_eq!(parse_url("turn:example.org?transport=tcp"), None);
-        assert_eq!(parse_url("turns:example.org:5349"), None);
+        let url = |turn, host: &str, port| Some(Url { turn, host: host.into(), port });
+        use TurnTransport::*;
+        assert_eq!(parse_url("stun:203.0.113.1:3478"), url(None, "203.0.113.1", 3478));
+        assert_eq!(parse_url("turn:example.org"), url(Some(Udp), "example.org", 3478));
+        assert_eq!(parse_url("turn:example.org:5000?transport=udp"), url(Some(Udp), "example.org", 5000));
+        assert_eq!(parse_url("turn:[2001:db8::1]:3479"), url(Some(Udp), "2001:db8::1", 3479));
+        assert_eq!(parse_url("turn:example.org?transport=tcp"), url(Some(Tcp), "example.org", 3478));
+        assert_eq!(parse_url("turns:example.org"), url(Some(Tls), "example.org", 5349));
+        assert_eq!(parse_url("turns:example.org:443?transport=tcp"), url(Some(Tls), "example.org", 443));
+        assert_eq!(parse_url("turns:example.org?transport=udp"), None, "DTLS is not spoken");
+        assert_eq!(parse_url("turn:example.org?transport=sctp"), None);
+        assert_eq!(parse_url("stun:example.org?transport=tcp"), None);
         assert_eq!(parse_url("http://x"), None);
         assert_eq!(parse_url("stun:"), None);
     }

@@ -158,6 +158,7 @@ impl Room {
             commands: cmd_rx,
             events: ev_tx,
             backlog: Default::default(),
+            streams: crate::stream::Streams::new(config.ice.turn_ca.clone()),
             leave_replies: Vec::new(),
             netem: config.netem.map(crate::netem::Link::new),
         };

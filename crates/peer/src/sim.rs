@@ -589,6 +589,10 @@ mod rooms {
                             self.queue.push(Reverse((at, self.seq, Delivery::Datagram { from, to, data })));
                         }
                         MeshOutput::Signaling(msg) => self.on_client(i, msg),
+                        // The simulation has no STUN/TURN servers.
+                        MeshOutput::StreamConnect { .. }
+                        | MeshOutput::StreamSend { .. }
+                        | MeshOutput::StreamClose { .. } => {}
                         MeshOutput::Event(ev) => {
                             let p = &mut self.peers[i];
                             if let Event::ChannelOpen { channel } = &ev {

@@ -156,7 +156,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     let mut config = RoomConfig::new(server.clone(), code.room());
     config.auto_connect = false;
     config.channels = Vec::new();
-    config.ice = args.common.ice.config();
+    config.ice = args.common.ice.config()?;
     config.name = Some("peerlink-receive".into());
     config.token = args.common.token.clone();
     let room =

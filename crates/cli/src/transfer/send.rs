@@ -219,7 +219,7 @@ async fn join(args: &SendArgs) -> anyhow::Result<(Room, Code)> {
         let mut config = RoomConfig::new(args.common.server.clone(), code.room());
         config.auto_connect = false;
         config.channels = Vec::new();
-        config.ice = args.common.ice.config();
+        config.ice = args.common.ice.config()?;
         config.name = Some("peerlink-send".into());
         config.token = args.common.token.clone();
         let room = Room::join(config)
