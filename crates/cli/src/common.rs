@@ -69,7 +69,9 @@ pub struct IceArgs {
 impl IceArgs {
     pub fn config(&self) -> anyhow::Result<IceConfig> {
         let turn_ca = match &self.turn_ca {
-            Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+            }
             None => None,
         };
         Ok(IceConfig {

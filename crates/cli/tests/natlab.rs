@@ -47,7 +47,8 @@ fn natlab() {
     // TURN over TLS: a certificate for the server's address, which the
     // peers are told to trust.
     let tls = TlsFiles::new();
-    let tls_args = ["--turn-tls-listen", "203.0.113.10:5349", "--turn-tls-cert", &tls.cert, "--turn-tls-key", &tls.key];
+    let tls_args =
+        ["--turn-tls-listen", "203.0.113.10:5349", "--turn-tls-cert", &tls.cert, "--turn-tls-key", &tls.key];
     let trust = ["--turn-ca", tls.cert.as_str()];
 
     lab.sh(&["nat", "fullcone"], Duration::from_secs(20));

@@ -737,7 +737,9 @@ impl Mesh {
                 GatherOutput::StreamSend { stream, data } => {
                     self.out.push_back(MeshOutput::StreamSend { stream, data });
                 }
-                GatherOutput::StreamClose { stream } => self.out.push_back(MeshOutput::StreamClose { stream }),
+                GatherOutput::StreamClose { stream } => {
+                    self.out.push_back(MeshOutput::StreamClose { stream })
+                }
                 GatherOutput::Candidate(c) => {
                     tracing::debug!(candidate = %c.to_sdp_string(), "gathered");
                     for st in self.peers.values_mut() {

@@ -18,8 +18,8 @@ use turn_client_proto::api::{Transmit, TurnConfig, TurnEvent, TurnPollRet, TurnR
 use turn_client_proto::prelude::*;
 use turn_client_proto::stun::Instant as SioInstant;
 use turn_client_proto::stun::auth::Feature;
-use turn_client_proto::types::message::ALLOCATE;
 use turn_client_proto::tcp::TurnClientTcp;
+use turn_client_proto::types::message::ALLOCATE;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
 
@@ -445,12 +445,24 @@ fn turn_config(username: &str, credential: &str) -> TurnConfig {
     // USERHASH would hide the REST username (`<expiry>:<user>`)
     // a coturn-style server derives the password from.
     config.set_anonymous_username(Feature::Disabled);
-    config.set_request_retransmits(Duration::from_millis(250), Duration::from_secs(2), 5, Duration::from_secs(2));
+    config.set_request_retransmits(
+        Duration::from_millis(250),
+        Duration::from_secs(2),
+        5,
+        Duration::from_secs(2),
+    );
     config
 }
 
 impl TurnAlloc {
-    fn new(link: Link, local: SocketAddr, server: SocketAddr, transport: TurnTransport, client: TurnClient, now: Instant) -> Self {
+    fn new(
+        link: Link,
+        local: SocketAddr,
+        server: SocketAddr,
+        transport: TurnTransport,
+        client: TurnClient,
+        now: Instant,
+    ) -> Self {
         TurnAlloc {
             link,
             local,
@@ -511,8 +523,19 @@ impl Gatherer {
                         });
                     }
                     Server::Turn { addr, username, credential, transport: TurnTransport::Udp, .. } => {
-                        let client = TurnClient::Udp(TurnClientUdp::allocate(*host, *addr, turn_config(username, credential)));
-                        g.turn.push(TurnAlloc::new(Link::Socket(socket), *host, *addr, TurnTransport::Udp, client, now));
+                        let client = TurnClient::Udp(TurnClientUdp::allocate(
+                            *host,
+                            *addr,
+                            turn_config(username, credential),
+                        ));
+                        g.turn.push(TurnAlloc::new(
+                            Link::Socket(socket),
+                            *host,
+                            *addr,
+                            TurnTransport::Udp,
+                            client,
+                            now,
+                        ));
                     }
                     Server::Turn { addr, username, credential, transport, host: name } => {
                         // One connection per server, from the first host
@@ -557,7 +580,12 @@ impl Gatherer {
                 StreamState::Planned | StreamState::Connecting => Outcome::Pending,
                 StreamState::Done(why) => Outcome::Failed(why.clone()),
             };
-            Some(RelayAttempt { local: self.hosts[p.socket], server: p.server, transport: p.transport, outcome })
+            Some(RelayAttempt {
+                local: self.hosts[p.socket],
+                server: p.server,
+                transport: p.transport,
+                outcome,
+            })
         });
         GatherReport {
             host: self.hosts.clone(),
@@ -566,7 +594,8 @@ impl Gatherer {
                 .iter()
                 .map(|p| (self.hosts[p.socket], p.server, p.outcome.clone()))
                 .chain(self.turn.iter().filter_map(|t| {
-                    let from_stun = self.stun.iter().any(|p| p.server == t.server && self.hosts[p.socket] == t.local);
+                    let from_stun =
+                        self.stun.iter().any(|p| p.server == t.server && self.hosts[p.socket] == t.local);
                     t.mapped.filter(|_| !from_stun).map(|m| (t.local, t.server, Outcome::Ok(m)))
                 }))
                 .collect(),
@@ -625,7 +654,8 @@ impl Gatherer {
             return Demux::Consumed;
         }
         // TURN: the allocation on this socket with this server.
-        let Some(i) = self.turn.iter().position(|t| t.link == Link::Socket(socket) && t.server == from) else {
+        let Some(i) = self.turn.iter().position(|t| t.link == Link::Socket(socket) && t.server == from)
+        else {
             return Demux::Pass;
         };
         let demux = self.turn_input(i, now, data);
@@ -762,7 +792,8 @@ impl Gatherer {
             return Demux::Consumed;
         }
         let t = &mut self.turn[i];
-        let transport = if t.transport == TurnTransport::Udp { TransportType::Udp } else { TransportType::Tcp };
+        let transport =
+            if t.transport == TurnTransport::Udp { TransportType::Udp } else { TransportType::Tcp };
         let (server, local) = (t.server, t.local);
         let ret = t.client.recv(Transmit::new(data, transport, server, local), sio);
         let demux = match ret {

@@ -33,10 +33,19 @@ const READ_CHUNK: usize = 16 * 1024;
 /// What a stream task tells the driver.
 #[derive(Debug)]
 pub(crate) enum StreamEvent {
-    Connected { stream: usize, local: SocketAddr },
-    Frame { stream: usize, data: Vec<u8> },
+    Connected {
+        stream: usize,
+        local: SocketAddr,
+    },
+    Frame {
+        stream: usize,
+        data: Vec<u8>,
+    },
     /// Did not connect, or ended.
-    Failed { stream: usize, why: String },
+    Failed {
+        stream: usize,
+        why: String,
+    },
 }
 
 struct Handle {
@@ -64,7 +73,14 @@ impl std::fmt::Debug for Streams {
 impl Streams {
     pub fn new(extra_ca: Option<Vec<u8>>) -> Self {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        Streams { handles: HashMap::new(), events_tx, events, tasks: JoinSet::new(), extra_ca, tls: OnceLock::new() }
+        Streams {
+            handles: HashMap::new(),
+            events_tx,
+            events,
+            tasks: JoinSet::new(),
+            extra_ca,
+            tls: OnceLock::new(),
+        }
     }
 
     /// The client TLS settings: the system's roots plus the extra CAs, built

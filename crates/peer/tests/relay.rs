@@ -44,12 +44,14 @@ async fn turn() -> Turn {
     config.peer_policy.allow_loopback = true;
     let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let cert_pem = key.cert.pem();
-    let tls = peerlink_turn::TlsConfig::from_pem(cert_pem.as_bytes(), key.signing_key.serialize_pem().as_bytes())
-        .unwrap();
+    let tls =
+        peerlink_turn::TlsConfig::from_pem(cert_pem.as_bytes(), key.signing_key.serialize_pem().as_bytes())
+            .unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (tcp_addr, tls_addr) = (tcp.local_addr().unwrap(), tls_listener.local_addr().unwrap());
-    let server = peerlink_turn::Server::new(socket, config).unwrap().with_tcp(tcp).with_tls(tls_listener, tls);
+    let server =
+        peerlink_turn::Server::new(socket, config).unwrap().with_tcp(tcp).with_tls(tls_listener, tls);
     let addr = server.local_addr();
     let stats = server.stats();
     let (stop, stopped) = oneshot::channel::<()>();

@@ -85,8 +85,9 @@ pub enum Bench {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
-    /// Bulk throughput through the embedded TURN server (both peers
-    /// relay-only), beside the direct path in the same run.
+    /// Bulk throughput and connect time through the embedded TURN server
+    /// (both peers relay-only) over UDP, TCP and TLS, beside the direct
+    /// path in the same run.
     Relay {
         #[arg(long, default_value_t = 128)]
         mib: usize,
@@ -111,6 +112,8 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     /// Peers offer relayed candidates only.
     pub(crate) relay_only: bool,
+    /// PEM certificates peers trust for `turns:`.
+    pub(crate) turn_ca: Option<Vec<u8>>,
 }
 
 impl Server {
@@ -125,12 +128,13 @@ impl Server {
         tokio::spawn(peerlink_signal::serve(listener, config, async move {
             let _ = rx.await;
         }));
-        Ok(Server { url, stop: Some(tx), relay_only: false })
+        Ok(Server { url, stop: Some(tx), relay_only: false, turn_ca: None })
     }
 
     pub(crate) fn config(&self, room: &str, channels: Vec<ChannelSpec>) -> RoomConfig {
         let mut c = RoomConfig::new(self.url.clone(), room);
-        c.ice = IceConfig { relay_only: self.relay_only, ..IceConfig::loopback() };
+        c.ice =
+            IceConfig { relay_only: self.relay_only, turn_ca: self.turn_ca.clone(), ..IceConfig::loopback() };
         c.channels = channels;
         c
     }

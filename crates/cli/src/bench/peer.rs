@@ -288,7 +288,18 @@ async fn peerlink_throughput(
 /// Moves `mib` MiB in `size`-byte messages between two peers of `server`;
 /// returns MB/s and the path kind.
 async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::Result<(f64, String)> {
-    let (_a, ca, _b, cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
+    let (a, ca, _b, cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
+    transfer(ca, cb, mib, size, &a).await
+}
+
+/// Moves `mib` MiB from `ca` to `cb`; MB/s and `a`'s path.
+async fn transfer(
+    ca: DataChannel,
+    cb: DataChannel,
+    mib: usize,
+    size: usize,
+    a: &Room,
+) -> anyhow::Result<(f64, String)> {
     let total = mib * 1024 * 1024;
     let count = total.div_ceil(size);
     let t0 = Instant::now();
@@ -298,10 +309,14 @@ async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::R
     take_bytes(&cb, got).await?;
     let elapsed = t0.elapsed();
     sender.await??;
-    let path = _a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
+    let path = a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
     Ok((got as f64 / elapsed.as_secs_f64() / 1e6, path))
 }
 
+/// Bulk throughput and connect time through the embedded TURN server with
+/// both peers relay-only, reaching it over UDP, TCP and TLS in turn, beside
+/// the direct path, all in one run (each transport offered alone, so no
+/// fallback wait is counted).
 pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
     const SECRET: &str = "bench-secret";
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
@@ -309,35 +324,65 @@ pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
     config.relay_ports = 0..=0;
     config.peer_policy.allow_loopback = true;
     config.limits.bandwidth_bytes_per_sec = None;
-    let turn = peerlink_turn::Server::new(socket, config)?;
+    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
+    let cert = key.cert.pem();
+    let tls =
+        peerlink_turn::TlsConfig::from_pem(cert.as_bytes(), key.signing_key.serialize_pem().as_bytes())?;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (tcp_addr, tls_addr) = (tcp.local_addr()?, tls_listener.local_addr()?);
+    let turn = peerlink_turn::Server::new(socket, config)?.with_tcp(tcp).with_tls(tls_listener, tls);
     let turn_addr = turn.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(turn.run(async {
         let _ = stopped.await;
     }));
-    let provider = peerlink_signal::IceProvider::new(move |req| {
-        let c = peerlink_turn::rest_credentials(
-            SECRET,
-            req.peer.as_str(),
-            Duration::from_secs(600),
-            std::time::SystemTime::now(),
-        );
-        vec![peerlink_proto::IceServer {
-            urls: vec![format!("turn:{turn_addr}?transport=udp")],
-            username: Some(c.username),
-            credential: Some(c.password),
-        }]
-    });
-    let mut server =
-        Server::start_with(peerlink_signal::Config { ice_provider: Some(provider), ..Default::default() })
-            .await?;
-    let (direct, direct_path) = bulk(&server, "direct", mib, size).await?;
-    server.relay_only = true;
-    let (relayed, relay_path) = bulk(&server, "relayed", mib, size).await?;
-    let _ = stop.send(());
+    let with_url = |url: String| {
+        peerlink_signal::IceProvider::new(move |req| {
+            let c = peerlink_turn::rest_credentials(
+                SECRET,
+                req.peer.as_str(),
+                Duration::from_secs(600),
+                std::time::SystemTime::now(),
+            );
+            vec![peerlink_proto::IceServer {
+                urls: vec![url.clone()],
+                username: Some(c.username),
+                credential: Some(c.password),
+            }]
+        })
+    };
     println!(
-        "relay ({mib} MiB in {size}-byte messages): through the embedded TURN server {relayed:.1} MB/s [{relay_path}]; direct {direct:.1} MB/s [{direct_path}]; relayed/direct = {:.2}",
-        relayed / direct
+        "relay ({mib} MiB in {size}-byte messages, 127.0.0.1; connect = join to open channel, both peers):"
     );
+    let direct_server = Server::start().await?;
+    let (direct, direct_path) = bulk(&direct_server, "direct", mib, size).await?;
+    println!("  direct          {direct:>7.1} MB/s   [{direct_path}]");
+    let mut udp = None;
+    for (name, url) in [
+        ("TURN over UDP", format!("turn:{turn_addr}?transport=udp")),
+        ("TURN over TCP", format!("turn:{tcp_addr}?transport=tcp")),
+        ("TURN over TLS", format!("turns:{tls_addr}")),
+    ] {
+        let mut server = Server::start_with(peerlink_signal::Config {
+            ice_provider: Some(with_url(url)),
+            ..Default::default()
+        })
+        .await?;
+        server.relay_only = true;
+        server.turn_ca = Some(cert.clone().into_bytes());
+        let t0 = Instant::now();
+        let (a, ca, _b, cb) = pair(&server, "relayed", ChannelSpec::reliable("bulk")).await?;
+        let connect = t0.elapsed();
+        let (mbs, path) = transfer(ca, cb, mib, size, &a).await?;
+        let base = *udp.get_or_insert(mbs);
+        println!(
+            "  {name}   {mbs:>7.1} MB/s   connect {:>6.1} ms   {:.2} of UDP-relayed, {:.2} of direct [{path}]",
+            connect.as_secs_f64() * 1e3,
+            mbs / base,
+            mbs / direct
+        );
+    }
+    let _ = stop.send(());
     Ok(())
 }
