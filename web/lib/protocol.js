@@ -40,7 +40,7 @@ export function validRoom(room) {
 
 /**
  * Client → server.
- * @typedef {{ type: 'hello', version: number, client?: string }
+ * @typedef {{ type: 'hello', version: number, client?: string, resume?: string }
  *   | { type: 'join', room: string, name?: string, token?: string }
  *   | { type: 'leave', room: string }
  *   | { type: 'signal', room: string, to: string, signal: Signal }
@@ -50,7 +50,7 @@ export function validRoom(room) {
 
 /**
  * Server → client. Types this version does not know parse to `{type: 'unknown'}`.
- * @typedef {{ type: 'welcome', version: number, peer_id: string, ice_servers: IceServer[], limits: Limits }
+ * @typedef {{ type: 'welcome', version: number, peer_id: string, ice_servers: IceServer[], limits: Limits, resume?: string }
  *   | { type: 'joined', room: string, peers: PeerInfo[] }
  *   | { type: 'left', room: string }
  *   | { type: 'peer_joined', room: string, peer: PeerInfo }
@@ -170,7 +170,11 @@ export function parseServerMsg(text) {
         message_burst: uint(l, 'message_burst'),
         idle_timeout_ms: uint(l, 'idle_timeout_ms'),
       };
-      return { type: 'welcome', version: uint(v, 'version'), peer_id: str(v, 'peer_id'), ice_servers, limits };
+      /** @type {ServerMsg} */
+      const welcome = { type: 'welcome', version: uint(v, 'version'), peer_id: str(v, 'peer_id'), ice_servers, limits };
+      const resume = optStr(v, 'resume');
+      if (resume !== undefined) welcome.resume = resume;
+      return welcome;
     }
     case 'joined':
       if (!Array.isArray(v.peers)) throw new ProtocolError('joined.peers must be a list');

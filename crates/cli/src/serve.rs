@@ -28,6 +28,17 @@ pub struct ServeArgs {
     /// and a third. 1s to 1m.
     #[arg(long, env = "PEERLINK_REDIS_LEASE", default_value = "3s", value_parser = parse_lease)]
     redis_lease: Duration,
+    /// Key of the resume tokens that let a client reconnect (to this node
+    /// or another) with its peer id and its place in its rooms. Every node
+    /// sharing a Redis needs the same one. Default: derived from
+    /// --turn-secret when that is set, else random per start.
+    #[arg(long, env = "PEERLINK_RESUME_SECRET", hide_env_values = true)]
+    resume_secret: Option<String>,
+    /// On SIGTERM, with --redis: how long this node's members keep their
+    /// places while their clients reconnect to other nodes (they are told
+    /// `shutting_down` at once); whoever has not resumed by then leaves.
+    #[arg(long, env = "PEERLINK_DRAIN_GRACE", default_value = "10s", value_parser = crate::common::parse_duration)]
+    drain_grace: Duration,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -397,10 +408,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         lease: args.redis_lease,
         ..peerlink_signal::BackplaneConfig::redis(url.clone())
     });
+    // Resume tokens outlive a node: every node must sign them alike.
+    let resume_secret = args.resume_secret.clone().or_else(|| {
+        args.turn.turn_secret.as_ref().map(|s| {
+            use hmac::Mac;
+            let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(s.as_bytes()).expect("any key length");
+            m.update(b"peerlink resume key v1");
+            m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        })
+    });
     let config = peerlink_signal::Config {
         ice_provider: Some(provider),
         more_metrics,
         backplane,
+        resume_secret: resume_secret.map(peerlink_signal::Secret),
+        drain_grace: args.drain_grace,
         ..args.limits.config()
     };
     let metrics_listener = match args.metrics_listen {
@@ -415,12 +437,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!("signaling on ws://{addr}/ws (health: http://{addr}/healthz)");
     println!("peerlink serve: listening on {addr}");
-    let shutdown = async move {
-        crate::common::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    };
+    let shutdown = crate::common::shutdown_signal();
     tracing::info!("web app on http://{addr}/");
     peerlink_signal::serve_full(listener, metrics_listener, config, shutdown, peerlink_web::routes).await?;
+    // TURN outlives the drain: peers relayed here keep their path while
+    // they move their signaling elsewhere.
+    let _ = stop_tx.send(true);
     if let Some(task) = turn_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Err(e))) => tracing::warn!("STUN/TURN server: {e}"),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
-use peerlink_proto::{ClientMsg, ServerMsg};
+use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +21,7 @@ use crate::channel::RoomWake;
 use crate::event::Event;
 use crate::mesh::{Mesh, MeshOutput};
 use crate::room::Command;
-use crate::signaling::WsStream;
+use crate::signaling::{JoinSpec, Signaling, WsStream};
 use crate::stream::{StreamEvent, Streams};
 
 /// Backlogged events above which the driver stops reading datagrams.
@@ -38,6 +38,26 @@ const SEND_WAIT: Duration = Duration::from_millis(100);
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
 /// How long closing waits for the signaling socket to take what is queued.
 const LEAVE_FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// Signaling messages held while reconnecting; the oldest go first.
+const HELD_SIGNALING: usize = 1024;
+
+/// How the driver gets back to a signaling server that went away.
+#[derive(Debug)]
+pub(crate) struct Reconnect {
+    pub spec: JoinSpec,
+    pub id: PeerId,
+    /// The latest `welcome.resume`; without one there is no reconnecting.
+    pub resume: Option<String>,
+    /// How long reconnecting may take before the room ends; zero: never try.
+    pub window: Duration,
+}
+
+/// The signaling link of the moment.
+struct Link {
+    incoming: SplitStream<WsStream>,
+    outgoing: mpsc::Sender<ClientMsg>,
+    writer: tokio::task::JoinHandle<()>,
+}
 
 pub(crate) struct Driver {
     pub mesh: Mesh,
@@ -55,6 +75,9 @@ pub(crate) struct Driver {
     pub netem: Option<crate::netem::Link>,
     /// Connections to TURN servers over TCP or TLS.
     pub streams: Streams,
+    pub reconnect: Reconnect,
+    /// Signaling the room sent while reconnecting (bounded).
+    pub held: VecDeque<ClientMsg>,
 }
 
 impl Driver {
@@ -78,21 +101,36 @@ impl Driver {
         self.mesh.is_leaving() || (self.backlog.len() < BACKLOG_PAUSE && !self.mesh.receivers_full())
     }
 
-    /// Carries out everything the room asked for.
-    async fn flush(&mut self, signaling: &mpsc::Sender<ClientMsg>) {
+    /// Carries out everything the room asked for; signaling is held while
+    /// there is no link (`None`).
+    async fn flush(&mut self, signaling: Option<&mpsc::Sender<ClientMsg>>) {
         while let Some(out) = self.mesh.poll_output() {
             match out {
                 MeshOutput::Transmit { socket, to, data } => match &mut self.netem {
                     Some(link) => link.send(Instant::now(), socket, to, data),
                     None => send_datagram(&self.sockets[socket], to, &data).await,
                 },
-                MeshOutput::Signaling(msg) => match signaling.try_send(msg) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.mesh.fail("signaling server is not reading")
+                MeshOutput::Signaling(msg) => {
+                    let unsent = match signaling {
+                        None => Some(msg),
+                        Some(tx) => match tx.try_send(msg) {
+                            Ok(()) => None,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                self.mesh.fail("signaling server is not reading");
+                                None
+                            }
+                            // The link broke: its end shows on the incoming
+                            // side, and a reconnect sends what was held.
+                            Err(mpsc::error::TrySendError::Closed(msg)) => Some(msg),
+                        },
+                    };
+                    if let Some(msg) = unsent {
+                        if self.held.len() >= HELD_SIGNALING {
+                            self.held.pop_front();
+                        }
+                        self.held.push_back(msg);
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => self.mesh.fail("signaling connection lost"),
-                },
+                }
                 MeshOutput::StreamConnect { stream, from, server, tls_name } => {
                     self.streams.connect(stream, from, server, tls_name)
                 }
@@ -149,14 +187,15 @@ impl Driver {
         signaling: mpsc::Sender<ClientMsg>,
         writer: tokio::task::JoinHandle<()>,
     ) {
-        let mut incoming = incoming;
+        let mut link = Some(Link { incoming, outgoing: signaling, writer });
+        let mut rejoining: Option<tokio::task::JoinHandle<Result<Signaling, crate::Error>>> = None;
         let mut buf = vec![0u8; 2048];
         let mut ping = tokio::time::interval(SIGNALING_PING);
         let wake = self.wake.clone();
         let events = self.events.clone();
         let reason = loop {
             self.mesh.handle_timeout(Instant::now());
-            self.flush(&signaling).await;
+            self.flush(link.as_ref().map(|l| &l.outgoing)).await;
             if let Some(link) = &mut self.netem {
                 let now = Instant::now();
                 while let Some((socket, to, data)) = link.pop_due(now) {
@@ -181,6 +220,20 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let next_frame = async {
+                match &mut link {
+                    Some(l) => l.incoming.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let rejoined = async {
+                match &mut rejoining {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            };
+            // What ended the link, if something did.
+            let mut lost: Option<String> = None;
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => match cmd {
@@ -203,14 +256,39 @@ impl Driver {
                     }
                     Err(_) => break "room handle dropped".to_string(),
                 },
-                frame = incoming.next() => match frame {
+                frame = next_frame => match frame {
                     Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
+                        Ok(ServerMsg::Error { code: ErrorCode::ShuttingDown, message }) if self.can_reconnect() => {
+                            lost = Some(format!("shutting_down: {message}"));
+                        }
                         Ok(msg) => self.mesh.handle_server(msg, Instant::now()),
                         Err(e) => tracing::warn!("unreadable message from server: {e}"),
                     },
-                    Some(Ok(WsMessage::Close(_))) | None => break "signaling server closed the connection".to_string(),
+                    Some(Ok(WsMessage::Close(_))) | None => lost = Some("signaling server closed the connection".into()),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("signaling connection lost: {e}"),
+                    Some(Err(e)) => lost = Some(format!("signaling connection lost: {e}")),
+                },
+                done = rejoined => {
+                    rejoining = None;
+                    match done {
+                        Ok(Ok(sig)) => {
+                            tracing::info!(peer = %sig.id, "signaling: back in the room");
+                            self.reconnect.resume = sig.resume.or(self.reconnect.resume.take());
+                            let now = Instant::now();
+                            for msg in std::mem::take(&mut self.held) {
+                                if sig.outgoing.try_send(msg).is_err() {
+                                    tracing::debug!("signaling message held during the reconnect dropped");
+                                }
+                            }
+                            // Members we do not know yet are connected to
+                            // as by a joiner; the others are kept as they are.
+                            self.mesh.start(sig.peers, now);
+                            self.emit(Event::Reconnected { server: sig.url.clone() });
+                            link = Some(Link { incoming: sig.incoming, outgoing: sig.outgoing, writer: sig.writer });
+                        }
+                        Ok(Err(e)) => break format!("signaling lost, and no server took us back: {e}"),
+                        Err(e) => break format!("signaling reconnect failed: {e}"),
+                    }
                 },
                 r = recv_any(&self.sockets, &mut buf), if read_net => match r {
                     Ok((n, source, socket)) => {
@@ -218,7 +296,7 @@ impl Driver {
                         let (mut n, mut source) = (n, source);
                         for round in 1..=RECV_BATCH {
                             self.mesh.handle_datagram(now, socket, source, &buf[..n]);
-                            self.flush(&signaling).await;
+                            self.flush(link.as_ref().map(|l| &l.outgoing)).await;
                             // Read another only if it will be handled: a
                             // datagram taken off the socket and then dropped
                             // is a loss SCTP has to repair.
@@ -239,7 +317,9 @@ impl Driver {
                     self.mesh.channels_ready(wake.take_ready());
                 }
                 _ = ping.tick() => {
-                    if signaling.try_send(ClientMsg::Ping { nonce: None }).is_err() {
+                    if let Some(l) = &link
+                        && l.outgoing.try_send(ClientMsg::Ping { nonce: None }).is_err()
+                    {
                         tracing::debug!("signaling ping not queued");
                     }
                 }
@@ -247,23 +327,42 @@ impl Driver {
                 // Due datagrams go out at the top of the loop.
                 _ = netem_sleep => {}
             }
+            if let Some(why) = lost {
+                if !self.can_reconnect() {
+                    break why;
+                }
+                tracing::info!("{why}: reconnecting");
+                // The old link's writer ends once its queue is dropped.
+                link = None;
+                let (spec, id) = (self.reconnect.spec.clone(), self.reconnect.id.clone());
+                let resume = self.reconnect.resume.clone().unwrap_or_default();
+                let window = self.reconnect.window;
+                rejoining = Some(tokio::spawn(async move {
+                    crate::signaling::rejoin(&spec, &id, &resume, window).await
+                }));
+            }
         };
+        if let Some(task) = rejoining.take() {
+            task.abort();
+        }
         tracing::debug!(peer = ?self.mesh, "room closing: {reason}");
         self.mesh.close(reason, Instant::now());
-        self.flush(&signaling).await;
+        self.flush(link.as_ref().map(|l| &l.outgoing)).await;
         // Everything queued for the server goes out before a leave returns:
         // a last `pair_abort` must not lose the race with the socket's close.
         let leave_replies = std::mem::take(&mut self.leave_replies);
-        drop(signaling);
-        // Then read until the server closes too: a socket closed with unread
-        // data is reset, and a reset makes the server's kernel throw away
-        // what it received but the server has not read yet.
-        let drained = tokio::time::timeout(LEAVE_FLUSH_WAIT, async {
-            let _ = writer.await;
-            while let Some(Ok(_)) = incoming.next().await {}
-        });
-        if drained.await.is_err() {
-            tracing::debug!("signaling close not completed in {LEAVE_FLUSH_WAIT:?}");
+        if let Some(Link { mut incoming, outgoing, writer }) = link {
+            drop(outgoing);
+            // Then read until the server closes too: a socket closed with unread
+            // data is reset, and a reset makes the server's kernel throw away
+            // what it received but the server has not read yet.
+            let drained = tokio::time::timeout(LEAVE_FLUSH_WAIT, async {
+                let _ = writer.await;
+                while let Some(Ok(_)) = incoming.next().await {}
+            });
+            if drained.await.is_err() {
+                tracing::debug!("signaling close not completed in {LEAVE_FLUSH_WAIT:?}");
+            }
         }
         for reply in leave_replies {
             let _ = reply.send(());
@@ -276,6 +375,12 @@ impl Driver {
                 break;
             }
         }
+    }
+
+    /// Whether a lost signaling link is worth reconnecting: a resume token,
+    /// a window, and not on our way out.
+    fn can_reconnect(&self) -> bool {
+        self.reconnect.resume.is_some() && !self.reconnect.window.is_zero() && !self.mesh.is_leaving()
     }
 }
 

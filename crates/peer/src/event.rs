@@ -26,6 +26,14 @@ pub enum Event {
         /// Its id.
         peer: PeerId,
     },
+    /// The signaling server went away (it shut down, or the connection
+    /// broke) and we are back, with the same peer id and our place in the
+    /// room, on `server`. Peer connections were not interrupted; signals
+    /// sent meanwhile were held and are delivered now.
+    Reconnected {
+        /// The URL that took us back.
+        server: String,
+    },
     /// The connection to `peer` changed state.
     StateChanged {
         /// The remote peer.

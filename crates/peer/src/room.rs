@@ -24,6 +24,16 @@ use crate::signaling;
 pub struct RoomConfig {
     /// Signaling server WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`.
     pub server: String,
+    /// Other nodes of the same deployment (sharing a Redis) to reconnect to
+    /// when the server goes away, after the server itself. Behind a load
+    /// balancer the server's own URL is enough.
+    pub fallback_servers: Vec<String>,
+    /// When the signaling server goes away (it shuts down, telling us
+    /// `shutting_down`, or the connection breaks), reconnect for at most
+    /// this long, keeping our peer id, our place in the room and every peer
+    /// connection; the room ends if no server takes us back. Zero: the room
+    /// ends with the signaling connection.
+    pub reconnect_window: Duration,
     /// The room's name (1-64 of `A-Z a-z 0-9 - _ .`).
     pub room: String,
     /// Display name announced to the room.
@@ -67,6 +77,8 @@ impl RoomConfig {
     pub fn new(server: impl Into<String>, room: impl Into<String>) -> Self {
         RoomConfig {
             server: server.into(),
+            fallback_servers: Vec::new(),
+            reconnect_window: Duration::from_secs(30),
             room: room.into(),
             name: None,
             token: None,
@@ -159,6 +171,19 @@ impl Room {
             events: ev_tx,
             backlog: Default::default(),
             streams: crate::stream::Streams::new(config.ice.turn_ca.clone()),
+            reconnect: crate::driver::Reconnect {
+                spec: signaling::JoinSpec {
+                    urls: std::iter::once(&config.server).chain(&config.fallback_servers).cloned().collect(),
+                    room: config.room.clone(),
+                    name: config.name.clone(),
+                    token: config.token.clone(),
+                    timeout: config.signaling_timeout,
+                },
+                id: id.clone(),
+                resume: sig.resume.clone(),
+                window: config.reconnect_window,
+            },
+            held: Default::default(),
             leave_replies: Vec::new(),
             netem: config.netem.map(crate::netem::Link::new),
         };

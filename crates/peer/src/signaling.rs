@@ -20,7 +20,11 @@ const OUTBOX: usize = 512;
 
 /// A joined room's signaling link.
 pub(crate) struct Signaling {
+    /// The URL connected to.
+    pub url: String,
     pub id: PeerId,
+    /// The token that resumes `id` after a reconnect (`welcome.resume`).
+    pub resume: Option<String>,
     pub peers: Vec<PeerInfo>,
     pub ice_servers: Vec<IceServer>,
     /// The server's limits; not acted on yet.
@@ -92,6 +96,17 @@ pub fn signaling_url(input: &str) -> String {
     format!("{scheme}://{rest}")
 }
 
+/// Where and how to (re)join a room.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinSpec {
+    /// The server first, then other nodes of the same deployment.
+    pub urls: Vec<String>,
+    pub room: String,
+    pub name: Option<String>,
+    pub token: Option<String>,
+    pub timeout: Duration,
+}
+
 /// Connects, says hello, joins `room`.
 pub(crate) async fn join(
     url: &str,
@@ -99,6 +114,61 @@ pub(crate) async fn join(
     name: Option<String>,
     token: Option<String>,
     timeout: Duration,
+) -> Result<Signaling, Error> {
+    join_with(url, room, name, token, timeout, None).await
+}
+
+/// Reconnects after the server went away: each URL of `spec` in turn, with
+/// backoff, until one takes us back as `id` (`resume`) or `window` runs
+/// out. A server that gives another id cannot resume us: that ends it.
+pub(crate) async fn rejoin(spec: &JoinSpec, id: &PeerId, resume: &str, window: Duration) -> Result<Signaling, Error> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut backoff = Duration::from_millis(100);
+    let mut last = Error::SignalingLost("no server to reconnect to".into());
+    for attempt in 0.. {
+        let url = &spec.urls[attempt % spec.urls.len()];
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let tried = join_with(
+            url,
+            &spec.room,
+            spec.name.clone(),
+            spec.token.clone(),
+            spec.timeout.min(left),
+            Some(resume.to_string()),
+        )
+        .await;
+        match tried {
+            Ok(sig) if sig.id == *id => return Ok(sig),
+            Ok(sig) => {
+                return Err(Error::SignalingLost(format!(
+                    "{url} did not resume peer id {id} (it gave {}): resume tokens are signed per deployment",
+                    sig.id
+                )));
+            }
+            Err(e) => {
+                tracing::debug!(%url, "reconnect: {e}");
+                last = e;
+            }
+        }
+        // Every URL once without waiting, then back off.
+        if (attempt + 1) % spec.urls.len() == 0 {
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+    Err(last)
+}
+
+async fn join_with(
+    url: &str,
+    room: &str,
+    name: Option<String>,
+    token: Option<String>,
+    timeout: Duration,
+    resume: Option<String>,
 ) -> Result<Signaling, Error> {
     let url = &signaling_url(url);
     // Signaling is latency-bound request/response: no Nagle.
@@ -109,13 +179,13 @@ pub(crate) async fn join(
         .map_err(|e| Error::Connect { url: url.to_string(), reason: e.to_string() })?;
 
     let client = Some(format!("peerlink-peer/{}", env!("CARGO_PKG_VERSION")));
-    send(&mut ws, &ClientMsg::Hello { version: PROTOCOL_VERSION, client }).await?;
-    let (id, ice_servers, limits) = match recv(&mut ws, timeout).await? {
-        ServerMsg::Welcome { version, peer_id, ice_servers, limits } => {
+    send(&mut ws, &ClientMsg::Hello { version: PROTOCOL_VERSION, client, resume }).await?;
+    let (id, ice_servers, limits, resume) = match recv(&mut ws, timeout).await? {
+        ServerMsg::Welcome { version, peer_id, ice_servers, limits, resume } => {
             if version != PROTOCOL_VERSION {
                 return Err(Error::Version(version));
             }
-            (peer_id, ice_servers, limits)
+            (peer_id, ice_servers, limits, resume)
         }
         other => return Err(refused(other)),
     };
@@ -138,7 +208,7 @@ pub(crate) async fn join(
         }
         let _ = sink.close().await;
     });
-    Ok(Signaling { id, peers, ice_servers, limits, incoming, outgoing, writer })
+    Ok(Signaling { url: url.to_string(), id, resume, peers, ice_servers, limits, incoming, outgoing, writer })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! ```
 //! use peerlink_proto::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 //!
-//! let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, client: None };
+//! let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, client: None, resume: None };
 //! let json = serde_json::to_string(&hello).unwrap();
 //! assert_eq!(json, r#"{"type":"hello","version":1}"#);
 //!
@@ -78,6 +78,12 @@ pub enum ClientMsg {
         /// Free-form client description for logs, e.g. `peerlink-cli/0.1`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// A reconnecting client's `welcome.resume`: the server gives it the
+        /// same peer id again, and a `join` of a room it is still a member
+        /// of takes its place back without anyone seeing it leave or join.
+        /// An invalid or expired token is ignored (a new id is given).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
     },
     /// Join a room; answered by `joined` (or `error`).
     Join {
@@ -182,12 +188,17 @@ pub enum ServerMsg {
     Welcome {
         /// The protocol version the server speaks ([`PROTOCOL_VERSION`]).
         version: u32,
-        /// This connection's id, stamped on everything it sends; a reconnect gets a new one.
+        /// This connection's id, stamped on everything it sends; a reconnect gets a new one
+        /// unless it presents `resume`.
         peer_id: PeerId,
         /// STUN and TURN servers for `RTCConfiguration.iceServers`; possibly none.
         ice_servers: Vec<IceServer>,
         /// The limits the server enforces on this connection.
         limits: Limits,
+        /// An opaque token to send in `hello.resume` when reconnecting
+        /// (after `shutting_down`, or a lost connection) to keep this id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
     },
     /// Answer to `join`: the other members already in the room.
     Joined {

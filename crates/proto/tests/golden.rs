@@ -28,6 +28,9 @@ where
     assert_eq!(serde_json::to_value(&expected).unwrap(), wire, "{rel} round-trips");
 }
 
+/// An opaque resume token (its format is the server's business).
+const RESUME: &str = "p-9b71e0aa.1767225600.Qm9ndXMgTUFDIGZvciB0aGUgZml4dHVyZSBvbmx5IQ";
+
 fn sdp(n: u32, m: u32) -> String {
     format!("v=0\r\no=- {n} {m} IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n")
 }
@@ -36,7 +39,18 @@ fn sdp(n: u32, m: u32) -> String {
 fn client_messages() {
     let room = || "lobby".to_string();
     let to = || peer("p-4f2a9c1d");
-    check("client/hello.json", ClientMsg::Hello { version: 1, client: Some("peerlink-cli/0.1.0".into()) });
+    check(
+        "client/hello.json",
+        ClientMsg::Hello { version: 1, client: Some("peerlink-cli/0.1.0".into()), resume: None },
+    );
+    check(
+        "client/hello_resume.json",
+        ClientMsg::Hello {
+            version: 1,
+            client: Some("peerlink-cli/0.1.0".into()),
+            resume: Some(RESUME.into()),
+        },
+    );
     check("client/join.json", ClientMsg::Join { room: room(), name: Some("ada".into()), token: None });
     check(
         "client/join_token.json",
@@ -119,6 +133,31 @@ fn server_messages() {
                 message_burst: 200,
                 idle_timeout_ms: 45_000,
             },
+            resume: None,
+        },
+    );
+    check(
+        "server/welcome_resume.json",
+        ServerMsg::Welcome {
+            version: 1,
+            peer_id: peer("p-9b71e0aa"),
+            ice_servers: vec![
+                IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None },
+                IceServer {
+                    urls: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+                    username: Some("1700000000:p-9b71e0aa".into()),
+                    credential: Some("bm90LWEtcmVhbC1zZWNyZXQ=".into()),
+                },
+            ],
+            limits: Limits {
+                max_message_bytes: 65536,
+                max_peers_per_room: 32,
+                max_rooms_per_connection: 8,
+                messages_per_second: 50,
+                message_burst: 200,
+                idle_timeout_ms: 45_000,
+            },
+            resume: Some(RESUME.into()),
         },
     );
     check(
@@ -215,5 +254,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 26);
+    assert_eq!(names.len(), 28);
 }

@@ -50,7 +50,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnection backoff bounds.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Longest a stopping node waits for its connections' leaves.
+/// Longest a stopping node waits for its connections' leaves, beyond the
+/// drain grace they may wait for their clients to resume elsewhere.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Operations sent to Redis in one pipeline at most.
 const BATCH: usize = 512;
@@ -161,7 +162,14 @@ pub(crate) enum JoinOutcome {
 }
 
 enum Op {
-    Join { room: String, peer: PeerId, name: Option<String>, max: usize, reply: oneshot::Sender<JoinOutcome> },
+    Join {
+        room: String,
+        peer: PeerId,
+        name: Option<String>,
+        max: usize,
+        resume: bool,
+        reply: oneshot::Sender<JoinOutcome>,
+    },
     Leave { room: String, peer: PeerId, done: Option<oneshot::Sender<()>> },
     Publish { node: String, payload: String, at: Instant },
 }
@@ -223,6 +231,7 @@ impl Backplane {
         cfg: &BackplaneConfig,
         hub: Arc<Hub>,
         stop: watch::Receiver<bool>,
+        drain_grace: Duration,
     ) -> Result<Arc<Backplane>, redis::RedisError> {
         let client = redis::Client::open(cfg.url.as_str())?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -240,7 +249,8 @@ impl Backplane {
         hub.attach(bp.clone());
         tracing::info!(node = %bp.node, "sharing rooms through Redis");
         let (resync_tx, resync_rx) = mpsc::unbounded_channel();
-        tokio::spawn(commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop.clone()));
+        let drain = drain_grace + DRAIN_TIMEOUT;
+        tokio::spawn(commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop.clone(), drain));
         tokio::spawn(stream(bp.clone(), hub, client, resync_tx, stop));
         Ok(bp)
     }
@@ -276,9 +286,18 @@ impl Backplane {
     }
 
     /// Adds `peer` to `room` in Redis; its `joined` comes through the stream.
-    pub async fn join(&self, room: &str, peer: &PeerId, name: Option<String>, max: usize) -> JoinOutcome {
+    /// With `resume`, a member `peer` already is moves to this node instead
+    /// (no one is told).
+    pub async fn join(
+        &self,
+        room: &str,
+        peer: &PeerId,
+        name: Option<String>,
+        max: usize,
+        resume: bool,
+    ) -> JoinOutcome {
         let (reply, answer) = oneshot::channel();
-        let op = Op::Join { room: room.to_string(), peer: peer.clone(), name, max, reply };
+        let op = Op::Join { room: room.to_string(), peer: peer.clone(), name, max, resume, reply };
         if self.ops.send(op).is_err() {
             return JoinOutcome::Failed;
         }
@@ -410,6 +429,7 @@ async fn commands(
     mut ops: mpsc::UnboundedReceiver<Op>,
     mut resync: mpsc::UnboundedReceiver<()>,
     mut stop: watch::Receiver<bool>,
+    drain: Duration,
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut first = true;
@@ -422,7 +442,7 @@ async fn commands(
     let mut draining: Option<Instant> = None;
     loop {
         if *stop.borrow() && draining.is_none() {
-            draining = Some(Instant::now() + DRAIN_TIMEOUT);
+            draining = Some(Instant::now() + drain);
         }
         if draining.is_some_and(|d| Instant::now() > d) {
             return;
@@ -498,7 +518,7 @@ async fn commands(
                     }
                 }
                 _ = stop.changed(), if draining.is_none() => {
-                    draining = Some(Instant::now() + DRAIN_TIMEOUT);
+                    draining = Some(Instant::now() + drain);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)), if draining.is_some() => {
                     let overdue = draining.is_some_and(|d| Instant::now() > d);
@@ -608,9 +628,10 @@ async fn run_batch(
     let mut i = 0;
     for op in batch {
         match op {
-            Op::Join { room, peer, name, max, reply } => {
+            Op::Join { room, peer, name, max, resume, reply } => {
                 pipe.cmd("SADD").arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
-                pipe.add_command(join_cmd(&room, &peer, &bp.node, name.as_deref(), max, "join"));
+                let mode = if resume { "resume" } else { "join" };
+                pipe.add_command(join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode));
                 joins.push((i + 1, reply));
                 i += 2;
             }

@@ -48,6 +48,9 @@ struct Conn {
     host: Option<String>,
     outbox: Outbox,
     greeted: bool,
+    /// Greeted with a valid resume token: joins take back the places the
+    /// id still holds.
+    resumed: bool,
     rooms: HashSet<String>,
     bucket: TokenBucket,
     /// When we last told this client it was rate limited (one notice a second).
@@ -72,6 +75,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
             budget: server.inner.budget.clone(),
         },
         greeted: false,
+        resumed: false,
         rooms: HashSet::new(),
         bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
         last_rate_notice: None,
@@ -167,8 +171,11 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         }
     };
 
-    for room in std::mem::take(&mut conn.rooms) {
-        server.inner.hub.leave(&room, &conn.id).await;
+    let draining = matches!(&end, Some(f) if f.code == ErrorCode::ShuttingDown);
+    if !draining {
+        for room in std::mem::take(&mut conn.rooms) {
+            server.inner.hub.leave(&room, &conn.id, &conn.outbox).await;
+        }
     }
     // What is still queued for us leaves the server's budget.
     conn.outbox.drain(&mut rx);
@@ -191,8 +198,32 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         };
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
     }
+    drop(ws);
+    if draining {
+        drain(&server, &conn).await;
+    }
     server.inner.hub.disconnected();
     tracing::debug!(peer = %conn.id, "disconnected");
+}
+
+/// A shutting-down node's member: told to reconnect (`shutting_down`), it
+/// keeps its places for the drain grace so that it can resume them on
+/// another node without anyone seeing it leave; then whatever it has not
+/// taken back is left. Without a backplane the rooms end with this process
+/// and nobody is told anything.
+async fn drain(server: &Server, conn: &Conn) {
+    let hub = &server.inner.hub;
+    if hub.backplane().is_none() {
+        return;
+    }
+    let until = Instant::now() + server.inner.config.drain_grace;
+    let ours = || conn.rooms.iter().filter(|r| hub.is_ours(r, &conn.id, &conn.outbox)).count();
+    while ours() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for room in &conn.rooms {
+        hub.leave(room, &conn.id, &conn.outbox).await;
+    }
 }
 
 /// Tells a page from a refused origin why, and closes.
@@ -330,7 +361,7 @@ impl Conn {
         let inner = &self.server.inner;
         let hub = &inner.hub;
         match msg {
-            ClientMsg::Hello { version, client } => {
+            ClientMsg::Hello { version, client, resume } => {
                 if self.greeted {
                     return Err(Failure::new(ErrorCode::AlreadyGreeted, "hello was already sent"));
                 }
@@ -343,6 +374,21 @@ impl Conn {
                     ));
                 }
                 self.greeted = true;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let key = inner.resume_key.0.as_bytes();
+                if let Some(token) = resume {
+                    match crate::token::verify_resume_token(key, &token, now) {
+                        Ok(id) => {
+                            tracing::debug!(peer = %id, was = %self.id, "resumed");
+                            self.id = PeerId::from_server(id);
+                            self.resumed = true;
+                        }
+                        // Not an error: the client learns from the new id.
+                        Err(why) => tracing::debug!(peer = %self.id, "resume token refused: {why}"),
+                    }
+                }
                 tracing::debug!(peer = %self.id, client = client.as_deref().unwrap_or("-"), "hello");
                 let mut ice_servers = inner.config.ice_servers.clone();
                 if let Some(p) = &inner.config.ice_provider {
@@ -354,6 +400,11 @@ impl Conn {
                     peer_id: self.id.clone(),
                     ice_servers,
                     limits: inner.config.limits,
+                    resume: Some(crate::token::resume_token(
+                        key,
+                        self.id.as_str(),
+                        now + inner.config.resume_ttl.as_secs(),
+                    )),
                 });
             }
             ClientMsg::Join { room, name, token } => {
@@ -399,7 +450,7 @@ impl Conn {
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
                 // The hub sends `joined` itself, ordered before any `peer_joined`.
-                hub.join(&room, &self.id, name, self.outbox.clone(), max_peers).await?;
+                hub.join(&room, &self.id, name, self.outbox.clone(), max_peers, self.resumed).await?;
                 tracing::info!(peer = %self.id, %room, "joined");
                 self.rooms.insert(room);
             }
@@ -407,7 +458,7 @@ impl Conn {
                 if !self.rooms.remove(&room) {
                     return Err(Failure::new(ErrorCode::NotInRoom, format!("you are not in room {room}")));
                 }
-                hub.leave(&room, &self.id).await;
+                hub.leave(&room, &self.id, &self.outbox).await;
                 tracing::info!(peer = %self.id, %room, "left");
                 self.reply(&ServerMsg::Left { room });
             }

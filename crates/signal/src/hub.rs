@@ -324,7 +324,10 @@ impl Hub {
     }
 
     /// Adds `id` to `room` and tells the others; `id` gets `joined` (the
-    /// members before it) ahead of any `peer_joined`.
+    /// members before it) ahead of any `peer_joined`. With `resume` (a
+    /// client that reconnected with its resume token), a member `id`
+    /// already is takes its place back on this connection and no one is
+    /// told.
     pub async fn join(
         &self,
         room: &str,
@@ -332,16 +335,17 @@ impl Hub {
         name: Option<String>,
         outbox: Outbox,
         max_peers: usize,
+        resume: bool,
     ) -> Result<(), Refused> {
         let Some(bp) = self.backplane.get() else {
-            return self.join_here(room, id, name, outbox, max_peers);
+            return self.join_here(room, id, name, outbox, max_peers, resume);
         };
         if !bp.is_up() {
             return Err(unavailable(&format!("cannot join {room} now")));
         }
         let key = (room.to_string(), id.clone());
         self.pending.lock().expect("hub lock").insert(key.clone(), Pending { outbox });
-        let outcome = bp.join(room, id, name, max_peers).await;
+        let outcome = bp.join(room, id, name, max_peers, resume).await;
         if !matches!(outcome, JoinOutcome::Joined) {
             self.pending.lock().expect("hub lock").remove(&key);
         }
@@ -353,8 +357,11 @@ impl Hub {
                 Err(Refused(ErrorCode::RoomFull, format!("room {room} has {n} members, the limit")))
             }
             JoinOutcome::Failed => {
-                // It may have happened: take it back (a no-op otherwise).
-                bp.leave(room, id);
+                // It may have happened: take it back (a no-op otherwise; a
+                // resumed member stays, as it would have without us).
+                if !resume {
+                    bp.leave(room, id);
+                }
                 Err(unavailable(&format!("joining {room} failed")))
             }
         }
@@ -367,11 +374,18 @@ impl Hub {
         name: Option<String>,
         outbox: Outbox,
         max_peers: usize,
+        resume: bool,
     ) -> Result<(), Refused> {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let members = rooms.entry(room.to_string()).or_default();
-        if members.members.contains_key(id) {
-            return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));
+        if let Some(m) = members.members.get_mut(id) {
+            if !resume {
+                return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));
+            }
+            // Back on a new connection: same place, nobody told.
+            m.at = At::Local(outbox.clone());
+            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: members.listing(id) }));
+            return Ok(());
         }
         if members.members.len() >= max_peers {
             return Err(Refused(
@@ -390,16 +404,34 @@ impl Hub {
         Ok(())
     }
 
-    /// Removes `id` from `room` and tells the others. Returns whether it
-    /// was a member. With a backplane, returns once Redis has the change
-    /// (bounded), so that a join anywhere after it does not find `id`.
-    pub async fn leave(&self, room: &str, id: &PeerId) -> bool {
+    /// Whether `id` is a member of `room` on the connection of `outbox`
+    /// (not resumed on another connection or node since).
+    pub fn is_ours(&self, room: &str, id: &PeerId, outbox: &Outbox) -> bool {
+        let rooms = self.rooms.lock().expect("hub lock");
+        matches!(
+            rooms.get(room).and_then(|r| r.members.get(id)).map(|m| &m.at),
+            Some(At::Local(o)) if o.tx.same_channel(&outbox.tx)
+        )
+    }
+
+    /// Removes `id` from `room` and tells the others, if it is a member on
+    /// the connection of `outbox` (a member that resumed elsewhere stays).
+    /// Returns whether it was. With a backplane, returns once Redis has the
+    /// change (bounded), so that a join anywhere after it does not find `id`.
+    pub async fn leave(&self, room: &str, id: &PeerId, outbox: &Outbox) -> bool {
         let bp = self.backplane.get();
-        let known = {
+        let pending = || self.pending.lock().expect("hub lock").contains_key(&(room.to_string(), id.clone()));
+        let member = {
             let rooms = self.rooms.lock().expect("hub lock");
-            rooms.get(room).is_some_and(|r| r.members.contains_key(id))
-                || self.pending.lock().expect("hub lock").contains_key(&(room.to_string(), id.clone()))
+            rooms.get(room).and_then(|r| r.members.get(id)).map(|m| match &m.at {
+                At::Local(o) => o.tx.same_channel(&outbox.tx),
+                At::Remote(_) => false,
+            })
         };
+        if member == Some(false) {
+            return false;
+        }
+        let known = member == Some(true) || pending();
         if known && let Some(bp) = bp {
             bp.leave_and_wait(room, id).await;
         }
@@ -537,9 +569,16 @@ impl Hub {
                 let Some(r) = rooms.get_mut(&room) else { return };
                 let id = PeerId::from_server(member.id);
                 if let Some(m) = r.members.get_mut(&id) {
-                    // Put back after Redis lost it: known already.
-                    if let At::Remote(node) = &mut m.at {
-                        *node = member.node.into();
+                    // Known already: put back after Redis lost it, or moved
+                    // to another node (a resume; from here if it was ours,
+                    // and its old connection's leave will find it gone).
+                    match &mut m.at {
+                        At::Remote(node) => *node = member.node.into(),
+                        At::Local(_) if *member.node != *me => m.at = At::Remote(member.node.into()),
+                        At::Local(_) => {}
+                    }
+                    if !r.has_local() {
+                        rooms.remove(&room);
                     }
                     return;
                 }
@@ -622,12 +661,17 @@ impl Hub {
         for e in members {
             let id = PeerId::from_server(e.id);
             let at = if e.node == me {
-                if let Some(m) = old.members.remove(&id) {
-                    m.at
-                } else if let Some(p) = pending.remove(&(room.to_string(), id.clone())) {
+                let was = old.members.remove(&id);
+                if let Some(p) = pending.remove(&(room.to_string(), id.clone())) {
+                    // A joiner here, or a member resuming here (known
+                    // before: not news to anyone).
                     joiners.push(id.clone());
-                    added.push(id.clone());
+                    if was.is_none() {
+                        added.push(id.clone());
+                    }
                     At::Local(p.outbox)
+                } else if let Some(m) = was.filter(|m| matches!(m.at, At::Local(_))) {
+                    m.at
                 } else {
                     // Ours in the store but gone here: a join its connection
                     // gave up on, or a leave lost with a broken connection

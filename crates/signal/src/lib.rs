@@ -97,6 +97,19 @@ pub struct Config {
     /// Share rooms with other nodes through Redis; `None`: rooms live in
     /// this process only.
     pub backplane: Option<BackplaneConfig>,
+    /// Key of the resume tokens in `welcome` (a reconnecting client keeps
+    /// its peer id and its place in its rooms). Every node of a deployment
+    /// needs the same one. `None`: a random key, so tokens work with this
+    /// process only.
+    pub resume_secret: Option<Secret>,
+    /// How long resume tokens stay valid.
+    pub resume_ttl: Duration,
+    /// On shutdown, how long the members of a stopping node keep their
+    /// place in their rooms (with a backplane), so that clients told
+    /// `shutting_down` can resume on another node without anyone seeing
+    /// them leave; whoever has not resumed by then leaves. Without a
+    /// backplane the rooms end with the process: no one is told anything.
+    pub drain_grace: Duration,
 }
 
 /// A secret that never shows in logs.
@@ -202,6 +215,9 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             more_metrics: None,
             backplane: None,
+            resume_secret: None,
+            resume_ttl: Duration::from_secs(7 * 24 * 3600),
+            drain_grace: Duration::from_secs(10),
         }
     }
 }
@@ -216,6 +232,8 @@ pub struct Server {
 #[derive(Debug)]
 struct Inner {
     config: Config,
+    /// The resume-token key (configured or random).
+    resume_key: Secret,
     hub: Arc<hub::Hub>,
     budget: Arc<hub::Budget>,
     admission: Arc<listen::Admission>,
@@ -241,6 +259,9 @@ impl Server {
                 budget: Arc::new(hub::Budget {
                     queued: Default::default(),
                     max_bytes: config.queue_budget_bytes,
+                }),
+                resume_key: config.resume_secret.clone().unwrap_or_else(|| {
+                    Secret((0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect())
                 }),
                 config,
                 hub: Arc::new(hub::Hub::default()),
@@ -403,9 +424,13 @@ pub async fn serve_full(
     extend: impl FnOnce(Router) -> Router,
 ) -> std::io::Result<()> {
     let backplane = config.backplane.clone();
+    if backplane.is_some() && config.resume_secret.is_none() {
+        tracing::warn!("no resume secret: clients can resume only on this node; give every node the same one");
+    }
     let (server, stop, mut alive) = Server::new(config);
     if let Some(cfg) = &backplane {
-        backplane::Backplane::start(cfg, server.inner.hub.clone(), stop.subscribe())
+        let drain = server.inner.config.drain_grace;
+        backplane::Backplane::start(cfg, server.inner.hub.clone(), stop.subscribe(), drain)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--redis: {e}")))?;
     }
     let app =

@@ -96,6 +96,40 @@ pub fn verify_join_token(
     Ok(claims)
 }
 
+/// A resume token for `peer`, valid until `exp` (Unix seconds): what
+/// `welcome.resume` carries. `PEER.EXP.MAC`, MAC = HMAC-SHA256(key,
+/// "peerlink-resume-v1 PEER EXP"), base64url without padding. Opaque to
+/// clients; every node of a deployment must share `key`.
+pub(crate) fn resume_token(key: &[u8], peer: &str, exp: u64) -> String {
+    let mac = B64.encode(resume_mac(key, peer, exp).finalize().into_bytes());
+    format!("{peer}.{exp}.{mac}")
+}
+
+fn resume_mac(key: &[u8], peer: &str, exp: u64) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(format!("peerlink-resume-v1 {peer} {exp}").as_bytes());
+    m
+}
+
+/// The peer id `token` resumes, if it is signed with `key` and not expired
+/// at `now`; otherwise why not.
+pub(crate) fn verify_resume_token(key: &[u8], token: &str, now: u64) -> Result<String, String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err("too long".into());
+    }
+    let mut parts = token.splitn(3, '.');
+    let (Some(peer), Some(exp), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("not PEER.EXP.MAC".into());
+    };
+    let exp: u64 = exp.parse().map_err(|_| "bad expiry")?;
+    let mac = B64.decode(mac).map_err(|_| "MAC not base64url")?;
+    resume_mac(key, peer, exp).verify_slice(&mac).map_err(|_| "not signed by this deployment")?;
+    if now >= exp {
+        return Err(format!("expired {} s ago", now - exp));
+    }
+    Ok(peer.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +202,16 @@ mod tests {
         assert_eq!(join_token(secret, &want), token, "the same claims sign to the same token");
         let now = v["valid_at"].as_u64().unwrap();
         assert_eq!(verify_join_token(secret, token, &want.room, want.name.as_deref(), now), Ok(want));
+    }
+
+    #[test]
+    fn resume_tokens_name_their_peer_until_they_expire() {
+        let t = resume_token(b"k", "p-00ab", 1000);
+        assert_eq!(verify_resume_token(b"k", &t, 999), Ok("p-00ab".to_string()));
+        assert!(verify_resume_token(b"k", &t, 1000).unwrap_err().contains("expired"));
+        assert!(verify_resume_token(b"other", &t, 999).is_err(), "another deployment's key");
+        let forged = t.replacen("p-00ab", "p-00ac", 1);
+        assert!(verify_resume_token(b"k", &forged, 999).is_err(), "another peer's id");
+        assert!(verify_resume_token(b"k", "p-00ab.1000", 999).is_err());
     }
 }

@@ -157,6 +157,8 @@ impl TestServer {
             let mut bp = peerlink_signal::BackplaneConfig::redis(r.url());
             bp.lease = Duration::from_millis(1500);
             config.backplane = Some(bp);
+            // Nodes of one deployment sign resume tokens alike.
+            config.resume_secret = Some(peerlink_signal::Secret("deployment resume key".into()));
         }
         let (addr, stop, task) = start_node(config.clone()).await;
         let mut addrs = vec![addr];
@@ -330,11 +332,21 @@ impl Client {
 
     /// Says hello with the current version; returns the assigned peer id.
     async fn hello(&mut self) -> PeerId {
-        self.send_json(json!({"type": "hello", "version": 1, "client": "peerlink-signal-tests"})).await;
+        self.hello_resuming(None).await.0
+    }
+
+    /// Says hello, presenting `resume` if given; returns the peer id and
+    /// the resume token the server handed out.
+    async fn hello_resuming(&mut self, resume: Option<&str>) -> (PeerId, String) {
+        let mut hello = json!({"type": "hello", "version": 1, "client": "peerlink-signal-tests"});
+        if let Some(token) = resume {
+            hello["resume"] = json!(token);
+        }
+        self.send_json(hello).await;
         match self.recv().await {
-            ServerMsg::Welcome { version, peer_id, .. } => {
+            ServerMsg::Welcome { version, peer_id, resume, .. } => {
                 assert_eq!(version, 1);
-                peer_id
+                (peer_id, resume.expect("welcome carries a resume token"))
             }
             other => panic!("expected welcome, got {other:?}"),
         }
@@ -459,7 +471,38 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// A client that reconnects with its resume token gets its peer id back,
+/// and joining a room it is still a member of takes its place back: the
+/// others see nobody leave or join, and its old connection's end changes
+/// nothing. A token from elsewhere, or tampered with, gets a new id.
+async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let mut b = server.client().await;
+    let (b_id, token) = b.hello_resuming(None).await;
+    b.join("lobby", Some("bob")).await;
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id));
+
+    // B comes back on another connection (another node, with Redis).
+    let mut b2 = server.client().await;
+    let (id, _) = b2.hello_resuming(Some(&token)).await;
+    assert_eq!(id, b_id, "the same peer id");
+    let peers: Vec<PeerId> = b2.join("lobby", Some("bob")).await.into_iter().map(|p| p.id).collect();
+    assert_eq!(peers, [a_id.clone()]);
+    drop(b);
+    assert_eq!(a.try_recv(Duration::from_millis(700)).await, None, "A saw no one leave or join");
+    still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
+    still_served(&mut b2, &b_id, &mut a, &a_id, "lobby", 2).await;
+
+    // Someone else's token, tampered with: a fresh id, and no place.
+    let forged = token.replacen(b_id.as_str(), a_id.as_str(), 1);
+    let mut m = server.client().await;
+    let (m_id, _) = m.hello_resuming(Some(&forged)).await;
+    assert!(m_id != a_id && m_id != b_id, "{m_id}");
+}
+
 on_both_backends!(
+    a_resumed_client_takes_its_place_back_unnoticed,
     joined_comes_before_any_peer_joined_even_when_joins_race,
     messages_before_hello_are_refused,
     presence_join_leave_and_drop,
@@ -520,19 +563,48 @@ async fn a_redis_restart_loses_no_member() {
     still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 5).await;
 }
 
-/// Members of one node leave when their node stops (a node shut down
-/// gracefully takes its members out of Redis at once; the others tell
-/// their members `peer_left`).
+/// A node shut down drains: its members are told `shutting_down` at once
+/// and keep their places for the drain grace. One that resumes on another
+/// node within it is never seen to leave; one that does not leaves when
+/// the grace is over (the others are told `peer_left` then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_shut_down_takes_its_members_out() {
-    let mut server = TestServer::on(Backend::Redis, config()).await;
-    let (mut a, _) = server.member("lobby", "ada").await;
-    let (_b, b_id) = server.member("lobby", "bob").await;
-    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+async fn a_node_shut_down_drains_its_members_to_the_others() {
+    let grace = Duration::from_millis(1500);
+    let mut server = TestServer::on(Backend::Redis, Config { drain_grace: grace, ..config() }).await;
+    // Clients go to nodes 0, 1, 2, 0, 1 in turn.
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let mut b = server.client().await;
+    let (b_id, token) = b.hello_resuming(None).await;
+    b.join("lobby", Some("bob")).await;
+    let (_c, _) = server.member("other", "cy").await;
+    let (_d, _) = server.member("other", "di").await;
+    let (mut e, e_id) = server.member("lobby", "eve").await;
+    for _ in 0..2 {
+        assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+    }
+    assert!(matches!(b.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == e_id));
+
+    // Node 1 (B and E) stops: both are told to go elsewhere.
     let (stop, task) = server.others.remove(0);
+    let stopped_at = Instant::now();
     stop.send(()).expect("node 1 running");
+    for x in [&mut b, &mut e] {
+        let ServerMsg::Error { code, .. } = x.recv().await else { panic!("expected shutting_down") };
+        assert_eq!(code, ErrorCode::ShuttingDown);
+    }
+    // B resumes on node 2; E does not.
+    let mut b2 = Client::connect(server.addrs[2]).await;
+    assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
+    let listed: Vec<PeerId> = b2.join("lobby", Some("bob")).await.into_iter().map(|p| p.id).collect();
+    assert_eq!(listed, [a_id.clone(), e_id.clone()], "E keeps its place during the grace");
     timeout(WAIT, task).await.expect("node 1 stopped in time").unwrap().unwrap();
-    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: b_id });
+    // Only E leaves, once the grace is over.
+    assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: e_id.clone() });
+    assert!(stopped_at.elapsed() >= grace, "E left {:?} after the stop", stopped_at.elapsed());
+    assert_eq!(b2.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: e_id });
+    assert_eq!(a.try_recv(Duration::from_millis(500)).await, None, "nothing about B");
+    still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
+    still_served(&mut b2, &b_id, &mut a, &a_id, "lobby", 2).await;
 }
 
 // ---------------------------------------------------------------- greeting
@@ -546,7 +618,7 @@ async fn welcome_carries_version_peer_id_limits_and_ice_servers() {
 
     let mut a = server.client().await;
     a.send_json(fixture("client/hello.json")).await;
-    let ServerMsg::Welcome { version, peer_id, ice_servers, limits: announced } = a.recv().await else {
+    let ServerMsg::Welcome { version, peer_id, ice_servers, limits: announced, .. } = a.recv().await else {
         panic!("expected welcome")
     };
     assert_eq!(version, 1);
@@ -1467,13 +1539,9 @@ async fn graceful_shutdown_tells_clients_and_returns() {
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
 
     for c in [&mut a, &mut b, &mut ungreeted] {
-        // A peer_left may slip in if the other member's connection closed first.
-        let msg = loop {
-            match c.recv().await {
-                ServerMsg::PeerLeft { .. } => continue,
-                msg => break msg,
-            }
-        };
+        // No `peer_left`: the room ends with the process, and its members
+        // will take their places back (resume) wherever they reconnect.
+        let msg = c.recv().await;
         let ServerMsg::Error { code, .. } = msg else { panic!("expected shutting_down, got {msg:?}") };
         assert_eq!(code, ErrorCode::ShuttingDown);
         let frame = c.expect_close().await.expect("a close frame");

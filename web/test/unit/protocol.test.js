@@ -26,6 +26,7 @@ test('every server fixture parses and writes back byte for byte', () => {
 test('the client messages the library sends are the fixtures', () => {
   const expected = {
     'hello.json': { type: 'hello', version: PROTOCOL_VERSION, client: 'peerlink-cli/0.1.0' },
+    'hello_resume.json': { type: 'hello', version: PROTOCOL_VERSION, client: 'peerlink-cli/0.1.0', resume: 'p-9b71e0aa.1767225600.Qm9ndXMgTUFDIGZvciB0aGUgZml4dHVyZSBvbmx5IQ' },
     'join.json': { type: 'join', room: 'lobby', name: 'ada' },
     'join_token.json': { type: 'join', room: 'lobby', name: 'ada', token: 'eyJyb29tIjoibG9iYnkiLCJuYW1lIjoiYWRhIiwiZXhwIjoxNzY3MjI1NjAwfQ.y3_4jLKoyBDRSULMcDf_klyNETm9LxrvKkYHM-h_4q0' },
     'leave.json': { type: 'leave', room: 'lobby' },

@@ -2,20 +2,29 @@
 -- the room is full. Tells the other nodes with members in the room (`j`)
 -- and, for a join, the joiner's own node (`J`, every member, so the
 -- joiner's `joined` takes its place in the node's one ordered stream).
+-- Mode "resume": a member already there (a client that reconnected to
+-- this node) moves here, keeping its place; every other node with members
+-- in the room, its old node included, hears `j` with its new node, and
+-- this node gets `J`. Anyone else is added as by "join".
 -- KEYS: members hash, join counter (one hash slot: {room}).
 -- ARGV: room, peer, node, has name ("1"/"0"), name, max members, mode
--- ("join" or "restore").
+-- ("join", "resume" or "restore").
 local room, peer, node = ARGV[1], ARGV[2], ARGV[3]
 local max, mode = tonumber(ARGV[6]), ARGV[7]
-if redis.call('HEXISTS', KEYS[1], peer) == 1 then
+local me
+local cur = redis.call('HGET', KEYS[1], peer)
+if cur then
   if mode == 'restore' then return 'present' end
-  return 'already'
+  if mode ~= 'resume' then return 'already' end
+  me = cjson.decode(cur)
+  me.node = node
+else
+  local n = redis.call('HLEN', KEYS[1])
+  if mode ~= 'restore' and n >= max then return 'full:' .. n end
+  local since = redis.call('INCR', KEYS[2])
+  me = { id = peer, node = node, s = since }
+  if ARGV[4] == '1' then me.n = ARGV[5] end
 end
-local n = redis.call('HLEN', KEYS[1])
-if mode ~= 'restore' and n >= max then return 'full:' .. n end
-local since = redis.call('INCR', KEYS[2])
-local me = { id = peer, node = node, s = since }
-if ARGV[4] == '1' then me.n = ARGV[5] end
 redis.call('HSET', KEYS[1], peer, cjson.encode(me))
 local members, nodes = {}, {}
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
@@ -23,6 +32,8 @@ for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
   table.insert(members, e)
   if e.node ~= node then nodes[e.node] = true end
 end
+if cur then nodes[cjson.decode(cur).node] = true end
+nodes[node] = nil
 local ev = cjson.encode({ t = 'j', r = room, m = { me } })
 for other in pairs(nodes) do redis.call('PUBLISH', 'pl:n:' .. other, ev) end
 if mode ~= 'restore' then
