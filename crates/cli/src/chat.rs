@@ -12,14 +12,17 @@ fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
     names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
 }
 
+/// `servers`: the server, then nodes to fall back to.
 pub async fn run(
-    server: String,
+    servers: Vec<String>,
     room: String,
     name: Option<String>,
     token: Option<String>,
     ice: IceConfig,
 ) -> anyhow::Result<()> {
+    let server = servers[0].clone();
     let mut config = RoomConfig::new(server.clone(), room.clone());
+    config.fallback_servers = servers[1..].to_vec();
     config.name = name;
     config.token = token;
     config.ice = ice;
@@ -86,6 +89,7 @@ pub async fn run(
                     tracing::info!("{}: {state:?}", who(&names, &peer));
                 }
                 Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
+                Some(Event::Reconnected { server }) => println!("* reconnected to {server}"),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}
             },

@@ -50,6 +50,10 @@ enum Command {
         /// Signaling server: ws://HOST:PORT/ws, http://HOST:PORT or HOST:PORT.
         #[arg(long, default_value = "ws://127.0.0.1:8080/ws", env = "PEERLINK_SERVER")]
         server: String,
+        /// Another node of the same deployment to reconnect to when the
+        /// server goes away (repeatable); chats carry on meanwhile.
+        #[arg(long = "fallback-server")]
+        fallback: Vec<String>,
         /// Name shown to the others.
         #[arg(long)]
         name: Option<String>,
@@ -98,9 +102,10 @@ fn main() -> ExitCode {
                 init_tracing("info");
                 serve::run(*args).await.map(|()| None)
             }
-            Command::Chat { room, server, name, token, ice } => {
+            Command::Chat { room, server, fallback, name, token, ice } => {
                 init_tracing("warn");
-                chat::run(server, room, name, token, ice.config()?).await.map(|()| None)
+                let servers = std::iter::once(server).chain(fallback).collect();
+                chat::run(servers, room, name, token, ice.config()?).await.map(|()| None)
             }
             Command::Token(args) => serve::token(args).map(|()| None),
             Command::Send(args) => {

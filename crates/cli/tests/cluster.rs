@@ -49,7 +49,17 @@ struct Node {
 
 impl Node {
     fn start(redis: &Redis, extra: &[&str]) -> Node {
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--no-turn", "--redis", &redis.url];
+        // One deployment: resume tokens from one node work on the others.
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-turn",
+            "--redis",
+            &redis.url,
+            "--resume-secret",
+            "cluster-test-resume-key",
+        ];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(&args);
         let line = proc.expect("listening on");
@@ -158,31 +168,57 @@ fn six_peers_on_three_nodes_form_one_mesh_and_a_seventh_is_refused() {
     }
 }
 
-/// A node killed outright (SIGKILL, its peers with it, so nothing is said
-/// to anyone): the peers on the other nodes hear `peer_left` once its lease
-/// (the default, 3 s) runs out, and its place in the room is free again (the
-/// room allows three, and a new peer gets in and connects to the others).
+/// A peer that can fall back to `fallback` when its node goes away.
+fn chat_with_fallback(room: &str, node: &Node, fallback: &Node, name: &str) -> Proc {
+    Proc::spawn(&[
+        "chat",
+        room,
+        "--server",
+        &node.url(),
+        "--fallback-server",
+        &fallback.url(),
+        "--name",
+        name,
+        "--ice-addr",
+        "127.0.0.1",
+    ])
+}
+
+/// A node killed outright (SIGKILL, so nothing is said to anyone). Of its
+/// peers, `b` reconnects to another node and resumes its place before the
+/// node's lease runs out: nobody sees it leave, its chats never stop, and
+/// its signaling works again (a newcomer connects to it). `x`, killed with
+/// the node, leaves for the others once the lease (the default, 3 s) runs
+/// out, and its place in the room is free again (the room allows four).
 #[test]
-fn a_killed_nodes_members_leave_within_its_lease() {
+fn a_killed_nodes_members_resume_elsewhere_or_leave_within_its_lease() {
     let redis = Redis::start();
-    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis, &["--max-peers-per-room", "3"])).collect();
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis, &["--max-peers-per-room", "4"])).collect();
     let mut a = chat("lease", &nodes[0], "a");
     a.expect("* joined lease");
-    let mut b = chat("lease", &nodes[1], "b");
+    let mut b = chat_with_fallback("lease", &nodes[1], &nodes[2], "b");
     b.expect("* joined lease");
+    let mut x = chat("lease", &nodes[1], "x");
+    x.expect("* joined lease");
     let mut c = chat("lease", &nodes[2], "c");
     c.expect("* joined lease");
-    for (p, others) in [(&mut a, ["b", "c"]), (&mut b, ["a", "c"]), (&mut c, ["a", "b"])] {
+    for (p, others) in [(&mut a, ["b", "c", "x"]), (&mut b, ["a", "c", "x"]), (&mut c, ["a", "b", "x"])] {
         connected_to_all(p, &others);
     }
     let mut nodes = nodes;
     let mut dead = nodes.remove(1);
     dead.proc.signal("KILL");
-    b.signal("KILL");
+    x.signal("KILL");
     let killed = Instant::now();
-    a.expect("* b left");
+    b.expect("* reconnected to");
+    eprintln!("b reconnected {:?} after its node's death", killed.elapsed());
+    b.type_line("still here");
+    assert_eq!(a.expect("still here"), "b: still here");
+    assert_eq!(c.expect("still here"), "b: still here");
+    let left = a.expect(" left");
     let a_heard = killed.elapsed();
-    c.expect("* b left");
+    assert_eq!(left, "* x left", "only x leaves");
+    assert_eq!(c.expect(" left"), "* x left");
     let c_heard = killed.elapsed();
     eprintln!("peer_left after the node's death: {a_heard:?} and {c_heard:?}");
     assert!(a_heard.max(c_heard) < Duration::from_secs(8), "{a_heard:?} {c_heard:?}");
@@ -190,11 +226,108 @@ fn a_killed_nodes_members_leave_within_its_lease() {
 
     let mut d = chat("lease", &nodes[1], "d");
     d.expect("* joined lease");
-    connected_to_all(&mut d, &["a", "c"]);
-    d.type_line("in b's place");
-    assert_eq!(a.expect("in b's place"), "d: in b's place");
-    assert_eq!(c.expect("in b's place"), "d: in b's place");
-    for p in [&a, &c, &d] {
+    connected_to_all(&mut d, &["a", "b", "c"]);
+    d.type_line("in x's place");
+    for p in [&mut a, &mut b, &mut c] {
+        assert_eq!(p.expect("in x's place"), "d: in x's place");
+    }
+    let b_left: Vec<&String> = a.seen.iter().chain(&c.seen).filter(|l| *l == "* b left").collect();
+    assert!(b_left.is_empty(), "b was seen to leave");
+    for p in [&a, &b, &c, &d] {
+        p.terminate();
+    }
+}
+
+/// A node drained (SIGTERM): its peers are told to go elsewhere, resume
+/// their places on another node within the drain grace, and keep chatting
+/// without a pause; nobody sees anyone leave, and they can still be
+/// reached through signaling (a newcomer connects to them).
+#[test]
+fn a_drained_nodes_peers_move_to_another_node_unnoticed() {
+    let redis = Redis::start();
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(&redis, &[])).collect();
+    let mut a = chat("drain", &nodes[0], "a");
+    a.expect("* joined drain");
+    let mut b = chat_with_fallback("drain", &nodes[1], &nodes[0], "b");
+    b.expect("* joined drain");
+    connected_to_all(&mut a, &["b"]);
+    connected_to_all(&mut b, &["a"]);
+    let mut nodes = nodes;
+    let mut drained = nodes.remove(1);
+    drained.proc.signal("TERM");
+    let started = Instant::now();
+    assert_eq!(b.expect("* reconnected to"), format!("* reconnected to {}", nodes[0].url()));
+    eprintln!("b resumed on node 0 {:?} after the SIGTERM", started.elapsed());
+    // The node exits once its members have moved, well within the grace.
+    assert_eq!(drained.proc.wait_exit(), 0, "{}", drained.proc.stderr());
+    assert!(started.elapsed() < Duration::from_secs(8), "drain took {:?}", started.elapsed());
+    b.type_line("moved");
+    assert_eq!(a.expect("moved"), "b: moved");
+    let mut d = chat("drain", &nodes[0], "d");
+    d.expect("* joined drain");
+    connected_to_all(&mut d, &["a", "b"]);
+    d.type_line("hi both");
+    assert_eq!(a.expect("hi both"), "d: hi both");
+    assert_eq!(b.expect("hi both"), "d: hi both");
+    a.type_line("done");
+    assert_eq!(b.expect("done"), "a: done");
+    for (p, name) in [(&a, "a"), (&b, "b")] {
+        let left: Vec<&String> = p.seen.iter().filter(|l| l.ends_with(" left")).collect();
+        assert!(left.is_empty(), "{name} saw someone leave: {left:?}");
+    }
+    for p in [&a, &b, &d] {
+        p.terminate();
+    }
+}
+
+/// One node, no Redis, restarted in place (SIGTERM, then a new process on
+/// the same address, as behind a load balancer or a supervisor): its peers
+/// are told `shutting_down`, reconnect to the new process with their resume
+/// tokens (the same --resume-secret) and keep their peer ids and their
+/// connections to each other; the chat carries on, and a newcomer reaches
+/// them through the new process.
+#[test]
+fn a_restarted_server_takes_its_peers_back_without_breaking_their_connections() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        let mut p =
+            Proc::spawn(&["serve", "--listen", &listen, "--no-turn", "--resume-secret", "restart-key"]);
+        p.expect("listening on");
+        p
+    };
+    let url = format!("ws://{listen}/ws");
+    let chat_here = |name: &str| {
+        Proc::spawn(&["chat", "again", "--server", &url, "--name", name, "--ice-addr", "127.0.0.1"])
+    };
+    let mut server = start();
+    let mut a = chat_here("a");
+    a.expect("* joined again");
+    let mut b = chat_here("b");
+    b.expect("* joined again");
+    connected_to_all(&mut a, &["b"]);
+    connected_to_all(&mut b, &["a"]);
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), 0, "{}", server.stderr());
+    // Data channels do not need the server.
+    a.type_line("while it is down");
+    assert_eq!(b.expect("while it is down"), "a: while it is down");
+    let server = start();
+    a.expect("* reconnected to");
+    b.expect("* reconnected to");
+    let mut c = chat_here("c");
+    c.expect("* joined again");
+    connected_to_all(&mut c, &["a", "b"]);
+    c.type_line("hello both");
+    assert_eq!(a.expect("hello both"), "c: hello both");
+    assert_eq!(b.expect("hello both"), "c: hello both");
+    b.type_line("same b");
+    assert_eq!(a.expect("same b"), "b: same b");
+    for p in [&a, &b] {
+        let left: Vec<&String> = p.seen.iter().filter(|l| l.ends_with(" left")).collect();
+        assert!(left.is_empty(), "someone was seen to leave: {left:?}");
+    }
+    for p in [&a, &b, &c, &server] {
         p.terminate();
     }
 }

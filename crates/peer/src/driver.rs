@@ -337,9 +337,10 @@ impl Driver {
                 let (spec, id) = (self.reconnect.spec.clone(), self.reconnect.id.clone());
                 let resume = self.reconnect.resume.clone().unwrap_or_default();
                 let window = self.reconnect.window;
-                rejoining = Some(tokio::spawn(async move {
-                    crate::signaling::rejoin(&spec, &id, &resume, window).await
-                }));
+                rejoining =
+                    Some(tokio::spawn(
+                        async move { crate::signaling::rejoin(&spec, &id, &resume, window).await },
+                    ));
             }
         };
         if let Some(task) = rejoining.take() {

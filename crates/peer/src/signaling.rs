@@ -121,7 +121,12 @@ pub(crate) async fn join(
 /// Reconnects after the server went away: each URL of `spec` in turn, with
 /// backoff, until one takes us back as `id` (`resume`) or `window` runs
 /// out. A server that gives another id cannot resume us: that ends it.
-pub(crate) async fn rejoin(spec: &JoinSpec, id: &PeerId, resume: &str, window: Duration) -> Result<Signaling, Error> {
+pub(crate) async fn rejoin(
+    spec: &JoinSpec,
+    id: &PeerId,
+    resume: &str,
+    window: Duration,
+) -> Result<Signaling, Error> {
     let deadline = tokio::time::Instant::now() + window;
     let mut backoff = Duration::from_millis(100);
     let mut last = Error::SignalingLost("no server to reconnect to".into());
@@ -155,7 +160,8 @@ pub(crate) async fn rejoin(spec: &JoinSpec, id: &PeerId, resume: &str, window: D
         }
         // Every URL once without waiting, then back off.
         if (attempt + 1) % spec.urls.len() == 0 {
-            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now())))
+                .await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }

@@ -170,8 +170,16 @@ enum Op {
         resume: bool,
         reply: oneshot::Sender<JoinOutcome>,
     },
-    Leave { room: String, peer: PeerId, done: Option<oneshot::Sender<()>> },
-    Publish { node: String, payload: String, at: Instant },
+    Leave {
+        room: String,
+        peer: PeerId,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Publish {
+        node: String,
+        payload: String,
+        at: Instant,
+    },
 }
 
 /// Counters for `/metrics` and `/healthz`.
@@ -250,8 +258,15 @@ impl Backplane {
         tracing::info!(node = %bp.node, "sharing rooms through Redis");
         let (resync_tx, resync_rx) = mpsc::unbounded_channel();
         let drain = drain_grace + DRAIN_TIMEOUT;
-        tokio::spawn(commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop.clone(), drain));
-        tokio::spawn(stream(bp.clone(), hub, client, resync_tx, stop));
+        // The stream is read until the commands task has said goodbye: a
+        // draining node must still hear its members move to other nodes.
+        let (done_tx, done_rx) = watch::channel(false);
+        let cmds = commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop, drain);
+        tokio::spawn(async move {
+            cmds.await;
+            drop(done_tx);
+        });
+        tokio::spawn(stream(bp.clone(), hub, client, resync_tx, done_rx));
         Ok(bp)
     }
 
@@ -693,7 +708,7 @@ async fn stream(
     let mut first = true;
     let name = channel(&bp.node);
     loop {
-        if *stop.borrow() {
+        if stop.has_changed().is_err() {
             return;
         }
         let subscribed = tokio::time::timeout(REDIS_TIMEOUT, async {

@@ -425,7 +425,9 @@ pub async fn serve_full(
 ) -> std::io::Result<()> {
     let backplane = config.backplane.clone();
     if backplane.is_some() && config.resume_secret.is_none() {
-        tracing::warn!("no resume secret: clients can resume only on this node; give every node the same one");
+        tracing::warn!(
+            "no resume secret: clients can resume only on this node; give every node the same one"
+        );
     }
     let (server, stop, mut alive) = Server::new(config);
     if let Some(cfg) = &backplane {

@@ -488,7 +488,7 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     let (id, _) = b2.hello_resuming(Some(&token)).await;
     assert_eq!(id, b_id, "the same peer id");
     let peers: Vec<PeerId> = b2.join("lobby", Some("bob")).await.into_iter().map(|p| p.id).collect();
-    assert_eq!(peers, [a_id.clone()]);
+    assert_eq!(peers, std::slice::from_ref(&a_id));
     drop(b);
     assert_eq!(a.try_recv(Duration::from_millis(700)).await, None, "A saw no one leave or join");
     still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
