@@ -107,7 +107,11 @@ room.on('channel_open', (ch) => {
 room.on('reconnecting', ({ inMs, reason }) => status(`Lost the server (${reason}); trying again in ${Math.round(inMs / 1000)} s…`));
 room.on('rejoined', () => status(''));
 room.on('closed', ({ reason }) => error(`Left the room: ${reason}`));
-room.on('server_error', ({ message }) => error(message));
+room.on('server_error', ({ code, message }) => {
+  // The server is restarting or draining: the room carries on meanwhile.
+  if (code === 'shutting_down') status('The server is going away; reconnecting…');
+  else error(message);
+});
 
 // Each connection's path, from getStats, every two seconds.
 setInterval(async () => {

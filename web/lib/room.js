@@ -41,6 +41,7 @@ import { signSdp, verifySdp } from './auth.js';
 /**
  * @typedef {object} RoomOptions
  * @property {string} server          signaling server (`http://host:port`, `ws://host:port/ws`, `host:port`)
+ * @property {string[]} [fallbackServers] other nodes of the same deployment to reconnect to when the server goes away
  * @property {string} room
  * @property {string} [name]          display name
  * @property {string} [token]         join token from the application's backend, for servers that require one
@@ -67,7 +68,7 @@ import { signSdp, verifySdp } from './auth.js';
  * @property {{ peer: string, reason: string }} auth_failed
  * @property {{ code: string, message: string }} server_error
  * @property {{ attempt: number, inMs: number, reason: string }} reconnecting
- * @property {{ id: string }} rejoined   after a reconnect, with our new id
+ * @property {{ id: string, resumed: boolean }} rejoined   after a reconnect: `resumed` when the server gave our id back (every connection kept), else with a new id (connections rebuilt)
  * @property {{ reason: string }} closed
  */
 
@@ -103,6 +104,7 @@ export class Room extends Emitter {
     this.leaving = false;
     this.signaling = new Signaling({
       server: options.server,
+      fallbackServers: options.fallbackServers,
       room: options.room,
       name: options.name,
       token: options.token,
@@ -117,15 +119,20 @@ export class Room extends Emitter {
   async join() {
     const session = await this.signaling.connect();
     this.signaling.on('message', (msg) => this._onServer(msg));
-    this.signaling.on('reconnecting', (r) => {
-      // A new session means new ids on both sides: today's connections go,
-      // and the room is joined afresh (channels are opened again).
-      for (const peer of [...this.members.keys()]) this._removeMember(peer);
-      this.emit('reconnecting', r);
-    });
+    // Peer connections do not need the server once up: they carry on
+    // while signaling reconnects.
+    this.signaling.on('reconnecting', (r) => this.emit('reconnecting', r));
     this.signaling.on('joined', (s) => {
+      const resumed = s.id === this.id;
+      if (!resumed) {
+        // A new id: the others know us no more, so today's connections
+        // go and the room is joined afresh (channels opened again).
+        for (const peer of [...this.members.keys()]) this._removeMember(peer);
+      }
+      // Resumed: members we do not know yet are connected to as a joiner
+      // would; the others are kept as they are.
       this._start(s);
-      this.emit('rejoined', { id: s.id });
+      this.emit('rejoined', { id: s.id, resumed });
     });
     this.signaling.on('closed', ({ reason }) => this._close(reason));
     this._start(session);

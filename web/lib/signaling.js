@@ -1,8 +1,12 @@
 // The signaling client (docs/PROTOCOL.md): greets the server, joins a
 // room, then carries client messages out and server messages in. When the
-// socket drops it reconnects with backoff and joins again (a new peer id:
-// the room's connections are then rebuilt by the room). Mirrors
-// crates/peer/src/signaling.rs.
+// socket drops, or the server says `shutting_down`, it reconnects with
+// backoff (to the server, then to `fallbackServers` in turn) and presents
+// its resume token: the server gives the same peer id back and its place in
+// the room, so the room keeps every peer connection, and messages sent
+// meanwhile are held (bounded) and sent then. A server that cannot resume
+// us gives a new id, and the room rebuilds its connections. Mirrors
+// crates/peer/src/signaling.rs and driver.rs.
 
 import { Emitter } from './events.js';
 import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
@@ -13,8 +17,8 @@ import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
 /** @typedef {import('./protocol.js').PeerInfo} PeerInfo */
 
 /**
- * A joined session: what `welcome` and `joined` said.
- * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[] }} Session
+ * A joined session: what `welcome` and `joined` said, and the URL.
+ * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[], resume?: string, url: string }} Session
  */
 
 /**
@@ -63,6 +67,7 @@ export function signalingUrl(input) {
 /**
  * @typedef {object} SignalingOptions
  * @property {string} server      server address (see {@link signalingUrl})
+ * @property {string[]} [fallbackServers] other nodes of the deployment to reconnect to, after `server`
  * @property {string} room
  * @property {string} [name]      display name
  * @property {string} [token]     join token, for servers that require one (`unauthorized` otherwise)
@@ -76,6 +81,8 @@ export function signalingUrl(input) {
 
 /** Messages queued while the socket is open but not yet writable (bounded). */
 const MAX_QUEUED = 512;
+/** Messages held while reconnecting with a resume token; the oldest go first. */
+const MAX_HELD = 1024;
 /** An application ping keeps the link honest; a pong must come within. */
 const PING_EVERY_MS = 15_000;
 const PONG_WITHIN_MS = 10_000;
@@ -87,6 +94,10 @@ export class Signaling extends Emitter {
     super();
     this.options = { timeoutMs: 10_000, reconnect: true, maxBackoffMs: 10_000, maxAttempts: 30, ...options };
     this.url = signalingUrl(options.server);
+    /** The server, then the fallbacks: reconnect attempts go round them. */
+    this.urls = [this.url, ...(options.fallbackServers ?? []).map(signalingUrl)];
+    /** @type {ClientMsg[]} */
+    this._held = [];
     /** @type {WebSocket | null} */
     this.ws = null;
     /** @type {Session | null} */
@@ -110,21 +121,25 @@ export class Signaling extends Emitter {
     return session;
   }
 
-  /** @returns {Promise<Session>} */
-  _open() {
+  /**
+   * @param {string} [url]
+   * @returns {Promise<Session>}
+   */
+  _open(url = this.url) {
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
     const { timeoutMs } = this.options;
+    const resume = this.session?.resume;
     return new Promise((resolve, reject) => {
       /** @type {WebSocket} */
       let ws;
       try {
-        ws = new WS(this.url);
+        ws = new WS(url);
       } catch (e) {
-        reject(new SignalingError('unreachable', `cannot open ${this.url}: ${e}`));
+        reject(new SignalingError('unreachable', `cannot open ${url}: ${e}`));
         return;
       }
       let settled = false;
-      /** @type {{ id: string, iceServers: IceServer[], limits: Record<string, number> } | null} */
+      /** @type {{ id: string, iceServers: IceServer[], limits: Record<string, number>, resume?: string } | null} */
       let welcome = null;
       const fail = (/** @type {SignalingError} */ err) => {
         if (settled) return;
@@ -138,9 +153,12 @@ export class Signaling extends Emitter {
         timeoutMs,
       );
       ws.onopen = () => {
-        ws.send(JSON.stringify({ type: 'hello', version: PROTOCOL_VERSION, client: this.options.client ?? 'peerlink-web/0.1' }));
+        /** @type {Record<string, unknown>} */
+        const hello = { type: 'hello', version: PROTOCOL_VERSION, client: this.options.client ?? 'peerlink-web/0.1' };
+        if (resume) hello.resume = resume;
+        ws.send(JSON.stringify(hello));
       };
-      ws.onerror = () => fail(new SignalingError('unreachable', `cannot reach the signaling server at ${this.url}`));
+      ws.onerror = () => fail(new SignalingError('unreachable', `cannot reach the signaling server at ${url}`));
       ws.onclose = (ev) => {
         if (!settled) fail(new SignalingError('closed', `the signaling server closed the connection (${ev.code} ${ev.reason})`));
         else if (this.ws === ws) this._lost(`the signaling connection closed (${ev.code}${ev.reason ? ' ' + ev.reason : ''})`);
@@ -158,7 +176,7 @@ export class Signaling extends Emitter {
             fail(new SignalingError('unsupported_version', `the server speaks protocol ${msg.version}, we speak ${PROTOCOL_VERSION}`));
             return;
           }
-          welcome = { id: msg.peer_id, iceServers: msg.ice_servers, limits: msg.limits };
+          welcome = { id: msg.peer_id, iceServers: msg.ice_servers, limits: msg.limits, resume: msg.resume };
           /** @type {Record<string, unknown>} */
           const join = { type: 'join', room: this.options.room };
           if (this.options.name) join.name = this.options.name;
@@ -167,9 +185,14 @@ export class Signaling extends Emitter {
         } else if (msg.type === 'joined' && welcome) {
           settled = true;
           clearTimeout(timer);
+          const before = this.session?.id;
           this.ws = ws;
-          this.session = { ...welcome, peers: msg.peers };
+          this.session = { ...welcome, peers: msg.peers, url };
           this._attempt = 0;
+          // Held messages belong to the session they were made in.
+          const held = this._held;
+          this._held = [];
+          if (before === welcome.id) for (const m of held) ws.send(JSON.stringify(m));
           this._startPings();
           resolve(this.session);
         }
@@ -231,9 +254,17 @@ export class Signaling extends Emitter {
       await new Promise((r) => setTimeout(r, inMs));
       if (this.closed) return;
       try {
-        const session = await this._open();
-        this.emit('joined', session);
-        return;
+        // Each URL once without a wait between, then back off.
+        const n = this.urls.length;
+        for (let i = 0; ; i++) {
+          try {
+            const session = await this._open(this.urls[(this._attempt - 1 + i) % n]);
+            this.emit('joined', session);
+            return;
+          } catch (e) {
+            if (i + 1 >= n || this.closed) throw e;
+          }
+        }
       } catch (e) {
         reason = e instanceof Error ? e.message : String(e);
         if (e instanceof SignalingError && !['timeout', 'unreachable', 'closed', 'shutting_down'].includes(e.code)) {
@@ -246,13 +277,22 @@ export class Signaling extends Emitter {
   }
 
   /**
-   * Sends a client message; false when there is no open connection (the
-   * message is dropped: signals belong to the session they were made in).
+   * Sends a client message. Without an open connection it is held while
+   * reconnecting with a resume token (sent once the same session is back),
+   * else dropped and false returned: signals belong to their session.
    * @param {ClientMsg} msg
    */
   send(msg) {
     const ws = this.ws;
-    if (!ws || ws.readyState !== 1) return false;
+    if (!ws || ws.readyState !== 1) {
+      // Reconnecting with a resume token: the session goes on, so hold it.
+      if (!this.closed && this.session?.resume && this.options.reconnect) {
+        if (this._held.length >= MAX_HELD) this._held.shift();
+        this._held.push(msg);
+        return true;
+      }
+      return false;
+    }
     if (ws.bufferedAmount > MAX_QUEUED * 65_536) {
       ws.close(4001, 'not draining');
       return false;

@@ -94,7 +94,9 @@ export function run(args, { env = {} } = {}) {
 
 /** `peerlink serve` on a free loopback port. */
 export async function serve(extra = [], listen = '127.0.0.1:0') {
-  const p = run(['serve', '--listen', listen, '--turn-listen', '127.0.0.1:0', '--turn-external-ip', '127.0.0.1', '--turn-allow-loopback', ...extra]);
+  // One resume key for every server a test starts: a restarted server
+  // takes its clients back under their ids.
+  const p = run(['serve', '--listen', listen, '--turn-listen', '127.0.0.1:0', '--turn-external-ip', '127.0.0.1', '--turn-allow-loopback', '--resume-secret', 'e2e-resume-key', ...extra]);
   const line = await new Promise((ok, fail) => {
     const t = setTimeout(() => fail(new Error(`serve did not start: ${p.stderr}`)), 20_000);
     const check = () => {
