@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// this process.
     #[arg(long, env = "PEERLINK_REDIS")]
     redis: Option<String>,
+    /// --redis names a Redis Cluster: one or more of its nodes' URLs,
+    /// comma-separated (the others are learned from them).
+    #[arg(long, env = "PEERLINK_REDIS_CLUSTER", requires = "redis")]
+    redis_cluster: bool,
     /// How long a node's members outlive it in Redis when it dies or is cut
     /// off: the other nodes tell their peers `peer_left` within about this
     /// and a third. 1s to 1m.
@@ -406,6 +410,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         turn_stats.map(|stats| peerlink_signal::MoreMetrics::new(move |m| turn_metrics(&stats, m)));
     let backplane = args.redis.as_ref().map(|url| peerlink_signal::BackplaneConfig {
         lease: args.redis_lease,
+        cluster: args.redis_cluster,
         ..peerlink_signal::BackplaneConfig::redis(url.clone())
     });
     // Resume tokens outlive a node: every node must sign them alike.

@@ -34,6 +34,88 @@ impl Redis {
     }
 }
 
+/// A Redis Cluster of three masters, each a `redis-server` of this test in a
+/// scratch folder, joined with `redis-cli --cluster create`.
+struct RedisCluster {
+    nodes: Vec<Child>,
+    dir: std::path::PathBuf,
+    seeds: String,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("pl-cli-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> =
+            (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &format!("nodes-{port}.conf"),
+                    ])
+                    .current_dir(&dir)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server")
+            })
+            .collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for a in &addrs {
+            while std::net::TcpStream::connect(a).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian package redis-tools)");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        for a in &addrs {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{a}"), "cluster", "info"])
+                    .output();
+                if String::from_utf8_lossy(&info.unwrap().stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline + Duration::from_secs(10), "cluster not ok at {a}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let seeds = addrs.iter().map(|a| format!("redis://{a}/")).collect::<Vec<_>>().join(",");
+        RedisCluster { nodes, dir, seeds }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -166,6 +248,43 @@ fn six_peers_on_three_nodes_form_one_mesh_and_a_seventh_is_refused() {
     for (i, p) in peers.iter_mut().enumerate() {
         assert_eq!(p.wait_exit(), 0, "n{i}: {}", p.stderr());
     }
+}
+
+/// Two nodes on a Redis Cluster of three masters (`serve --redis SEEDS
+/// --redis-cluster`): peers on different nodes meet, connect and chat, a
+/// third is refused `room_full` (the room's limit is two) on either node,
+/// and one that leaves is heard to leave on the other node.
+#[test]
+fn nodes_share_rooms_through_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let start = || {
+        let args =
+            ["serve", "--listen", "127.0.0.1:0", "--no-turn", "--redis", &cluster.seeds, "--redis-cluster"];
+        let mut proc =
+            Proc::spawn(&[&args[..], &["--max-peers-per-room", "2", "--resume-secret", "k"]].concat());
+        let line = proc.expect("listening on");
+        let node = Node { proc, addr: line.rsplit(' ').next().unwrap().to_string() };
+        node.wait_backplane_up();
+        node
+    };
+    let nodes = [start(), start()];
+    let mut a = chat("shards", &nodes[0], "a");
+    a.expect("* joined shards");
+    let mut b = chat("shards", &nodes[1], "b");
+    b.expect("* joined shards");
+    connected_to_all(&mut a, &["b"]);
+    connected_to_all(&mut b, &["a"]);
+    a.type_line("across a cluster");
+    assert_eq!(b.expect("across a cluster"), "a: across a cluster");
+    for node in &nodes {
+        let mut third = chat("shards", node, "c");
+        assert_eq!(third.wait_exit(), 1);
+        assert!(third.stderr().contains("room_full"), "{}", third.stderr());
+    }
+    b.terminate();
+    assert_eq!(b.wait_exit(), 0);
+    a.expect("* b left");
+    a.terminate();
 }
 
 /// A peer that can fall back to `fallback` when its node goes away.

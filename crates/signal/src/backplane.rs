@@ -23,6 +23,16 @@
 //! the node was cut off for longer than the lease) puts its members back,
 //! and a lease later compares each room with Redis's copy, telling its
 //! members what changed meanwhile.
+//!
+//! On a Redis Cluster ([`BackplaneConfig::cluster`]) commands are routed by
+//! slot, and a batch becomes one pipeline per hash tag (a pipeline must stay
+//! in one slot there). Node channels stay classic pub/sub, which the
+//! cluster carries to every shard; each node subscribes on one cluster
+//! node. Ordering: a subscriber sees the messages published on one cluster
+//! node in order, but not those of different nodes, so a message to a
+//! member on another node is published from the room's own slot (a one-line
+//! script keyed by the room), where the room's membership events are
+//! published too: a peer's signals still follow its `peer_joined`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +52,8 @@ const LEAVE: &str = include_str!("lua/leave.lua");
 const SYNC: &str = include_str!("lua/sync.lua");
 const HEARTBEAT: &str = include_str!("lua/heartbeat.lua");
 const FORGET: &str = include_str!("lua/forget.lua");
+/// PUBLISH from the slot of KEYS[1] (the room), on a Redis Cluster.
+const PUBLISH_FROM_ROOM: &str = "return redis.call('PUBLISH', ARGV[1], ARGV[2])";
 
 /// Longest a connection attempt or a reply from Redis may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -69,13 +81,125 @@ pub struct BackplaneConfig {
     /// Bytes of messages for other nodes that may wait to be sent to
     /// Redis; past it they are refused to their senders (`peer_busy`).
     pub max_queued_bytes: usize,
+    /// `url` is a Redis Cluster: one or more of its nodes' URLs,
+    /// comma-separated, to learn the rest from.
+    pub cluster: bool,
 }
 
 impl BackplaneConfig {
     /// Redis at `url`, with a 3 s lease and 16 MiB of queue.
     pub fn redis(url: impl Into<String>) -> Self {
-        BackplaneConfig { url: url.into(), lease: Duration::from_secs(3), max_queued_bytes: 16 << 20 }
+        BackplaneConfig {
+            url: url.into(),
+            lease: Duration::from_secs(3),
+            max_queued_bytes: 16 << 20,
+            cluster: false,
+        }
     }
+
+    /// A Redis Cluster, reached through `seeds` (comma-separated URLs).
+    pub fn redis_cluster(seeds: impl Into<String>) -> Self {
+        BackplaneConfig { cluster: true, ..BackplaneConfig::redis(seeds) }
+    }
+}
+
+/// Where the commands go: one Redis, or a cluster.
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection to one Redis, or to a Redis Cluster (routed by slot).
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Commands sent together: one pipeline on a single Redis; on a cluster one
+/// per hash tag (each stays in its slot), in the order each tag first
+/// appears, every command's reply in its place.
+#[derive(Default)]
+struct Batch {
+    cmds: Vec<(Option<String>, redis::Cmd)>,
+}
+
+impl Batch {
+    /// `tag`: the hash tag of the command's keys; `None` for keyless ones.
+    fn add(&mut self, tag: Option<String>, cmd: redis::Cmd) {
+        self.cmds.push((tag, cmd));
+    }
+
+    async fn run(self, conn: &mut Conn) -> redis::RedisResult<Vec<redis::Value>> {
+        if self.cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Conn::Single(_) = conn {
+            let mut pipe = redis::pipe();
+            for (_, cmd) in self.cmds {
+                pipe.add_command(cmd);
+            }
+            return pipe.query_async(conn).await;
+        }
+        let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
+        for (i, (tag, _)) in self.cmds.iter().enumerate() {
+            match groups.iter_mut().find(|(t, _)| t == tag) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((tag.clone(), vec![i])),
+            }
+        }
+        let mut out = vec![redis::Value::Nil; self.cmds.len()];
+        for (_, idx) in groups {
+            let mut pipe = redis::pipe();
+            for &i in &idx {
+                pipe.add_command(self.cmds[i].1.clone());
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+            for (i, v) in idx.into_iter().zip(replies) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The hash tag of a room's keys.
+fn room_tag(room: &str) -> Option<String> {
+    Some(format!("{{{room}}}"))
+}
+
+/// The hash tag of the node leases and indexes.
+fn pl_tag() -> Option<String> {
+    Some("{pl}".to_string())
 }
 
 /// One member as Redis stores it.
@@ -177,6 +301,7 @@ enum Op {
     },
     Publish {
         node: String,
+        room: String,
         payload: String,
         at: Instant,
     },
@@ -241,7 +366,20 @@ impl Backplane {
         stop: watch::Receiver<bool>,
         drain_grace: Duration,
     ) -> Result<Arc<Backplane>, redis::RedisError> {
-        let client = redis::Client::open(cfg.url.as_str())?;
+        let seeds: Vec<&str> = cfg.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        // Node channels are read from one Redis (on a cluster, the first
+        // seed: classic pub/sub reaches every shard).
+        let client = redis::Client::open(*seeds.first().unwrap_or(&cfg.url.as_str()))?;
+        let target = if cfg.cluster {
+            Target::Cluster(
+                redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .build()?,
+            )
+        } else {
+            Target::Single(client.clone())
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let bp = Arc::new(Backplane {
             node: format!("{:016x}", rand::random::<u64>()),
@@ -261,7 +399,7 @@ impl Backplane {
         // The stream is read until the commands task has said goodbye: a
         // draining node must still hear its members move to other nodes.
         let (done_tx, done_rx) = watch::channel(false);
-        let cmds = commands(bp.clone(), hub.clone(), client.clone(), rx, resync_rx, stop, drain);
+        let cmds = commands(bp.clone(), hub.clone(), target, rx, resync_rx, stop, drain);
         tokio::spawn(async move {
             cmds.await;
             drop(done_tx);
@@ -354,24 +492,24 @@ impl Backplane {
         }
         let to = to.map_or("", |t| t.as_str());
         let payload = format!("f\t{room}\t{to}\t{from}\t{}\n{}", self.node, frame.as_str());
-        self.publish(node, payload)
+        self.publish(node, room, payload)
     }
 
     /// Tells `to` on `node` that what it sent was refused (`frame` is the error).
     pub fn refuse(&self, node: &str, room: &str, to: &PeerId, frame: &Utf8Bytes) {
         let payload = format!("e\t{room}\t{to}\n{}", frame.as_str());
-        if self.publish(node, payload).is_err() {
+        if self.publish(node, room, payload).is_err() {
             tracing::debug!(%to, "a refusal for another node was dropped: its queue is full");
         }
     }
 
-    fn publish(&self, node: &str, payload: String) -> Result<(), Full> {
+    fn publish(&self, node: &str, room: &str, payload: String) -> Result<(), Full> {
         let n = payload.len();
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_queued {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return Err(Full::Backplane);
         }
-        let op = Op::Publish { node: node.to_string(), payload, at: Instant::now() };
+        let op = Op::Publish { node: node.to_string(), room: room.to_string(), payload, at: Instant::now() };
         if self.ops.send(op).is_err() {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return Err(Full::Down);
@@ -428,11 +566,16 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
-async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(REDIS_TIMEOUT)
-        .set_response_timeout(REDIS_TIMEOUT);
-    client.get_multiplexed_async_connection_with_config(&cfg).await
+async fn connect(target: &Target) -> redis::RedisResult<Conn> {
+    match target {
+        Target::Single(client) => {
+            let cfg = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(REDIS_TIMEOUT)
+                .set_response_timeout(REDIS_TIMEOUT);
+            Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&cfg).await?))
+        }
+        Target::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+    }
 }
 
 /// Sends what the hub asks for, renews the lease, sweeps dead nodes and
@@ -440,7 +583,7 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::Multi
 async fn commands(
     bp: Arc<Backplane>,
     hub: Arc<Hub>,
-    client: redis::Client,
+    target: Target,
     mut ops: mpsc::UnboundedReceiver<Op>,
     mut resync: mpsc::UnboundedReceiver<()>,
     mut stop: watch::Receiver<bool>,
@@ -462,7 +605,7 @@ async fn commands(
         if draining.is_some_and(|d| Instant::now() > d) {
             return;
         }
-        let mut conn = match connect(&client).await {
+        let mut conn = match connect(&target).await {
             Ok(c) => c,
             Err(e) => {
                 bp.failed("connecting", &e);
@@ -521,11 +664,13 @@ async fn commands(
                 }
                 _ = tokio::time::sleep_until(sync_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if sync_at.is_some() => {
                     sync_at = None;
-                    let mut pipe = redis::pipe();
+                    let mut batch = Batch::default();
                     for room in hub.local_rooms() {
-                        pipe.cmd("EVAL").arg(SYNC).arg(1).arg(members_key(&room)).arg(&room).arg(&bp.node).ignore();
+                        let mut c = redis::cmd("EVAL");
+                        c.arg(SYNC).arg(1).arg(members_key(&room)).arg(&room).arg(&bp.node);
+                        batch.add(room_tag(&room), c);
                     }
-                    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                    if let Err(e) = batch.run(&mut conn).await {
                         if is_connection_error(&e) {
                             break e;
                         }
@@ -553,17 +698,21 @@ async fn commands(
 
 /// Takes what is left of this node out of Redis (its members, whose
 /// connections are gone, and its lease).
-async fn farewell(bp: &Backplane, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+async fn farewell(bp: &Backplane, conn: &mut Conn) -> redis::RedisResult<()> {
     let held: Vec<String> = redis::cmd("SMEMBERS").arg(index_key(&bp.node)).query_async(conn).await?;
-    let mut pipe = redis::pipe();
+    let mut batch = Batch::default();
     for e in &held {
         if let Some((room, peer)) = e.split_once('\t') {
-            pipe.add_command(leave_cmd(room, peer, &bp.node)).ignore();
+            batch.add(room_tag(room), leave_cmd(room, peer, &bp.node));
         }
     }
-    pipe.cmd("DEL").arg(index_key(&bp.node)).ignore();
-    pipe.cmd("ZREM").arg(LEASES).arg(&bp.node).ignore();
-    pipe.query_async::<()>(conn).await?;
+    let mut del = redis::cmd("DEL");
+    del.arg(index_key(&bp.node));
+    batch.add(pl_tag(), del);
+    let mut zrem = redis::cmd("ZREM");
+    zrem.arg(LEASES).arg(&bp.node);
+    batch.add(pl_tag(), zrem);
+    batch.run(conn).await?;
     tracing::info!(members = held.len(), "redis backplane: this node left");
     Ok(())
 }
@@ -573,7 +722,7 @@ async fn farewell(bp: &Backplane, conn: &mut redis::aio::MultiplexedConnection) 
 async fn heartbeat(
     bp: &Backplane,
     hub: &Hub,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     restore_again: &mut bool,
 ) -> redis::RedisResult<bool> {
     let reply: Vec<String> = redis::cmd("EVAL")
@@ -594,25 +743,29 @@ async fn heartbeat(
             if fresh {
                 tracing::info!(members = members.len(), "redis backplane: putting this node's members back");
             }
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::default();
             for (room, peer, name) in &members {
-                pipe.cmd("SADD").arg(index_key(&bp.node)).arg(entry(room, peer.as_str())).ignore();
-                pipe.add_command(join_cmd(room, peer, &bp.node, name.as_deref(), usize::MAX, "restore"))
-                    .ignore();
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(index_key(&bp.node)).arg(entry(room, peer.as_str()));
+                batch.add(pl_tag(), sadd);
+                batch.add(
+                    room_tag(room),
+                    join_cmd(room, peer, &bp.node, name.as_deref(), usize::MAX, "restore"),
+                );
             }
-            pipe.query_async::<()>(conn).await?;
+            batch.run(conn).await?;
         }
     }
     for dead in reply.iter().skip(1).filter(|d| **d != bp.node) {
         let held: Vec<String> = redis::cmd("SMEMBERS").arg(index_key(dead)).query_async(conn).await?;
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::default();
         for e in &held {
             if let Some((room, peer)) = e.split_once('\t') {
-                pipe.add_command(leave_cmd(room, peer, dead));
+                batch.add(room_tag(room), leave_cmd(room, peer, dead));
             }
         }
-        let removed: Vec<i64> = pipe.query_async(conn).await?;
-        let n = removed.iter().filter(|r| **r == 1).count();
+        let removed = batch.run(conn).await?;
+        let n = removed.iter().filter(|r| redis::from_redis_value::<i64>(r).ok() == Some(1)).count();
         let _: i64 = redis::cmd("EVAL")
             .arg(FORGET)
             .arg(2)
@@ -628,12 +781,9 @@ async fn heartbeat(
 }
 
 /// Sends one batch in one round trip.
-async fn run_batch(
-    bp: &Backplane,
-    conn: &mut redis::aio::MultiplexedConnection,
-    batch: Vec<Op>,
-) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
+async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::RedisResult<()> {
+    let cluster = matches!(conn, Conn::Cluster(_));
+    let mut pipe = Batch::default();
     let mut joins: Vec<(usize, oneshot::Sender<JoinOutcome>)> = Vec::new();
     // Dropped at the end, which tells the waiting leaves (done or failed).
     let mut _leaves: Vec<oneshot::Sender<()>> = Vec::new();
@@ -644,28 +794,42 @@ async fn run_batch(
     for op in batch {
         match op {
             Op::Join { room, peer, name, max, resume, reply } => {
-                pipe.cmd("SADD").arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                pipe.add(pl_tag(), sadd);
                 let mode = if resume { "resume" } else { "join" };
-                pipe.add_command(join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode));
+                pipe.add(room_tag(&room), join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode));
                 joins.push((i + 1, reply));
                 i += 2;
             }
             Op::Leave { room, peer, done } => {
                 _leaves.extend(done);
-                pipe.add_command(leave_cmd(&room, peer.as_str(), &bp.node));
-                pipe.cmd("SREM").arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                pipe.add(room_tag(&room), leave_cmd(&room, peer.as_str(), &bp.node));
+                let mut srem = redis::cmd("SREM");
+                srem.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+                pipe.add(pl_tag(), srem);
                 i += 2;
             }
-            Op::Publish { node, payload, at } => {
+            Op::Publish { node, room, payload, at } => {
                 bytes += payload.len();
                 oldest = Some(oldest.map_or(at, |o| o.min(at)));
-                pipe.cmd("PUBLISH").arg(channel(&node)).arg(payload);
+                if cluster {
+                    // From the room's slot, where its membership events
+                    // are published: one order for both (module docs).
+                    let mut c = redis::cmd("EVAL");
+                    c.arg(PUBLISH_FROM_ROOM).arg(1).arg(members_key(&room)).arg(channel(&node)).arg(payload);
+                    pipe.add(room_tag(&room), c);
+                } else {
+                    let mut c = redis::cmd("PUBLISH");
+                    c.arg(channel(&node)).arg(payload);
+                    pipe.add(None, c);
+                }
                 published += 1;
                 i += 1;
             }
         }
     }
-    let result = pipe.query_async::<Vec<redis::Value>>(conn).await;
+    let result = pipe.run(conn).await;
     bp.queued.fetch_sub(bytes, Ordering::Relaxed);
     if let Some(at) = oldest {
         bp.counters.lag_us.store(at.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -46,6 +46,8 @@ fn config() -> Config {
 enum Backend {
     Memory,
     Redis,
+    /// A Redis Cluster of three masters.
+    RedisCluster,
 }
 
 /// Nodes a Redis-backed test server runs.
@@ -93,6 +95,78 @@ impl Redis {
         }
     }
 
+    /// A Redis Cluster of `n` masters (no replicas), each a `redis-server`
+    /// of this test in a scratch folder, made one with `redis-cli --cluster
+    /// create`; the first is returned, the others live in `rest`.
+    async fn cluster(n: usize) -> (Redis, Vec<Redis>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pl-cluster-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let port =
+                TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+            let child = tokio::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                ])
+                .current_dir(&dir)
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server (Debian package redis-server) must be installed");
+            nodes.push(Redis { port, child: Some(child) });
+        }
+        for r in &nodes {
+            let deadline = Instant::now() + WAIT;
+            while TcpStream::connect(("127.0.0.1", r.port)).await.is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not listen within {WAIT:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let addrs: Vec<String> = nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
+        let created = timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output(),
+        )
+        .await
+        .expect("redis-cli --cluster create in time")
+        .expect("redis-cli (Debian package redis-tools) must be installed");
+        assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
+        // Every node must see the cluster whole before it serves.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for a in &addrs {
+            loop {
+                let info = tokio::process::Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{a}"), "cluster", "info"])
+                    .output()
+                    .await
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster not ok at {a}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let first = nodes.remove(0);
+        (first, nodes, dir)
+    }
+
     /// Kills it: its data is gone (nothing is saved).
     async fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
@@ -110,6 +184,8 @@ struct TestServer {
     /// Nodes after the first (Redis only).
     others: Vec<(oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>,
     redis: Option<Redis>,
+    /// The other masters of a Redis Cluster, and its scratch folder.
+    cluster: Option<(Vec<Redis>, PathBuf)>,
 }
 
 async fn start_node(config: Config) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<std::io::Result<()>>) {
@@ -148,13 +224,23 @@ impl TestServer {
     }
 
     async fn on(backend: Backend, config: Config) -> TestServer {
-        let (redis, n) = match backend {
-            Backend::Memory => (None, 1),
-            Backend::Redis => (Some(Redis::start().await), NODES),
+        let (redis, cluster, n) = match backend {
+            Backend::Memory => (None, None, 1),
+            Backend::Redis => (Some(Redis::start().await), None, NODES),
+            Backend::RedisCluster => {
+                let (first, rest, dir) = Redis::cluster(3).await;
+                (Some(first), Some((rest, dir)), NODES)
+            }
         };
         let mut config = config;
         if let Some(r) = &redis {
-            let mut bp = peerlink_signal::BackplaneConfig::redis(r.url());
+            let mut bp = match &cluster {
+                None => peerlink_signal::BackplaneConfig::redis(r.url()),
+                // Seeds: every master (the client learns the slots itself).
+                Some((rest, _)) => peerlink_signal::BackplaneConfig::redis_cluster(
+                    std::iter::once(r).chain(rest).map(Redis::url).collect::<Vec<_>>().join(","),
+                ),
+            };
             bp.lease = Duration::from_millis(1500);
             config.backplane = Some(bp);
             // Nodes of one deployment sign resume tokens alike.
@@ -181,6 +267,7 @@ impl TestServer {
             task: Some(task),
             others,
             redis,
+            cluster,
         }
     }
 
@@ -221,6 +308,9 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         for (stop, _) in self.others.drain(..) {
             let _ = stop.send(());
+        }
+        if let Some((_, dir)) = &self.cluster {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -455,7 +545,8 @@ async fn still_served(a: &mut Client, a_id: &PeerId, b: &mut Client, b_id: &Peer
 
 /// Runs a hub test on both backends: the memory hub of one process, and
 /// three nodes sharing rooms through Redis (clients spread over them in
-/// turn, so members of one room sit on different nodes).
+/// turn, so members of one room sit on different nodes), once on a single
+/// Redis and once on a Redis Cluster of three masters.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -466,6 +557,10 @@ macro_rules! on_both_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$name(super::Backend::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(super::Backend::RedisCluster).await
             }
         }
     )*};
@@ -1837,4 +1932,10 @@ async fn metrics_count_connections_relays_errors_and_kicks() {
     );
     assert_eq!(sample(&quiet_text, r#"peerlink_errors_total{code="hello_required"}"#), Some(1));
     assert_eq!(sample(&text, r#"peerlink_kicks_total{reason="hello_required"}"#), None, "the other server's");
+}
+
+/// A suffix that keeps two tests' scratch folders apart.
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
