@@ -20,6 +20,19 @@ struct Redis {
 impl Redis {
     fn start() -> Redis {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::on(port)
+    }
+
+    /// Kills it (its data is lost: nothing is saved) and starts it again on
+    /// the same port.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port: u16 = self.url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
+        *self = Redis::on(port);
+    }
+
+    fn on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -285,6 +298,49 @@ fn nodes_share_rooms_through_a_redis_cluster() {
     assert_eq!(b.wait_exit(), 0);
     a.expect("* b left");
     a.terminate();
+}
+
+/// Redis killed (its data lost) while peers on two nodes chat: their data
+/// channels keep flowing, the nodes say they are degraded, and once Redis is
+/// back (restarted on the same port) a newcomer joins and reaches both.
+#[test]
+fn peers_chat_on_while_redis_restarts() {
+    let mut redis = Redis::start();
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(&redis, &[])).collect();
+    let mut a = chat("bounce", &nodes[0], "a");
+    a.expect("* joined bounce");
+    let mut b = chat("bounce", &nodes[1], "b");
+    b.expect("* joined bounce");
+    connected_to_all(&mut a, &["b"]);
+    connected_to_all(&mut b, &["a"]);
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        while n.healthz()["status"] != "degraded" {
+            assert!(Instant::now() < deadline, "node {} never said it was degraded", n.addr);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    a.type_line("redis is gone");
+    assert_eq!(b.expect("redis is gone"), "a: redis is gone");
+    redis.restart();
+    for n in &nodes {
+        n.wait_backplane_up();
+    }
+    let mut c = chat("bounce", &nodes[1], "c");
+    c.expect("* joined bounce");
+    connected_to_all(&mut c, &["a", "b"]);
+    c.type_line("after the restart");
+    assert_eq!(a.expect("after the restart"), "c: after the restart");
+    assert_eq!(b.expect("after the restart"), "c: after the restart");
+    for p in [&a, &b] {
+        let left: Vec<&String> = p.seen.iter().filter(|l| l.ends_with(" left")).collect();
+        assert!(left.is_empty(), "someone was seen to leave: {left:?}");
+    }
+    for p in [&a, &b, &c] {
+        p.terminate();
+    }
 }
 
 /// A peer that can fall back to `fallback` when its node goes away.

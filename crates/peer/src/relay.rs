@@ -668,11 +668,13 @@ impl Gatherer {
         let Some(i) = self.turn.iter().position(|t| t.link == Link::Stream(stream)) else {
             return Demux::Consumed;
         };
-        match self.turn_input(i, now, frame) {
+        let demux = match self.turn_input(i, now, frame) {
             // Nothing but TURN comes over the stream.
             Demux::Pass => Demux::Consumed,
             d => d,
-        }
+        };
+        self.decide_fallback(now);
+        demux
     }
 
     /// Stream `stream` is connected (and its TLS handshake done): the
@@ -710,36 +712,67 @@ impl Gatherer {
             }
             StreamState::Planned | StreamState::Done(_) => {}
         }
+        self.decide_fallback(now);
         self.check_complete();
     }
 
-    /// Starts the TCP and TLS servers once UDP has had its chance, or marks
-    /// them not needed.
+    /// Starts the TCP servers once UDP has had its chance, then the TLS
+    /// ones if TCP gives nothing either; marks what is left not needed once
+    /// an allocation is granted. UDP, then TCP, then TLS: each is cheaper
+    /// for everyone than the next, and TLS is for networks that let only
+    /// TLS out.
     fn decide_fallback(&mut self, now: Instant) {
-        if self.fallback_decided || self.streams.is_empty() {
+        if self.streams.iter().all(|p| p.state != StreamState::Planned) {
             return;
         }
-        let udp = || self.turn.iter().filter(|t| t.transport == TurnTransport::Udp);
-        let granted = udp().any(|t| matches!(t.outcome, Outcome::Ok(_)));
-        let all_failed = udp().all(|t| matches!(t.outcome, Outcome::Failed(_)));
-        if granted {
+        let granted = |t: TurnTransport| {
+            self.turn.iter().any(|a| a.transport == t && matches!(a.outcome, Outcome::Ok(_)))
+        };
+        let settled = |t: TurnTransport| {
+            self.turn.iter().filter(|a| a.transport == t).all(|a| matches!(a.outcome, Outcome::Failed(_)))
+                // (A connected stream's allocation is among `turn` above.)
+                && self
+                    .streams
+                    .iter()
+                    .filter(|p| p.transport == t)
+                    .all(|p| matches!(p.state, StreamState::Done(_) | StreamState::Up(_)))
+        };
+        let next = if granted(TurnTransport::Udp) || granted(TurnTransport::Tcp) {
+            None
+        } else if !self.fallback_decided {
+            if !settled(TurnTransport::Udp) && now < self.base + STREAM_FALLBACK_AFTER {
+                return;
+            }
             self.fallback_decided = true;
+            let tcp = self.streams.iter().any(|p| p.transport == TurnTransport::Tcp);
+            Some(if tcp { TurnTransport::Tcp } else { TurnTransport::Tls })
+        } else if settled(TurnTransport::Tcp) {
+            Some(TurnTransport::Tls)
+        } else {
+            return;
+        };
+        self.fallback_decided = true;
+        let Some(transport) = next else {
             for p in &mut self.streams {
-                p.state = StreamState::Done(GatherFailure::NotNeeded);
+                if p.state == StreamState::Planned {
+                    p.state = StreamState::Done(GatherFailure::NotNeeded);
+                }
             }
             self.check_complete();
-        } else if all_failed || now >= self.base + STREAM_FALLBACK_AFTER {
-            self.fallback_decided = true;
-            for (stream, p) in self.streams.iter_mut().enumerate() {
-                tracing::debug!(server = %p.server, transport = %p.transport, "no UDP relay: trying TURN over {}", p.transport);
-                p.state = StreamState::Connecting;
-                self.out.push_back(Output::Connect {
-                    stream,
-                    from: self.hosts[p.socket].ip(),
-                    server: p.server,
-                    tls_name: (p.transport == TurnTransport::Tls).then(|| p.host.clone()),
-                });
+            return;
+        };
+        for (stream, p) in self.streams.iter_mut().enumerate() {
+            if p.state != StreamState::Planned || p.transport != transport {
+                continue;
             }
+            tracing::debug!(server = %p.server, "no relay yet: trying TURN over {transport}");
+            p.state = StreamState::Connecting;
+            self.out.push_back(Output::Connect {
+                stream,
+                from: self.hosts[p.socket].ip(),
+                server: p.server,
+                tls_name: (transport == TurnTransport::Tls).then(|| p.host.clone()),
+            });
         }
     }
 

@@ -298,3 +298,46 @@ async fn turn_over_tcp_is_tried_only_when_udp_gets_no_allocation() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1500), "TCP tried after {waited:?}, before UDP had its chance");
 }
+
+/// TLS comes last: with UDP silent and TCP working, TLS is never opened;
+/// with TCP refused too, TLS carries the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_over_tls_is_tried_only_when_tcp_fails_too() {
+    let turn = turn().await;
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let urls = |tcp: SocketAddr| {
+        vec![
+            format!("turn:{}", silent.local_addr().unwrap()),
+            format!("turn:{tcp}?transport=tcp"),
+            format!("turns:{}", turn.tls),
+        ]
+    };
+    for (tcp, want, tls_outcome_is_ok) in
+        [(turn.tcp, TurnTransport::Tcp, false), (closed, TurnTransport::Tls, true)]
+    {
+        let server = signaling_with(urls(tcp)).await;
+        let mut c = relay_only(&server, "tls-last");
+        c.ice.turn_ca = Some(turn.cert_pem.clone().into_bytes());
+        let mut p = Peer::join(c).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
+        let report = loop {
+            let r = p.room.gathering().await.unwrap();
+            if r.complete {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "gathering never completed: {r}");
+            p.pump_for(Duration::from_millis(50)).await;
+        };
+        let by = |t| report.relay.iter().find(|r| r.transport == t).unwrap().outcome.clone();
+        assert!(matches!(by(want), GatherOutcome::Ok(_)), "{report}");
+        if tls_outcome_is_ok {
+            assert!(
+                matches!(by(TurnTransport::Tcp), GatherOutcome::Failed(GatherFailure::StreamConnect(_))),
+                "{report}"
+            );
+        } else {
+            assert_eq!(by(TurnTransport::Tls), GatherOutcome::Failed(GatherFailure::NotNeeded), "{report}");
+        }
+    }
+}

@@ -661,6 +661,13 @@ async fn commands(
                 }
                 Some(()) = resync.recv() => {
                     sync_at = Some(Instant::now() + bp.lease);
+                    // The stream broke and came back: this connection may
+                    // be a dead one to a Redis that restarted.
+                    match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                        Ok(_) => bp.commands_up.store(true, Ordering::Relaxed),
+                        Err(e) if is_connection_error(&e) => break e,
+                        Err(e) => bp.failed("ping", &e),
+                    }
                 }
                 _ = tokio::time::sleep_until(sync_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if sync_at.is_some() => {
                     sync_at = None;
@@ -920,6 +927,11 @@ async fn stream(
             }
         }
         bp.stream_up.store(false, Ordering::Relaxed);
+        // Redis went away, most likely: the commands connection is broken
+        // too, though it may not know before it next sends. Until it has
+        // checked (on the resync below, once the stream is back), joins
+        // are refused rather than lost on a dead connection.
+        bp.commands_up.store(false, Ordering::Relaxed);
         bp.failed("subscription", &"the connection closed");
     }
 }
