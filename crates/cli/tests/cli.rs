@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::Proc;
 
 #[test]
@@ -220,8 +222,79 @@ fn a_join_secret_lets_in_only_token_holders() {
     assert_eq!(server.wait_exit(), 0);
 }
 
+/// Checks `text` line by line against the Prometheus text exposition format
+/// (0.0.4): `# HELP` / `# TYPE` lines, samples `name{label="value",...}
+/// number`, each family typed once, before its samples, which are not
+/// split by another family's. Returns the samples.
+fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
+    fn name_ok(n: &str, first: fn(char) -> bool, rest: fn(char) -> bool) -> bool {
+        let mut c = n.chars();
+        c.next().is_some_and(first) && c.all(rest)
+    }
+    let metric = |n: &str| {
+        name_ok(
+            n,
+            |c| c.is_ascii_alphabetic() || c == '_' || c == ':',
+            |c| c.is_ascii_alphanumeric() || c == '_' || c == ':',
+        )
+    };
+    let label = |n: &str| {
+        name_ok(n, |c| c.is_ascii_alphabetic() || c == '_', |c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut typed: Vec<String> = Vec::new();
+    let mut done: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line: {line}"));
+            assert!(metric(name), "bad metric name: {line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "bad type: {line}"
+            );
+            assert!(!typed.iter().any(|t| t == name), "typed twice: {line}");
+            typed.push(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            assert!(metric(rest.split(' ').next().unwrap_or("")), "bad HELP line: {line}");
+            continue;
+        }
+        assert!(!line.starts_with('#') || line.starts_with("# "), "bad comment: {line}");
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                (n, Some(l.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"))))
+            }
+            None => (series, None),
+        };
+        assert!(metric(name), "bad metric name: {line}");
+        for pair in labels.into_iter().flat_map(|l| l.split("\",")) {
+            let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+            assert!(label(k) && v.starts_with('"'), "bad label {pair:?}: {line}");
+        }
+        assert!(typed.iter().any(|t| t == name), "sample before its TYPE: {line}");
+        if current.as_deref() != Some(name) {
+            assert!(!done.iter().any(|d| d == name), "family {name} split: {line}");
+            if let Some(c) = current.take() {
+                done.push(c);
+            }
+            current = Some(name.to_string());
+        }
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
 /// `--metrics-listen` moves GET /metrics (with the TURN server's counters)
-/// off the public port.
+/// off the public port; the page is valid Prometheus text and its TURN
+/// counters move as clients act (a TCP client that speaks STUN, one that
+/// does not).
 #[test]
 fn metrics_are_served_on_their_own_address() {
     let mut server = Proc::spawn(&[
@@ -233,11 +306,24 @@ fn metrics_are_served_on_their_own_address() {
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
+    let line = server.expect("TURN on tcp");
+    let turn_tcp = line.rsplit(' ').next().unwrap().to_string();
     let line = server.expect("metrics on http://");
     let metrics_addr = line.rsplit("http://").next().unwrap().trim_end_matches("/metrics").to_string();
     let line = server.expect("listening on");
     let addr = line.rsplit(' ').next().unwrap().to_string();
     let text = http_get(&metrics_addr, "/metrics");
+    let samples = prometheus_samples(&text);
+    assert!(samples.len() >= 30, "{text}");
+    // The checker itself refuses what is not the format.
+    for bad in [
+        "x 1",
+        "# TYPE x counter\nx{a=b} 1",
+        "# TYPE x counter\nx one",
+        "# TYPE x counter\n# TYPE y gauge\nx 1\ny 1\nx 2",
+    ] {
+        assert!(std::panic::catch_unwind(|| prometheus_samples(bad)).is_err(), "accepted {bad:?}");
+    }
     for family in [
         "peerlink_connections 0",
         "peerlink_joins_total 0",
@@ -248,6 +334,38 @@ fn metrics_are_served_on_their_own_address() {
     }
     let public = http_get(&addr, "/metrics");
     assert!(!public.contains("peerlink_connections"), "not on the public port: {public}");
+
+    // TURN over TCP: a STUN Binding request is answered and counted; a
+    // stream that is not STUN is closed and counted as refused.
+    use std::io::{Read, Write};
+    let mut stun = std::net::TcpStream::connect(&turn_tcp).unwrap();
+    stun.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let binding = [0u8, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    stun.write_all(&binding).unwrap();
+    let mut head = [0u8; 20];
+    stun.read_exact(&mut head).unwrap();
+    assert_eq!(&head[..2], &[0x01, 0x01], "a Binding success response over TCP");
+    let mut junk = std::net::TcpStream::connect(&turn_tcp).unwrap();
+    junk.write_all(b"PUT / HTTP/1.1\r\n\r\n").unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(junk.read(&mut [0u8; 16]).unwrap_or(0), 0, "closed");
+    let value = |text: &str, series: &str| {
+        prometheus_samples(text).into_iter().find(|(s, _)| s == series).map(|(_, v)| v)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        let moved = value(&text, "peerlink_turn_stream_connections_total") == Some(1.0)
+            && value(&text, "peerlink_turn_stream_connections") == Some(1.0)
+            && value(&text, "peerlink_turn_binding_requests_total") == Some(1.0)
+            && value(&text, r#"peerlink_turn_refusals_total{reason="stream_not_stun"}"#) == Some(1.0);
+        if moved {
+            break;
+        }
+        assert!(Instant::now() < deadline, "TURN counters did not move:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stun);
     server.terminate();
     assert_eq!(server.wait_exit(), 0);
 }
