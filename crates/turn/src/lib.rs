@@ -15,7 +15,8 @@
 //!   coturn instead of the embedded server. An expired REST username gets 401
 //!   for new allocations.
 //! - **No open relay**: allocations need valid credentials; quotas per user,
-//!   per client IP and in total (508 Insufficient Capacity); a hard cap on an
+//!   per client IP (486 Allocation Quota Reached, signed) and in total (508
+//!   Insufficient Capacity); a hard cap on an
 //!   allocation's age; a bandwidth token bucket per allocation and direction;
 //!   and a [`PeerPolicy`] that refuses loopback, unspecified, multicast,
 //!   broadcast, link-local, the server's listen socket and an allocation's

@@ -487,6 +487,7 @@ impl Driver {
             && req.has_method(ALLOCATE)
         {
             match self.allocate_user(gen_id, req) {
+                Ok(Some(user)) if self.quota_refused(from, req, &user) => return,
                 Ok(user) => self.st.pending_user = user.map(|u| (from, u)),
                 Err(username) => {
                     debug!(%from, user = username, "TURN allocation refused: REST username expired");
@@ -518,6 +519,40 @@ impl Driver {
             pump(generation, &mut self.st, now, Some(from));
         }
         self.st.pending_user = None;
+    }
+
+    /// Answers an authenticated ALLOCATE from a client without an allocation
+    /// with 486 (Allocation Quota Reached, RFC 8656 §7.2) when its user or
+    /// its address holds its quota; returns whether it did. turn-server-proto
+    /// can only refuse with 508, which says the server is full: a client
+    /// told 486 knows to give an allocation back instead of trying later.
+    fn quota_refused(&mut self, from: SocketAddr, req: &Message<'_>, user: &str) -> bool {
+        use stun_proto::types::attribute::{AttributeStaticType, MessageIntegrity};
+        use stun_proto::types::message::LongTermCredentials;
+        if self.st.ledger.client(from) != Client::New || !req.has_attribute(MessageIntegrity::TYPE) {
+            return false;
+        }
+        let Err(why @ (Refusal::UserQuota | Refusal::AddressQuota)) =
+            self.st.ledger.check_allocation(from, user)
+        else {
+            return false;
+        };
+        let password = match self.gens.static_users.iter().find(|(u, _)| u == user) {
+            Some((_, p)) => p.clone(),
+            None => match &self.st.rest_secret {
+                Some(secret) if rest_expiry(user).is_some() => rest_password(secret, user),
+                _ => return false,
+            },
+        };
+        let key = LongTermCredentials::new(user.to_owned(), password).to_key(self.st.realm.clone()).into();
+        if req.validate_integrity(&key).is_err() {
+            return false; // the protocol answers that one (401)
+        }
+        info!(client = %from, user, "TURN allocation refused: {why} (486)");
+        inc(&self.st.stats.counters().allocations_refused);
+        let response = stun::signed_error_response(req, ErrorCode::ALLOCATION_QUOTA_REACHED, &key);
+        self.st.send_to_client(&response, from);
+        true
     }
 
     /// Checks and primes the username of an ALLOCATE. Returns the name to

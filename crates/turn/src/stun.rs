@@ -47,6 +47,22 @@ pub(crate) fn error_response(
     resp.finish()
 }
 
+/// An error response to `req` signed with the requester's long-term key
+/// (RFC 8656 §7.2: the answer to an authenticated request is authenticated).
+pub(crate) fn signed_error_response(
+    req: &Message<'_>,
+    code: u16,
+    key: &stun_proto::types::message::MessageIntegrityCredentials,
+) -> Vec<u8> {
+    let mut resp = Message::builder_error(req, MessageWriteVec::new());
+    if let Ok(error) = ErrorCode::builder(code).build() {
+        let _ = resp.add_attribute(&error);
+    }
+    let _ = resp.add_message_integrity(key, stun_proto::types::message::IntegrityAlgorithm::Sha1);
+    let _ = resp.add_fingerprint();
+    resp.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

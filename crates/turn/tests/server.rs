@@ -337,9 +337,14 @@ async fn raw_allocate(
     req.add_attribute(&realm).unwrap();
     req.add_attribute(&nonce).unwrap();
     let key = LongTermCredentials::new(user.to_owned(), password.to_owned()).to_key(realm.realm().to_owned());
-    req.add_message_integrity(&key.into(), IntegrityAlgorithm::Sha1).unwrap();
+    req.add_message_integrity(&key.clone().into(), IntegrityAlgorithm::Sha1).unwrap();
     let reply = exchange(sock, server, &req.finish(), PROMPT).await.expect("ALLOCATE answered");
     if let Some(code) = error_code(&reply) {
+        if code == 486 {
+            // The answer to an authenticated request is authenticated.
+            let msg = Message::from_bytes(&reply).unwrap();
+            assert!(msg.validate_integrity(&key.into()).is_ok(), "486 signed with the user's key");
+        }
         return Err(code);
     }
     let reply = Message::from_bytes(&reply).unwrap();
@@ -492,8 +497,8 @@ async fn static_users_authenticate() {
 }
 
 #[tokio::test]
-async fn quotas_refuse_the_extra_allocation_with_508() {
-    // Per user.
+async fn quotas_refuse_the_extra_allocation_486_per_user_and_address_508_when_full() {
+    // Per user: 486 (Allocation Quota Reached), signed with the user's key.
     let mut config = test_config();
     config.limits.max_allocations_per_user = 2;
     let srv = start(config).await;
@@ -501,14 +506,15 @@ async fn quotas_refuse_the_extra_allocation_with_508() {
     for _ in 0..2 {
         assert!(raw_allocate(&udp().await, srv.addr, &user, &password).await.is_ok());
     }
-    assert_eq!(raw_allocate(&udp().await, srv.addr, &user, &password).await, Err(508));
+    assert_eq!(raw_allocate(&udp().await, srv.addr, &user, &password).await, Err(486));
     let (other, other_password) = creds("bob");
     assert!(raw_allocate(&udp().await, srv.addr, &other, &other_password).await.is_ok());
     let s = srv.stats();
     assert_eq!((s.allocations, s.allocations_refused), (3, 1));
     srv.shutdown().await;
 
-    // turn-client-proto sees the 508 as a failed allocation.
+    // The whole server full: 508 (Insufficient Capacity); turn-client-proto
+    // sees it as a failed allocation.
     let mut config = test_config();
     config.limits.max_allocations = 1;
     let srv = start(config).await;
@@ -526,7 +532,7 @@ async fn quotas_refuse_the_extra_allocation_with_508() {
     config.limits.max_allocations_per_ip = 1;
     let srv = start(config).await;
     assert!(raw_allocate(&udp().await, srv.addr, &ua, &pa).await.is_ok());
-    assert_eq!(raw_allocate(&udp().await, srv.addr, &ub, &pb).await, Err(508));
+    assert_eq!(raw_allocate(&udp().await, srv.addr, &ub, &pb).await, Err(486));
     srv.shutdown().await;
 }
 
