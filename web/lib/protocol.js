@@ -51,7 +51,7 @@ export function validRoom(room) {
 /**
  * Server → client. Types this version does not know parse to `{type: 'unknown'}`.
  * @typedef {{ type: 'welcome', version: number, peer_id: string, ice_servers: IceServer[], limits: Limits, resume?: string }
- *   | { type: 'joined', room: string, peers: PeerInfo[] }
+ *   | { type: 'joined', room: string, peers: PeerInfo[], resumed?: boolean }
  *   | { type: 'left', room: string }
  *   | { type: 'peer_joined', room: string, peer: PeerInfo }
  *   | { type: 'peer_left', room: string, peer_id: string }
@@ -178,7 +178,9 @@ export function parseServerMsg(text) {
     }
     case 'joined':
       if (!Array.isArray(v.peers)) throw new ProtocolError('joined.peers must be a list');
-      return { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer) };
+      return v.resumed === true
+        ? { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer), resumed: true }
+        : { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer) };
     case 'left':
       return { type: 'left', room: str(v, 'room') };
     case 'peer_joined':

@@ -123,12 +123,12 @@ export class Room extends Emitter {
     // while signaling reconnects.
     this.signaling.on('reconnecting', (r) => this.emit('reconnecting', r));
     this.signaling.on('joined', (s) => {
-      const resumed = s.id === this.id;
-      if (!resumed) {
-        // A new id: the others know us no more, so today's connections
-        // go and the room is joined afresh (channels opened again).
-        for (const peer of [...this.members.keys()]) this._removeMember(peer);
-      }
+      const resumed = s.resumed;
+      // Not resumed (a new id, or our place was gone and the others were
+      // told we left): today's connections go and the room is joined
+      // afresh. Resumed: members we know are kept (one not listed may be
+      // reconnecting too, after a server restart).
+      if (!resumed) for (const peer of [...this.members.keys()]) this._removeMember(peer);
       // Resumed: members we do not know yet are connected to as a joiner
       // would; the others are kept as they are.
       this._start(s);

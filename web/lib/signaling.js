@@ -18,7 +18,7 @@ import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
 
 /**
  * A joined session: what `welcome` and `joined` said, and the URL.
- * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[], resume?: string, url: string }} Session
+ * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[], resume?: string, url: string, resumed: boolean }} Session
  */
 
 /**
@@ -187,12 +187,14 @@ export class Signaling extends Emitter {
           clearTimeout(timer);
           const before = this.session?.id;
           this.ws = ws;
-          this.session = { ...welcome, peers: msg.peers, url };
+          // `resumed`: the server kept our place (same id, nobody told).
+          const resumed = before === welcome.id && msg.resumed === true;
+          this.session = { ...welcome, peers: msg.peers, url, resumed };
           this._attempt = 0;
           // Held messages belong to the session they were made in.
           const held = this._held;
           this._held = [];
-          if (before === welcome.id) for (const m of held) ws.send(JSON.stringify(m));
+          if (resumed) for (const m of held) ws.send(JSON.stringify(m));
           this._startPings();
           resolve(this.session);
         }

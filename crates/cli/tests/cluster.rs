@@ -59,8 +59,15 @@ impl RedisCluster {
     fn start() -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("pl-cli-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> =
-            (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        // Each node's bus port is its port + 10000: both free, and below 65536.
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                (0..1000)
+                    .map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+                    .find(|p| *p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok())
+                    .expect("a port for a cluster node")
+            })
+            .collect();
         let nodes = ports
             .iter()
             .map(|port| {

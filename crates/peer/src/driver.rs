@@ -38,8 +38,10 @@ const SEND_WAIT: Duration = Duration::from_millis(100);
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
 /// How long closing waits for the signaling socket to take what is queued.
 const LEAVE_FLUSH_WAIT: Duration = Duration::from_secs(2);
-/// Signaling messages held while reconnecting; the oldest go first.
-const HELD_SIGNALING: usize = 1024;
+/// Signaling messages held while reconnecting (no more than the outgoing
+/// queue takes at once); beyond it the newest are dropped, so an offer is
+/// never lost to the candidates that follow it.
+const HELD_SIGNALING: usize = 512;
 
 /// How the driver gets back to a signaling server that went away.
 #[derive(Debug)]
@@ -125,10 +127,13 @@ impl Driver {
                         },
                     };
                     if let Some(msg) = unsent {
-                        if self.held.len() >= HELD_SIGNALING {
-                            self.held.pop_front();
+                        if self.held.len() < HELD_SIGNALING {
+                            self.held.push_back(msg);
+                        } else {
+                            tracing::warn!(
+                                "signaling message dropped: {HELD_SIGNALING} held while reconnecting"
+                            );
                         }
-                        self.held.push_back(msg);
                     }
                 }
                 MeshOutput::StreamConnect { stream, from, server, tls_name } => {
@@ -275,14 +280,19 @@ impl Driver {
                             tracing::info!(peer = %sig.id, "signaling: back in the room");
                             self.reconnect.resume = sig.resume.or(self.reconnect.resume.take());
                             let now = Instant::now();
-                            for msg in std::mem::take(&mut self.held) {
-                                if sig.outgoing.try_send(msg).is_err() {
-                                    tracing::debug!("signaling message held during the reconnect dropped");
+                            // Held signals belong to the connections a kept
+                            // place keeps; without it they go with them.
+                            let held = std::mem::take(&mut self.held);
+                            if sig.resumed {
+                                for msg in held {
+                                    if sig.outgoing.try_send(msg).is_err() {
+                                        tracing::warn!("a signaling message held during the reconnect was dropped");
+                                    }
                                 }
+                            } else {
+                                tracing::info!("signaling: our place in the room was gone; joining afresh");
                             }
-                            // Members we do not know yet are connected to
-                            // as by a joiner; the others are kept as they are.
-                            self.mesh.start(sig.peers, now);
+                            self.mesh.rejoined(sig.peers, sig.resumed, now);
                             self.emit(Event::Reconnected { server: sig.url.clone() });
                             link = Some(Link { incoming: sig.incoming, outgoing: sig.outgoing, writer: sig.writer });
                         }

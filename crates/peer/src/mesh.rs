@@ -170,6 +170,22 @@ impl Mesh {
         }
     }
 
+    /// Back in the room after a reconnect, with `members` listed in
+    /// `joined`. When our place was kept (`resumed`), members we know are
+    /// kept as they are (one not listed may be reconnecting too, after a
+    /// server restart; one that really left is dropped when its connection
+    /// closes) and new ones are connected to as by a joiner. Otherwise the
+    /// others were told we left and dropped their connections to us: every
+    /// member is dropped and the room is joined afresh.
+    pub fn rejoined(&mut self, members: Vec<PeerInfo>, resumed: bool, now: Instant) {
+        if !resumed {
+            for peer in self.members() {
+                self.remove_peer(&peer);
+            }
+        }
+        self.start(members, now);
+    }
+
     /// Why the room must end, once it must.
     pub fn take_closing(&mut self) -> Option<String> {
         self.closing.take()

@@ -25,6 +25,8 @@ pub(crate) struct Signaling {
     pub id: PeerId,
     /// The token that resumes `id` after a reconnect (`welcome.resume`).
     pub resume: Option<String>,
+    /// `joined.resumed`: the join took back a place the id still held.
+    pub resumed: bool,
     pub peers: Vec<PeerInfo>,
     pub ice_servers: Vec<IceServer>,
     /// The server's limits; not acted on yet.
@@ -197,8 +199,8 @@ async fn join_with(
     };
 
     send(&mut ws, &ClientMsg::Join { room: room.to_string(), name, token }).await?;
-    let peers = match recv(&mut ws, timeout).await? {
-        ServerMsg::Joined { peers, .. } => peers,
+    let (peers, resumed) = match recv(&mut ws, timeout).await? {
+        ServerMsg::Joined { peers, resumed, .. } => (peers, resumed),
         other => return Err(refused(other)),
     };
 
@@ -214,7 +216,18 @@ async fn join_with(
         }
         let _ = sink.close().await;
     });
-    Ok(Signaling { url: url.to_string(), id, resume, peers, ice_servers, limits, incoming, outgoing, writer })
+    Ok(Signaling {
+        url: url.to_string(),
+        id,
+        resume,
+        resumed,
+        peers,
+        ice_servers,
+        limits,
+        incoming,
+        outgoing,
+        writer,
+    })
 }
 
 #[cfg(test)]

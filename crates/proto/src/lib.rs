@@ -206,6 +206,12 @@ pub enum ServerMsg {
         room: String,
         /// The members already there, not including you, longest present first.
         peers: Vec<PeerInfo>,
+        /// True when this `join` took back a place the peer id still held
+        /// (a resume): nobody was told anything, and peers missing from
+        /// `peers` left meanwhile. Absent (false) for a join as a newcomer,
+        /// which every other member was told of with `peer_joined`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     /// Answer to `leave`.
     Left {

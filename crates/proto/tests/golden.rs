@@ -168,6 +168,15 @@ fn server_messages() {
                 PeerInfo { id: bob(), name: Some("bob".into()) },
                 PeerInfo { id: peer("p-0c0ffee0"), name: None },
             ],
+            resumed: false,
+        },
+    );
+    check(
+        "server/joined_resumed.json",
+        ServerMsg::Joined {
+            room: room(),
+            peers: vec![PeerInfo { id: bob(), name: Some("bob".into()) }],
+            resumed: true,
         },
     );
     check("server/left.json", ServerMsg::Left { room: room() });
@@ -254,5 +263,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 28);
+    assert_eq!(names.len(), 29);
 }

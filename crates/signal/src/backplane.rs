@@ -177,18 +177,30 @@ impl Batch {
                 None => groups.push((tag.clone(), vec![i])),
             }
         }
+        // Every group is sent even when one fails (a single Redis would
+        // have run them all); the first error is returned.
         let mut out = vec![redis::Value::Nil; self.cmds.len()];
+        let mut first_error = None;
         for (_, idx) in groups {
             let mut pipe = redis::pipe();
             for &i in &idx {
                 pipe.add_command(self.cmds[i].1.clone());
             }
-            let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-            for (i, v) in idx.into_iter().zip(replies) {
-                out[i] = v;
+            match pipe.query_async::<Vec<redis::Value>>(conn).await {
+                Ok(replies) => {
+                    for (i, v) in idx.into_iter().zip(replies) {
+                        out[i] = v;
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(out)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 }
 
@@ -216,7 +228,7 @@ pub(crate) struct Entry {
 #[derive(Debug)]
 pub(crate) enum Event {
     /// Every member of a room: after a join here (`J`), or a resync (`S`).
-    Members { room: String, members: Vec<Entry> },
+    Members { room: String, members: Vec<Entry>, kept: Option<String> },
     /// Someone joined on another node.
     Joined { room: String, member: Entry },
     /// Someone on another node left (or its node's lease ran out).
@@ -236,6 +248,9 @@ struct Membership {
     p: Option<String>,
     #[serde(default)]
     m: Vec<Entry>,
+    /// In `J`: the joiner resumed a place it still held.
+    #[serde(default)]
+    k: bool,
 }
 
 impl Event {
@@ -246,7 +261,10 @@ impl Event {
         if payload.first() == Some(&b'{') {
             let m: Membership = serde_json::from_slice(payload).ok()?;
             return match m.t.as_str() {
-                "J" | "S" => Some(Event::Members { room: m.r, members: m.m }),
+                "J" | "S" => {
+                    let kept = if m.k { m.p } else { None };
+                    Some(Event::Members { room: m.r, members: m.m, kept })
+                }
                 "j" => Some(Event::Joined { room: m.r, member: m.m.into_iter().next()? }),
                 "l" => Some(Event::Left { room: m.r, peer: m.p? }),
                 _ => None,

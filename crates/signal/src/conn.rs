@@ -51,6 +51,10 @@ struct Conn {
     /// Greeted with a valid resume token: joins take back the places the
     /// id still holds.
     resumed: bool,
+    /// ... and the token comes from an earlier process of a server without
+    /// a backplane: its rooms went with it, nobody was told the id left, so
+    /// joining any room is taking a place back.
+    resumed_across_restart: bool,
     rooms: HashSet<String>,
     bucket: TokenBucket,
     /// When we last told this client it was rate limited (one notice a second).
@@ -76,6 +80,7 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         },
         greeted: false,
         resumed: false,
+        resumed_across_restart: false,
         rooms: HashSet::new(),
         bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
         last_rate_notice: None,
@@ -380,10 +385,11 @@ impl Conn {
                 let key = inner.resume_key.0.as_bytes();
                 if let Some(token) = resume {
                     match crate::token::verify_resume_token(key, &token, now) {
-                        Ok(id) => {
+                        Ok((id, epoch)) => {
                             tracing::debug!(peer = %id, was = %self.id, "resumed");
                             self.id = PeerId::from_server(id);
                             self.resumed = true;
+                            self.resumed_across_restart = epoch != inner.epoch && hub.backplane().is_none();
                         }
                         // Not an error: the client learns from the new id.
                         Err(why) => tracing::debug!(peer = %self.id, "resume token refused: {why}"),
@@ -404,6 +410,7 @@ impl Conn {
                         key,
                         self.id.as_str(),
                         now + inner.config.resume_ttl.as_secs(),
+                        &inner.epoch,
                     )),
                 });
             }
@@ -450,7 +457,12 @@ impl Conn {
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
                 // The hub sends `joined` itself, ordered before any `peer_joined`.
-                hub.join(&room, &self.id, name, self.outbox.clone(), max_peers, self.resumed).await?;
+                let resume = match (self.resumed, self.resumed_across_restart) {
+                    (false, _) => crate::hub::Resume::No,
+                    (true, false) => crate::hub::Resume::IfPresent,
+                    (true, true) => crate::hub::Resume::Always,
+                };
+                hub.join(&room, &self.id, name, self.outbox.clone(), max_peers, resume).await?;
                 tracing::info!(peer = %self.id, %room, "joined");
                 self.rooms.insert(room);
             }

@@ -189,6 +189,20 @@ impl Room {
     }
 }
 
+/// How a join treats a place the joining id may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// A newcomer.
+    No,
+    /// A resumed id: a place it still holds is taken back silently.
+    IfPresent,
+    /// A resumed id whose server restarted (memory backend): the room was
+    /// lost with the process and nobody was told the id left, so `joined`
+    /// says resumed even when the place is new (the others, who still know
+    /// the id, ignore its `peer_joined`).
+    Always,
+}
+
 /// A joiner on this node waiting for its place in the backplane's stream.
 #[derive(Debug)]
 struct Pending {
@@ -335,11 +349,12 @@ impl Hub {
         name: Option<String>,
         outbox: Outbox,
         max_peers: usize,
-        resume: bool,
+        resume: Resume,
     ) -> Result<(), Refused> {
         let Some(bp) = self.backplane.get() else {
             return self.join_here(room, id, name, outbox, max_peers, resume);
         };
+        let resume = resume != Resume::No;
         if !bp.is_up() {
             return Err(unavailable(&format!("cannot join {room} now")));
         }
@@ -374,17 +389,18 @@ impl Hub {
         name: Option<String>,
         outbox: Outbox,
         max_peers: usize,
-        resume: bool,
+        resume: Resume,
     ) -> Result<(), Refused> {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let members = rooms.entry(room.to_string()).or_default();
         if let Some(m) = members.members.get_mut(id) {
-            if !resume {
+            if resume == Resume::No {
                 return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));
             }
             // Back on a new connection: same place, nobody told.
             m.at = At::Local(outbox.clone());
-            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: members.listing(id) }));
+            let peers = members.listing(id);
+            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers, resumed: true }));
             return Ok(());
         }
         if members.members.len() >= max_peers {
@@ -398,7 +414,8 @@ impl Hub {
         // `joined` goes out under the lock, before the joiner is visible:
         // a `peer_joined` from someone joining right after can only follow it.
         let present = members.listing(id);
-        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present }));
+        let resumed = resume == Resume::Always;
+        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present, resumed }));
         let since = self.joins.fetch_add(1, Ordering::Relaxed);
         members.members.insert(id.clone(), Member { name, at: At::Local(outbox), since });
         Ok(())
@@ -563,7 +580,7 @@ impl Hub {
     /// Applies one event from the backplane's stream for this node.
     pub fn apply(&self, me: &str, event: Event) {
         match event {
-            Event::Members { room, members } => self.resync(me, &room, members),
+            Event::Members { room, members, kept } => self.resync(me, &room, members, kept.as_deref()),
             Event::Joined { room, member } => {
                 let mut rooms = self.rooms.lock().expect("hub lock");
                 let Some(r) = rooms.get_mut(&room) else { return };
@@ -651,7 +668,7 @@ impl Hub {
     /// Makes the replica of `room` what the store says (`members`, in
     /// stream order), telling the members here what changed; a joiner here
     /// that the store lists gets its `joined`.
-    fn resync(&self, me: &str, room: &str, members: Vec<Entry>) {
+    fn resync(&self, me: &str, room: &str, members: Vec<Entry>, kept: Option<&str>) {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let mut pending = self.pending.lock().expect("hub lock");
         let mut old = rooms.remove(room).unwrap_or_default();
@@ -714,7 +731,12 @@ impl Hub {
         for j in &joiners {
             self.joins.fetch_add(1, Ordering::Relaxed);
             let At::Local(outbox) = &new.members[j].at else { continue };
-            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: new.listing(j) }));
+            let resumed = kept == Some(j.as_str());
+            outbox.deliver(encode(&ServerMsg::Joined {
+                room: room.to_string(),
+                peers: new.listing(j),
+                resumed,
+            }));
         }
         if new.has_local() {
             rooms.insert(room.to_string(), new);

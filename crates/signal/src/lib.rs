@@ -234,6 +234,9 @@ struct Inner {
     config: Config,
     /// The resume-token key (configured or random).
     resume_key: Secret,
+    /// This process among the server's incarnations: a resume token with
+    /// another epoch was issued by an earlier process (or another node).
+    epoch: String,
     hub: Arc<hub::Hub>,
     budget: Arc<hub::Budget>,
     admission: Arc<listen::Admission>,
@@ -263,6 +266,7 @@ impl Server {
                 resume_key: config.resume_secret.clone().unwrap_or_else(|| {
                     Secret((0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect())
                 }),
+                epoch: format!("{:016x}", rand::random::<u64>()),
                 config,
                 hub: Arc::new(hub::Hub::default()),
                 shutdown: stop_rx,

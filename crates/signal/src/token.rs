@@ -96,38 +96,41 @@ pub fn verify_join_token(
     Ok(claims)
 }
 
-/// A resume token for `peer`, valid until `exp` (Unix seconds): what
-/// `welcome.resume` carries. `PEER.EXP.MAC`, MAC = HMAC-SHA256(key,
-/// "peerlink-resume-v1 PEER EXP"), base64url without padding. Opaque to
-/// clients; every node of a deployment must share `key`.
-pub(crate) fn resume_token(key: &[u8], peer: &str, exp: u64) -> String {
-    let mac = B64.encode(resume_mac(key, peer, exp).finalize().into_bytes());
-    format!("{peer}.{exp}.{mac}")
+/// A resume token for `peer`, valid until `exp` (Unix seconds), issued by
+/// the server process `epoch`: what `welcome.resume` carries.
+/// `PEER.EXP.EPOCH.MAC`, MAC = HMAC-SHA256(key, "peerlink-resume-v1 PEER
+/// EXP EPOCH"), base64url without padding. Opaque to clients; every node of
+/// a deployment must share `key`.
+pub(crate) fn resume_token(key: &[u8], peer: &str, exp: u64, epoch: &str) -> String {
+    let mac = B64.encode(resume_mac(key, peer, exp, epoch).finalize().into_bytes());
+    format!("{peer}.{exp}.{epoch}.{mac}")
 }
 
-fn resume_mac(key: &[u8], peer: &str, exp: u64) -> HmacSha256 {
+fn resume_mac(key: &[u8], peer: &str, exp: u64, epoch: &str) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(format!("peerlink-resume-v1 {peer} {exp}").as_bytes());
+    m.update(format!("peerlink-resume-v1 {peer} {exp} {epoch}").as_bytes());
     m
 }
 
-/// The peer id `token` resumes, if it is signed with `key` and not expired
-/// at `now`; otherwise why not.
-pub(crate) fn verify_resume_token(key: &[u8], token: &str, now: u64) -> Result<String, String> {
+/// The peer id `token` resumes and the epoch of the process that issued it,
+/// if it is signed with `key` and not expired at `now`; otherwise why not.
+pub(crate) fn verify_resume_token(key: &[u8], token: &str, now: u64) -> Result<(String, String), String> {
     if token.len() > MAX_TOKEN_LEN {
         return Err("too long".into());
     }
-    let mut parts = token.splitn(3, '.');
-    let (Some(peer), Some(exp), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("not PEER.EXP.MAC".into());
+    let mut parts = token.splitn(4, '.');
+    let (Some(peer), Some(exp), Some(epoch), Some(mac)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not PEER.EXP.EPOCH.MAC".into());
     };
     let exp: u64 = exp.parse().map_err(|_| "bad expiry")?;
     let mac = B64.decode(mac).map_err(|_| "MAC not base64url")?;
-    resume_mac(key, peer, exp).verify_slice(&mac).map_err(|_| "not signed by this deployment")?;
+    resume_mac(key, peer, exp, epoch).verify_slice(&mac).map_err(|_| "not signed by this deployment")?;
     if now >= exp {
         return Err(format!("expired {} s ago", now - exp));
     }
-    Ok(peer.to_string())
+    Ok((peer.to_string(), epoch.to_string()))
 }
 
 #[cfg(test)]
@@ -206,12 +209,13 @@ mod tests {
 
     #[test]
     fn resume_tokens_name_their_peer_until_they_expire() {
-        let t = resume_token(b"k", "p-00ab", 1000);
-        assert_eq!(verify_resume_token(b"k", &t, 999), Ok("p-00ab".to_string()));
+        let t = resume_token(b"k", "p-00ab", 1000, "e1");
+        assert_eq!(verify_resume_token(b"k", &t, 999), Ok(("p-00ab".to_string(), "e1".to_string())));
+        assert!(verify_resume_token(b"k", &t.replacen(".e1.", ".e2.", 1), 999).is_err(), "another epoch");
         assert!(verify_resume_token(b"k", &t, 1000).unwrap_err().contains("expired"));
         assert!(verify_resume_token(b"other", &t, 999).is_err(), "another deployment's key");
         let forged = t.replacen("p-00ab", "p-00ac", 1);
         assert!(verify_resume_token(b"k", &forged, 999).is_err(), "another peer's id");
-        assert!(verify_resume_token(b"k", "p-00ab.1000", 999).is_err());
+        assert!(verify_resume_token(b"k", "p-00ab.1000.e1", 999).is_err());
     }
 }

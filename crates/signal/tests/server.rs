@@ -103,8 +103,7 @@ impl Redis {
         std::fs::create_dir_all(&dir).expect("scratch folder");
         let mut nodes = Vec::new();
         for _ in 0..n {
-            let port =
-                TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+            let port = cluster_port().await;
             let child = tokio::process::Command::new("redis-server")
                 .args([
                     "--port",
@@ -444,15 +443,22 @@ impl Client {
 
     /// Joins `room`; returns the members that were already there.
     async fn join(&mut self, room: &str, name: Option<&str>) -> Vec<PeerInfo> {
+        let (peers, resumed) = self.join_resuming(room, name).await;
+        assert!(!resumed, "a plain join resumed nothing");
+        peers
+    }
+
+    /// Joins `room`; returns the members there and `joined.resumed`.
+    async fn join_resuming(&mut self, room: &str, name: Option<&str>) -> (Vec<PeerInfo>, bool) {
         let mut msg = json!({"type": "join", "room": room});
         if let Some(name) = name {
             msg["name"] = json!(name);
         }
         self.send_json(msg).await;
         match self.recv().await {
-            ServerMsg::Joined { room: r, peers } => {
+            ServerMsg::Joined { room: r, peers, resumed } => {
                 assert_eq!(r, room);
-                peers
+                (peers, resumed)
             }
             other => panic!("expected joined {room}, got {other:?}"),
         }
@@ -582,12 +588,23 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     let mut b2 = server.client().await;
     let (id, _) = b2.hello_resuming(Some(&token)).await;
     assert_eq!(id, b_id, "the same peer id");
-    let peers: Vec<PeerId> = b2.join("lobby", Some("bob")).await.into_iter().map(|p| p.id).collect();
+    let (peers, resumed) = b2.join_resuming("lobby", Some("bob")).await;
+    let peers: Vec<PeerId> = peers.into_iter().map(|p| p.id).collect();
     assert_eq!(peers, std::slice::from_ref(&a_id));
+    assert!(resumed, "joined says the place was kept");
     drop(b);
     assert_eq!(a.try_recv(Duration::from_millis(700)).await, None, "A saw no one leave or join");
     still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
     still_served(&mut b2, &b_id, &mut a, &a_id, "lobby", 2).await;
+
+    // A resumed id whose place is gone (it left) joins as a newcomer: the
+    // others are told, and `joined` does not say resumed.
+    b2.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert!(matches!(b2.recv().await, ServerMsg::Left { .. }));
+    assert!(matches!(a.recv().await, ServerMsg::PeerLeft { peer_id, .. } if peer_id == b_id));
+    let (peers, resumed) = b2.join_resuming("lobby", Some("bob")).await;
+    assert_eq!((peers.len(), resumed), (1, false));
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id));
 
     // Someone else's token, tampered with: a fresh id, and no place.
     let forged = token.replacen(b_id.as_str(), a_id.as_str(), 1);
@@ -690,8 +707,10 @@ async fn a_node_shut_down_drains_its_members_to_the_others() {
     // B resumes on node 2; E does not.
     let mut b2 = Client::connect(server.addrs[2]).await;
     assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
-    let listed: Vec<PeerId> = b2.join("lobby", Some("bob")).await.into_iter().map(|p| p.id).collect();
+    let (listed, resumed) = b2.join_resuming("lobby", Some("bob")).await;
+    let listed: Vec<PeerId> = listed.into_iter().map(|p| p.id).collect();
     assert_eq!(listed, [a_id.clone(), e_id.clone()], "E keeps its place during the grace");
+    assert!(resumed);
     timeout(WAIT, task).await.expect("node 1 stopped in time").unwrap().unwrap();
     // Only E leaves, once the grace is over.
     assert_eq!(a.recv().await, ServerMsg::PeerLeft { room: "lobby".into(), peer_id: e_id.clone() });
@@ -1932,6 +1951,18 @@ async fn metrics_count_connections_relays_errors_and_kicks() {
     );
     assert_eq!(sample(&quiet_text, r#"peerlink_errors_total{code="hello_required"}"#), Some(1));
     assert_eq!(sample(&text, r#"peerlink_kicks_total{reason="hello_required"}"#), None, "the other server's");
+}
+
+/// A free port for a cluster node whose bus port (port + 10000) is free too
+/// and exists: ephemeral ports go up to 60999.
+async fn cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).await.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port for a cluster node");
 }
 
 /// A suffix that keeps two tests' scratch folders apart.

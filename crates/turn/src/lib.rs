@@ -31,10 +31,12 @@
 //!   (ChannelData padded to four bytes; unpadded input is accepted too) and
 //!   handled exactly like datagrams from the connection's address; the
 //!   relayed side is UDP. An allocation stops relaying when its connection
-//!   ends. Connections are capped in total and per IP, must finish the TLS
-//!   handshake and send a first message within [`HANDSHAKE_TIMEOUT`], are
-//!   closed after [`IDLE_TIMEOUT`] without a message while they hold no
-//!   allocation, and queue at most [`WRITE_QUEUE_BYTES`] for writing.
+//!   ends. Connections are capped in total and per IP (per /64 for IPv6),
+//!   must finish the TLS handshake and send a first message within
+//!   [`HANDSHAKE_TIMEOUT`], are closed once they have held no allocation
+//!   for [`IDLE_TIMEOUT`] (Binding requests do not keep them), queue at most
+//!   [`WRITE_QUEUE_BYTES`] for writing, and end when a write is not taken
+//!   within [`WRITE_TIMEOUT`].
 //!
 //! One task owns all state. Each relay socket has a small receive task that
 //! forwards datagrams to it over a bounded queue (1024 datagrams, shared;
@@ -92,7 +94,7 @@ pub use config::{Auth, Config, IpNet, Limits, PeerPolicy};
 pub use rest::{RestCredentials, rest_credentials, rest_password};
 pub use server::Server;
 pub use stats::{Stats, StatsSnapshot};
-pub use stream::{HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, TlsConfig, WRITE_QUEUE_BYTES};
+pub use stream::{HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, TlsConfig, WRITE_QUEUE_BYTES, WRITE_TIMEOUT};
 
 /// Errors from starting or running the server.
 #[derive(Debug, thiserror::Error)]

@@ -314,7 +314,9 @@ struct State {
 #[derive(Debug)]
 struct Stream {
     conn: StreamConn,
-    last_message: Instant,
+    /// Since when it has held no allocation (Binding requests do not count:
+    /// they cost nothing to send and would keep a slot forever).
+    idle_since: Instant,
 }
 
 #[derive(Debug)]
@@ -415,11 +417,12 @@ impl Driver {
                 }
                 inc(&self.st.stats.counters().stream_connections_total);
                 debug!(%client, tls = conn.tls, "TURN stream client");
-                self.st.streams.insert(client, Stream { conn, last_message: now });
+                self.st.streams.insert(client, Stream { conn, idle_since: now });
             }
             StreamEvent::Frame { client, data } => {
-                let Some(stream) = self.st.streams.get_mut(&client) else { return };
-                stream.last_message = now;
+                if !self.st.streams.contains_key(&client) {
+                    return;
+                }
                 self.on_client(now, client, &data);
             }
             StreamEvent::Closed { client } => {
@@ -669,14 +672,17 @@ impl Driver {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        // Connections that hold no allocation and say nothing are closed
-        // (dropping the handle ends the connection task's writer).
+        // Connections that have held no allocation for the idle timeout are
+        // closed (dropping the handle ends the connection task).
         let ledger = &self.st.ledger;
         self.st.streams.retain(|client, s| {
-            let keep =
-                ledger.client(*client) != Client::New || now.duration_since(s.last_message) < IDLE_TIMEOUT;
+            if ledger.client(*client) != Client::New {
+                s.idle_since = now;
+                return true;
+            }
+            let keep = now.duration_since(s.idle_since) < IDLE_TIMEOUT;
             if !keep {
-                debug!(%client, "TURN stream closed: idle without an allocation");
+                debug!(%client, "TURN stream closed: no allocation for {IDLE_TIMEOUT:?}");
             }
             keep
         });

@@ -35,9 +35,12 @@ use crate::stats::{Stats, dec, inc};
 
 /// How long a new connection gets for its TLS handshake and first message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection without an allocation is closed after this long without a
-/// message.
+/// A connection is closed once it has held no allocation for this long
+/// (from when it opened, or its last allocation ended).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A write the client does not take within this ends the connection (its
+/// slot is not held by a client that stopped reading).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes queued for writing to one connection; beyond it messages are
 /// dropped.
 pub const WRITE_QUEUE_BYTES: usize = 512 * 1024;
@@ -150,6 +153,18 @@ impl Drop for Slot {
     }
 }
 
+/// What the per-address connection limit counts by: the IPv4 address, or
+/// the IPv6 /64 (one host usually has a whole /64).
+fn per_ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+    }
+}
+
 /// Limits on stream connections.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StreamLimits {
@@ -195,9 +210,10 @@ pub(crate) async fn accept_loop(
             }
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let ip = per_ip_key(from.ip());
         let slot = {
             let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-            let on_ip = c.per_ip.get(&from.ip()).copied().unwrap_or(0);
+            let on_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
             if c.total >= limits.max_connections || on_ip >= limits.max_connections_per_ip {
                 drop(c);
                 inc(&stats.counters().stream_refused);
@@ -205,9 +221,9 @@ pub(crate) async fn accept_loop(
                 continue; // dropping `stream` closes it
             }
             c.total += 1;
-            *c.per_ip.entry(from.ip()).or_default() += 1;
+            *c.per_ip.entry(ip).or_default() += 1;
             inc(&stats.counters().stream_connections);
-            Slot { counts: Arc::clone(&counts), ip: from.ip(), stats: stats.clone() }
+            Slot { counts: Arc::clone(&counts), ip, stats: stats.clone() }
         };
         let _ = stream.set_nodelay(true);
         let events = events.clone();
@@ -295,14 +311,21 @@ async fn connection<S>(
         // Ends when the server task drops the connection's sender.
         while let Some(data) = rx.recv().await {
             let len = data.len();
-            let r = wr.write_all(&data).await;
+            let r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&data)).await;
             queued.fetch_sub(len, Ordering::Relaxed);
-            if let Err(e) = r {
-                trace!(%client, "TURN stream write: {e}");
-                return;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    trace!(%client, "TURN stream write: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%client, "TURN stream closed: the client took nothing for {WRITE_TIMEOUT:?}");
+                    return;
+                }
             }
         }
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
     };
     tokio::select! {
         () = reader => {}

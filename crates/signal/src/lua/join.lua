@@ -37,6 +37,8 @@ nodes[node] = nil
 local ev = cjson.encode({ t = 'j', r = room, m = { me } })
 for other in pairs(nodes) do redis.call('PUBLISH', 'pl:n:' .. other, ev) end
 if mode ~= 'restore' then
-  redis.call('PUBLISH', 'pl:n:' .. node, cjson.encode({ t = 'J', r = room, p = peer, m = members }))
+  local ev = { t = 'J', r = room, p = peer, m = members }
+  if cur then ev.k = true end
+  redis.call('PUBLISH', 'pl:n:' .. node, cjson.encode(ev))
 end
 return 'ok'
