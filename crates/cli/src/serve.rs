@@ -325,7 +325,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             peerlink_turn::Server::new(socket, config).context("cannot start the STUN/TURN server")?;
         let mut tcp_port = None;
         if !turn.no_turn_tcp {
-            let at = turn.turn_tcp_listen.unwrap_or(bound);
+            // Default: the UDP port's number, or, when that was left to the
+            // system (port 0), a port of its own the system picks too (the
+            // UDP one's number may be taken for TCP).
+            let at = turn.turn_tcp_listen.unwrap_or(if turn.turn_listen.port() == 0 {
+                turn.turn_listen
+            } else {
+                bound
+            });
             let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
                 format!("cannot bind TURN over TCP to {at} (use --no-turn-tcp to go without)")
             })?;

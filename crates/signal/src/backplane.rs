@@ -299,6 +299,8 @@ pub(crate) enum JoinOutcome {
     Joined,
     Already,
     Full(u64),
+    /// A resume that had to find its place (mode `resume-only`) did not.
+    Gone,
     /// Redis did not answer in time, or the connection broke.
     Failed,
 }
@@ -310,6 +312,7 @@ enum Op {
         name: Option<String>,
         max: usize,
         resume: bool,
+        only_present: bool,
         reply: oneshot::Sender<JoinOutcome>,
     },
     Leave {
@@ -388,6 +391,13 @@ impl Backplane {
         // Node channels are read from one Redis (on a cluster, the first
         // seed: classic pub/sub reaches every shard).
         let client = redis::Client::open(*seeds.first().unwrap_or(&cfg.url.as_str()))?;
+        // On a cluster the subscription moves to the next seed when one
+        // cannot be reached: no seed is a single point of failure.
+        let subscribe_via = if cfg.cluster {
+            seeds.iter().map(|s| redis::Client::open(*s)).collect::<Result<Vec<_>, _>>()?
+        } else {
+            vec![client.clone()]
+        };
         let target = if cfg.cluster {
             Target::Cluster(
                 redis::cluster::ClusterClient::builder(seeds)
@@ -422,7 +432,7 @@ impl Backplane {
             cmds.await;
             drop(done_tx);
         });
-        tokio::spawn(stream(bp.clone(), hub, client, resync_tx, done_rx));
+        tokio::spawn(stream(bp.clone(), hub, subscribe_via, resync_tx, done_rx));
         Ok(bp)
     }
 
@@ -466,9 +476,11 @@ impl Backplane {
         name: Option<String>,
         max: usize,
         resume: bool,
+        only_present: bool,
     ) -> JoinOutcome {
         let (reply, answer) = oneshot::channel();
-        let op = Op::Join { room: room.to_string(), peer: peer.clone(), name, max, resume, reply };
+        let op =
+            Op::Join { room: room.to_string(), peer: peer.clone(), name, max, resume, only_present, reply };
         if self.ops.send(op).is_err() {
             return JoinOutcome::Failed;
         }
@@ -818,11 +830,15 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
     let mut i = 0;
     for op in batch {
         match op {
-            Op::Join { room, peer, name, max, resume, reply } => {
+            Op::Join { room, peer, name, max, resume, only_present, reply } => {
                 let mut sadd = redis::cmd("SADD");
                 sadd.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
                 pipe.add(pl_tag(), sadd);
-                let mode = if resume { "resume" } else { "join" };
+                let mode = match (resume, only_present) {
+                    (_, true) => "resume-only",
+                    (true, false) => "resume",
+                    (false, false) => "join",
+                };
                 pipe.add(room_tag(&room), join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode));
                 joins.push((i + 1, reply));
                 i += 2;
@@ -875,6 +891,7 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
         let outcome = match said.as_str() {
             "ok" => JoinOutcome::Joined,
             "already" => JoinOutcome::Already,
+            "gone" => JoinOutcome::Gone,
             s => match s.strip_prefix("full:").and_then(|n| n.parse().ok()) {
                 Some(n) => JoinOutcome::Full(n),
                 None => JoinOutcome::Failed,
@@ -889,17 +906,20 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
 async fn stream(
     bp: Arc<Backplane>,
     hub: Arc<Hub>,
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     resync: mpsc::UnboundedSender<()>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut first = true;
     let name = channel(&bp.node);
+    let mut attempt = 0usize;
     loop {
         if stop.has_changed().is_err() {
             return;
         }
+        let client = &clients[attempt % clients.len()];
+        attempt += 1;
         let subscribed = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(&name).await?;
@@ -924,6 +944,8 @@ async fn stream(
             }
         };
         backoff = MIN_BACKOFF;
+        // Next time, this seed first again.
+        attempt -= 1;
         if !first {
             // Whatever was published to us meanwhile is lost.
             let _ = resync.send(());

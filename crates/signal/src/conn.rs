@@ -437,6 +437,7 @@ impl Conn {
                         format!("already in {max_rooms} rooms, the limit"),
                     ));
                 }
+                let mut token_refusal = None;
                 if let Some(secret) = &inner.config.join_secret {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -448,19 +449,29 @@ impl Conn {
                                 .map(|_| ())
                         }
                     };
-                    if let Err(why) = checked {
-                        return Err(Failure::new(
-                            ErrorCode::Unauthorized,
-                            format!("joining {room} needs a valid token: {why}"),
-                        ));
+                    match checked {
+                        Ok(()) => {}
+                        // Join tokens are short-lived: a resumed id taking
+                        // back a place it still holds needs none (the resume
+                        // token proves it is the member), anything else does.
+                        Err(why) if self.resumed && !self.resumed_across_restart => {
+                            token_refusal = Some(format!("joining {room} needs a valid token: {why}"));
+                        }
+                        Err(why) => {
+                            return Err(Failure::new(
+                                ErrorCode::Unauthorized,
+                                format!("joining {room} needs a valid token: {why}"),
+                            ));
+                        }
                     }
                 }
                 let max_peers = inner.config.limits.max_peers_per_room as usize;
                 // The hub sends `joined` itself, ordered before any `peer_joined`.
-                let resume = match (self.resumed, self.resumed_across_restart) {
-                    (false, _) => crate::hub::Resume::No,
-                    (true, false) => crate::hub::Resume::IfPresent,
-                    (true, true) => crate::hub::Resume::Always,
+                let resume = match (self.resumed, self.resumed_across_restart, token_refusal) {
+                    (false, _, _) => crate::hub::Resume::No,
+                    (true, false, None) => crate::hub::Resume::IfPresent,
+                    (true, false, Some(why)) => crate::hub::Resume::OnlyPresent(why),
+                    (true, true, _) => crate::hub::Resume::Always,
                 };
                 hub.join(&room, &self.id, name, self.outbox.clone(), max_peers, resume).await?;
                 tracing::info!(peer = %self.id, %room, "joined");

@@ -190,12 +190,15 @@ impl Room {
 }
 
 /// How a join treats a place the joining id may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Resume {
     /// A newcomer.
     No,
     /// A resumed id: a place it still holds is taken back silently.
     IfPresent,
+    /// The same, but the join is refused `unauthorized` (with this reason)
+    /// unless the place is still held: its join token did not verify.
+    OnlyPresent(String),
     /// A resumed id whose server restarted (memory backend): the room was
     /// lost with the process and nobody was told the id left, so `joined`
     /// says resumed even when the place is new (the others, who still know
@@ -354,13 +357,17 @@ impl Hub {
         let Some(bp) = self.backplane.get() else {
             return self.join_here(room, id, name, outbox, max_peers, resume);
         };
+        let only_present = match &resume {
+            Resume::OnlyPresent(why) => Some(why.clone()),
+            _ => None,
+        };
         let resume = resume != Resume::No;
         if !bp.is_up() {
             return Err(unavailable(&format!("cannot join {room} now")));
         }
         let key = (room.to_string(), id.clone());
         self.pending.lock().expect("hub lock").insert(key.clone(), Pending { outbox });
-        let outcome = bp.join(room, id, name, max_peers, resume).await;
+        let outcome = bp.join(room, id, name, max_peers, resume, only_present.is_some()).await;
         if !matches!(outcome, JoinOutcome::Joined) {
             self.pending.lock().expect("hub lock").remove(&key);
         }
@@ -368,6 +375,7 @@ impl Hub {
             // `joined` is sent when the join's event comes through the stream.
             JoinOutcome::Joined => Ok(()),
             JoinOutcome::Already => Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}"))),
+            JoinOutcome::Gone => Err(Refused(ErrorCode::Unauthorized, only_present.unwrap_or_default())),
             JoinOutcome::Full(n) => {
                 Err(Refused(ErrorCode::RoomFull, format!("room {room} has {n} members, the limit")))
             }
@@ -393,6 +401,14 @@ impl Hub {
     ) -> Result<(), Refused> {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let members = rooms.entry(room.to_string()).or_default();
+        if let Resume::OnlyPresent(why) = &resume
+            && !members.members.contains_key(id)
+        {
+            if members.members.is_empty() {
+                rooms.remove(room);
+            }
+            return Err(Refused(ErrorCode::Unauthorized, why.clone()));
+        }
         if let Some(m) = members.members.get_mut(id) {
             if resume == Resume::No {
                 return Err(Refused(ErrorCode::AlreadyJoined, format!("already in room {room}")));

@@ -613,7 +613,40 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     assert!(m_id != a_id && m_id != b_id, "{m_id}");
 }
 
+/// With a join secret, a resumed client takes back a place it still holds
+/// although its (short-lived) join token has expired meanwhile; a room it
+/// is not in still needs a valid token.
+async fn a_resume_needs_no_fresh_join_token_for_a_place_it_holds(backend: Backend) {
+    use peerlink_signal::{JoinClaims, Secret, join_token};
+    let secret = "backend secret";
+    let server =
+        TestServer::on(backend, Config { join_secret: Some(Secret(secret.into())), ..config() }).await;
+    let token = |room: &str| {
+        join_token(secret.as_bytes(), &JoinClaims { room: room.into(), name: None, exp: unix_now() + 60 })
+    };
+    let mut a = server.client().await;
+    let a_id = a.hello().await;
+    a.send_json(json!({"type": "join", "room": "lobby", "token": token("lobby")})).await;
+    assert!(matches!(a.recv().await, ServerMsg::Joined { .. }));
+    let mut b = server.client().await;
+    let (b_id, resume) = b.hello_resuming(None).await;
+    b.send_json(json!({"type": "join", "room": "lobby", "token": token("lobby")})).await;
+    assert!(matches!(b.recv().await, ServerMsg::Joined { .. }));
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+
+    let mut b2 = server.client().await;
+    assert_eq!(b2.hello_resuming(Some(&resume)).await.0, b_id);
+    let expired = join_token(secret.as_bytes(), &JoinClaims { room: "lobby".into(), name: None, exp: 1 });
+    b2.send_json(json!({"type": "join", "room": "lobby", "token": expired})).await;
+    assert!(matches!(b2.recv().await, ServerMsg::Joined { resumed: true, .. }), "place taken back");
+    b2.send_json(json!({"type": "join", "room": "other", "token": expired})).await;
+    let why = b2.expect_error(ErrorCode::Unauthorized).await;
+    assert!(why.contains("expired"), "{why}");
+    still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
+}
+
 on_both_backends!(
+    a_resume_needs_no_fresh_join_token_for_a_place_it_holds,
     a_resumed_client_takes_its_place_back_unnoticed,
     joined_comes_before_any_peer_joined_even_when_joins_race,
     messages_before_hello_are_refused,

@@ -6,18 +6,22 @@
 -- this node) moves here, keeping its place; every other node with members
 -- in the room, its old node included, hears `j` with its new node, and
 -- this node gets `J`. Anyone else is added as by "join".
+-- Mode "resume-only": the same, but "gone" if the member is not there (a
+-- resume without a valid join token may take back a place, nothing more).
 -- KEYS: members hash, join counter (one hash slot: {room}).
 -- ARGV: room, peer, node, has name ("1"/"0"), name, max members, mode
--- ("join", "resume" or "restore").
+-- ("join", "resume", "resume-only" or "restore").
 local room, peer, node = ARGV[1], ARGV[2], ARGV[3]
 local max, mode = tonumber(ARGV[6]), ARGV[7]
 local me
 local cur = redis.call('HGET', KEYS[1], peer)
 if cur then
   if mode == 'restore' then return 'present' end
-  if mode ~= 'resume' then return 'already' end
+  if mode ~= 'resume' and mode ~= 'resume-only' then return 'already' end
   me = cjson.decode(cur)
   me.node = node
+elseif mode == 'resume-only' then
+  return 'gone'
 else
   local n = redis.call('HLEN', KEYS[1])
   if mode ~= 'restore' and n >= max then return 'full:' .. n end
