@@ -1,0 +1,182 @@
+//! One overlay's answers to single inputs.
+
+use std::time::{Duration, Instant};
+
+use peerlink_overlay::{Config, Message, Output, Overlay};
+
+fn drain(o: &mut Overlay<u32>) -> Vec<Output<u32>> {
+    std::iter::from_fn(|| o.poll_output()).collect()
+}
+
+fn sends(out: &[Output<u32>]) -> Vec<(u32, Message<u32>)> {
+    out.iter().filter_map(|o| if let Output::Send(p, m) = o { Some((*p, m.clone())) } else { None }).collect()
+}
+
+/// Peer `me` with neighbours `ns` (they joined through us), in a large room.
+fn with_neighbors(me: u32, ns: &[u32], now: Instant) -> Overlay<u32> {
+    let mut o = Overlay::new(me, Config::default(), 9, now);
+    // Spares so that the room counts as large (no full mesh).
+    for p in 100..120 {
+        o.peer_known(p);
+    }
+    for &n in ns {
+        assert!(o.accept(n, now));
+        o.connected(n, now);
+        o.handle_message(n, Message::Join, now);
+    }
+    drain(&mut o);
+    o
+}
+
+#[test]
+fn a_contact_takes_the_newcomer_and_walks_it_to_its_neighbours() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    o.connected(4, now);
+    o.handle_message(4, Message::Join, now);
+    let out = drain(&mut o);
+    assert!(out.contains(&Output::NeighborUp(4)));
+    let s = sends(&out);
+    assert!(s.contains(&(4, Message::NeighborReply { accepted: true })));
+    assert!(s.contains(&(2, Message::ForwardJoin { peer: 4, ttl: 6 })));
+    assert!(s.contains(&(3, Message::ForwardJoin { peer: 4, ttl: 6 })));
+    assert_eq!(o.neighbors().len(), 3);
+}
+
+#[test]
+fn the_end_of_a_join_walk_connects_to_the_newcomer() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    o.handle_message(2, Message::ForwardJoin { peer: 9, ttl: 0 }, now);
+    let out = drain(&mut o);
+    assert!(out.contains(&Output::Connect(9)));
+    assert!(out.contains(&Output::NeighborUp(9)));
+    // The request waits for the connection, then goes out first.
+    assert!(sends(&out).is_empty());
+    o.connected(9, now);
+    assert_eq!(sends(&drain(&mut o)), vec![(9, Message::Neighbor { high: true })]);
+}
+
+#[test]
+fn the_active_view_stays_bounded_and_evicted_peers_become_spares() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3, 4, 5, 6], now);
+    assert_eq!(o.neighbors().len(), 5);
+    o.accept(7, now);
+    o.connected(7, now);
+    o.handle_message(7, Message::Neighbor { high: true }, now);
+    let out = drain(&mut o);
+    assert_eq!(o.neighbors().len(), 5);
+    assert!(o.neighbors().contains(&7));
+    let evicted: Vec<u32> = sends(&out)
+        .into_iter()
+        .filter_map(|(p, m)| (m == Message::Disconnect { alive: true }).then_some(p))
+        .collect();
+    assert_eq!(evicted.len(), 1);
+    assert!(o.passive().contains(&evicted[0]));
+    // A low-priority request to a full view is turned down.
+    o.accept(8, now);
+    o.connected(8, now);
+    o.handle_message(8, Message::Neighbor { high: false }, now);
+    assert!(sends(&drain(&mut o)).contains(&(8, Message::NeighborReply { accepted: false })));
+    assert!(!o.neighbors().contains(&8));
+}
+
+#[test]
+fn a_lost_neighbour_is_replaced_from_the_passive_view() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2], now);
+    o.disconnected(&2, now);
+    let out = drain(&mut o);
+    assert!(out.contains(&Output::NeighborDown(2)));
+    // No neighbour left: the requests are high priority.
+    let asked: Vec<u32> =
+        out.iter().filter_map(|x| if let Output::Connect(p) = x { Some(*p) } else { None }).collect();
+    assert_eq!(asked.len(), 5, "{out:?}");
+    assert!(asked.iter().all(|p| (100..120).contains(p)));
+    o.connected(asked[0], now);
+    assert_eq!(sends(&drain(&mut o)), vec![(asked[0], Message::Neighbor { high: true })]);
+    assert_eq!(o.stats().replacements, 1);
+}
+
+#[test]
+fn a_duplicate_prunes_its_link_and_a_missing_broadcast_is_grafted() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3, 4], now);
+    let g = |hops| Message::Gossip { id: 77, origin: 50, hops, payload: b"hi".to_vec() };
+    o.handle_message(2, g(1), now);
+    let out = drain(&mut o);
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Output::Deliver(d) if d.id == 77 && d.hops == 2 && d.payload == b"hi"))
+    );
+    // Pushed on to the other neighbours, eagerly (they are in the tree).
+    assert!(sends(&out).contains(&(3, g(2))));
+    o.handle_message(3, g(1), now);
+    let out = drain(&mut o);
+    assert!(!out.iter().any(|x| matches!(x, Output::Deliver(_))), "delivered twice");
+    assert_eq!(sends(&out), vec![(3, Message::Prune)]);
+    assert_eq!(o.stats().duplicates, 1);
+
+    // An id announced but not received within graft_timeout is grafted.
+    o.handle_message(4, Message::IHave { ids: vec![(88, 3)] }, now);
+    assert!(sends(&drain(&mut o)).is_empty());
+    let later = now + Config::default().graft_timeout;
+    o.handle_timeout(later);
+    assert!(sends(&drain(&mut o)).contains(&(4, Message::Graft { id: Some(88) })));
+    // A graft is answered from the cache.
+    o.handle_message(2, Message::Graft { id: Some(77) }, later);
+    assert!(sends(&drain(&mut o)).contains(&(2, g(2))));
+}
+
+#[test]
+fn direct_messages_open_a_connection_that_closes_when_idle() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2], now);
+    assert!(o.send_direct(40, b"x".to_vec(), now));
+    assert!(drain(&mut o).contains(&Output::Connect(40)));
+    o.connected(40, now);
+    assert_eq!(sends(&drain(&mut o)), vec![(40, Message::Direct { payload: b"x".to_vec() })]);
+    o.handle_timeout(now + Duration::from_secs(10));
+    assert!(!drain(&mut o).contains(&Output::Close(40)), "closed while in use");
+    o.handle_timeout(now + Config::default().idle_close + Duration::from_secs(1));
+    assert!(drain(&mut o).contains(&Output::Close(40)));
+}
+
+#[test]
+fn connections_stay_within_the_limit() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3, 4, 5, 6], now);
+    for p in 40..43 {
+        assert!(o.send_direct(p, vec![1], now));
+    }
+    assert_eq!(o.connections().count(), 8);
+    // A fourth direct peer closes the least recently used direct connection.
+    assert!(o.send_direct(43, vec![1], now + Duration::from_millis(1)));
+    let out = drain(&mut o);
+    assert!(out.contains(&Output::Close(40)), "{out:?}");
+    assert_eq!(o.connections().count(), 8);
+}
+
+#[test]
+fn leaving_tells_every_neighbour() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    o.leave(now);
+    let s = sends(&drain(&mut o));
+    assert!(s.contains(&(2, Message::Disconnect { alive: false })));
+    assert!(s.contains(&(3, Message::Disconnect { alive: false })));
+    assert_eq!(o.poll_timeout(), None);
+}
+
+#[test]
+fn a_small_room_asks_every_member() {
+    let now = Instant::now();
+    let mut o = Overlay::new(1u32, Config::default(), 1, now);
+    o.join(vec![2, 3, 4], 3, now);
+    let out = drain(&mut o);
+    let mut asked: Vec<u32> =
+        out.iter().filter_map(|x| if let Output::Connect(p) = x { Some(*p) } else { None }).collect();
+    asked.sort();
+    assert_eq!(asked, vec![2, 3, 4]);
+}
