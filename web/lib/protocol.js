@@ -51,7 +51,7 @@ export function validRoom(room) {
 /**
  * Server → client. Types this version does not know parse to `{type: 'unknown'}`.
  * @typedef {{ type: 'welcome', version: number, peer_id: string, ice_servers: IceServer[], limits: Limits, resume?: string }
- *   | { type: 'joined', room: string, peers: PeerInfo[], resumed?: boolean }
+ *   | { type: 'joined', room: string, peers: PeerInfo[], resumed?: boolean, size?: number }
  *   | { type: 'left', room: string }
  *   | { type: 'peer_joined', room: string, peer: PeerInfo }
  *   | { type: 'peer_left', room: string, peer_id: string }
@@ -176,11 +176,18 @@ export function parseServerMsg(text) {
       if (resume !== undefined) welcome.resume = resume;
       return welcome;
     }
-    case 'joined':
+    case 'joined': {
       if (!Array.isArray(v.peers)) throw new ProtocolError('joined.peers must be a list');
-      return v.resumed === true
-        ? { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer), resumed: true }
-        : { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer) };
+      /** @type {{ type: 'joined', room: string, peers: PeerInfo[], resumed?: boolean, size?: number }} */
+      const msg = { type: 'joined', room: str(v, 'room'), peers: v.peers.map(parsePeer) };
+      if (v.resumed === true) msg.resumed = true;
+      if (v.size !== undefined) {
+        const size = v.size;
+        if (typeof size !== 'number' || !Number.isInteger(size) || size < 0) throw new ProtocolError('joined.size must be a count');
+        msg.size = size;
+      }
+      return msg;
+    }
     case 'left':
       return { type: 'left', room: str(v, 'room') };
     case 'peer_joined':

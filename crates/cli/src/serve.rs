@@ -62,6 +62,12 @@ pub struct LimitArgs {
     #[arg(long, env = "PEERLINK_MAX_PEERS_PER_ROOM", default_value_t = DEFAULT_LIMITS.max_peers_per_room,
           value_parser = clap::value_parser!(u32).range(2..=100_000))]
     max_peers_per_room: u32,
+    /// Rooms with more members than this are large: a newcomer's `joined`
+    /// lists a random sample of this many, and nobody is told of joins and
+    /// leaves (peers meet over the overlay; raise --max-peers-per-room too).
+    #[arg(long, env = "PEERLINK_LISTED_PEERS", default_value_t = peerlink_signal::DEFAULT_LISTED_PEERS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    listed_peers: u32,
     /// Rooms one connection may be in at once (`too_many_rooms` above).
     #[arg(long, env = "PEERLINK_MAX_ROOMS_PER_CONNECTION", default_value_t = DEFAULT_LIMITS.max_rooms_per_connection,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -187,6 +193,7 @@ impl LimitArgs {
             request_timeout: self.request_timeout,
             join_secret: self.join_secret.clone().map(peerlink_signal::Secret),
             allowed_origins: self.allow_origin.clone(),
+            listed_peers: self.listed_peers as usize,
             ..peerlink_signal::Config::with_limits(limits)
         }
     }

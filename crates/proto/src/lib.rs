@@ -212,6 +212,11 @@ pub enum ServerMsg {
         /// which every other member was told of with `peer_joined`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resumed: bool,
+        /// Set in a large room (more members than the server lists): `peers`
+        /// is a random sample, and this is how many other members there are.
+        /// Nobody in a large room is told `peer_joined` or `peer_left`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u32>,
     },
     /// Answer to `leave`.
     Left {

@@ -169,6 +169,19 @@ fn server_messages() {
                 PeerInfo { id: peer("p-0c0ffee0"), name: None },
             ],
             resumed: false,
+            size: None,
+        },
+    );
+    check(
+        "server/joined_sample.json",
+        ServerMsg::Joined {
+            room: room(),
+            peers: vec![
+                PeerInfo { id: bob(), name: Some("bob".into()) },
+                PeerInfo { id: peer("p-0c0ffee0"), name: None },
+            ],
+            resumed: false,
+            size: Some(1500),
         },
     );
     check(
@@ -177,6 +190,7 @@ fn server_messages() {
             room: room(),
             peers: vec![PeerInfo { id: bob(), name: Some("bob".into()) }],
             resumed: true,
+            size: None,
         },
     );
     check("server/left.json", ServerMsg::Left { room: room() });
@@ -263,5 +277,5 @@ fn every_fixture_is_checked() {
     for name in &names {
         assert!(this.contains(&format!("\"{name}\"")), "fixture {name} has no check");
     }
-    assert_eq!(names.len(), 29);
+    assert_eq!(names.len(), 30);
 }

@@ -176,17 +176,33 @@ impl Room {
         }
     }
 
-    /// Members other than `except`, longest present first.
-    fn listing(&self, except: &PeerId) -> Vec<PeerInfo> {
-        let mut present: Vec<(u64, PeerInfo)> = self
-            .members
-            .iter()
-            .filter(|(id, _)| *id != except)
-            .map(|(id, m)| (m.since, PeerInfo { id: id.clone(), name: m.name.clone() }))
-            .collect();
+    /// Members other than `except`, longest present first: all of them,
+    /// or in a room of more than `listed` others a random sample of
+    /// `listed`, with the number of others.
+    fn listing(&self, except: &PeerId, listed: usize) -> (Vec<PeerInfo>, Option<u32>) {
+        let others = self.members.len() - usize::from(self.members.contains_key(except));
+        let mut present: Vec<(u64, PeerInfo)> = if others > listed {
+            use rand::seq::IteratorRandom;
+            self.members
+                .iter()
+                .filter(|(id, _)| *id != except)
+                .choose_multiple(&mut rand::rng(), listed)
+                .into_iter()
+                .map(|(id, m)| (m.since, PeerInfo { id: id.clone(), name: m.name.clone() }))
+                .collect()
+        } else {
+            self.members
+                .iter()
+                .filter(|(id, _)| *id != except)
+                .map(|(id, m)| (m.since, PeerInfo { id: id.clone(), name: m.name.clone() }))
+                .collect()
+        };
         present.sort_unstable_by_key(|(since, _)| *since);
-        present.into_iter().map(|(_, p)| p).collect()
+        let size = (others > listed).then_some(others as u32);
+        (present.into_iter().map(|(_, p)| p).collect(), size)
     }
+
+
 }
 
 /// How a join treats a place the joining id may hold.
@@ -212,7 +228,7 @@ struct Pending {
     outbox: Outbox,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Hub {
     rooms: Mutex<HashMap<String, Room>>,
     /// Backplane joins sent and not yet seen in the stream, by (room, peer).
@@ -230,6 +246,8 @@ pub(crate) struct Hub {
     errors: Mutex<HashMap<ErrorCode, u64>>,
     /// Connections the server closed, by the code it closed them with.
     kicks: Mutex<HashMap<ErrorCode, u64>>,
+    /// Rooms with more members are large (see `Config::listed_peers`).
+    listed: usize,
 }
 
 /// A snapshot for `/healthz` and tests.
@@ -289,6 +307,21 @@ fn unavailable(what: &str) -> Refused {
 }
 
 impl Hub {
+    pub fn new(listed: usize) -> Self {
+        Hub {
+            rooms: Default::default(),
+            pending: Default::default(),
+            backplane: Default::default(),
+            connections: Default::default(),
+            joins: Default::default(),
+            signals_relayed: Default::default(),
+            messages_relayed: Default::default(),
+            errors: Default::default(),
+            kicks: Default::default(),
+            listed: listed.max(1),
+        }
+    }
+
     /// Runs the hub over `backplane` (once, before any connection).
     pub fn attach(&self, backplane: Arc<Backplane>) {
         let _ = self.backplane.set(backplane);
@@ -415,8 +448,8 @@ impl Hub {
             }
             // Back on a new connection: same place, nobody told.
             m.at = At::Local(outbox.clone());
-            let peers = members.listing(id);
-            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers, resumed: true }));
+            let (peers, size) = members.listing(id, self.listed);
+            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers, resumed: true, size }));
             return Ok(());
         }
         if members.members.len() >= max_peers {
@@ -426,12 +459,14 @@ impl Hub {
             ));
         }
         let me = PeerInfo { id: id.clone(), name: name.clone() };
-        members.tell_locals(id, &encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me }));
+        if members.members.len() < self.listed + 1 {
+            members.tell_locals(id, &encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: me }));
+        }
         // `joined` goes out under the lock, before the joiner is visible:
         // a `peer_joined` from someone joining right after can only follow it.
-        let present = members.listing(id);
+        let (present, size) = members.listing(id, self.listed);
         let resumed = resume == Resume::Always;
-        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present, resumed }));
+        outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers: present, resumed, size }));
         let since = self.joins.fetch_add(1, Ordering::Relaxed);
         members.members.insert(id.clone(), Member { name, at: At::Local(outbox), since });
         Ok(())
@@ -473,8 +508,11 @@ impl Hub {
         if let Some(members) = rooms.get_mut(room)
             && members.members.remove(id).is_some()
         {
-            let frame = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });
-            members.tell_locals(id, &frame);
+            // Counted with the leaver, as its join was.
+            if members.members.len() <= self.listed {
+                let frame = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });
+                members.tell_locals(id, &frame);
+            }
             if !members.has_local() {
                 rooms.remove(room);
             }
@@ -616,7 +654,9 @@ impl Hub {
                     return;
                 }
                 let info = PeerInfo { id: id.clone(), name: member.n.clone() };
-                r.tell_locals(&id, &encode(&ServerMsg::PeerJoined { room: room.clone(), peer: info }));
+                if r.members.len() < self.listed + 1 {
+                    r.tell_locals(&id, &encode(&ServerMsg::PeerJoined { room: room.clone(), peer: info }));
+                }
                 r.members.insert(
                     id,
                     Member { name: member.n, at: At::Remote(member.node.into()), since: member.s },
@@ -632,7 +672,9 @@ impl Hub {
                     return;
                 }
                 r.members.remove(&id);
-                r.tell_locals(&id, &encode(&ServerMsg::PeerLeft { room, peer_id: id.clone() }));
+                if r.members.len() <= self.listed {
+                    r.tell_locals(&id, &encode(&ServerMsg::PeerLeft { room, peer_id: id.clone() }));
+                }
             }
             Event::Frame { room, to, from, from_node, frame } => {
                 let rooms = self.rooms.lock().expect("hub lock");
@@ -688,6 +730,7 @@ impl Hub {
         let mut rooms = self.rooms.lock().expect("hub lock");
         let mut pending = self.pending.lock().expect("hub lock");
         let mut old = rooms.remove(room).unwrap_or_default();
+        let old_len = old.members.len();
         let mut new = Room::default();
         let mut joiners = Vec::new();
         let mut added = Vec::new();
@@ -732,8 +775,9 @@ impl Hub {
                 At::Remote(_) => gone.push(id),
             }
         }
+        let presence = new.members.len().max(old_len) <= self.listed + 1;
         for (id, outbox) in new.locals() {
-            if joiners.contains(id) {
+            if joiners.contains(id) || !presence {
                 continue;
             }
             for g in &gone {
@@ -748,11 +792,8 @@ impl Hub {
             self.joins.fetch_add(1, Ordering::Relaxed);
             let At::Local(outbox) = &new.members[j].at else { continue };
             let resumed = kept == Some(j.as_str());
-            outbox.deliver(encode(&ServerMsg::Joined {
-                room: room.to_string(),
-                peers: new.listing(j),
-                resumed,
-            }));
+            let (peers, size) = new.listing(j, self.listed);
+            outbox.deliver(encode(&ServerMsg::Joined { room: room.to_string(), peers, resumed, size }));
         }
         if new.has_local() {
             rooms.insert(room.to_string(), new);

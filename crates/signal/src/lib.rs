@@ -97,6 +97,11 @@ pub struct Config {
     /// Share rooms with other nodes through Redis; `None`: rooms live in
     /// this process only.
     pub backplane: Option<BackplaneConfig>,
+    /// A room with more members than this is large: a newcomer's `joined`
+    /// lists a random sample of this many (with the room's `size`), and
+    /// nobody is told `peer_joined` or `peer_left` (each would go to every
+    /// member); peers meet through the overlay instead (issue 15).
+    pub listed_peers: usize,
     /// Key of the resume tokens in `welcome` (a reconnecting client keeps
     /// its peer id and its place in its rooms). Every node of a deployment
     /// needs the same one. `None`: a random key, so tokens work with this
@@ -167,6 +172,10 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     idle_timeout_ms: 45_000,
 };
 
+/// Members a `joined` lists at most, unless configured otherwise: rooms up
+/// to the default room limit are listed in full.
+pub const DEFAULT_LISTED_PEERS: usize = 32;
+
 /// Messages queued for one connection: above what the announced limits let
 /// a full room send it at once (31 members with a burst of 200 each).
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 8192;
@@ -215,6 +224,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             more_metrics: None,
             backplane: None,
+            listed_peers: DEFAULT_LISTED_PEERS,
             resume_secret: None,
             resume_ttl: Duration::from_secs(7 * 24 * 3600),
             drain_grace: Duration::from_secs(10),
@@ -267,8 +277,8 @@ impl Server {
                     Secret((0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect())
                 }),
                 epoch: format!("{:016x}", rand::random::<u64>()),
+                hub: Arc::new(hub::Hub::new(config.listed_peers)),
                 config,
-                hub: Arc::new(hub::Hub::default()),
                 shutdown: stop_rx,
                 _alive: alive_tx,
             }),

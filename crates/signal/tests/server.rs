@@ -456,7 +456,7 @@ impl Client {
         }
         self.send_json(msg).await;
         match self.recv().await {
-            ServerMsg::Joined { room: r, peers, resumed } => {
+            ServerMsg::Joined { room: r, peers, resumed, .. } => {
                 assert_eq!(r, room);
                 (peers, resumed)
             }
@@ -645,7 +645,54 @@ async fn a_resume_needs_no_fresh_join_token_for_a_place_it_holds(backend: Backen
     still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
 }
 
+/// A room of more members than `listed_peers` is large: a newcomer gets a
+/// random sample and the room's size, and nobody hears of joins or leaves.
+async fn a_large_room_lists_a_sample_and_keeps_presence_quiet(backend: Backend) {
+    let mut cfg = Config { listed_peers: 3, ..config() };
+    cfg.limits.max_peers_per_room = 100;
+    let server = TestServer::on(backend, cfg).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let mut ids = vec![a_id.clone()];
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (mut c, c_id) = server.greeted().await;
+        let peers = c.join("lobby", None).await;
+        // Up to `listed_peers` others: everyone, and everyone is told.
+        assert_eq!(peers.len(), ids.len());
+        assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == c_id));
+        ids.push(c_id);
+        others.push(c);
+    }
+    for c in &mut others {
+        while c.try_recv(Duration::from_millis(100)).await.is_some() {}
+    }
+    // The fifth member: 4 others, more than 3.
+    let (mut e, e_id) = server.greeted().await;
+    e.send_json(json!({"type": "join", "room": "lobby"})).await;
+    match e.recv().await {
+        ServerMsg::Joined { peers, size, resumed: false, .. } => {
+            assert_eq!(size, Some(4));
+            assert_eq!(peers.len(), 3);
+            assert!(peers.iter().all(|p| ids.contains(&p.id)), "{peers:?}");
+        }
+        other => panic!("expected joined, got {other:?}"),
+    }
+    assert_eq!(a.try_recv(Duration::from_millis(300)).await, None, "a large room's join is quiet");
+    // Members still reach each other through the server.
+    still_served(&mut a, &a_id, &mut e, &e_id, "lobby", 1).await;
+    // Its leave is quiet too (counted with the leaver, as the join was).
+    e.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert!(matches!(e.recv().await, ServerMsg::Left { .. }));
+    assert_eq!(a.try_recv(Duration::from_millis(300)).await, None, "a large room's leave is quiet");
+    // Back to 4 members: presence again.
+    let mut d = others.pop().expect("member");
+    d.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert!(matches!(d.recv().await, ServerMsg::Left { .. }));
+    assert!(matches!(a.recv().await, ServerMsg::PeerLeft { .. }));
+}
+
 on_both_backends!(
+    a_large_room_lists_a_sample_and_keeps_presence_quiet,
     a_resume_needs_no_fresh_join_token_for_a_place_it_holds,
     a_resumed_client_takes_its_place_back_unnoticed,
     joined_comes_before_any_peer_joined_even_when_joins_race,
