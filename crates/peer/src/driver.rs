@@ -183,6 +183,18 @@ impl Driver {
                 self.mesh.leave(now);
                 self.leave_replies.push(reply);
             }
+            Command::Broadcast { data, reply } => {
+                let _ = reply.send(self.mesh.broadcast(data, now));
+            }
+            Command::Send { peer, data, reply } => {
+                let _ = reply.send(self.mesh.send_to(peer, data, now));
+            }
+            Command::OverlayStats { reply } => {
+                let _ = reply.send(self.mesh.overlay_stats());
+            }
+            Command::OverlayHops { peer, reply } => {
+                let _ = reply.send(self.mesh.overlay_hops(&peer));
+            }
         }
     }
 
@@ -292,7 +304,7 @@ impl Driver {
                             } else {
                                 tracing::info!("signaling: our place in the room was gone; joining afresh");
                             }
-                            self.mesh.rejoined(sig.peers, sig.resumed, now);
+                            self.mesh.rejoined(sig.peers, sig.size, sig.resumed, now);
                             self.emit(Event::Reconnected { server: sig.url.clone() });
                             link = Some(Link { incoming: sig.incoming, outgoing: sig.outgoing, writer: sig.writer });
                         }

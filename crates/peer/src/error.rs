@@ -82,6 +82,25 @@ pub enum Error {
     /// The room was left, or its driver stopped.
     #[error("the room was left or its driver stopped")]
     RoomClosed,
+    /// `broadcast` and `send` need a room joined with an overlay
+    /// (`RoomConfig::overlay`); other rooms use their channels.
+    #[error("this room has no overlay: join with RoomConfig::overlay set to broadcast or send")]
+    NoOverlay,
+    /// A room message over the limit.
+    #[error("room message of {size} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A message to one peer was not queued: too much is waiting for its
+    /// connection to come up, or no connection can be opened within the
+    /// overlay's limit. Retry later.
+    #[error(
+        "message to {0} not queued: its connection is being set up with too much waiting, or the connection limit is reached"
+    )]
+    NotQueued(PeerId),
 }
 
 /// Why a data-channel send failed.

@@ -76,6 +76,16 @@ pub enum Event {
         /// The server's explanation, for people.
         message: String,
     },
+    /// A message sent with [`crate::Room::broadcast`] or [`crate::Room::send`]
+    /// (rooms with an overlay).
+    Message {
+        /// Who sent it.
+        from: PeerId,
+        /// The message as sent.
+        data: Vec<u8>,
+        /// To everyone, or to us alone.
+        kind: MessageKind,
+    },
     /// The signaling link is gone; the room is over.
     Closed {
         /// Why.
@@ -106,4 +116,42 @@ pub struct PeerStats {
     pub failure: Option<FailureReport>,
     /// Why the data goes through a relay, when it does.
     pub why_relayed: Option<WhyRelayed>,
+}
+
+/// How a room message reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Broadcast to the room; it crossed `hops` overlay links (1: straight
+    /// from its sender).
+    Broadcast {
+        /// Overlay links crossed.
+        hops: u16,
+    },
+    /// Sent to us alone, over a direct connection.
+    Direct,
+}
+
+/// What a room's overlay is doing ([`crate::Room::overlay_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayStats {
+    /// Neighbours: the peers we hold overlay connections to.
+    pub neighbors: Vec<PeerId>,
+    /// Spare peers known (the passive view).
+    pub passive: usize,
+    /// Connections open or being opened (neighbours, direct, closing).
+    pub connections: usize,
+    /// Broadcasts received.
+    pub delivered: u64,
+    /// Broadcasts received again (each prunes a link).
+    pub duplicates: u64,
+    /// Broadcast copies sent to neighbours (our own included).
+    pub forwarded: u64,
+    /// Broadcasts fetched because they did not come in time (tree repairs).
+    pub grafts: u64,
+    /// Links pruned from the broadcast tree.
+    pub prunes: u64,
+    /// Neighbours lost and replaced.
+    pub replacements: u64,
+    /// Overlay messages dropped (a send queue was full).
+    pub dropped: u64,
 }

@@ -49,6 +49,8 @@ pub(crate) struct MeshConfig {
     pub receive_queue_bytes: usize,
     /// Per-connection settings.
     pub conn: ConnConfig,
+    /// Connections and broadcasts chosen by an overlay (large rooms).
+    pub overlay: Option<peerlink_overlay::Config>,
 }
 
 /// How to connect to one peer with [`crate::Room::connect`].
@@ -124,7 +126,13 @@ pub(crate) struct Mesh {
     closing: Option<String>,
     /// A leave waiting for sent messages to be acknowledged, until then.
     leaving: Option<Instant>,
+    /// The overlay, in a room joined with one.
+    overlay: Option<overlay::OverlayState>,
 }
+
+#[path = "mesh_overlay.rs"]
+mod overlay;
+pub use overlay::MAX_ROOM_MESSAGE;
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,15 +167,42 @@ impl Mesh {
             out: VecDeque::new(),
             closing: None,
             leaving: None,
+            overlay: None,
         }
+        .with_overlay()
     }
 
-    /// The members listed in `joined`: as the later joiner, we connect to them.
-    pub fn start(&mut self, members: Vec<PeerInfo>, now: Instant) {
+    fn with_overlay(mut self) -> Self {
+        if let Some(cfg) = self.config.overlay.clone() {
+            let ov = peerlink_overlay::Overlay::new(self.id.clone(), cfg, rand::random(), Instant::now());
+            self.overlay = Some(overlay::OverlayState::new(ov));
+            self.config.auto_connect = false;
+        }
+        self
+    }
+
+    /// The members listed in `joined`: as the later joiner, we connect to
+    /// them. `size`: the room is large and `members` a sample of `size`.
+    pub fn start(&mut self, members: Vec<PeerInfo>, size: Option<u32>, now: Instant) {
         self.flush_gatherer(now);
+        if let Some(os) = &mut self.overlay {
+            let ids: Vec<PeerId> = members.iter().map(|p| p.id.clone()).collect();
+            let n = size.map_or(ids.len(), |n| n as usize);
+            os.large = size.is_some();
+            os.ov.join(ids, n, now);
+            if size.is_some() {
+                // A sample: members to meet, not the room's list.
+                for p in members {
+                    self.members.entry(p.id).or_insert(p.name);
+                }
+                self.overlay_step(now);
+                return;
+            }
+        }
         for p in members {
             self.member_joined(p.id, p.name, true, now);
         }
+        self.overlay_step(now);
     }
 
     /// Back in the room after a reconnect, with `members` listed in
@@ -177,13 +212,13 @@ impl Mesh {
     /// closes) and new ones are connected to as by a joiner. Otherwise the
     /// others were told we left and dropped their connections to us: every
     /// member is dropped and the room is joined afresh.
-    pub fn rejoined(&mut self, members: Vec<PeerInfo>, resumed: bool, now: Instant) {
+    pub fn rejoined(&mut self, members: Vec<PeerInfo>, size: Option<u32>, resumed: bool, now: Instant) {
         if !resumed {
             for peer in self.members() {
                 self.remove_peer(&peer);
             }
         }
-        self.start(members, now);
+        self.start(members, size, now);
     }
 
     /// Why the room must end, once it must.
@@ -202,10 +237,14 @@ impl Mesh {
             .map(|st| st.next_timeout)
             .chain(self.gatherer.poll_timeout())
             .chain(self.leaving)
+            .chain(self.overlay.as_ref().and_then(|os| os.ov.poll_timeout()))
             .min()
     }
 
     fn emit(&mut self, ev: Event) {
+        if self.overlay_intercepts(&ev) {
+            return;
+        }
         self.out.push_back(MeshOutput::Event(ev));
     }
 
@@ -225,6 +264,9 @@ impl Mesh {
         }
         self.members.insert(peer.clone(), name.clone());
         self.emit(Event::PeerJoined { peer: peer.clone(), name });
+        if let Some(os) = &mut self.overlay {
+            os.ov.peer_known(peer.clone());
+        }
         if self.config.auto_connect {
             let channels = if initiator { self.config.channels.clone() } else { Vec::new() };
             self.create_conn(peer, channels, None, now);
@@ -322,13 +364,26 @@ impl Mesh {
     pub fn handle_server(&mut self, msg: ServerMsg, now: Instant) {
         match msg {
             ServerMsg::PeerJoined { peer, .. } => self.member_joined(peer.id, peer.name, false, now),
-            ServerMsg::PeerLeft { peer_id, .. } => self.remove_peer(&peer_id),
+            ServerMsg::PeerLeft { peer_id, .. } => {
+                self.remove_peer(&peer_id);
+                if let Some(os) = &mut self.overlay {
+                    os.ov.peer_gone(&peer_id, now);
+                    self.overlay_step(now);
+                }
+            }
             ServerMsg::Signal { from, signal, .. } => {
                 if self.peers.contains_key(&from) {
                     self.apply_signal(&from, signal, now);
                 } else if self.config.auto_connect {
                     self.create_conn(from.clone(), Vec::new(), None, now);
                     self.apply_signal(&from, signal, now);
+                } else if self.overlay.is_some() {
+                    // The overlay takes an offer within its connection limit.
+                    if self.overlay_accepts(&from, &signal, now) {
+                        self.create_conn(from.clone(), Vec::new(), None, now);
+                        self.apply_signal(&from, signal, now);
+                    }
+                    self.overlay_step(now);
                 } else {
                     // Not connected to yet: hold it for Room::connect, within bounds.
                     if !self.held.contains_key(&from) && self.held.len() >= MAX_HELD_PEERS {
@@ -398,6 +453,15 @@ impl Mesh {
         self.gatherer.report()
     }
 
+    /// Connections held and not failed or closed.
+    #[cfg(test)]
+    pub fn connection_count(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|st| !matches!(st.conn.state(), ConnState::Failed | ConnState::Closed))
+            .count()
+    }
+
     /// The room's other members.
     pub fn members(&self) -> Vec<PeerId> {
         self.members.keys().cloned().collect()
@@ -409,6 +473,14 @@ impl Mesh {
     /// the server is told, and the room ends. The server is told last
     /// because members drop their connection to a peer that left.
     pub fn leave(&mut self, now: Instant) {
+        if self.leaving.is_none()
+            && self.closing.is_none()
+            && let Some(os) = &mut self.overlay
+        {
+            os.ov.leave(now);
+            self.overlay_step(now);
+            self.pump(now);
+        }
         if self.leaving.is_none() && self.closing.is_none() {
             self.leaving = Some(now + self.config.linger);
             self.check_leaving(now);
@@ -466,6 +538,12 @@ impl Mesh {
         }
         self.flush_gatherer(now);
         self.pump(now);
+        if self.overlay.is_some() {
+            // What the connections received and what the overlay's timers
+            // ask, then out at once.
+            self.overlay_step(now);
+            self.pump(now);
+        }
         self.check_leaving(now);
     }
 

@@ -13,7 +13,7 @@ use crate::channel::{ChannelSpec, RoomWake};
 use crate::conn::ConnConfig;
 use crate::driver::Driver;
 use crate::error::Error;
-use crate::event::{Event, PeerStats};
+use crate::event::{Event, OverlayStats, PeerStats};
 use crate::gather::{self, IceConfig};
 use crate::mesh::{ConnectOptions, Mesh, MeshConfig};
 use crate::relay::{GatherReport, Gatherer};
@@ -69,6 +69,15 @@ pub struct RoomConfig {
     /// An emulated WAN on the datagrams this peer sends (benchmarks and
     /// tests): delay and random loss. `None`: the real network only.
     pub netem: Option<crate::NetEm>,
+    /// Join as a member of an overlay (for rooms of any size, up to
+    /// thousands): the overlay chooses the connections (every member in a
+    /// room of up to `full_mesh_up_to`, a handful of neighbours beyond),
+    /// and [`Room::broadcast`] and [`Room::send`] carry messages. `channels`
+    /// and `auto_connect` are not used; [`Room::connect`] still opens
+    /// channels of the application's own. Every member of a room must
+    /// join the same way. `None`: a full mesh, as many connections as
+    /// members.
+    pub overlay: Option<crate::OverlayConfig>,
 }
 
 impl RoomConfig {
@@ -92,6 +101,7 @@ impl RoomConfig {
             auto_connect: true,
             linger: Duration::from_secs(5),
             netem: None,
+            overlay: None,
         }
     }
 }
@@ -106,6 +116,10 @@ pub(crate) enum Command {
     Peers { reply: oneshot::Sender<Vec<PeerId>> },
     Gathering { reply: oneshot::Sender<GatherReport> },
     Leave { reply: oneshot::Sender<()> },
+    Broadcast { data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+    Send { peer: PeerId, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+    OverlayStats { reply: oneshot::Sender<Option<OverlayStats>> },
+    OverlayHops { peer: PeerId, reply: oneshot::Sender<Option<u16>> },
 }
 
 /// A joined room. Dropping it leaves the room.
@@ -152,6 +166,7 @@ impl Room {
             send_queue_bytes: config.send_queue_bytes,
             receive_queue_bytes: config.receive_queue_bytes,
             conn: ConnConfig { connect_timeout: config.connect_timeout, dtls_cert, ..ConnConfig::default() },
+            overlay: config.overlay.clone(),
         };
         let wake = Arc::new(RoomWake::default());
         let mut mesh = Mesh::new(
@@ -162,7 +177,7 @@ impl Room {
             gatherer,
             wake.clone(),
         );
-        mesh.start(sig.peers, Instant::now());
+        mesh.start(sig.peers, sig.size, Instant::now());
         let driver = Driver {
             mesh,
             wake,
@@ -252,6 +267,37 @@ impl Room {
     /// Peers currently in the room.
     pub async fn peers(&self) -> Result<Vec<PeerId>, Error> {
         self.call(|reply| Command::Peers { reply }).await
+    }
+
+    /// Sends `data` (at most [`crate::MAX_ROOM_MESSAGE`] bytes) to every
+    /// member of the room, whatever its size; each receives
+    /// [`Event::Message`]. Rooms joined with an overlay only
+    /// ([`Error::NoOverlay`] otherwise). Reliable while connections last:
+    /// a broadcast that misses a member on its tree path is fetched from a
+    /// neighbour that announced it.
+    pub async fn broadcast(&self, data: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let data = data.into();
+        self.call(|reply| Command::Broadcast { data, reply }).await?
+    }
+
+    /// Sends `data` to `peer` alone, over a direct connection opened on
+    /// demand (and closed after a while unused). Rooms joined with an
+    /// overlay only.
+    pub async fn send(&self, peer: &PeerId, data: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let data = data.into();
+        self.call(|reply| Command::Send { peer: peer.clone(), data, reply }).await?
+    }
+
+    /// What the overlay is doing: neighbours, broadcasts forwarded,
+    /// duplicates, repairs. `None` for a room without one.
+    pub async fn overlay_stats(&self) -> Result<Option<OverlayStats>, Error> {
+        self.call(|reply| Command::OverlayStats { reply }).await
+    }
+
+    /// Overlay links the last broadcast from `peer` crossed to reach us
+    /// (1: we are neighbours), if one came.
+    pub async fn overlay_hops(&self, peer: &PeerId) -> Result<Option<u16>, Error> {
+        self.call(|reply| Command::OverlayHops { peer: peer.clone(), reply }).await
     }
 
     /// Leaves the room and closes every connection, without losing what

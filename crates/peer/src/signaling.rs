@@ -28,6 +28,8 @@ pub(crate) struct Signaling {
     /// `joined.resumed`: the join took back a place the id still held.
     pub resumed: bool,
     pub peers: Vec<PeerInfo>,
+    /// `joined.size`: a large room, of which `peers` is a sample.
+    pub size: Option<u32>,
     pub ice_servers: Vec<IceServer>,
     /// The server's limits; not acted on yet.
     #[allow(dead_code)]
@@ -199,8 +201,8 @@ async fn join_with(
     };
 
     send(&mut ws, &ClientMsg::Join { room: room.to_string(), name, token }).await?;
-    let (peers, resumed) = match recv(&mut ws, timeout).await? {
-        ServerMsg::Joined { peers, resumed, .. } => (peers, resumed),
+    let (peers, resumed, size) = match recv(&mut ws, timeout).await? {
+        ServerMsg::Joined { peers, resumed, size, .. } => (peers, resumed, size),
         other => return Err(refused(other)),
     };
 
@@ -222,6 +224,7 @@ async fn join_with(
         resume,
         resumed,
         peers,
+        size,
         ice_servers,
         limits,
         incoming,

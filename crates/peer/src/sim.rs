@@ -408,6 +408,10 @@ mod rooms {
         /// Peers whose network is down, from when until when.
         cut: HashMap<usize, (Duration, Duration)>,
         channels: Vec<ChannelSpec>,
+        /// Members join with this overlay.
+        overlay: Option<crate::OverlayConfig>,
+        /// Rooms with more members are large: a sample in `joined`, no presence.
+        listed: usize,
         sent: u64,
         dropped: u64,
     }
@@ -428,6 +432,8 @@ mod rooms {
                 signaling_delay: Duration::from_millis(5),
                 cut: HashMap::new(),
                 channels: vec![ChannelSpec::reliable("chat")],
+                overlay: None,
+                listed: usize::MAX,
                 sent: 0,
                 dropped: 0,
             }
@@ -455,9 +461,19 @@ mod rooms {
             let id = PeerId::from_server(format!("p-{i:04}"));
             let addr = SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 5000));
             let now = self.instant();
-            let others: Vec<PeerInfo> =
+            let mut others: Vec<PeerInfo> =
                 self.members.iter().map(|&m| PeerInfo { id: self.id(m), name: None }).collect();
+            let large = others.len() > self.listed;
+            let size = large.then_some(others.len() as u32);
+            if large {
+                use rand::seq::SliceRandom;
+                others.shuffle(&mut self.rng);
+                others.truncate(self.listed);
+            }
             for m in self.members.clone() {
+                if large {
+                    break;
+                }
                 self.server_send(
                     m,
                     ServerMsg::PeerJoined {
@@ -476,6 +492,7 @@ mod rooms {
                 send_queue_bytes: 1 << 20,
                 receive_queue_bytes: 4 << 20,
                 conn: ConnConfig::default(),
+                overlay: self.overlay.clone(),
             };
             let mut mesh = Mesh::new(
                 id.clone(),
@@ -485,7 +502,7 @@ mod rooms {
                 Gatherer::new(&[addr], &[], now),
                 wake.clone(),
             );
-            mesh.start(others, now);
+            mesh.start(others, size, now);
             self.peers.push(SimPeer {
                 id,
                 addr,
@@ -516,9 +533,13 @@ mod rooms {
 
         fn on_gone(&mut self, i: usize) {
             if let Some(pos) = self.members.iter().position(|&m| m == i) {
+                let large = self.members.len() > self.listed.saturating_add(1);
                 self.members.remove(pos);
                 let id = self.id(i);
                 for m in self.members.clone() {
+                    if large {
+                        break;
+                    }
                     self.server_send(m, ServerMsg::PeerLeft { room: ROOM.into(), peer_id: id.clone() });
                 }
             }
@@ -906,5 +927,87 @@ mod rooms {
         assert!(states.contains(&ConnState::Disconnected), "{states:?}");
         assert_eq!(states.last(), Some(&ConnState::Connected), "{states:?}");
         assert_eq!(sim.peers[0].states(&sim.id(1)), [ConnState::Connecting, ConnState::Connected]);
+    }
+
+    /// A room of 24 members joined with an overlay, the server listing a
+    /// sample of 8 and telling nobody of joins (a large room), on the real
+    /// WebRTC stack through loss: every broadcast reaches every member,
+    /// each member holds at most 8 connections (a mesh would need 23), and
+    /// a message to one peer arrives over a direct connection.
+    #[test]
+    fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
+        use crate::event::MessageKind;
+        let mut sim = Sim::new(41, 0.01, Duration::from_millis(15), Duration::from_millis(5));
+        sim.overlay = Some(crate::OverlayConfig::default());
+        sim.listed = 8;
+        let n = 24;
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(sim.join());
+            let t = sim.now + Duration::from_millis(200);
+            sim.run_until(t + Duration::from_secs(1), "join", |s| s.now >= t);
+        }
+        let neighbours = |s: &Sim, i: usize| {
+            s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
+        };
+        sim.run_until(Duration::from_secs(60), "overlay formed", |s| {
+            all.iter().all(|&i| neighbours(s, i) >= 2)
+        });
+        let settle = sim.now + Duration::from_secs(5);
+        sim.run_until(settle + Duration::from_secs(1), "settle", |s| s.now >= settle);
+
+        let senders = [0, 7, 15, 23];
+        let now = sim.instant();
+        for &from in &senders {
+            for k in 0..5 {
+                let data = format!("{from}#{k}").into_bytes();
+                sim.peers[from].mesh.as_mut().expect("present").broadcast(data, now).expect("broadcast");
+            }
+        }
+        let got = |s: &Sim, i: usize| {
+            s.peers[i]
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::Message { kind: MessageKind::Broadcast { .. }, .. }))
+                .count()
+        };
+        let expected = |i: usize| senders.iter().filter(|&&f| f != i).count() * 5;
+        sim.run_until(sim.now + Duration::from_secs(30), "broadcasts", |s| {
+            all.iter().all(|&i| got(s, i) == expected(i))
+        });
+        for &i in &all {
+            let mut texts: Vec<String> = sim.peers[i]
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Message { from, data, .. } => {
+                        let text = String::from_utf8(data.clone()).expect("utf-8");
+                        let index: usize = from.as_str()[2..].parse().expect("sim id");
+                        assert!(text.starts_with(&format!("{index}#")), "{text} from {from}");
+                        Some(text)
+                    }
+                    _ => None,
+                })
+                .collect();
+            texts.sort();
+            texts.dedup();
+            assert_eq!(texts.len(), expected(i), "peer {i}: no duplicates delivered");
+            let conns = sim.peers[i].mesh.as_ref().expect("present").connection_count();
+            assert!(conns <= 8, "peer {i} holds {conns} connections");
+        }
+        let total: usize =
+            all.iter().map(|&i| sim.peers[i].mesh.as_ref().expect("present").connection_count()).sum();
+        assert!(total / n < 12, "mean connections {} is a mesh's", total / n);
+
+        // To one peer that is not a neighbour: a direct connection.
+        let now = sim.instant();
+        let to = sim.id(3);
+        sim.peers[20].mesh.as_mut().expect("present").send_to(to, b"just you".to_vec(), now).expect("send");
+        let from = sim.id(20);
+        sim.run_until(sim.now + Duration::from_secs(20), "direct", |s| {
+            s.peers[3].events.iter().any(|e| {
+                matches!(e, Event::Message { from: f, data, kind: MessageKind::Direct } if *f == from && data == b"just you")
+            })
+        });
     }
 }

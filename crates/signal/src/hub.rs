@@ -201,8 +201,6 @@ impl Room {
         let size = (others > listed).then_some(others as u32);
         (present.into_iter().map(|(_, p)| p).collect(), size)
     }
-
-
 }
 
 /// How a join treats a place the joining id may hold.
