@@ -86,7 +86,7 @@ impl Default for Config {
             neighbor_timeout: Duration::from_secs(20),
             tick: Duration::from_millis(500),
             ihave_delay: Duration::from_millis(10),
-            graft_timeout: Duration::from_millis(300),
+            graft_timeout: Duration::from_millis(150),
             graft_retry: Duration::from_millis(200),
             optimization_hops: 2,
             cache_retention: Duration::from_secs(30),

@@ -6,10 +6,13 @@
 //! - `raw.rs`: the raw str0m reference the throughput is compared with;
 //! - `signal.rs`: the signaling server's memory per connection;
 //! - `sigload.rs`: the signaling server under load (CPU per message, latency);
-//! - `transfer.rs`: `peerlink send` to `peerlink receive`, disk to disk.
+//! - `transfer.rs`: `peerlink send` to `peerlink receive`, disk to disk;
+//! - `room.rs`: a large room (overlay) beside a full mesh, in worker
+//!   processes, and the overlay's simulation table.
 
 mod peer;
 mod raw;
+mod room;
 mod sigload;
 mod signal;
 mod transfer;
@@ -103,6 +106,21 @@ pub enum Bench {
     /// messages: msgs/s, latency p50/p99, the server's CPU per message
     /// (user, kernel) and RSS per connection.
     SignalLoad(sigload::SignalLoadArgs),
+    /// A large room: N native peers in several processes against a real
+    /// `peerlink serve`, joined with the overlay, broadcasting numbered
+    /// messages; beside a full mesh of --mesh-peers in the same run.
+    /// Delivery, latency p50/p99, connections per peer, bytes sent per
+    /// peer against a full mesh of the same size.
+    Room(room::RoomArgs),
+    #[command(hide = true)]
+    RoomWorker(room::WorkerArgs),
+    /// The overlay on simulated time (no sockets): delivery, duplicates,
+    /// hops, connections for rooms of each size, with and without churn.
+    Overlay {
+        /// Room sizes.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        sizes: Vec<usize>,
+    },
     /// Everything above with default settings.
     All,
 }
@@ -197,6 +215,12 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
         Bench::SignalLoad(args) => sigload::run(args).await,
         Bench::Relay { mib, size } => peer::relay(mib, size).await,
+        Bench::Room(args) => room::run(args).await,
+        Bench::RoomWorker(args) => room::worker(args).await,
+        Bench::Overlay { sizes } => {
+            room::overlay(&sizes);
+            Ok(())
+        }
         Bench::All => {
             peer::connect(50).await?;
             peer::rtt(5000, 16, false).await?;
