@@ -137,6 +137,14 @@ pub enum Output<P> {
     NeighborUp(P),
     /// This peer is no longer a neighbour.
     NeighborDown(P),
+    /// `messages` sent with [`Overlay::send_direct`] to `peer` were not
+    /// delivered: no connection to it could be made in three attempts.
+    DirectFailed {
+        /// The addressee.
+        peer: P,
+        /// How many messages were given up.
+        messages: usize,
+    },
 }
 
 /// Counters, for `/metrics`-style observability.
@@ -178,6 +186,15 @@ struct Conn<P> {
     direct: bool,
 }
 
+struct Retry<P> {
+    messages: VecDeque<Message<P>>,
+    attempts: u8,
+    at: Instant,
+}
+
+/// Connection attempts for messages to one peer before they are given up.
+const DIRECT_ATTEMPTS: u8 = 3;
+
 struct Cached<P> {
     /// The neighbour it came from (none: our own).
     from: Option<P>,
@@ -214,9 +231,13 @@ pub struct Overlay<P: Id> {
     cache_used: usize,
     missing: HashMap<u64, Missing<P>>,
     lazy_out: BTreeMap<P, Vec<(u64, u16)>>,
+    /// Duplicates in a row per neighbour.
+    dup_streak: HashMap<P, u8>,
     lazy_flush: Option<Instant>,
     next_tick: Instant,
     next_shuffle: Instant,
+    /// Messages to one peer whose connection failed, tried again later.
+    retry: BTreeMap<P, Retry<P>>,
     /// Our broadcasts made while we had no neighbour, sent to the first one.
     unsent: VecDeque<u64>,
     /// Hops of the last broadcast delivered from each origin (bounded).
@@ -261,11 +282,13 @@ impl<P: Id> Overlay<P> {
             cache_used: 0,
             missing: HashMap::new(),
             lazy_out: BTreeMap::new(),
+            dup_streak: HashMap::new(),
             lazy_flush: None,
             next_tick: now + config.tick,
             next_shuffle: now + first_shuffle,
             hops_from: HashMap::new(),
             unsent: VecDeque::new(),
+            retry: BTreeMap::new(),
             left: false,
             out: VecDeque::new(),
             stats: Stats::default(),
@@ -374,7 +397,9 @@ impl<P: Id> Overlay<P> {
 
     /// Whether to take a connection `peer` is opening to us: within
     /// `max_connections`, closing the least recently used spare one if
-    /// needed. Refused, the caller turns it down (`peer` sees it fail).
+    /// needed. Refused, the caller turns it down and should tell `peer`
+    /// (which then calls [`Overlay::disconnected`]) rather than let it
+    /// wait for its connect timeout.
     pub fn accept(&mut self, peer: P, now: Instant) -> bool {
         if self.left || peer == self.me {
             return false;
@@ -415,6 +440,11 @@ impl<P: Id> Overlay<P> {
         conn.up = true;
         conn.last_used = now;
         conn.queued_bytes = 0;
+        if let Some(r) = self.retry.get(&peer)
+            && r.messages.is_empty()
+        {
+            self.retry.remove(&peer);
+        }
         for msg in std::mem::take(&mut conn.queue) {
             self.out.push_back(Output::Send(peer.clone(), msg));
         }
@@ -422,8 +452,35 @@ impl<P: Id> Overlay<P> {
 
     /// The connection to `peer` failed or closed.
     pub fn disconnected(&mut self, peer: &P, now: Instant) {
-        self.conns.remove(peer);
+        if let Some(c) = self.conns.remove(peer)
+            && !c.up
+        {
+            self.setup_failed(peer, c, now);
+        }
         self.lost(peer, now);
+    }
+
+    /// A connection that never came up: messages to its peer alone are
+    /// tried again (a few times) rather than lost.
+    fn setup_failed(&mut self, peer: &P, c: Conn<P>, now: Instant) {
+        let direct: VecDeque<Message<P>> =
+            c.queue.into_iter().filter(|m| matches!(m, Message::Direct { .. })).collect();
+        if direct.is_empty() || self.left {
+            return;
+        }
+        let r = self.retry.entry(peer.clone()).or_insert(Retry {
+            messages: VecDeque::new(),
+            attempts: 0,
+            at: now,
+        });
+        r.attempts += 1;
+        r.messages.extend(direct);
+        r.at = now + Duration::from_secs(1);
+        if r.attempts >= DIRECT_ATTEMPTS {
+            let r = self.retry.remove(peer).expect("just inserted");
+            self.stats.dropped += r.messages.len() as u64;
+            self.out.push_back(Output::DirectFailed { peer: peer.clone(), messages: r.messages.len() });
+        }
     }
 
     /// Broadcasts `payload` to the room; returns its id.
@@ -431,10 +488,17 @@ impl<P: Id> Overlay<P> {
         let id = self.rng.random::<u64>();
         self.remember(id, now);
         if self.small_room() {
-            // A full mesh: straight to everyone; they only announce it on.
+            // A full mesh: straight to everyone. The links between the
+            // others carry a copy at first, and are pruned by the duplicate.
             for p in self.active.clone() {
                 self.stats.forwarded += 1;
-                let msg = Message::Gossip { id, origin: self.me.clone(), hops: 0, payload: payload.clone() };
+                let msg = Message::Gossip {
+                    id,
+                    origin: self.me.clone(),
+                    hops: 0,
+                    all: true,
+                    payload: payload.clone(),
+                };
                 self.send(p, msg, now);
             }
         } else {
@@ -549,8 +613,8 @@ impl<P: Id> Overlay<P> {
             }
             Message::Shuffle { origin, ttl, peers } => self.shuffle(from, origin, ttl, peers, now),
             Message::ShuffleReply { peers } => self.merge(peers, &[]),
-            Message::Gossip { id, origin, hops, payload } => {
-                self.gossip(from, id, origin, hops, payload, now)
+            Message::Gossip { id, origin, hops, all, payload } => {
+                self.gossip(from, id, origin, hops, all, payload, now)
             }
             Message::IHave { ids } => {
                 if !self.active.contains(&from) {
@@ -583,6 +647,7 @@ impl<P: Id> Overlay<P> {
                         id,
                         origin: c.origin.clone(),
                         hops: c.hops,
+                        all: false,
                         payload: c.payload.clone(),
                     };
                     self.stats.forwarded += 1;
@@ -666,6 +731,10 @@ impl<P: Id> Overlay<P> {
         if peer == self.me || self.active.contains(&peer) {
             return;
         }
+        if !self.conns.contains_key(&peer) && !self.can_open() {
+            // Every connection is a neighbour's or being set up.
+            return;
+        }
         self.passive.retain(|p| *p != peer);
         while self.active.len() >= self.cap() {
             let victim = self.active.choose(&mut self.rng).cloned().expect("active view is not empty");
@@ -674,13 +743,20 @@ impl<P: Id> Overlay<P> {
         self.active.push(peer.clone());
         self.eager.insert(peer.clone());
         self.lazy.remove(&peer);
-        if !self.conns.contains_key(&peer) {
-            self.open(peer.clone(), now);
+        if !self.conns.contains_key(&peer) && !self.open(peer.clone(), now) {
+            // Room was made by the eviction above, or was there: not reached.
+            self.remove_active(&peer);
+            return;
         }
         for id in std::mem::take(&mut self.unsent) {
             if let Some(c) = self.cache.get(&id) {
-                let msg =
-                    Message::Gossip { id, origin: self.me.clone(), hops: 0, payload: c.payload.clone() };
+                let msg = Message::Gossip {
+                    id,
+                    origin: self.me.clone(),
+                    hops: 0,
+                    all: false,
+                    payload: c.payload.clone(),
+                };
                 self.stats.forwarded += 1;
                 self.send(peer.clone(), msg, now);
             }
@@ -701,6 +777,7 @@ impl<P: Id> Overlay<P> {
         self.eager.remove(peer);
         self.lazy.remove(peer);
         self.lazy_out.remove(peer);
+        self.dup_streak.remove(peer);
         self.out.push_back(Output::NeighborDown(peer.clone()));
         true
     }
@@ -742,7 +819,7 @@ impl<P: Id> Overlay<P> {
             self.passive.iter().filter(|p| !self.pending.contains_key(*p)).cloned().collect();
         spares.shuffle(&mut self.rng);
         for p in spares {
-            if wanted == 0 {
+            if wanted == 0 || !self.can_open() {
                 break;
             }
             let high = self.active.is_empty();
@@ -758,7 +835,9 @@ impl<P: Id> Overlay<P> {
         if ttl == 0 || self.active.len() <= 1 {
             if !self.active.contains(&peer) {
                 self.add_active(peer.clone(), now);
-                self.send(peer, Message::Neighbor { high: true }, now);
+                if self.active.contains(&peer) {
+                    self.send(peer, Message::Neighbor { high: true }, now);
+                }
             }
             return;
         }
@@ -770,7 +849,9 @@ impl<P: Id> Overlay<P> {
             Some(n) => self.send(n.clone(), Message::ForwardJoin { peer, ttl: ttl - 1 }, now),
             None if !self.active.contains(&peer) => {
                 self.add_active(peer.clone(), now);
-                self.send(peer, Message::Neighbor { high: true }, now);
+                if self.active.contains(&peer) {
+                    self.send(peer, Message::Neighbor { high: true }, now);
+                }
             }
             None => {}
         }
@@ -816,16 +897,22 @@ impl<P: Id> Overlay<P> {
         }
     }
 
-    fn gossip(&mut self, from: P, id: u64, origin: P, hops: u16, payload: Vec<u8>, now: Instant) {
-        let mesh = self.small_room() && hops == 0;
-        if self.seen.contains(&id) && mesh {
-            self.stats.duplicates += 1;
-            return;
-        }
+    #[allow(clippy::too_many_arguments)]
+    fn gossip(&mut self, from: P, id: u64, origin: P, hops: u16, all: bool, payload: Vec<u8>, now: Instant) {
         if self.seen.contains(&id) {
-            // The sender pushes to us eagerly: that link is a cycle in the
-            // tree. Both ends drop it (whether or not we still push to it).
+            // The sender pushes to us eagerly: that link closes a cycle in
+            // the tree, and both ends drop it (whether or not we still push
+            // to it) — on the second duplicate in a row from it: a single
+            // one is often two broadcasts from different origins crossing,
+            // and pruning for each breaks the tree where another cycle
+            // link is pruned at the same moment.
             self.stats.duplicates += 1;
+            let n = self.dup_streak.entry(from.clone()).or_default();
+            *n += 1;
+            if *n < 2 {
+                return;
+            }
+            self.dup_streak.remove(&from);
             if self.eager.remove(&from) {
                 self.lazy.insert(from.clone());
             }
@@ -833,6 +920,7 @@ impl<P: Id> Overlay<P> {
             self.send(from, Message::Prune, now);
             return;
         }
+        self.dup_streak.remove(&from);
         self.remember(id, now);
         self.missing.remove(&id);
         if self.active.contains(&from) {
@@ -851,11 +939,11 @@ impl<P: Id> Overlay<P> {
             hops,
             payload: payload.clone(),
         }));
-        if mesh {
-            // Everyone connected to the origin has it: announce it to the
-            // rest in case a connection is missing.
+        if all {
+            // Its origin sent it to each of its neighbours: announce it to
+            // ours, in case one is not connected to the origin.
             for p in self.active.clone() {
-                if p != from {
+                if p != from && p != origin {
                     self.lazy_out.entry(p).or_default().push((id, hops));
                 }
             }
@@ -875,7 +963,8 @@ impl<P: Id> Overlay<P> {
             self.eager.iter().filter(|p| Some(*p) != except && **p != origin).cloned().collect();
         for p in eager {
             self.stats.forwarded += 1;
-            let msg = Message::Gossip { id, origin: origin.clone(), hops, payload: payload.to_vec() };
+            let msg =
+                Message::Gossip { id, origin: origin.clone(), hops, all: false, payload: payload.to_vec() };
             self.send(p, msg, now);
         }
         let lazy: Vec<P> =
@@ -958,9 +1047,25 @@ impl<P: Id> Overlay<P> {
         let failed: Vec<P> =
             self.conns.iter().filter(|(_, c)| !c.up && c.deadline <= now).map(|(p, _)| p.clone()).collect();
         for p in failed {
-            self.conns.remove(&p);
+            if let Some(c) = self.conns.remove(&p) {
+                self.setup_failed(&p, c, now);
+            }
             self.out.push_back(Output::Close(p.clone()));
             self.lost(&p, now);
+        }
+        let due: Vec<P> = self.retry.iter().filter(|(_, r)| r.at <= now).map(|(p, _)| p.clone()).collect();
+        for p in due {
+            if self.conns.contains_key(&p) || !self.make_room() {
+                continue;
+            }
+            let Some(r) = self.retry.get_mut(&p) else { continue };
+            let messages = std::mem::take(&mut r.messages);
+            for m in messages {
+                self.send(p.clone(), m, now);
+            }
+            if let Some(c) = self.conns.get_mut(&p) {
+                c.direct = true;
+            }
         }
         let unanswered: Vec<P> =
             self.pending.iter().filter(|(_, d)| **d <= now).map(|(p, _)| p.clone()).collect();
@@ -1018,7 +1123,8 @@ impl<P: Id> Overlay<P> {
         let victim = self
             .conns
             .iter()
-            .filter(|(p, _)| !self.active.contains(p) && !self.pending.contains_key(*p))
+            // Not one being set up: its peer is waiting on it.
+            .filter(|(p, c)| c.up && !self.active.contains(p) && !self.pending.contains_key(*p))
             .min_by_key(|(_, c)| c.last_used)
             .map(|(p, _)| p.clone());
         match victim {
@@ -1031,10 +1137,19 @@ impl<P: Id> Overlay<P> {
         }
     }
 
-    fn open(&mut self, peer: P, now: Instant) {
-        // Neighbours and requests are at most `full_mesh_up_to - 1`, fewer
-        // than `max_connections`: room can always be made.
-        self.make_room();
+    /// Whether a connection can be opened within `max_connections` (after
+    /// closing a spare one).
+    fn can_open(&self) -> bool {
+        self.conns.len() < self.config.max_connections
+            || self.conns.iter().any(|(p, c)| c.up && !self.active.contains(p) && !self.pending.contains_key(p))
+    }
+
+    /// Opens a connection within `max_connections`, closing the least
+    /// recently used spare one if needed; false if none can be.
+    fn open(&mut self, peer: P, now: Instant) -> bool {
+        if !self.make_room() {
+            return false;
+        }
         self.conns.insert(
             peer.clone(),
             Conn {
@@ -1047,12 +1162,17 @@ impl<P: Id> Overlay<P> {
             },
         );
         self.out.push_back(Output::Connect(peer));
+        true
     }
 
-    /// Sends on the connection to `to`, opening it first if needed.
+    /// Sends on the connection to `to`, opening it first if needed. With
+    /// no connection to be had, the message is dropped (a request counts
+    /// as unanswered; the periodic repair tries others later).
     fn send(&mut self, to: P, msg: Message<P>, now: Instant) {
-        if !self.conns.contains_key(&to) {
-            self.open(to.clone(), now);
+        if !self.conns.contains_key(&to) && !self.open(to.clone(), now) {
+            self.stats.dropped += 1;
+            self.pending.remove(&to);
+            return;
         }
         let limit = self.config.max_queued_bytes;
         let c = self.conns.get_mut(&to).expect("opened above");

@@ -301,7 +301,10 @@ impl Sim {
                         }
                     }
                 }
-                Output::Direct { .. } | Output::NeighborUp(_) | Output::NeighborDown(_) => {}
+                Output::Direct { .. }
+                | Output::DirectFailed { .. }
+                | Output::NeighborUp(_)
+                | Output::NeighborDown(_) => {}
             }
         }
         let node = &mut self.nodes[id as usize];

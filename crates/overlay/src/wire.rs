@@ -93,6 +93,9 @@ pub enum Message<P> {
         origin: P,
         /// Links crossed before this one.
         hops: u16,
+        /// Pushed by its origin to each of its neighbours (a room small
+        /// enough to be a full mesh): receivers only announce it on.
+        all: bool,
         /// The application's message.
         payload: Vec<u8>,
     },
@@ -148,6 +151,7 @@ mod tag {
     pub const SHUFFLE: u8 = 6;
     pub const SHUFFLE_REPLY: u8 = 7;
     pub const GOSSIP: u8 = 16;
+    pub const GOSSIP_ALL: u8 = 20;
     pub const IHAVE: u8 = 17;
     pub const GRAFT: u8 = 18;
     pub const PRUNE: u8 = 19;
@@ -195,9 +199,9 @@ impl<P: WireId> Message<P> {
                 out.push(tag::SHUFFLE_REPLY);
                 put_ids(&mut out, peers);
             }
-            Message::Gossip { id, origin, hops, payload } => {
+            Message::Gossip { id, origin, hops, all, payload } => {
                 out.reserve(payload.len() + 32);
-                out.push(tag::GOSSIP);
+                out.push(if *all { tag::GOSSIP_ALL } else { tag::GOSSIP });
                 out.extend(id.to_be_bytes());
                 put_id(&mut out, origin);
                 out.extend(hops.to_be_bytes());
@@ -243,11 +247,17 @@ impl<P: WireId> Message<P> {
             tag::DISCONNECT => Message::Disconnect { alive: r.flag()? },
             tag::SHUFFLE => Message::Shuffle { origin: r.id()?, ttl: r.u8()?, peers: r.ids()? },
             tag::SHUFFLE_REPLY => Message::ShuffleReply { peers: r.ids()? },
-            tag::GOSSIP => {
+            t @ (tag::GOSSIP | tag::GOSSIP_ALL) => {
                 let id = r.u64()?;
                 let origin = r.id()?;
                 let hops = r.u16()?;
-                return Ok(Message::Gossip { id, origin, hops, payload: r.b.to_vec() });
+                return Ok(Message::Gossip {
+                    id,
+                    origin,
+                    hops,
+                    all: t == tag::GOSSIP_ALL,
+                    payload: r.b.to_vec(),
+                });
             }
             tag::IHAVE => {
                 let n = r.u16()? as usize;

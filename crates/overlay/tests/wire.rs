@@ -37,6 +37,7 @@ fn message(m: &Value) -> Message<PeerId> {
             id: u64_hex(&m["id"]),
             origin: id(&m["origin"]),
             hops: m["hops"].as_u64().expect("hops") as u16,
+            all: m["all"].as_bool().unwrap_or(false),
             payload: hex(m["payload"].as_str().expect("payload")),
         },
         "ihave" => Message::IHave {
@@ -63,7 +64,7 @@ fn fixture() -> Value {
 fn every_message_encodes_and_decodes_as_the_fixture_says() {
     let f = fixture();
     let valid = f["valid"].as_array().expect("valid");
-    assert_eq!(valid.len(), 18, "a fixture was added or lost: update this count");
+    assert_eq!(valid.len(), 19, "a fixture was added or lost: update this count");
     for case in valid {
         let msg = message(&case["message"]);
         let bytes = hex(case["hex"].as_str().expect("hex"));

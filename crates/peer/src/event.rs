@@ -86,6 +86,15 @@ pub enum Event {
         /// To everyone, or to us alone.
         kind: MessageKind,
     },
+    /// Messages sent with [`crate::Room::send`] to `peer` were not
+    /// delivered: no connection to it could be made (three attempts, a
+    /// second apart; it may have left, or hold all the connections it may).
+    SendFailed {
+        /// The addressee.
+        peer: PeerId,
+        /// How many messages were given up.
+        messages: usize,
+    },
     /// The signaling link is gone; the room is over.
     Closed {
         /// Why.

@@ -397,7 +397,13 @@ impl Mesh {
                     q.push_back(signal);
                 }
             }
-            ServerMsg::Message { from, data, .. } => self.emit(Event::ServerMessage { from, data }),
+            ServerMsg::Message { from, data, .. } => {
+                if self.overlay_server_message(&from, &data) {
+                    self.overlay_step(now);
+                } else {
+                    self.emit(Event::ServerMessage { from, data });
+                }
+            }
             ServerMsg::Error { code, message } => {
                 tracing::warn!(%code, "server: {message}");
                 if code.is_fatal() {
@@ -451,6 +457,23 @@ impl Mesh {
     /// What gathering found.
     pub fn gathering(&self) -> GatherReport {
         self.gatherer.report()
+    }
+
+    /// Who the connections held and not failed or closed are to, beside
+    /// who the overlay thinks they are to.
+    #[cfg(test)]
+    pub fn connection_debug(&self) -> String {
+        let mut live: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, st)| !matches!(st.conn.state(), ConnState::Failed | ConnState::Closed))
+            .map(|(p, st)| format!("{p}:{:?}", st.conn.state()))
+            .collect();
+        live.sort();
+        let mut ov: Vec<String> =
+            self.overlay.as_ref().map(|os| os.ov.connections().map(|p| p.to_string()).collect()).unwrap_or_default();
+        ov.sort();
+        format!("mesh {live:?} overlay {ov:?}")
     }
 
     /// Connections held and not failed or closed.

@@ -16,6 +16,9 @@ use crate::conn::ConnState;
 use crate::error::{Error, SendError};
 use crate::event::{Event, MessageKind, OverlayStats};
 
+/// Key of the server-routed message that turns an offer down.
+const BUSY_KEY: &str = "peerlink_overlay";
+
 /// Largest application message [`crate::Room::broadcast`] and
 /// [`crate::Room::send`] take, in bytes.
 pub const MAX_ROOM_MESSAGE: usize = 64 * 1024;
@@ -86,8 +89,26 @@ impl Mesh {
         let ok = os.ov.accept(from.clone(), now);
         if ok {
             self.members.entry(from.clone()).or_insert(None);
+        } else {
+            // Said through the server: the offerer gives up at once instead
+            // of waiting for its connect timeout.
+            tracing::debug!(peer = %from, "overlay: connection limit reached, offer refused");
+            self.send_via_server(Some(from.clone()), serde_json::json!({ BUSY_KEY: "busy" }));
         }
         ok
+    }
+
+    /// A server-routed message that is the overlay's: a peer turned our
+    /// offer down.
+    pub(super) fn overlay_server_message(&mut self, from: &PeerId, data: &serde_json::Value) -> bool {
+        let Some(os) = &mut self.overlay else { return false };
+        if data.get(BUSY_KEY).and_then(|v| v.as_str()) != Some("busy") {
+            return false;
+        }
+        os.channels.remove(from);
+        os.pending.push_back((from.clone(), false));
+        self.drop_conn(from);
+        true
     }
 
     /// Feeds the overlay what happened since the last step (connections,
@@ -104,13 +125,11 @@ impl Mesh {
             }
         }
         for peer in down {
-            // A dead connection is not kept (with presence quiet, nobody
-            // would say its peer left); nor is a member only the overlay knew.
-            if self
-                .peers
-                .get(&peer)
-                .is_some_and(|st| matches!(st.conn.state(), ConnState::Failed | ConnState::Closed))
-            {
+            // A connection without its overlay channel is not kept, dead or
+            // not (with presence quiet, nobody would say its peer left, and
+            // the overlay no longer counts it); nor is a member only the
+            // overlay knew.
+            if self.peers.contains_key(&peer) {
                 self.drop_conn(&peer);
                 if self.overlay.as_ref().is_some_and(|os| os.large) {
                     self.members.remove(&peer);
@@ -193,6 +212,7 @@ impl Mesh {
                 Output::Direct { from, payload } => {
                     self.emit(Event::Message { from, data: payload, kind: MessageKind::Direct })
                 }
+                Output::DirectFailed { peer, messages } => self.emit(Event::SendFailed { peer, messages }),
                 Output::NeighborUp(peer) => tracing::debug!(local = %self.id, %peer, "neighbour up"),
                 Output::NeighborDown(peer) => tracing::debug!(local = %self.id, %peer, "neighbour down"),
             }

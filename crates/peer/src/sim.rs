@@ -993,7 +993,11 @@ mod rooms {
             texts.dedup();
             assert_eq!(texts.len(), expected(i), "peer {i}: no duplicates delivered");
             let conns = sim.peers[i].mesh.as_ref().expect("present").connection_count();
-            assert!(conns <= 8, "peer {i} holds {conns} connections");
+            assert!(
+                conns <= 8,
+                "peer {i} holds {conns} connections: {}",
+                sim.peers[i].mesh.as_ref().expect("present").connection_debug()
+            );
         }
         let total: usize =
             all.iter().map(|&i| sim.peers[i].mesh.as_ref().expect("present").connection_count()).sum();
@@ -1004,7 +1008,7 @@ mod rooms {
         let to = sim.id(3);
         sim.peers[20].mesh.as_mut().expect("present").send_to(to, b"just you".to_vec(), now).expect("send");
         let from = sim.id(20);
-        sim.run_until(sim.now + Duration::from_secs(20), "direct", |s| {
+        sim.run_until(sim.now + Duration::from_secs(60), "direct", |s| {
             s.peers[3].events.iter().any(|e| {
                 matches!(e, Event::Message { from: f, data, kind: MessageKind::Direct } if *f == from && data == b"just you")
             })

@@ -78,6 +78,9 @@ struct PeerReport {
     latencies: Vec<u32>,
     connections: usize,
     bytes_sent: u64,
+    /// The overlay's tree repairs and duplicates.
+    grafts: u64,
+    overlay_duplicates: u64,
 }
 
 fn unix_micros() -> u64 {
@@ -203,9 +206,9 @@ async fn peer(
             }
         }
     }
-    let (connections, neighbours) = match room.overlay_stats().await? {
-        Some(s) => (s.connections, s.neighbors),
-        None => (channels.iter().filter(|c| !c.is_closed()).count(), room.peers().await?),
+    let (connections, neighbours, grafts, overlay_duplicates) = match room.overlay_stats().await? {
+        Some(s) => (s.connections, s.neighbors, s.grafts, s.duplicates),
+        None => (channels.iter().filter(|c| !c.is_closed()).count(), room.peers().await?, 0, 0),
     };
     let mut bytes_sent = 0;
     for p in &neighbours {
@@ -221,6 +224,8 @@ async fn peer(
         latencies: t.latencies.clone(),
         connections,
         bytes_sent,
+        grafts,
+        overlay_duplicates,
     };
     drop(t);
     drop(room);
@@ -278,6 +283,8 @@ struct Figures {
     mean_conns: f64,
     bytes_per_peer: f64,
     bytes_max: u64,
+    grafts: u64,
+    overlay_duplicates: u64,
     form: Duration,
 }
 
@@ -303,7 +310,7 @@ async fn run_room(
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--senders", &senders.to_string(), "--messages", &args.messages.to_string()])
             .args(["--size", &args.size.to_string(), "--rate", &args.rate.to_string()])
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", std::env::var("PEERLINK_BENCH_LOG").unwrap_or_else(|_| "error".into()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
@@ -368,6 +375,8 @@ async fn run_room(
         bytes_per_peer: reports.iter().map(|r| r.bytes_sent).sum::<u64>() as f64
             / reports.len().max(1) as f64,
         bytes_max: reports.iter().map(|r| r.bytes_sent).max().unwrap_or(0),
+        grafts: reports.iter().map(|r| r.grafts).sum(),
+        overlay_duplicates: reports.iter().map(|r| r.overlay_duplicates).sum(),
         form,
     })
 }
@@ -417,7 +426,7 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
         // each peer receives each broadcast once).
         let mesh_max = (args.messages * args.size * (n - 1)) as f64;
         println!(
-            "{:<10} {:>5} {:>9.3}% {:>5} {:>6.1}ms {:>6.1}ms {:>6} {:>6.1} {:>12.1} {:>12.1} {:>14.2}   (formed in {:.1} s)",
+            "{:<10} {:>5} {:>9.3}% {:>5} {:>6.1}ms {:>6.1}ms {:>6} {:>6.1} {:>12.1} {:>12.1} {:>14.2}   (formed in {:.1} s; overlay: {} grafts, {} duplicates)",
             name,
             f.peers,
             100.0 * f.received as f64 / f.expected.max(1) as f64,
@@ -430,6 +439,8 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
             f.bytes_max as f64 / 1e3,
             f.bytes_max as f64 / mesh_max.max(1.0),
             f.form.as_secs_f64(),
+            f.grafts,
+            f.overlay_duplicates,
         );
     }
     let _ = server.kill().await;

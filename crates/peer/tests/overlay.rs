@@ -1,0 +1,191 @@
+//! Rooms with an overlay on a real server, over real sockets on 127.0.0.1:
+//! a large room (the server lists a sample and keeps presence quiet)
+//! carries broadcasts to everyone with a handful of connections each,
+//! heals when a member leaves, and carries messages to one peer.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Server;
+use peerlink_peer::{Error, Event, MessageKind, OverlayConfig, OverlayStats, PeerId, Room};
+use tokio::sync::{mpsc, oneshot};
+
+type Inbox = Arc<Mutex<Vec<(PeerId, Vec<u8>, MessageKind)>>>;
+
+enum Cmd {
+    Broadcast(Vec<u8>, oneshot::Sender<Result<(), Error>>),
+    Send(PeerId, Vec<u8>, oneshot::Sender<Result<(), Error>>),
+    Stats(oneshot::Sender<Option<OverlayStats>>),
+    Hops(PeerId, oneshot::Sender<Option<u16>>),
+}
+
+/// A member driven by its own task: it reads every event as it comes.
+struct Member {
+    id: PeerId,
+    cmds: mpsc::Sender<Cmd>,
+    got: Inbox,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Member {
+    async fn join(server: &Server, room: &str) -> Member {
+        let mut config = server.config(room);
+        config.overlay = Some(OverlayConfig::default());
+        let mut room = Room::join(config).await.expect("join");
+        let id = room.id().clone();
+        let got: Inbox = Arc::default();
+        let (cmds, mut rx) = mpsc::channel(16);
+        let inbox = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = room.next_event() => match ev {
+                        Some(Event::Message { from, data, kind }) => inbox.lock().unwrap().push((from, data, kind)),
+                        Some(Event::Closed { .. }) | None => return,
+                        Some(_) => {}
+                    },
+                    cmd = rx.recv() => match cmd {
+                        Some(Cmd::Broadcast(d, r)) => { let _ = r.send(room.broadcast(d).await); }
+                        Some(Cmd::Send(p, d, r)) => { let _ = r.send(room.send(&p, d).await); }
+                        Some(Cmd::Stats(r)) => { let _ = r.send(room.overlay_stats().await.unwrap()); }
+                        Some(Cmd::Hops(p, r)) => { let _ = r.send(room.overlay_hops(&p).await.unwrap()); }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Member { id, cmds, got, task }
+    }
+
+    async fn broadcast(&self, data: &[u8]) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Broadcast(data.to_vec(), tx)).await.unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn send(&self, to: &PeerId, data: &[u8]) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Send(to.clone(), data.to_vec(), tx)).await.unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn stats(&self) -> OverlayStats {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Stats(tx)).await.unwrap();
+        rx.await.unwrap().expect("an overlay room")
+    }
+
+    async fn hops(&self, from: &PeerId) -> Option<u16> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Hops(from.clone(), tx)).await.unwrap();
+        rx.await.unwrap()
+    }
+
+    fn broadcasts(&self) -> Vec<(PeerId, Vec<u8>)> {
+        let got = self.got.lock().unwrap();
+        got.iter()
+            .filter(|(_, _, k)| matches!(k, MessageKind::Broadcast { .. }))
+            .map(|(f, d, _)| (f.clone(), d.clone()))
+            .collect()
+    }
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_room_broadcasts_to_everyone_with_few_connections_and_heals() {
+    let mut config = peerlink_signal::Config { listed_peers: 4, ..Default::default() };
+    config.limits.max_peers_per_room = 100;
+    let server = Server::start_with(config).await;
+    let n = 14;
+    let mut members = Vec::new();
+    for _ in 0..n {
+        members.push(Member::join(&server, "big").await);
+    }
+    for m in &members {
+        until("a neighbour", Duration::from_secs(30), async || !m.stats().await.neighbors.is_empty()).await;
+    }
+    // Joins' walks and evictions settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let senders = [0, 5, 13];
+    for &s in &senders {
+        for k in 0..10 {
+            members[s].broadcast(format!("{s}:{k}").as_bytes()).await.unwrap();
+        }
+    }
+    for (i, m) in members.iter().enumerate() {
+        let want = senders.iter().filter(|&&s| s != i).count() * 10;
+        until("every broadcast", Duration::from_secs(20), async || m.broadcasts().len() >= want).await;
+        let mut got = m.broadcasts();
+        assert_eq!(got.len(), want, "member {i}: each broadcast exactly once");
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), want, "member {i}: no duplicates");
+        for (from, data) in &got {
+            let s: usize = std::str::from_utf8(data).unwrap().split(':').next().unwrap().parse().unwrap();
+            assert_eq!(*from, members[s].id, "sender stamped");
+        }
+        let st = m.stats().await;
+        assert!(st.connections <= 8, "member {i}: {st:?}");
+        assert!(st.neighbors.len() < n - 1, "member {i}: a large room is not a mesh: {st:?}");
+        assert!(m.hops(&members[senders[0]].id).await.is_some() || i == senders[0]);
+    }
+
+    // A member goes at once (its room dropped: connections close, and in a
+    // large room nobody is told): its neighbours notice, take spares as
+    // neighbours, and the room keeps carrying.
+    let gone = members.remove(3);
+    gone.task.abort();
+    drop(gone);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members[0].broadcast(b"0:after").await.unwrap();
+    for (i, m) in members.iter().enumerate().skip(1) {
+        until("a broadcast after a leave", Duration::from_secs(40), async || {
+            m.broadcasts().iter().any(|(_, d)| d == b"0:after")
+        })
+        .await;
+        assert!(!m.stats().await.neighbors.is_empty(), "member {i} kept a neighbour");
+    }
+
+    // To one member: a direct connection, whoever its neighbours are.
+    let to = members[8].id.clone();
+    members[1].send(&to, b"just you").await.unwrap();
+    until("a direct message", Duration::from_secs(20), async || {
+        members[8]
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(f, d, k)| *f == members[1].id && d == b"just you" && *k == MessageKind::Direct)
+    })
+    .await;
+    // Nobody else got it.
+    for (i, m) in members.iter().enumerate() {
+        if i != 8 {
+            assert!(!m.got.lock().unwrap().iter().any(|(_, d, _)| d == b"just you"), "member {i}");
+        }
+    }
+    assert!(matches!(
+        members[1].broadcast(&vec![0; peerlink_peer::MAX_ROOM_MESSAGE + 1]).await,
+        Err(Error::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn broadcast_needs_an_overlay_room() {
+    let server = Server::start().await;
+    let room = Room::join(server.config("plain")).await.unwrap();
+    assert!(matches!(room.broadcast(b"x".to_vec()).await, Err(Error::NoOverlay)));
+    assert!(matches!(room.send(room.id(), b"x".to_vec()).await, Err(Error::NoOverlay)));
+    assert_eq!(room.overlay_stats().await.unwrap(), None);
+}
