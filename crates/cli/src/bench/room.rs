@@ -382,45 +382,45 @@ async fn run_room(
 }
 
 pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
-    let most = args.peers.max(args.mesh_peers) + 16;
-    let (mut server, _pid, port) = super::signal::spawn_server(&[
-        "--max-peers-per-room",
-        &most.to_string(),
-        "--listed-peers",
-        &args.listed.to_string(),
-        "--max-connections-per-ip",
-        &(most * 2).to_string(),
-        "--messages-per-second",
-        "1000",
-        "--message-burst",
-        "2000",
-    ])
-    .await?;
-    let url = format!("ws://127.0.0.1:{port}/ws");
     println!(
         "bench room: {} senders x {} broadcasts of {} B at {}/s each, peers in {} processes, server lists {}",
         args.senders, args.messages, args.size, args.rate, args.procs, args.listed
     );
     println!(
         "{:<10} {:>5} {:>10} {:>5} {:>8} {:>8} {:>6} {:>6} {:>12} {:>12} {:>14}",
-        "topology",
-        "peers",
-        "delivered",
-        "dups",
-        "p50",
-        "p99",
-        "conns",
-        "mean",
-        "KB sent mean",
-        "KB sent max",
-        "max vs mesh max"
+        "topology", "peers", "delivered", "dups", "p50", "p99", "conns", "mean", "KB sent mean", "KB sent max", "max vs mesh max"
     );
     let mut rooms = vec![("overlay", args.peers, false)];
     if args.mesh_peers > 0 {
         rooms.push(("full mesh", args.mesh_peers, true));
     }
     for (i, (name, n, mesh)) in rooms.into_iter().enumerate() {
-        let f = run_room(&url, &format!("bench-{i}"), n, &args, mesh).await?;
+        // A server per room: the mesh's must list every member (a full
+        // mesh needs everyone's presence), the overlay's only a sample.
+        let listed = if mesh { n + 1 } else { args.listed };
+        let (mut server, _pid, port) = super::signal::spawn_server(&[
+            "--max-peers-per-room",
+            &(n + 16).to_string(),
+            "--listed-peers",
+            &listed.to_string(),
+            "--max-connections-per-ip",
+            &(n * 2 + 64).to_string(),
+            "--messages-per-second",
+            "1000",
+            "--message-burst",
+            "2000",
+        ])
+        .await?;
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let result = run_room(&url, &format!("bench-{i}"), n, &args, mesh).await;
+        let _ = server.kill().await;
+        let f = match result {
+            Ok(f) => f,
+            Err(e) => {
+                println!("{name:<10} {n:>5}   did not form: {e:#}");
+                continue;
+            }
+        };
         // What a full mesh of the same N makes a sender send: every
         // broadcast to N - 1 peers (the mean per peer is the same for both:
         // each peer receives each broadcast once).
@@ -443,7 +443,6 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
             f.overlay_duplicates,
         );
     }
-    let _ = server.kill().await;
     Ok(())
 }
 
