@@ -12,6 +12,12 @@ import { Emitter } from './events.js';
 import { Channel, channelInit } from './channel.js';
 import { Signaling } from './signaling.js';
 import { signSdp, verifySdp } from './auth.js';
+import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
+
+/** Largest message {@link Room.broadcast} and {@link Room.sendTo} take (as in Rust). */
+export const MAX_ROOM_MESSAGE = 64 * 1024;
+/** The server-routed message that turns an overlay offer down. */
+const BUSY_KEY = 'peerlink_overlay';
 
 /** @typedef {import('./channel.js').ChannelSpec} ChannelSpec */
 /** @typedef {import('./protocol.js').ServerMsg} ServerMsg */
@@ -53,6 +59,7 @@ import { signSdp, verifySdp } from './auth.js';
  * @property {number} [restartAfterMs] a connection down this long is restarted (1 s; the polite side 2 s)
  * @property {number} [giveUpAfterMs] down this long: failed for good (60 s)
  * @property {import('./channel.js').ChannelOptions} [channelOptions]
+ * @property {boolean | import('./overlay.js').OverlayConfig} [overlay] join as a member of an overlay (large rooms; every member joins this way): a handful of connections whatever the room's size, {@link Room.broadcast} and {@link Room.sendTo}; `channels` and `autoConnect` are not used
  * @property {typeof RTCPeerConnection} [RTCPeerConnection]
  * @property {typeof WebSocket} [WebSocket]
  */
@@ -69,6 +76,8 @@ import { signSdp, verifySdp } from './auth.js';
  * @property {{ code: string, message: string }} server_error
  * @property {{ attempt: number, inMs: number, reason: string }} reconnecting
  * @property {{ id: string, resumed: boolean }} rejoined   after a reconnect: `resumed` when the server gave our id back (every connection kept), else with a new id (connections rebuilt)
+ * @property {{ from: string, data: Uint8Array, kind: 'broadcast' | 'direct', hops?: number }} message  sent with broadcast() or sendTo() (overlay rooms)
+ * @property {{ peer: string, messages: number }} send_failed  messages sent with sendTo() that could not be delivered (no connection in three attempts)
  * @property {{ reason: string }} closed
  */
 
@@ -102,6 +111,13 @@ export class Room extends Emitter {
     this.iceServers = [];
     this.closed = false;
     this.leaving = false;
+    /** @type {Overlay | null} */
+    this.overlay = null;
+    /** @type {Map<string, Channel[]>} the overlay's channels by peer */
+    this.overlayChannels = new Map();
+    /** @type {ReturnType<typeof setTimeout> | null} */
+    this.overlayTimer = null;
+    if (options.overlay) this.options.autoConnect = false;
     this.signaling = new Signaling({
       server: options.server,
       fallbackServers: options.fallbackServers,
@@ -143,7 +159,160 @@ export class Room extends Emitter {
   _start(session) {
     this.id = session.id;
     this.iceServers = [...(session.iceServers ?? []), ...(this.options.iceServers ?? [])];
+    if (this.options.overlay) {
+      const now = Date.now();
+      const config = typeof this.options.overlay === 'object' ? this.options.overlay : {};
+      if (!this.overlay || this.overlay.me !== this.id) this.overlay = new Overlay(this.id, config, now);
+      if (session.size !== undefined) {
+        // A large room: a sample to meet, not the room's list.
+        for (const p of session.peers) if (!this.members.has(p.id)) this.members.set(p.id, { name: p.name ?? null });
+      } else {
+        for (const p of session.peers) this._memberJoined(p.id, p.name ?? null, true);
+      }
+      this.overlay.join(session.peers.map((p) => p.id), session.size ?? session.peers.length, now);
+      this._overlayRun();
+      return;
+    }
     for (const p of session.peers) this._memberJoined(p.id, p.name ?? null, true);
+  }
+
+  /** Carries out what the overlay asks, and sets its timer. */
+  _overlayRun() {
+    const ov = this.overlay;
+    if (!ov || this.closed) return;
+    let out;
+    while ((out = ov.pollOutput())) {
+      switch (out.type) {
+        case 'connect': {
+          const peer = out.peer;
+          if (!this.members.has(peer)) this.members.set(peer, { name: null });
+          const conn = this.conns.get(peer);
+          if (conn && conn.state !== 'failed' && conn.state !== 'closed') {
+            if (this.overlayChannels.has(peer)) ov.connected(peer, Date.now());
+          } else {
+            this._createConn(peer, [{ label: CHANNEL_LABEL, reliability: 'reliable' }], null);
+          }
+          break;
+        }
+        case 'close': {
+          // Forgotten first: its close is not news to the overlay.
+          const conn = this.conns.get(out.peer);
+          this.overlayChannels.delete(out.peer);
+          this.conns.delete(out.peer);
+          conn?.close();
+          break;
+        }
+        case 'send': {
+          const ch = (this.overlayChannels.get(out.peer) ?? []).find((c) => !c.isClosed);
+          if (!ch) break;
+          ch.send(encodeOverlay(out.message)).catch(() => { ov.stats.dropped++; });
+          break;
+        }
+        case 'deliver':
+          this.emit('message', { from: out.origin, data: out.payload, kind: 'broadcast', hops: out.hops });
+          break;
+        case 'direct':
+          this.emit('message', { from: out.from, data: out.payload, kind: 'direct' });
+          break;
+        case 'direct_failed':
+          this.emit('send_failed', { peer: out.peer, messages: out.messages });
+          break;
+        default:
+          break;
+      }
+    }
+    if (this.overlayTimer) clearTimeout(this.overlayTimer);
+    const at = ov.pollTimeout();
+    this.overlayTimer = at === null ? null : setTimeout(() => {
+      this.overlayTimer = null;
+      ov.handleTimeout(Date.now());
+      this._overlayRun();
+    }, Math.max(0, at - Date.now()));
+  }
+
+  /** A channel opened: the overlay's is kept here, others go to the application. @param {Channel} ch */
+  _channelOpen(ch) {
+    if (!this.overlay || ch.label !== CHANNEL_LABEL) {
+      this.emit('channel_open', ch);
+      return;
+    }
+    const peer = ch.peer;
+    const list = this.overlayChannels.get(peer) ?? [];
+    list.push(ch);
+    this.overlayChannels.set(peer, list);
+    ch.on('message', (m) => {
+      if (typeof m === 'string' || !this.overlay) return;
+      try {
+        this.overlay.handleMessage(peer, decodeOverlay(m), Date.now());
+      } catch {
+        return; // a malformed or newer message: dropped
+      }
+      this._overlayRun();
+    });
+    if (list.length === 1) {
+      this.overlay.connected(peer, Date.now());
+      this._overlayRun();
+    }
+  }
+
+  /** @param {string} peer @param {string} label */
+  _channelClose(peer, label) {
+    if (!this.overlay || label !== CHANNEL_LABEL) {
+      this.emit('channel_close', { peer, label });
+      return;
+    }
+    const list = (this.overlayChannels.get(peer) ?? []).filter((c) => !c.isClosed);
+    if (list.length) {
+      this.overlayChannels.set(peer, list);
+      return;
+    }
+    this._overlayDown(peer);
+  }
+
+  /** The connection to `peer` is gone for the overlay. @param {string} peer */
+  _overlayDown(peer) {
+    if (!this.overlay) return;
+    this.overlayChannels.delete(peer);
+    const conn = this.conns.get(peer);
+    this.conns.delete(peer);
+    conn?.close();
+    this.overlay.disconnected(peer, Date.now());
+    this._overlayRun();
+  }
+
+  /**
+   * Sends `data` to every member of the room (overlay rooms); each gets a
+   * `message` event.
+   * @param {Uint8Array | string} data
+   */
+  broadcast(data) {
+    const bytes = typeof data === 'string' ? new TextEncoder().encode(data) : data;
+    if (!this.overlay) throw new Error('this room has no overlay: join with `overlay: true` to broadcast');
+    if (bytes.length > MAX_ROOM_MESSAGE) throw new Error(`room message of ${bytes.length} bytes exceeds the maximum of ${MAX_ROOM_MESSAGE}`);
+    this.overlay.broadcast(bytes, Date.now());
+    this._overlayRun();
+  }
+
+  /**
+   * Sends `data` to `peer` alone, over a direct connection opened on
+   * demand (overlay rooms). Returns false if it could not be queued.
+   * @param {string} peer
+   * @param {Uint8Array | string} data
+   */
+  sendTo(peer, data) {
+    const bytes = typeof data === 'string' ? new TextEncoder().encode(data) : data;
+    if (!this.overlay) throw new Error('this room has no overlay: join with `overlay: true` to send to one peer');
+    if (bytes.length > MAX_ROOM_MESSAGE) throw new Error(`room message of ${bytes.length} bytes exceeds the maximum of ${MAX_ROOM_MESSAGE}`);
+    const ok = this.overlay.sendDirect(peer, bytes, Date.now());
+    this._overlayRun();
+    return ok;
+  }
+
+  /** The overlay's neighbours and counters, or null without one. */
+  overlayStats() {
+    const ov = this.overlay;
+    if (!ov) return null;
+    return { neighbors: [...ov.active], passive: ov.passive.length, connections: ov.conns.size, ...ov.stats };
   }
 
   /**
@@ -155,6 +324,7 @@ export class Room extends Emitter {
     if (peer === this.id || this.members.has(peer)) return;
     this.members.set(peer, { name });
     this.emit('peer_joined', { peer, name });
+    this.overlay?.peerKnown(peer);
     if (this.options.autoConnect) {
       this._createConn(peer, initiator ? this.options.channels ?? [] : [], null);
     }
@@ -196,10 +366,27 @@ export class Room extends Emitter {
         break;
       case 'peer_left':
         this._removeMember(msg.peer_id);
+        if (this.overlay) {
+          this.overlayChannels.delete(msg.peer_id);
+          this.overlay.peerGone(msg.peer_id, Date.now());
+          this._overlayRun();
+        }
         break;
       case 'signal': {
         const conn = this.conns.get(msg.from);
         if (conn) conn.onSignal(msg.signal);
+        else if (this.overlay) {
+          // The overlay takes an offer within its connection limit, and
+          // says no through the server otherwise.
+          if (msg.signal.kind !== 'offer') break;
+          if (this.overlay.accept(msg.from, Date.now())) {
+            if (!this.members.has(msg.from)) this.members.set(msg.from, { name: null });
+            this._createConn(msg.from, [], null).onSignal(msg.signal);
+          } else {
+            this.sendViaServer(msg.from, { [BUSY_KEY]: 'busy' });
+          }
+          this._overlayRun();
+        }
         else if (this.options.autoConnect && this.members.has(msg.from)) this._createConn(msg.from, [], null).onSignal(msg.signal);
         else if (this.members.has(msg.from)) {
           // Not connected to yet: held for connect(), within bounds.
@@ -211,9 +398,15 @@ export class Room extends Emitter {
         }
         break;
       }
-      case 'message':
+      case 'message': {
+        const d = /** @type {any} */ (msg.data);
+        if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === 'busy') {
+          this._overlayDown(msg.from);
+          break;
+        }
         this.emit('server_message', { from: msg.from, data: msg.data });
         break;
+      }
       case 'error':
         this.emit('server_error', { code: msg.code, message: msg.message });
         break;
@@ -288,6 +481,10 @@ export class Room extends Emitter {
   async leave({ linger = 5000, settle = 250 } = {}) {
     if (this.closed || this.leaving) return;
     this.leaving = true;
+    if (this.overlay) {
+      this.overlay.leave(Date.now());
+      this._overlayRun();
+    }
     const deadline = Date.now() + linger;
     const pending = () =>
       [...this.conns.values()].some(
@@ -303,6 +500,8 @@ export class Room extends Emitter {
   _close(reason) {
     if (this.closed) return;
     this.closed = true;
+    if (this.overlayTimer) clearTimeout(this.overlayTimer);
+    this.overlayTimer = null;
     for (const peer of [...this.members.keys()]) this._removeMember(peer);
     for (const conn of this.conns.values()) conn.close();
     this.conns.clear();
@@ -380,14 +579,14 @@ class Conn {
       if (old && old !== ch && !old.isClosed) old.close();
       this.channels.set(ch.label, ch);
       ch.maxMessageSize = this.pc.sctp?.maxMessageSize || maxMessageSize;
-      this.room.emit('channel_open', ch);
+      this.room._channelOpen(ch);
     };
     if (raw.readyState === 'open') opened();
     else ch.on('open', opened);
     ch.on('close', () => {
       if (this.channels.get(ch.label) === ch) {
         this.channels.delete(ch.label);
-        this.room.emit('channel_close', { peer: this.peer, label: ch.label });
+        this.room._channelClose(this.peer, ch.label);
       }
     });
   }
@@ -496,6 +695,9 @@ class Conn {
     if (this.state === state || this.state === 'closed' || (this.state === 'failed' && state !== 'closed')) return;
     this.state = state;
     this.room.emit('state', { peer: this.peer, state });
+    if ((state === 'failed' || state === 'closed') && this.room.overlay && this.room.conns.get(this.peer) === this) {
+      this.room._overlayDown(this.peer);
+    }
   }
 
   _onState() {

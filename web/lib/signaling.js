@@ -18,7 +18,7 @@ import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
 
 /**
  * A joined session: what `welcome` and `joined` said, and the URL.
- * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[], resume?: string, url: string, resumed: boolean }} Session
+ * @typedef {{ id: string, iceServers: IceServer[], limits: Record<string, number>, peers: PeerInfo[], size?: number, resume?: string, url: string, resumed: boolean }} Session
  */
 
 /**
@@ -190,6 +190,7 @@ export class Signaling extends Emitter {
           // `resumed`: the server kept our place (same id, nobody told).
           const resumed = before === welcome.id && msg.resumed === true;
           this.session = { ...welcome, peers: msg.peers, url, resumed };
+          if (msg.size !== undefined) this.session.size = msg.size;
           this._attempt = 0;
           // Held messages belong to the session they were made in.
           const held = this._held;

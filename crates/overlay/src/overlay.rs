@@ -1141,7 +1141,10 @@ impl<P: Id> Overlay<P> {
     /// closing a spare one).
     fn can_open(&self) -> bool {
         self.conns.len() < self.config.max_connections
-            || self.conns.iter().any(|(p, c)| c.up && !self.active.contains(p) && !self.pending.contains_key(p))
+            || self
+                .conns
+                .iter()
+                .any(|(p, c)| c.up && !self.active.contains(p) && !self.pending.contains_key(p))
     }
 
     /// Opens a connection within `max_connections`, closing the least

@@ -470,8 +470,11 @@ impl Mesh {
             .map(|(p, st)| format!("{p}:{:?}", st.conn.state()))
             .collect();
         live.sort();
-        let mut ov: Vec<String> =
-            self.overlay.as_ref().map(|os| os.ov.connections().map(|p| p.to_string()).collect()).unwrap_or_default();
+        let mut ov: Vec<String> = self
+            .overlay
+            .as_ref()
+            .map(|os| os.ov.connections().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
         ov.sort();
         format!("mesh {live:?} overlay {ov:?}")
     }

@@ -388,7 +388,17 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:<10} {:>5} {:>10} {:>5} {:>8} {:>8} {:>6} {:>6} {:>12} {:>12} {:>14}",
-        "topology", "peers", "delivered", "dups", "p50", "p99", "conns", "mean", "KB sent mean", "KB sent max", "max vs mesh max"
+        "topology",
+        "peers",
+        "delivered",
+        "dups",
+        "p50",
+        "p99",
+        "conns",
+        "mean",
+        "KB sent mean",
+        "KB sent max",
+        "max vs mesh max"
     );
     let mut rooms = vec![("overlay", args.peers, false)];
     if args.mesh_peers > 0 {
