@@ -43,6 +43,14 @@ pub struct PingArgs {
     /// Peers to wait for.
     #[arg(long, default_value_t = 1)]
     expect_peers: usize,
+    /// Join as a member of an overlay (a large room): broadcast numbered
+    /// pings to the room (more, up to 4 × --count, until every expected
+    /// peer answered --count: a broadcast reaches those connected when it
+    /// is sent); every `ping --overlay` in it answers each over a direct
+    /// connection with the hops the broadcast crossed to reach it. Reports
+    /// the overlay path (hops) and round trip per peer.
+    #[arg(long)]
+    overlay: bool,
     #[command(flatten)]
     ice: IceArgs,
 }
@@ -123,6 +131,9 @@ async fn stats_with_path(room: &Room, peer: &PeerId) -> PeerStats {
 }
 
 pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
+    if args.overlay {
+        return overlay(args).await;
+    }
     let out = Out { json: args.json };
     let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
     config.ice = args.ice.config()?;
@@ -324,4 +335,189 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     // acknowledged our last messages, so its count completes.
     let _ = tokio::time::timeout(Duration::from_secs(10), room.leave()).await;
     Ok(ok)
+}
+
+/// What `ping --overlay` learned about one peer.
+#[derive(Default)]
+struct OverlayRun {
+    /// Hops our broadcasts crossed to reach it, as it reported.
+    hops: Vec<u16>,
+    rtts: Vec<Duration>,
+    replies: std::collections::HashSet<u64>,
+}
+
+/// `ping --overlay`: pings broadcast over the overlay, answered directly.
+async fn overlay(args: PingArgs) -> anyhow::Result<bool> {
+    use peerlink_peer::{MessageKind, OverlayConfig};
+    let out = Out { json: args.json };
+    let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
+    config.ice = args.ice.config()?;
+    config.token = args.token.clone();
+    config.overlay = Some(OverlayConfig::default());
+    let t0 = Instant::now();
+    let mut room =
+        Room::join(config).await.with_context(|| format!("joining {} on {}", args.room, args.server))?;
+    out.event("joined", json!({"peer_id": room.id().as_str(), "overlay": true}), || {
+        format!("joined {} as {} (overlay)", args.room, room.id())
+    });
+    let deadline = t0 + args.timeout;
+    let mut peers: HashMap<PeerId, OverlayRun> = HashMap::new();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(args.interval.max(Duration::from_millis(1)));
+    // Pings go out once we have a neighbour; peers that come later get the
+    // ones after.
+    let mut neighbours = false;
+    let shutdown = crate::common::shutdown_signal();
+    tokio::pin!(shutdown);
+    // Done when our pings were answered by the peers expected, and we
+    // answered theirs (a ping that left early would leave others waiting).
+    let mut answered: HashMap<PeerId, std::collections::HashSet<String>> = HashMap::new();
+    let complete = |peers: &HashMap<PeerId, OverlayRun>,
+                    answered: &HashMap<PeerId, std::collections::HashSet<String>>,
+                    sent: u64| {
+        sent >= args.count
+            && peers.values().filter(|p| p.replies.len() as u64 >= args.count).count() >= args.expect_peers
+            && answered.values().filter(|a| a.len() as u64 >= args.count).count() >= args.expect_peers
+    };
+    let mut answered_all = false;
+    let mut stats = None;
+    loop {
+        if complete(&peers, &answered, sent) {
+            answered_all = true;
+            // As it was when the last answer came (the others leave after).
+            stats = room.overlay_stats().await?;
+            // Keep answering the others a moment before leaving.
+            let linger = tokio::time::sleep(Duration::from_millis(500));
+            tokio::pin!(linger);
+            loop {
+                tokio::select! {
+                    _ = &mut linger => break,
+                    ev = room.next_event() => match ev {
+                        Some(Event::Message { from, data, kind: MessageKind::Broadcast { hops } }) => {
+                            answer(&room, &from, &data, hops).await;
+                        }
+                        None => break,
+                        _ => {}
+                    },
+                }
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep_until(deadline.into()) => break,
+            _ = tick.tick() => {
+                if !neighbours {
+                    neighbours = room.overlay_stats().await?.is_some_and(|s| !s.neighbors.is_empty());
+                }
+                // A broadcast reaches the members connected when it is
+                // sent: pings go on (at most 4 × --count) until every
+                // expected peer answered --count of them.
+                let short = peers.values().filter(|p| p.replies.len() as u64 >= args.count).count() < args.expect_peers;
+                if neighbours && (sent < args.count || (short && sent < 4 * args.count)) {
+                    room.broadcast(format!("ping:{sent}:{}", unix_ms()).into_bytes()).await?;
+                    sent += 1;
+                }
+            }
+            ev = room.next_event() => match ev {
+                Some(Event::Message { from, data, kind: MessageKind::Broadcast { hops } }) => {
+                    if let Some(seq) = answer(&room, &from, &data, hops).await {
+                        answered.entry(from).or_default().insert(seq);
+                    }
+                }
+                Some(Event::Message { from, data, kind: MessageKind::Direct }) => {
+                    let text = String::from_utf8_lossy(&data);
+                    let mut f = text.split(':');
+                    if let (Some("pong"), Some(seq), Some(at), Some(hops)) = (f.next(), f.next(), f.next(), f.next())
+                        && let (Ok(seq), Ok(at), Ok(hops)) = (seq.parse::<u64>(), at.parse::<u64>(), hops.parse::<u16>())
+                    {
+                        let p = peers.entry(from).or_default();
+                        if p.replies.insert(seq) {
+                            p.hops.push(hops);
+                            p.rtts.push(Duration::from_millis(unix_ms().saturating_sub(at)));
+                        }
+                    }
+                }
+                Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
+                None => anyhow::bail!("room closed"),
+                _ => {}
+            },
+        }
+    }
+    let stats = match stats {
+        Some(s) => s,
+        None => room.overlay_stats().await?.unwrap_or_default(),
+    };
+    let mut list: Vec<(&PeerId, &OverlayRun)> = peers.iter().collect();
+    list.sort_by_key(|(id, _)| id.as_str().to_string());
+    let mut rows = Vec::new();
+    for (id, p) in &list {
+        let mut rtts = p.rtts.clone();
+        rtts.sort();
+        let mut hops = p.hops.clone();
+        hops.sort_unstable();
+        let rtt_p50 = rtts.get(rtts.len() / 2).map(|d| ms(*d));
+        let neighbour = stats.neighbors.contains(id);
+        rows.push(json!({
+            "peer": id.as_str(),
+            "replies": p.replies.len(),
+            "hops_min": hops.first(),
+            "hops_max": hops.last(),
+            "neighbour": neighbour,
+            "rtt_p50_ms": rtt_p50,
+        }));
+        out.event("overlay_peer", rows.last().cloned().unwrap_or_default(), || {
+            format!(
+                "  {id}: {}/{} answered, {} hop(s){}, rtt p50 {}",
+                p.replies.len(),
+                args.count,
+                hops.first().map_or("?".into(), |h| h.to_string()),
+                if neighbour { " (a neighbour)" } else { "" },
+                rtt_p50.map_or("?".into(), |r| format!("{r:.1} ms"))
+            )
+        });
+    }
+    let ok = answered_all;
+    out.event(
+        "result",
+        json!({
+            "ok": ok,
+            "overlay": {
+                "neighbors": stats.neighbors.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                "connections": stats.connections,
+                "delivered": stats.delivered,
+                "duplicates": stats.duplicates,
+                "forwarded": stats.forwarded,
+                "grafts": stats.grafts,
+                "prunes": stats.prunes,
+                "replacements": stats.replacements,
+            },
+            "peers": rows,
+        }),
+        || {
+            format!(
+                "{}: {} neighbour(s), {} connection(s); {} broadcasts received, {} duplicates, {} repairs",
+                if ok { "ok" } else { "incomplete" },
+                stats.neighbors.len(),
+                stats.connections,
+                stats.delivered,
+                stats.duplicates,
+                stats.grafts
+            )
+        },
+    );
+    room.leave().await.ok();
+    Ok(ok)
+}
+
+/// Answers a `ping:SEQ:AT` broadcast with `pong:SEQ:AT:HOPS`, to its
+/// sender alone; returns SEQ.
+async fn answer(room: &Room, from: &PeerId, data: &[u8], hops: u16) -> Option<String> {
+    let text = String::from_utf8_lossy(data);
+    let rest = text.strip_prefix("ping:")?;
+    room.send(from, format!("pong:{rest}:{hops}").into_bytes()).await.ok();
+    rest.split(':').next().map(str::to_string)
 }

@@ -90,6 +90,50 @@ fn ping_through_the_embedded_turn_server() {
     }
 }
 
+/// `peerlink ping --overlay` in a large room (the server lists a sample of
+/// 2): four pings broadcast over the overlay, each answered by every other
+/// over a direct connection, with the hops the broadcast crossed.
+#[test]
+fn ping_over_the_overlay_reports_hops_to_every_peer() {
+    let mut server = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--no-turn", "--listed-peers", "2"]);
+    let line = server.expect("listening on");
+    let url = format!("ws://{}/ws", line.rsplit(' ').next().unwrap());
+    let ping = || {
+        Proc::spawn(&[
+            "ping",
+            "big",
+            "--server",
+            &url,
+            "--ice-addr",
+            "127.0.0.1",
+            "--overlay",
+            "--json",
+            "--expect-peers",
+            "3",
+            "--count",
+            "5",
+            "--interval",
+            "50ms",
+            "--timeout",
+            "30s",
+        ])
+    };
+    let mut pings: Vec<Proc> = (0..4).map(|_| ping()).collect();
+    for p in &mut pings {
+        let result = p.expect_event("result", |_| true);
+        assert_eq!(result["ok"], true, "{result}");
+        let peers = result["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 3, "{result}");
+        for peer in peers {
+            assert!(peer["replies"].as_u64().unwrap() >= 5, "{peer}");
+            let hops = peer["hops_min"].as_u64().unwrap();
+            assert!((1..=3).contains(&hops), "{peer}");
+        }
+        assert!(result["overlay"]["connections"].as_u64().unwrap() <= 8, "{result}");
+        assert_eq!(p.wait_exit(), 0);
+    }
+}
+
 /// The limits are flags: `welcome` announces them (shown at /healthz too)
 /// and the server holds them: a room of two refuses a third member.
 #[test]
