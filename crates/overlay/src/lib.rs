@@ -23,13 +23,29 @@
 //!   routing layer on top of an unstructured graph; a direct connection
 //!   costs one handshake and carries the conversation at full speed.
 //!
-//! What changed from iroh-gossip, whose parameters these are: a
-//! `ShuffleReply` goes back to the previous hop of the walk over the link
-//! it came on, not to the walk's origin over a new connection (a WebRTC
-//! connection costs a signaling round and a DTLS handshake, too much for a
-//! few peer ids); the previous hop merges the reply into its own passive
-//! view, so views still mix. And below `full_mesh_up_to` members, joins
-//! connect to every member.
+//! What changed from iroh-gossip, whose parameters these are (and from
+//! the papers):
+//!
+//! - A `ShuffleReply` goes back to the previous hop of the walk over the
+//!   link it came on, not to the walk's origin over a new connection (a
+//!   WebRTC connection costs a signaling round and a DTLS handshake, too
+//!   much for a few peer ids); the previous hop merges the reply into its
+//!   own passive view, so views still mix.
+//! - Below `full_mesh_up_to` members joins connect to every member, and the
+//!   origin sends a broadcast to every neighbour in the `all` form, which
+//!   receivers only announce: a small room is a full mesh, one hop.
+//! - A link is pruned on the second duplicate in a row from it, not the
+//!   first: with several senders at once, broadcasts cross, and pruning on
+//!   each crossing cut two links of one cycle at once, breaking the tree
+//!   (on loopback the median delivery took a 150 ms graft; now 2-9 ms).
+//! - Timeouts fit WebRTC: a graft after 150 ms (iroh: 80 ms), connections
+//!   given 15 s to come up, at most 8 connections (an offer beyond is
+//!   refused, and the caller says so at once), and messages to one peer
+//!   retried on a new connection before they are reported undelivered.
+//! - libp2p gossipsub keeps a mesh per topic with a degree range and
+//!   gossips message ids on a heartbeat; Plumtree's tree sends each
+//!   broadcast across each link about once, which is what a room of
+//!   browsers on upload-limited links needs.
 //!
 //! The caller owns the connections: it carries out [`Output::Connect`] and
 //! [`Output::Close`], delivers [`Output::Send`] on the connection (in order,
