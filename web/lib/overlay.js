@@ -8,6 +8,8 @@ export const CHANNEL_LABEL = 'peerlink.overlay';
 export const VERSION = 1;
 export const MAX_LISTED = 64;
 export const MAX_IHAVE = 256;
+/** Broadcasts announced and not received, tracked at once. */
+const MAX_MISSING = 4096;
 
 const T = {
   join: 1, forward_join: 2, neighbor: 3, neighbor_reply: 4, disconnect: 5, shuffle: 6, shuffle_reply: 7,
@@ -425,6 +427,7 @@ export class Overlay {
         for (const [id, hops] of msg.ids) {
           if (this.seen.has(id)) { this._maybeOptimize(from, id, hops, now); continue; }
           let m = this.missing.get(id);
+          if (!m && this.missing.size >= MAX_MISSING) continue; // announced faster than fetched: wait for another
           if (!m) { m = { announcers: [], deadline: now + this.c.graftTimeoutMs }; this.missing.set(id, m); }
           if (m.announcers.length < 16) m.announcers.push([from, hops]);
         }

@@ -186,11 +186,21 @@ struct Conn<P> {
     direct: bool,
 }
 
+impl<P> Conn<P> {
+    /// A connection being set up, failed if not up by `deadline`.
+    fn setting_up(deadline: Instant, now: Instant) -> Self {
+        Conn { up: false, deadline, queue: VecDeque::new(), queued_bytes: 0, last_used: now, direct: false }
+    }
+}
+
 struct Retry<P> {
     messages: VecDeque<Message<P>>,
     attempts: u8,
     at: Instant,
 }
+
+/// Broadcasts announced and not received, tracked at once.
+const MAX_MISSING: usize = 4096;
 
 /// Connection attempts for messages to one peer before they are given up.
 const DIRECT_ATTEMPTS: u8 = 3;
@@ -410,17 +420,7 @@ impl<P: Id> Overlay<P> {
         if !self.make_room() {
             return false;
         }
-        self.conns.insert(
-            peer,
-            Conn {
-                up: false,
-                deadline: now + self.config.connect_timeout,
-                queue: VecDeque::new(),
-                queued_bytes: 0,
-                last_used: now,
-                direct: false,
-            },
-        );
+        self.conns.insert(peer, Conn::setting_up(now + self.config.connect_timeout, now));
         true
     }
 
@@ -429,14 +429,7 @@ impl<P: Id> Overlay<P> {
         if self.left || peer == self.me {
             return;
         }
-        let conn = self.conns.entry(peer.clone()).or_insert_with(|| Conn {
-            up: false,
-            deadline: now,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            last_used: now,
-            direct: false,
-        });
+        let conn = self.conns.entry(peer.clone()).or_insert_with(|| Conn::setting_up(now, now));
         conn.up = true;
         conn.last_used = now;
         conn.queued_bytes = 0;
@@ -623,6 +616,11 @@ impl<P: Id> Overlay<P> {
                 for (id, hops) in ids {
                     if self.seen.contains(&id) {
                         self.maybe_optimize(&from, id, hops, now);
+                        continue;
+                    }
+                    if self.missing.len() >= MAX_MISSING && !self.missing.contains_key(&id) {
+                        // A neighbour announcing ids faster than they can be
+                        // fetched: the rest wait for another announcement.
                         continue;
                     }
                     let deadline = now + self.config.graft_timeout;
@@ -1153,17 +1151,7 @@ impl<P: Id> Overlay<P> {
         if !self.make_room() {
             return false;
         }
-        self.conns.insert(
-            peer.clone(),
-            Conn {
-                up: false,
-                deadline: now + self.config.connect_timeout,
-                queue: VecDeque::new(),
-                queued_bytes: 0,
-                last_used: now,
-                direct: false,
-            },
-        );
+        self.conns.insert(peer.clone(), Conn::setting_up(now + self.config.connect_timeout, now));
         self.out.push_back(Output::Connect(peer));
         true
     }

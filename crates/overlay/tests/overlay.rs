@@ -229,3 +229,19 @@ fn a_message_to_one_peer_is_retried_then_reported_not_lost() {
     o.connected(41, t + Duration::from_millis(1600));
     assert_eq!(sends(&drain(&mut o)), vec![(41, Message::Direct { payload: b"y".to_vec() })]);
 }
+
+#[test]
+fn announcements_faster_than_they_can_be_fetched_are_bounded() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    // 20 × 256 ids announced that never come: 4,096 are tracked (and
+    // fetched), the rest wait for another announcement.
+    for chunk in 0..20u64 {
+        let ids = (0..256u64).map(|i| (1_000_000 + chunk * 256 + i, 1)).collect();
+        o.handle_message(2, Message::IHave { ids }, now);
+    }
+    o.handle_timeout(now + Config::default().graft_timeout);
+    let grafts =
+        sends(&drain(&mut o)).into_iter().filter(|(_, m)| matches!(m, Message::Graft { .. })).count();
+    assert_eq!(grafts, 4096);
+}
