@@ -178,6 +178,7 @@ export function decode(b) {
  * @property {number} [graftRetryMs]
  * @property {number} [optimizationHops]
  * @property {number} [cacheMs]
+ * @property {number} [cacheBytes]  bytes of broadcasts kept for grafts; the oldest go first
  * @property {number} [idMs]
  * @property {number} [maxIds]
  * @property {number} [idleCloseMs]
@@ -189,7 +190,7 @@ export function decode(b) {
 const DEFAULTS = {
   fullMeshUpTo: 8, activeView: 5, passiveView: 30, activeWalk: 6, passiveWalk: 3, shuffleMs: 30_000,
   shuffleActive: 3, shufflePassive: 4, connectTimeoutMs: 15_000, neighborTimeoutMs: 20_000, tickMs: 500,
-  ihaveDelayMs: 10, graftTimeoutMs: 150, graftRetryMs: 200, optimizationHops: 2, cacheMs: 30_000,
+  ihaveDelayMs: 10, graftTimeoutMs: 150, graftRetryMs: 200, optimizationHops: 2, cacheMs: 30_000, cacheBytes: 16 << 20,
   idMs: 120_000, maxIds: 200_000, idleCloseMs: 30_000, lingerMs: 2_000, maxConnections: 8, maxQueued: 1024,
 };
 
@@ -238,6 +239,7 @@ export class Overlay {
     /** @type {Set<string>} */ this.lazy = new Set();
     /** @type {Map<string, number>} */ this.seen = new Map();
     /** @type {Map<string, { from: string | null, origin: string, hops: number, payload: Uint8Array, at: number }>} */ this.cache = new Map();
+    this.cacheUsed = 0;
     /** @type {Map<string, { announcers: [string, number][], deadline: number }>} */ this.missing = new Map();
     /** @type {Map<string, [string, number][]>} */ this.lazyOut = new Map();
     /** @type {Map<string, number>} */ this.dupStreak = new Map();
@@ -360,7 +362,7 @@ export class Overlay {
     } else {
       this._push(id, this.me, 0, payload, null, now);
     }
-    this.cache.set(id, { from: null, origin: this.me, hops: 0, payload, at: now });
+    this._cache(id, { from: null, origin: this.me, hops: 0, payload, at: now });
     if (!this.active.length) {
       if (this.unsent.length >= 1024) this.unsent.shift();
       this.unsent.push(id);
@@ -634,7 +636,7 @@ export class Overlay {
     } else if (origin !== this.me) {
       this._push(id, origin, hops, payload, from, now);
     }
-    if (origin !== this.me) this.cache.set(id, { from, origin, hops, payload, at: now });
+    if (origin !== this.me) this._cache(id, { from, origin, hops, payload, at: now });
   }
 
   /** @param {string} peer @param {string} id @param {number} hops @param {number} now */
@@ -693,6 +695,23 @@ export class Overlay {
     this.missing.delete(id);
   }
 
+  /**
+   * Keeps a broadcast for grafts, within `cacheBytes` (the oldest go first).
+   * @param {string} id
+   * @param {{ from: string | null, origin: string, hops: number, payload: Uint8Array, at: number }} entry
+   */
+  _cache(id, entry) {
+    const old = this.cache.get(id);
+    if (old) this.cacheUsed -= old.payload.length;
+    this.cache.set(id, entry);
+    this.cacheUsed += entry.payload.length;
+    for (const [k, c] of this.cache) {
+      if (this.cacheUsed <= this.c.cacheBytes) break;
+      this.cache.delete(k);
+      this.cacheUsed -= c.payload.length;
+    }
+  }
+
   /** @param {string} id @param {number} now */
   _remember(id, now) {
     this.seen.set(id, now);
@@ -734,7 +753,11 @@ export class Overlay {
     }
     this._fillActive(now);
     for (const [id, t] of this.seen) { if (t + this.c.idMs > now) break; this.seen.delete(id); }
-    for (const [id, c] of this.cache) { if (c.at + this.c.cacheMs > now) break; this.cache.delete(id); }
+    for (const [id, c] of this.cache) {
+      if (c.at + this.c.cacheMs > now) break;
+      this.cache.delete(id);
+      this.cacheUsed -= c.payload.length;
+    }
   }
 
   _makeRoom() {

@@ -69,3 +69,13 @@ test('a broadcast is delivered once, pushed on, and a missing one is grafted', (
   out = drain(o);
   assert.ok(sends(out).some(([p, m]) => p === 'd' && m.type === 'graft' && m.id === '00000000000000bb'));
 });
+
+test('broadcasts kept for grafts stay within cacheBytes, the oldest going first', () => {
+  const o = new Overlay('a', { cacheBytes: 10_000 }, 0);
+  for (let i = 0; i < 20; i++) o.broadcast(new Uint8Array(1000), 0);
+  assert.equal(o.cache.size, 10);
+  assert.ok(o.cacheUsed <= 10_000);
+  o.handleTimeout(60_000);
+  assert.equal(o.cache.size, 0);
+  assert.equal(o.cacheUsed, 0);
+});
