@@ -17,6 +17,11 @@
 //!   a duplicate prunes that link from the tree; a peer that hears of a
 //!   broadcast it has not received in time grafts the link it heard from.
 //!   Each broadcast crosses each tree link once.
+//! - **Signals** for a connection being set up can go over the overlay
+//!   instead of the server ([`Overlay::relay`]): back along the way a
+//!   message from the peer came (a join walk, a shuffle, a broadcast, a
+//!   relayed signal), hop by hop; one that cannot go on comes back to its
+//!   writer ([`Output::RelayFailed`]), who sends it through the server.
 //! - **Messages to one peer** use a direct connection opened on demand and
 //!   closed when idle ([`Config::idle_close`]). An overlay route would cost
 //!   every hop bandwidth and latency for each message, and would need a
@@ -74,7 +79,7 @@ pub mod sim;
 mod wire;
 
 pub use overlay::{Config, Delivery, Output, Overlay, Stats};
-pub use wire::{DecodeError, MAX_IHAVE, MAX_LISTED, Message, VERSION, WireId};
+pub use wire::{DecodeError, MAX_IHAVE, MAX_LISTED, MAX_RELAY, Message, VERSION, WireId};
 
 /// What a peer id must be.
 pub trait Id: Clone + Eq + std::hash::Hash + Ord + std::fmt::Debug {}

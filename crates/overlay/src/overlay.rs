@@ -9,7 +9,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
 use crate::Id;
-use crate::wire::{MAX_IHAVE, MAX_LISTED, Message};
+use crate::wire::{MAX_IHAVE, MAX_LISTED, MAX_RELAY, Message};
 
 /// The overlay's settings. The defaults are iroh-gossip's HyParView and
 /// Plumtree parameters, with timeouts stretched for WebRTC connections
@@ -69,6 +69,14 @@ pub struct Config {
     pub max_connections: usize,
     /// Bytes queued per connection while it is being set up; messages beyond are dropped.
     pub max_queued_bytes: usize,
+    /// Hops a relayed signal may cross ([`Overlay::relay`]).
+    pub relay_ttl: u8,
+    /// A route learned from a message is used this long (the reverse path
+    /// of a join walk, a shuffle, a broadcast or a relayed signal).
+    pub route_retention: Duration,
+    /// Relayed signals passed on for others per second at most; beyond,
+    /// they go back to their writer, who sends them through the server.
+    pub max_relays_per_second: u32,
 }
 
 impl Default for Config {
@@ -97,6 +105,9 @@ impl Default for Config {
             linger: Duration::from_secs(2),
             max_connections: 8,
             max_queued_bytes: 256 << 10,
+            relay_ttl: 8,
+            route_retention: Duration::from_secs(60),
+            max_relays_per_second: 200,
         }
     }
 }
@@ -145,6 +156,21 @@ pub enum Output<P> {
         /// How many messages were given up.
         messages: usize,
     },
+    /// A signal relayed to us by `from` ([`Overlay::relay`] on its side).
+    Relayed {
+        /// Who wrote it.
+        from: P,
+        /// The signal.
+        payload: Vec<u8>,
+    },
+    /// A signal we relayed to `to` did not get there (a hop had no route
+    /// on, or was over its limit): send it another way (the server).
+    RelayFailed {
+        /// The addressee.
+        to: P,
+        /// The signal.
+        payload: Vec<u8>,
+    },
 }
 
 /// Counters, for `/metrics`-style observability.
@@ -173,6 +199,14 @@ pub struct Stats {
     /// Messages dropped: a connection's setup queue was full, or no
     /// connection could be opened within `max_connections`.
     pub dropped: u64,
+    /// Signals we sent over the overlay ([`Overlay::relay`]).
+    pub relayed: u64,
+    /// Relayed signals that reached us.
+    pub relays_received: u64,
+    /// Relayed signals passed on for others.
+    pub relays_forwarded: u64,
+    /// Signals we relayed that came back unreachable.
+    pub relays_failed: u64,
 }
 
 struct Conn<P> {
@@ -213,6 +247,16 @@ struct Cached<P> {
     payload: Vec<u8>,
 }
 
+/// Where to send a relayed signal for a peer: the neighbour a message
+/// from it came through.
+struct Route<P> {
+    via: P,
+    until: Instant,
+}
+
+/// Routes known at once.
+const MAX_ROUTES: usize = 4096;
+
 struct Missing<P> {
     /// Who announced it, with their hops.
     announcers: VecDeque<(P, u16)>,
@@ -252,6 +296,10 @@ pub struct Overlay<P: Id> {
     unsent: VecDeque<u64>,
     /// Hops of the last broadcast delivered from each origin (bounded).
     hops_from: HashMap<P, u16>,
+    /// Reverse paths to peers we are not connected to, for relayed signals.
+    routes: HashMap<P, Route<P>>,
+    /// Start of the current second, and relays passed on in it.
+    relay_window: (Instant, u32),
     left: bool,
     out: VecDeque<Output<P>>,
     stats: Stats,
@@ -297,6 +345,8 @@ impl<P: Id> Overlay<P> {
             next_tick: now + config.tick,
             next_shuffle: now + first_shuffle,
             hops_from: HashMap::new(),
+            routes: HashMap::new(),
+            relay_window: (now, 0),
             unsent: VecDeque::new(),
             retry: BTreeMap::new(),
             left: false,
@@ -424,9 +474,14 @@ impl<P: Id> Overlay<P> {
         true
     }
 
-    /// The connection to `peer` is up (whoever opened it).
+    /// The connection to `peer` is up (whoever opened it). One we did not
+    /// open or accept is closed if it would take us past `max_connections`.
     pub fn connected(&mut self, peer: P, now: Instant) {
         if self.left || peer == self.me {
+            return;
+        }
+        if !self.conns.contains_key(&peer) && !self.make_room() {
+            self.out.push_back(Output::Close(peer));
             return;
         }
         let conn = self.conns.entry(peer.clone()).or_insert_with(|| Conn::setting_up(now, now));
@@ -529,6 +584,127 @@ impl<P: Id> Overlay<P> {
         self.stats.dropped == dropped
     }
 
+    /// Sends a signal (an offer, answer or candidate for a connection being
+    /// set up) to `to` over the overlay, hop by hop along the reverse path
+    /// of a message `to` sent us before (its join walk, a shuffle, a
+    /// broadcast, a relayed signal), so that the server carries no
+    /// signaling between members that can reach each other. Returns false
+    /// if no route is known (or the payload is over [`MAX_RELAY`]): send it
+    /// through the server. A relay that cannot go on comes back as
+    /// [`Output::RelayFailed`]. Signals to one peer follow one route, in order.
+    pub fn relay(&mut self, to: P, payload: Vec<u8>, now: Instant) -> bool {
+        if self.left || to == self.me || payload.len() > MAX_RELAY {
+            return false;
+        }
+        let Some(hop) = self.next_hop(&to, None, now) else { return false };
+        self.stats.relayed += 1;
+        let msg = Message::Relay { to, from: self.me.clone(), ttl: self.config.relay_ttl, payload };
+        self.send(hop, msg, now);
+        true
+    }
+
+    /// Whether the connection to `peer` is up.
+    fn is_up(&self, peer: &P) -> bool {
+        self.conns.get(peer).is_some_and(|c| c.up)
+    }
+
+    /// The neighbour to pass a relayed signal for `to` to: `to` itself if
+    /// connected, else the route's, if it is up and not `except`.
+    fn next_hop(&self, to: &P, except: Option<&P>, now: Instant) -> Option<P> {
+        if self.is_up(to) {
+            return Some(to.clone());
+        }
+        let r = self.routes.get(to)?;
+        (r.until > now && Some(&r.via) != except && self.is_up(&r.via)).then(|| r.via.clone())
+    }
+
+    /// `dest` sent something that came to us through `via`: the way back.
+    /// The first route stays while it lasts and its link is up, so signals
+    /// to one peer keep their order.
+    fn learn_route(&mut self, dest: &P, via: &P, now: Instant) {
+        if *dest == self.me || dest == via {
+            return;
+        }
+        let until = now + self.config.route_retention;
+        let keep = match self.routes.get_mut(dest) {
+            Some(r) if r.via == *via => {
+                r.until = until;
+                return;
+            }
+            Some(r) => r.until > now && self.conns.get(&r.via).is_some_and(|c| c.up),
+            None => false,
+        };
+        if keep {
+            return;
+        }
+        if self.routes.len() >= MAX_ROUTES && !self.routes.contains_key(dest) {
+            // Full: expired ones go at the next tick.
+            return;
+        }
+        self.routes.insert(dest.clone(), Route { via: via.clone(), until });
+    }
+
+    /// Whether one more relay may be passed on this second.
+    fn relay_budget(&mut self, now: Instant) -> bool {
+        if now >= self.relay_window.0 + Duration::from_secs(1) {
+            self.relay_window = (now, 0);
+        }
+        if self.relay_window.1 >= self.config.max_relays_per_second {
+            return false;
+        }
+        self.relay_window.1 += 1;
+        true
+    }
+
+    fn on_relay(&mut self, link: P, to: P, from: P, ttl: u8, payload: Vec<u8>, now: Instant) {
+        if payload.len() > MAX_RELAY {
+            return;
+        }
+        if from == self.me {
+            // Ours, back by a loop of routes learned at different times.
+            self.routes.remove(&to);
+            self.stats.relays_failed += 1;
+            self.out.push_back(Output::RelayFailed { to, payload });
+            return;
+        }
+        self.learn_route(&from, &link, now);
+        if to == self.me {
+            self.stats.relays_received += 1;
+            self.out.push_back(Output::Relayed { from, payload });
+            return;
+        }
+        let hop = if ttl > 0 && self.relay_budget(now) { self.next_hop(&to, Some(&link), now) } else { None };
+        // Not back to its writer: the route would loop.
+        let hop = hop.filter(|h| *h != from);
+        match hop {
+            Some(hop) => {
+                self.stats.relays_forwarded += 1;
+                self.send(hop, Message::Relay { to, from, ttl: ttl - 1, payload }, now);
+            }
+            None => {
+                // Back the way it came: each hop learned the way to its writer.
+                let ttl = self.config.relay_ttl;
+                self.send(link, Message::Unreachable { to: from, from: to, ttl, payload }, now);
+            }
+        }
+    }
+
+    fn on_unreachable(&mut self, link: P, to: P, from: P, ttl: u8, payload: Vec<u8>, now: Instant) {
+        if self.routes.get(&from).is_some_and(|r| r.via == link) {
+            self.routes.remove(&from);
+        }
+        if to == self.me {
+            self.stats.relays_failed += 1;
+            self.out.push_back(Output::RelayFailed { to: from, payload });
+            return;
+        }
+        let hop = if ttl > 0 && self.relay_budget(now) { self.next_hop(&to, Some(&link), now) } else { None };
+        match hop {
+            Some(hop) => self.send(hop, Message::Unreachable { to, from, ttl: ttl - 1, payload }, now),
+            None => self.stats.dropped += 1,
+        }
+    }
+
     /// Leaves: tells every neighbour. Nothing more goes out after this.
     pub fn leave(&mut self, now: Instant) {
         for a in self.active.clone() {
@@ -546,6 +722,10 @@ impl<P: Id> Overlay<P> {
             c.last_used = now;
         } else {
             self.connected(from.clone(), now);
+            if !self.conns.contains_key(&from) {
+                // Closed: over the limit.
+                return;
+            }
         }
         match msg {
             Message::Join => {
@@ -558,7 +738,10 @@ impl<P: Id> Overlay<P> {
                     }
                 }
             }
-            Message::ForwardJoin { peer, ttl } => self.forward_join(from, peer, ttl, now),
+            Message::ForwardJoin { peer, ttl } => {
+                self.learn_route(&peer, &from, now);
+                self.forward_join(from, peer, ttl, now)
+            }
             Message::Neighbor { high } => {
                 let accepted = high || self.active.contains(&from) || self.active.len() < self.cap();
                 if accepted {
@@ -604,7 +787,10 @@ impl<P: Id> Overlay<P> {
                     self.fill_active(now);
                 }
             }
-            Message::Shuffle { origin, ttl, peers } => self.shuffle(from, origin, ttl, peers, now),
+            Message::Shuffle { origin, ttl, peers } => {
+                self.learn_route(&origin, &from, now);
+                self.shuffle(from, origin, ttl, peers, now)
+            }
             Message::ShuffleReply { peers } => self.merge(peers, &[]),
             Message::Gossip { id, origin, hops, all, payload } => {
                 self.gossip(from, id, origin, hops, all, payload, now)
@@ -662,6 +848,12 @@ impl<P: Id> Overlay<P> {
                     c.direct = true;
                 }
                 self.out.push_back(Output::Direct { from, payload });
+            }
+            Message::Relay { to, from: writer, ttl, payload } => {
+                self.on_relay(from, to, writer, ttl, payload, now)
+            }
+            Message::Unreachable { to, from: addressee, ttl, payload } => {
+                self.on_unreachable(from, to, addressee, ttl, payload, now)
             }
         }
     }
@@ -920,6 +1112,7 @@ impl<P: Id> Overlay<P> {
         }
         self.dup_streak.remove(&from);
         self.remember(id, now);
+        self.learn_route(&origin, &from, now);
         self.missing.remove(&id);
         if self.active.contains(&from) {
             self.lazy.remove(&from);
@@ -1093,6 +1286,7 @@ impl<P: Id> Overlay<P> {
             self.out.push_back(Output::Close(p));
         }
         self.fill_active(now);
+        self.routes.retain(|_, r| r.until > now);
         let ids = now.checked_sub(self.config.id_retention);
         while let Some((t, id)) = self.seen_order.front().copied() {
             if ids.is_none_or(|cut| t > cut) {
@@ -1185,7 +1379,10 @@ impl<P: Id> Overlay<P> {
 /// Roughly what a message costs in a setup queue.
 fn queued_size<P>(msg: &Message<P>) -> usize {
     match msg {
-        Message::Gossip { payload, .. } | Message::Direct { payload } => payload.len() + 32,
+        Message::Gossip { payload, .. }
+        | Message::Direct { payload }
+        | Message::Relay { payload, .. }
+        | Message::Unreachable { payload, .. } => payload.len() + 32,
         Message::IHave { ids } => ids.len() * 10 + 4,
         _ => 64,
     }

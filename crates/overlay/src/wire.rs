@@ -15,6 +15,9 @@ pub const VERSION: u8 = 1;
 pub const MAX_LISTED: usize = 64;
 /// Most message ids announced in one `IHave`.
 pub const MAX_IHAVE: usize = 256;
+/// Largest payload of a `Relay` or `Unreachable` (a signal: an SDP with
+/// its candidates is a few KiB).
+pub const MAX_RELAY: usize = 16 * 1024;
 
 /// What a peer id must do to travel: written as at most 255 bytes of UTF-8.
 pub trait WireId: Sized {
@@ -117,6 +120,30 @@ pub enum Message<P> {
         /// The application's message.
         payload: Vec<u8>,
     },
+    /// A signal for `to`, a peer the sender has no connection to, passed
+    /// on hop by hop along the reverse path of what `to` sent before.
+    Relay {
+        /// The addressee.
+        to: P,
+        /// Who wrote it.
+        from: P,
+        /// Hops left.
+        ttl: u8,
+        /// The signal (at most [`MAX_RELAY`] bytes).
+        payload: Vec<u8>,
+    },
+    /// A `Relay` coming back to its writer `to`: `from`, its addressee,
+    /// could not be reached (no route, or a hop's limit).
+    Unreachable {
+        /// The relay's writer.
+        to: P,
+        /// The relay's addressee.
+        from: P,
+        /// Hops left.
+        ttl: u8,
+        /// The relay's signal.
+        payload: Vec<u8>,
+    },
 }
 
 /// Why bytes are not an overlay message.
@@ -156,6 +183,8 @@ mod tag {
     pub const GRAFT: u8 = 18;
     pub const PRUNE: u8 = 19;
     pub const DIRECT: u8 = 32;
+    pub const RELAY: u8 = 33;
+    pub const UNREACHABLE: u8 = 34;
 }
 
 fn put_id<P: WireId>(out: &mut Vec<u8>, id: &P) {
@@ -228,6 +257,14 @@ impl<P: WireId> Message<P> {
                 out.push(tag::DIRECT);
                 out.extend_from_slice(payload);
             }
+            Message::Relay { to, from, ttl, payload } | Message::Unreachable { to, from, ttl, payload } => {
+                out.reserve(payload.len() + 32);
+                out.push(if matches!(self, Message::Relay { .. }) { tag::RELAY } else { tag::UNREACHABLE });
+                put_id(&mut out, to);
+                put_id(&mut out, from);
+                out.push(*ttl);
+                out.extend_from_slice(payload);
+            }
         }
         out
     }
@@ -273,6 +310,18 @@ impl<P: WireId> Message<P> {
             tag::GRAFT => Message::Graft { id: if r.b.is_empty() { None } else { Some(r.u64()?) } },
             tag::PRUNE => Message::Prune,
             tag::DIRECT => return Ok(Message::Direct { payload: r.b.to_vec() }),
+            t @ (tag::RELAY | tag::UNREACHABLE) => {
+                let (to, from, ttl) = (r.id()?, r.id()?, r.u8()?);
+                if r.b.len() > MAX_RELAY {
+                    return Err(DecodeError::Malformed("relayed signal over 16 KiB"));
+                }
+                let payload = r.b.to_vec();
+                return Ok(if t == tag::RELAY {
+                    Message::Relay { to, from, ttl, payload }
+                } else {
+                    Message::Unreachable { to, from, ttl, payload }
+                });
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         if !r.b.is_empty() {

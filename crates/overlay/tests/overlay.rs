@@ -245,3 +245,137 @@ fn announcements_faster_than_they_can_be_fetched_are_bounded() {
         sends(&drain(&mut o)).into_iter().filter(|(_, m)| matches!(m, Message::Graft { .. })).count();
     assert_eq!(grafts, 4096);
 }
+
+/// Messages `from` sends to `to`, handed over; `from`'s other outputs
+/// are returned.
+fn hand(from: &mut Overlay<u32>, to: &mut Overlay<u32>, now: Instant) -> Vec<Output<u32>> {
+    let me = *from.id();
+    let theirs = *to.id();
+    let mut rest = Vec::new();
+    for o in drain(from) {
+        match o {
+            Output::Send(p, m) if p == theirs => to.handle_message(me, m, now),
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
+#[test]
+fn signals_go_back_along_a_join_walk_and_the_answer_comes_back() {
+    // 9 joined through 3; the walk went 3 → 2 → 1, and ends at 1, which
+    // connects to 9: its offer goes 1 → 2 → 3 → 9, the answer back.
+    let now = Instant::now();
+    let mut o1 = with_neighbors(1, &[2], now);
+    let mut o2 = with_neighbors(2, &[1, 3], now);
+    let mut o3 = with_neighbors(3, &[2, 9], now);
+    let mut o9 = with_neighbors(9, &[3], now);
+    o2.handle_message(3, Message::ForwardJoin { peer: 9, ttl: 1 }, now);
+    hand(&mut o2, &mut o1, now);
+    assert!(o1.neighbors().contains(&9), "the walk's end takes the newcomer");
+    drain(&mut o1);
+    assert!(o1.relay(9, b"offer".to_vec(), now));
+    hand(&mut o1, &mut o2, now);
+    hand(&mut o2, &mut o3, now);
+    hand(&mut o3, &mut o9, now);
+    let out = drain(&mut o9);
+    assert!(out.contains(&Output::Relayed { from: 1, payload: b"offer".to_vec() }), "{out:?}");
+    // The answer follows the way the offer came.
+    assert!(o9.relay(1, b"answer".to_vec(), now));
+    hand(&mut o9, &mut o3, now);
+    hand(&mut o3, &mut o2, now);
+    hand(&mut o2, &mut o1, now);
+    let out = drain(&mut o1);
+    assert!(out.contains(&Output::Relayed { from: 9, payload: b"answer".to_vec() }), "{out:?}");
+    assert_eq!(o1.stats().relayed, 1);
+    assert_eq!(o1.stats().relays_received, 1);
+    assert_eq!(o2.stats().relays_forwarded, 2);
+    assert_eq!(o3.stats().relays_forwarded, 2);
+}
+
+#[test]
+fn without_a_route_a_signal_goes_through_the_server() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    assert!(!o.relay(42, b"offer".to_vec(), now), "no route to 42");
+    assert!(!o.relay(1, b"offer".to_vec(), now), "not to ourselves");
+    o.handle_message(2, Message::ForwardJoin { peer: 42, ttl: 3 }, now);
+    drain(&mut o);
+    let big = vec![0; peerlink_overlay::MAX_RELAY + 1];
+    assert!(!o.relay(42, big, now), "over MAX_RELAY");
+    assert!(o.relay(42, b"offer".to_vec(), now));
+    assert!(sends(&drain(&mut o)).iter().any(|(p, m)| *p == 2 && matches!(m, Message::Relay { to: 42, .. })));
+    // Routes expire.
+    let later = now + Config::default().route_retention + Duration::from_secs(1);
+    o.handle_timeout(later);
+    assert!(!o.relay(42, b"offer".to_vec(), later));
+}
+
+#[test]
+fn a_relay_that_cannot_go_on_comes_back_to_its_writer() {
+    let now = Instant::now();
+    // 2 knows no way to 42: the relay from 1 goes back to 1, who hears it
+    // failed (and sends it through the server).
+    let mut o1 = with_neighbors(1, &[2], now);
+    let mut o2 = with_neighbors(2, &[1, 3], now);
+    o1.handle_message(2, Message::ForwardJoin { peer: 42, ttl: 3 }, now);
+    drain(&mut o1);
+    assert!(o1.relay(42, b"offer".to_vec(), now));
+    hand(&mut o1, &mut o2, now);
+    hand(&mut o2, &mut o1, now);
+    let out = drain(&mut o1);
+    assert!(out.contains(&Output::RelayFailed { to: 42, payload: b"offer".to_vec() }), "{out:?}");
+    assert_eq!(o1.stats().relays_failed, 1);
+    assert!(!o1.relay(42, b"again".to_vec(), now), "the broken route is forgotten");
+
+    // Hops left 0: back too.
+    o2.handle_message(3, Message::Relay { to: 99, from: 3, ttl: 0, payload: b"x".to_vec() }, now);
+    assert!(
+        sends(&drain(&mut o2))
+            .contains(&(3, Message::Unreachable { to: 3, from: 99, ttl: 8, payload: b"x".to_vec() }))
+    );
+
+    // Back to its writer by a loop of routes: failed, not lost.
+    o1.handle_message(2, Message::Relay { to: 42, from: 1, ttl: 5, payload: b"looped".to_vec() }, now);
+    assert!(drain(&mut o1).contains(&Output::RelayFailed { to: 42, payload: b"looped".to_vec() }));
+}
+
+#[test]
+fn relays_passed_on_for_others_are_limited_per_second() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3], now);
+    let limit = Config::default().max_relays_per_second;
+    let mut forwarded = 0;
+    let mut bounced = 0;
+    for i in 0..limit + 10 {
+        o.handle_message(2, Message::Relay { to: 3, from: 1000 + i, ttl: 4, payload: b"s".to_vec() }, now);
+        for (p, m) in sends(&drain(&mut o)) {
+            match m {
+                Message::Relay { .. } if p == 3 => forwarded += 1,
+                Message::Unreachable { .. } if p == 2 => bounced += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!((forwarded, bounced), (limit, 10));
+    // A second later there is room again.
+    let later = now + Duration::from_secs(1);
+    o.handle_message(2, Message::Relay { to: 3, from: 7, ttl: 4, payload: b"s".to_vec() }, later);
+    assert!(matches!(sends(&drain(&mut o))[..], [(3, Message::Relay { .. })]));
+}
+
+#[test]
+fn a_connection_we_did_not_ask_for_stays_within_the_limit() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2, 3, 4, 5, 6], now);
+    for p in 7..10 {
+        assert!(o.accept(p, now));
+    }
+    assert_eq!(o.stats().connections, 8);
+    // Neighbours' or being set up: none can go, so the newcomer's is closed.
+    o.connected(50, now);
+    assert!(drain(&mut o).contains(&Output::Close(50)));
+    o.handle_message(51, Message::Join, now);
+    assert!(drain(&mut o).contains(&Output::Close(51)));
+    assert!(o.stats().connections <= 8);
+}

@@ -51,6 +51,18 @@ fn message(m: &Value) -> Message<PeerId> {
         "graft" => Message::Graft { id: m.get("id").map(u64_hex) },
         "prune" => Message::Prune,
         "direct" => Message::Direct { payload: hex(m["payload"].as_str().expect("payload")) },
+        "relay" => Message::Relay {
+            to: id(&m["to"]),
+            from: id(&m["from"]),
+            ttl: m["ttl"].as_u64().expect("ttl") as u8,
+            payload: hex(m["payload"].as_str().expect("payload")),
+        },
+        "unreachable" => Message::Unreachable {
+            to: id(&m["to"]),
+            from: id(&m["from"]),
+            ttl: m["ttl"].as_u64().expect("ttl") as u8,
+            payload: hex(m["payload"].as_str().expect("payload")),
+        },
         other => panic!("fixture type {other} not known to this test"),
     }
 }
@@ -64,7 +76,7 @@ fn fixture() -> Value {
 fn every_message_encodes_and_decodes_as_the_fixture_says() {
     let f = fixture();
     let valid = f["valid"].as_array().expect("valid");
-    assert_eq!(valid.len(), 19, "a fixture was added or lost: update this count");
+    assert_eq!(valid.len(), 22, "a fixture was added or lost: update this count");
     for case in valid {
         let msg = message(&case["message"]);
         let bytes = hex(case["hex"].as_str().expect("hex"));
