@@ -128,6 +128,9 @@ pub(crate) struct PeerConn {
     restart_wanted: bool,
     have_remote_description: bool,
     early_candidates: Vec<Candidate>,
+    /// The session id of the remote's SDP (`o=` line): another one is
+    /// another peer connection, not a renegotiation of this one.
+    remote_session: Option<String>,
     remote_max_message_size: usize,
     state: ConnState,
     ever_connected: bool,
@@ -253,6 +256,7 @@ impl PeerConn {
             restart_wanted: false,
             have_remote_description: false,
             early_candidates: Vec::new(),
+            remote_session: None,
             remote_max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             state: ConnState::Connecting,
             ever_connected: false,
@@ -338,7 +342,20 @@ impl PeerConn {
         }
     }
 
+    /// Whether `sdp` comes from another peer connection than the one this
+    /// connection negotiated with (the remote closed that one and started
+    /// anew, before we noticed): then this connection must be replaced.
+    pub fn is_new_session(&self, sdp: &str) -> bool {
+        match (&self.remote_session, sdp_session_id(sdp)) {
+            (Some(known), Some(id)) => known != id,
+            _ => false,
+        }
+    }
+
     fn learn_remote_sdp(&mut self, sdp: &str) {
+        if self.remote_session.is_none() {
+            self.remote_session = sdp_session_id(sdp).map(str::to_string);
+        }
         for line in sdp.lines() {
             if let Some(attr) = line.trim().strip_prefix("a=")
                 && attr.starts_with("candidate:")
@@ -841,8 +858,17 @@ impl PeerConn {
     }
 
     pub fn close(&mut self) {
-        self.rtc.disconnect();
+        // Connected: a DTLS close_notify tells the remote at once (polled
+        // out like any datagram), rather than its silence timeout later.
+        if !(self.state == ConnState::Connected && self.rtc.close().is_ok()) {
+            self.rtc.disconnect();
+        }
         self.set_state(ConnState::Closed);
+    }
+
+    /// The latest time seen.
+    pub fn last_now(&self) -> Instant {
+        self.last_now
     }
 }
 
@@ -873,6 +899,11 @@ fn max_message_size(sdp: &str) -> Option<usize> {
 /// A deadline that never comes in practice: an hour after `now`.
 fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(3600)
+}
+
+/// The session id of an SDP's `o=` line.
+fn sdp_session_id(sdp: &str) -> Option<&str> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("o=")).and_then(|o| o.split_whitespace().nth(1))
 }
 
 #[cfg(test)]

@@ -163,4 +163,16 @@ pub struct OverlayStats {
     pub replacements: u64,
     /// Overlay messages dropped (a send queue was full).
     pub dropped: u64,
+    /// Signals for our connections sent over the overlay (relayed by
+    /// neighbours) rather than through the server.
+    pub signals_relayed: u64,
+    /// Signals for our connections sent through the server (no route over
+    /// the overlay was known, or a relayed one came back).
+    pub signals_via_server: u64,
+    /// Relayed signals that reached us.
+    pub relays_received: u64,
+    /// Relayed signals we passed on for others.
+    pub relays_forwarded: u64,
+    /// Signals we relayed that came back unreachable (then sent through the server).
+    pub relays_failed: u64,
 }

@@ -337,9 +337,47 @@ impl Mesh {
         self.keys.remove(&st.key);
         self.routes.retain(|_, k| *k != st.key);
         st.conn.close();
+        // Its goodbye out before it is forgotten (bounded: a close_notify
+        // is a datagram or two).
+        let now = st.conn.last_now();
+        for _ in 0..16 {
+            match st.conn.poll_output() {
+                ConnOutput::Transmit { source, destination, contents } => Self::transmit(
+                    &mut self.gatherer,
+                    &self.local_addrs,
+                    &mut self.out,
+                    now,
+                    source,
+                    destination,
+                    contents,
+                ),
+                ConnOutput::Timeout(_) => break,
+                _ => {}
+            }
+        }
         for (_, shared) in st.channels.drain() {
             shared.close();
             self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
+        }
+    }
+
+    /// Sends a connection's datagram from `source`: a host socket, or a
+    /// TURN allocation.
+    fn transmit(
+        gatherer: &mut Gatherer,
+        local_addrs: &[SocketAddr],
+        out: &mut VecDeque<MeshOutput>,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: Vec<u8>,
+    ) {
+        if gatherer.is_relayed(source) {
+            gatherer.send_relayed(now, source, destination, &contents);
+        } else if let Some(socket) = local_addrs.iter().position(|a| *a == source) {
+            out.push_back(MeshOutput::Transmit { socket, to: destination, data: contents });
+        } else {
+            tracing::trace!(%source, "no socket for source address");
         }
     }
 
@@ -372,33 +410,13 @@ impl Mesh {
                 }
             }
             ServerMsg::Signal { from, signal, .. } => {
-                if self.peers.contains_key(&from) {
-                    self.apply_signal(&from, signal, now);
-                } else if self.config.auto_connect {
-                    self.create_conn(from.clone(), Vec::new(), None, now);
-                    self.apply_signal(&from, signal, now);
-                } else if self.overlay.is_some() {
-                    // The overlay takes an offer within its connection limit.
-                    if self.overlay_accepts(&from, &signal, now) {
-                        self.create_conn(from.clone(), Vec::new(), None, now);
-                        self.apply_signal(&from, signal, now);
-                    }
+                self.signal_from(from, signal, now);
+                if self.overlay.is_some() {
                     self.overlay_step(now);
-                } else {
-                    // Not connected to yet: hold it for Room::connect, within bounds.
-                    if !self.held.contains_key(&from) && self.held.len() >= MAX_HELD_PEERS {
-                        tracing::debug!(peer = %from, "too many peers with held signals: dropped");
-                        return;
-                    }
-                    let q = self.held.entry(from).or_default();
-                    if q.len() >= MAX_HELD_SIGNALS {
-                        q.pop_front();
-                    }
-                    q.push_back(signal);
                 }
             }
             ServerMsg::Message { from, data, .. } => {
-                if self.overlay_server_message(&from, &data) {
+                if self.overlay_server_message(&from, &data, now) {
                     self.overlay_step(now);
                 } else {
                     self.emit(Event::ServerMessage { from, data });
@@ -417,6 +435,49 @@ impl Mesh {
             | ServerMsg::Left { .. }
             | ServerMsg::Pong { .. }
             | ServerMsg::Unknown => {}
+        }
+    }
+
+    /// A signal from `from`, through the server or relayed over the overlay.
+    fn signal_from(&mut self, from: PeerId, signal: Signal, now: Instant) {
+        if let Signal::Offer { sdp, .. } = &signal
+            && self.peers.get(&from).is_some_and(|st| st.conn.is_new_session(sdp))
+        {
+            // The remote closed our connection and opened another before we
+            // noticed: this offer is not for ours, which goes.
+            tracing::debug!(local = %self.id, remote = %from, "offer of a new session: connection replaced");
+            self.overlay_forget(&from, now);
+            self.drop_conn(&from);
+        }
+        if self.peers.contains_key(&from) {
+            self.apply_signal(&from, signal, now);
+        } else if self.config.auto_connect {
+            self.create_conn(from.clone(), Vec::new(), None, now);
+            self.apply_signal(&from, signal, now);
+        } else if self.overlay.is_some() && matches!(signal, Signal::Offer { .. }) {
+            // The overlay takes an offer within its connection limit.
+            if self.overlay_accepts(&from, &signal, now) {
+                self.create_conn(from.clone(), Vec::new(), None, now);
+                self.apply_signal(&from, signal, now);
+            }
+        } else {
+            // Not connected to yet: held for Room::connect, or (overlay
+            // rooms) for the offer, which a relayed signal may overtake.
+            if !self.held.contains_key(&from) && self.held.len() >= MAX_HELD_PEERS {
+                if self.overlay.is_none() {
+                    tracing::debug!(peer = %from, "too many peers with held signals: dropped");
+                    return;
+                }
+                // Overlay rooms have no presence to clear them: another goes.
+                if let Some(old) = self.held.keys().next().cloned() {
+                    self.held.remove(&old);
+                }
+            }
+            let q = self.held.entry(from).or_default();
+            if q.len() >= MAX_HELD_SIGNALS {
+                q.pop_front();
+            }
+            q.push_back(signal);
         }
     }
 
@@ -712,8 +773,11 @@ impl Mesh {
         let mut events = Vec::new();
         let mut signals = Vec::new();
         let mut dead = false;
+        let fresh;
         {
             let Some(st) = self.peers.get_mut(peer) else { return };
+            // Never connected yet: its signals may be relayed.
+            fresh = st.conn.state() == ConnState::Connecting;
             st.dirty = false;
             st.stats.ice_restarts = st.conn.restarts();
             if st.next_timeout <= now
@@ -724,19 +788,15 @@ impl Mesh {
             Self::drain(st);
             loop {
                 match st.conn.poll_output() {
-                    ConnOutput::Transmit { source, destination, contents } => {
-                        if self.gatherer.is_relayed(source) {
-                            self.gatherer.send_relayed(now, source, destination, &contents);
-                        } else if let Some(socket) = self.local_addrs.iter().position(|a| *a == source) {
-                            self.out.push_back(MeshOutput::Transmit {
-                                socket,
-                                to: destination,
-                                data: contents,
-                            });
-                        } else {
-                            tracing::trace!(%source, "no socket for source address");
-                        }
-                    }
+                    ConnOutput::Transmit { source, destination, contents } => Self::transmit(
+                        &mut self.gatherer,
+                        &self.local_addrs,
+                        &mut self.out,
+                        now,
+                        source,
+                        destination,
+                        contents,
+                    ),
                     ConnOutput::Signal(s) => signals.push(s),
                     ConnOutput::Timeout(t) => {
                         st.next_timeout = t;
@@ -828,6 +888,9 @@ impl Mesh {
         }
         self.flush_gatherer(now);
         for signal in signals {
+            if self.overlay_relay(peer, &signal, fresh, now) {
+                continue;
+            }
             let room = self.room.clone();
             self.signaling(ClientMsg::Signal { room, to: peer.clone(), signal });
         }

@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use peerlink_overlay::{CHANNEL_LABEL, Message as OvMessage, Output, Overlay};
-use peerlink_proto::{PeerId, Signal};
+use peerlink_proto::{ClientMsg, PeerId, Signal};
 
 use super::Mesh;
 use crate::channel::{ChannelSpec, DataChannel, Message};
@@ -16,8 +16,14 @@ use crate::conn::ConnState;
 use crate::error::{Error, SendError};
 use crate::event::{Event, MessageKind, OverlayStats};
 
-/// Key of the server-routed message that turns an offer down.
+/// Key of the server-routed messages that turn an offer down (`busy`), or
+/// ask for signals through the server (`via_server`).
 const BUSY_KEY: &str = "peerlink_overlay";
+const VIA_SERVER: &str = "via_server";
+/// How long a peer that refused a relayed offer is signalled through the server.
+const SERVER_ONLY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Peers signalled through the server at once for that reason.
+const MAX_SERVER_ONLY: usize = 1024;
 
 /// Largest application message [`crate::Room::broadcast`] and
 /// [`crate::Room::send`] take, in bytes.
@@ -33,6 +39,11 @@ pub(crate) struct OverlayState {
     pending: VecDeque<(PeerId, bool)>,
     /// Messages dropped because a channel's send queue was full.
     pub send_drops: u64,
+    /// Signals for our connections sent through the server.
+    pub signals_via_server: u64,
+    /// Peers whose signals go through the server for now: they refused a
+    /// relayed offer (it was for a connection they hold up).
+    server_only: HashMap<PeerId, Instant>,
     /// The server said the room is large (no presence): members are who
     /// the overlay meets.
     pub large: bool,
@@ -40,7 +51,15 @@ pub(crate) struct OverlayState {
 
 impl OverlayState {
     pub fn new(ov: Overlay<PeerId>) -> Self {
-        OverlayState { ov, channels: HashMap::new(), pending: VecDeque::new(), send_drops: 0, large: false }
+        OverlayState {
+            ov,
+            channels: HashMap::new(),
+            pending: VecDeque::new(),
+            send_drops: 0,
+            signals_via_server: 0,
+            server_only: HashMap::new(),
+            large: false,
+        }
     }
 }
 
@@ -79,6 +98,17 @@ impl Mesh {
         }
     }
 
+    /// The connection to `peer` is being replaced: the overlay counts it
+    /// gone now (not when its channel's close is seen, which would close
+    /// the new one).
+    pub(super) fn overlay_forget(&mut self, peer: &PeerId, now: Instant) {
+        let Some(os) = &mut self.overlay else { return };
+        if os.channels.remove(peer).is_some() {
+            os.ov.disconnected(peer, now);
+        }
+        os.pending.retain(|(p, _)| p != peer);
+    }
+
     /// Whether to answer an offer from `from`, a peer we hold no connection
     /// to: the overlay keeps connections within its limit.
     pub(super) fn overlay_accepts(&mut self, from: &PeerId, signal: &Signal, now: Instant) -> bool {
@@ -100,9 +130,30 @@ impl Mesh {
 
     /// A server-routed message that is the overlay's: a peer turned our
     /// offer down.
-    pub(super) fn overlay_server_message(&mut self, from: &PeerId, data: &serde_json::Value) -> bool {
+    pub(super) fn overlay_server_message(
+        &mut self,
+        from: &PeerId,
+        data: &serde_json::Value,
+        now: Instant,
+    ) -> bool {
         let Some(os) = &mut self.overlay else { return false };
-        if data.get(BUSY_KEY).and_then(|v| v.as_str()) != Some("busy") {
+        let said = data.get(BUSY_KEY).and_then(|v| v.as_str());
+        if said == Some(VIA_SERVER) {
+            // Our relayed offer was refused: signal this peer through the
+            // server for a while, starting over with this connection.
+            if os.server_only.len() >= MAX_SERVER_ONLY {
+                os.server_only.retain(|_, until| *until > now);
+            }
+            if os.server_only.len() < MAX_SERVER_ONLY {
+                os.server_only.insert(from.clone(), now + SERVER_ONLY_FOR);
+            }
+            if self.peers.get(from).is_some_and(|st| st.conn.state() == ConnState::Connecting) {
+                self.drop_conn(from);
+                self.create_conn(from.clone(), vec![ChannelSpec::reliable(CHANNEL_LABEL)], None, now);
+            }
+            return true;
+        }
+        if said != Some("busy") {
             return false;
         }
         os.channels.remove(from);
@@ -118,7 +169,10 @@ impl Mesh {
         let mut down = Vec::new();
         while let Some((peer, up)) = os.pending.pop_front() {
             if up {
-                os.ov.connected(peer, now);
+                // Not if the overlay closed it since its channel opened.
+                if os.channels.contains_key(&peer) {
+                    os.ov.connected(peer, now);
+                }
             } else {
                 os.ov.disconnected(&peer, now);
                 down.push(peer);
@@ -155,6 +209,30 @@ impl Mesh {
             os.ov.handle_timeout(now);
         }
         self.overlay_outputs(now);
+    }
+
+    /// Sends `signal`, for a connection to `peer` being set up, over the
+    /// overlay if a route to `peer` is known; false: send it through the
+    /// server. (A connection that was up re-signals through the server: an
+    /// ICE restart must not depend on the overlay it may be part of.)
+    pub(super) fn overlay_relay(
+        &mut self,
+        peer: &PeerId,
+        signal: &Signal,
+        fresh: bool,
+        now: Instant,
+    ) -> bool {
+        let Some(os) = &mut self.overlay else { return false };
+        let server_only = os.server_only.get(peer).is_some_and(|until| *until > now);
+        let relayed = fresh
+            && !server_only
+            && serde_json::to_vec(signal).is_ok_and(|bytes| os.ov.relay(peer.clone(), bytes, now));
+        if !relayed {
+            os.signals_via_server += 1;
+            return false;
+        }
+        self.overlay_outputs(now);
+        true
     }
 
     fn overlay_outputs(&mut self, now: Instant) {
@@ -213,6 +291,34 @@ impl Mesh {
                     self.emit(Event::Message { from, data: payload, kind: MessageKind::Direct })
                 }
                 Output::DirectFailed { peer, messages } => self.emit(Event::SendFailed { peer, messages }),
+                Output::Relayed { from, payload } => match serde_json::from_slice::<Signal>(&payload) {
+                    // Its sender is who the writer says it is: it may set up
+                    // a connection, never touch one that is up. An offer
+                    // for one (its writer replaced a connection we still
+                    // hold) is asked for again through the server, which
+                    // vouches for who sends it.
+                    Ok(signal)
+                        if self
+                            .peers
+                            .get(&from)
+                            .is_some_and(|st| st.conn.state() != ConnState::Connecting) =>
+                    {
+                        tracing::debug!(%from, "overlay: relayed signal for a connection that is up: refused");
+                        if matches!(signal, Signal::Offer { .. }) {
+                            self.send_via_server(Some(from), serde_json::json!({ BUSY_KEY: VIA_SERVER }));
+                        }
+                    }
+                    Ok(signal) => self.signal_from(from, signal, now),
+                    Err(e) => tracing::debug!(%from, "overlay: relayed signal: {e}"),
+                },
+                Output::RelayFailed { to, payload } => {
+                    // Came back: through the server, where nothing is in its way.
+                    if let Ok(signal) = serde_json::from_slice::<Signal>(&payload) {
+                        os.signals_via_server += 1;
+                        let room = self.room.clone();
+                        self.signaling(ClientMsg::Signal { room, to, signal });
+                    }
+                }
                 Output::NeighborUp(peer) => tracing::debug!(local = %self.id, %peer, "neighbour up"),
                 Output::NeighborDown(peer) => tracing::debug!(local = %self.id, %peer, "neighbour down"),
             }
@@ -252,6 +358,11 @@ impl Mesh {
             prunes: s.prunes,
             replacements: s.replacements,
             dropped: s.dropped + os.send_drops,
+            signals_relayed: s.relayed,
+            signals_via_server: os.signals_via_server,
+            relays_received: s.relays_received,
+            relays_forwarded: s.relays_forwarded,
+            relays_failed: s.relays_failed,
         })
     }
 
@@ -266,4 +377,18 @@ fn check_size(data: &[u8]) -> Result<(), Error> {
         return Err(Error::TooLarge { size: data.len(), max: MAX_ROOM_MESSAGE });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BUSY_KEY, VIA_SERVER};
+
+    #[test]
+    fn server_routed_overlay_messages_match_the_fixture() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/overlay/server_messages.json");
+        let f: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON");
+        assert_eq!(serde_json::json!({ BUSY_KEY: "busy" }), f["busy"]);
+        assert_eq!(serde_json::json!({ BUSY_KEY: VIA_SERVER }), f["via_server"]);
+    }
 }

@@ -141,19 +141,65 @@ async fn a_large_room_broadcasts_to_everyone_with_few_connections_and_heals() {
         assert!(m.hops(&members[senders[0]].id).await.is_some() || i == senders[0]);
     }
 
+    // To a member we are not connected to: the connection's offer and
+    // answer go over the overlay, along the way its broadcasts came.
+    let (b, bid) = (13, members[13].id.clone());
+    let mut a = None;
+    for (i, m) in members.iter().enumerate() {
+        if i != b && !m.stats().await.neighbors.contains(&bid) {
+            a = Some(i);
+            break;
+        }
+    }
+    let a = a.expect("with 5 neighbours each, someone is not 13's");
+    let (before_a, before_b) = (members[a].stats().await, members[b].stats().await);
+    members[a].send(&bid, b"over the overlay").await.unwrap();
+    until("a message to a peer reached by relayed signals", Duration::from_secs(20), async || {
+        members[b].got.lock().unwrap().iter().any(|(f, d, _)| *f == members[a].id && d == b"over the overlay")
+    })
+    .await;
+    let (sa, sb) = (members[a].stats().await, members[b].stats().await);
+    assert!(sa.signals_relayed > before_a.signals_relayed, "the offer went over the overlay: {sa:?}");
+    // Relayed to the end, or (a hop's route gone) back and through the server.
+    assert!(
+        sb.relays_received > before_b.relays_received || sa.relays_failed > before_a.relays_failed,
+        "{before_a:?} {sa:?}\n{before_b:?} {sb:?}"
+    );
+    let mut total = OverlayStats::default();
+    for m in &members {
+        let s = m.stats().await;
+        total.signals_relayed += s.signals_relayed;
+        total.signals_via_server += s.signals_via_server;
+        total.relays_forwarded += s.relays_forwarded;
+        total.relays_received += s.relays_received;
+    }
+    assert!(total.relays_received > 0, "{total:?}");
+    eprintln!(
+        "signals relayed {}, through the server {}, passed on for others {}",
+        total.signals_relayed, total.signals_via_server, total.relays_forwarded
+    );
+
     // A member goes at once (its room dropped: connections close, and in a
     // large room nobody is told): its neighbours notice, take spares as
     // neighbours, and the room keeps carrying.
     let gone = members.remove(3);
+    let gone_id = gone.id.clone();
     gone.task.abort();
     drop(gone);
     tokio::time::sleep(Duration::from_secs(1)).await;
     members[0].broadcast(b"0:after").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     for (i, m) in members.iter().enumerate().skip(1) {
-        until("a broadcast after a leave", Duration::from_secs(40), async || {
-            m.broadcasts().iter().any(|(_, d)| d == b"0:after")
-        })
-        .await;
+        while !m.broadcasts().iter().any(|(_, d)| d == b"0:after") {
+            if tokio::time::Instant::now() > deadline {
+                let mut all = String::new();
+                for (j, o) in members.iter().enumerate() {
+                    all += &format!("\n{j} {}: {:?}", o.id, o.stats().await);
+                }
+                panic!("member {i}: no broadcast after a leave in 40 s (gone: {gone_id}){all}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(!m.stats().await.neighbors.is_empty(), "member {i} kept a neighbour");
     }
 

@@ -81,6 +81,12 @@ struct PeerReport {
     /// The overlay's tree repairs and duplicates.
     grafts: u64,
     overlay_duplicates: u64,
+    /// Signals for its connections relayed over the overlay, and sent
+    /// through the server.
+    #[serde(default)]
+    signals_relayed: u64,
+    #[serde(default)]
+    signals_via_server: u64,
 }
 
 fn unix_micros() -> u64 {
@@ -206,9 +212,11 @@ async fn peer(
             }
         }
     }
-    let (connections, neighbours, grafts, overlay_duplicates) = match room.overlay_stats().await? {
-        Some(s) => (s.connections, s.neighbors, s.grafts, s.duplicates),
-        None => (channels.iter().filter(|c| !c.is_closed()).count(), room.peers().await?, 0, 0),
+    let (connections, neighbours, grafts, overlay_duplicates, signals) = match room.overlay_stats().await? {
+        Some(s) => {
+            (s.connections, s.neighbors, s.grafts, s.duplicates, (s.signals_relayed, s.signals_via_server))
+        }
+        None => (channels.iter().filter(|c| !c.is_closed()).count(), room.peers().await?, 0, 0, (0, 0)),
     };
     let mut bytes_sent = 0;
     for p in &neighbours {
@@ -226,6 +234,8 @@ async fn peer(
         bytes_sent,
         grafts,
         overlay_duplicates,
+        signals_relayed: signals.0,
+        signals_via_server: signals.1,
     };
     drop(t);
     drop(room);
@@ -285,6 +295,8 @@ struct Figures {
     bytes_max: u64,
     grafts: u64,
     overlay_duplicates: u64,
+    signals_relayed: u64,
+    signals_via_server: u64,
     form: Duration,
 }
 
@@ -377,6 +389,8 @@ async fn run_room(
         bytes_max: reports.iter().map(|r| r.bytes_sent).max().unwrap_or(0),
         grafts: reports.iter().map(|r| r.grafts).sum(),
         overlay_duplicates: reports.iter().map(|r| r.overlay_duplicates).sum(),
+        signals_relayed: reports.iter().map(|r| r.signals_relayed).sum(),
+        signals_via_server: reports.iter().map(|r| r.signals_via_server).sum(),
         form,
     })
 }
@@ -436,7 +450,7 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
         // each peer receives each broadcast once).
         let mesh_max = (args.messages * args.size * (n - 1)) as f64;
         println!(
-            "{:<10} {:>5} {:>9.3}% {:>5} {:>6.1}ms {:>6.1}ms {:>6} {:>6.1} {:>12.1} {:>12.1} {:>14.2}   (formed in {:.1} s; overlay: {} grafts, {} duplicates)",
+            "{:<10} {:>5} {:>9.3}% {:>5} {:>6.1}ms {:>6.1}ms {:>6} {:>6.1} {:>12.1} {:>12.1} {:>14.2}   (formed in {:.1} s; overlay: {} grafts, {} duplicates; signals: {} over the overlay, {} through the server)",
             name,
             f.peers,
             100.0 * f.received as f64 / f.expected.max(1) as f64,
@@ -451,6 +465,8 @@ pub async fn run(args: RoomArgs) -> anyhow::Result<()> {
             f.form.as_secs_f64(),
             f.grafts,
             f.overlay_duplicates,
+            f.signals_relayed,
+            f.signals_via_server,
         );
     }
     Ok(())
@@ -463,7 +479,7 @@ pub fn overlay(sizes: &[usize]) {
         "overlay simulation: 20-80 ms one-way latency, 1 % loss, joins in bursts of 50/s, 2 broadcasts/s for 120 s"
     );
     println!(
-        "{:>6} {:>6} {:>10} {:>11} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
+        "{:>6} {:>6} {:>10} {:>11} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
         "peers",
         "churn",
         "loss",
@@ -475,6 +491,8 @@ pub fn overlay(sizes: &[usize]) {
         "conns max",
         "conns mean",
         "copies",
+        "sig ovl",
+        "arrived",
         "wall"
     );
     for &n in sizes {
@@ -483,7 +501,7 @@ pub fn overlay(sizes: &[usize]) {
                 let t = Instant::now();
                 let r = run(SimConfig::scenario(n, churn, mode, 1));
                 println!(
-                    "{:>6} {:>5.0}% {:>10} {:>10.3}% {:>6.2} {:>6} {:>9.1} {:>7.0}ms {:>10} {:>10.2} {:>8.2} {:>7.1}s",
+                    "{:>6} {:>5.0}% {:>10} {:>10.3}% {:>6.2} {:>6} {:>9.1} {:>7.0}ms {:>10} {:>10.2} {:>8.2} {:>7.1}% {:>7.1}% {:>7.1}s",
                     n,
                     churn * 100.0,
                     if mode == LossMode::Retransmit { "retransmit" } else { "drop" },
@@ -495,6 +513,8 @@ pub fn overlay(sizes: &[usize]) {
                     r.max_connections,
                     r.mean_connections,
                     r.payload_copies_per_broadcast / (n as f64 - 1.0),
+                    100.0 * r.offers_relayed as f64 / r.connections_opened.max(1) as f64,
+                    100.0 * r.offers_delivered as f64 / r.offers_relayed.max(1) as f64,
                     t.elapsed().as_secs_f64(),
                 );
             }
@@ -502,5 +522,8 @@ pub fn overlay(sizes: &[usize]) {
     }
     println!(
         "copies: broadcast payloads sent per broadcast, per receiving peer (a full mesh sends 1.00 from the origin alone)"
+    );
+    println!(
+        "sig ovl: connections whose offer went over the overlay instead of the server; arrived: of those, reached the peer (the rest came back and went through the server)"
     );
 }
