@@ -1,19 +1,25 @@
 // The overlay for large rooms, without I/O: the browser's twin of
 // crates/overlay (HyParView membership, Plumtree broadcast, direct
-// messages on connections opened on demand). docs/PROTOCOL.md, "Large
-// rooms: the overlay", describes the protocol; fixtures/overlay/ pins the
-// wire format. Time comes in as `now` (ms); outputs are polled.
+// messages on connections opened on demand, signals relayed along reverse
+// paths). docs/PROTOCOL.md, "Large rooms: the overlay", describes the
+// protocol; fixtures/overlay/ pins the wire format. Time comes in as `now`
+// (ms); outputs are polled.
 
 export const CHANNEL_LABEL = 'peerlink.overlay';
 export const VERSION = 1;
 export const MAX_LISTED = 64;
 export const MAX_IHAVE = 256;
+/** Largest payload of a `relay` or `unreachable` (a signal: an SDP with its candidates is a few KiB). */
+export const MAX_RELAY = 16 * 1024;
 /** Broadcasts announced and not received, tracked at once. */
 const MAX_MISSING = 4096;
+/** Routes known at once. */
+const MAX_ROUTES = 4096;
 
 const T = {
   join: 1, forward_join: 2, neighbor: 3, neighbor_reply: 4, disconnect: 5, shuffle: 6, shuffle_reply: 7,
   gossip: 16, ihave: 17, graft: 18, prune: 19, gossip_all: 20, direct: 32,
+  relay: 33, unreachable: 34,
 };
 
 /**
@@ -29,7 +35,9 @@ const T = {
  *   | { type: 'ihave', ids: [string, number][] }
  *   | { type: 'graft', id?: string }
  *   | { type: 'prune' }
- *   | { type: 'direct', payload: Uint8Array }} OverlayMessage
+ *   | { type: 'direct', payload: Uint8Array }
+ *   | { type: 'relay', to: string, from: string, ttl: number, payload: Uint8Array }
+ *   | { type: 'unreachable', to: string, from: string, ttl: number, payload: Uint8Array }} OverlayMessage
  */
 
 const utf8 = new TextEncoder();
@@ -76,6 +84,8 @@ export function encode(m) {
     case 'graft': out.push(T.graft); if (m.id !== undefined) u64(m.id); break;
     case 'prune': out.push(T.prune); break;
     case 'direct': out.push(T.direct); payload = m.payload; break;
+    case 'relay':
+    case 'unreachable': out.push(T[m.type]); id(m.to); id(m.from); out.push(m.ttl); payload = m.payload; break;
   }
   const head = Uint8Array.from(out);
   if (!payload) return head;
@@ -155,6 +165,14 @@ export function decode(b) {
     case T.graft: m = at === b.length ? { type: 'graft' } : { type: 'graft', id: u64() }; break;
     case T.prune: m = { type: 'prune' }; break;
     case T.direct: return { type: 'direct', payload: b.slice(at) };
+    case T.relay:
+    case T.unreachable: {
+      const to = id();
+      const from = id();
+      const ttl = u8();
+      if (b.length - at > MAX_RELAY) throw new DecodeError('malformed overlay message: relayed signal over 16 KiB');
+      return { type: type === T.relay ? 'relay' : 'unreachable', to, from, ttl, payload: b.slice(at) };
+    }
     default: throw new DecodeError(`unknown overlay message type ${type}`);
   }
   if (at !== b.length) throw new DecodeError('malformed overlay message: trailing bytes');
@@ -185,6 +203,9 @@ export function decode(b) {
  * @property {number} [lingerMs]
  * @property {number} [maxConnections]
  * @property {number} [maxQueued]   messages queued per connection being set up
+ * @property {number} [relayTtl]    hops a relayed signal may cross ({@link Overlay.relay})
+ * @property {number} [routeRetentionMs] a route learned from a message (a join walk, a shuffle, a broadcast, a relayed signal) is used this long
+ * @property {number} [maxRelaysPerSecond] relayed signals passed on for others per second at most; beyond, they go back to their writer
  */
 
 const DEFAULTS = {
@@ -192,6 +213,7 @@ const DEFAULTS = {
   shuffleActive: 3, shufflePassive: 4, connectTimeoutMs: 15_000, neighborTimeoutMs: 20_000, tickMs: 500,
   ihaveDelayMs: 10, graftTimeoutMs: 150, graftRetryMs: 200, optimizationHops: 2, cacheMs: 30_000, cacheBytes: 16 << 20,
   idMs: 120_000, maxIds: 200_000, idleCloseMs: 30_000, lingerMs: 2_000, maxConnections: 8, maxQueued: 1024,
+  relayTtl: 8, routeRetentionMs: 60_000, maxRelaysPerSecond: 200,
 };
 
 /**
@@ -202,6 +224,8 @@ const DEFAULTS = {
  *   | { type: 'deliver', id: string, origin: string, hops: number, payload: Uint8Array }
  *   | { type: 'direct', from: string, payload: Uint8Array }
  *   | { type: 'direct_failed', peer: string, messages: number }
+ *   | { type: 'relayed', from: string, payload: Uint8Array }
+ *   | { type: 'relay_failed', to: string, payload: Uint8Array }
  *   | { type: 'neighbor_up', peer: string }
  *   | { type: 'neighbor_down', peer: string }} OverlayOutput
  */
@@ -247,11 +271,17 @@ export class Overlay {
     /** @type {string[]} */ this.unsent = [];
     /** @type {Map<string, { messages: OverlayMessage[], attempts: number, at: number }>} */ this.retry = new Map();
     /** @type {Map<string, number>} */ this.hopsFrom = new Map();
+    /** Reverse paths to peers we are not connected to, for relayed signals. @type {Map<string, { via: string, until: number }>} */
+    this.routes = new Map();
+    /** Start of the current second, and relays passed on in it. */
+    this.relayWindow = now;
+    this.relaysInWindow = 0;
     this.nextTick = now + this.c.tickMs;
     this.nextShuffle = now + this.c.shuffleMs * (0.5 + Math.random());
     this.left = false;
     /** @type {OverlayOutput[]} */ this.out = [];
-    this.stats = { delivered: 0, duplicates: 0, forwarded: 0, announced: 0, grafts: 0, prunes: 0, replacements: 0, dropped: 0 };
+    this.stats = { delivered: 0, duplicates: 0, forwarded: 0, announced: 0, grafts: 0, prunes: 0, replacements: 0, dropped: 0,
+      relayed: 0, relaysReceived: 0, relaysForwarded: 0, relaysFailed: 0 };
   }
 
   /** @returns {OverlayOutput | undefined} */
@@ -311,11 +341,16 @@ export class Overlay {
     return true;
   }
 
-  /** @param {string} peer @param {number} now */
+  /**
+   * The connection to `peer` is up (whoever opened it). One we did not open
+   * or accept is closed if it would take us past `maxConnections`.
+   * @param {string} peer @param {number} now
+   */
   connected(peer, now) {
     if (this.left || peer === this.me) return;
     let conn = this.conns.get(peer);
     if (!conn) {
+      if (!this._makeRoom()) { this.out.push({ type: 'close', peer }); return; }
       conn = { up: false, deadline: now, queue: [], lastUsed: now, direct: false };
       this.conns.set(peer, conn);
     }
@@ -391,14 +426,18 @@ export class Overlay {
   handleMessage(from, msg, now) {
     if (this.left || from === this.me) return;
     const c = this.conns.get(from);
-    if (c) c.lastUsed = now; else this.connected(from, now);
+    if (c) c.lastUsed = now;
+    else {
+      this.connected(from, now);
+      if (!this.conns.has(from)) return; // closed: over the limit
+    }
     switch (msg.type) {
       case 'join':
         this._addActive(from, now);
         this._send(from, { type: 'neighbor_reply', accepted: true }, now);
         for (const a of [...this.active]) if (a !== from) this._send(a, { type: 'forward_join', peer: from, ttl: this.c.activeWalk }, now);
         break;
-      case 'forward_join': this._forwardJoin(from, msg.peer, msg.ttl, now); break;
+      case 'forward_join': this._learnRoute(msg.peer, from, now); this._forwardJoin(from, msg.peer, msg.ttl, now); break;
       case 'neighbor': {
         const accepted = msg.high || this.active.includes(from) || this.active.length < this._cap();
         if (accepted) this._addActive(from, now);
@@ -421,7 +460,7 @@ export class Overlay {
         if (was) this._fillActive(now);
         break;
       }
-      case 'shuffle': this._shuffle(from, msg.origin, msg.ttl, msg.peers, now); break;
+      case 'shuffle': this._learnRoute(msg.origin, from, now); this._shuffle(from, msg.origin, msg.ttl, msg.peers, now); break;
       case 'shuffle_reply': this._merge(msg.peers, []); break;
       case 'gossip': this._gossip(from, msg.id, msg.origin, msg.hops, !!msg.all, msg.payload, now); break;
       case 'ihave':
@@ -450,7 +489,114 @@ export class Overlay {
         this.out.push({ type: 'direct', from, payload: msg.payload });
         break;
       }
+      case 'relay': this._onRelay(from, msg.to, msg.from, msg.ttl, msg.payload, now); break;
+      case 'unreachable': this._onUnreachable(from, msg.to, msg.from, msg.ttl, msg.payload, now); break;
     }
+  }
+
+  /**
+   * Sends a signal (an offer, answer or candidate for a connection being set
+   * up) to `to` over the overlay, hop by hop along the reverse path of a
+   * message `to` sent us before (its join walk, a shuffle, a broadcast, a
+   * relayed signal). False if no route is known (or the payload is over
+   * MAX_RELAY): send it through the server. One that cannot go on comes back
+   * as a `relay_failed` output. Signals to one peer follow one route, in order.
+   * @param {string} to @param {Uint8Array} payload @param {number} now @returns {boolean}
+   */
+  relay(to, payload, now) {
+    if (this.left || to === this.me || payload.length > MAX_RELAY) return false;
+    const hop = this._nextHop(to, null, now);
+    if (hop === null) return false;
+    this.stats.relayed++;
+    this._send(hop, { type: 'relay', to, from: this.me, ttl: this.c.relayTtl, payload }, now);
+    return true;
+  }
+
+  /** @param {string} peer */
+  _isUp(peer) { return this.conns.get(peer)?.up === true; }
+
+  /**
+   * The neighbour to pass a relayed signal for `to` to: `to` itself if
+   * connected, else the route's, if it is up and not `except`.
+   * @param {string} to @param {string | null} except @param {number} now @returns {string | null}
+   */
+  _nextHop(to, except, now) {
+    if (this._isUp(to)) return to;
+    const r = this.routes.get(to);
+    return r && r.until > now && r.via !== except && this._isUp(r.via) ? r.via : null;
+  }
+
+  /**
+   * `dest` sent something that came to us through `via`: the way back. The
+   * first route stays while it lasts and its link is up, so signals to one
+   * peer keep their order.
+   * @param {string} dest @param {string} via @param {number} now
+   */
+  _learnRoute(dest, via, now) {
+    if (dest === this.me || dest === via) return;
+    const until = now + this.c.routeRetentionMs;
+    const r = this.routes.get(dest);
+    if (r && r.via === via) { r.until = until; return; }
+    if (r && r.until > now && this._isUp(r.via)) return;
+    if (!r && this.routes.size >= MAX_ROUTES) {
+      for (const [d, x] of this.routes) if (x.until <= now) this.routes.delete(d);
+      if (this.routes.size >= MAX_ROUTES) return;
+    }
+    this.routes.set(dest, { via, until });
+  }
+
+  /** Whether one more relay may be passed on this second. @param {number} now */
+  _relayBudget(now) {
+    if (now >= this.relayWindow + 1000) { this.relayWindow = now; this.relaysInWindow = 0; }
+    if (this.relaysInWindow >= this.c.maxRelaysPerSecond) return false;
+    this.relaysInWindow++;
+    return true;
+  }
+
+  /**
+   * @param {string} link @param {string} to @param {string} from @param {number} ttl
+   * @param {Uint8Array} payload @param {number} now
+   */
+  _onRelay(link, to, from, ttl, payload, now) {
+    if (payload.length > MAX_RELAY) return;
+    if (from === this.me) {
+      // Ours, back by a loop of routes learned at different times.
+      this.routes.delete(to);
+      this.stats.relaysFailed++;
+      this.out.push({ type: 'relay_failed', to, payload });
+      return;
+    }
+    this._learnRoute(from, link, now);
+    if (to === this.me) {
+      this.stats.relaysReceived++;
+      this.out.push({ type: 'relayed', from, payload });
+      return;
+    }
+    let hop = ttl > 0 && this._relayBudget(now) ? this._nextHop(to, link, now) : null;
+    if (hop === from) hop = null; // not back to its writer: the route would loop
+    if (hop !== null) {
+      this.stats.relaysForwarded++;
+      this._send(hop, { type: 'relay', to, from, ttl: ttl - 1, payload }, now);
+    } else {
+      // Back the way it came: each hop learned the way to its writer.
+      this._send(link, { type: 'unreachable', to: from, from: to, ttl: this.c.relayTtl, payload }, now);
+    }
+  }
+
+  /**
+   * @param {string} link @param {string} to @param {string} from @param {number} ttl
+   * @param {Uint8Array} payload @param {number} now
+   */
+  _onUnreachable(link, to, from, ttl, payload, now) {
+    if (this.routes.get(from)?.via === link) this.routes.delete(from);
+    if (to === this.me) {
+      this.stats.relaysFailed++;
+      this.out.push({ type: 'relay_failed', to: from, payload });
+      return;
+    }
+    const hop = ttl > 0 && this._relayBudget(now) ? this._nextHop(to, link, now) : null;
+    if (hop !== null) this._send(hop, { type: 'unreachable', to, from, ttl: ttl - 1, payload }, now);
+    else this.stats.dropped++;
   }
 
   /** @param {number} now */
@@ -624,6 +770,7 @@ export class Overlay {
     }
     this.dupStreak.delete(from);
     this._remember(id, now);
+    this._learnRoute(origin, from, now);
     this.missing.delete(id);
     if (this.active.includes(from)) { this.lazy.delete(from); this.eager.add(from); }
     hops = Math.min(hops + 1, 65_535);
@@ -752,6 +899,7 @@ export class Overlay {
       }
     }
     this._fillActive(now);
+    for (const [d, r] of this.routes) if (r.until <= now) this.routes.delete(d);
     for (const [id, t] of this.seen) { if (t + this.c.idMs > now) break; this.seen.delete(id); }
     for (const [id, c] of this.cache) {
       if (c.at + this.c.cacheMs > now) break;

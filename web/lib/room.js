@@ -13,11 +13,16 @@ import { Channel, channelInit } from './channel.js';
 import { Signaling } from './signaling.js';
 import { signSdp, verifySdp } from './auth.js';
 import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
+import { parseSignal } from './protocol.js';
 
 /** Largest message {@link Room.broadcast} and {@link Room.sendTo} take (as in Rust). */
 export const MAX_ROOM_MESSAGE = 64 * 1024;
-/** The server-routed message that turns an overlay offer down. */
-const BUSY_KEY = 'peerlink_overlay';
+/** Key of the server-routed messages that turn an overlay offer down (`busy`), or ask for signals through the server (`via_server`). */
+export const BUSY_KEY = 'peerlink_overlay';
+export const VIA_SERVER = 'via_server';
+/** How long a peer that refused a relayed offer is signalled through the server (ms), and at most how many. */
+const SERVER_ONLY_MS = 60_000;
+const MAX_SERVER_ONLY = 1024;
 
 /** @typedef {import('./channel.js').ChannelSpec} ChannelSpec */
 /** @typedef {import('./protocol.js').ServerMsg} ServerMsg */
@@ -86,6 +91,20 @@ const MAX_HELD = 64;
 /** Remote candidates held until the remote description is set. */
 const MAX_EARLY_CANDIDATES = 64;
 
+/** The session id of an SDP's `o=` line, or null. @param {string} sdp */
+function sdpSession(sdp) {
+  const o = sdp.split(/\r?\n/).find((l) => l.startsWith('o='));
+  return o?.split(/\s+/)[1] ?? null;
+}
+
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder('utf-8', { fatal: true });
+
+/** A signal relayed over the overlay (JSON, as in `signal` messages), or null. @param {Uint8Array} payload */
+function relayedSignal(payload) {
+  try { return parseSignal(JSON.parse(fromUtf8.decode(payload))); } catch { return null; }
+}
+
 /** @extends {Emitter<RoomEvents>} */
 export class Room extends Emitter {
   /** @param {RoomOptions} options */
@@ -117,6 +136,12 @@ export class Room extends Emitter {
     this.overlayChannels = new Map();
     /** @type {ReturnType<typeof setTimeout> | null} */
     this.overlayTimer = null;
+    /** _overlayRun is carrying out outputs: one called meanwhile leaves the new ones to it. */
+    this.overlayRunning = false;
+    /** Signals for our connections sent through the server (overlay rooms). */
+    this.signalsViaServer = 0;
+    /** @type {Map<string, number>} peers signalled through the server until (ms): they refused a relayed offer */
+    this.serverOnly = new Map();
     if (options.overlay) this.options.autoConnect = false;
     this.signaling = new Signaling({
       server: options.server,
@@ -176,10 +201,31 @@ export class Room extends Emitter {
     for (const p of session.peers) this._memberJoined(p.id, p.name ?? null, true);
   }
 
-  /** Carries out what the overlay asks, and sets its timer. */
+  /**
+   * Carries out what the overlay asks, and sets its timer. Called again
+   * while it runs (an output that leads to more), it returns at once: the
+   * loop running takes the new outputs, in order.
+   */
   _overlayRun() {
     const ov = this.overlay;
-    if (!ov || this.closed) return;
+    if (!ov || this.closed || this.overlayRunning) return;
+    this.overlayRunning = true;
+    try {
+      this._overlayOutputs(ov);
+    } finally {
+      this.overlayRunning = false;
+    }
+    if (this.overlayTimer) clearTimeout(this.overlayTimer);
+    const at = ov.pollTimeout();
+    this.overlayTimer = at === null ? null : setTimeout(() => {
+      this.overlayTimer = null;
+      ov.handleTimeout(Date.now());
+      this._overlayRun();
+    }, Math.max(0, at - Date.now()));
+  }
+
+  /** @param {Overlay} ov */
+  _overlayOutputs(ov) {
     let out;
     while ((out = ov.pollOutput())) {
       switch (out.type) {
@@ -217,17 +263,33 @@ export class Room extends Emitter {
         case 'direct_failed':
           this.emit('send_failed', { peer: out.peer, messages: out.messages });
           break;
+        case 'relayed': {
+          const signal = relayedSignal(out.payload);
+          if (!signal) break;
+          // Its sender is who the writer says it is: it may set up a
+          // connection, never touch one that is up. An offer for one (its
+          // writer replaced a connection we still hold) is asked for again
+          // through the server, which vouches for who sends it.
+          const conn = this.conns.get(out.from);
+          if (conn && conn.state !== 'connecting') {
+            if (signal.kind === 'offer') this.sendViaServer(out.from, { [BUSY_KEY]: VIA_SERVER });
+            break;
+          }
+          this._signalFrom(out.from, signal);
+          break;
+        }
+        case 'relay_failed': {
+          // Came back: through the server, where nothing is in its way.
+          const signal = relayedSignal(out.payload);
+          if (!signal) break;
+          this.signalsViaServer++;
+          this.signaling.send({ type: 'signal', room: this.options.room, to: out.to, signal });
+          break;
+        }
         default:
           break;
       }
     }
-    if (this.overlayTimer) clearTimeout(this.overlayTimer);
-    const at = ov.pollTimeout();
-    this.overlayTimer = at === null ? null : setTimeout(() => {
-      this.overlayTimer = null;
-      ov.handleTimeout(Date.now());
-      this._overlayRun();
-    }, Math.max(0, at - Date.now()));
   }
 
   /** A channel opened: the overlay's is kept here, others go to the application. @param {Channel} ch */
@@ -308,11 +370,21 @@ export class Room extends Emitter {
     return ok;
   }
 
-  /** The overlay's neighbours and counters, or null without one. */
+  /**
+   * The overlay's neighbours and counters, or null without one.
+   * `signalsRelayed`: signals for our connections sent over the overlay;
+   * `signalsViaServer`: through the server (no route known, or one came
+   * back); `relaysReceived`, `relaysForwarded` (for others), `relaysFailed`
+   * (came back unreachable, then sent through the server).
+   */
   overlayStats() {
     const ov = this.overlay;
     if (!ov) return null;
-    return { neighbors: [...ov.active], passive: ov.passive.length, connections: ov.conns.size, ...ov.stats };
+    const { relayed, ...stats } = ov.stats;
+    return {
+      neighbors: [...ov.active], passive: ov.passive.length, connections: ov.conns.size, ...stats,
+      signalsRelayed: relayed, signalsViaServer: this.signalsViaServer,
+    };
   }
 
   /**
@@ -350,6 +422,51 @@ export class Room extends Emitter {
     return conn;
   }
 
+  /**
+   * A signal from `from`, through the server or relayed over the overlay.
+   * @param {string} from
+   * @param {Signal} signal
+   */
+  _signalFrom(from, signal) {
+    const old = this.conns.get(from);
+    if (old && signal.kind === 'offer' && old.isNewSession(signal.sdp)) {
+      // The remote closed our connection and opened another before we
+      // noticed: this offer is not for ours, which goes.
+      this.overlayChannels.delete(from);
+      this.conns.delete(from);
+      old.close();
+      this.overlay?.disconnected(from, Date.now());
+    }
+    const conn = this.conns.get(from);
+    if (conn) conn.onSignal(signal);
+    else if (this.overlay && signal.kind === 'offer') {
+      // The overlay takes an offer within its connection limit, and says
+      // no through the server otherwise.
+      if (this.overlay.accept(from, Date.now())) {
+        if (!this.members.has(from)) this.members.set(from, { name: null });
+        this._createConn(from, [], null).onSignal(signal);
+      } else {
+        this.sendViaServer(from, { [BUSY_KEY]: 'busy' });
+      }
+      this._overlayRun();
+    }
+    else if (this.options.autoConnect && this.members.has(from)) this._createConn(from, [], null).onSignal(signal);
+    else if (this.overlay || this.members.has(from)) {
+      // Not connected to yet: held for connect(), or (overlay rooms) for
+      // the offer, which a relayed signal may overtake; within bounds.
+      if (!this.held.has(from) && this.held.size >= MAX_HELD) {
+        if (!this.overlay) return;
+        // Overlay rooms have no presence to clear them: another goes.
+        const old = this.held.keys().next().value;
+        if (old !== undefined) this.held.delete(old);
+      }
+      const q = this.held.get(from) ?? [];
+      if (q.length >= MAX_HELD) q.shift();
+      q.push(signal);
+      this.held.set(from, q);
+    }
+  }
+
   /** @param {string} peer */
   _removeMember(peer) {
     this.held.delete(peer);
@@ -372,36 +489,29 @@ export class Room extends Emitter {
           this._overlayRun();
         }
         break;
-      case 'signal': {
-        const conn = this.conns.get(msg.from);
-        if (conn) conn.onSignal(msg.signal);
-        else if (this.overlay) {
-          // The overlay takes an offer within its connection limit, and
-          // says no through the server otherwise.
-          if (msg.signal.kind !== 'offer') break;
-          if (this.overlay.accept(msg.from, Date.now())) {
-            if (!this.members.has(msg.from)) this.members.set(msg.from, { name: null });
-            this._createConn(msg.from, [], null).onSignal(msg.signal);
-          } else {
-            this.sendViaServer(msg.from, { [BUSY_KEY]: 'busy' });
-          }
-          this._overlayRun();
-        }
-        else if (this.options.autoConnect && this.members.has(msg.from)) this._createConn(msg.from, [], null).onSignal(msg.signal);
-        else if (this.members.has(msg.from)) {
-          // Not connected to yet: held for connect(), within bounds.
-          const q = this.held.get(msg.from) ?? [];
-          if (!this.held.has(msg.from) && this.held.size >= MAX_HELD) return;
-          if (q.length >= MAX_HELD) q.shift();
-          q.push(msg.signal);
-          this.held.set(msg.from, q);
-        }
+      case 'signal':
+        this._signalFrom(msg.from, msg.signal);
         break;
-      }
       case 'message': {
         const d = /** @type {any} */ (msg.data);
         if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === 'busy') {
           this._overlayDown(msg.from);
+          break;
+        }
+        if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === VIA_SERVER) {
+          // Our relayed offer was refused: signal this peer through the
+          // server for a while, starting over with this connection.
+          const now = Date.now();
+          if (this.serverOnly.size >= MAX_SERVER_ONLY) {
+            for (const [p, until] of this.serverOnly) if (until <= now) this.serverOnly.delete(p);
+          }
+          if (this.serverOnly.size < MAX_SERVER_ONLY) this.serverOnly.set(msg.from, now + SERVER_ONLY_MS);
+          const conn = this.conns.get(msg.from);
+          if (conn?.state === 'connecting') {
+            this.conns.delete(msg.from);
+            conn.close();
+            this._createConn(msg.from, [{ label: CHANNEL_LABEL, reliability: 'reliable' }], null);
+          }
           break;
         }
         this.emit('server_message', { from: msg.from, data: msg.data });
@@ -456,10 +566,24 @@ export class Room extends Emitter {
   }
 
   /**
+   * Sends `signal` to `peer`: in an overlay room, over the overlay while the
+   * connection has never been up and a route to `peer` is known (a
+   * connection that was up re-signals through the server: an ICE restart
+   * must not depend on the overlay it may be part of); else through the
+   * server.
    * @param {string} peer
    * @param {Signal} signal
    */
   _signal(peer, signal) {
+    const ov = this.overlay;
+    if (ov) {
+      const serverOnly = (this.serverOnly.get(peer) ?? 0) > Date.now();
+      if (!serverOnly && this.conns.get(peer)?.state === 'connecting' && ov.relay(peer, utf8.encode(JSON.stringify(signal)), Date.now())) {
+        this._overlayRun();
+        return;
+      }
+      this.signalsViaServer++;
+    }
     this.signaling.send({ type: 'signal', room: this.options.room, to: peer, signal });
   }
 
@@ -538,6 +662,8 @@ class Conn {
     this.channels = new Map();
     /** @type {RTCIceCandidateInit[]} */
     this.early = [];
+    /** @type {string | null} the session id of the remote's SDP: another is another peer connection */
+    this.remoteSession = null;
     /** @type {Promise<void>} */
     this.chain = Promise.resolve();
     /** @type {number | null} */
@@ -618,8 +744,22 @@ class Conn {
     this.room._signal(this.peer, signal);
   }
 
+  /**
+   * Whether `sdp` comes from another peer connection than the one this
+   * connection negotiated with (the remote closed that one and started
+   * anew before we noticed): then this connection must be replaced.
+   * @param {string} sdp
+   */
+  isNewSession(sdp) {
+    const id = sdpSession(sdp);
+    return this.remoteSession !== null && id !== null && id !== this.remoteSession;
+  }
+
   /** Applies signals one after another. @param {Signal} signal */
   onSignal(signal) {
+    if ((signal.kind === 'offer' || signal.kind === 'answer') && this.remoteSession === null) {
+      this.remoteSession = sdpSession(signal.sdp);
+    }
     this.chain = this.chain.then(() => this._apply(signal)).catch((e) => {
       console.warn(`peerlink: signal from ${this.peer} not applied`, e);
     });

@@ -1,8 +1,9 @@
 // A large room (the server lists a sample of 3 and tells nobody of joins)
 // of six native peers on the overlay and three Chromium tabs on the
 // browser's overlay: broadcasts from native peers reach every tab, a tab's
-// broadcasts reach every native peer and the other tabs, and a message to
-// one tab arrives over a direct connection.
+// broadcasts reach every native peer and the other tabs, a message to one
+// tab arrives over a direct connection, and connections are signalled over
+// the overlay.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -90,6 +91,13 @@ test('three tabs and six native peers share a large room on the overlay', async 
       assert.equal(r.received, want, `native peer ${r.index}: ${JSON.stringify({ ...r, latencies: r.latencies.length })}`);
       assert.ok(r.connections <= 8);
     }
+    // Connections were signalled over the overlay, between tabs and native
+    // peers alike: relayed signals reached the tabs, and native peers sent some.
+    const tabStats = [];
+    for (const t of tabs) tabStats.push(await t.evaluate(() => /** @type {any} */ (window).room.overlayStats()));
+    const received = tabStats.reduce((n, st) => n + st.relaysReceived, 0);
+    assert.ok(received > 0, JSON.stringify(tabStats));
+    assert.ok(reports.reduce((n, r) => n + r.signals_relayed, 0) > 0, 'native peers relayed signals');
     for (const t of tabs) await t.close();
   } finally {
     worker.kill();
