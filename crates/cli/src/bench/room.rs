@@ -479,7 +479,7 @@ pub fn overlay(sizes: &[usize]) {
         "overlay simulation: 20-80 ms one-way latency, 1 % loss, joins in bursts of 50/s, 2 broadcasts/s for 120 s"
     );
     println!(
-        "{:>6} {:>6} {:>10} {:>11} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
+        "{:>6} {:>6} {:>10} {:>11} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "peers",
         "churn",
         "loss",
@@ -493,6 +493,7 @@ pub fn overlay(sizes: &[usize]) {
         "copies",
         "sig ovl",
         "arrived",
+        "back",
         "wall"
     );
     for &n in sizes {
@@ -501,7 +502,7 @@ pub fn overlay(sizes: &[usize]) {
                 let t = Instant::now();
                 let r = run(SimConfig::scenario(n, churn, mode, 1));
                 println!(
-                    "{:>6} {:>5.0}% {:>10} {:>10.3}% {:>6.2} {:>6} {:>9.1} {:>7.0}ms {:>10} {:>10.2} {:>8.2} {:>7.1}% {:>7.1}% {:>7.1}s",
+                    "{:>6} {:>5.0}% {:>10} {:>10.3}% {:>6.2} {:>6} {:>9.1} {:>7.0}ms {:>10} {:>10.2} {:>8.2} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}s",
                     n,
                     churn * 100.0,
                     if mode == LossMode::Retransmit { "retransmit" } else { "drop" },
@@ -515,6 +516,7 @@ pub fn overlay(sizes: &[usize]) {
                     r.payload_copies_per_broadcast / (n as f64 - 1.0),
                     100.0 * r.offers_relayed as f64 / r.connections_opened.max(1) as f64,
                     100.0 * r.offers_delivered as f64 / r.offers_relayed.max(1) as f64,
+                    100.0 * r.offers_bounced as f64 / r.offers_relayed.max(1) as f64,
                     t.elapsed().as_secs_f64(),
                 );
             }
@@ -524,6 +526,6 @@ pub fn overlay(sizes: &[usize]) {
         "copies: broadcast payloads sent per broadcast, per receiving peer (a full mesh sends 1.00 from the origin alone)"
     );
     println!(
-        "sig ovl: connections whose offer went over the overlay instead of the server; arrived: of those, reached the peer (the rest came back and went through the server)"
+        "sig ovl: connections whose offer went over the overlay instead of the server; arrived: of those, reached the peer; back: came back to be sent through the server (the rest was lost with a link that closed)"
     );
 }
