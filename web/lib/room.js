@@ -22,6 +22,8 @@ export const BUSY_KEY = 'peerlink_overlay';
 export const VIA_SERVER = 'via_server';
 /** How long a peer that refused a relayed offer is signalled through the server (ms), and at most how many. */
 const SERVER_ONLY_MS = 60_000;
+/** How long an offer relayed over the overlay waits for its answer before the connection starts over through the server (ms). */
+const RELAYED_ANSWER_MS = 3_000;
 const MAX_SERVER_ONLY = 1024;
 
 /** @typedef {import('./channel.js').ChannelSpec} ChannelSpec */
@@ -275,7 +277,7 @@ export class Room extends Emitter {
             if (signal.kind === 'offer') this.sendViaServer(out.from, { [BUSY_KEY]: VIA_SERVER });
             break;
           }
-          this._signalFrom(out.from, signal);
+          this._signalFrom(out.from, signal, true);
           break;
         }
         case 'relay_failed': {
@@ -423,11 +425,49 @@ export class Room extends Emitter {
   }
 
   /**
-   * A signal from `from`, through the server or relayed over the overlay.
+   * An offer relayed over the overlay RELAYED_ANSWER_MS ago: unanswered (it
+   * may have been lost with a link on the way), the connection starts over
+   * through the server.
+   * @param {string} peer
+   * @param {Conn} conn
+   */
+  _relayedOfferDue(peer, conn) {
+    conn.relayTimer = null;
+    if (this.conns.get(peer) === conn && conn.state === 'connecting' && !conn.pc.remoteDescription) this._startOver(peer);
+  }
+
+  /**
+   * Starts the connection to `peer` over, signalling it through the server
+   * for a while: its relayed offer was refused or went unanswered.
+   * @param {string} peer
+   */
+  _startOver(peer) {
+    const now = Date.now();
+    if (this.serverOnly.size >= MAX_SERVER_ONLY) {
+      for (const [p, until] of this.serverOnly) if (until <= now) this.serverOnly.delete(p);
+    }
+    if (this.serverOnly.size < MAX_SERVER_ONLY) this.serverOnly.set(peer, now + SERVER_ONLY_MS);
+    const conn = this.conns.get(peer);
+    this.conns.delete(peer);
+    conn?.close();
+    this._createConn(peer, [{ label: CHANNEL_LABEL, reliability: 'reliable' }], null);
+  }
+
+  /**
+   * A signal from `from`, through the server or relayed over the overlay;
+   * through the server, our signals for that connection go that way too.
    * @param {string} from
    * @param {Signal} signal
+   * @param {boolean} [relayed]
    */
-  _signalFrom(from, signal) {
+  _signalFrom(from, signal, relayed = false) {
+    this._takeSignal(from, signal);
+    const conn = this.conns.get(from);
+    if (!relayed && conn) conn.serverSignalled = true;
+  }
+
+  /** @param {string} from @param {Signal} signal */
+  _takeSignal(from, signal) {
     const old = this.conns.get(from);
     if (old && signal.kind === 'offer' && old.isNewSession(signal.sdp)) {
       // The remote closed our connection and opened another before we
@@ -499,19 +539,8 @@ export class Room extends Emitter {
           break;
         }
         if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === VIA_SERVER) {
-          // Our relayed offer was refused: signal this peer through the
-          // server for a while, starting over with this connection.
-          const now = Date.now();
-          if (this.serverOnly.size >= MAX_SERVER_ONLY) {
-            for (const [p, until] of this.serverOnly) if (until <= now) this.serverOnly.delete(p);
-          }
-          if (this.serverOnly.size < MAX_SERVER_ONLY) this.serverOnly.set(msg.from, now + SERVER_ONLY_MS);
-          const conn = this.conns.get(msg.from);
-          if (conn?.state === 'connecting') {
-            this.conns.delete(msg.from);
-            conn.close();
-            this._createConn(msg.from, [{ label: CHANNEL_LABEL, reliability: 'reliable' }], null);
-          }
+          // Our relayed offer was refused.
+          if (this.conns.get(msg.from)?.state === 'connecting') this._startOver(msg.from);
           break;
         }
         this.emit('server_message', { from: msg.from, data: msg.data });
@@ -578,7 +607,11 @@ export class Room extends Emitter {
     const ov = this.overlay;
     if (ov) {
       const serverOnly = (this.serverOnly.get(peer) ?? 0) > Date.now();
-      if (!serverOnly && this.conns.get(peer)?.state === 'connecting' && ov.relay(peer, utf8.encode(JSON.stringify(signal)), Date.now())) {
+      const conn = this.conns.get(peer);
+      if (!serverOnly && conn?.state === 'connecting' && !conn.serverSignalled && ov.relay(peer, utf8.encode(JSON.stringify(signal)), Date.now())) {
+        if (signal.kind === 'offer' && !conn.relayTimer) {
+          conn.relayTimer = setTimeout(() => this._relayedOfferDue(peer, conn), RELAYED_ANSWER_MS);
+        }
         this._overlayRun();
         return;
       }
@@ -664,6 +697,10 @@ class Conn {
     this.early = [];
     /** @type {string | null} the session id of the remote's SDP: another is another peer connection */
     this.remoteSession = null;
+    /** @type {ReturnType<typeof setTimeout> | null} waits for the answer to an offer relayed over the overlay */
+    this.relayTimer = null;
+    /** a signal for it came through the server: ours go that way too */
+    this.serverSignalled = false;
     /** @type {Promise<void>} */
     this.chain = Promise.resolve();
     /** @type {number | null} */
@@ -890,6 +927,7 @@ class Conn {
 
   _shutdown() {
     clearTimeout(this.connectTimer);
+    if (this.relayTimer) clearTimeout(this.relayTimer);
     if (this.restartTimer) clearTimeout(this.restartTimer);
     try { this.pc.close(); } catch { /* already closed */ }
     // pc.close() fires no close event on its channels: close them here, so

@@ -603,6 +603,12 @@ impl<P: Id> Overlay<P> {
         true
     }
 
+    /// The neighbour a signal relayed to `to` now would be passed to
+    /// (`to` itself when connected), if a way is known.
+    pub fn relay_hop(&self, to: &P, now: Instant) -> Option<P> {
+        self.next_hop(to, None, now)
+    }
+
     /// Whether the connection to `peer` is up.
     fn is_up(&self, peer: &P) -> bool {
         self.conns.get(peer).is_some_and(|c| c.up)

@@ -866,6 +866,11 @@ impl PeerConn {
         self.set_state(ConnState::Closed);
     }
 
+    /// Whether the remote's offer or answer has been applied.
+    pub fn has_remote_description(&self) -> bool {
+        self.have_remote_description
+    }
+
     /// The latest time seen.
     pub fn last_now(&self) -> Instant {
         self.last_now

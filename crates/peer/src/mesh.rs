@@ -93,7 +93,18 @@ struct PeerState {
     next_timeout: Instant,
     /// Has input or commands since its outputs were last polled.
     dirty: bool,
+    /// When its offer went over the overlay (overlay rooms): unanswered
+    /// for [`RELAYED_ANSWER_TIMEOUT`], the connection starts over through
+    /// the server.
+    relayed_offer_at: Option<Instant>,
+    /// A signal for it came through the server: ours go that way too.
+    server_signalled: bool,
 }
+
+/// How long an offer relayed over the overlay waits for its answer before
+/// the connection starts over with signals through the server (a link on
+/// the way may have closed with it).
+const RELAYED_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One joined room's state.
 pub(crate) struct Mesh {
@@ -324,6 +335,8 @@ impl Mesh {
                 stats: PeerStats { state: Some(ConnState::Connecting), ..Default::default() },
                 next_timeout: now,
                 dirty: true,
+                relayed_offer_at: None,
+                server_signalled: false,
             },
         );
         for signal in self.held.remove(&peer).unwrap_or_default() {
@@ -410,7 +423,7 @@ impl Mesh {
                 }
             }
             ServerMsg::Signal { from, signal, .. } => {
-                self.signal_from(from, signal, now);
+                self.signal_from(from, signal, false, now);
                 if self.overlay.is_some() {
                     self.overlay_step(now);
                 }
@@ -439,7 +452,16 @@ impl Mesh {
     }
 
     /// A signal from `from`, through the server or relayed over the overlay.
-    fn signal_from(&mut self, from: PeerId, signal: Signal, now: Instant) {
+    /// `relayed`: over the overlay; else through the server, and our
+    /// signals for that connection go through the server too.
+    fn signal_from(&mut self, from: PeerId, signal: Signal, relayed: bool, now: Instant) {
+        self.take_signal(from.clone(), signal, now);
+        if !relayed && let Some(st) = self.peers.get_mut(&from) {
+            st.server_signalled = true;
+        }
+    }
+
+    fn take_signal(&mut self, from: PeerId, signal: Signal, now: Instant) {
         if let Signal::Offer { sdp, .. } = &signal
             && self.peers.get(&from).is_some_and(|st| st.conn.is_new_session(sdp))
         {
@@ -773,11 +795,22 @@ impl Mesh {
         let mut events = Vec::new();
         let mut signals = Vec::new();
         let mut dead = false;
+        if self.peers.get(peer).is_some_and(|st| {
+            st.relayed_offer_at.is_some_and(|at| now >= at + RELAYED_ANSWER_TIMEOUT)
+                && st.conn.state() == ConnState::Connecting
+                && !st.conn.has_remote_description()
+        }) {
+            self.overlay_start_over(peer, now);
+            return;
+        }
         let fresh;
         {
             let Some(st) = self.peers.get_mut(peer) else { return };
             // Never connected yet: its signals may be relayed.
-            fresh = st.conn.state() == ConnState::Connecting;
+            fresh = st.conn.state() == ConnState::Connecting && !st.server_signalled;
+            if !fresh || st.conn.has_remote_description() {
+                st.relayed_offer_at = None;
+            }
             st.dirty = false;
             st.stats.ice_restarts = st.conn.restarts();
             if st.next_timeout <= now
@@ -799,7 +832,10 @@ impl Mesh {
                     ),
                     ConnOutput::Signal(s) => signals.push(s),
                     ConnOutput::Timeout(t) => {
-                        st.next_timeout = t;
+                        st.next_timeout = match st.relayed_offer_at {
+                            Some(at) => t.min(at + RELAYED_ANSWER_TIMEOUT),
+                            None => t,
+                        };
                         break;
                     }
                     ConnOutput::Event(ev) => match ev {
@@ -888,7 +924,12 @@ impl Mesh {
         }
         self.flush_gatherer(now);
         for signal in signals {
+            let offer = matches!(signal, Signal::Offer { .. });
             if self.overlay_relay(peer, &signal, fresh, now) {
+                if offer && let Some(st) = self.peers.get_mut(peer) {
+                    st.relayed_offer_at.get_or_insert(now);
+                    st.next_timeout = st.next_timeout.min(now + RELAYED_ANSWER_TIMEOUT);
+                }
                 continue;
             }
             let room = self.room.clone();

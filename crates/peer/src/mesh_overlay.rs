@@ -109,6 +109,22 @@ impl Mesh {
         os.pending.retain(|(p, _)| p != peer);
     }
 
+    /// Starts the connection to `peer` over, signalling it through the
+    /// server for a while: its relayed offer was refused, or went
+    /// unanswered (lost with a link on the way).
+    pub(super) fn overlay_start_over(&mut self, peer: &PeerId, now: Instant) {
+        let Some(os) = &mut self.overlay else { return };
+        tracing::debug!(%peer, "overlay: signalling through the server");
+        if os.server_only.len() >= MAX_SERVER_ONLY {
+            os.server_only.retain(|_, until| *until > now);
+        }
+        if os.server_only.len() < MAX_SERVER_ONLY {
+            os.server_only.insert(peer.clone(), now + SERVER_ONLY_FOR);
+        }
+        self.drop_conn(peer);
+        self.create_conn(peer.clone(), vec![ChannelSpec::reliable(CHANNEL_LABEL)], None, now);
+    }
+
     /// Whether to answer an offer from `from`, a peer we hold no connection
     /// to: the overlay keeps connections within its limit.
     pub(super) fn overlay_accepts(&mut self, from: &PeerId, signal: &Signal, now: Instant) -> bool {
@@ -141,15 +157,8 @@ impl Mesh {
         if said == Some(VIA_SERVER) {
             // Our relayed offer was refused: signal this peer through the
             // server for a while, starting over with this connection.
-            if os.server_only.len() >= MAX_SERVER_ONLY {
-                os.server_only.retain(|_, until| *until > now);
-            }
-            if os.server_only.len() < MAX_SERVER_ONLY {
-                os.server_only.insert(from.clone(), now + SERVER_ONLY_FOR);
-            }
             if self.peers.get(from).is_some_and(|st| st.conn.state() == ConnState::Connecting) {
-                self.drop_conn(from);
-                self.create_conn(from.clone(), vec![ChannelSpec::reliable(CHANNEL_LABEL)], None, now);
+                self.overlay_start_over(from, now);
             }
             return true;
         }
@@ -308,7 +317,7 @@ impl Mesh {
                             self.send_via_server(Some(from), serde_json::json!({ BUSY_KEY: VIA_SERVER }));
                         }
                     }
-                    Ok(signal) => self.signal_from(from, signal, now),
+                    Ok(signal) => self.signal_from(from, signal, true, now),
                     Err(e) => tracing::debug!(%from, "overlay: relayed signal: {e}"),
                 },
                 Output::RelayFailed { to, payload } => {
@@ -364,6 +373,16 @@ impl Mesh {
             relays_forwarded: s.relays_forwarded,
             relays_failed: s.relays_failed,
         })
+    }
+
+    /// The neighbour a signal for `to` would be relayed through, when we
+    /// hold no connection to `to`.
+    #[cfg(test)]
+    pub fn overlay_relay_hop(&self, to: &PeerId, now: Instant) -> Option<PeerId> {
+        if self.peers.contains_key(to) {
+            return None;
+        }
+        self.overlay.as_ref()?.ov.relay_hop(to, now).filter(|h| h != to)
     }
 
     /// Hops the last broadcast from `peer` crossed to reach us.

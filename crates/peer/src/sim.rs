@@ -1013,5 +1013,41 @@ mod rooms {
                 matches!(e, Event::Message { from: f, data, kind: MessageKind::Direct } if *f == from && data == b"just you")
             })
         });
+
+        // To a peer reached through a relay hop whose network goes down
+        // as the offer leaves: the offer is stuck with it, and after 3 s
+        // unanswered the connection starts over through the server.
+        let now = sim.instant();
+        let (a, b, hop) = all
+            .iter()
+            .flat_map(|&a| all.iter().map(move |&b| (a, b)))
+            .find_map(|(a, b)| {
+                let hop = sim.peers[a].mesh.as_ref()?.overlay_relay_hop(&sim.id(b), now)?;
+                let h: usize = hop.as_str()[2..].parse().expect("sim id");
+                // Not one at its connection limit (it would turn us down).
+                let room = sim.peers[b].mesh.as_ref()?.connection_count() < 7;
+                (a != b && h != a && h != b && room).then_some((a, b, h))
+            })
+            .expect("some member reaches another through a hop");
+        let stats =
+            |s: &Sim, i: usize| s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).expect("overlay");
+        let before = stats(&sim, a);
+        let cut = sim.now + Duration::from_millis(1);
+        sim.cut.insert(hop, (cut, cut + Duration::from_secs(30)));
+        let (to, from) = (sim.id(b), sim.id(a));
+        sim.peers[a]
+            .mesh
+            .as_mut()
+            .expect("present")
+            .send_to(to, b"around the hop".to_vec(), now)
+            .expect("send");
+        sim.run_until(sim.now + Duration::from_secs(25), "past a lost relay", |s| {
+            s.peers[b].events.iter().any(|e| {
+                matches!(e, Event::Message { from: f, data, .. } if *f == from && data == b"around the hop")
+            })
+        });
+        let after = stats(&sim, a);
+        assert!(after.signals_relayed > before.signals_relayed, "{before:?} {after:?}");
+        assert!(after.signals_via_server > before.signals_via_server, "{before:?} {after:?}");
     }
 }

@@ -477,3 +477,47 @@ test('server-routed overlay messages match the fixture', () => {
   assert.deepEqual({ [BUSY_KEY]: 'busy' }, f.busy);
   assert.deepEqual({ [BUSY_KEY]: VIA_SERVER }, f.via_server);
 });
+
+test('room: an offer relayed over the overlay and not answered in time starts over through the server', async () => {
+  const { room, server, wire, link } = overlayRoom('me');
+  try {
+    link('2');
+    room.overlay.handleMessage('2', { type: 'forward_join', peer: 'p', ttl: 0 }, Date.now());
+    room._overlayRun();
+    const first = room.conns.get('p');
+    await first.chain;
+    await new Promise((r) => setTimeout(r, 10));
+    room._signal('p', { kind: 'offer', sdp: 'v=0 offer' });
+    assert.ok(first.relayTimer, 'waiting for the answer');
+    assert.equal(wire.filter(([, m]) => m.type === 'relay').length, 1);
+    // Answered: nothing happens when the wait is over.
+    first.pc.remoteDescription = { type: 'answer', sdp: 'v=0 answer' };
+    room._relayedOfferDue('p', first);
+    assert.equal(room.conns.get('p'), first);
+    // Not answered: a new connection, signalled through the server.
+    first.pc.remoteDescription = null;
+    room._relayedOfferDue('p', first);
+    const again = room.conns.get('p');
+    assert.ok(again && again !== first && first.state === 'closed');
+    server.length = 0;
+    room._signal('p', candidate);
+    assert.deepEqual(server, [{ type: 'signal', room: 'big', to: 'p', signal: candidate }]);
+  } finally { room._close('test'); }
+});
+
+test('room: an offer that came through the server is answered through the server', async () => {
+  const { room, server, wire, link } = overlayRoom('me');
+  try {
+    link('2');
+    // A way to x is known (x's join walk came through 2)...
+    room.overlay.handleMessage('2', { type: 'forward_join', peer: 'x', ttl: 3 }, Date.now());
+    room._overlayRun();
+    wire.length = 0;
+    // ...but x's offer came through the server: so does our answer.
+    room._onServer({ type: 'signal', room: 'big', from: 'x', signal: { kind: 'offer', sdp: 'v=0 remote' } });
+    const conn = room.conns.get('x');
+    await conn.chain;
+    assert.deepEqual(wire.filter(([, m]) => m.type === 'relay'), []);
+    assert.deepEqual(server.filter((m) => m.type === 'signal').map((m) => [m.to, m.signal.kind]), [['x', 'answer']]);
+  } finally { room._close('test'); }
+});
