@@ -39,6 +39,17 @@ pub fn signaling(data: &[u8]) {
         let (back, _) = peerlink_signal::parse_client_frame(&again).expect("what we wrote parses");
         assert_eq!(back, msg, "client message round trip");
     }
+    if let Some(r) = peerlink_signal::relay_frame(text, "p-fuzz") {
+        // The fast path delivers what the full path would.
+        let from = peerlink_proto::PeerId::from_server("p-fuzz");
+        let want = match peerlink_signal::parse_client_frame(text).expect("the fast path took it: valid").0 {
+            ClientMsg::Signal { room, signal, .. } => ServerMsg::Signal { room, from, signal },
+            ClientMsg::Send { room, data, .. } => ServerMsg::Message { room, from, data },
+            other => panic!("the fast path took a {other:?}"),
+        };
+        let got: ServerMsg = serde_json::from_str(&r.frame).expect("the fast path writes a server message");
+        assert_eq!(got, want, "fast and full paths");
+    }
     if let Ok(msg) = serde_json::from_str::<ServerMsg>(text)
         && !matches!(msg, ServerMsg::Unknown)
         && !matches!(msg, ServerMsg::Signal { signal: Signal::Unknown, .. })

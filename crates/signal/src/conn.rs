@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures_util::SinkExt;
 use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerId, ServerMsg, valid_room};
 use tokio::sync::mpsc;
@@ -354,12 +354,33 @@ impl Conn {
                 format!("message of {} bytes exceeds the limit of {}", text.len(), limits.max_message_bytes),
             ));
         }
+        if self.greeted
+            && let Some(r) = crate::frame::relay_frame(text, self.id.as_str())
+        {
+            return self.relay(r);
+        }
         let (msg, ty) =
             crate::frame::parse_client_frame(text).map_err(|(code, message)| Failure::new(code, message))?;
         if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
             return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
         }
         self.dispatch(msg, ty).await
+    }
+
+    /// A `signal` or `send`, read on the fast path: delivered as the
+    /// client wrote its payload, with `from` stamped.
+    fn relay(&self, r: crate::frame::Relay<'_>) -> Result<(), Failure> {
+        let hub = &self.server.inner.hub;
+        let frame = Utf8Bytes::from(r.frame);
+        match r.to {
+            Some(to) => {
+                hub.send_to(&r.room, &self.id, &PeerId::from_server(to.into_owned()), frame)?;
+                let counter = if r.signal { &hub.signals_relayed } else { &hub.messages_relayed };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => hub.broadcast(&r.room, &self.id, frame)?,
+        }
+        Ok(())
     }
 
     async fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {

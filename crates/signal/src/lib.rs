@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 pub use backplane::BackplaneConfig;
-pub use frame::parse_client_frame;
+pub use frame::{Relay, parse_client_frame, relay_frame};
 pub use hub::HubStats;
 pub use listen::AdmissionStats;
 pub use metrics::{Metrics, MoreMetrics};
