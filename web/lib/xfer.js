@@ -28,6 +28,33 @@ import { equalBytes } from './bytes.js';
 export const PAIRING_TIMEOUT_MS = 60_000;
 /** Largest data frame sent (header included); the CLI sends the same. */
 const FRAME_MAX = 64 * 1024;
+/** Chunks a sender reads and checks ahead of its channel (memory: this many chunks). */
+const READ_AHEAD = 4;
+
+/** A first-come, first-served counting semaphore. */
+class Slots {
+  /** @param {number} n */
+  constructor(n) {
+    this.free = n;
+    /** @type {(() => void)[]} */
+    this.waiting = [];
+  }
+
+  /** @returns {Promise<void>} */
+  take() {
+    if (this.free > 0) {
+      this.free--;
+      return Promise.resolve();
+    }
+    return new Promise((r) => this.waiting.push(r));
+  }
+
+  give() {
+    const next = this.waiting.shift();
+    if (next) next();
+    else this.free++;
+  }
+}
 
 /** @typedef {import('./pair/session.js').Abort} Abort */
 /** @typedef {import('./channel.js').Channel} Channel */
@@ -363,8 +390,12 @@ export class SendTransfer extends Emitter {
       let ctl = null;
       /** @type {Channel | null} */
       let data = null;
-      /** Work (hashing, reading, sending) in order, one job at a time. */
-      let work = Promise.resolve();
+      // Two lines of work: hashing what the receiver asks about, and
+      // sending. Chunks to send are read and checked up to READ_AHEAD ahead
+      // of the channel (so it never waits on the disk), and sent in order.
+      let hashing = Promise.resolve();
+      let sending = Promise.resolve();
+      const slots = new Slots(READ_AHEAD);
       let session = 0;
       let ended = false;
       const finish = (/** @type {Error | null} */ err) => {
@@ -383,7 +414,7 @@ export class SendTransfer extends Emitter {
               ctl?.send(ctlJson(out.msg)).catch(() => {});
               break;
             case 'hash':
-              work = work.then(async () => {
+              hashing = hashing.then(async () => {
                 if (mine !== session) return;
                 const hashes = [];
                 for (let c = out.from; c < out.from + out.count; c++) hashes.push(await chunkHashAsync(await this._read(out.file, c)));
@@ -391,27 +422,46 @@ export class SendTransfer extends Emitter {
                 pump();
               }).catch((e) => { this.sender.readFailed(out.file, String(e)); pump(); });
               break;
-            case 'send':
-              work = work.then(async () => {
-                if (mine !== session || !data) return;
-                this.current = this.manifest.file(out.file)?.path ?? '';
-                this.currentIndex = out.file;
+            case 'send': {
+              // Read and check now (within the read-ahead), send in turn.
+              const prepared = slots.take().then(async () => {
+                if (mine !== session) return null;
                 const bytes = await this._read(out.file, out.chunk);
-                if (!equalBytes(await chunkHashAsync(bytes), out.expected)) {
-                  this.sender.cancel('changed', `${this.manifest.file(out.file)?.path} changed while it was being sent`);
+                return equalBytes(await chunkHashAsync(bytes), out.expected) ? bytes : 'changed';
+              });
+              prepared.catch(() => {}); // handled in turn, below
+              sending = sending.then(async () => {
+                try {
+                  const bytes = await prepared;
+                  if (mine !== session || !data || bytes === null) return;
+                  if (bytes === 'changed') {
+                    this.sender.cancel('changed', `${this.manifest.file(out.file)?.path} changed while it was being sent`);
+                    pump();
+                    return;
+                  }
+                  this.current = this.manifest.file(out.file)?.path ?? '';
+                  this.currentIndex = out.file;
+                  const max = Math.min(FRAME_MAX, data.maxMessageSize);
+                  for (const frame of frames(out.file, out.offset, bytes, max)) {
+                    if (mine !== session || !data) return;
+                    await data.ready(frame.byteLength);
+                    await data.send(frame);
+                  }
+                  this.fileSent.set(out.file, (this.fileSent.get(out.file) ?? 0) + out.len);
+                  this._progress();
+                } finally {
+                  slots.give();
+                }
+              }).catch((e) => {
+                // A closed channel is reported by the link; a file that
+                // cannot be read ends the transfer.
+                if (mine === session && e instanceof DOMException) {
+                  this.sender.readFailed(out.file, String(e));
                   pump();
-                  return;
                 }
-                const max = Math.min(FRAME_MAX, data.maxMessageSize);
-                for (const frame of frames(out.file, out.offset, bytes, max)) {
-                  if (mine !== session || !data) return;
-                  await data.ready(frame.byteLength);
-                  await data.send(frame);
-                }
-                this.fileSent.set(out.file, (this.fileSent.get(out.file) ?? 0) + out.len);
-                this._progress();
-              }).catch(() => { /* the channel closed: the link reports it */ });
+              });
               break;
+            }
             case 'accepted':
               this.startedAt = performance.now();
               break;
