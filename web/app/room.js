@@ -1,7 +1,8 @@
 // The room page (`/room/NAME`): who is here and how each connection runs,
-// chat over the `chat` channel (the same as `peerlink chat`), and files
-// dropped to one peer or everyone (the transfer protocol on a pair of
-// channels per transfer, docs/PROTOCOL.md "Peers").
+// chat over the `chat` channel (the same as `peerlink chat`), a call
+// (camera, microphone, screen: a tile per stream with its connection's
+// path), and files dropped to one peer or everyone (the transfer protocol
+// on a pair of channels per transfer, docs/PROTOCOL.md "Peers").
 
 import { Room } from '../lib/room.js';
 import { reliable } from '../lib/channel.js';
@@ -20,6 +21,8 @@ localStorage.setItem('peerlink-name', myName);
 // A server run with --join-secret needs a token: the link carries it (`?token=`).
 const token = new URLSearchParams(location.search).get('token') ?? undefined;
 const room = new Room({ server: location.origin, room: roomName, name: myName, token, channels: [reliable('chat')] });
+// For the browser console (and the tests): the room this page runs.
+Object.assign(globalThis, { peerlinkRoom: room });
 /** @type {Map<string, Channel>} */
 const chats = new Map();
 /** @type {Map<string, { li: HTMLElement, state: string, path: string }>} */
@@ -63,6 +66,7 @@ function renderPeers() {
     p.li.dataset.state = p.state;
     select.append(h('option', { value: peer }, [nameOf(peer)]));
   }
+  for (const t of tiles.values()) if (t.peer) caption(t);
   select.value = peers.has(chosen) ? chosen : '';
   $('peers').dataset.count = String(peers.size);
 }
@@ -75,6 +79,7 @@ room.on('peer_joined', ({ peer }) => {
   log('·', `${nameOf(peer)} joined`, 'notice');
 });
 room.on('peer_left', ({ peer }) => {
+  for (const [key, t] of tiles) if (t.peer === peer) dropTile(key);
   peers.get(peer)?.li.remove();
   peers.delete(peer);
   chats.delete(peer);
@@ -135,6 +140,123 @@ $('chat-form').addEventListener('submit', (ev) => {
   for (const ch of chats.values()) ch.send(text).catch((e) => log('·', `not delivered to ${nameOf(ch.peer)}: ${e.message}`, 'notice'));
   if (chats.size === 0) log('·', 'nobody is connected yet', 'notice');
 });
+
+// ---- call ----
+
+/** Our camera and microphone go in one stream (they play together), the screen in another. */
+const mine = { av: new MediaStream(), screen: new MediaStream() };
+/** @type {Map<'camera' | 'microphone' | 'screen', MediaStreamTrack>} */
+const local = new Map();
+/**
+ * A tile per stream: ours (`me|av`, `me|screen`) and each peer's (`PEER|STREAM`).
+ * @typedef {{ fig: HTMLElement, video: HTMLVideoElement, label: HTMLElement, stream: MediaStream, peer: string | null, tracks: Set<MediaStreamTrack> }} Tile
+ * @type {Map<string, Tile>}
+ */
+const tiles = new Map();
+
+/** @param {string} key @param {MediaStream} stream @param {string | null} peer */
+function tileFor(key, stream, peer) {
+  let t = tiles.get(key);
+  if (!t) {
+    const video = /** @type {HTMLVideoElement} */ (h('video', { autoplay: '', playsinline: '' }));
+    video.srcObject = stream;
+    video.muted = peer === null; // no echo of our own microphone
+    const label = h('figcaption');
+    const fig = h('figure', { class: 'tile', 'data-peer': peer ?? 'me', 'data-key': key }, [video, label]);
+    $('tiles').append(fig);
+    t = { fig, video, label, stream, peer, tracks: new Set() };
+    tiles.set(key, t);
+  }
+  return t;
+}
+
+/** @param {string} key */
+function dropTile(key) {
+  tiles.get(key)?.fig.remove();
+  tiles.delete(key);
+}
+
+/** @param {Tile} t */
+function caption(t) {
+  const audioOnly = t.stream.getVideoTracks().length === 0 ? ' (audio only)' : '';
+  if (!t.peer) {
+    t.label.textContent = `${t.stream === mine.screen ? 'Your screen' : 'You'}${audioOnly}`;
+    return;
+  }
+  const path = peers.get(t.peer)?.path;
+  t.label.textContent = `${nameOf(t.peer)}${audioOnly}${path ? ` · ${path}` : ''}`;
+}
+
+room.on('track', ({ peer, track, stream }) => {
+  const t = tileFor(`${peer}|${stream.id}`, stream, peer);
+  t.tracks.add(track);
+  caption(t);
+});
+room.on('track_removed', ({ peer, track, stream }) => {
+  const key = `${peer}|${stream.id}`;
+  const t = tiles.get(key);
+  if (!t) return;
+  t.tracks.delete(track);
+  if (t.tracks.size === 0) dropTile(key);
+  else caption(t);
+});
+
+/** Our own tiles: a preview of what we send, when it has video. */
+function showMine() {
+  for (const [key, stream] of /** @type {const} */ ([['me|av', mine.av], ['me|screen', mine.screen]])) {
+    if (stream.getVideoTracks().length === 0) dropTile(key);
+    else caption(tileFor(key, stream, null));
+  }
+}
+
+const DEVICE = { camera: 'camera', microphone: 'microphone', screen: 'screen sharing' };
+
+/** Turns a camera, microphone or screen share on (sent to everyone, renegotiating) or off. @param {'camera' | 'microphone' | 'screen'} what */
+async function toggle(what) {
+  if (local.has(what)) {
+    stopLocal(what);
+    return;
+  }
+  const button = $(what);
+  button.setAttribute('disabled', '');
+  try {
+    const media = navigator.mediaDevices;
+    if (!media) throw new Error('this page is not a secure context (open it over https or on localhost)');
+    const got = what === 'screen' ? await media.getDisplayMedia({ video: true })
+      : await media.getUserMedia(what === 'camera' ? { video: true } : { audio: true });
+    const track = got.getTracks()[0];
+    const stream = what === 'screen' ? mine.screen : mine.av;
+    stream.addTrack(track);
+    local.set(what, track);
+    // Sharing stopped from the browser's own bar, or the device unplugged.
+    track.addEventListener('ended', () => stopLocal(what));
+    room.addTrack(track, stream);
+    button.setAttribute('aria-pressed', 'true');
+    error('');
+    showMine();
+  } catch (e) {
+    const why = /** @type {Error} */ (e);
+    error(`No ${DEVICE[what]}: ${why.name === 'NotAllowedError' ? 'permission was refused' : why.name === 'NotFoundError' ? 'none was found' : why.message}`);
+  } finally {
+    button.removeAttribute('disabled');
+  }
+}
+
+/** @param {'camera' | 'microphone' | 'screen'} what */
+function stopLocal(what) {
+  const track = local.get(what);
+  if (!track) return;
+  local.delete(what);
+  room.removeTrack(track);
+  track.stop();
+  (what === 'screen' ? mine.screen : mine.av).removeTrack(track);
+  $(what).setAttribute('aria-pressed', 'false');
+  showMine();
+}
+
+for (const what of /** @type {const} */ (['camera', 'microphone', 'screen'])) {
+  $(what).addEventListener('click', () => toggle(what));
+}
 
 // ---- files ----
 

@@ -49,6 +49,7 @@ const MAX_SERVER_ONLY = 1024;
  * @property {number} bytesReceived
  * @property {number} iceRestarts
  * @property {string | null} failure  why it failed, when it did
+ * @property {{ framesSent: number, framesDecoded: number, audioPacketsReceived: number }} media  video frames sent and decoded, audio packets received on this connection (a call)
  */
 
 /**
@@ -85,6 +86,8 @@ const MAX_SERVER_ONLY = 1024;
  * @property {{ id: string, resumed: boolean }} rejoined   after a reconnect: `resumed` when the server gave our id back (every connection kept), else with a new id (connections rebuilt)
  * @property {{ from: string, data: Uint8Array, kind: 'broadcast' | 'direct', hops?: number }} message  sent with broadcast() or sendTo() (overlay rooms)
  * @property {{ peer: string, messages: number }} send_failed  messages sent with sendTo() that could not be delivered (no connection in three attempts)
+ * @property {{ peer: string, track: MediaStreamTrack, stream: MediaStream }} track  a peer sends a camera, microphone or screen (again: the same track object may come back after `track_removed`)
+ * @property {{ peer: string, track: MediaStreamTrack, stream: MediaStream }} track_removed  that peer stopped sending it, or the connection ended
  * @property {{ reason: string }} closed
  */
 
@@ -144,6 +147,8 @@ export class Room extends Emitter {
     this.signalsViaServer = 0;
     /** @type {Map<string, number>} peers signalled through the server until (ms): they refused a relayed offer */
     this.serverOnly = new Map();
+    /** @type {Map<MediaStreamTrack, MediaStream>} tracks sent to every peer (a call) */
+    this.localTracks = new Map();
     if (options.overlay) this.options.autoConnect = false;
     this.signaling = new Signaling({
       server: options.server,
@@ -620,6 +625,27 @@ export class Room extends Emitter {
     this.signaling.send({ type: 'signal', room: this.options.room, to: peer, signal });
   }
 
+  /**
+   * Sends `track` (a camera, microphone or screen from getUserMedia or
+   * getDisplayMedia) to every peer connected now or later, as part of
+   * `stream` (tracks of one stream play together at the other end):
+   * each connection renegotiates (perfect negotiation, as for channels).
+   * Peers that decline media (native peers) keep their data channels.
+   * Full-mesh rooms only: an overlay room's neighbours are not its callers.
+   * @param {MediaStreamTrack} track @param {MediaStream} stream
+   */
+  addTrack(track, stream) {
+    if (this.overlay) throw new Error('calls need a full-mesh room: an overlay room has no connection to most members');
+    this.localTracks.set(track, stream);
+    for (const c of this.conns.values()) c.addTrack(track, stream);
+  }
+
+  /** Stops sending `track` to everyone (the others see `track_removed`); the track itself is the caller's to stop. @param {MediaStreamTrack} track */
+  removeTrack(track) {
+    if (!this.localTracks.delete(track)) return;
+    for (const c of this.conns.values()) c.removeTrack(track);
+  }
+
   /** @param {string} peer @returns {Promise<PeerStats | null>} */
   async stats(peer) {
     return (await this.conns.get(peer)?.stats()) ?? null;
@@ -722,6 +748,14 @@ class Conn {
       }
     };
     pc.ondatachannel = ({ channel }) => this._adopt(channel);
+    /** @type {Map<MediaStreamTrack, MediaStream>} tracks the peer sends us */
+    this.remoteTracks = new Map();
+    /** the peer rejected the media we offered (a native peer): no more offers of it */
+    this.declinesMedia = false;
+    /** @type {Set<RTCRtpTransceiver>} transceivers taken by addTrack whose replaceTrack has not finished */
+    this.reused = new Set();
+    pc.ontrack = ({ track, streams }) => this._remoteTrack(track, streams[0] ?? new MediaStream([track]));
+    for (const [track, stream] of room.localTracks) this.addTrack(track, stream);
     pc.onconnectionstatechange = () => this._onState();
     this.connectTimer = setTimeout(() => {
       if (!this.everConnected) this._fail(this.pc.remoteDescription ? 'connectivity checks timed out: no candidate pair answered' : 'no answer to the offer arrived (is the other side there?)');
@@ -731,6 +765,65 @@ class Conn {
   /** @param {ChannelSpec} spec */
   openChannel(spec) {
     this._adopt(this.pc.createDataChannel(spec.label, channelInit(spec)));
+  }
+
+  /**
+   * Sends `track`: on a transceiver of its kind that sends nothing (ours,
+   * after removeTrack, or one the peer opened to send us its own), else a
+   * new one, so turning a camera off and on does not add m-lines.
+   * @param {MediaStreamTrack} track @param {MediaStream} stream
+   */
+  addTrack(track, stream) {
+    if (this.declinesMedia || this.pc.signalingState === 'closed') return;
+    const free = this.pc.getTransceivers().find((t) => t.currentDirection !== 'stopped' && t.direction !== 'stopped' && t.mid !== null
+      && t.receiver.track.kind === track.kind && !t.sender.track && !this.reused.has(t));
+    if (!free) {
+      this.pc.addTrack(track, stream);
+      return;
+    }
+    this.reused.add(free);
+    free.direction = free.currentDirection === 'sendonly' || free.currentDirection === 'inactive' ? 'sendonly' : 'sendrecv';
+    free.sender.setStreams(stream);
+    free.sender.replaceTrack(track).catch((e) => console.warn(`peerlink: sending ${track.kind} to ${this.peer} failed`, e))
+      .finally(() => this.reused.delete(free));
+  }
+
+  /** @param {MediaStreamTrack} track */
+  removeTrack(track) {
+    for (const sender of this.pc.getSenders()) {
+      if (sender.track !== track) continue;
+      try {
+        this.pc.removeTrack(sender);
+      } catch {
+        // The transceiver was stopped (the peer declined it): nothing is sent.
+      }
+    }
+  }
+
+  /** @param {MediaStreamTrack} track @param {MediaStream} stream */
+  _remoteTrack(track, stream) {
+    if (this.remoteTracks.has(track)) return;
+    this.remoteTracks.set(track, stream);
+    const gone = (/** @type {MediaStreamTrackEvent} */ e) => {
+      if (e.track !== track || !this.remoteTracks.has(track)) return;
+      this.remoteTracks.delete(track);
+      stream.removeEventListener('removetrack', gone);
+      this.room.emit('track_removed', { peer: this.peer, track, stream });
+    };
+    stream.addEventListener('removetrack', gone);
+    this.room.emit('track', { peer: this.peer, track, stream });
+  }
+
+  /**
+   * After a description is applied: a peer that rejected the media m-lines
+   * we send on (port 0: the transceiver is stopped, and Chromium drops it)
+   * is offered none again.
+   * @param {RTCRtpTransceiver[]} sending transceivers that had a track before
+   */
+  _checkDeclined(sending) {
+    if (sending.length === 0) return;
+    const now = this.pc.getTransceivers();
+    if (sending.some((t) => t.currentDirection === 'stopped' || !now.includes(t))) this.declinesMedia = true;
   }
 
   /** @param {RTCDataChannel} raw */
@@ -821,8 +914,11 @@ class Conn {
       if (this.ignoreOffer) return;
       if (signal.kind === 'answer' && pc.signalingState !== 'have-local-offer') return;
       this.settingAnswer = signal.kind === 'answer';
+      // (Data-only implementations, e.g. in Node, may have no transceivers.)
+      const sending = pc.getTransceivers?.().filter((t) => t.sender.track) ?? [];
       await pc.setRemoteDescription({ type: signal.kind, sdp: signal.sdp });
       this.settingAnswer = false;
+      this._checkDeclined(sending);
       for (const c of this.early.splice(0)) await this._addCandidate(c);
       if (signal.kind === 'offer') {
         await pc.setLocalDescription();
@@ -933,12 +1029,17 @@ class Conn {
     // pc.close() fires no close event on its channels: close them here, so
     // every open channel reports `channel_close`.
     for (const ch of [...this.channels.values()]) ch._closed();
+    for (const [track, stream] of [...this.remoteTracks]) {
+      this.remoteTracks.delete(track);
+      this.room.emit('track_removed', { peer: this.peer, track, stream });
+    }
   }
 
   /** @returns {Promise<PeerStats>} */
   async stats() {
     /** @type {PeerStats} */
-    const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts, failure: this.failure };
+    const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts, failure: this.failure,
+      media: { framesSent: 0, framesDecoded: 0, audioPacketsReceived: 0 } };
     if (this.state === 'closed' || this.state === 'failed') return out;
     const report = await this.pc.getStats();
     /** @type {Map<string, any>} */
@@ -951,6 +1052,9 @@ class Conn {
         out.bytesSent += s.bytesSent ?? 0;
         out.bytesReceived += s.bytesReceived ?? 0;
       }
+      if (s.type === 'outbound-rtp' && s.kind === 'video') out.media.framesSent += s.framesSent ?? 0;
+      if (s.type === 'inbound-rtp' && s.kind === 'video') out.media.framesDecoded += s.framesDecoded ?? 0;
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') out.media.audioPacketsReceived += s.packetsReceived ?? 0;
     }
     if (!pair) {
       for (const s of byId.values()) if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;

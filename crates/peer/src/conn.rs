@@ -230,7 +230,11 @@ impl PeerConn {
         // A first check that a TURN server drops (its permission is still on
         // the way) is retried after 100 ms rather than 250.
         builder.set_initial_stun_rto(Duration::from_millis(100));
+        // No codecs: a browser that adds a camera or a microphone gets its
+        // audio and video m-lines rejected (port 0) and keeps its data
+        // channels with us; nothing is sent to a peer that cannot play it.
         let builder = builder
+            .clear_codecs()
             .set_sctp_max_buffered_amount(SCTP_SEND_BUFFER)
             .set_sctp_max_message_size(RECEIVE_WINDOW as u32);
         let mut rtc = builder.build(now);
@@ -936,6 +940,31 @@ mod tests {
         }
         let remote: Vec<String> = c.remote_candidates().iter().map(|e| e.to_string()).collect();
         assert_eq!(remote, ["host 192.0.2.7:54321", "host 192.0.2.8:54321"]);
+    }
+
+    #[test]
+    fn media_in_an_offer_is_declined_and_the_data_channels_kept() {
+        // What Chromium offers once a page adds a microphone and a camera.
+        let offer = include_str!("../../../fixtures/sdp/chromium-offer-audio-video-data.sdp");
+        let now = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[addr], &ConnConfig::default(), now);
+        c.handle_signal(Signal::Offer { sdp: offer.into(), auth: None }, now).unwrap();
+        let answer = loop {
+            match c.poll_output() {
+                ConnOutput::Signal(Signal::Answer { sdp, .. }) => break sdp,
+                ConnOutput::Timeout(_) => panic!("no answer"),
+                _ => {}
+            }
+        };
+        let m_lines: Vec<&str> = answer.lines().filter(|l| l.starts_with("m=")).collect();
+        assert_eq!(m_lines.len(), 3, "{answer}");
+        assert!(m_lines[0].starts_with("m=audio 0 "), "audio rejected: {answer}");
+        assert!(m_lines[1].starts_with("m=video 0 "), "video rejected: {answer}");
+        assert!(m_lines[2].starts_with("m=application 9 "), "data kept: {answer}");
+        assert!(answer.contains("a=group:BUNDLE 2\r\n"), "only the data m-line bundled: {answer}");
+        // The channels the offer asks for still open on this connection.
+        c.open_channel(ChannelSpec::reliable("x"));
     }
 
     #[test]

@@ -1,0 +1,179 @@
+// A call's wiring in the room (lib/room.js): local tracks go to every
+// connection, now and later; turning a camera off and on reuses its
+// m-line; a peer that rejects media (a native peer) is offered none again;
+// the peer's tracks come and go as events. Real Chromium runs the whole
+// call in test/e2e/call.test.js.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Room } from '../../lib/room.js';
+
+class FakeTransceiver {
+  /** @param {string} kind @param {string} mid */
+  constructor(kind, mid) {
+    this.mid = mid;
+    this.direction = 'sendrecv';
+    /** @type {string | null} */
+    this.currentDirection = null;
+    this.receiver = { track: { kind } };
+    this.sender = {
+      /** @type {any} */ track: null,
+      /** @type {any[]} */ streams: [],
+      setStreams(/** @type {any[]} */ ...s) { this.streams = s; },
+      async replaceTrack(/** @type {any} */ t) { this.track = t; },
+    };
+  }
+}
+
+class FakePC {
+  constructor() {
+    this.signalingState = 'stable';
+    this.remoteDescription = null;
+    this.localDescription = null;
+    this.connectionState = 'new';
+    this.sctp = null;
+    /** @type {FakeTransceiver[]} */
+    this.transceivers = [];
+    /** answers from this peer reject every media m-line (what str0m without codecs does) */
+    this.rejectsMedia = false;
+    /** @type {any} */
+    this.ontrack = null;
+  }
+  getTransceivers() { return [...this.transceivers]; }
+  getSenders() { return this.transceivers.map((t) => t.sender); }
+  addTrack(/** @type {any} */ track, /** @type {any} */ stream) {
+    const t = new FakeTransceiver(track.kind, String(this.transceivers.length));
+    t.sender.track = track;
+    t.sender.streams = [stream];
+    this.transceivers.push(t);
+    return t.sender;
+  }
+  removeTrack(/** @type {any} */ sender) {
+    const t = this.transceivers.find((x) => x.sender === sender);
+    if (!t) throw new Error('InvalidAccessError');
+    sender.track = null;
+    t.direction = 'recvonly';
+  }
+  createDataChannel(/** @type {string} */ label) {
+    const dc = new EventTarget();
+    return Object.assign(dc, { label, readyState: 'connecting', bufferedAmount: 0, maxRetransmits: null, maxPacketLifeTime: null, send() {}, close() {} });
+  }
+  async setRemoteDescription(/** @type {any} */ d) {
+    this.remoteDescription = d;
+    this.signalingState = d.type === 'offer' ? 'have-remote-offer' : 'stable';
+    if (d.type === 'answer' && this.rejectsMedia) {
+      // Rejected m-lines stop their transceivers, which Chromium then drops.
+      for (const t of this.transceivers) t.currentDirection = 'stopped';
+      this.transceivers = [];
+    }
+  }
+  async setLocalDescription() {
+    const type = this.signalingState === 'have-remote-offer' ? 'answer' : 'offer';
+    this.localDescription = { type, sdp: `v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n${type}` };
+    this.signalingState = type === 'answer' ? 'stable' : 'have-local-offer';
+  }
+  async addIceCandidate() {}
+  restartIce() {}
+  close() {}
+}
+
+const track = (/** @type {string} */ kind) => ({ kind, id: `${kind}-${Math.random()}` });
+
+/** A full-mesh room as `me` with fake connections; `join(peer)` brings a member. */
+function meshRoom(me = 'm') {
+  const room = new Room({ server: '127.0.0.1:9', room: 'call', RTCPeerConnection: /** @type {any} */ (FakePC) });
+  room.id = me;
+  room.signaling.send = () => true;
+  const join = (/** @type {string} */ peer) => {
+    room._memberJoined(peer, null, true);
+    return /** @type {FakePC} */ (/** @type {any} */ (room.conns.get(peer)).pc);
+  };
+  return { room, join };
+}
+
+test('call: tracks go to every connection, also ones made later; removeTrack stops them everywhere', () => {
+  const { room, join } = meshRoom();
+  const first = join('p1');
+  const cam = track('video');
+  const stream = /** @type {any} */ ({ id: 's' });
+  room.addTrack(/** @type {any} */ (cam), stream);
+  const later = join('p2');
+  for (const pc of [first, later]) {
+    assert.deepEqual(pc.getSenders().map((s) => s.track), [cam]);
+    assert.deepEqual(pc.getSenders()[0].streams, [stream]);
+  }
+  room.removeTrack(/** @type {any} */ (cam));
+  for (const pc of [first, later]) assert.deepEqual(pc.getSenders().map((s) => s.track), [null]);
+  // Gone from the room: a newcomer does not get it.
+  assert.equal(join('p3').getSenders().length, 0);
+});
+
+test('call: a camera turned off and on again, or sent back on the m-line the peer opened, adds no m-line', async () => {
+  const { room, join } = meshRoom();
+  const pc = join('p1');
+  const stream = /** @type {any} */ ({ id: 's' });
+  const cam = track('video');
+  room.addTrack(/** @type {any} */ (cam), stream);
+  room.removeTrack(/** @type {any} */ (cam));
+  const again = track('video');
+  room.addTrack(/** @type {any} */ (again), stream);
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(pc.transceivers.length, 1);
+  assert.equal(pc.transceivers[0].sender.track, again);
+  assert.equal(pc.transceivers[0].direction, 'sendrecv');
+  // The peer's own video m-line (we only receive on it) carries ours too;
+  // a microphone needs an audio one.
+  const fresh = meshRoom();
+  const other = fresh.join('p2');
+  const theirs = new FakeTransceiver('video', '0');
+  theirs.direction = 'recvonly';
+  theirs.currentDirection = 'recvonly';
+  other.transceivers.push(theirs);
+  const cam2 = track('video');
+  fresh.room.addTrack(/** @type {any} */ (cam2), stream);
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(theirs.sender.track, cam2);
+  assert.equal(theirs.direction, 'sendrecv');
+  fresh.room.addTrack(/** @type {any} */ (track('audio')), stream);
+  assert.deepEqual(other.transceivers.map((t) => t.receiver.track.kind), ['video', 'audio']);
+});
+
+test('call: a peer that rejects the media m-lines (a native peer) is offered no media again, and keeps its connection', async () => {
+  const { room, join } = meshRoom();
+  const pc = join('native');
+  pc.rejectsMedia = true;
+  const stream = /** @type {any} */ ({ id: 's' });
+  room.addTrack(/** @type {any} */ (track('video')), stream);
+  await pc.setLocalDescription();
+  const conn = /** @type {any} */ (room.conns.get('native'));
+  conn.onSignal({ kind: 'answer', sdp: 'v=0\r\no=- 9 2 IN IP4 127.0.0.1\r\nanswer' });
+  await conn.chain;
+  assert.equal(conn.declinesMedia, true);
+  assert.equal(pc.transceivers.length, 0);
+  room.addTrack(/** @type {any} */ (track('audio')), stream);
+  room.addTrack(/** @type {any} */ (track('video')), stream);
+  assert.equal(pc.transceivers.length, 0, 'nothing offered after the rejection');
+  assert.equal(conn.state, 'connecting', 'the connection itself is untouched');
+  // A browser peer in the same room still gets every track.
+  assert.equal(join('browser').transceivers.length, 3);
+});
+
+test('call: the peer\'s tracks arrive once as `track`, and leave as `track_removed` (removed by the peer, or the connection ended)', () => {
+  const { room, join } = meshRoom();
+  const pc = join('p1');
+  /** @type {string[]} */
+  const seen = [];
+  room.on('track', ({ peer, track: t }) => seen.push(`+${peer}/${/** @type {any} */ (t).id}`));
+  room.on('track_removed', ({ peer, track: t }) => seen.push(`-${peer}/${/** @type {any} */ (t).id}`));
+  const stream = Object.assign(new EventTarget(), { id: 'theirs' });
+  const video = { kind: 'video', id: 'v' };
+  const audio = { kind: 'audio', id: 'a' };
+  pc.ontrack({ track: video, streams: [stream] });
+  pc.ontrack({ track: video, streams: [stream] }); // renegotiated, still the same track
+  pc.ontrack({ track: audio, streams: [stream] });
+  stream.dispatchEvent(Object.assign(new Event('removetrack'), { track: video }));
+  pc.ontrack({ track: video, streams: [stream] }); // on again
+  assert.deepEqual(seen, ['+p1/v', '+p1/a', '-p1/v', '+p1/v']);
+  room.conns.get('p1')?.close();
+  assert.deepEqual(seen.slice(4).sort(), ['-p1/a', '-p1/v']);
+});
