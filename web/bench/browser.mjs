@@ -14,14 +14,20 @@
 
 import { chromium } from 'playwright-core';
 import { readFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
-import { assertIsolated, serve, run, scratch, writeRandom, sha256, REPO, CHROMIUM } from '../test/e2e/harness.js';
 
 const SIZE = Number(process.env.SIZE_MIB ?? 1024) * (1 << 20);
 const REF_SIZE = Number(process.env.REF_MIB ?? 256) * (1 << 20);
-// CASES=n2c,c2n,c2c,ref (all by default) picks the rows to measure.
+// CASES=n2c,c2n,c2c,c2n-bare,ref (all but c2n-bare by default) picks the rows to measure.
 const CASES = new Set((process.env.CASES ?? 'n2c,c2n,c2c,ref').split(','));
-process.env.PEERLINK_BIN ??= join(REPO, 'target/release/peerlink');
+// The release build, unless PEERLINK_BIN names another: set before the
+// harness is loaded, which reads it once (a static import would load it
+// first, and the bench would time the debug build).
+process.env.PEERLINK_BIN ??= fileURLToPath(new URL('../../target/release/peerlink', import.meta.url));
+const { assertIsolated, serve, run, scratch, writeRandom, sha256, REPO, CHROMIUM, BIN } = await import('../test/e2e/harness.js');
+if (BIN !== process.env.PEERLINK_BIN) throw new Error(`the harness runs ${BIN}, not ${process.env.PEERLINK_BIN}`);
 
 assertIsolated();
 const server = await serve();
@@ -94,6 +100,38 @@ async function receiveHere(page) {
   return { seconds, path, heap };
 }
 
+/** A bare data channel: the library's Room connects, then raw RTCDataChannel sends of 64 KiB
+ * (bufferedAmount <= 1 MiB, low threshold 256 KiB) or counts what arrives. */
+const bareChannel = async (/** @type {any} */ o) => {
+  const { Room } = await import('/lib/room.js');
+  const room = new Room({ server: o.server, room: o.room, channels: [{ label: 'bulk', reliability: 'reliable' }] });
+  /** @type {any} */
+  const ch = await new Promise((ok) => { room.on('channel_open', (c) => ok(c)); room.join(); });
+  const raw = ch.raw;
+  raw.binaryType = 'arraybuffer';
+  if (o.sender) {
+    const msg = new Uint8Array(65536);
+    raw.bufferedAmountLowThreshold = 262144;
+    let sent = 0;
+    while (sent < o.size) {
+      if (raw.bufferedAmount > 1048576) await new Promise((r) => raw.addEventListener('bufferedamountlow', r, { once: true }));
+      raw.send(msg);
+      sent += msg.length;
+    }
+    await new Promise((r) => setTimeout(r, 60_000));
+    return 0;
+  }
+  return new Promise((ok) => {
+    let got = 0;
+    let t0 = 0;
+    raw.addEventListener('message', (/** @type {MessageEvent} */ e) => {
+      if (!t0) t0 = performance.now();
+      got += e.data.byteLength;
+      if (got >= o.size) ok((performance.now() - t0) / 1000);
+    });
+  });
+};
+
 const rows = [];
 const mbps = (/** @type {number} */ bytes, /** @type {number} */ s) => bytes / s / 1e6;
 
@@ -143,42 +181,30 @@ if (CASES.has('c2c')) {
   await b.context.close();
 }
 
+// A bare channel from a tab to a native peer (crates/peer/examples/bulk_sink.rs,
+// built with `cargo build --release -p peerlink-peer --example bulk_sink`):
+// what the transfer rows run on.
+if (CASES.has('c2n-bare')) {
+  const sink = spawn(join(REPO, 'target/release/examples/bulk_sink'), [server.ws, 'bare-native', String(REF_SIZE)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  sink.stdout.on('data', (d) => { out += d; });
+  const done = new Promise((ok) => sink.on('exit', ok));
+  while (!out.includes('joined')) await new Promise((r) => setTimeout(r, 50));
+  const a = await newPage(`${server.url}/`);
+  void a.page.evaluate(bareChannel, { server: server.url, room: 'bare-native', size: REF_SIZE, sender: true }).catch(() => {});
+  await done;
+  const m = /([\d.]+) MB\/s/.exec(out);
+  rows.push({ what: `bare data channel, Chromium -> native (${REF_SIZE >> 20} MiB)`, mbps: m ? Number(m[1]) : NaN, heap: NaN, rss: NaN, ok: Boolean(m) });
+  await a.context.close();
+}
+
 // Reference: a bare data channel between two tabs (connected through the
 // library's Room, then raw RTCDataChannel sends).
 if (CASES.has('ref')) {
   const a = await newPage(`${server.url}/`);
   const b = await newPage(`${server.url}/`);
-  const fn = async (/** @type {any} */ o) => {
-    const { Room } = await import('/lib/room.js');
-    const room = new Room({ server: o.server, room: 'bare-reference', channels: [{ label: 'bulk', reliability: 'reliable' }] });
-    /** @type {any} */
-    const ch = await new Promise((ok) => { room.on('channel_open', (c) => ok(c)); room.join(); });
-    const raw = ch.raw;
-    raw.binaryType = 'arraybuffer';
-    if (o.sender) {
-      const msg = new Uint8Array(65536);
-      raw.bufferedAmountLowThreshold = 262144;
-      let sent = 0;
-      while (sent < o.size) {
-        if (raw.bufferedAmount > 1048576) await new Promise((r) => raw.addEventListener('bufferedamountlow', r, { once: true }));
-        raw.send(msg);
-        sent += msg.length;
-      }
-      await new Promise((r) => setTimeout(r, 60_000));
-      return 0;
-    }
-    return new Promise((ok) => {
-      let got = 0;
-      let t0 = 0;
-      raw.addEventListener('message', (/** @type {MessageEvent} */ e) => {
-        if (!t0) t0 = performance.now();
-        got += e.data.byteLength;
-        if (got >= o.size) ok((performance.now() - t0) / 1000);
-      });
-    });
-  };
-  const receiving = b.page.evaluate(fn, { server: server.url, size: REF_SIZE, sender: false });
-  void a.page.evaluate(fn, { server: server.url, size: REF_SIZE, sender: true }).catch(() => {});
+  const receiving = b.page.evaluate(bareChannel, { server: server.url, room: 'bare-reference', size: REF_SIZE, sender: false });
+  void a.page.evaluate(bareChannel, { server: server.url, room: 'bare-reference', size: REF_SIZE, sender: true }).catch(() => {});
   const seconds = /** @type {number} */ (await receiving);
   rows.push({ what: `reference: bare data channel, two tabs (${REF_SIZE >> 20} MiB)`, mbps: mbps(REF_SIZE, seconds), heap: NaN, rss: NaN, ok: true });
   await a.context.close();
@@ -190,7 +216,7 @@ await server.stop();
 rmSync(dir, { recursive: true, force: true });
 
 const ref = CASES.has('ref') ? rows[rows.length - 1].mbps : NaN;
-console.log(`\n${SIZE >> 20} MiB through the web app (peerlink ${process.env.PEERLINK_BIN}), Chromium ${CHROMIUM}`);
+console.log(`\n${SIZE >> 20} MiB through the web app (peerlink ${BIN}), Chromium ${CHROMIUM}`);
 console.log('| transfer | MB/s | x reference | peak JS heap MiB | peak renderer RSS MiB | hash ok |');
 console.log('|---|---|---|---|---|---|');
 for (const r of rows) {

@@ -22,7 +22,6 @@ import { Receiver } from './transfer/receiver.js';
 import { Manifest, fileEntry, dirEntry, textEntry, DEFAULT_CHUNK_SIZE } from './transfer/manifest.js';
 import { ctlJson, frames, CTL_LABEL, DATA_LABEL } from './transfer/wire.js';
 import { chunkHashAsync, toHex } from './transfer/hash.js';
-import { equalBytes } from './bytes.js';
 
 /** How long a peer may take to complete pairing (the CLI's default). */
 export const PAIRING_TIMEOUT_MS = 60_000;
@@ -420,25 +419,23 @@ export class SendTransfer extends Emitter {
                 for (let c = out.from; c < out.from + out.count; c++) hashes.push(await chunkHashAsync(await this._read(out.file, c)));
                 if (mine === session) this.sender.hashesComputed(out.file, out.from, hashes);
                 pump();
-              }).catch((e) => { this.sender.readFailed(out.file, String(e)); pump(); });
+              }).catch((e) => { this._readFailed(out.file, e); pump(); });
               break;
             case 'send': {
-              // Read and check now (within the read-ahead), send in turn.
+              // Read now (within the read-ahead), send in turn. A Blob's
+              // bytes cannot change (a File whose file changed on disk
+              // fails to read, NotReadableError: 'changed' below), so the
+              // hash the receiver has from the 'hash' step still holds:
+              // no second hash, unlike the CLI reading a live file.
               const prepared = slots.take().then(async () => {
                 if (mine !== session) return null;
-                const bytes = await this._read(out.file, out.chunk);
-                return equalBytes(await chunkHashAsync(bytes), out.expected) ? bytes : 'changed';
+                return this._read(out.file, out.chunk);
               });
               prepared.catch(() => {}); // handled in turn, below
               sending = sending.then(async () => {
                 try {
                   const bytes = await prepared;
                   if (mine !== session || !data || bytes === null) return;
-                  if (bytes === 'changed') {
-                    this.sender.cancel('changed', `${this.manifest.file(out.file)?.path} changed while it was being sent`);
-                    pump();
-                    return;
-                  }
                   this.current = this.manifest.file(out.file)?.path ?? '';
                   this.currentIndex = out.file;
                   const max = Math.min(FRAME_MAX, data.maxMessageSize);
@@ -456,7 +453,7 @@ export class SendTransfer extends Emitter {
                 // A closed channel is reported by the link; a file that
                 // cannot be read ends the transfer.
                 if (mine === session && e instanceof DOMException) {
-                  this.sender.readFailed(out.file, String(e));
+                  this._readFailed(out.file, e);
                   pump();
                 }
               });
@@ -509,6 +506,20 @@ export class SendTransfer extends Emitter {
       this.emit('code', { code: this.code.toString() });
       link.start().catch((e) => finish(new TransferError('failed', `Cannot reach the server: ${e.message ?? e}`)));
     });
+  }
+
+  /**
+   * A source that could not be read: one whose file changed on disk since
+   * it was picked (the browser refuses to read it: NotReadableError) is
+   * 'changed', as the CLI says of a file rewritten while it is sent.
+   * @param {number} file @param {unknown} e
+   */
+  _readFailed(file, e) {
+    if (e instanceof DOMException && e.name === 'NotReadableError') {
+      this.sender.cancel('changed', `${this.manifest.file(file)?.path} changed while it was being sent`);
+    } else {
+      this.sender.readFailed(file, String(e));
+    }
   }
 
   /** @param {number} file @param {number} chunk */

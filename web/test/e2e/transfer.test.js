@@ -6,7 +6,8 @@
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { writeFileSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { writeFileSync, mkdirSync, readdirSync, statSync, openSync, writeSync, closeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { setup, run, scratch, writeRandom, sha256, shot } from './harness.js';
 
 const MiB = 1 << 20;
@@ -142,6 +143,32 @@ test('browser -> peerlink receive: a 100 MiB file and a folder arrive with equal
   // A folder picker lists files, not empty folders; every file arrives.
   for (const [rel, hash] of folderHashes) assert.equal(got.get(rel), hash, rel);
   await p2.close();
+});
+
+test('a file changed on disk while a browser sends it: both sides stop and name it, nothing is presented as complete', async () => {
+  // The browser refuses to read a picked file that changed since it was
+  // picked (NotReadableError), which is what lets the sending tab skip the
+  // CLI's second hash of every chunk before it goes out.
+  const live = join(dir, 'live.bin');
+  writeRandom(live, 100 * MiB);
+  const page = await chrome.page(`${server.url}/`);
+  await page.setInputFiles('#pick-files', live);
+  await page.click('#send-go');
+  const code = (await page.textContent('#code', { timeout: 20_000 }))?.trim() ?? '';
+  const out = scratch('changed');
+  const r = run(['receive', ...net(), '--out', out, '--yes', code]);
+  await r.event('progress', (e) => e.bytes_done >= 2 * MiB);
+  // Same size, other bytes, written in place: the second half.
+  const f = openSync(live, 'r+');
+  writeSync(f, randomBytes(50 * MiB), 0, 50 * MiB, 50 * MiB);
+  closeSync(f);
+  assert.notEqual(await r.exit(120_000), 0, r.stderr);
+  const done = r.events().find((e) => e.event === 'finished');
+  assert.match(done?.message ?? '', /live\.bin changed while it was being sent/);
+  await page.waitForSelector('#error:not([hidden])', { timeout: 30_000 });
+  assert.match(await page.textContent('#error') ?? '', /live\.bin changed while it was being sent/);
+  assert.ok(!readdirSync(out).includes('live.bin'), 'not presented as complete');
+  await page.close();
 });
 
 test('browser -> browser by code, with a transfer in progress on screen', async () => {
