@@ -2,6 +2,7 @@
 
 import qrcode from 'qrcode-generator';
 import { SendTransfer, ReceiveTransfer } from '../lib/xfer.js';
+import { newRoomSecret } from '../lib/e2e.js';
 import { Code, CodeError } from '../lib/pair/code.js';
 import { $, h, bytes, progressText, canPick, chooseSink, droppedFiles, pickedFiles } from './ui.js';
 
@@ -199,7 +200,8 @@ async function receive(text) {
 $('room-form').addEventListener('submit', (ev) => {
   ev.preventDefault();
   const name = /** @type {HTMLInputElement} */ ($('room-input')).value.trim();
-  if (name) location.href = `/room/${encodeURIComponent(name)}`;
+  const e2e = /** @type {HTMLInputElement} */ ($('room-e2e')).checked;
+  if (name) location.href = `/room/${encodeURIComponent(name)}${e2e ? `#k=${newRoomSecret()}` : ''}`;
 });
 
 // A link or QR code: /r#CODE receives at once.

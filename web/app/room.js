@@ -20,12 +20,16 @@ localStorage.setItem('peerlink-name', myName);
 
 // A server run with --join-secret needs a token: the link carries it (`?token=`).
 const token = new URLSearchParams(location.search).get('token') ?? undefined;
-const room = new Room({ server: location.origin, room: roomName, name: myName, token, channels: [reliable('chat')] });
+// An end-to-end encrypted room: the secret is in the fragment (`#k=`),
+// which browsers never send to the server.
+const roomSecret = new URLSearchParams(location.hash.slice(1)).get('k') || undefined;
+$('e2e').hidden = !roomSecret;
+const room = new Room({ server: location.origin, room: roomName, name: myName, token, roomSecret, channels: [reliable('chat')] });
 // For the browser console (and the tests): the room this page runs.
 Object.assign(globalThis, { peerlinkRoom: room });
 /** @type {Map<string, Channel>} */
 const chats = new Map();
-/** @type {Map<string, { li: HTMLElement, state: string, path: string }>} */
+/** @type {Map<string, { li: HTMLElement, state: string, path: string, safety: string }>} */
 const peers = new Map();
 
 /** @param {string} text */
@@ -61,6 +65,7 @@ function renderPeers() {
       h('span', { class: 'name' }, [nameOf(peer)]),
       h('span', { class: `state ${p.state}` }, [p.state]),
       h('span', { class: 'path' }, [p.path]),
+      h('span', { class: 'safety' }, [p.safety ? `safety number ${p.safety}` : '']),
     );
     p.li.dataset.peer = peer;
     p.li.dataset.state = p.state;
@@ -74,7 +79,7 @@ function renderPeers() {
 room.on('peer_joined', ({ peer }) => {
   const li = h('li', {});
   $('peers').append(li);
-  peers.set(peer, { li, state: 'connecting', path: '' });
+  peers.set(peer, { li, state: 'connecting', path: '', safety: '' });
   renderPeers();
   log('·', `${nameOf(peer)} joined`, 'notice');
 });
@@ -109,6 +114,8 @@ room.on('channel_open', (ch) => {
     incoming(ch);
   }
 });
+room.on('auth_failed', ({ peer }) => log('·', `${nameOf(peer)} is not connected: their signaling did not carry this room's secret (a wrong link, or a server that changed it)`, 'notice'));
+room.on('server_message_refused', ({ from }) => log('·', `a message from ${nameOf(from)} through the server was refused: not sealed with this room's secret`, 'notice'));
 room.on('reconnecting', ({ inMs, reason }) => status(`Lost the server (${reason}); trying again in ${Math.round(inMs / 1000)} s…`));
 room.on('rejoined', () => status(''));
 room.on('closed', ({ reason }) => error(`Left the room: ${reason}`));
@@ -123,8 +130,11 @@ setInterval(async () => {
   for (const [peer, p] of peers) {
     const s = await room.stats(peer);
     const path = s?.path ? `${PATHS[s.path.kind]}${s.rttMs != null ? ` · ${Math.round(s.rttMs)} ms` : ''}` : '';
-    if (path !== p.path) {
+    // Only in a secret room is the connection authenticated end to end.
+    const safety = roomSecret && s?.state === 'connected' ? s.safetyNumber ?? '' : '';
+    if (path !== p.path || safety !== p.safety) {
       p.path = path;
+      p.safety = safety;
       renderPeers();
     }
   }

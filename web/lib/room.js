@@ -14,6 +14,7 @@ import { Signaling } from './signaling.js';
 import { signSdp, verifySdp } from './auth.js';
 import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
 import { parseSignal } from './protocol.js';
+import { RoomSecret, EVERYONE, REFUSED_KEY, sdpFingerprint, safetyNumber } from './e2e.js';
 
 /** Largest message {@link Room.broadcast} and {@link Room.sendTo} take (as in Rust). */
 export const MAX_ROOM_MESSAGE = 64 * 1024;
@@ -49,6 +50,7 @@ const MAX_SERVER_ONLY = 1024;
  * @property {number} bytesReceived
  * @property {number} iceRestarts
  * @property {string | null} failure  why it failed, when it did
+ * @property {string | null} safetyNumber  five groups of five digits from both ends' DTLS fingerprints, the same at both ends (people who read the same number to each other know nobody sits in between)
  * @property {{ framesSent: number, framesDecoded: number, audioPacketsReceived: number }} media  video frames sent and decoded, audio packets received on this connection (a call)
  */
 
@@ -67,6 +69,7 @@ const MAX_SERVER_ONLY = 1024;
  * @property {number} [restartAfterMs] a connection down this long is restarted (1 s; the polite side 2 s)
  * @property {number} [giveUpAfterMs] down this long: failed for good (60 s)
  * @property {import('./channel.js').ChannelOptions} [channelOptions]
+ * @property {string} [roomSecret] an end-to-end encrypted room: the secret every member shares (the link's `#k=`), never sent to the server; offers and answers are authenticated with keys from it (members without it, or a server changing them, are refused: `auth_failed`) and {@link Room.sendViaServer} seals its messages (the server relays ciphertext)
  * @property {boolean | import('./overlay.js').OverlayConfig} [overlay] join as a member of an overlay (large rooms; every member joins this way): a handful of connections whatever the room's size, {@link Room.broadcast} and {@link Room.sendTo}; `channels` and `autoConnect` are not used
  * @property {typeof RTCPeerConnection} [RTCPeerConnection]
  * @property {typeof WebSocket} [WebSocket]
@@ -81,6 +84,7 @@ const MAX_SERVER_ONLY = 1024;
  * @property {{ peer: string, label: string }} channel_close
  * @property {{ from: string, data: unknown }} server_message
  * @property {{ peer: string, reason: string }} auth_failed
+ * @property {{ from: string, reason: string }} server_message_refused  in an end-to-end encrypted room, a message through the server not sealed with the room's key for us: dropped
  * @property {{ code: string, message: string }} server_error
  * @property {{ attempt: number, inMs: number, reason: string }} reconnecting
  * @property {{ id: string, resumed: boolean }} rejoined   after a reconnect: `resumed` when the server gave our id back (every connection kept), else with a new id (connections rebuilt)
@@ -149,6 +153,12 @@ export class Room extends Emitter {
     this.serverOnly = new Map();
     /** @type {Map<MediaStreamTrack, MediaStream>} tracks sent to every peer (a call) */
     this.localTracks = new Map();
+    /** an end-to-end encrypted room's keys */
+    this.secret = options.roomSecret ? new RoomSecret(options.roomSecret, options.room) : null;
+    /** @type {Promise<unknown>} server-routed messages sealed one after another (they leave in order) */
+    this._sealing = Promise.resolve();
+    /** @type {Promise<unknown>} and opened one after another (they are delivered in order) */
+    this._opening = Promise.resolve();
     if (options.overlay) this.options.autoConnect = false;
     this.signaling = new Signaling({
       server: options.server,
@@ -421,7 +431,8 @@ export class Room extends Emitter {
       return existing;
     }
     existing?.close();
-    const conn = new Conn(this, peer, this.id < peer, keys);
+    // Pairing's keys, else the room secret's: every SDP authenticated.
+    const conn = new Conn(this, peer, this.id < peer, keys ?? this.secret?.signalKeys(this.id, peer) ?? null);
     this.conns.set(peer, conn);
     for (const spec of channels) conn.openChannel(spec);
     for (const signal of this.held.get(peer) ?? []) conn.onSignal(signal);
@@ -520,6 +531,28 @@ export class Room extends Emitter {
     if (this.members.delete(peer)) this.emit('peer_left', { peer });
   }
 
+  /**
+   * A message through the server (opened, in a secret room): the overlay's
+   * own, or the application's.
+   * @param {string} from @param {unknown} data
+   */
+  _serverMessage(from, data) {
+    const d = /** @type {any} */ (data);
+    if (this.secret && d && typeof d === 'object' && typeof d[REFUSED_KEY] === 'string') {
+      // A member refused what reached it as our signaling.
+      const reason = `it refused our signaling: ${d[REFUSED_KEY]}`;
+      this.conns.get(from)?._fail(reason);
+      this.emit('auth_failed', { peer: from, reason });
+    } else if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === 'busy') {
+      this._overlayDown(from);
+    } else if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === VIA_SERVER) {
+      // Our relayed offer was refused.
+      if (this.conns.get(from)?.state === 'connecting') this._startOver(from);
+    } else {
+      this.emit('server_message', { from, data });
+    }
+  }
+
   /** @param {ServerMsg} msg */
   _onServer(msg) {
     switch (msg.type) {
@@ -538,17 +571,16 @@ export class Room extends Emitter {
         this._signalFrom(msg.from, msg.signal);
         break;
       case 'message': {
-        const d = /** @type {any} */ (msg.data);
-        if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === 'busy') {
-          this._overlayDown(msg.from);
+        if (!this.secret) {
+          this._serverMessage(msg.from, msg.data);
           break;
         }
-        if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === VIA_SERVER) {
-          // Our relayed offer was refused.
-          if (this.conns.get(msg.from)?.state === 'connecting') this._startOver(msg.from);
-          break;
-        }
-        this.emit('server_message', { from: msg.from, data: msg.data });
+        const { from, data } = msg;
+        const secret = this.secret;
+        // Room-wide messages are sealed to `*`, the rest to us.
+        this._opening = this._opening
+          .then(() => secret.open(from, this.id, data).catch(() => secret.open(from, EVERYONE, data)))
+          .then((d) => this._serverMessage(from, d), (e) => this.emit('server_message_refused', { from, reason: e.message }));
         break;
       }
       case 'error':
@@ -588,15 +620,26 @@ export class Room extends Emitter {
   }
 
   /**
-   * Sends `data` through the server to `to`, or to every other member.
+   * Sends `data` through the server to `to`, or to every other member:
+   * whether it was queued (in an end-to-end encrypted room, sealed first,
+   * so a promise of that).
    * @param {string | null} to
    * @param {unknown} data
+   * @returns {boolean | Promise<boolean>}
    */
   sendViaServer(to, data) {
-    /** @type {Record<string, unknown>} */
-    const msg = { type: 'send', room: this.options.room, data };
-    if (to) msg.to = to;
-    return this.signaling.send(/** @type {any} */ (msg));
+    const send = (/** @type {unknown} */ d) => {
+      /** @type {Record<string, unknown>} */
+      const msg = { type: 'send', room: this.options.room, data: d };
+      if (to) msg.to = to;
+      return this.signaling.send(/** @type {any} */ (msg));
+    };
+    if (!this.secret) return send(data);
+    // Sealed for the addressee (or everyone), one after another.
+    const secret = this.secret;
+    const sent = this._sealing.then(() => secret.seal(this.id, to ?? EVERYONE, data)).then(send);
+    this._sealing = sent.catch(() => {});
+    return sent;
   }
 
   /**
@@ -904,6 +947,9 @@ class Conn {
         const why = await this._checkAuth(signal.kind, signal.sdp, signal.auth);
         if (why) {
           this.room.emit('auth_failed', { peer: this.peer, reason: why });
+          // Sealed, so the peer can trust it: the signaling between us was
+          // changed (or it lacks the secret).
+          if (this.room.secret) this.room.sendViaServer(this.peer, { [REFUSED_KEY]: why });
           this._fail(`signaling was not authentic: ${why}`);
           return;
         }
@@ -1039,7 +1085,10 @@ class Conn {
   async stats() {
     /** @type {PeerStats} */
     const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts, failure: this.failure,
-      media: { framesSent: 0, framesDecoded: 0, audioPacketsReceived: 0 } };
+      safetyNumber: null, media: { framesSent: 0, framesDecoded: 0, audioPacketsReceived: 0 } };
+    const ours = sdpFingerprint(this.pc.localDescription?.sdp ?? '');
+    const theirs = sdpFingerprint(this.pc.remoteDescription?.sdp ?? '');
+    if (ours && theirs) out.safetyNumber = safetyNumber(ours, theirs);
     if (this.state === 'closed' || this.state === 'failed') return out;
     const report = await this.pc.getStats();
     /** @type {Map<string, any>} */

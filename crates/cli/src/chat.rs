@@ -12,19 +12,24 @@ fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
     names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
 }
 
+/// Which room to join, and as whom.
+pub struct Join {
+    pub room: String,
+    pub name: Option<String>,
+    pub token: Option<String>,
+    pub room_secret: Option<String>,
+}
+
 /// `servers`: the server, then nodes to fall back to.
-pub async fn run(
-    servers: Vec<String>,
-    room: String,
-    name: Option<String>,
-    token: Option<String>,
-    ice: IceConfig,
-) -> anyhow::Result<()> {
+pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Result<()> {
+    let Join { room, name, token, room_secret } = join;
     let server = servers[0].clone();
+    let secret_room = room_secret.is_some();
     let mut config = RoomConfig::new(server.clone(), room.clone());
     config.fallback_servers = servers[1..].to_vec();
     config.name = name;
     config.token = token;
+    config.room_secret = room_secret;
     config.ice = ice;
     config.channels = vec![ChannelSpec::reliable(LABEL)];
     let mut room_handle = Room::join(config).await.with_context(|| format!("joining {room} on {server}"))?;
@@ -70,7 +75,13 @@ pub async fn run(
                 }
                 Some(Event::ChannelOpen { channel }) if channel.label() == LABEL => {
                     let peer = who(&names, channel.peer());
-                    println!("* connected to {peer}");
+                    // In a secret room the connection was authenticated end
+                    // to end; the safety number lets people check it too.
+                    let safety = room_handle.stats(channel.peer()).await.ok().and_then(|s| s.safety_number);
+                    match safety {
+                        Some(n) if secret_room => println!("* connected to {peer}, end to end (safety number {n})"),
+                        _ => println!("* connected to {peer}"),
+                    }
                     let reader = channel.clone();
                     tokio::spawn(async move {
                         while let Some(message) = reader.recv().await {
@@ -89,6 +100,12 @@ pub async fn run(
                     tracing::info!("{}: {state:?}", who(&names, &peer));
                 }
                 Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
+                Some(Event::AuthFailed { peer, reason }) => {
+                    println!("* refused {}: its signaling is not from a member with the room secret ({reason})", who(&names, &peer));
+                }
+                Some(Event::ServerMessageRefused { from, reason }) => {
+                    println!("* refused a message from {} through the server: {reason}", who(&names, &from));
+                }
                 Some(Event::Reconnected { server }) => println!("* reconnected to {server}"),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}

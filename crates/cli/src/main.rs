@@ -60,6 +60,12 @@ enum Command {
         /// Join token for servers that require one (`peerlink token`).
         #[arg(long, env = "PEERLINK_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// An end-to-end encrypted room: the secret every member shares (a
+        /// web room link's `#k=` part). The server never sees it; members
+        /// without it cannot connect, and a server that tampers with the
+        /// signaling is caught.
+        #[arg(long, env = "PEERLINK_ROOM_SECRET", hide_env_values = true)]
+        room_secret: Option<String>,
         #[command(flatten)]
         ice: common::IceArgs,
     },
@@ -102,10 +108,11 @@ fn main() -> ExitCode {
                 init_tracing("info");
                 serve::run(*args).await.map(|()| None)
             }
-            Command::Chat { room, server, fallback, name, token, ice } => {
+            Command::Chat { room, server, fallback, name, token, room_secret, ice } => {
                 init_tracing("warn");
                 let servers = std::iter::once(server).chain(fallback).collect();
-                chat::run(servers, room, name, token, ice.config()?).await.map(|()| None)
+                let join = chat::Join { room, name, token, room_secret };
+                chat::run(servers, join, ice.config()?).await.map(|()| None)
             }
             Command::Token(args) => serve::token(args).map(|()| None),
             Command::Send(args) => {

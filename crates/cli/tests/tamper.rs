@@ -120,3 +120,63 @@ fn a_server_that_swaps_the_dtls_fingerprints_is_caught() {
     }
     assert!(!out.join("secret.txt").exists(), "nothing was received");
 }
+
+/// The same server in front of an end-to-end encrypted room: every member
+/// of `peerlink chat --room-secret` refuses the swapped offers and answers,
+/// and nobody connects. Without tampering the same two connect (the
+/// control: the refusal is the proxy's doing).
+#[test]
+fn a_server_that_swaps_fingerprints_in_a_secret_room_is_caught_by_every_member() {
+    let server = serve();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let swapper = Arc::new(Mutex::new(Swapper::default()));
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let evil = format!("ws://{}/ws", listener.local_addr().unwrap());
+    rt.spawn(proxy(listener, server.url.clone(), swapper.clone()));
+    let secret = "Kx3w-9vQ2bYtR7mLp0sZ4A";
+    let chat = |url: &str, name: &str| {
+        Proc::spawn(&[
+            "chat",
+            "vault",
+            "--server",
+            url,
+            "--name",
+            name,
+            "--ice-addr",
+            "127.0.0.1",
+            "--room-secret",
+            secret,
+        ])
+    };
+
+    let mut a = chat(&evil, "ann");
+    a.expect("* joined");
+    let mut b = chat(&evil, "ben");
+    for (p, other) in [(&mut a, "ben"), (&mut b, "ann")] {
+        let line = p.expect_line("a refusal", |l| l.starts_with("* refused") || l.starts_with("* connected"));
+        assert!(
+            line.starts_with(&format!("* refused {other}: its signaling is not from a member")),
+            "{line}"
+        );
+    }
+    assert!(swapper.lock().unwrap().swapped >= 1, "the proxy did tamper");
+    a.terminate();
+    b.terminate();
+    a.wait_exit();
+    b.wait_exit();
+
+    // Straight to the server: the same secret, connected end to end, one
+    // safety number at both ends.
+    let mut a = chat(&server.url, "ann");
+    a.expect("* joined");
+    let mut b = chat(&server.url, "ben");
+    let la = a.expect_line("connected", |l| l.starts_with("* connected to ben"));
+    let lb = b.expect_line("connected", |l| l.starts_with("* connected to ann"));
+    let number = |l: &str| l.split("safety number ").nth(1).map(str::to_string);
+    assert!(number(&la).is_some(), "{la}");
+    assert_eq!(number(&la), number(&lb));
+    a.terminate();
+    b.terminate();
+    a.wait_exit();
+    b.wait_exit();
+}

@@ -147,6 +147,8 @@ pub(crate) struct PeerConn {
     restarts: u32,
     /// Keys that authenticate offers and answers, for paired peers.
     keys: Option<SignalKeys>,
+    /// The DTLS fingerprints of our SDP and theirs (the safety number).
+    fingerprints: (Option<String>, Option<String>),
     /// Sequence number of our next authenticated offer or answer.
     send_seq: u64,
     /// Highest sequence number accepted from the remote.
@@ -272,6 +274,7 @@ impl PeerConn {
             last_offer_at: None,
             restarts: 0,
             keys: None,
+            fingerprints: (None, None),
             send_seq: 0,
             recv_seq: None,
             out: VecDeque::from([ConnOutput::Event(ConnEvent::State(ConnState::Connecting))]),
@@ -408,6 +411,9 @@ impl PeerConn {
     fn sdp_signal(&mut self, kind: &str, sdp: String) -> Signal {
         if self.mid.is_none() {
             self.mid = first_mid(&sdp);
+        }
+        if let Some(fp) = crate::e2e::sdp_fingerprint(&sdp) {
+            self.fingerprints.0 = Some(fp.to_string());
         }
         let auth = self.keys.as_ref().map(|k| k.sign(kind, self.send_seq, &sdp));
         if auth.is_some() {
@@ -606,7 +612,18 @@ impl PeerConn {
         Ok(())
     }
 
+    /// The connection's safety number, once both DTLS fingerprints are known.
+    pub fn safety_number(&self) -> Option<String> {
+        match &self.fingerprints {
+            (Some(ours), Some(theirs)) => Some(crate::e2e::safety_number(ours, theirs)),
+            _ => None,
+        }
+    }
+
     fn remote_description_set(&mut self, sdp: &str, now: Instant) {
+        if let Some(fp) = crate::e2e::sdp_fingerprint(sdp) {
+            self.fingerprints.1 = Some(fp.to_string());
+        }
         let first = !self.have_remote_description;
         self.have_remote_description = true;
         if first {

@@ -60,6 +60,15 @@ pub enum Event {
         /// The message as sent.
         data: serde_json::Value,
     },
+    /// In an end-to-end encrypted room, a message through the server that
+    /// was not sealed with the room's key for us (the server wrote it, a
+    /// client without the secret sent it, or it was changed): dropped.
+    ServerMessageRefused {
+        /// The sender, as stamped by the server.
+        from: PeerId,
+        /// Why it was refused.
+        reason: String,
+    },
     /// An offer or answer from `peer` failed authentication (the signaling
     /// path changed it, or it was not from the paired peer). The
     /// connection to `peer` is closed.
@@ -125,6 +134,10 @@ pub struct PeerStats {
     pub failure: Option<FailureReport>,
     /// Why the data goes through a relay, when it does.
     pub why_relayed: Option<WhyRelayed>,
+    /// Five groups of five digits from both ends' DTLS fingerprints, the
+    /// same at both ends: people who read the same number to each other
+    /// know nobody sits in between (once both SDPs are known).
+    pub safety_number: Option<String>,
 }
 
 /// How a room message reached us.

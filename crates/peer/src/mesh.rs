@@ -51,6 +51,8 @@ pub(crate) struct MeshConfig {
     pub conn: ConnConfig,
     /// Connections and broadcasts chosen by an overlay (large rooms).
     pub overlay: Option<peerlink_overlay::Config>,
+    /// An end-to-end encrypted room's keys.
+    pub secret: Option<crate::e2e::RoomSecret>,
 }
 
 /// How to connect to one peer with [`crate::Room::connect`].
@@ -316,7 +318,10 @@ impl Mesh {
         if self.gathering_complete {
             conn.gathering_complete();
         }
-        if let Some(keys) = keys {
+        // Pairing's keys, else the room secret's: every SDP authenticated.
+        if let Some(keys) =
+            keys.or_else(|| self.config.secret.as_ref().map(|s| s.signal_keys(&self.id, &peer)))
+        {
             conn.set_keys(keys);
         }
         for spec in channels {
@@ -429,6 +434,30 @@ impl Mesh {
                 }
             }
             ServerMsg::Message { from, data, .. } => {
+                let data = match &self.config.secret {
+                    // Room-wide messages are sealed to `*`, the rest to us.
+                    Some(s) => match s
+                        .open(&from, &self.id, &data)
+                        .or_else(|_| s.open(&from, &PeerId::from_server("*"), &data))
+                    {
+                        Ok(data) => data,
+                        Err(e) => {
+                            tracing::warn!(%from, "a message through the server refused: {e}");
+                            self.emit(Event::ServerMessageRefused { from, reason: e.to_string() });
+                            return;
+                        }
+                    },
+                    None => data,
+                };
+                if self.config.secret.is_some()
+                    && let Some(reason) = data.get(crate::e2e::REFUSED_KEY).and_then(|r| r.as_str())
+                {
+                    // A member refused what reached it as our signaling.
+                    let reason = format!("it refused our signaling: {reason}");
+                    self.drop_conn(&from);
+                    self.emit(Event::AuthFailed { peer: from, reason });
+                    return;
+                }
                 if self.overlay_server_message(&from, &data, now) {
                     self.overlay_step(now);
                 } else {
@@ -529,6 +558,10 @@ impl Mesh {
     /// Sends `data` through the server to `to`, or to every other member.
     pub fn send_via_server(&mut self, to: Option<PeerId>, data: serde_json::Value) {
         let room = self.room.clone();
+        let data = match &self.config.secret {
+            Some(s) => s.seal(&self.id, to.as_ref().unwrap_or(&PeerId::from_server("*")), &data),
+            None => data,
+        };
         self.signaling(ClientMsg::Send { room, to, data });
     }
 
@@ -841,6 +874,9 @@ impl Mesh {
                     ConnOutput::Event(ev) => match ev {
                         ConnEvent::State(state) => {
                             st.stats.state = Some(state);
+                            if state == ConnState::Connected {
+                                st.stats.safety_number = st.conn.safety_number();
+                            }
                             if matches!(state, ConnState::Failed | ConnState::Closed) {
                                 dead = true;
                             }
@@ -936,6 +972,16 @@ impl Mesh {
             self.signaling(ClientMsg::Signal { room, to: peer.clone(), signal });
         }
         for ev in events {
+            if let Event::AuthFailed { peer, reason } = &ev
+                && self.config.secret.is_some()
+            {
+                // Sealed, so the peer can trust it: the signaling between
+                // us was changed (or it lacks the secret).
+                self.send_via_server(
+                    Some(peer.clone()),
+                    serde_json::json!({ crate::e2e::REFUSED_KEY: reason }),
+                );
+            }
             self.emit(ev);
         }
         if dead && let Some(st) = self.peers.get_mut(peer) {

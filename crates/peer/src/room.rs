@@ -78,6 +78,14 @@ pub struct RoomConfig {
     /// join the same way. `None`: a full mesh, as many connections as
     /// members.
     pub overlay: Option<crate::OverlayConfig>,
+    /// An end-to-end encrypted room: the secret every member was given
+    /// (the link's `#k=`, `--room-secret`), which the server never sees.
+    /// Every offer and answer between members is authenticated with keys
+    /// derived from it (a server that changes one, or a client without the
+    /// secret, is refused: [`Event::AuthFailed`]), and messages sent through
+    /// the server are sealed (AES-256-GCM): it relays only ciphertext.
+    /// Every member of the room must use the same secret.
+    pub room_secret: Option<String>,
 }
 
 impl RoomConfig {
@@ -102,6 +110,7 @@ impl RoomConfig {
             linger: Duration::from_secs(5),
             netem: None,
             overlay: None,
+            room_secret: None,
         }
     }
 }
@@ -167,6 +176,7 @@ impl Room {
             receive_queue_bytes: config.receive_queue_bytes,
             conn: ConnConfig { connect_timeout: config.connect_timeout, dtls_cert, ..ConnConfig::default() },
             overlay: config.overlay.clone(),
+            secret: config.room_secret.as_deref().map(|s| crate::e2e::RoomSecret::new(s, &config.room)),
         };
         let wake = Arc::new(RoomWake::default());
         let mut mesh = Mesh::new(

@@ -485,6 +485,7 @@ mod rooms {
             self.members.push(i);
             let wake = Arc::new(RoomWake::default());
             let config = MeshConfig {
+                secret: None,
                 channels: self.channels.clone(),
                 auto_connect: true,
                 relay_only: false,

@@ -61,6 +61,7 @@ pub struct Peer {
     pub server_messages: Vec<(PeerId, serde_json::Value)>,
     pub closed: Option<String>,
     pub auth_failures: Vec<(PeerId, String)>,
+    pub refused_server_messages: Vec<(PeerId, String)>,
     /// Messages read off every open channel by a task per channel.
     inbox: mpsc::Receiver<(PeerId, String, Message)>,
     inbox_tx: mpsc::Sender<(PeerId, String, Message)>,
@@ -85,6 +86,7 @@ impl Peer {
             server_messages: Vec::new(),
             closed: None,
             auth_failures: Vec::new(),
+            refused_server_messages: Vec::new(),
         }
     }
 
@@ -123,6 +125,7 @@ impl Peer {
             Event::ServerMessage { from, data } => self.server_messages.push((from, data)),
             Event::Closed { reason } => self.closed = Some(reason),
             Event::AuthFailed { peer, reason } => self.auth_failures.push((peer, reason)),
+            Event::ServerMessageRefused { from, reason } => self.refused_server_messages.push((from, reason)),
             _ => {}
         }
     }
