@@ -15,6 +15,7 @@ import { signSdp, verifySdp } from './auth.js';
 import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
 import { parseSignal } from './protocol.js';
 import { RoomSecret, EVERYONE, REFUSED_KEY, sdpFingerprint, safetyNumber } from './e2e.js';
+import { SealedChannel, SealError } from './sealed.js';
 
 /** Largest message {@link Room.broadcast} and {@link Room.sendTo} take (as in Rust). */
 export const MAX_ROOM_MESSAGE = 64 * 1024;
@@ -687,6 +688,21 @@ export class Room extends Emitter {
   removeTrack(track) {
     if (!this.localTracks.delete(track)) return;
     for (const c of this.conns.values()) c.removeTrack(track);
+  }
+
+  /**
+   * Seals `channel` end to end at the application layer (a sealed channel:
+   * ECDH P-256 keys bound to this connection's DTLS fingerprints, AES-256-GCM
+   * per message), for apps that store or forward what they receive. The
+   * other end must seal it too.
+   * @param {Channel} channel @param {{ timeoutMs?: number }} [opts]
+   */
+  async seal(channel, opts) {
+    const pc = this.conns.get(channel.peer)?.pc;
+    const ours = sdpFingerprint(pc?.localDescription?.sdp ?? '');
+    const theirs = sdpFingerprint(pc?.remoteDescription?.sdp ?? '');
+    if (!ours || !theirs) throw new SealError('closed', `no connection to ${channel.peer}`);
+    return SealedChannel.open(channel, ours, theirs, opts);
   }
 
   /** @param {string} peer @returns {Promise<PeerStats | null>} */

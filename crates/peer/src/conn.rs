@@ -612,6 +612,14 @@ impl PeerConn {
         Ok(())
     }
 
+    /// Both DTLS fingerprints (ours, theirs), once known.
+    pub fn fingerprints(&self) -> Option<(String, String)> {
+        match &self.fingerprints {
+            (Some(ours), Some(theirs)) => Some((ours.clone(), theirs.clone())),
+            _ => None,
+        }
+    }
+
     /// The connection's safety number, once both DTLS fingerprints are known.
     pub fn safety_number(&self) -> Option<String> {
         match &self.fingerprints {

@@ -138,6 +138,10 @@ pub struct PeerStats {
     /// same at both ends: people who read the same number to each other
     /// know nobody sits in between (once both SDPs are known).
     pub safety_number: Option<String>,
+    /// The DTLS fingerprints of this end and the other (`sha-256 AB:...`,
+    /// as in the SDPs), once both are known; sealed channels bind their
+    /// keys to them.
+    pub fingerprints: Option<(String, String)>,
 }
 
 /// How a room message reached us.

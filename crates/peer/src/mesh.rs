@@ -876,6 +876,7 @@ impl Mesh {
                             st.stats.state = Some(state);
                             if state == ConnState::Connected {
                                 st.stats.safety_number = st.conn.safety_number();
+                                st.stats.fingerprints = st.conn.fingerprints();
                             }
                             if matches!(state, ConnState::Failed | ConnState::Closed) {
                                 dead = true;

@@ -261,6 +261,21 @@ impl Room {
         self.commands.send(Command::ServerSend { to: to.cloned(), data }).await.map_err(|_| Error::RoomClosed)
     }
 
+    /// Seals `channel` end to end at the application layer (a sealed
+    /// channel: ECDH P-256 keys bound to this connection's DTLS
+    /// fingerprints, AES-256-GCM per message), for apps that store or
+    /// forward what they receive. The other end must seal it too; waits at
+    /// most `timeout` for its key.
+    pub async fn seal(
+        &self,
+        channel: crate::DataChannel,
+        timeout: Duration,
+    ) -> Result<crate::SealedChannel, crate::SealError> {
+        let stats = self.stats(channel.peer()).await.map_err(|_| crate::SealError::Closed)?;
+        let (ours, theirs) = stats.fingerprints.ok_or(crate::SealError::Closed)?;
+        crate::SealedChannel::open(channel, &ours, &theirs, timeout).await
+    }
+
     /// Traffic, RTT and selected path of the connection to `peer`.
     pub async fn stats(&self, peer: &PeerId) -> Result<PeerStats, Error> {
         self.call(|reply| Command::Stats { peer: peer.clone(), reply })

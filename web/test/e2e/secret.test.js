@@ -2,11 +2,13 @@
 // --room-secret`): two tabs and a native peer with the secret connect, chat,
 // and show the same safety number at both ends of each connection; a tab
 // opened without the secret connects to nobody; messages through the server
-// are sealed.
+// are sealed. A sealed channel between a tab and a native peer.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { run, setup, say, shot, until } from './harness.js';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { run, setup, say, shot, until, REPO } from './harness.js';
 
 /** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
@@ -73,5 +75,36 @@ test('a secret room: members connect end to end with matching safety numbers, a 
     native.proc.stdin.end();
     native.kill();
     await native.exit(10_000);
+  }
+});
+
+test('a sealed channel between a tab and a native peer: keys agreed over it, messages both ways', async () => {
+  const echo = spawn(join(REPO, 'target/debug/examples/sealed_echo'), [server.ws, 'sealed'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  echo.stdout.on('data', (d) => { out += d; });
+  try {
+    await until(() => out.includes('joined'), 20_000, 'the native end joined');
+    const page = await chrome.page(`${server.url}/`);
+    const replies = await page.evaluate(async () => {
+      const { Room } = await import('/lib/room.js');
+      const room = new Room({ server: location.origin, room: 'sealed', channels: [{ label: 'notes', reliability: 'reliable' }] });
+      /** @type {Promise<any>} */
+      const sealed = new Promise((ok, no) => room.on('channel_open', (ch) => { if (ch.label === 'notes') room.seal(ch).then(ok, no); }));
+      await room.join();
+      const s = await sealed;
+      /** @type {unknown[]} */
+      const got = [];
+      const two = new Promise((ok) => s.on('message', (/** @type {unknown} */ m) => { got.push(m instanceof Uint8Array ? [...m] : m); if (got.length === 2) ok(undefined); }));
+      await s.send('quiet please');
+      await s.send(new Uint8Array([1, 2, 3]));
+      await two;
+      room.leave();
+      return got;
+    });
+    assert.deepEqual(replies, ['QUIET PLEASE', [3, 2, 1]]);
+    assert.match(out, /sealed with p-/);
+    await page.close();
+  } finally {
+    echo.kill();
   }
 });
