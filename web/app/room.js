@@ -4,7 +4,9 @@
 // path), and files dropped to one peer or everyone (the transfer protocol
 // on a pair of channels per transfer, docs/PROTOCOL.md "Peers").
 
+import * as Y from 'yjs';
 import { Room } from '../lib/room.js';
+import { SharedDoc, docChannel } from '../lib/doc.js';
 import { reliable } from '../lib/channel.js';
 import { SendTransfer, ReceiveTransfer, ChannelLink } from '../lib/xfer.js';
 import { CTL_LABEL } from '../lib/transfer/wire.js';
@@ -24,9 +26,12 @@ const token = new URLSearchParams(location.search).get('token') ?? undefined;
 // which browsers never send to the server.
 const roomSecret = new URLSearchParams(location.hash.slice(1)).get('k') || undefined;
 $('e2e').hidden = !roomSecret;
-const room = new Room({ server: location.origin, room: roomName, name: myName, token, roomSecret, channels: [reliable('chat')] });
-// For the browser console (and the tests): the room this page runs.
-Object.assign(globalThis, { peerlinkRoom: room });
+const room = new Room({ server: location.origin, room: roomName, name: myName, token, roomSecret, channels: [reliable('chat'), docChannel('room')] });
+// The room's notes and whiteboard: one Y.js document shared over its own channel.
+const shared = new SharedDoc('room');
+shared.attach(room);
+// For the browser console (and the tests): the room and document this page runs.
+Object.assign(globalThis, { peerlinkRoom: room, peerlinkShared: shared, Y });
 /** @type {Map<string, Channel>} */
 const chats = new Map();
 /** @type {Map<string, { li: HTMLElement, state: string, path: string, safety: string }>} */
@@ -42,9 +47,12 @@ function error(text) {
   $('error').hidden = !text;
 }
 
+/** Names of members seen, kept after they leave (to say who left). @type {Map<string, string>} */
+const names = new Map();
+
 /** @param {string} peer */
 function nameOf(peer) {
-  return room.members.get(peer)?.name || peer;
+  return room.members.get(peer)?.name || names.get(peer) || peer;
 }
 
 /** @param {string} who @param {string} text @param {string} [cls] */
@@ -76,7 +84,8 @@ function renderPeers() {
   $('peers').dataset.count = String(peers.size);
 }
 
-room.on('peer_joined', ({ peer }) => {
+room.on('peer_joined', ({ peer, name }) => {
+  if (name) names.set(peer, name);
   const li = h('li', {});
   $('peers').append(li);
   peers.set(peer, { li, state: 'connecting', path: '', safety: '' });
@@ -267,6 +276,145 @@ function stopLocal(what) {
 for (const what of /** @type {const} */ (['camera', 'microphone', 'screen'])) {
   $(what).addEventListener('click', () => toggle(what));
 }
+
+// ---- notes and whiteboard (a Y.js document: Y.Text 'notes', Y.Array 'strokes') ----
+
+const COLORS = ['#0b66d6', '#c62828', '#1a7f37', '#8e24aa', '#ef6c00', '#00838f'];
+const myColor = COLORS[[...myName].reduce((n, c) => n + c.charCodeAt(0), 0) % COLORS.length];
+shared.awareness.setLocalState({ name: myName, color: myColor, cursor: null, pointer: null });
+const notes = shared.doc.getText('notes');
+const notesBox = /** @type {HTMLTextAreaElement} */ ($('notes'));
+let notesValue = '';
+
+// Local edits: the difference from what the box showed, as one change.
+notesBox.addEventListener('input', () => {
+  const next = notesBox.value;
+  let start = 0;
+  while (start < notesValue.length && start < next.length && notesValue[start] === next[start]) start++;
+  let endOld = notesValue.length;
+  let endNew = next.length;
+  while (endOld > start && endNew > start && notesValue[endOld - 1] === next[endNew - 1]) { endOld--; endNew--; }
+  shared.doc.transact(() => {
+    if (endOld > start) notes.delete(start, endOld - start);
+    if (endNew > start) notes.insert(start, next.slice(start, endNew));
+  }, 'local');
+  notesValue = next;
+});
+for (const ev of ['input', 'keyup', 'click', 'select']) {
+  notesBox.addEventListener(ev, () => shared.awareness.setLocalStateField('cursor', notesBox.selectionStart));
+}
+
+/** An index in the old text, moved by a change (`delta`) to the same place in the new. @param {number} i @param {any[]} delta */
+function moved(i, delta) {
+  let at = 0;
+  let shift = 0;
+  for (const d of delta) {
+    if (d.retain) at += d.retain;
+    else if (d.insert) { if (at < i) shift += typeof d.insert === 'string' ? d.insert.length : 1; }
+    else if (d.delete) { if (at < i) shift -= Math.min(d.delete, i - at); at += d.delete; }
+  }
+  return i + shift;
+}
+
+// Others' edits: shown without moving our caret off the text it was in.
+notes.observe((ev) => {
+  if (ev.transaction.origin === 'local') return;
+  const [a, b] = [moved(notesBox.selectionStart, ev.delta), moved(notesBox.selectionEnd, ev.delta)];
+  notesValue = notes.toString();
+  notesBox.value = notesValue;
+  if (document.activeElement === notesBox) notesBox.setSelectionRange(a, b);
+});
+
+/** Who else is here in the document, and where their caret is. */
+function renderEditors() {
+  const list = $('editors');
+  list.replaceChildren();
+  for (const [client, s] of shared.awareness.getStates()) {
+    if (client === shared.doc.clientID || !s?.name) continue;
+    const line = typeof s.cursor === 'number' ? notesValue.slice(0, s.cursor).split('\n').length : null;
+    const li = h('li', {}, [`${s.name}${line ? `, line ${line}` : ''}`]);
+    li.style.setProperty('--dot', s.color ?? '#888');
+    list.append(li);
+  }
+}
+
+const strokes = /** @type {Y.Array<{ c: string, p: number[] }>} */ (shared.doc.getArray('strokes'));
+const board = /** @type {HTMLCanvasElement} */ ($('board'));
+const pen = /** @type {CanvasRenderingContext2D} */ (board.getContext('2d'));
+/** @type {{ c: string, p: number[] } | null} the stroke being drawn (0..1 coordinates) */
+let drawing = null;
+
+/** @param {{ c: string, p: number[] }} s */
+function drawStroke(s) {
+  pen.strokeStyle = s.c;
+  pen.lineWidth = 3;
+  pen.lineCap = pen.lineJoin = 'round';
+  pen.beginPath();
+  for (let i = 0; i + 1 < s.p.length; i += 2) {
+    const [x, y] = [s.p[i] * board.width, s.p[i + 1] * board.height];
+    if (i === 0) pen.moveTo(x, y);
+    else pen.lineTo(x, y);
+  }
+  if (s.p.length === 2) pen.lineTo(s.p[0] * board.width + 0.1, s.p[1] * board.height);
+  pen.stroke();
+}
+
+function renderBoard() {
+  pen.clearRect(0, 0, board.width, board.height);
+  for (const s of strokes.toArray()) drawStroke(s);
+  if (drawing) drawStroke(drawing);
+  // Others' pointers.
+  for (const [client, s] of shared.awareness.getStates()) {
+    if (client === shared.doc.clientID || !s?.pointer) continue;
+    const [x, y] = [s.pointer.x * board.width, s.pointer.y * board.height];
+    pen.fillStyle = s.color ?? '#888';
+    pen.beginPath();
+    pen.arc(x, y, 5, 0, 2 * Math.PI);
+    pen.fill();
+    pen.font = '12px sans-serif';
+    pen.fillText(s.name ?? '', x + 8, y + 4);
+  }
+  board.dataset.strokes = String(strokes.length);
+}
+
+/** @param {PointerEvent} ev */
+const at = (ev) => {
+  const r = board.getBoundingClientRect();
+  return [Math.min(1, Math.max(0, (ev.clientX - r.left) / r.width)), Math.min(1, Math.max(0, (ev.clientY - r.top) / r.height))];
+};
+let lastPointer = 0;
+board.addEventListener('pointerdown', (ev) => {
+  board.setPointerCapture(ev.pointerId);
+  drawing = { c: myColor, p: at(ev) };
+  renderBoard();
+});
+board.addEventListener('pointermove', (ev) => {
+  const [x, y] = at(ev);
+  if (drawing) {
+    drawing.p.push(x, y);
+    renderBoard();
+  }
+  if (performance.now() - lastPointer > 50) {
+    lastPointer = performance.now();
+    shared.awareness.setLocalStateField('pointer', { x, y });
+  }
+});
+const endStroke = () => {
+  if (!drawing) return;
+  const done = drawing;
+  drawing = null;
+  strokes.push([{ c: done.c, p: done.p.map((v) => Math.round(v * 10000) / 10000) }]);
+};
+board.addEventListener('pointerup', endStroke);
+board.addEventListener('pointercancel', endStroke);
+board.addEventListener('pointerleave', () => shared.awareness.setLocalStateField('pointer', null));
+$('board-clear').addEventListener('click', () => strokes.delete(0, strokes.length));
+strokes.observe(renderBoard);
+shared.awareness.on('change', () => {
+  renderEditors();
+  renderBoard();
+});
+renderBoard();
 
 // ---- files ----
 

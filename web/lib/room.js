@@ -705,6 +705,14 @@ export class Room extends Emitter {
     return SealedChannel.open(channel, ours, theirs, opts);
   }
 
+  /** Open channels labelled `label`: one per connected peer. @param {string} label */
+  openChannels(label) {
+    return [...this.conns.values()].flatMap((c) => {
+      const ch = c.channels.get(label);
+      return ch && !ch.isClosed ? [ch] : [];
+    });
+  }
+
   /** @param {string} peer @returns {Promise<PeerStats | null>} */
   async stats(peer) {
     return (await this.conns.get(peer)?.stats()) ?? null;

@@ -2,7 +2,7 @@
 // files reachable from what web/lib imports (and their licenses), as they
 // are in node_modules. `peerlink serve` embeds them; CI runs this again and
 // checks that nothing changed (the committed copy is fresh).
-import { readFileSync, writeFileSync, mkdirSync, rmSync, readdirSync, statSync, copyFileSync } from 'node:fs';
+import { readFileSync, writeFileSync, mkdirSync, rmSync, readdirSync, statSync, copyFileSync, existsSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -26,20 +26,43 @@ function imports(file) {
   return [...text.matchAll(importRe)].map((m) => m[1] ?? m[2] ?? m[3]);
 }
 
+/** Packages whose bare specifiers the browser resolves through the import map. */
+const BARE = ['yjs', 'y-protocols', 'lib0'];
+/** Bare specifier -> file, for the import map (`vendor/importmap.json`). */
+const bare = new Map();
+
+/** A package's file for a bare specifier, by its `exports` (browser first). @param {string} spec */
+function resolveBare(spec) {
+  const [pkg, ...rest] = spec.split('/');
+  const json = JSON.parse(readFileSync(join(modules, pkg, 'package.json'), 'utf8'));
+  const sub = rest.length ? `./${rest.join('/')}` : '.';
+  /** @param {any} t @returns {string | undefined} */
+  const pick = (t) => (typeof t === 'string' ? t : t && (pick(t.browser) ?? pick(t.module) ?? pick(t.import) ?? pick(t.default)));
+  const target = pick(json.exports?.[sub]) ?? (sub === '.' ? json.module : `${sub}.js`);
+  return join(modules, pkg, target);
+}
+
 const needed = new Set();
 const queue = [];
 const visit = (spec, from) => {
   let file;
-  if (spec.startsWith('.')) file = resolve(dirname(from), spec);
-  else if (spec.startsWith('@noble/')) file = join(modules, spec);
-  else return;
+  if (spec.startsWith('.')) {
+    file = resolve(dirname(from), spec);
+    // `import('../x.js')` in a JSDoc type of a bundled file names no file.
+    if (!existsSync(file)) return;
+  } else if (spec.startsWith('@noble/')) file = join(modules, spec);
+  else if (BARE.includes(spec.split('/')[0])) {
+    file = resolveBare(spec);
+    bare.set(spec, file);
+  } else return;
   if (!needed.has(file)) {
     needed.add(file);
     queue.push(file);
   }
 };
+const isVendored = (/** @type {string} */ spec) => spec.startsWith('@noble/') || BARE.includes(spec.split('/')[0]);
 for (const f of [...jsFiles(join(web, 'lib')), ...jsFiles(join(web, 'app'))]) {
-  for (const spec of imports(f)) if (spec.startsWith('@noble/')) visit(spec, f);
+  for (const spec of imports(f)) if (isVendored(spec)) visit(spec, f);
 }
 while (queue.length) {
   const f = queue.shift();
@@ -49,7 +72,7 @@ rmSync(vendor, { recursive: true, force: true });
 const packages = new Set();
 for (const f of [...needed].sort()) {
   const rel = relative(modules, f);
-  packages.add(rel.split('/').slice(0, 2).join('/'));
+  packages.add(rel.split('/').slice(0, rel.startsWith('@') ? 2 : 1).join('/'));
   mkdirSync(dirname(join(vendor, rel)), { recursive: true });
   copyFileSync(f, join(vendor, rel));
 }
@@ -66,4 +89,8 @@ copyFileSync(join(qr, 'dist', 'qrcode.mjs'), join(vendor, 'qrcode-generator', 'q
 const qrVersion = JSON.parse(readFileSync(join(qr, 'package.json'), 'utf8')).version;
 writeFileSync(join(vendor, 'qrcode-generator', 'VERSION'), `qrcode-generator@${qrVersion} (npm, MIT), copied by web/scripts/vendor.mjs\n`);
 packages.add('qrcode-generator');
+// The bare specifiers the pages' import maps must resolve (checked by
+// test/unit/importmap.test.js against every page).
+const map = Object.fromEntries([...bare].sort(([a], [b]) => a.localeCompare(b)).map(([spec, f]) => [spec, `/vendor/${relative(modules, f)}`]));
+writeFileSync(join(vendor, 'importmap.json'), `${JSON.stringify({ imports: map }, null, 2)}\n`);
 console.log(`vendored ${needed.size} files of ${[...packages].join(', ')}`);

@@ -1,0 +1,80 @@
+// The room page's shared notes and whiteboard (a Y.js document over a data
+// channel per document): two tabs edit the notes at once and converge, a
+// stroke drawn in one appears in the other, each sees where the other is,
+// and a tab that left, edited alone and came back merges with what was
+// written meanwhile.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { setup, shot, until } from './harness.js';
+
+/** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
+let server;
+/** @type {Awaited<ReturnType<typeof import('./harness.js').browser>>} */
+let chrome;
+setup((s, c) => {
+  server = s;
+  chrome = c;
+});
+
+/** @typedef {import('playwright-core').Page} Page */
+
+const notes = (/** @type {Page} */ p) => p.inputValue('#notes');
+
+/** Types `text` at the end (or the start) of `p`'s notes. @param {Page} p @param {string} text */
+async function typeAt(p, where, text) {
+  await p.focus('#notes');
+  await p.keyboard.press(where === 'start' ? 'Control+Home' : 'Control+End');
+  await p.keyboard.type(text, { delay: 5 });
+}
+
+test('notes and whiteboard: concurrent edits converge, strokes and carets are shared, a tab that was away merges on return', async () => {
+  const a = await chrome.page(`${server.url}/room/notes?name=ann`);
+  const b = await chrome.page(`${server.url}/room/notes?name=ben`);
+  for (const p of [a, b]) await p.waitForSelector('#peers li[data-state="connected"]', { timeout: 20_000 });
+
+  await typeAt(a, 'end', 'Agenda');
+  await until(async () => (await notes(b)) === 'Agenda', 10_000, 'ben sees the notes');
+  // Both type at once, at either end: both edits everywhere, in one order.
+  await Promise.all([typeAt(a, 'end', ' and minutes'), typeAt(b, 'start', 'Team: ')]);
+  await until(async () => (await notes(a)) === (await notes(b)) && (await notes(a)).length === 'Team: Agenda and minutes'.length, 10_000, 'converged');
+  assert.equal(await notes(a), 'Team: Agenda and minutes');
+
+  // Each sees the other in the document, with the line their caret is on.
+  await b.waitForSelector('#editors li:has-text("ann")', { timeout: 10_000 });
+  await a.waitForSelector('#editors li:has-text("ben")', { timeout: 10_000 });
+
+  // A stroke drawn on Ann's board appears on Ben's.
+  await a.locator('#board').scrollIntoViewIfNeeded();
+  const box = /** @type {{ x: number, y: number, width: number, height: number }} */ (await a.locator('#board').boundingBox());
+  await a.mouse.move(box.x + 40, box.y + 40);
+  await a.mouse.down();
+  for (let i = 1; i <= 10; i++) await a.mouse.move(box.x + 40 + i * 20, box.y + 40 + i * 10);
+  await a.mouse.up();
+  await b.waitForSelector('#board[data-strokes="1"]', { timeout: 10_000 }).catch(async (e) => {
+    throw new Error(`${e.message}: ann has ${await a.getAttribute('#board', 'data-strokes')}, ben ${await b.getAttribute('#board', 'data-strokes')}, box ${JSON.stringify(box)}`);
+  });
+  const points = await b.evaluate(() => /** @type {any} */ (globalThis).peerlinkShared.doc.getArray('strokes').get(0).p.length);
+  assert.ok(points >= 20, `the whole stroke (${points / 2} points)`);
+  await shot(a, 'room-notes-board');
+
+  // Ben leaves, edits alone, and comes back with what he wrote.
+  await b.evaluate(() => /** @type {any} */ (globalThis).peerlinkRoom.leave());
+  await a.waitForSelector('#log li:has-text("ben left")', { timeout: 10_000 }).catch(async (e) => {
+    throw new Error(`${e.message}\nann's log: ${await a.textContent('#log')}`);
+  });
+  await typeAt(b, 'end', '\nben, offline');
+  await typeAt(a, 'start', '[draft] ');
+  assert.ok(!(await notes(a)).includes('offline'), 'not while away');
+  await b.evaluate(async () => {
+    const { Room } = await import('/lib/room.js');
+    const { docChannel } = await import('/lib/doc.js');
+    const room = new Room({ server: location.origin, room: 'notes', name: 'ben', channels: [docChannel('room')] });
+    /** @type {any} */ (globalThis).peerlinkShared.attach(room);
+    await room.join();
+  });
+  const merged = '[draft] Team: Agenda and minutes\nben, offline';
+  await until(async () => (await notes(a)) === merged && (await notes(b)) === merged, 15_000, 'merged on return');
+  await a.close();
+  await b.close();
+});

@@ -1,0 +1,114 @@
+// Shared documents (lib/doc.js): Y.js documents kept in sync over a pair
+// of linked channels with y-protocols' messages, as two tabs of a room do;
+// real Chromium runs the room page's notes and board in test/e2e/doc.test.js.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as Y from 'yjs';
+import { SharedDoc, DOC_PREFIX } from '../../lib/doc.js';
+import { Emitter } from '../../lib/events.js';
+
+/** A fake room with `channel_open` / `peer_left` and linked channels to other fake rooms. */
+class FakeRoom extends Emitter {
+  /** @param {string} id */
+  constructor(id) {
+    super();
+    this.id = id;
+    /** @type {any[]} */
+    this.open = [];
+  }
+  /** @param {string} label */
+  openChannels(label) { return this.open.filter((c) => c.label === label && !c.isClosed); }
+}
+
+/** Connects two fake rooms with a document channel; returns both ends. @param {FakeRoom} x @param {FakeRoom} y */
+function link(x, y, label = `${DOC_PREFIX}notes`) {
+  const end = (/** @type {string} */ peer) => Object.assign(new Emitter(), {
+    label, peer, isClosed: false, other: /** @type {any} */ (null), sent: 0,
+    async send(/** @type {Uint8Array} */ m) { if (this.isClosed) throw new Error('closed'); this.sent++; const o = this.other; queueMicrotask(() => o.isClosed || o.emit('message', m)); },
+    close() { this.isClosed = true; },
+  });
+  const cx = end(y.id);
+  const cy = end(x.id);
+  cx.other = cy;
+  cy.other = cx;
+  x.open.push(cx);
+  y.open.push(cy);
+  x.emit('channel_open', cx);
+  y.emit('channel_open', cy);
+  return [cx, cy];
+}
+
+const settle = () => new Promise((r) => setTimeout(r, 20));
+
+test('doc: edits made apart merge when two members meet, and later edits flow both ways', async () => {
+  const [ra, rb] = [new FakeRoom('a'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('notes'), new SharedDoc('notes')];
+  da.attach(/** @type {any} */ (ra));
+  db.attach(/** @type {any} */ (rb));
+  da.doc.getText('t').insert(0, 'from a');
+  db.doc.getText('t').insert(0, 'from b');
+  /** @type {string[]} */
+  const synced = [];
+  da.on('synced', ({ peer }) => synced.push(peer));
+  link(ra, rb);
+  await settle();
+  assert.equal(da.doc.getText('t').toString(), db.doc.getText('t').toString());
+  assert.match(da.doc.getText('t').toString(), /from a/);
+  assert.match(da.doc.getText('t').toString(), /from b/);
+  assert.deepEqual(synced, ['b']);
+  db.doc.getArray('strokes').push([{ c: '#000', p: [0, 0, 1, 1] }]);
+  await settle();
+  assert.deepEqual(da.doc.getArray('strokes').toJSON(), [{ c: '#000', p: [0, 0, 1, 1] }]);
+  da.destroy();
+  db.destroy();
+});
+
+test('doc: three members relay nothing twice; a member that goes takes its awareness with it; a bad message drops that channel only', async () => {
+  const rooms = ['a', 'b', 'c'].map((id) => new FakeRoom(id));
+  const docs = rooms.map(() => new SharedDoc('notes'));
+  docs.forEach((d, i) => d.attach(/** @type {any} */ (rooms[i])));
+  link(rooms[0], rooms[1]);
+  const [ac] = link(rooms[0], rooms[2]);
+  const [, cb] = link(rooms[1], rooms[2]);
+  docs[1].awareness.setLocalState({ name: 'b' });
+  docs[0].doc.getText('t').insert(0, 'x');
+  await settle();
+  for (const d of docs) assert.equal(d.doc.getText('t').toString(), 'x');
+  assert.ok([...docs[2].awareness.getStates().values()].some((s) => s?.name === 'b'));
+  // b goes: c forgets b's awareness.
+  rooms[2].emit('peer_left', { peer: 'b' });
+  assert.ok(![...docs[2].awareness.getStates().values()].some((s) => s?.name === 'b'));
+  // Garbage from a on c's channel: c drops that channel, keeps its document.
+  /** @type {string[]} */
+  const errors = [];
+  docs[2].on('error', ({ peer }) => errors.push(peer));
+  ac.other.emit('message', new Uint8Array([7, 7, 7]));
+  assert.deepEqual(errors, ['a']);
+  assert.equal(docs[2].channels.has('a'), false);
+  assert.equal(docs[2].doc.getText('t').toString(), 'x');
+  void cb;
+  docs.forEach((d) => d.destroy());
+});
+
+test('doc: the state survives detach and attach to another room (away and back)', async () => {
+  const [r1, r2, other] = [new FakeRoom('a1'), new FakeRoom('a2'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('notes'), new SharedDoc('notes', { doc: new Y.Doc() })];
+  da.attach(/** @type {any} */ (r1));
+  db.attach(/** @type {any} */ (other));
+  link(r1, other);
+  da.doc.getText('t').insert(0, 'shared');
+  await settle();
+  da.detach();
+  da.doc.getText('t').insert(6, ' (edited away)');
+  db.doc.getText('t').insert(0, '> ');
+  await settle();
+  assert.equal(db.doc.getText('t').toString(), '> shared');
+  da.attach(/** @type {any} */ (r2));
+  link(r2, other);
+  await settle();
+  assert.equal(da.doc.getText('t').toString(), '> shared (edited away)');
+  assert.equal(db.doc.getText('t').toString(), '> shared (edited away)');
+  da.destroy();
+  db.destroy();
+});

@@ -1,0 +1,4 @@
+/* eslint-env browser */
+
+export const subtle = crypto.subtle
+export const getRandomValues = crypto.getRandomValues.bind(crypto)
