@@ -4,6 +4,7 @@
 mod bench;
 mod chat;
 mod common;
+mod doc;
 mod ping;
 mod serve;
 mod transfer;
@@ -80,6 +81,12 @@ enum Command {
     /// Sign a join token for a server run with --join-secret (what an
     /// application backend does): prints it.
     Token(serve::TokenArgs),
+    /// Stay in ROOM keeping its shared documents (the room page's notes and
+    /// whiteboard) on disk, and serve them to peers that come later.
+    Keep(doc::KeepArgs),
+    /// Print the text of a shared document of ROOM (the room page's notes
+    /// by default) once a peer sent it; --follow prints every change.
+    Doc(doc::DocArgs),
     /// Measure the stack: two native peers through an in-process server on 127.0.0.1.
     Bench {
         #[command(subcommand)]
@@ -115,6 +122,14 @@ fn main() -> ExitCode {
                 chat::run(servers, join, ice.config()?).await.map(|()| None)
             }
             Command::Token(args) => serve::token(args).map(|()| None),
+            Command::Keep(args) => {
+                init_tracing("warn");
+                doc::keep(args).await.map(|()| None)
+            }
+            Command::Doc(args) => {
+                init_tracing("warn");
+                doc::doc(args).await.map(|()| None)
+            }
             Command::Send(args) => {
                 init_tracing("warn");
                 transfer::send::run(args).await.map(Some)

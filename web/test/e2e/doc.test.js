@@ -2,11 +2,14 @@
 // channel per document): two tabs edit the notes at once and converge, a
 // stroke drawn in one appears in the other, each sees where the other is,
 // and a tab that left, edited alone and came back merges with what was
-// written meanwhile.
+// written meanwhile. A native keeper keeps the notes for tabs that come
+// later, across its own restart, and `peerlink doc` prints them.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { setup, shot, until } from './harness.js';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { setup, shot, until, run, scratch } from './harness.js';
 
 /** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
@@ -77,4 +80,59 @@ test('notes and whiteboard: concurrent edits converge, strokes and carets are sh
   await until(async () => (await notes(a)) === merged && (await notes(b)) === merged, 15_000, 'merged on return');
   await a.close();
   await b.close();
+});
+
+test('a native keeper (`peerlink keep`) keeps the notes after every tab left, across its own restart; `peerlink doc` prints them', async () => {
+  const dir = scratch('keep');
+  const keepArgs = ['keep', 'kept', '--dir', dir, '--server', server.ws, '--ice-addr', '127.0.0.1', '--name', 'keeper'];
+  let keeper = run(keepArgs);
+  try {
+    await keeper.line((l) => l.startsWith('* keeping'), 20_000, 'keeping');
+    const a = await chrome.page(`${server.url}/room/kept?name=ann`);
+    const b = await chrome.page(`${server.url}/room/kept?name=ben`);
+    for (const p of [a, b]) await p.waitForFunction(() => document.querySelectorAll('#peers li[data-state="connected"]').length === 2, null, { timeout: 20_000 });
+    await until(() => keeper.lines.filter((l) => l.includes('opened peerlink-doc:room')).length === 2, 20_000, 'both tabs share with the keeper');
+    await typeAt(a, 'end', 'kept');
+    await until(async () => (await notes(b)) === 'kept', 10_000, 'ben has it');
+    // At once, at either end of what both have (two inserts into an empty
+    // text would be ordered by Y.js's tie-break, not by the test).
+    await Promise.all([typeAt(a, 'end', ' by the keeper'), typeAt(b, 'start', '# ')]);
+    const text = '# kept by the keeper';
+    await until(async () => (await notes(a)) === text && (await notes(b)) === text, 10_000, 'converged').catch(async (e) => {
+      throw new Error(`${e.message}: ann ${JSON.stringify(await notes(a))}, ben ${JSON.stringify(await notes(b))}\nkeeper: ${keeper.lines.join('\n')}\n${keeper.stderr}`);
+    });
+    // From a terminal, while the tabs are there.
+    const printed = run(['doc', 'kept', '--server', server.ws, '--ice-addr', '127.0.0.1']);
+    assert.equal(await printed.exit(30_000), 0, printed.stderr);
+    assert.equal(printed.lines.join('\n'), text);
+    await a.close();
+    await b.close();
+
+    // Every tab gone: a newcomer gets the notes from the keeper.
+    const c = await chrome.page(`${server.url}/room/kept?name=cy`);
+    await until(async () => (await notes(c)) === text, 20_000, 'the newcomer has the notes');
+    await typeAt(c, 'end', ', and more');
+    await until(() => keeper.lines.length > 0 && existsSync(join(dir, 'room.ydoc')), 5_000, 'a file');
+    await c.close();
+
+    // The keeper restarts from its folder.
+    keeper.kill();
+    await keeper.exit(10_000);
+    keeper = run(keepArgs);
+    await keeper.line((l) => l.startsWith('* keeping'), 20_000, 'keeping again');
+    const followed = run(['doc', 'kept', '--follow', '--server', server.ws, '--ice-addr', '127.0.0.1']);
+    const first = await followed.line((l) => l.startsWith('{'), 30_000, 'the text');
+    assert.equal(JSON.parse(first).text, `${text}, and more`);
+    const d = await chrome.page(`${server.url}/room/kept?name=dee`);
+    await until(async () => (await notes(d)) === `${text}, and more`, 20_000, 'after the restart');
+    // --follow prints each change.
+    await typeAt(d, 'end', '!');
+    await followed.line((l) => l.startsWith('{') && JSON.parse(l).text.endsWith('more!'), 10_000, 'the change followed');
+    followed.kill();
+    await followed.exit(10_000);
+    await d.close();
+  } finally {
+    keeper.kill();
+    await keeper.exit(10_000);
+  }
 });
