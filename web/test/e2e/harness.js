@@ -143,9 +143,17 @@ export async function browser({ media = true, loopback = true } = {}) {
   };
 }
 
-/** A scratch folder. @param {string} name */
+/** Scratch folders made by this test file's run, removed when it ends (sources and downloads of 100 MiB and more). */
+const scratchDirs = [];
+process.on('exit', () => {
+  for (const d of scratchDirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** A scratch folder, removed when the test process exits. @param {string} name */
 export function scratch(name) {
-  return mkdtempSync(join(tmpdir(), `peerlink-e2e-${name}-`));
+  const d = mkdtempSync(join(tmpdir(), `peerlink-e2e-${name}-`));
+  scratchDirs.push(d);
+  return d;
 }
 
 /** Pseudo-random bytes written to `path` in 1 MiB pieces (size in bytes). */
