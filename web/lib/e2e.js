@@ -12,6 +12,8 @@ import { extract, expand } from '@noble/hashes/hkdf.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import { concat } from './bytes.js';
 
+/** The shortest room secret accepted: 16 characters (a random one from {@link newRoomSecret}, 22 characters, has 128 bits). */
+export const MIN_ROOM_SECRET = 16;
 /** The key of a sealed server-routed message: `{"peerlink_e2e": "..."}`. */
 export const SEALED_KEY = 'peerlink_e2e';
 /**
@@ -69,6 +71,9 @@ export class OpenError extends Error {
 export class RoomSecret {
   /** @param {string} secret @param {string} room */
   constructor(secret, room) {
+    // The server sees what the keys MAC and seal: a short secret could be
+    // guessed offline.
+    if ([...secret].length < MIN_ROOM_SECRET) throw new Error(`a room secret needs at least ${MIN_ROOM_SECRET} characters of randomness (newRoomSecret() makes 22)`);
     this.room = room;
     this.prk = extract(sha256, utf8.encode(secret), utf8.encode('peerlink room v1'));
     this.sendKey = expand(sha256, this.prk, joined('send', room), 32);

@@ -540,10 +540,15 @@ export class Room extends Emitter {
   _serverMessage(from, data) {
     const d = /** @type {any} */ (data);
     if (this.secret && d && typeof d === 'object' && typeof d[REFUSED_KEY] === 'string') {
-      // A member refused what reached it as our signaling.
-      const reason = `it refused our signaling: ${d[REFUSED_KEY]}`;
-      this.conns.get(from)?._fail(reason);
-      this.emit('auth_failed', { peer: from, reason });
+      // A member refused what reached it as our signaling. Sealed messages
+      // carry no counter, so the server could replay an old notice: it
+      // only ends a connection not yet up.
+      const conn = this.conns.get(from);
+      if (conn?.state !== 'connected') {
+        const reason = `it refused our signaling: ${d[REFUSED_KEY]}`;
+        conn?._fail(reason);
+        this.emit('auth_failed', { peer: from, reason });
+      }
     } else if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === 'busy') {
       this._overlayDown(from);
     } else if (this.overlay && d && typeof d === 'object' && d[BUSY_KEY] === VIA_SERVER) {
@@ -773,6 +778,8 @@ class Conn {
     this.polite = polite;
     this.keys = keys;
     this.sendSeq = 0;
+    /** @type {Promise<unknown>} signed SDPs leave one after another */
+    this._signing = Promise.resolve();
     /** @type {number | null} */
     this.recvSeq = null;
     /** @type {ConnState} */
@@ -819,8 +826,8 @@ class Conn {
     this.remoteTracks = new Map();
     /** the peer rejected the media we offered (a native peer): no more offers of it */
     this.declinesMedia = false;
-    /** @type {Set<RTCRtpTransceiver>} transceivers taken by addTrack whose replaceTrack has not finished */
-    this.reused = new Set();
+    /** @type {Map<RTCRtpTransceiver, MediaStreamTrack>} transceivers taken by addTrack whose replaceTrack has not finished, and the track */
+    this.reused = new Map();
     pc.ontrack = ({ track, streams }) => this._remoteTrack(track, streams[0] ?? new MediaStream([track]));
     for (const [track, stream] of room.localTracks) this.addTrack(track, stream);
     pc.onconnectionstatechange = () => this._onState();
@@ -842,21 +849,30 @@ class Conn {
    */
   addTrack(track, stream) {
     if (this.declinesMedia || this.pc.signalingState === 'closed') return;
+    if (this.pc.getSenders().some((s) => s.track === track) || [...this.reused.values()].includes(track)) return;
     const free = this.pc.getTransceivers().find((t) => t.currentDirection !== 'stopped' && t.direction !== 'stopped' && t.mid !== null
       && t.receiver.track.kind === track.kind && !t.sender.track && !this.reused.has(t));
     if (!free) {
       this.pc.addTrack(track, stream);
       return;
     }
-    this.reused.add(free);
+    this.reused.set(free, track);
     free.direction = free.currentDirection === 'sendonly' || free.currentDirection === 'inactive' ? 'sendonly' : 'sendrecv';
     free.sender.setStreams(stream);
     free.sender.replaceTrack(track).catch((e) => console.warn(`peerlink: sending ${track.kind} to ${this.peer} failed`, e))
-      .finally(() => this.reused.delete(free));
+      .finally(() => { if (this.reused.get(free) === track) this.reused.delete(free); });
   }
 
   /** @param {MediaStreamTrack} track */
   removeTrack(track) {
+    // Still being put on a transceiver (its replaceTrack pending): undone
+    // after it (a transceiver's operations run in order).
+    for (const [t, pending] of this.reused) {
+      if (pending !== track) continue;
+      this.reused.delete(t);
+      t.direction = t.direction === 'sendrecv' ? 'recvonly' : 'inactive';
+      t.sender.replaceTrack(null).catch(() => {});
+    }
     for (const sender of this.pc.getSenders()) {
       if (sender.track !== track) continue;
       try {
@@ -931,14 +947,24 @@ class Conn {
    * @param {'offer' | 'answer'} kind
    * @param {string} sdp
    */
-  async _sendSdp(kind, sdp) {
+  _sendSdp(kind, sdp) {
     /** @type {Signal} */
     const signal = kind === 'offer' ? { kind: 'offer', sdp } : { kind: 'answer', sdp };
-    if (this.keys) {
-      signal.auth = await signSdp(this.keys.local, kind, this.sendSeq, sdp);
-      this.sendSeq += 1;
+    const keys = this.keys;
+    if (!keys) {
+      this.room._signal(this.peer, signal);
+      return Promise.resolve();
     }
-    this.room._signal(this.peer, signal);
+    // The number taken now and the signals sent in that order: an offer and
+    // an answer signed at once must not share one, nor overtake each other
+    // (the other side refuses a number that is not higher).
+    const seq = this.sendSeq++;
+    const sent = this._signing.then(async () => {
+      signal.auth = await signSdp(keys.local, kind, seq, sdp);
+      this.room._signal(this.peer, signal);
+    });
+    this._signing = sent.catch(() => {});
+    return sent;
   }
 
   /**

@@ -53,8 +53,10 @@ export class Sealer {
     /** @type {{ send: CryptoKey, recv: CryptoKey } | null} */
     this.keys = null;
     this.sendSeq = 0;
-    /** @type {number | null} */
-    this.recvSeq = null;
+    /** the counter the next message must carry */
+    this.recvNext = 0;
+    /** a message did not open: nothing after it is trusted */
+    this.broken = false;
   }
 
   /**
@@ -122,17 +124,28 @@ export class Sealer {
   }
 
   /**
-   * A message from the wire, opened (only in the order sent, each once).
-   * Calls must not overlap: the replay check counts on it.
+   * A message from the wire, opened: only the next one in the order sent
+   * (a replayed, reordered or missing message is refused), and nothing
+   * after one that did not open. Calls must not overlap.
    * @param {Uint8Array} wire
    * @returns {Promise<string | Uint8Array>}
    */
   async open(wire) {
-    if (!this.keys || wire[0] !== DATA || wire.length < 1 + NONCE_LEN + 1 + TAG_LEN) throw forged();
+    try {
+      return await this._openNext(wire);
+    } catch (e) {
+      this.broken = true;
+      throw e;
+    }
+  }
+
+  /** @param {Uint8Array} wire */
+  async _openNext(wire) {
+    if (this.broken || !this.keys || wire[0] !== DATA || wire.length < 1 + NONCE_LEN + 1 + TAG_LEN) throw forged();
     const nonce = wire.slice(1, 1 + NONCE_LEN);
     const view = new DataView(nonce.buffer);
     const seq = Number(view.getBigUint64(4, false));
-    if (view.getUint32(0) !== 0 || (this.recvSeq !== null && seq <= this.recvSeq)) throw forged();
+    if (view.getUint32(0) !== 0 || seq !== this.recvNext) throw forged();
     let plain;
     try {
       plain = new Uint8Array(await subtle().decrypt({ name: 'AES-GCM', iv: nonce, additionalData: utf8.encode(this.label) }, this.keys.recv, /** @type {BufferSource} */ (wire.slice(1 + NONCE_LEN))));
@@ -152,7 +165,7 @@ export class Sealer {
     } else {
       throw forged();
     }
-    this.recvSeq = seq;
+    this.recvNext = seq + 1;
     return msg;
   }
 }
@@ -211,17 +224,25 @@ export class SealedChannel extends Emitter {
     };
     // Listening before anything is awaited: the other side's key may be
     // on its way already (a browser channel keeps no message for later).
-    channel.on('message', onMessage);
-    const sealer = await Sealer.create(channel.label, ours, theirs);
-    await channel.send(sealer.hello());
+    const unlisten = channel.on('message', onMessage);
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     let timer;
-    const theirsHello = await Promise.race([
-      hello,
-      new Promise((_, no) => { timer = setTimeout(() => no(new SealError('timeout', `the other side's key did not arrive within ${timeoutMs} ms`)), timeoutMs); }),
-    ]).finally(() => clearTimeout(timer));
-    await sealer.handleHello(/** @type {Uint8Array} */ (theirsHello));
-    sealed = new SealedChannel(channel, sealer);
+    try {
+      const sealer = await Sealer.create(channel.label, ours, theirs);
+      await channel.send(sealer.hello());
+      const theirsHello = await Promise.race([
+        hello,
+        new Promise((_, no) => { timer = setTimeout(() => no(new SealError('timeout', `the other side's key did not arrive within ${timeoutMs} ms`)), timeoutMs); }),
+      ]);
+      await sealer.handleHello(/** @type {Uint8Array} */ (theirsHello));
+      sealed = new SealedChannel(channel, sealer);
+    } catch (e) {
+      // Not sealed: stop listening (nothing piles up for nobody).
+      unlisten();
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
     for (const b of early) sealed._receive(b);
     return sealed;
   }

@@ -419,7 +419,11 @@ export class SendTransfer extends Emitter {
                 for (let c = out.from; c < out.from + out.count; c++) hashes.push(await chunkHashAsync(await this._read(out.file, c)));
                 if (mine === session) this.sender.hashesComputed(out.file, out.from, hashes);
                 pump();
-              }).catch((e) => { this._readFailed(out.file, e); pump(); });
+              }).catch((e) => {
+                if (mine !== session) return;
+                this._readFailed(out.file, e);
+                pump();
+              });
               break;
             case 'send': {
               // Read now (within the read-ahead), send in turn. A Blob's
@@ -427,15 +431,21 @@ export class SendTransfer extends Emitter {
               // fails to read, NotReadableError: 'changed' below), so the
               // hash the receiver has from the 'hash' step still holds:
               // no second hash, unlike the CLI reading a live file.
+              // A read that fails resolves to its error, kept apart from the
+              // channel's own errors (which the link reports and recovers).
               const prepared = slots.take().then(async () => {
                 if (mine !== session) return null;
-                return this._read(out.file, out.chunk);
+                return this._read(out.file, out.chunk).catch((e) => ({ readError: e }));
               });
-              prepared.catch(() => {}); // handled in turn, below
               sending = sending.then(async () => {
                 try {
                   const bytes = await prepared;
                   if (mine !== session || !data || bytes === null) return;
+                  if ('readError' in bytes) {
+                    this._readFailed(out.file, bytes.readError);
+                    pump();
+                    return;
+                  }
                   this.current = this.manifest.file(out.file)?.path ?? '';
                   this.currentIndex = out.file;
                   const max = Math.min(FRAME_MAX, data.maxMessageSize);
@@ -449,14 +459,7 @@ export class SendTransfer extends Emitter {
                 } finally {
                   slots.give();
                 }
-              }).catch((e) => {
-                // A closed channel is reported by the link; a file that
-                // cannot be read ends the transfer.
-                if (mine === session && e instanceof DOMException) {
-                  this._readFailed(out.file, e);
-                  pump();
-                }
-              });
+              }).catch(() => { /* the channel closed: the link reports it */ });
               break;
             }
             case 'accepted':

@@ -101,7 +101,9 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
                 }
                 Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
                 Some(Event::AuthFailed { peer, reason }) => {
-                    println!("* refused {}: its signaling is not from a member with the room secret ({reason})", who(&names, &peer));
+                    // What we found wrong with its signaling, or (a sealed
+                    // notice) what it found wrong with ours.
+                    println!("* refused {}: {reason}", who(&names, &peer));
                 }
                 Some(Event::ServerMessageRefused { from, reason }) => {
                     println!("* refused a message from {} through the server: {reason}", who(&names, &from));

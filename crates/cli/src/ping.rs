@@ -25,6 +25,10 @@ pub struct PingArgs {
     /// Join token for servers that require one (`peerlink token`).
     #[arg(long, env = "PEERLINK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// An end-to-end encrypted room: the secret every member shares. Peers
+    /// without it are refused.
+    #[arg(long, env = "PEERLINK_ROOM_SECRET", hide_env_values = true)]
+    room_secret: Option<String>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -138,6 +142,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
     config.ice = args.ice.config()?;
     config.token = args.token.clone();
+    config.room_secret = args.room_secret.clone();
     config.channels = vec![ChannelSpec::reliable(LABEL)];
     let t0 = Instant::now();
     let mut room =
@@ -353,6 +358,7 @@ async fn overlay(args: PingArgs) -> anyhow::Result<bool> {
     let mut config = RoomConfig::new(args.server.clone(), args.room.clone());
     config.ice = args.ice.config()?;
     config.token = args.token.clone();
+    config.room_secret = args.room_secret.clone();
     config.overlay = Some(OverlayConfig::default());
     let t0 = Instant::now();
     let mut room =

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Proc;
+use common::{Proc, serve};
 
 #[test]
 fn chat_between_two_processes_and_clean_shutdown() {
@@ -88,6 +88,69 @@ fn ping_through_the_embedded_turn_server() {
         assert!(result["gathering"].as_str().unwrap().contains("relay from 127.0.0.1"), "{result}");
         assert_eq!(p.wait_exit(), 0);
     }
+}
+
+/// `peerlink ping --room-secret`: two pings with the room's secret connect
+/// and every message arrives; a third with another secret in the same room
+/// connects to nobody (its offers are refused) and says so.
+#[test]
+fn ping_in_a_secret_room_connects_members_only() {
+    let server = serve();
+    let ping = |secret: &str, timeout: &str| {
+        Proc::spawn(&[
+            "ping",
+            "vault",
+            "--server",
+            &server.url,
+            "--ice-addr",
+            "127.0.0.1",
+            "--json",
+            "--room-secret",
+            secret,
+            "--timeout",
+            timeout,
+        ])
+    };
+    let (mut a, mut b) = (ping("right-9vQ2bYtR7mLp0sZ4A", "30s"), ping("right-9vQ2bYtR7mLp0sZ4A", "30s"));
+    for p in [&mut a, &mut b] {
+        let result = p.expect_event("result", |_| true);
+        assert_eq!(result["ok"], true, "{result}");
+        assert_eq!(result["peers"][0]["received"].as_u64(), Some(10), "{result}");
+        assert_eq!(p.wait_exit(), 0);
+    }
+    // Alone with a member holding another secret.
+    let mut keeper = Proc::spawn(&[
+        "chat",
+        "vault2",
+        "--server",
+        &server.url,
+        "--ice-addr",
+        "127.0.0.1",
+        "--room-secret",
+        "right-9vQ2bYtR7mLp0sZ4A",
+    ]);
+    keeper.expect("* joined");
+    let mut wrong = Proc::spawn(&[
+        "ping",
+        "vault2",
+        "--server",
+        &server.url,
+        "--ice-addr",
+        "127.0.0.1",
+        "--json",
+        "--room-secret",
+        "wrong-9vQ2bYtR7mLp0sZ4A",
+        "--timeout",
+        "5s",
+    ]);
+    let result = wrong.expect_event("result", |_| true);
+    assert_eq!(result["ok"], false, "{result}");
+    assert_ne!(wrong.wait_exit(), 0);
+    keeper.expect_line("a refusal", |l| {
+        l.starts_with("* refused") && l.contains("the offer was modified in transit")
+    });
+    keeper.terminate();
+    keeper.wait_exit();
 }
 
 /// `peerlink ping --overlay` in a large room (the server lists a sample of

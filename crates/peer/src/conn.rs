@@ -412,7 +412,9 @@ impl PeerConn {
         if self.mid.is_none() {
             self.mid = first_mid(&sdp);
         }
-        if let Some(fp) = crate::e2e::sdp_fingerprint(&sdp) {
+        if self.fingerprints.0.is_none()
+            && let Some(fp) = crate::e2e::sdp_fingerprint(&sdp)
+        {
             self.fingerprints.0 = Some(fp.to_string());
         }
         let auth = self.keys.as_ref().map(|k| k.sign(kind, self.send_seq, &sdp));
@@ -629,7 +631,12 @@ impl PeerConn {
     }
 
     fn remote_description_set(&mut self, sdp: &str, now: Instant) {
-        if let Some(fp) = crate::e2e::sdp_fingerprint(sdp) {
+        // The first one only: str0m checks the DTLS certificate against the
+        // first remote fingerprint and ignores later ones, so the safety
+        // number must not follow a later SDP's line.
+        if self.fingerprints.1.is_none()
+            && let Some(fp) = crate::e2e::sdp_fingerprint(sdp)
+        {
             self.fingerprints.1 = Some(fp.to_string());
         }
         let first = !self.have_remote_description;

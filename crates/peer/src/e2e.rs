@@ -16,6 +16,10 @@ use sha2::{Digest, Sha256};
 use crate::PeerId;
 use crate::auth::SignalKeys;
 
+/// The shortest room secret accepted: 16 characters (a random one from the
+/// web app, 22 base64url characters, has 128 bits).
+pub const MIN_ROOM_SECRET: usize = 16;
+
 /// The key of a sealed server-routed message: `{"peerlink_e2e": "..."}`.
 pub const SEALED_KEY: &str = "peerlink_e2e";
 /// In a secret room, a member that refused a peer's offer or answer tells

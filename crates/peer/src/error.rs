@@ -1,5 +1,6 @@
 //! The peer library's errors.
 
+use crate::e2e::MIN_ROOM_SECRET;
 use std::time::Duration;
 
 use peerlink_proto::{ErrorCode, PeerId};
@@ -82,6 +83,12 @@ pub enum Error {
     /// The room was left, or its driver stopped.
     #[error("the room was left or its driver stopped")]
     RoomClosed,
+    /// A room secret too short to resist guessing: the server sees what
+    /// it MACs and seals, so it could test guesses offline.
+    #[error(
+        "a room secret needs at least {MIN_ROOM_SECRET} characters of randomness (the web app makes 22); this one has {0}"
+    )]
+    WeakRoomSecret(usize),
     /// `broadcast` and `send` need a room joined with an overlay
     /// (`RoomConfig::overlay`); other rooms use their channels.
     #[error("this room has no overlay: join with RoomConfig::overlay set to broadcast or send")]

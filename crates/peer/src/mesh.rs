@@ -452,10 +452,18 @@ impl Mesh {
                 if self.config.secret.is_some()
                     && let Some(reason) = data.get(crate::e2e::REFUSED_KEY).and_then(|r| r.as_str())
                 {
-                    // A member refused what reached it as our signaling.
-                    let reason = format!("it refused our signaling: {reason}");
-                    self.drop_conn(&from);
-                    self.emit(Event::AuthFailed { peer: from, reason });
+                    // A member refused what reached it as our signaling. Sealed
+                    // messages carry no counter, so the server could replay an
+                    // old notice: it only ends a connection not yet up.
+                    let up = self.peers.get(&from).is_some_and(|st| st.conn.state() == ConnState::Connected);
+                    if !up {
+                        let reason = format!("it refused our signaling: {reason}");
+                        self.drop_conn(&from);
+                        // Failed, as the application and the overlay (which
+                        // may wait on this connection) must hear.
+                        self.emit(Event::StateChanged { peer: from.clone(), state: ConnState::Failed });
+                        self.emit(Event::AuthFailed { peer: from, reason });
+                    }
                     return;
                 }
                 if self.overlay_server_message(&from, &data, now) {

@@ -144,6 +144,11 @@ impl Room {
     /// Connects to the signaling server, joins the room and starts connecting
     /// to everyone in it.
     pub async fn join(config: RoomConfig) -> Result<Room, Error> {
+        if let Some(s) = &config.room_secret
+            && s.chars().count() < crate::e2e::MIN_ROOM_SECRET
+        {
+            return Err(Error::WeakRoomSecret(s.chars().count()));
+        }
         let addrs = config.ice.host_addrs()?;
         let sockets = gather::bind(&addrs).await?;
         let dtls_cert = tokio::task::spawn_blocking(crate::conn::generate_dtls_cert).await.ok().flatten();

@@ -50,7 +50,10 @@ pub struct Sealer {
     theirs_fp: String,
     keys: Option<(LessSafeKey, LessSafeKey)>,
     send_seq: u64,
-    recv_seq: Option<u64>,
+    /// The counter the next message must carry.
+    recv_next: u64,
+    /// A message did not open: nothing after it is trusted.
+    broken: bool,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -77,7 +80,8 @@ impl Sealer {
             theirs_fp: theirs.to_string(),
             keys: None,
             send_seq: 0,
-            recv_seq: None,
+            recv_next: 0,
+            broken: false,
         })
     }
 
@@ -147,8 +151,21 @@ impl Sealer {
         out
     }
 
-    /// A message from the wire, opened: only in the order sent, each once.
+    /// A message from the wire, opened: only the next one in the order sent
+    /// (a replayed, reordered or missing message is refused), and nothing
+    /// after one that did not open.
     pub fn open(&mut self, wire: &[u8]) -> Result<Message, SealError> {
+        let opened = self.open_next(wire);
+        if opened.is_err() {
+            self.broken = true;
+        }
+        opened
+    }
+
+    fn open_next(&mut self, wire: &[u8]) -> Result<Message, SealError> {
+        if self.broken {
+            return Err(SealError::Forged);
+        }
         let (_, recv) = self.keys.as_ref().ok_or(SealError::Forged)?;
         let [DATA, rest @ ..] = wire else { return Err(SealError::Forged) };
         if rest.len() < NONCE_LEN + 1 + AES_256_GCM.tag_len() {
@@ -156,7 +173,7 @@ impl Sealer {
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let seq = u64::from_be_bytes(nonce[4..].try_into().expect("8 bytes"));
-        if nonce[..4] != [0; 4] || self.recv_seq.is_some_and(|last| seq <= last) {
+        if nonce[..4] != [0; 4] || seq != self.recv_next {
             return Err(SealError::Forged);
         }
         let mut buf = sealed.to_vec();
@@ -169,7 +186,7 @@ impl Sealer {
             [0, bytes @ ..] => Message::Binary(bytes.to_vec()),
             _ => return Err(SealError::Forged),
         };
-        self.recv_seq = Some(seq);
+        self.recv_next = seq + 1;
         Ok(msg)
     }
 }
@@ -268,11 +285,20 @@ mod tests {
             unhex(v["b_text_seq0"]["wire_hex"].as_str().unwrap())
         );
         assert_eq!(b.open(&text), Ok(Message::Text("hello, sealed".into())));
-        // Replayed, or out of order: refused.
-        assert_eq!(b.open(&text), Err(SealError::Forged));
         assert_eq!(b.open(&bytes), Ok(Message::Binary(vec![0x00, 0xff, 0x10])));
         let back = unhex(v["b_text_seq0"]["wire_hex"].as_str().unwrap());
         assert_eq!(a.open(&back), Ok(Message::Text("and back".into())));
+        // Replayed: refused, and nothing after it opens.
+        assert_eq!(a.open(&back), Err(SealError::Forged));
+        let next = b.seal(&Message::Text("next".into()));
+        assert_eq!(a.open(&next), Err(SealError::Forged));
+        // Reordered (the second before the first) or one missing: refused.
+        let (mut a, mut b) = pair(&v);
+        a.handle_hello(&b.hello()).unwrap();
+        b.handle_hello(&a.hello()).unwrap();
+        let _first = a.seal(&Message::Text("1".into()));
+        let second = a.seal(&Message::Text("2".into()));
+        assert_eq!(b.open(&second), Err(SealError::Forged));
     }
 
     #[test]

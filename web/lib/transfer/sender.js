@@ -26,8 +26,10 @@ export const MAX_QUEUED_WANT_RANGES = 1 << 16;
  *   | { type: 'finished' }
  *   | { type: 'cancelled', code: CancelCode, reason: string, byPeer: boolean }} SenderOutput
  * `hash`: read and hash chunks from..from+count, then hashesComputed (or readFailed).
- * `send`: read `len` bytes at `offset`, check their hash is `expected` (else
- * cancel('changed')), send them as data frames, in order.
+ * `send`: read `len` bytes at `offset`, make sure they are the bytes whose
+ * hash is `expected` (else cancel('changed'): the CLI hashes them again; a
+ * browser's File cannot change without failing to read), send them as data
+ * frames, in order.
  */
 
 const STATES = { idle: 'no session has started', offering: 'waiting for accept or decline', accepted: 'sending', finished: 'finished', declined: 'declined', cancelled: 'cancelled' };

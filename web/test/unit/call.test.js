@@ -20,7 +20,7 @@ class FakeTransceiver {
       /** @type {any} */ track: null,
       /** @type {any[]} */ streams: [],
       setStreams(/** @type {any[]} */ ...s) { this.streams = s; },
-      async replaceTrack(/** @type {any} */ t) { this.track = t; },
+      async replaceTrack(/** @type {any} */ t) { await null; this.track = t; }, // settles later, as a browser's does
     };
   }
 }
@@ -136,6 +136,29 @@ test('call: a camera turned off and on again, or sent back on the m-line the pee
   assert.equal(theirs.direction, 'sendrecv');
   fresh.room.addTrack(/** @type {any} */ (track('audio')), stream);
   assert.deepEqual(other.transceivers.map((t) => t.receiver.track.kind), ['video', 'audio']);
+});
+
+test('call: a camera turned off before it was on (replaceTrack pending) ends off, and a track added twice is sent once', async () => {
+  const { room, join } = meshRoom();
+  const pc = join('p1');
+  const stream = /** @type {any} */ ({ id: 's' });
+  const theirs = new FakeTransceiver('video', '0');
+  theirs.direction = 'recvonly';
+  theirs.currentDirection = 'recvonly';
+  pc.transceivers.push(theirs);
+  const cam = track('video');
+  room.addTrack(/** @type {any} */ (cam), stream);
+  room.removeTrack(/** @type {any} */ (cam)); // before replaceTrack settled
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(theirs.sender.track, null, 'not sending the camera that was turned off');
+  assert.equal(theirs.direction, 'recvonly');
+  // The m-line is free again for the next camera.
+  const again = track('video');
+  room.addTrack(/** @type {any} */ (again), stream);
+  room.addTrack(/** @type {any} */ (again), stream);
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(pc.transceivers.length, 1);
+  assert.equal(theirs.sender.track, again);
 });
 
 test('call: a peer that rejects the media m-lines (a native peer) is offered no media again, and keeps its connection', async () => {

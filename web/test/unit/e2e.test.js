@@ -26,7 +26,7 @@ test('e2e: keys and SDP tags match the vectors', async () => {
   assert.equal(tag.mac, v.sdp_tag_a_offer_seq0_hex);
   assert.equal((await signSdp(kb.local, 'answer', 3, v.sdp_example)).mac, v.sdp_tag_b_answer_seq3_hex);
   assert.ok(await verifySdp(kb.remote, 'offer', v.sdp_example, tag));
-  const wrong = new RoomSecret('another secret', v.room).signalKeys(v.b, v.a);
+  const wrong = new RoomSecret('another secret, as long', v.room).signalKeys(v.b, v.a);
   assert.ok(!(await verifySdp(wrong.remote, 'offer', v.sdp_example, tag)));
 });
 
@@ -43,7 +43,7 @@ test('e2e: a sealed message matches the vector; anything else is refused', async
   const refused = (p, code) => assert.rejects(p, (e) => e instanceof OpenError && e.code === code);
   await refused(s.open(v.b, v.a, m.sealed), 'forged');
   await refused(new RoomSecret(v.secret, 'other').open(v.a, v.b, m.sealed), 'forged');
-  await refused(new RoomSecret('nope', v.room).open(v.a, v.b, m.sealed), 'forged');
+  await refused(new RoomSecret('nope, not this one either', v.room).open(v.a, v.b, m.sealed), 'forged');
   const text = m.sealed[SEALED_KEY];
   await refused(s.open(v.a, v.b, { [SEALED_KEY]: `${text.slice(0, -1)}${text.endsWith('A') ? 'B' : 'A'}` }), 'forged');
   await refused(s.open(v.a, v.b, m.data), 'not_sealed');
@@ -57,6 +57,7 @@ test('e2e: safety numbers match the vector at both ends; new secrets are 22 char
   assert.equal(safetyNumber(v.fingerprint_b, v.fingerprint_a), v.safety_number);
   assert.equal(sdpFingerprint(v.sdp_example), v.fingerprint_a);
   assert.match(newRoomSecret(), /^[A-Za-z0-9_-]{22}$/);
+  assert.throws(() => new RoomSecret('short', 'r'), /at least 16 characters/);
   assert.notEqual(newRoomSecret(), newRoomSecret());
 });
 

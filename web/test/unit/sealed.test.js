@@ -37,9 +37,17 @@ test('sealed: the wire matches the vectors both ways; replays and reordering are
   assert.equal(toHex(bytes), v.a_binary_seq1.wire_hex);
   assert.equal(toHex(await b.seal('and back')), v.b_text_seq0.wire_hex);
   assert.equal(await b.open(text), 'hello, sealed');
-  await assert.rejects(b.open(text), (e) => e instanceof SealError && e.code === 'forged');
   assert.deepEqual(await b.open(bytes), hex('00ff10'));
   assert.equal(await a.open(hex(v.b_text_seq0.wire_hex)), 'and back');
+  // Replayed: refused, and nothing after it opens.
+  await assert.rejects(a.open(hex(v.b_text_seq0.wire_hex)), (e) => e instanceof SealError && e.code === 'forged');
+  await assert.rejects(a.open(await b.seal('next')), (e) => e instanceof SealError && e.code === 'forged');
+  // Reordered (the second before the first), or one missing: refused.
+  const { a: x, b: y } = await pair();
+  await x.handleHello(y.hello());
+  await y.handleHello(x.hello());
+  await x.seal('1');
+  await assert.rejects(y.open(await x.seal('2')), (e) => e instanceof SealError && e.code === 'forged');
 });
 
 test('sealed: another DTLS session, a flipped bit, a cut message or a hello that is not a key do not open', async () => {
@@ -103,4 +111,8 @@ test('sealed channel: no key from the other side within the timeout', async () =
   const [x] = linked();
   x.other = new Emitter(); // nobody answers
   await assert.rejects(SealedChannel.open(/** @type {any} */ (x), v.fingerprint_a, v.fingerprint_b, { timeoutMs: 50 }), (e) => e instanceof SealError && e.code === 'timeout');
+  // It stopped listening: a second try gets the next message as its key.
+  const again = SealedChannel.open(/** @type {any} */ (x), v.fingerprint_a, v.fingerprint_b, { timeoutMs: 50 });
+  x.emit('message', new Uint8Array([9]));
+  await assert.rejects(again, (e) => e instanceof SealError && e.code === 'bad_hello');
 });
