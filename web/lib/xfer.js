@@ -27,6 +27,8 @@ import { chunkHashAsync, toHex } from './transfer/hash.js';
 export const PAIRING_TIMEOUT_MS = 60_000;
 /** Largest data frame sent (header included); the CLI sends the same. */
 const FRAME_MAX = 64 * 1024;
+/** Messages a transfer channel keeps until its twin opens (the other side's first control messages). */
+const MAX_EARLY_MESSAGES = 256;
 /** Chunks a sender reads and checks ahead of its channel (memory: this many chunks). */
 const READ_AHEAD = 4;
 
@@ -243,6 +245,8 @@ export class ChannelLink extends Emitter {
     this.opener = opts.open ?? false;
     /** @type {(() => void)[]} */
     this._offs = [];
+    /** @type {Map<Channel, { early: unknown[], off: () => void }>} messages that came before both channels were here */
+    this._early = new Map();
     if (opts.first) this._take(opts.first);
   }
 
@@ -254,8 +258,25 @@ export class ChannelLink extends Emitter {
     ch.on('close', () => {
       if (this.chans[i] === ch) this.emit('ended', { error: new TransferError('failed', 'The connection to the other side closed.', { byPeer: true }) });
     });
+    // The other side may start on one channel before this side saw the
+    // other open (two SCTP streams, no order between them), and a browser
+    // channel keeps no message for later: keep them (bounded) for whoever
+    // listens once both are here.
+    /** @type {unknown[]} */
+    const early = [];
+    const off = ch.on('message', (m) => { if (early.length < MAX_EARLY_MESSAGES) early.push(m); });
+    this._early.set(ch, { early, off });
     const [ctl, data] = this.chans;
-    if (ctl && data) this.emit('open', { ctl, data, peer: this.peer });
+    if (ctl && data) {
+      this.emit('open', { ctl, data, peer: this.peer });
+      for (const c of [ctl, data]) {
+        const kept = this._early.get(c);
+        if (!kept) continue;
+        this._early.delete(c);
+        kept.off();
+        for (const m of kept.early) c.emit('message', /** @type {any} */ (m));
+      }
+    }
   }
 
   async start() {
