@@ -26,6 +26,8 @@ use serde_json::Value;
 const SERVER: &str = "ws://203.0.113.10:8080/ws";
 const LISTENING: &str = "listening on 203.0.113.10:8080";
 const COTURN_PORT: &str = "3479";
+/// The longest a stream may stall in the link-cut case (cable out 5 s).
+const MAX_LINK_CUT_STALL_MS: f64 = 6_500.0;
 /// Messages each side sends in a connect case, 20 ms apart.
 const COUNT: u64 = 20;
 
@@ -256,6 +258,16 @@ impl Lab {
             }
             if results.iter().all(|r| r.recovered_ms.is_none()) {
                 return Err("no side reports recovered_ms".into());
+            }
+            // The stream stalls while the cable is out, plus the time to see
+            // the path back: retransmission timers back off to at most 1 s
+            // and start again when the other side is heard (sctp-proto
+            // change 7). Before that it stalled 6-7 s.
+            if let Some(r) = results.iter().find(|r| r.longest_gap_ms > MAX_LINK_CUT_STALL_MS) {
+                return Err(format!(
+                    "the stream stalled {:.0} ms for a 5 s cable pull (at most {MAX_LINK_CUT_STALL_MS} ms expected)",
+                    r.longest_gap_ms
+                ));
             }
             Ok(results)
         });

@@ -22,6 +22,56 @@ const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Remote candidates held while no remote description is set.
 const MAX_EARLY_CANDIDATES: usize = 64;
 
+/// The label of the channel on which connected peers signal to each other
+/// (PROTOCOL.md "Signaling between connected peers"): the side that makes
+/// the first offer opens it; it is never shown to the application.
+pub const SIGNAL_LABEL: &str = "peerlink-signal";
+
+/// An offer through the server that has had no answer for this long is
+/// taken as lost (the server may drop a message for a member that is
+/// reconnecting) and made again.
+const OFFER_LOST_AFTER: Duration = Duration::from_secs(15);
+
+/// A message on the signaling channel (PROTOCOL.md "Signaling between
+/// connected peers"; `fixtures/peer/signal-channel.json`).
+#[derive(Debug, PartialEq)]
+enum ChannelSignal {
+    /// The sender reads signals on the channel.
+    Hello,
+    /// An offer, answer, candidate or end-of-candidates, as through the server.
+    Signal(Signal),
+    /// Unreadable, or a kind this version does not know.
+    Ignored(String),
+}
+
+impl ChannelSignal {
+    const HELLO: &'static [u8] = br#"{"kind":"hello"}"#;
+
+    fn parse(data: &[u8]) -> ChannelSignal {
+        let value: serde_json::Value = match serde_json::from_slice(data) {
+            Ok(v) => v,
+            Err(e) => return ChannelSignal::Ignored(format!("unreadable message: {e}")),
+        };
+        if value.get("kind").and_then(|k| k.as_str()) == Some("hello") {
+            return ChannelSignal::Hello;
+        }
+        match serde_json::from_value::<Signal>(value) {
+            Ok(Signal::Unknown) => ChannelSignal::Ignored("a signal kind this version does not know".into()),
+            Ok(signal) => ChannelSignal::Signal(signal),
+            Err(e) => ChannelSignal::Ignored(format!("unreadable signal: {e}")),
+        }
+    }
+}
+
+/// The way a signal travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Through the signaling server.
+    Server,
+    /// On the connection's own signaling channel.
+    Channel(ChannelId),
+}
+
 /// Connection state as the application sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConnState {
@@ -120,6 +170,31 @@ pub(crate) struct PeerConn {
     polite: bool,
     /// Our outstanding offer and the channels it carries.
     pending: Option<(SdpPendingOffer, Vec<(ChannelId, ChannelSpec)>)>,
+    /// The outstanding offer restarts ICE.
+    pending_restart: bool,
+    /// The way the outstanding offer went.
+    pending_via: Via,
+    /// The outstanding offer went through the server and may have been lost
+    /// with the signaling link (it reconnected since).
+    pending_maybe_lost: bool,
+    /// Open signaling channels (normally one; two if both sides opened one
+    /// in an offer collision). We send on the first, read every one.
+    signal_channels: Vec<ChannelId>,
+    /// We opened a signaling channel (in our first offer).
+    signal_channel_asked: bool,
+    /// The remote said hello on a signaling channel: it reads signals there.
+    remote_reads_channel: bool,
+    /// The way our last offer or answer went; candidates follow it.
+    sdp_via: Via,
+    /// The way the remote's last offer came; our answer goes back that way.
+    offer_via: Via,
+    /// Signals sent on the signaling channel, and received there.
+    channel_signals: (u64, u64),
+    /// The remote's ICE username fragment, from its last SDP: an offer with
+    /// another restarts ICE.
+    remote_ufrag: Option<String>,
+    /// The offer being handled restarts ICE.
+    remote_restarted: bool,
     /// Channels asked for but not yet handed to str0m.
     wanted: Vec<ChannelSpec>,
     /// Channels handed to str0m, until they open.
@@ -256,6 +331,17 @@ impl PeerConn {
             remote,
             polite,
             pending: None,
+            pending_restart: false,
+            pending_via: Via::Server,
+            pending_maybe_lost: false,
+            signal_channels: Vec::new(),
+            signal_channel_asked: false,
+            remote_reads_channel: false,
+            sdp_via: Via::Server,
+            offer_via: Via::Server,
+            channel_signals: (0, 0),
+            remote_ufrag: None,
+            remote_restarted: false,
             wanted: Vec::new(),
             creating: HashMap::new(),
             open: HashMap::new(),
@@ -303,10 +389,8 @@ impl PeerConn {
         let Some(c) = self.rtc.add_local_candidate(c) else { return };
         let sdp = c.to_sdp_string();
         if self.trickled {
-            self.out.push_back(ConnOutput::Signal(Signal::Candidate {
-                candidate: sdp.clone(),
-                mid: self.mid.clone(),
-            }));
+            let signal = Signal::Candidate { candidate: sdp.clone(), mid: self.mid.clone() };
+            self.send_signal(signal, self.sdp_via);
         }
         self.local_candidates.push(sdp);
     }
@@ -316,7 +400,7 @@ impl PeerConn {
         if !self.gathering_done {
             self.gathering_done = true;
             if self.trickled {
-                self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
+                self.send_signal(Signal::EndOfCandidates, self.sdp_via);
             }
         }
     }
@@ -363,6 +447,9 @@ impl PeerConn {
         if self.remote_session.is_none() {
             self.remote_session = sdp_session_id(sdp).map(str::to_string);
         }
+        if let Some(ufrag) = sdp_ice_ufrag(sdp) {
+            self.remote_ufrag = Some(ufrag.to_string());
+        }
         for line in sdp.lines() {
             if let Some(attr) = line.trim().strip_prefix("a=")
                 && attr.starts_with("candidate:")
@@ -395,10 +482,20 @@ impl PeerConn {
     /// The impolite side goes first; the polite side only steps in if no
     /// restart arrived (its peer may not restart on its own). Perfect
     /// negotiation copes if both offer at once.
+    /// While an offer through the server is out, the next one waits for
+    /// its answer (or [`OFFER_LOST_AFTER`]).
     fn restart_due(&self) -> Option<Instant> {
         let since = self.down_since?;
+        if self.restart_wanted {
+            // Asked for; waiting for the answer to the offer that is out.
+            return None;
+        }
         let wait = if self.polite { self.restart_after * 2 } else { self.restart_after };
-        Some(self.last_offer_at.map_or(since, |o| o.max(since)) + wait)
+        let last = self.last_offer_at.map_or(since, |o| o.max(since));
+        match (&self.pending, self.pending_via) {
+            (Some(_), Via::Server) => Some(last + OFFER_LOST_AFTER.max(wait)),
+            _ => Some(last + wait),
+        }
     }
 
     /// Authenticate every offer and answer from now on, both ways. Set it
@@ -461,6 +558,13 @@ impl PeerConn {
         self.remote_max_message_size.min(SCTP_SEND_BUFFER)
     }
 
+    /// Restarts ICE: now, or once the offer that is out is answered.
+    pub fn restart_ice(&mut self) {
+        self.restarts += 1;
+        self.restart_wanted = true;
+        self.negotiate();
+    }
+
     /// Asks for a new data channel; negotiates if needed.
     pub fn open_channel(&mut self, spec: ChannelSpec) {
         self.wanted.push(spec);
@@ -473,39 +577,130 @@ impl PeerConn {
             return;
         }
         if self.pending.is_some() {
-            // An offer is out. Only an ICE restart replaces it, and only once
-            // the answer is overdue (the signaling path may have lost it).
-            let overdue = self.last_offer_at.is_none_or(|t| self.last_now >= t + self.restart_after);
-            if !(self.restart_wanted && overdue) {
+            // An offer is out. Its answer will come on the way it went, which
+            // is ordered and reliable: a second offer now would get an answer
+            // too, and the first answer would be taken for the second's. So
+            // a restart waits for the answer, unless the offer may be lost
+            // (it went through a server link that broke since, or nothing
+            // came back for a long time).
+            let lost = match self.pending_via {
+                Via::Server => {
+                    self.pending_maybe_lost
+                        || self.last_offer_at.is_some_and(|t| self.last_now >= t + OFFER_LOST_AFTER)
+                }
+                // On the channel, over a path that went down: a restart
+                // cannot wait for it.
+                Via::Channel(_) => self.restart_wanted && self.state != ConnState::Connected,
+            };
+            if !lost {
                 return;
             }
+            tracing::debug!(peer = %self.remote, "our offer had no answer: offering again");
             if let Some((_, added)) = self.pending.take() {
                 self.wanted.splice(0..0, added.into_iter().map(|(_, spec)| spec));
             }
+            self.restart_wanted |= std::mem::take(&mut self.pending_restart);
         }
+        self.pending_maybe_lost = false;
         if self.wanted.is_empty() && !self.restart_wanted {
             return;
         }
         let mut api = self.rtc.sdp_api();
         let mut added = Vec::new();
+        if !self.signal_channel_asked && !self.have_remote_description {
+            // Our first offer: it opens the signaling channel too.
+            self.signal_channel_asked = true;
+            let spec = ChannelSpec::reliable(SIGNAL_LABEL);
+            added.push((api.add_channel_with_config(spec.to_str0m()), spec));
+        }
         for spec in self.wanted.drain(..) {
             let id = api.add_channel_with_config(spec.to_str0m());
             added.push((id, spec));
         }
-        if self.restart_wanted {
+        let restart = self.restart_wanted;
+        if restart {
             api.ice_restart(true);
             self.restart_wanted = false;
         }
         match api.apply() {
             Some((offer, pending)) => {
                 let signal = self.sdp_signal("offer", offer.to_sdp_string());
-                self.out.push_back(ConnOutput::Signal(signal));
+                let via = self.channel_if_up().unwrap_or(Via::Server);
+                self.sdp_via = via;
+                self.send_signal(signal, via);
                 self.pending = Some((pending, added));
+                self.pending_restart = restart;
+                self.pending_via = via;
                 self.last_offer_at = Some(self.last_now);
                 self.trickle();
             }
             // Channels after the first go in-band (DCEP): no offer needed.
             None => self.creating.extend(added),
+        }
+    }
+
+    /// The signaling channel, when signals can go there: the connection is
+    /// up and the remote said it reads it. (While the path is down, the
+    /// channel is down with it: signals go through the server.)
+    fn channel_if_up(&self) -> Option<Via> {
+        if self.state != ConnState::Connected || !self.remote_reads_channel {
+            return None;
+        }
+        self.signal_channels.first().map(|id| Via::Channel(*id))
+    }
+
+    /// Sends `signal` the way `via` says; through the server if the channel
+    /// cannot take it.
+    fn send_signal(&mut self, signal: Signal, via: Via) {
+        if matches!(signal, Signal::Offer { .. } | Signal::Answer { .. }) {
+            tracing::debug!(peer = %self.remote, ?via, "sending {}", signal_kind(&signal));
+        }
+        if let Via::Channel(id) = via
+            && self.signal_channels.contains(&id)
+            && let Some(mut ch) = self.rtc.channel(id)
+        {
+            let text = serde_json::to_string(&signal).expect("signals always serialize");
+            match ch.write(false, text.as_bytes()) {
+                Ok(true) => {
+                    self.channel_signals.0 += 1;
+                    return;
+                }
+                Ok(false) => {
+                    tracing::debug!(peer = %self.remote, "signaling channel full: through the server")
+                }
+                Err(e) => tracing::debug!(peer = %self.remote, "signaling channel: {e}: through the server"),
+            }
+        }
+        self.out.push_back(ConnOutput::Signal(signal));
+    }
+
+    /// The signaling link to the server was lost and is back: an offer that
+    /// went through it may never have arrived.
+    pub fn signaling_reset(&mut self) {
+        if self.pending.is_some() && self.pending_via == Via::Server {
+            self.pending_maybe_lost = true;
+            self.negotiate();
+        }
+    }
+
+    /// Signals sent and received on the signaling channel.
+    pub fn channel_signals(&self) -> (u64, u64) {
+        self.channel_signals
+    }
+
+    /// A message on a signaling channel: a signal, or the remote's hello.
+    fn on_channel_signal(&mut self, id: ChannelId, data: &[u8], now: Instant) {
+        match ChannelSignal::parse(data) {
+            ChannelSignal::Hello => self.remote_reads_channel = true,
+            ChannelSignal::Signal(signal) => {
+                self.channel_signals.1 += 1;
+                if let Err(e) = self.handle_signal_via(signal, now, Via::Channel(id)) {
+                    tracing::warn!("{e}");
+                }
+            }
+            ChannelSignal::Ignored(why) => {
+                tracing::debug!(peer = %self.remote, "signaling channel: {why}: ignored");
+            }
         }
     }
 
@@ -516,24 +711,35 @@ impl PeerConn {
             return;
         }
         self.trickled = true;
-        for candidate in &self.local_candidates {
-            self.out.push_back(ConnOutput::Signal(Signal::Candidate {
-                candidate: candidate.clone(),
-                mid: self.mid.clone(),
-            }));
+        for candidate in self.local_candidates.clone() {
+            self.send_signal(Signal::Candidate { candidate, mid: self.mid.clone() }, self.sdp_via);
         }
         if self.gathering_done {
-            self.out.push_back(ConnOutput::Signal(Signal::EndOfCandidates));
+            self.send_signal(Signal::EndOfCandidates, self.sdp_via);
         }
     }
 
-    /// Applies a signal from the remote peer.
+    /// Applies a signal from the remote peer that came through the server.
     pub fn handle_signal(&mut self, signal: Signal, now: Instant) -> Result<(), Error> {
+        self.handle_signal_via(signal, now, Via::Server)
+    }
+
+    fn handle_signal_via(&mut self, signal: Signal, now: Instant, via: Via) -> Result<(), Error> {
         self.last_now = self.last_now.max(now);
+        if matches!(signal, Signal::Offer { .. } | Signal::Answer { .. }) {
+            tracing::debug!(peer = %self.remote, ?via, "received {}", signal_kind(&signal));
+        }
         match signal {
             Signal::Offer { sdp, auth } => {
                 self.check_auth("offer", &sdp, auth.as_ref())?;
+                let ufrag = sdp_ice_ufrag(&sdp);
+                if self.remote_ufrag.is_some() && ufrag.is_some() && self.remote_ufrag.as_deref() != ufrag {
+                    // The remote restarts ICE: ours, if wanted, is done by it.
+                    self.restart_wanted = false;
+                    self.remote_restarted = true;
+                }
                 self.learn_remote_sdp(&sdp);
+                self.offer_via = via;
                 self.handle_offer(&sdp, now)
             }
             Signal::Answer { sdp, auth } => {
@@ -577,10 +783,14 @@ impl PeerConn {
         }
         if let Some((_, added)) = self.pending.take() {
             // Glare, and we yield: accept_offer rolls our offer back; its
-            // channels are asked for again once the offer is answered.
+            // channels are asked for again once the offer is answered (the
+            // signaling channel too: the remote's offer may carry none).
             tracing::debug!(peer = %self.remote, "offer collision: rolling back ours");
             self.wanted.splice(0..0, added.into_iter().map(|(_, spec)| spec));
+            // Our restart is done by theirs, if theirs is one.
+            self.restart_wanted |= std::mem::take(&mut self.pending_restart) && !self.remote_restarted;
         }
+        self.remote_restarted = false;
         let answer = self
             .rtc
             .sdp_api()
@@ -591,7 +801,10 @@ impl PeerConn {
         // postpones our own.
         self.last_offer_at = Some(now);
         let signal = self.sdp_signal("answer", answer.to_sdp_string());
-        self.out.push_back(ConnOutput::Signal(signal));
+        // Back the way the offer came: the remote may not hear the other way
+        // (its server link, or the path under the channel, may be down).
+        self.sdp_via = self.offer_via;
+        self.send_signal(signal, self.offer_via);
         self.trickle();
         self.negotiate();
         Ok(())
@@ -609,6 +822,7 @@ impl PeerConn {
             .accept_answer(pending, answer)
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })?;
         self.creating.extend(added);
+        self.pending_restart = false;
         self.remote_description_set(sdp, now);
         self.negotiate();
         Ok(())
@@ -754,6 +968,11 @@ impl PeerConn {
     }
 
     fn set_state(&mut self, state: ConnState) {
+        if state == ConnState::Connected && self.state == ConnState::Disconnected {
+            // The path is back: a restart asked for while it was down is
+            // not needed any more.
+            self.restart_wanted = false;
+        }
         if self.state != state && self.state != ConnState::Closed {
             self.state = state;
             self.out.push_back(ConnOutput::Event(ConnEvent::State(state)));
@@ -829,6 +1048,23 @@ impl PeerConn {
                     }
                     _ => {}
                 }
+            }
+            RtcEvent::ChannelOpen(id, label) if label == SIGNAL_LABEL => {
+                self.creating.remove(&id);
+                self.signal_channels.push(id);
+                // Tells the remote it may signal here.
+                if let Some(mut ch) = self.rtc.channel(id)
+                    && let Err(e) = ch.write(false, ChannelSignal::HELLO)
+                {
+                    tracing::debug!(peer = %self.remote, "signaling channel hello: {e}");
+                }
+            }
+            RtcEvent::ChannelData(d) if self.signal_channels.contains(&d.id) => {
+                let now = self.last_now;
+                self.on_channel_signal(d.id, &d.data, now);
+            }
+            RtcEvent::ChannelClose(id) if self.signal_channels.contains(&id) => {
+                self.signal_channels.retain(|c| *c != id);
             }
             RtcEvent::ChannelOpen(id, label) => {
                 let spec = self.creating.remove(&id).unwrap_or_else(|| {
@@ -913,6 +1149,16 @@ impl PeerConn {
     }
 }
 
+fn signal_kind(signal: &Signal) -> &'static str {
+    match signal {
+        Signal::Offer { .. } => "offer",
+        Signal::Answer { .. } => "answer",
+        Signal::Candidate { .. } => "candidate",
+        Signal::EndOfCandidates => "end_of_candidates",
+        Signal::Unknown => "unknown",
+    }
+}
+
 /// Whether a datagram is DTLS (RFC 7983: first byte 20 to 63).
 pub(crate) fn is_dtls(data: &[u8]) -> bool {
     data.first().is_some_and(|b| (20..=63).contains(b))
@@ -942,6 +1188,11 @@ fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(3600)
 }
 
+/// The ICE username fragment of an SDP (`a=ice-ufrag:`).
+fn sdp_ice_ufrag(sdp: &str) -> Option<&str> {
+    sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:")).map(str::trim)
+}
+
 /// The session id of an SDP's `o=` line.
 fn sdp_session_id(sdp: &str) -> Option<&str> {
     sdp.lines().find_map(|l| l.trim().strip_prefix("o=")).and_then(|o| o.split_whitespace().nth(1))
@@ -950,6 +1201,32 @@ fn sdp_session_id(sdp: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The signaling channel's messages as the fixture pins them: each is
+    /// read as the fixture says, and a signal written back is the same text.
+    #[test]
+    fn signal_channel_messages_match_the_fixture() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/peer/signal-channel.json");
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(fixture["label"], SIGNAL_LABEL);
+        let messages = fixture["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 6);
+        for m in messages {
+            let (name, text) = (m["name"].as_str().unwrap(), m["text"].as_str().unwrap());
+            match ChannelSignal::parse(text.as_bytes()) {
+                ChannelSignal::Hello => {
+                    assert_eq!(name, "hello");
+                    assert_eq!(text.as_bytes(), ChannelSignal::HELLO);
+                }
+                ChannelSignal::Signal(signal) => {
+                    assert_eq!(serde_json::to_string(&signal).unwrap(), text, "{name}");
+                }
+                ChannelSignal::Ignored(why) => assert_eq!(m["ignored"], true, "{name}: {why}"),
+            }
+        }
+        assert!(matches!(ChannelSignal::parse(b"not json"), ChannelSignal::Ignored(_)));
+    }
 
     #[test]
     fn candidates_in_either_form_and_mdns_names() {

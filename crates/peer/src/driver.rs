@@ -166,6 +166,9 @@ impl Driver {
                 self.mesh.disconnect(&peer);
                 let _ = reply.send(());
             }
+            Command::RestartIce { peer, reply } => {
+                let _ = reply.send(self.mesh.restart_ice(&peer, now));
+            }
             Command::OpenChannel { peer, spec, reply } => {
                 let _ = reply.send(self.mesh.open_channel(&peer, spec, now));
             }

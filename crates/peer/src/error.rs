@@ -80,6 +80,9 @@ pub enum Error {
     /// The channel is closed.
     #[error("channel closed")]
     ChannelClosed,
+    /// A channel label the library uses itself.
+    #[error("the channel label {0:?} is reserved for peerlink's own signaling between connected peers")]
+    ReservedLabel(String),
     /// The room was left, or its driver stopped.
     #[error("the room was left or its driver stopped")]
     RoomClosed,

@@ -142,6 +142,11 @@ pub struct PeerStats {
     /// as in the SDPs), once both are known; sealed channels bind their
     /// keys to them.
     pub fingerprints: Option<(String, String)>,
+    /// Offers, answers and candidates sent to the peer on the connection's
+    /// own signaling channel (not through the server).
+    pub signals_sent_on_channel: u64,
+    /// Offers, answers and candidates the peer sent on that channel.
+    pub signals_received_on_channel: u64,
 }
 
 /// How a room message reached us.

@@ -143,6 +143,14 @@ pub(crate) struct Mesh {
     overlay: Option<overlay::OverlayState>,
 }
 
+/// Refuses a channel with the signaling channel's label.
+fn reserved(spec: &ChannelSpec) -> Result<(), Error> {
+    if spec.label == crate::conn::SIGNAL_LABEL {
+        return Err(Error::ReservedLabel(spec.label.clone()));
+    }
+    Ok(())
+}
+
 #[path = "mesh_overlay.rs"]
 mod overlay;
 pub use overlay::MAX_ROOM_MESSAGE;
@@ -229,6 +237,13 @@ impl Mesh {
         if !resumed {
             for peer in self.members() {
                 self.remove_peer(&peer);
+            }
+        } else {
+            // An offer written to the old link may not have arrived.
+            for st in self.peers.values_mut() {
+                st.conn.signaling_reset();
+                st.dirty = true;
+                st.next_timeout = now;
             }
         }
         self.start(members, size, now);
@@ -545,6 +560,9 @@ impl Mesh {
         if !self.members.contains_key(&peer) {
             return Err(Error::UnknownPeer(peer));
         }
+        for spec in &options.channels {
+            reserved(spec)?;
+        }
         self.create_conn(peer, options.channels, options.keys, now);
         Ok(())
     }
@@ -556,8 +574,18 @@ impl Mesh {
 
     /// Opens another channel to `peer`.
     pub fn open_channel(&mut self, peer: &PeerId, spec: ChannelSpec, now: Instant) -> Result<(), Error> {
+        reserved(&spec)?;
         let st = self.peers.get_mut(peer).ok_or_else(|| Error::UnknownPeer(peer.clone()))?;
         st.conn.open_channel(spec);
+        st.next_timeout = now;
+        st.dirty = true;
+        Ok(())
+    }
+
+    /// Restarts ICE on the connection to `peer`.
+    pub fn restart_ice(&mut self, peer: &PeerId, now: Instant) -> Result<(), Error> {
+        let st = self.peers.get_mut(peer).ok_or_else(|| Error::UnknownPeer(peer.clone()))?;
+        st.conn.restart_ice();
         st.next_timeout = now;
         st.dirty = true;
         Ok(())
@@ -575,7 +603,12 @@ impl Mesh {
 
     /// The connection to `peer`'s traffic and path.
     pub fn stats(&self, peer: &PeerId) -> Option<PeerStats> {
-        self.peers.get(peer).map(|st| st.stats.clone())
+        self.peers.get(peer).map(|st| {
+            let mut stats = st.stats.clone();
+            (stats.signals_sent_on_channel, stats.signals_received_on_channel) = st.conn.channel_signals();
+            stats.ice_restarts = st.conn.restarts();
+            stats
+        })
     }
 
     /// What gathering found.

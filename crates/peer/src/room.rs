@@ -120,6 +120,7 @@ pub(crate) enum Command {
     Connect { peer: PeerId, options: ConnectOptions, reply: oneshot::Sender<Result<(), Error>> },
     Disconnect { peer: PeerId, reply: oneshot::Sender<()> },
     OpenChannel { peer: PeerId, spec: ChannelSpec, reply: oneshot::Sender<Result<(), Error>> },
+    RestartIce { peer: PeerId, reply: oneshot::Sender<Result<(), Error>> },
     ServerSend { to: Option<PeerId>, data: serde_json::Value },
     Stats { peer: PeerId, reply: oneshot::Sender<Option<PeerStats>> },
     Peers { reply: oneshot::Sender<Vec<PeerId>> },
@@ -148,6 +149,9 @@ impl Room {
             && s.chars().count() < crate::e2e::MIN_ROOM_SECRET
         {
             return Err(Error::WeakRoomSecret(s.chars().count()));
+        }
+        if let Some(spec) = config.channels.iter().find(|c| c.label == crate::conn::SIGNAL_LABEL) {
+            return Err(Error::ReservedLabel(spec.label.clone()));
         }
         let addrs = config.ice.host_addrs()?;
         let sockets = gather::bind(&addrs).await?;
@@ -258,6 +262,15 @@ impl Room {
     /// Opens another channel to `peer` (the remote gets `ChannelOpen` too).
     pub async fn open_channel(&self, peer: &PeerId, spec: ChannelSpec) -> Result<(), Error> {
         self.call(|reply| Command::OpenChannel { peer: peer.clone(), spec, reply }).await?
+    }
+
+    /// Restarts ICE on the connection to `peer` (after a network change, or
+    /// to look for a better path). Channels stay open; the connection
+    /// restarts on its own when its path goes down. Once connected, the
+    /// offer and answer travel on the connection's own signaling channel,
+    /// without the server.
+    pub async fn restart_ice(&self, peer: &PeerId) -> Result<(), Error> {
+        self.call(|reply| Command::RestartIce { peer: peer.clone(), reply }).await?
     }
 
     /// Sends `data` through the signaling server to one peer, or to everyone

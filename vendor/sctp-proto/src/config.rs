@@ -19,6 +19,9 @@ pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65536;
 pub(crate) const RTO_INITIAL: u64 = 3000;
 pub(crate) const RTO_MIN: u64 = 1000;
 pub(crate) const RTO_MAX: u64 = 60000;
+/// The longest a backed-off retransmission timer waits (see
+/// [`TransportConfig::with_max_timer_backoff`]).
+pub(crate) const MAX_TIMER_BACKOFF: Duration = Duration::from_secs(1);
 /// Queueing allowed on top of twice the bandwidth-delay product.
 pub(crate) const DEFAULT_QUEUE_DELAY_TARGET: Duration = Duration::from_millis(1);
 
@@ -77,6 +80,11 @@ pub struct TransportConfig {
     /// product before the data in flight is capped; `None`: no cap.
     /// Default: 1 ms.
     queue_delay_target: Option<Duration>,
+
+    /// Upper bound of the exponential backoff of the retransmission timers
+    /// (never below the RTO itself); `None`: RTO.max.
+    /// Default: 1 s.
+    max_timer_backoff: Option<Duration>,
 }
 
 impl Default for TransportConfig {
@@ -95,6 +103,7 @@ impl Default for TransportConfig {
             local_port: DEFAULT_SCTP_PORT,
             remote_port: DEFAULT_SCTP_PORT,
             queue_delay_target: Some(DEFAULT_QUEUE_DELAY_TARGET),
+            max_timer_backoff: Some(MAX_TIMER_BACKOFF),
         }
     }
 }
@@ -186,6 +195,21 @@ impl TransportConfig {
 
     pub(crate) fn queue_delay_target(&self) -> Option<Duration> {
         self.queue_delay_target
+    }
+
+    /// Bound the exponential backoff of the retransmission timers (T1, T2,
+    /// T3-rtx): after an outage, the first retransmission that can get
+    /// through goes out at most this long after the path is back, instead
+    /// of up to RTO.max later (as WebRTC's dcsctp does with its
+    /// `max_timer_backoff_duration`). A timer whose RTO is longer keeps its
+    /// RTO. `None` lets the backoff grow to RTO.max.
+    pub fn with_max_timer_backoff(mut self, value: Option<Duration>) -> Self {
+        self.max_timer_backoff = value;
+        self
+    }
+
+    pub(crate) fn max_timer_backoff(&self) -> Option<Duration> {
+        self.max_timer_backoff
     }
 
     /// Set initial RTO in milliseconds.

@@ -23,7 +23,12 @@ impl Server {
     }
 
     pub async fn start_with(config: peerlink_signal::Config) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    /// A server on `addr` (a restarted server on its predecessor's port).
+    pub async fn start_at(addr: SocketAddr, config: peerlink_signal::Config) -> Server {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(peerlink_signal::serve(listener, config, async move {

@@ -5838,7 +5838,7 @@ fn late_ack_of_abandoned_data_resets_errors_but_duplicates_do_not() {
     let mut a = fragmented_retransmission_fixture(0);
     a.send_next_data_chunk(now).unwrap();
     assert!(a.abandon_if_needed(1, now));
-    a.timers = TimerTable::new(None, Some(1), 60000);
+    a.timers = TimerTable::new(None, Some(1), 60000, None);
     a.timers.start(Timer::T3RTX, now, 1);
     assert_eq!(
         a.timers
@@ -5876,7 +5876,7 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
     a.send_next_data_chunk(now).unwrap();
     assert!(a.abandon_if_needed(1, now));
     assert_eq!(a.outbound_queue.get(2).unwrap().nsent, 0);
-    a.timers = TimerTable::new(None, Some(1), 60000);
+    a.timers = TimerTable::new(None, Some(1), 60000, None);
     a.timers.start(Timer::T3RTX, now, 1);
     assert_eq!(
         a.timers
@@ -6181,4 +6181,79 @@ fn test_slow_start_ends_when_the_round_trip_grows() {
             assert_eq!(a.cwnd, 100_000 + 120 * 1000);
         }
     }
+}
+
+#[test]
+fn test_a_packet_from_the_peer_after_t3_timeouts_retransmits_now() {
+    let t0 = Instant::now();
+    let mut a = association_with_many_inflight(100, 4, t0);
+    let rto = 1000;
+    a.timers.start(Timer::T3RTX, t0, rto);
+
+    // Not backed off: a packet from the peer changes nothing.
+    let now = t0 + Duration::from_millis(300);
+    a.retransmit_if_path_back(now);
+    assert_eq!(
+        a.timers.get(Timer::T3RTX),
+        Some(t0 + Duration::from_millis(rto))
+    );
+
+    // Two timeouts in an outage: the timer is backed off.
+    let mut now = t0;
+    for _ in 0..2 {
+        now = a.timers.get(Timer::T3RTX).unwrap();
+        assert!(a.timers.is_expired(Timer::T3RTX, now).0);
+        a.timers.start(Timer::T3RTX, now, rto);
+    }
+    let due = a.timers.get(Timer::T3RTX).unwrap();
+    let back = now + Duration::from_millis(100);
+    assert!(due > back);
+
+    // The path is back: the peer's packet makes T3-rtx due now.
+    a.retransmit_if_path_back(back);
+    assert_eq!(a.timers.get(Timer::T3RTX), Some(back));
+    a.handle_timeout(back);
+    assert!(
+        a.outbound_queue.get(101).is_some_and(|c| c.retransmit),
+        "outstanding data is marked for retransmission"
+    );
+
+    // Not again within PATH_BACK_SPACING, however many packets come.
+    let due = a.timers.get(Timer::T3RTX).unwrap();
+    a.retransmit_if_path_back(back + Duration::from_millis(50));
+    assert_eq!(a.timers.get(Timer::T3RTX), Some(due));
+    let later = back + PATH_BACK_SPACING;
+    a.retransmit_if_path_back(later);
+    assert_eq!(a.timers.get(Timer::T3RTX), Some(later));
+}
+
+#[test]
+fn test_timer_backoff_is_capped() {
+    let t0 = Instant::now();
+    for (cap, rto, expected) in [
+        // Capped at 1 s after the first doublings.
+        (Some(1000), 400, [400, 800, 1000, 1000, 1000]),
+        // Never below the RTO itself.
+        (Some(1000), 3000, [3000, 3000, 3000, 3000, 3000]),
+        // Without a cap: RFC 4960's doubling, up to RTO.max.
+        (None, 1000, [1000, 2000, 4000, 8000, 16000]),
+    ] {
+        let mut timers = TimerTable::new(None, None, 60_000, cap);
+        let mut now = t0;
+        for want in expected {
+            timers.start(Timer::T3RTX, now, rto);
+            let due = timers.get(Timer::T3RTX).unwrap();
+            assert_eq!(
+                due - now,
+                Duration::from_millis(want),
+                "cap {cap:?}, rto {rto}"
+            );
+            now = due;
+            assert!(timers.is_expired(Timer::T3RTX, now).0);
+        }
+    }
+    assert_eq!(
+        TransportConfig::default().max_timer_backoff(),
+        Some(Duration::from_secs(1))
+    );
 }

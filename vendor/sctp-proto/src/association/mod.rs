@@ -71,6 +71,10 @@ mod association_test;
 #[cfg(test)]
 mod timed_reliability_test;
 
+/// The least time between two retransmissions started early by packets
+/// from the peer ([`Association::retransmit_if_path_back`]).
+const PATH_BACK_SPACING: Duration = Duration::from_millis(200);
+
 /// Reasons why an association might be lost
 #[non_exhaustive]
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -322,6 +326,8 @@ pub struct Association {
     /// The round trip of the newest chunk sent once that the last SACK
     /// acknowledged (for `slow_start`, which wants a sample per SACK).
     last_sack_rtt: Option<Duration>,
+    /// When a packet from the peer last made T3-rtx fire early.
+    last_path_back_retransmit: Option<Instant>,
 
     // Chunks stored for retransmission
     stored_init: Option<ChunkInit>,
@@ -428,6 +434,7 @@ impl Default for Association {
             delivery: delivery::DeliveryModel::new(None),
             slow_start: None,
             last_sack_rtt: None,
+            last_path_back_retransmit: None,
 
             // Chunks stored for retransmission
             stored_init: None,
@@ -478,6 +485,7 @@ impl Association {
                 .queue_delay_target()
                 .map(|_| delivery::SlowStartExit::new()),
             last_sack_rtt: None,
+            last_path_back_retransmit: None,
             max_receive_buffer_size: config.max_receive_buffer_size(),
             max_send_message_size: config.max_send_message_size(),
             max_receive_message_size: config.max_receive_message_size(),
@@ -494,6 +502,9 @@ impl Association {
                 config.max_init_retransmits(),
                 config.max_data_retransmits(),
                 config.rto_max_ms(),
+                config
+                    .max_timer_backoff()
+                    .map(|d| d.as_millis().min(u64::MAX as u128) as u64),
             ),
 
             mtu,
@@ -1663,8 +1674,39 @@ impl Association {
         }
 
         self.handle_chunk_end(now);
+        self.retransmit_if_path_back(now);
 
         Ok(())
+    }
+
+    /// A packet from the peer while T3-rtx is backed off (it expired and
+    /// nothing was acknowledged since) shows the path works again: what is
+    /// outstanding is retransmitted now rather than when the backed-off
+    /// timer would fire, up to a second later. After an outage both ends
+    /// wait on such timers; the first retransmission that gets through
+    /// starts the other end's, and its SACK ours. At most once per
+    /// `PATH_BACK_SPACING`, so a peer that keeps sending while our packets
+    /// do not reach it does not make us retransmit at its rate.
+    fn retransmit_if_path_back(&mut self, now: Instant) {
+        if self.timers.retrans(Timer::T3RTX) == 0 {
+            return;
+        }
+        let Some(due) = self.timers.get(Timer::T3RTX) else {
+            return;
+        };
+        if due <= now
+            || self
+                .last_path_back_retransmit
+                .is_some_and(|t| now < t + PATH_BACK_SPACING)
+        {
+            return;
+        }
+        debug!(
+            "[{}] heard from the peer with T3-rtx backed off: retransmitting now",
+            self.side
+        );
+        self.last_path_back_retransmit = Some(now);
+        self.timers.set(Timer::T3RTX, Some(now));
     }
 
     fn handle_chunk_start(&mut self) {

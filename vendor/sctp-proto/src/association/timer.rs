@@ -38,6 +38,8 @@ pub(crate) struct TimerTable {
     no_error_count: [bool; TIMER_COUNT],
     /// Maximum RTO value for exponential backoff.
     rto_max: u64,
+    /// Upper bound of the backoff in milliseconds (not below the RTO).
+    max_backoff: Option<u64>,
 }
 
 impl Default for TimerTable {
@@ -48,6 +50,7 @@ impl Default for TimerTable {
             max_retrans: [None; TIMER_COUNT],
             no_error_count: [false; TIMER_COUNT],
             rto_max: 60000, // Default RTO_MAX
+            max_backoff: None,
         }
     }
 }
@@ -57,6 +60,7 @@ impl TimerTable {
         max_init_retransmits: Option<usize>,
         max_data_retransmits: Option<usize>,
         rto_max: u64,
+        max_backoff: Option<u64>,
     ) -> Self {
         TimerTable {
             max_retrans: [
@@ -68,6 +72,7 @@ impl TimerTable {
                 None,                 //Ack (unlimited)
             ],
             rto_max,
+            max_backoff,
             ..Default::default()
         }
     }
@@ -88,7 +93,12 @@ impl TimerTable {
         let interval = if timer == Timer::Ack {
             interval
         } else {
-            calculate_next_timeout(interval, self.retrans[timer as usize], self.rto_max)
+            let backed_off =
+                calculate_next_timeout(interval, self.retrans[timer as usize], self.rto_max);
+            match self.max_backoff {
+                Some(cap) => backed_off.min(cap.max(interval)),
+                None => backed_off,
+            }
         };
 
         let time = now + Duration::from_millis(interval);
@@ -110,6 +120,11 @@ impl TimerTable {
         self.data[timer as usize] = None;
         self.retrans[timer as usize] = 0;
         self.no_error_count[timer as usize] = false;
+    }
+
+    /// Expiries since the timer was last stopped or reset (its backoff).
+    pub fn retrans(&self, timer: Timer) -> usize {
+        self.retrans[timer as usize]
     }
 
     /// Clear peer error accounting without changing the recovery deadline.
