@@ -122,6 +122,34 @@ export function parseSignal(v) {
   }
 }
 
+/** The label of the channel connected peers signal on (PROTOCOL.md "Signaling between connected peers"). */
+export const SIGNAL_LABEL = 'peerlink-signal';
+/** What a side sends on that channel once it reads signals there. */
+export const SIGNAL_HELLO = '{"kind":"hello"}';
+
+/**
+ * One message on the signaling channel: the other side's hello, a signal,
+ * or something to ignore (unreadable, or a kind this version does not know).
+ * @param {string} text
+ * @returns {{ hello: true } | { signal: Signal } | { ignored: string }}
+ */
+export function parseChannelSignal(text) {
+  let v;
+  try {
+    v = JSON.parse(text);
+  } catch (e) {
+    return { ignored: `unreadable message: ${e}` };
+  }
+  if (isObj(v) && v.kind === 'hello') return { hello: true };
+  try {
+    const signal = parseSignal(v);
+    if (signal.kind === 'unknown') return { ignored: 'a signal kind this version does not know' };
+    return { signal };
+  } catch (e) {
+    return { ignored: `unreadable signal: ${e}` };
+  }
+}
+
 /** @param {unknown} v @returns {PeerInfo} */
 function parsePeer(v) {
   if (!isObj(v)) throw new ProtocolError('a peer is an object');

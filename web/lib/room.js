@@ -13,7 +13,7 @@ import { Channel, channelInit } from './channel.js';
 import { Signaling } from './signaling.js';
 import { signSdp, verifySdp } from './auth.js';
 import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
-import { parseSignal } from './protocol.js';
+import { parseSignal, parseChannelSignal, SIGNAL_LABEL, SIGNAL_HELLO } from './protocol.js';
 import { RoomSecret, EVERYONE, REFUSED_KEY, sdpFingerprint, safetyNumber } from './e2e.js';
 import { SealedChannel, SealError } from './sealed.js';
 
@@ -50,6 +50,8 @@ const MAX_SERVER_ONLY = 1024;
  * @property {number} bytesSent
  * @property {number} bytesReceived
  * @property {number} iceRestarts
+ * @property {number} signalsSentOnChannel  offers, answers and candidates sent to the peer on the connection's own signaling channel (not through the server)
+ * @property {number} signalsReceivedOnChannel  and received from it there
  * @property {string | null} failure  why it failed, when it did
  * @property {string | null} safetyNumber  five groups of five digits from both ends' DTLS fingerprints, the same at both ends (people who read the same number to each other know nobody sits in between)
  * @property {{ framesSent: number, framesDecoded: number, audioPacketsReceived: number }} media  video frames sent and decoded, audio packets received on this connection (a call)
@@ -724,6 +726,20 @@ export class Room extends Emitter {
   }
 
   /**
+   * Restarts ICE on the connection to `peer` (after a network change, or to
+   * look for a better path); connections also restart on their own when
+   * their path goes down. Once connected, the offer and answer go on the
+   * connection's own signaling channel, without the server.
+   * @param {string} peer
+   */
+  restartIce(peer) {
+    const conn = this.conns.get(peer);
+    if (!conn) throw new Error(`no connection to ${peer}`);
+    conn.iceRestarts += 1;
+    conn.pc.restartIce();
+  }
+
+  /**
    * Leaves the room and closes every connection, trying not to lose what
    * was sent: first waits, at most `linger` ms, until every connected
    * peer's channels have handed all queued messages to the browser and the
@@ -801,6 +817,18 @@ class Conn {
     this.relayTimer = null;
     /** a signal for it came through the server: ours go that way too */
     this.serverSignalled = false;
+    /** @type {RTCDataChannel[]} open signaling channels (normally one; two if both sides opened one at once) */
+    this.signalChannels = [];
+    /** the peer said hello on a signaling channel: it reads signals there */
+    this.remoteReadsChannel = false;
+    /** @type {RTCDataChannel | null} the way our last offer or answer went (null: the server); candidates follow it */
+    this.sdpVia = null;
+    /** @type {RTCDataChannel | null} the way the peer's last offer came; our answer goes back that way */
+    this.offerVia = null;
+    this.signalsSentOnChannel = 0;
+    this.signalsReceivedOnChannel = 0;
+    /** we opened a signaling channel (with our first offer) */
+    this.signalChannelAsked = false;
     /** @type {Promise<void>} */
     this.chain = Promise.resolve();
     /** @type {number | null} */
@@ -816,12 +844,12 @@ class Conn {
         /** @type {Signal} */
         const s = { kind: 'candidate', candidate: candidate.candidate };
         if (candidate.sdpMid !== null && candidate.sdpMid !== undefined) s.mid = candidate.sdpMid;
-        room._signal(peer, s);
+        this._send(s, this.sdpVia);
       } else if (!candidate) {
-        room._signal(peer, { kind: 'end_of_candidates' });
+        this._send({ kind: 'end_of_candidates' }, this.sdpVia);
       }
     };
-    pc.ondatachannel = ({ channel }) => this._adopt(channel);
+    pc.ondatachannel = ({ channel }) => (channel.label === SIGNAL_LABEL ? this._adoptSignal(channel) : this._adopt(channel));
     /** @type {Map<MediaStreamTrack, MediaStream>} tracks the peer sends us */
     this.remoteTracks = new Map();
     /** the peer rejected the media we offered (a native peer): no more offers of it */
@@ -838,7 +866,67 @@ class Conn {
 
   /** @param {ChannelSpec} spec */
   openChannel(spec) {
+    if (spec.label === SIGNAL_LABEL) throw new Error(`the channel label ${SIGNAL_LABEL} is reserved for peerlink's own signaling between connected peers`);
+    if (!this.pc.remoteDescription && this.signalChannels.length === 0 && !this.signalChannelAsked) {
+      // Our first offer opens the signaling channel too.
+      this.signalChannelAsked = true;
+      this._adoptSignal(this.pc.createDataChannel(SIGNAL_LABEL, { ordered: true }));
+    }
     this._adopt(this.pc.createDataChannel(spec.label, channelInit(spec)));
+  }
+
+  /**
+   * A signaling channel (PROTOCOL.md "Signaling between connected peers"):
+   * hello once open, then the peer's signals, applied like those through
+   * the server.
+   * @param {RTCDataChannel} raw
+   */
+  _adoptSignal(raw) {
+    const opened = () => {
+      if (!this.signalChannels.includes(raw)) this.signalChannels.push(raw);
+      try {
+        raw.send(SIGNAL_HELLO);
+      } catch {
+        // Closed already: the server carries our signals.
+      }
+    };
+    if (raw.readyState === 'open') opened();
+    else raw.addEventListener('open', opened);
+    raw.addEventListener('message', (e) => {
+      if (typeof e.data !== 'string') return;
+      const m = parseChannelSignal(e.data);
+      if ('hello' in m) this.remoteReadsChannel = true;
+      else if ('signal' in m) {
+        this.signalsReceivedOnChannel += 1;
+        this.onSignal(m.signal, raw);
+      } else console.debug(`peerlink: signaling channel from ${this.peer}: ${m.ignored}`);
+    });
+    raw.addEventListener('close', () => {
+      this.signalChannels = this.signalChannels.filter((c) => c !== raw);
+    });
+  }
+
+  /** The signaling channel when signals can go there: connected, and the peer said hello. */
+  _channelIfUp() {
+    if (this.state !== 'connected' || !this.remoteReadsChannel) return null;
+    return this.signalChannels.find((c) => c.readyState === 'open') ?? null;
+  }
+
+  /**
+   * Sends `signal` on `via` (a signaling channel), or through the server.
+   * @param {Signal} signal @param {RTCDataChannel | null} via
+   */
+  _send(signal, via) {
+    if (via && via.readyState === 'open' && this.signalChannels.includes(via)) {
+      try {
+        via.send(JSON.stringify(signal));
+        this.signalsSentOnChannel += 1;
+        return;
+      } catch {
+        // Closing under us: through the server.
+      }
+    }
+    this.room._signal(this.peer, signal);
   }
 
   /**
@@ -950,9 +1038,13 @@ class Conn {
   _sendSdp(kind, sdp) {
     /** @type {Signal} */
     const signal = kind === 'offer' ? { kind: 'offer', sdp } : { kind: 'answer', sdp };
+    // An offer on the signaling channel while connected, else through the
+    // server; an answer back the way its offer came.
+    const via = kind === 'offer' ? this._channelIfUp() : this.offerVia;
+    this.sdpVia = via;
     const keys = this.keys;
     if (!keys) {
-      this.room._signal(this.peer, signal);
+      this._send(signal, via);
       return Promise.resolve();
     }
     // The number taken now and the signals sent in that order: an offer and
@@ -961,7 +1053,7 @@ class Conn {
     const seq = this.sendSeq++;
     const sent = this._signing.then(async () => {
       signal.auth = await signSdp(keys.local, kind, seq, sdp);
-      this.room._signal(this.peer, signal);
+      this._send(signal, via);
     });
     this._signing = sent.catch(() => {});
     return sent;
@@ -978,12 +1070,19 @@ class Conn {
     return this.remoteSession !== null && id !== null && id !== this.remoteSession;
   }
 
-  /** Applies signals one after another. @param {Signal} signal */
-  onSignal(signal) {
+  /**
+   * Applies signals one after another.
+   * @param {Signal} signal
+   * @param {RTCDataChannel | null} [via] the signaling channel it came on (null: the server)
+   */
+  onSignal(signal, via = null) {
     if ((signal.kind === 'offer' || signal.kind === 'answer') && this.remoteSession === null) {
       this.remoteSession = sdpSession(signal.sdp);
     }
-    this.chain = this.chain.then(() => this._apply(signal)).catch((e) => {
+    this.chain = this.chain.then(() => {
+      if (signal.kind === 'offer') this.offerVia = via;
+      return this._apply(signal);
+    }).catch((e) => {
       console.warn(`peerlink: signal from ${this.peer} not applied`, e);
     });
   }
@@ -1134,7 +1233,8 @@ class Conn {
   /** @returns {Promise<PeerStats>} */
   async stats() {
     /** @type {PeerStats} */
-    const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts, failure: this.failure,
+    const out = { state: this.state, path: null, rttMs: null, bytesSent: 0, bytesReceived: 0, iceRestarts: this.iceRestarts,
+      signalsSentOnChannel: this.signalsSentOnChannel, signalsReceivedOnChannel: this.signalsReceivedOnChannel, failure: this.failure,
       safetyNumber: null, media: { framesSent: 0, framesDecoded: 0, audioPacketsReceived: 0 } };
     const ours = sdpFingerprint(this.pc.localDescription?.sdp ?? '');
     const theirs = sdpFingerprint(this.pc.remoteDescription?.sdp ?? '');
