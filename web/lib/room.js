@@ -857,7 +857,15 @@ class Conn {
     /** @type {Map<RTCRtpTransceiver, MediaStreamTrack>} transceivers taken by addTrack whose replaceTrack has not finished, and the track */
     this.reused = new Map();
     pc.ontrack = ({ track, streams }) => this._remoteTrack(track, streams[0] ?? new MediaStream([track]));
-    for (const [track, stream] of room.localTracks) this.addTrack(track, stream);
+    /**
+     * Tracks are sent once the first offer and answer are through: a member
+     * with a camera on, meeting a newcomer, would otherwise offer its video
+     * while the newcomer offers its channels, and Chromium does not
+     * reliably recover from rolling back a connection's first offer (the
+     * newcomer's connection to the one with the camera failed about one
+     * time in three).
+     */
+    this.tracksReady = false;
     pc.onconnectionstatechange = () => this._onState();
     this.connectTimer = setTimeout(() => {
       if (!this.everConnected) this._fail(this.pc.remoteDescription ? 'connectivity checks timed out: no candidate pair answered' : 'no answer to the offer arrived (is the other side there?)');
@@ -936,7 +944,7 @@ class Conn {
    * @param {MediaStreamTrack} track @param {MediaStream} stream
    */
   addTrack(track, stream) {
-    if (this.declinesMedia || this.pc.signalingState === 'closed') return;
+    if (!this.tracksReady || this.declinesMedia || this.pc.signalingState === 'closed') return;
     if (this.pc.getSenders().some((s) => s.track === track) || [...this.reused.values()].includes(track)) return;
     const free = this.pc.getTransceivers().find((t) => t.currentDirection !== 'stopped' && t.direction !== 'stopped' && t.mid !== null
       && t.receiver.track.kind === track.kind && !t.sender.track && !this.reused.has(t));
@@ -1119,6 +1127,11 @@ class Conn {
         await pc.setLocalDescription();
         const sdp = pc.localDescription?.sdp;
         if (sdp) await this._sendSdp('answer', sdp);
+      }
+      if (!this.tracksReady && pc.signalingState === 'stable') {
+        // The first offer and answer are through: the room's tracks now.
+        this.tracksReady = true;
+        for (const [track, stream] of this.room.localTracks) this.addTrack(track, stream);
       }
     } else if (signal.kind === 'candidate') {
       const c = { candidate: signal.candidate.replace(/^a=/, ''), sdpMid: signal.mid ?? null, sdpMLineIndex: signal.mid ? null : 0 };

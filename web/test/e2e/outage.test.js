@@ -1,4 +1,4 @@
-// Signaling between connected peers: with the signaling server down, two
+// Signaling between connected peers: with the signaling server killed, two
 // tabs and a native `peerlink chat` in a room keep chatting, start a video
 // call (a renegotiation: tracks added) and restart ICE, the offers and
 // answers going on each connection's own `peerlink-signal` channel; the
@@ -20,6 +20,10 @@ setup((s, c) => {
 after(() => server?.stop());
 
 /** @typedef {import('playwright-core').Page} Page */
+
+/** What a page's connections are doing, for failure messages. @param {Page} page */
+const conns = (page) => page.evaluate(() => [.../** @type {any} */ (globalThis).peerlinkRoom.conns.entries()]
+  .map(([peer, c]) => `${peer}: ${c.state} ${c.pc.signalingState} ${c.pc.connectionState} [${[...c.channels.keys()].join(' ')}] signal ${c.signalChannels.length}/${c.remoteReadsChannel} ${c.failure ?? ''}`));
 
 /** The page's id in the room. @param {Page} page */
 const idOf = (page) => page.evaluate(() => /** @type {any} */ (globalThis).peerlinkRoom.id);
@@ -46,7 +50,9 @@ test('with the server down, a room chats, starts a call and restarts ICE over it
     const addr = server.addr;
     const relayedBefore = (await server.healthz()).signals_relayed;
 
-    await server.stop();
+    // Killed, not shut down: nobody is told.
+    server.proc.kill('SIGKILL');
+    await server.proc.exit(10_000);
     await a.waitForFunction(() => /going away|Lost the server/.test(document.getElementById('status')?.textContent ?? ''), null, { timeout: 10_000 });
 
     // Channels flow without the server.
@@ -84,9 +90,16 @@ test('with the server down, a room chats, starts a call and restarts ICE over it
     assert.equal((await server.healthz()).signals_relayed, 0, 'nothing was signaled through the new server yet');
     assert.ok(relayedBefore > 0);
     const c = await chrome.page(`${server.url}/room/outage?name=cy`);
-    await c.waitForFunction(() => document.querySelectorAll('#peers li[data-state="connected"]').length === 3, null, { timeout: 20_000 });
+    await c.waitForFunction(() => document.querySelectorAll('#peers li[data-state="connected"]').length === 3, null, { timeout: 20_000 }).catch(async (e) => {
+      const seen = await c.evaluate(() => [...document.querySelectorAll('#peers li')].map((li) => `${li.getAttribute('data-peer')} ${li.getAttribute('data-state')}`));
+      throw new Error(`${e}\nthe newcomer sees: ${seen.join(', ')}\ncy: ${(await conns(c)).join('; ')}\nann: ${(await conns(a)).join('; ')}\nnative: ${native.lines.join('\n')}\n${native.stderr}`);
+    });
     await say(c, 'hello all');
-    for (const p of [a, b]) await p.waitForSelector('#log li:has-text("hello all")', { timeout: 10_000 });
+    for (const p of [a, b]) {
+      await p.waitForSelector('#log li:has-text("hello all")', { timeout: 10_000 }).catch(async (e) => {
+        throw new Error(`${e}\nann: ${(await conns(a)).join('; ')}\nben: ${(await conns(b)).join('; ')}\ncy: ${(await conns(c)).join('; ')}`);
+      });
+    }
     await native.line((l) => l.endsWith(': hello all'), 10_000, 'the newcomer at the native peer');
     // Nobody was seen to leave; each tab kept one connection to the native peer.
     for (const p of [a, b]) assert.equal(await p.locator('#log li:has-text("left")').count(), 0);

@@ -84,20 +84,25 @@ function meshRoom(me = 'm') {
   const room = new Room({ server: '127.0.0.1:9', room: 'call', RTCPeerConnection: /** @type {any} */ (FakePC) });
   room.id = me;
   room.signaling.send = () => true;
-  const join = (/** @type {string} */ peer) => {
+  // A member, and the connection's first offer and answer (tracks wait
+  // for them).
+  const join = async (/** @type {string} */ peer) => {
     room._memberJoined(peer, null, true);
-    return /** @type {FakePC} */ (/** @type {any} */ (room.conns.get(peer)).pc);
+    const conn = /** @type {any} */ (room.conns.get(peer));
+    conn.onSignal({ kind: 'offer', sdp: 'v=0\r\no=- 7 1 IN IP4 127.0.0.1\r\noffer' });
+    await conn.chain;
+    return /** @type {FakePC} */ (conn.pc);
   };
   return { room, join };
 }
 
-test('call: tracks go to every connection, also ones made later; removeTrack stops them everywhere', () => {
+test('call: tracks go to every connection, also ones made later; removeTrack stops them everywhere', async () => {
   const { room, join } = meshRoom();
-  const first = join('p1');
+  const first = await join('p1');
   const cam = track('video');
   const stream = /** @type {any} */ ({ id: 's' });
   room.addTrack(/** @type {any} */ (cam), stream);
-  const later = join('p2');
+  const later = await join('p2');
   for (const pc of [first, later]) {
     assert.deepEqual(pc.getSenders().map((s) => s.track), [cam]);
     assert.deepEqual(pc.getSenders()[0].streams, [stream]);
@@ -105,12 +110,27 @@ test('call: tracks go to every connection, also ones made later; removeTrack sto
   room.removeTrack(/** @type {any} */ (cam));
   for (const pc of [first, later]) assert.deepEqual(pc.getSenders().map((s) => s.track), [null]);
   // Gone from the room: a newcomer does not get it.
-  assert.equal(join('p3').getSenders().length, 0);
+  assert.equal((await join('p3')).getSenders().length, 0);
+});
+
+test('call: a connection sends the room\'s tracks once its first offer and answer are through, not before', async () => {
+  const { room } = meshRoom();
+  const cam = track('video');
+  room.addTrack(/** @type {any} */ (cam), /** @type {any} */ ({ id: 's' }));
+  room._memberJoined('p1', null, true);
+  const conn = /** @type {any} */ (room.conns.get('p1'));
+  // Our first offer is out: no video offered beside it (a member with its
+  // camera on would otherwise collide with the newcomer's first offer).
+  await conn.pc.setLocalDescription();
+  assert.equal(conn.pc.getSenders().length, 0);
+  conn.onSignal({ kind: 'answer', sdp: 'v=0\r\no=- 7 1 IN IP4 127.0.0.1\r\nanswer' });
+  await conn.chain;
+  assert.deepEqual(conn.pc.getSenders().map((/** @type {any} */ s) => s.track), [cam]);
 });
 
 test('call: a camera turned off and on again, or sent back on the m-line the peer opened, adds no m-line', async () => {
   const { room, join } = meshRoom();
-  const pc = join('p1');
+  const pc = await join('p1');
   const stream = /** @type {any} */ ({ id: 's' });
   const cam = track('video');
   room.addTrack(/** @type {any} */ (cam), stream);
@@ -124,7 +144,7 @@ test('call: a camera turned off and on again, or sent back on the m-line the pee
   // The peer's own video m-line (we only receive on it) carries ours too;
   // a microphone needs an audio one.
   const fresh = meshRoom();
-  const other = fresh.join('p2');
+  const other = await fresh.join('p2');
   const theirs = new FakeTransceiver('video', '0');
   theirs.direction = 'recvonly';
   theirs.currentDirection = 'recvonly';
@@ -140,7 +160,7 @@ test('call: a camera turned off and on again, or sent back on the m-line the pee
 
 test('call: a camera turned off before it was on (replaceTrack pending) ends off, and a track added twice is sent once', async () => {
   const { room, join } = meshRoom();
-  const pc = join('p1');
+  const pc = await join('p1');
   const stream = /** @type {any} */ ({ id: 's' });
   const theirs = new FakeTransceiver('video', '0');
   theirs.direction = 'recvonly';
@@ -163,7 +183,7 @@ test('call: a camera turned off before it was on (replaceTrack pending) ends off
 
 test('call: a peer that rejects the media m-lines (a native peer) is offered no media again, and keeps its connection', async () => {
   const { room, join } = meshRoom();
-  const pc = join('native');
+  const pc = await join('native');
   pc.rejectsMedia = true;
   const stream = /** @type {any} */ ({ id: 's' });
   room.addTrack(/** @type {any} */ (track('video')), stream);
@@ -178,12 +198,12 @@ test('call: a peer that rejects the media m-lines (a native peer) is offered no 
   assert.equal(pc.transceivers.length, 0, 'nothing offered after the rejection');
   assert.equal(conn.state, 'connecting', 'the connection itself is untouched');
   // A browser peer in the same room still gets every track.
-  assert.equal(join('browser').transceivers.length, 3);
+  assert.equal((await join('browser')).transceivers.length, 3);
 });
 
-test('call: the peer\'s tracks arrive once as `track`, and leave as `track_removed` (removed by the peer, or the connection ended)', () => {
+test('call: the peer\'s tracks arrive once as `track`, and leave as `track_removed` (removed by the peer, or the connection ended)', async () => {
   const { room, join } = meshRoom();
-  const pc = join('p1');
+  const pc = await join('p1');
   /** @type {string[]} */
   const seen = [];
   room.on('track', ({ peer, track: t }) => seen.push(`+${peer}/${/** @type {any} */ (t).id}`));
