@@ -1102,6 +1102,10 @@ class Conn {
     if (signal.kind === 'offer' || signal.kind === 'answer') {
       if (this.keys) {
         const why = await this._checkAuth(signal.kind, signal.sdp, signal.auth);
+        if (why === 'stale') {
+          console.debug(`peerlink: ignoring an ${signal.kind} from ${this.peer} older than one applied`);
+          return;
+        }
         if (why) {
           this.room.emit('auth_failed', { peer: this.peer, reason: why });
           // Sealed, so the peer can trust it: the signaling between us was
@@ -1153,7 +1157,10 @@ class Conn {
   }
 
   /**
-   * Why an offer or answer is not authentic, or null.
+   * Why an offer or answer is not authentic (a string), `'stale'` for an
+   * authentic one older than one applied (it came the slow way: through the
+   * server while a later one came on the signaling channel, or the server
+   * replayed it), or null to apply it.
    * @param {'offer' | 'answer'} kind
    * @param {string} sdp
    * @param {{ seq: number, mac: string } | undefined} auth
@@ -1164,9 +1171,7 @@ class Conn {
     if (!(await verifySdp(this.keys.remote, kind, sdp, auth))) {
       return `the ${kind} was modified in transit (its MAC does not match)`;
     }
-    if (this.recvSeq !== null && auth.seq <= this.recvSeq) {
-      return `the ${kind} is a replay (sequence ${auth.seq} after ${this.recvSeq})`;
-    }
+    if (this.recvSeq !== null && auth.seq <= this.recvSeq) return 'stale';
     this.recvSeq = auth.seq;
     return null;
   }

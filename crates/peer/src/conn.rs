@@ -521,21 +521,30 @@ impl PeerConn {
         if kind == "offer" { Signal::Offer { sdp, auth } } else { Signal::Answer { sdp, auth } }
     }
 
-    /// Checks an incoming SDP's `auth` when the connection has keys; a
-    /// failure closes the connection for good.
-    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<(), Error> {
-        let Some(keys) = &self.keys else { return Ok(()) };
+    /// Checks an incoming SDP's `auth` when the connection has keys: `true`
+    /// to apply it, `false` to ignore an authentic SDP older than one
+    /// already applied (it came the slow way: through the server while a
+    /// later one came on the signaling channel, or the server replayed it);
+    /// one that is not authentic closes the connection for good.
+    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<bool, Error> {
+        let Some(keys) = &self.keys else { return Ok(true) };
         let reason = match auth {
             None => format!("the {kind} carries no authentication"),
             Some(a) if !keys.verify(kind, sdp, a) => {
                 format!("the {kind} was modified in transit (its MAC does not match)")
             }
             Some(a) if self.recv_seq.is_some_and(|last| a.seq <= last) => {
-                format!("the {kind} is a replay (sequence {} after {:?})", a.seq, self.recv_seq)
+                tracing::debug!(
+                    peer = %self.remote,
+                    "ignoring an {kind} older than one applied (sequence {} after {:?})",
+                    a.seq,
+                    self.recv_seq
+                );
+                return Ok(false);
             }
             Some(a) => {
                 self.recv_seq = Some(a.seq);
-                return Ok(());
+                return Ok(true);
             }
         };
         tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
@@ -731,7 +740,9 @@ impl PeerConn {
         }
         match signal {
             Signal::Offer { sdp, auth } => {
-                self.check_auth("offer", &sdp, auth.as_ref())?;
+                if !self.check_auth("offer", &sdp, auth.as_ref())? {
+                    return Ok(());
+                }
                 let ufrag = sdp_ice_ufrag(&sdp);
                 if self.remote_ufrag.is_some() && ufrag.is_some() && self.remote_ufrag.as_deref() != ufrag {
                     // The remote restarts ICE: ours, if wanted, is done by it.
@@ -743,7 +754,9 @@ impl PeerConn {
                 self.handle_offer(&sdp, now)
             }
             Signal::Answer { sdp, auth } => {
-                self.check_auth("answer", &sdp, auth.as_ref())?;
+                if !self.check_auth("answer", &sdp, auth.as_ref())? {
+                    return Ok(());
+                }
                 self.learn_remote_sdp(&sdp);
                 self.handle_answer(&sdp, now)
             }
@@ -1201,6 +1214,34 @@ fn sdp_session_id(sdp: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An authentic SDP older than one applied is ignored (it came the slow
+    /// way, or was replayed); one that is not authentic fails the connection.
+    #[test]
+    fn a_stale_authentic_sdp_is_ignored_and_a_forged_one_fails() {
+        let now = Instant::now();
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let theirs = SignalKeys { local: k2, remote: k1 };
+        let mut conn = PeerConn::new(
+            PeerId::from_server("p-remote"),
+            false,
+            &["127.0.0.1:9".parse().unwrap()],
+            &ConnConfig::default(),
+            now,
+        );
+        conn.set_keys(SignalKeys { local: k1, remote: k2 });
+        let sdp = "v=0\r\n";
+        let newer = theirs.sign("offer", 5, sdp);
+        assert!(conn.check_auth("offer", sdp, Some(&newer)).unwrap());
+        let older = theirs.sign("answer", 4, sdp);
+        assert!(!conn.check_auth("answer", sdp, Some(&older)).unwrap());
+        assert!(!conn.check_auth("offer", sdp, Some(&newer)).unwrap(), "the same one again");
+        assert_ne!(conn.state(), ConnState::Failed);
+        let mut forged = theirs.sign("offer", 6, sdp);
+        forged.mac = "00".repeat(32);
+        assert!(conn.check_auth("offer", sdp, Some(&forged)).is_err());
+        assert_eq!(conn.state(), ConnState::Failed);
+    }
 
     /// The signaling channel's messages as the fixture pins them: each is
     /// read as the fixture says, and a signal written back is the same text.

@@ -25,3 +25,27 @@ test('signaling channel messages match the fixture', () => {
   assert.ok('ignored' in parseChannelSignal('not json'));
   assert.ok('ignored' in parseChannelSignal('{"kind":"offer"}'), 'an offer without sdp is not applied');
 });
+
+test('an authentic SDP older than one applied is ignored; a forged one is refused', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { signSdp } = await import('../../lib/auth.js');
+  class PC {
+    constructor() { this.signalingState = 'stable'; this.connectionState = 'new'; }
+    close() {}
+  }
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', RTCPeerConnection: /** @type {any} */ (PC) });
+  room.signaling.send = () => true;
+  const ours = new Uint8Array(32).fill(1);
+  const theirs = new Uint8Array(32).fill(2);
+  room.members.set('p', { name: null });
+  const conn = /** @type {any} */ (room._createConn('p', [], { local: ours, remote: theirs }));
+  const sdp = 'v=0\r\n';
+  assert.equal(await conn._checkAuth('offer', sdp, await signSdp(theirs, 'offer', 5, sdp)), null);
+  // Came the slow way (through the server, after a later one on the
+  // signaling channel), or replayed: ignored, not fatal.
+  assert.equal(await conn._checkAuth('answer', sdp, await signSdp(theirs, 'answer', 4, sdp)), 'stale');
+  assert.equal(await conn._checkAuth('offer', sdp, await signSdp(theirs, 'offer', 5, sdp)), 'stale');
+  const forged = { seq: 6, mac: '00'.repeat(32) };
+  assert.match(await conn._checkAuth('offer', sdp, forged), /modified in transit/);
+  clearTimeout(conn.connectTimer);
+});
