@@ -418,7 +418,10 @@ export class Room extends Emitter {
     this.emit('peer_joined', { peer, name });
     this.overlay?.peerKnown(peer);
     if (this.options.autoConnect) {
-      this._createConn(peer, initiator ? this.options.channels ?? [] : [], null);
+      const conn = this._createConn(peer, initiator ? this.options.channels ?? [] : [], null);
+      // The one who connects makes the first offer: with the signaling
+      // channel in it, even in a room with no channels (a call).
+      if (initiator) conn.openSignalChannel();
     }
   }
 
@@ -607,7 +610,7 @@ export class Room extends Emitter {
    */
   connect(peer, opts = {}) {
     if (!this.members.has(peer)) throw new Error(`no peer ${peer} in this room`);
-    this._createConn(peer, opts.channels ?? [], opts.keys ?? null);
+    this._createConn(peer, opts.channels ?? [], opts.keys ?? null).openSignalChannel();
   }
 
   /** Closes the connection to `peer`; it stays a member. @param {string} peer */
@@ -829,6 +832,8 @@ class Conn {
     this.signalsReceivedOnChannel = 0;
     /** we opened a signaling channel (with our first offer) */
     this.signalChannelAsked = false;
+    /** our last SDP was an answer */
+    this.lastSentAnswer = false;
     /** @type {Promise<void>} */
     this.chain = Promise.resolve();
     /** @type {number | null} */
@@ -875,12 +880,15 @@ class Conn {
   /** @param {ChannelSpec} spec */
   openChannel(spec) {
     if (spec.label === SIGNAL_LABEL) throw new Error(`the channel label ${SIGNAL_LABEL} is reserved for peerlink's own signaling between connected peers`);
-    if (!this.pc.remoteDescription && this.signalChannels.length === 0 && !this.signalChannelAsked) {
-      // Our first offer opens the signaling channel too.
-      this.signalChannelAsked = true;
-      this._adoptSignal(this.pc.createDataChannel(SIGNAL_LABEL, { ordered: true }));
-    }
+    this.openSignalChannel();
     this._adopt(this.pc.createDataChannel(spec.label, channelInit(spec)));
+  }
+
+  /** Opens the signaling channel if this side makes the connection's first offer. */
+  openSignalChannel() {
+    if (this.pc.remoteDescription || this.signalChannels.length > 0 || this.signalChannelAsked) return;
+    this.signalChannelAsked = true;
+    this._adoptSignal(this.pc.createDataChannel(SIGNAL_LABEL, { ordered: true }));
   }
 
   /**
@@ -1048,8 +1056,11 @@ class Conn {
     const signal = kind === 'offer' ? { kind: 'offer', sdp } : { kind: 'answer', sdp };
     // An offer on the signaling channel while connected, else through the
     // server; an answer back the way its offer came.
-    const via = kind === 'offer' ? this._channelIfUp() : this.offerVia;
+    // (An offer right after our answer through the server goes that way
+    // too: it must not overtake the answer.)
+    const via = kind === 'answer' ? this.offerVia : this.lastSentAnswer && !this.sdpVia ? null : this._channelIfUp();
     this.sdpVia = via;
+    this.lastSentAnswer = kind === 'answer';
     const keys = this.keys;
     if (!keys) {
       this._send(signal, via);
@@ -1120,6 +1131,9 @@ class Conn {
       this.ignoreOffer = !this.polite && collision;
       if (this.ignoreOffer) return;
       if (signal.kind === 'answer' && pc.signalingState !== 'have-local-offer') return;
+      // Applied: older SDPs are ignored from now on (not when this one is
+      // ignored in a collision: an older one may still be due).
+      if (this.keys && signal.auth) this.recvSeq = signal.auth.seq;
       this.settingAnswer = signal.kind === 'answer';
       // (Data-only implementations, e.g. in Node, may have no transceivers.)
       const sending = pc.getTransceivers?.().filter((t) => t.sender.track) ?? [];
@@ -1172,7 +1186,6 @@ class Conn {
       return `the ${kind} was modified in transit (its MAC does not match)`;
     }
     if (this.recvSeq !== null && auth.seq <= this.recvSeq) return 'stale';
-    this.recvSeq = auth.seq;
     return null;
   }
 

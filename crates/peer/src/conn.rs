@@ -63,6 +63,14 @@ impl ChannelSignal {
     }
 }
 
+/// What to do with an offer or answer, as its `auth` says.
+enum Auth {
+    /// Apply it; record its sequence number (if it carries one) once applied.
+    Apply(Option<u64>),
+    /// Authentic but older than one applied: ignore it.
+    Stale,
+}
+
 /// The way a signal travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
@@ -186,6 +194,8 @@ pub(crate) struct PeerConn {
     remote_reads_channel: bool,
     /// The way our last offer or answer went; candidates follow it.
     sdp_via: Via,
+    /// Our last SDP was an answer.
+    last_sent_answer: bool,
     /// The way the remote's last offer came; our answer goes back that way.
     offer_via: Via,
     /// Signals sent on the signaling channel, and received there.
@@ -338,6 +348,7 @@ impl PeerConn {
             signal_channel_asked: false,
             remote_reads_channel: false,
             sdp_via: Via::Server,
+            last_sent_answer: false,
             offer_via: Via::Server,
             channel_signals: (0, 0),
             remote_ufrag: None,
@@ -390,7 +401,7 @@ impl PeerConn {
         let sdp = c.to_sdp_string();
         if self.trickled {
             let signal = Signal::Candidate { candidate: sdp.clone(), mid: self.mid.clone() };
-            self.send_signal(signal, self.sdp_via);
+            let _ = self.send_signal(signal, self.sdp_via);
         }
         self.local_candidates.push(sdp);
     }
@@ -400,7 +411,7 @@ impl PeerConn {
         if !self.gathering_done {
             self.gathering_done = true;
             if self.trickled {
-                self.send_signal(Signal::EndOfCandidates, self.sdp_via);
+                let _ = self.send_signal(Signal::EndOfCandidates, self.sdp_via);
             }
         }
     }
@@ -487,8 +498,13 @@ impl PeerConn {
     fn restart_due(&self) -> Option<Instant> {
         let since = self.down_since?;
         if self.restart_wanted {
-            // Asked for; waiting for the answer to the offer that is out.
-            return None;
+            // Asked for, behind the offer that is out: due when that offer
+            // counts as lost (negotiate() then replaces it).
+            return match (&self.pending, self.pending_via) {
+                (Some(_), Via::Server) => Some(self.last_offer_at.unwrap_or(since) + OFFER_LOST_AFTER),
+                (Some(_), Via::Channel(_)) if self.state != ConnState::Connected => Some(since),
+                _ => None,
+            };
         }
         let wait = if self.polite { self.restart_after * 2 } else { self.restart_after };
         let last = self.last_offer_at.map_or(since, |o| o.max(since));
@@ -521,13 +537,15 @@ impl PeerConn {
         if kind == "offer" { Signal::Offer { sdp, auth } } else { Signal::Answer { sdp, auth } }
     }
 
-    /// Checks an incoming SDP's `auth` when the connection has keys: `true`
-    /// to apply it, `false` to ignore an authentic SDP older than one
-    /// already applied (it came the slow way: through the server while a
-    /// later one came on the signaling channel, or the server replayed it);
-    /// one that is not authentic closes the connection for good.
-    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<bool, Error> {
-        let Some(keys) = &self.keys else { return Ok(true) };
+    /// Checks an incoming SDP's `auth` when the connection has keys.
+    /// `Apply(seq)`: authentic and newer than any applied (or no keys);
+    /// record `seq` with [`PeerConn::applied`] once the SDP is applied, not
+    /// when it is ignored in a collision. `Stale`: an authentic SDP older
+    /// than one applied (it came the slow way: through the server while a
+    /// later one came on the signaling channel, or the server replayed it),
+    /// to ignore. One that is not authentic closes the connection for good.
+    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<Auth, Error> {
+        let Some(keys) = &self.keys else { return Ok(Auth::Apply(None)) };
         let reason = match auth {
             None => format!("the {kind} carries no authentication"),
             Some(a) if !keys.verify(kind, sdp, a) => {
@@ -540,17 +558,22 @@ impl PeerConn {
                     a.seq,
                     self.recv_seq
                 );
-                return Ok(false);
+                return Ok(Auth::Stale);
             }
-            Some(a) => {
-                self.recv_seq = Some(a.seq);
-                return Ok(true);
-            }
+            Some(a) => return Ok(Auth::Apply(Some(a.seq))),
         };
         tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
         self.out.push_back(ConnOutput::Event(ConnEvent::AuthFailed(reason.clone())));
         self.fail(Failure::Unauthenticated(reason.clone()));
         Err(Error::Unauthenticated { peer: self.remote.clone(), reason })
+    }
+
+    /// An authenticated SDP with sequence `seq` is being applied: older
+    /// ones are ignored from now on.
+    fn applied(&mut self, seq: Option<u64>) {
+        if seq.is_some() {
+            self.recv_seq = seq;
+        }
     }
 
     pub fn state(&self) -> ConnState {
@@ -634,9 +657,16 @@ impl PeerConn {
         match api.apply() {
             Some((offer, pending)) => {
                 let signal = self.sdp_signal("offer", offer.to_sdp_string());
-                let via = self.channel_if_up().unwrap_or(Via::Server);
+                // On the channel while connected, unless our last SDP was an
+                // answer through the server: the offer must not overtake it
+                // (the remote, its own offer still out, would ignore ours).
+                let via = match (self.last_sent_answer, self.sdp_via) {
+                    (true, Via::Server) => Via::Server,
+                    _ => self.channel_if_up().unwrap_or(Via::Server),
+                };
+                let via = self.send_signal(signal, via);
                 self.sdp_via = via;
-                self.send_signal(signal, via);
+                self.last_sent_answer = false;
                 self.pending = Some((pending, added));
                 self.pending_restart = restart;
                 self.pending_via = via;
@@ -660,7 +690,7 @@ impl PeerConn {
 
     /// Sends `signal` the way `via` says; through the server if the channel
     /// cannot take it.
-    fn send_signal(&mut self, signal: Signal, via: Via) {
+    fn send_signal(&mut self, signal: Signal, via: Via) -> Via {
         if matches!(signal, Signal::Offer { .. } | Signal::Answer { .. }) {
             tracing::debug!(peer = %self.remote, ?via, "sending {}", signal_kind(&signal));
         }
@@ -672,7 +702,7 @@ impl PeerConn {
             match ch.write(false, text.as_bytes()) {
                 Ok(true) => {
                     self.channel_signals.0 += 1;
-                    return;
+                    return via;
                 }
                 Ok(false) => {
                     tracing::debug!(peer = %self.remote, "signaling channel full: through the server")
@@ -681,6 +711,7 @@ impl PeerConn {
             }
         }
         self.out.push_back(ConnOutput::Signal(signal));
+        Via::Server
     }
 
     /// The signaling link to the server was lost and is back: an offer that
@@ -721,10 +752,10 @@ impl PeerConn {
         }
         self.trickled = true;
         for candidate in self.local_candidates.clone() {
-            self.send_signal(Signal::Candidate { candidate, mid: self.mid.clone() }, self.sdp_via);
+            let _ = self.send_signal(Signal::Candidate { candidate, mid: self.mid.clone() }, self.sdp_via);
         }
         if self.gathering_done {
-            self.send_signal(Signal::EndOfCandidates, self.sdp_via);
+            let _ = self.send_signal(Signal::EndOfCandidates, self.sdp_via);
         }
     }
 
@@ -740,9 +771,15 @@ impl PeerConn {
         }
         match signal {
             Signal::Offer { sdp, auth } => {
-                if !self.check_auth("offer", &sdp, auth.as_ref())? {
+                let Auth::Apply(seq) = self.check_auth("offer", &sdp, auth.as_ref())? else {
+                    return Ok(());
+                };
+                if self.pending.is_some() && !self.polite {
+                    // Glare, and we win: the remote rolls back and answers ours.
+                    tracing::debug!(peer = %self.remote, "offer collision: ignoring theirs");
                     return Ok(());
                 }
+                self.applied(seq);
                 let ufrag = sdp_ice_ufrag(&sdp);
                 if self.remote_ufrag.is_some() && ufrag.is_some() && self.remote_ufrag.as_deref() != ufrag {
                     // The remote restarts ICE: ours, if wanted, is done by it.
@@ -754,9 +791,20 @@ impl PeerConn {
                 self.handle_offer(&sdp, now)
             }
             Signal::Answer { sdp, auth } => {
-                if !self.check_auth("answer", &sdp, auth.as_ref())? {
+                let Auth::Apply(seq) = self.check_auth("answer", &sdp, auth.as_ref())? else {
+                    return Ok(());
+                };
+                if self.pending.is_none() {
+                    tracing::debug!(peer = %self.remote, "answer without an offer out: ignored");
                     return Ok(());
                 }
+                if via != self.pending_via {
+                    // Answers come back the way their offer went: this one
+                    // answers an offer we gave up on.
+                    tracing::debug!(peer = %self.remote, ?via, "answer to an earlier offer: ignored");
+                    return Ok(());
+                }
+                self.applied(seq);
                 self.learn_remote_sdp(&sdp);
                 self.handle_answer(&sdp, now)
             }
@@ -789,11 +837,6 @@ impl PeerConn {
     fn handle_offer(&mut self, sdp: &str, now: Instant) -> Result<(), Error> {
         let offer = SdpOffer::from_sdp_string(sdp)
             .map_err(|e| Error::BadSignal { peer: self.remote.clone(), reason: format!("offer: {e}") })?;
-        if self.pending.is_some() && !self.polite {
-            // Glare, and we win: the remote rolls back and answers ours.
-            tracing::debug!(peer = %self.remote, "offer collision: ignoring theirs");
-            return Ok(());
-        }
         if let Some((_, added)) = self.pending.take() {
             // Glare, and we yield: accept_offer rolls our offer back; its
             // channels are asked for again once the offer is answered (the
@@ -816,8 +859,8 @@ impl PeerConn {
         let signal = self.sdp_signal("answer", answer.to_sdp_string());
         // Back the way the offer came: the remote may not hear the other way
         // (its server link, or the path under the channel, may be down).
-        self.sdp_via = self.offer_via;
-        self.send_signal(signal, self.offer_via);
+        self.sdp_via = self.send_signal(signal, self.offer_via);
+        self.last_sent_answer = true;
         self.trickle();
         self.negotiate();
         Ok(())
@@ -942,9 +985,11 @@ impl PeerConn {
                 return Ok(());
             }
             if self.restart_due().is_some_and(|due| now >= due) {
-                self.restarts += 1;
-                tracing::info!(peer = %self.remote, restarts = self.restarts, "disconnected: restarting ICE");
-                self.restart_wanted = true;
+                if !self.restart_wanted {
+                    self.restarts += 1;
+                    tracing::info!(peer = %self.remote, restarts = self.restarts, "disconnected: restarting ICE");
+                    self.restart_wanted = true;
+                }
                 self.negotiate();
             }
         }
@@ -1066,10 +1111,15 @@ impl PeerConn {
                 self.creating.remove(&id);
                 self.signal_channels.push(id);
                 // Tells the remote it may signal here.
-                if let Some(mut ch) = self.rtc.channel(id)
-                    && let Err(e) = ch.write(false, ChannelSignal::HELLO)
-                {
-                    tracing::debug!(peer = %self.remote, "signaling channel hello: {e}");
+                if let Some(mut ch) = self.rtc.channel(id) {
+                    match ch.write(false, ChannelSignal::HELLO) {
+                        Ok(true) => {}
+                        // A new channel's buffer is empty: this does not happen.
+                        Ok(false) => {
+                            tracing::debug!(peer = %self.remote, "signaling channel hello not taken")
+                        }
+                        Err(e) => tracing::debug!(peer = %self.remote, "signaling channel hello: {e}"),
+                    }
                 }
             }
             RtcEvent::ChannelData(d) if self.signal_channels.contains(&d.id) => {
@@ -1232,15 +1282,48 @@ mod tests {
         conn.set_keys(SignalKeys { local: k1, remote: k2 });
         let sdp = "v=0\r\n";
         let newer = theirs.sign("offer", 5, sdp);
-        assert!(conn.check_auth("offer", sdp, Some(&newer)).unwrap());
+        let Auth::Apply(seq) = conn.check_auth("offer", sdp, Some(&newer)).unwrap() else { panic!("fresh") };
+        assert_eq!(seq, Some(5));
+        // Not applied (ignored in a collision): an older one still counts.
         let older = theirs.sign("answer", 4, sdp);
-        assert!(!conn.check_auth("answer", sdp, Some(&older)).unwrap());
-        assert!(!conn.check_auth("offer", sdp, Some(&newer)).unwrap(), "the same one again");
+        assert!(matches!(conn.check_auth("answer", sdp, Some(&older)).unwrap(), Auth::Apply(Some(4))));
+        conn.applied(seq);
+        assert!(matches!(conn.check_auth("answer", sdp, Some(&older)).unwrap(), Auth::Stale));
+        assert!(
+            matches!(conn.check_auth("offer", sdp, Some(&newer)).unwrap(), Auth::Stale),
+            "the same one again"
+        );
         assert_ne!(conn.state(), ConnState::Failed);
         let mut forged = theirs.sign("offer", 6, sdp);
         forged.mac = "00".repeat(32);
         assert!(conn.check_auth("offer", sdp, Some(&forged)).is_err());
         assert_eq!(conn.state(), ConnState::Failed);
+    }
+
+    /// Answers come back the way their offer went: one that comes the other
+    /// way answers an offer given up on, and is not applied to ours.
+    #[test]
+    fn an_answer_from_another_way_than_the_offer_went_is_ignored() {
+        let now = Instant::now();
+        let mut conn = PeerConn::new(
+            PeerId::from_server("p-remote"),
+            false,
+            &["127.0.0.1:9".parse().unwrap()],
+            &ConnConfig::default(),
+            now,
+        );
+        conn.open_channel(ChannelSpec::reliable("x"));
+        let (_, added) = conn.pending.as_ref().expect("an offer is out");
+        assert_eq!(added[0].1.label, SIGNAL_LABEL, "the first offer opens the signaling channel");
+        assert_eq!(conn.pending_via, Via::Server, "not connected: through the server");
+        let channel = Via::Channel(added[0].0);
+        let answer = Signal::Answer { sdp: "not even an SDP".into(), auth: None };
+        conn.handle_signal_via(answer.clone(), now, channel).unwrap();
+        assert!(conn.pending.is_some(), "still waiting for the answer through the server");
+        assert!(
+            conn.handle_signal_via(answer, now, Via::Server).is_err(),
+            "this one is read (and is no SDP)"
+        );
     }
 
     /// The signaling channel's messages as the fixture pins them: each is

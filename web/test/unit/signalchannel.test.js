@@ -41,11 +41,57 @@ test('an authentic SDP older than one applied is ignored; a forged one is refuse
   const conn = /** @type {any} */ (room._createConn('p', [], { local: ours, remote: theirs }));
   const sdp = 'v=0\r\n';
   assert.equal(await conn._checkAuth('offer', sdp, await signSdp(theirs, 'offer', 5, sdp)), null);
+  // Not applied yet (ignored in a collision): an older one still counts.
+  assert.equal(await conn._checkAuth('answer', sdp, await signSdp(theirs, 'answer', 4, sdp)), null);
+  conn.recvSeq = 5; // applied
   // Came the slow way (through the server, after a later one on the
   // signaling channel), or replayed: ignored, not fatal.
   assert.equal(await conn._checkAuth('answer', sdp, await signSdp(theirs, 'answer', 4, sdp)), 'stale');
   assert.equal(await conn._checkAuth('offer', sdp, await signSdp(theirs, 'offer', 5, sdp)), 'stale');
   const forged = { seq: 6, mac: '00'.repeat(32) };
   assert.match(await conn._checkAuth('offer', sdp, forged), /modified in transit/);
+  clearTimeout(conn.connectTimer);
+});
+
+test('an offer ignored in a collision does not make the answer that follows it stale', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { signSdp } = await import('../../lib/auth.js');
+  class PC {
+    constructor() {
+      this.signalingState = 'stable';
+      this.connectionState = 'new';
+      /** @type {any} */ this.remoteDescription = null;
+      /** @type {any} */ this.localDescription = null;
+    }
+    async setRemoteDescription(/** @type {any} */ d) {
+      this.remoteDescription = d;
+      this.signalingState = d.type === 'offer' ? 'have-remote-offer' : 'stable';
+    }
+    async setLocalDescription() {
+      const type = this.signalingState === 'have-remote-offer' ? 'answer' : 'offer';
+      this.localDescription = { type, sdp: 'v=0\r\n' };
+      this.signalingState = type === 'answer' ? 'stable' : 'have-local-offer';
+    }
+    async addIceCandidate() {}
+    close() {}
+  }
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', RTCPeerConnection: /** @type {any} */ (PC) });
+  room.signaling.send = () => true;
+  room.id = 'z'; // the impolite side towards 'p'
+  const theirs = new Uint8Array(32).fill(2);
+  room.members.set('p', { name: null });
+  const conn = /** @type {any} */ (room._createConn('p', [], { local: new Uint8Array(32).fill(1), remote: theirs }));
+  await conn.pc.setLocalDescription(); // our offer is out
+  const sdp = 'v=0\r\n';
+  // The peer's offer (its sequence 5) collides with ours: ignored.
+  conn.onSignal({ kind: 'offer', sdp, auth: await signSdp(theirs, 'offer', 5, sdp) });
+  await conn.chain;
+  assert.equal(conn.pc.signalingState, 'have-local-offer');
+  assert.equal(conn.recvSeq, null, 'an ignored offer is not recorded');
+  // Its answer to our offer, signed earlier (4), still applies.
+  conn.onSignal({ kind: 'answer', sdp, auth: await signSdp(theirs, 'answer', 4, sdp) });
+  await conn.chain;
+  assert.equal(conn.pc.signalingState, 'stable');
+  assert.equal(conn.recvSeq, 4);
   clearTimeout(conn.connectTimer);
 });

@@ -6192,7 +6192,7 @@ fn test_a_packet_from_the_peer_after_t3_timeouts_retransmits_now() {
 
     // Not backed off: a packet from the peer changes nothing.
     let now = t0 + Duration::from_millis(300);
-    a.retransmit_if_path_back(now);
+    a.retransmit_if_path_back(now, None);
     assert_eq!(
         a.timers.get(Timer::T3RTX),
         Some(t0 + Duration::from_millis(rto))
@@ -6209,8 +6209,13 @@ fn test_a_packet_from_the_peer_after_t3_timeouts_retransmits_now() {
     let back = now + Duration::from_millis(100);
     assert!(due > back);
 
-    // The path is back: the peer's packet makes T3-rtx due now.
-    a.retransmit_if_path_back(back);
+    // A packet right after another one: the path never went away (a loss,
+    // not an outage), the timer stays.
+    a.retransmit_if_path_back(back, Some(back - Duration::from_millis(50)));
+    assert_eq!(a.timers.get(Timer::T3RTX), Some(due));
+
+    // The first packet after the outage: T3-rtx is due now.
+    a.retransmit_if_path_back(back, Some(t0));
     assert_eq!(a.timers.get(Timer::T3RTX), Some(back));
     a.handle_timeout(back);
     assert!(
@@ -6220,10 +6225,10 @@ fn test_a_packet_from_the_peer_after_t3_timeouts_retransmits_now() {
 
     // Not again within PATH_BACK_SPACING, however many packets come.
     let due = a.timers.get(Timer::T3RTX).unwrap();
-    a.retransmit_if_path_back(back + Duration::from_millis(50));
+    a.retransmit_if_path_back(back + Duration::from_millis(50), Some(t0));
     assert_eq!(a.timers.get(Timer::T3RTX), Some(due));
     let later = back + PATH_BACK_SPACING;
-    a.retransmit_if_path_back(later);
+    a.retransmit_if_path_back(later, Some(t0));
     assert_eq!(a.timers.get(Timer::T3RTX), Some(later));
 }
 

@@ -328,6 +328,8 @@ pub struct Association {
     last_sack_rtt: Option<Duration>,
     /// When a packet from the peer last made T3-rtx fire early.
     last_path_back_retransmit: Option<Instant>,
+    /// When the last packet from the peer arrived.
+    last_inbound: Option<Instant>,
 
     // Chunks stored for retransmission
     stored_init: Option<ChunkInit>,
@@ -435,6 +437,7 @@ impl Default for Association {
             slow_start: None,
             last_sack_rtt: None,
             last_path_back_retransmit: None,
+            last_inbound: None,
 
             // Chunks stored for retransmission
             stored_init: None,
@@ -486,6 +489,7 @@ impl Association {
                 .map(|_| delivery::SlowStartExit::new()),
             last_sack_rtt: None,
             last_path_back_retransmit: None,
+            last_inbound: None,
             max_receive_buffer_size: config.max_receive_buffer_size(),
             max_send_message_size: config.max_send_message_size(),
             max_receive_message_size: config.max_receive_message_size(),
@@ -1668,27 +1672,35 @@ impl Association {
         }
 
         self.handle_chunk_start();
+        let heard_before = self.last_inbound.replace(now);
 
         for c in &p.chunks {
             self.handle_chunk(&p, c, now)?;
         }
 
         self.handle_chunk_end(now);
-        self.retransmit_if_path_back(now);
+        self.retransmit_if_path_back(now, heard_before);
 
         Ok(())
     }
 
-    /// A packet from the peer while T3-rtx is backed off (it expired and
-    /// nothing was acknowledged since) shows the path works again: what is
+    /// A packet from the peer after at least an RTO of silence, while
+    /// T3-rtx is backed off (it expired and nothing was acknowledged
+    /// since), shows the path works again after an outage: what is
     /// outstanding is retransmitted now rather than when the backed-off
     /// timer would fire, up to a second later. After an outage both ends
     /// wait on such timers; the first retransmission that gets through
-    /// starts the other end's, and its SACK ours. At most once per
-    /// `PATH_BACK_SPACING`, so a peer that keeps sending while our packets
-    /// do not reach it does not make us retransmit at its rate.
-    fn retransmit_if_path_back(&mut self, now: Instant) {
+    /// starts the other end's, and its SACK ours. A T3 expiry on a path that
+    /// kept carrying the peer's packets (a loss, not an outage) is left to
+    /// its timer. At most once per `PATH_BACK_SPACING`, so a peer that keeps
+    /// sending while our packets do not reach it does not make us
+    /// retransmit at its rate. `heard_before`: the previous packet's arrival.
+    fn retransmit_if_path_back(&mut self, now: Instant, heard_before: Option<Instant>) {
         if self.timers.retrans(Timer::T3RTX) == 0 {
+            return;
+        }
+        let rto = Duration::from_millis(self.rto_mgr.get_rto());
+        if heard_before.is_some_and(|t| now < t + rto) {
             return;
         }
         let Some(due) = self.timers.get(Timer::T3RTX) else {
