@@ -95,3 +95,26 @@ test('an offer ignored in a collision does not make the answer that follows it s
   assert.equal(conn.recvSeq, 4);
   clearTimeout(conn.connectTimer);
 });
+
+test('the connecting side opens the signaling channel, even in a room with no channels', async () => {
+  const { Room } = await import('../../lib/room.js');
+  /** @type {string[]} */
+  const opened = [];
+  class PC {
+    constructor() { this.signalingState = 'stable'; this.connectionState = 'new'; this.remoteDescription = null; }
+    createDataChannel(/** @type {string} */ label) {
+      opened.push(label);
+      return Object.assign(new EventTarget(), { label, readyState: 'connecting', send() {}, close() {} });
+    }
+    close() {}
+  }
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', channels: [], RTCPeerConnection: /** @type {any} */ (PC) });
+  room.signaling.send = () => true;
+  room.id = 'me';
+  room._memberJoined('a', null, true); // listed in `joined`: we connect
+  assert.deepEqual(opened, ['peerlink-signal']);
+  room._memberJoined('b', null, false); // joined after us: it connects
+  assert.deepEqual(opened, ['peerlink-signal'], 'the other side opens it');
+  assert.throws(() => room.openChannel('a', { label: 'peerlink-signal', reliability: 'reliable' }), /reserved/);
+  for (const c of room.conns.values()) clearTimeout(/** @type {any} */ (c).connectTimer);
+});
