@@ -645,6 +645,14 @@ impl Mesh {
             .count()
     }
 
+    /// Whether a live connection to `peer` exists (or is being made).
+    #[cfg(test)]
+    pub fn has_connection(&self, peer: &PeerId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|st| !matches!(st.conn.state(), ConnState::Failed | ConnState::Closed))
+    }
+
     /// The room's other members.
     pub fn members(&self) -> Vec<PeerId> {
         self.members.keys().cloned().collect()

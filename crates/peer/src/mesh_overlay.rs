@@ -382,7 +382,12 @@ impl Mesh {
         if self.peers.contains_key(to) {
             return None;
         }
-        self.overlay.as_ref()?.ov.relay_hop(to, now).filter(|h| h != to)
+        let os = self.overlay.as_ref()?;
+        if os.server_only.get(to).is_some_and(|until| *until > now) {
+            // Signals to it go through the server for a while.
+            return None;
+        }
+        os.ov.relay_hop(to, now).filter(|h| h != to)
     }
 
     /// Hops the last broadcast from `peer` crossed to reach us.

@@ -1004,13 +1004,32 @@ mod rooms {
             all.iter().map(|&i| sim.peers[i].mesh.as_ref().expect("present").connection_count()).sum();
         assert!(total / n < 12, "mean connections {} is a mesh's", total / n);
 
-        // To one peer that is not a neighbour: a direct connection.
+        // To one peer that is not a neighbour: a direct connection. (The
+        // overlay's shape differs from run to run: two members not connected
+        // to each other, neither at its connection limit.)
         let now = sim.instant();
-        let to = sim.id(3);
-        sim.peers[20].mesh.as_mut().expect("present").send_to(to, b"just you".to_vec(), now).expect("send");
-        let from = sim.id(20);
+        let below_limit =
+            |s: &Sim, i: usize| s.peers[i].mesh.as_ref().is_some_and(|m| m.connection_count() < 7);
+        let (sender, receiver) = all
+            .iter()
+            .flat_map(|&a| all.iter().map(move |&b| (a, b)))
+            .find(|&(a, b)| {
+                a != b
+                    && below_limit(&sim, a)
+                    && below_limit(&sim, b)
+                    && !sim.peers[a].mesh.as_ref().expect("present").has_connection(&sim.id(b))
+            })
+            .expect("two members not connected to each other");
+        let to = sim.id(receiver);
+        sim.peers[sender]
+            .mesh
+            .as_mut()
+            .expect("present")
+            .send_to(to, b"just you".to_vec(), now)
+            .expect("send");
+        let from = sim.id(sender);
         sim.run_until(sim.now + Duration::from_secs(60), "direct", |s| {
-            s.peers[3].events.iter().any(|e| {
+            s.peers[receiver].events.iter().any(|e| {
                 matches!(e, Event::Message { from: f, data, kind: MessageKind::Direct } if *f == from && data == b"just you")
             })
         });
@@ -1024,6 +1043,14 @@ mod rooms {
             .flat_map(|&a| all.iter().map(move |&b| (a, b)))
             .find_map(|(a, b)| {
                 let hop = sim.peers[a].mesh.as_ref()?.overlay_relay_hop(&sim.id(b), now)?;
+                // A route that still holds when the offer leaves (routes expire).
+                let later = sim.peers[a]
+                    .mesh
+                    .as_ref()?
+                    .overlay_relay_hop(&sim.id(b), now + Duration::from_secs(2))?;
+                if later != hop {
+                    return None;
+                }
                 let h: usize = hop.as_str()[2..].parse().expect("sim id");
                 // Not one at its connection limit (it would turn us down).
                 let room = sim.peers[b].mesh.as_ref()?.connection_count() < 7;
