@@ -1202,6 +1202,8 @@ class Conn {
   _onState() {
     const s = this.pc.connectionState;
     if (s === 'connected') {
+      // The peer has applied our answer (the path needs it): an offer cannot overtake it.
+      this.lastSentAnswer = false;
       this.everConnected = true;
       this.downSince = null;
       if (this.restartTimer) clearTimeout(this.restartTimer);

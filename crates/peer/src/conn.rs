@@ -1026,6 +1026,11 @@ impl PeerConn {
     }
 
     fn set_state(&mut self, state: ConnState) {
+        if state == ConnState::Connected {
+            // Connected: the remote has applied our answer (the path needs
+            // its credentials and fingerprint), so an offer cannot overtake it.
+            self.last_sent_answer = false;
+        }
         if state == ConnState::Connected && self.state == ConnState::Disconnected {
             // The path is back: a restart asked for while it was down is
             // not needed any more.
