@@ -832,6 +832,8 @@ class Conn {
     this.signalsReceivedOnChannel = 0;
     /** we opened a signaling channel (with our first offer) */
     this.signalChannelAsked = false;
+    /** An offer from the peer is in hand (perhaps not yet applied): this side does not make the first offer. */
+    this.offerSeen = false;
     /** our last SDP was an answer */
     this.lastSentAnswer = false;
     /** @type {Promise<void>} */
@@ -840,9 +842,35 @@ class Conn {
     this.downSince = null;
     /** @type {ReturnType<typeof setTimeout> | null} */
     this.restartTimer = null;
+    /** @type {{ label: string, init: RTCDataChannelInit }[]} channels opened before the first offer and answer went through */
+    this.unnegotiated = [];
+    /** @type {RTCPeerConnection} */
+    this.pc = this._newPc();
+    /** @type {Map<MediaStreamTrack, MediaStream>} tracks the peer sends us */
+    this.remoteTracks = new Map();
+    /** the peer rejected the media we offered (a native peer): no more offers of it */
+    this.declinesMedia = false;
+    /** @type {Map<RTCRtpTransceiver, MediaStreamTrack>} transceivers taken by addTrack whose replaceTrack has not finished, and the track */
+    this.reused = new Map();
+    /**
+     * Tracks are sent once the first offer and answer are through: a member
+     * with a camera on, meeting a newcomer, would otherwise offer its video
+     * while the newcomer offers its channels, and Chromium does not
+     * reliably recover from rolling back a connection's first offer (the
+     * newcomer's connection to the one with the camera failed about one
+     * time in three).
+     */
+    this.tracksReady = false;
+    this.connectTimer = setTimeout(() => {
+      if (!this.everConnected) this._fail(this.pc.remoteDescription ? 'connectivity checks timed out: no candidate pair answered' : 'no answer to the offer arrived (is the other side there?)');
+    }, room.options.connectTimeoutMs ?? 15_000);
+  }
+
+  /** A peer connection with this connection's handlers. @returns {RTCPeerConnection} */
+  _newPc() {
+    const room = this.room;
     const PC = room.options.RTCPeerConnection ?? globalThis.RTCPeerConnection;
-    this.pc = new PC({ iceServers: room.iceServers, iceTransportPolicy: room.options.iceTransportPolicy ?? 'all' });
-    const pc = this.pc;
+    const pc = new PC({ iceServers: room.iceServers, iceTransportPolicy: room.options.iceTransportPolicy ?? 'all' });
     pc.onnegotiationneeded = () => this._offer();
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && candidate.candidate) {
@@ -855,38 +883,41 @@ class Conn {
       }
     };
     pc.ondatachannel = ({ channel }) => (channel.label === SIGNAL_LABEL ? this._adoptSignal(channel) : this._adopt(channel));
-    /** @type {Map<MediaStreamTrack, MediaStream>} tracks the peer sends us */
-    this.remoteTracks = new Map();
-    /** the peer rejected the media we offered (a native peer): no more offers of it */
-    this.declinesMedia = false;
-    /** @type {Map<RTCRtpTransceiver, MediaStreamTrack>} transceivers taken by addTrack whose replaceTrack has not finished, and the track */
-    this.reused = new Map();
     pc.ontrack = ({ track, streams }) => this._remoteTrack(track, streams[0] ?? new MediaStream([track]));
-    /**
-     * Tracks are sent once the first offer and answer are through: a member
-     * with a camera on, meeting a newcomer, would otherwise offer its video
-     * while the newcomer offers its channels, and Chromium does not
-     * reliably recover from rolling back a connection's first offer (the
-     * newcomer's connection to the one with the camera failed about one
-     * time in three).
-     */
-    this.tracksReady = false;
     pc.onconnectionstatechange = () => this._onState();
-    this.connectTimer = setTimeout(() => {
-      if (!this.everConnected) this._fail(this.pc.remoteDescription ? 'connectivity checks timed out: no candidate pair answered' : 'no answer to the offer arrived (is the other side there?)');
-    }, room.options.connectTimeoutMs ?? 15_000);
+    return pc;
+  }
+
+  /**
+   * The polite side of a collision between both sides' first offers,
+   * when the peer's offer names its data m-line otherwise than ours (str0m
+   * picks random mids; browsers say "0"): Chromium cannot take that offer
+   * after rolling ours back ("Failed to start SCTP transport"). Nothing has
+   * been negotiated yet, so this side starts on a fresh peer connection
+   * with the same channels (none has opened) and answers there.
+   */
+  _replaceUnnegotiatedPc() {
+    const old = this.pc;
+    old.onnegotiationneeded = old.onicecandidate = old.ondatachannel = old.ontrack = old.onconnectionstatechange = null;
+    this.pc = this._newPc();
+    try { old.close(); } catch { /* already closed */ }
+    this.makingOffer = false;
+    this.signalChannels = [];
+    for (const { label, init } of this.unnegotiated) this._adopt(this.pc.createDataChannel(label, init));
   }
 
   /** @param {ChannelSpec} spec */
   openChannel(spec) {
     if (spec.label === SIGNAL_LABEL) throw new Error(`the channel label ${SIGNAL_LABEL} is reserved for peerlink's own signaling between connected peers`);
     this.openSignalChannel();
-    this._adopt(this.pc.createDataChannel(spec.label, channelInit(spec)));
+    const init = channelInit(spec);
+    if (!this.pc.remoteDescription) this.unnegotiated.push({ label: spec.label, init });
+    this._adopt(this.pc.createDataChannel(spec.label, init));
   }
 
   /** Opens the signaling channel if this side makes the connection's first offer. */
   openSignalChannel() {
-    if (this.pc.remoteDescription || this.signalChannels.length > 0 || this.signalChannelAsked) return;
+    if (this.pc.remoteDescription || this.offerSeen || this.signalChannels.length > 0 || this.signalChannelAsked) return;
     this.signalChannelAsked = true;
     this._adoptSignal(this.pc.createDataChannel(SIGNAL_LABEL, { ordered: true }));
   }
@@ -1035,17 +1066,22 @@ class Conn {
   }
 
   async _offer() {
+    const pc = this.pc;
+    // (Negotiation-needed can come while an offer from the peer is being
+    // applied: setLocalDescription() would make a second answer.)
+    if (pc.signalingState !== 'stable') return;
     try {
       this.makingOffer = true;
-      await this.pc.setLocalDescription();
-      const sdp = this.pc.localDescription?.sdp;
-      if (sdp && this.pc.localDescription?.type === 'offer') await this._sendSdp('offer', sdp);
+      await pc.setLocalDescription();
+      const sdp = pc.localDescription?.sdp;
+      if (sdp && pc === this.pc && pc.localDescription?.type === 'offer') await this._sendSdp('offer', sdp);
     } catch (e) {
-      console.warn(`peerlink: offer to ${this.peer} failed`, e);
+      if (pc === this.pc) console.warn(`peerlink: offer to ${this.peer} failed`, e);
     } finally {
-      this.makingOffer = false;
+      if (pc === this.pc) this.makingOffer = false;
     }
   }
+
 
   /**
    * @param {'offer' | 'answer'} kind
@@ -1095,6 +1131,7 @@ class Conn {
    * @param {RTCDataChannel | null} [via] the signaling channel it came on (null: the server)
    */
   onSignal(signal, via = null) {
+    if (signal.kind === 'offer') this.offerSeen = true;
     if ((signal.kind === 'offer' || signal.kind === 'answer') && this.remoteSession === null) {
       this.remoteSession = sdpSession(signal.sdp);
     }
@@ -1109,7 +1146,7 @@ class Conn {
   /** @param {Signal} signal */
   async _apply(signal) {
     if (this.state === 'closed') return;
-    const pc = this.pc;
+    let pc = this.pc;
     if (signal.kind === 'offer' || signal.kind === 'answer') {
       if (this.keys) {
         const why = await this._checkAuth(signal.kind, signal.sdp, signal.auth);
@@ -1130,6 +1167,10 @@ class Conn {
       const collision = signal.kind === 'offer' && !ready;
       this.ignoreOffer = !this.polite && collision;
       if (this.ignoreOffer) return;
+      if (collision && !pc.remoteDescription) {
+        this._replaceUnnegotiatedPc();
+        pc = this.pc;
+      }
       if (signal.kind === 'answer' && pc.signalingState !== 'have-local-offer') return;
       // Applied: older SDPs are ignored from now on (not when this one is
       // ignored in a collision: an older one may still be due).

@@ -132,7 +132,8 @@ export async function browser({ media = true, loopback = true } = {}) {
       if (media) await context.grantPermissions(['camera', 'microphone'], { origin: new URL(url).origin });
       const page = await context.newPage();
       page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
-      page.on('console', (m) => { if (m.type() === 'error') console.error(`[console] ${m.text()}`); });
+      // PEERLINK_E2E_CONSOLE=1: every console message, not only errors.
+      page.on('console', (m) => { if (m.type() === 'error' || process.env.PEERLINK_E2E_CONSOLE) console.error(`[console ${m.type()}] ${m.text()}`); });
       await page.goto(url);
       return page;
     },

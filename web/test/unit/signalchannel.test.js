@@ -118,3 +118,85 @@ test('the connecting side opens the signaling channel, even in a room with no ch
   assert.throws(() => room.openChannel('a', { label: 'peerlink-signal', reliability: 'reliable' }), /reserved/);
   for (const c of room.conns.values()) clearTimeout(/** @type {any} */ (c).connectTimer);
 });
+
+test('both sides connect at once, the peer naming its data m-line otherwise (str0m): the polite side answers on a fresh peer connection with its channels; an offer in hand is answered, not met with ours', async () => {
+  const { Room } = await import('../../lib/room.js');
+  /** @type {any[]} */
+  const pcs = [];
+  // Chromium 156: after rolling back a local offer with a data m-line,
+  // it cannot answer an offer whose data m-line has another mid.
+  class PC {
+    constructor() {
+      this.signalingState = 'stable';
+      this.connectionState = 'new';
+      /** @type {any} */ this.remoteDescription = null;
+      /** @type {any} */ this.localDescription = null;
+      /** @type {string[]} */ this.labels = [];
+      this.rolledBack = false;
+      this.closed = false;
+      /** @type {any} */ this.onnegotiationneeded = null;
+      pcs.push(this);
+    }
+    createDataChannel(/** @type {string} */ label) {
+      this.labels.push(label);
+      if (this.labels.length === 1 && !this.remoteDescription) setTimeout(() => this.onnegotiationneeded?.(), 0);
+      return Object.assign(new EventTarget(), { label, readyState: 'connecting', send() {}, close() {} });
+    }
+    async setRemoteDescription(/** @type {any} */ d) {
+      if (this.signalingState === 'have-local-offer' && d.type === 'offer') this.rolledBack = true;
+      this.remoteDescription = d;
+      this.signalingState = d.type === 'offer' ? 'have-remote-offer' : 'stable';
+    }
+    async setLocalDescription() {
+      if (this.signalingState === 'have-remote-offer') {
+        if (this.rolledBack && !this.remoteDescription.sdp.includes('a=mid:0')) throw new Error('Failed to start SCTP transport.');
+        this.localDescription = { type: 'answer', sdp: 'v=0\r\na=mid:THR\r\n' };
+        this.signalingState = 'stable';
+      } else {
+        this.localDescription = { type: 'offer', sdp: 'v=0\r\na=mid:0\r\n' };
+        this.signalingState = 'have-local-offer';
+      }
+    }
+    async addIceCandidate() {}
+    close() { this.closed = true; }
+  }
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', autoConnect: false, RTCPeerConnection: /** @type {any} */ (PC) });
+  /** @type {any[]} */
+  const wire = [];
+  room.signaling.send = (/** @type {any} */ m) => { wire.push(m); return true; };
+  room.id = 'a'; // polite towards 'p'
+  room.members.set('p', { name: null });
+  const peerOffer = { kind: 'offer', sdp: 'v=0\r\na=mid:THR\r\n' };
+
+  room.connect('p', { channels: [{ label: 'ctl', reliability: 'reliable' }] });
+  const conn = /** @type {any} */ (room.conns.get('p'));
+  await new Promise((r) => setTimeout(r, 5));
+  assert.equal(pcs[0].signalingState, 'have-local-offer');
+  assert.deepEqual(wire.map((m) => m.signal?.kind), ['offer']);
+  conn.onSignal(peerOffer);
+  await conn.chain;
+  assert.equal(pcs.length, 2, 'a fresh peer connection');
+  assert.ok(pcs[0].closed);
+  assert.equal(conn.pc, pcs[1]);
+  assert.deepEqual(pcs[1].labels, ['ctl'], 'the channel opened anew; the peer opened the signaling channel');
+  assert.deepEqual(wire.map((m) => m.signal?.kind), ['offer', 'answer']);
+  clearTimeout(conn.connectTimer);
+
+  // The peer's offer came before connect(): answered, no offer of ours.
+  pcs.length = 0;
+  const b = new Room({ server: '127.0.0.1:9', room: 'r', autoConnect: false, RTCPeerConnection: /** @type {any} */ (PC) });
+  /** @type {any[]} */
+  const wireB = [];
+  b.signaling.send = (/** @type {any} */ m) => { wireB.push(m); return true; };
+  b.id = 'a';
+  b.members.set('p', { name: null });
+  b._onServer({ type: 'signal', from: 'p', signal: peerOffer }); // held for connect()
+  b.connect('p', { channels: [] });
+  const connB = /** @type {any} */ (b.conns.get('p'));
+  await connB.chain;
+  await new Promise((r) => setTimeout(r, 5));
+  assert.equal(pcs.length, 1);
+  assert.deepEqual(pcs[0].labels, [], 'no signaling channel of ours: the peer opened one');
+  assert.deepEqual(wireB.map((m) => m.signal?.kind), ['answer']);
+  clearTimeout(connB.connectTimer);
+});
