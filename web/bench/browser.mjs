@@ -20,7 +20,7 @@ import { join } from 'node:path';
 
 const SIZE = Number(process.env.SIZE_MIB ?? 1024) * (1 << 20);
 const REF_SIZE = Number(process.env.REF_MIB ?? 256) * (1 << 20);
-// CASES=n2c,c2n,c2c,c2n-bare,ref (all but c2n-bare by default) picks the rows to measure.
+// CASES=n2c,c2n,c2c,c2n-bare,n2c-bare,ref (all but the two -bare by default) picks the rows to measure.
 const CASES = new Set((process.env.CASES ?? 'n2c,c2n,c2c,ref').split(','));
 // The release build, unless PEERLINK_BIN names another: set before the
 // harness is loaded, which reads it once (a static import would load it
@@ -195,6 +195,20 @@ if (CASES.has('c2n-bare')) {
   await done;
   const m = /([\d.]+) MB\/s/.exec(out);
   rows.push({ what: `bare data channel, Chromium -> native (${REF_SIZE >> 20} MiB)`, mbps: m ? Number(m[1]) : NaN, heap: NaN, rss: NaN, ok: Boolean(m) });
+  await a.context.close();
+}
+
+// A bare channel from a native peer into a tab (the same example, --send).
+if (CASES.has('n2c-bare')) {
+  const source = spawn(join(REPO, 'target/release/examples/bulk_sink'), [server.ws, 'bare-native-out', String(REF_SIZE), '--send'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  source.stdout.on('data', (d) => { out += d; });
+  const done = new Promise((ok) => source.on('exit', ok));
+  while (!out.includes('joined')) await new Promise((r) => setTimeout(r, 50));
+  const a = await newPage(`${server.url}/`);
+  const seconds = /** @type {number} */ (await a.page.evaluate(bareChannel, { server: server.url, room: 'bare-native-out', size: REF_SIZE, sender: false }));
+  rows.push({ what: `bare data channel, native -> Chromium (${REF_SIZE >> 20} MiB)`, mbps: mbps(REF_SIZE, seconds), heap: NaN, rss: NaN, ok: true });
+  await done;
   await a.context.close();
 }
 
