@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use peerlink_proto::{PeerId, Signal, SignalAuth};
+use peerlink_proto::{PeerId, Signal};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::net::{Protocol, Receive};
@@ -17,68 +17,22 @@ use crate::channel::ChannelSpec;
 use crate::error::Error;
 use crate::path::{self, Endpoint, Failure, Path};
 
+mod signaling;
+#[cfg(test)]
+mod tests;
+
+pub use signaling::SIGNAL_LABEL;
+use signaling::{Auth, ChannelSignal, Via};
+
 /// The message size a peer may send when the remote SDP names none (RFC 8841).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Remote candidates held while no remote description is set.
 const MAX_EARLY_CANDIDATES: usize = 64;
 
-/// The label of the channel on which connected peers signal to each other
-/// (PROTOCOL.md "Signaling between connected peers"): the side that makes
-/// the first offer opens it; it is never shown to the application.
-pub const SIGNAL_LABEL: &str = "peerlink-signal";
-
 /// An offer through the server that has had no answer for this long is
 /// taken as lost (the server may drop a message for a member that is
 /// reconnecting) and made again.
 const OFFER_LOST_AFTER: Duration = Duration::from_secs(15);
-
-/// A message on the signaling channel (PROTOCOL.md "Signaling between
-/// connected peers"; `fixtures/peer/signal-channel.json`).
-#[derive(Debug, PartialEq)]
-enum ChannelSignal {
-    /// The sender reads signals on the channel.
-    Hello,
-    /// An offer, answer, candidate or end-of-candidates, as through the server.
-    Signal(Signal),
-    /// Unreadable, or a kind this version does not know.
-    Ignored(String),
-}
-
-impl ChannelSignal {
-    const HELLO: &'static [u8] = br#"{"kind":"hello"}"#;
-
-    fn parse(data: &[u8]) -> ChannelSignal {
-        let value: serde_json::Value = match serde_json::from_slice(data) {
-            Ok(v) => v,
-            Err(e) => return ChannelSignal::Ignored(format!("unreadable message: {e}")),
-        };
-        if value.get("kind").and_then(|k| k.as_str()) == Some("hello") {
-            return ChannelSignal::Hello;
-        }
-        match serde_json::from_value::<Signal>(value) {
-            Ok(Signal::Unknown) => ChannelSignal::Ignored("a signal kind this version does not know".into()),
-            Ok(signal) => ChannelSignal::Signal(signal),
-            Err(e) => ChannelSignal::Ignored(format!("unreadable signal: {e}")),
-        }
-    }
-}
-
-/// What to do with an offer or answer, as its `auth` says.
-enum Auth {
-    /// Apply it; record its sequence number (if it carries one) once applied.
-    Apply(Option<u64>),
-    /// Authentic but older than one applied: ignore it.
-    Stale,
-}
-
-/// The way a signal travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Via {
-    /// Through the signaling server.
-    Server,
-    /// On the connection's own signaling channel.
-    Channel(ChannelId),
-}
 
 /// Connection state as the application sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -514,68 +468,6 @@ impl PeerConn {
         }
     }
 
-    /// Authenticate every offer and answer from now on, both ways. Set it
-    /// before the first offer or answer.
-    pub fn set_keys(&mut self, keys: SignalKeys) {
-        self.keys = Some(keys);
-    }
-
-    /// Wraps an outgoing SDP, with `auth` when the connection has keys.
-    fn sdp_signal(&mut self, kind: &str, sdp: String) -> Signal {
-        if self.mid.is_none() {
-            self.mid = first_mid(&sdp);
-        }
-        if self.fingerprints.0.is_none()
-            && let Some(fp) = crate::e2e::sdp_fingerprint(&sdp)
-        {
-            self.fingerprints.0 = Some(fp.to_string());
-        }
-        let auth = self.keys.as_ref().map(|k| k.sign(kind, self.send_seq, &sdp));
-        if auth.is_some() {
-            self.send_seq += 1;
-        }
-        if kind == "offer" { Signal::Offer { sdp, auth } } else { Signal::Answer { sdp, auth } }
-    }
-
-    /// Checks an incoming SDP's `auth` when the connection has keys.
-    /// `Apply(seq)`: authentic and newer than any applied (or no keys);
-    /// record `seq` with [`PeerConn::applied`] once the SDP is applied, not
-    /// when it is ignored in a collision. `Stale`: an authentic SDP older
-    /// than one applied (it came the slow way: through the server while a
-    /// later one came on the signaling channel, or the server replayed it),
-    /// to ignore. One that is not authentic closes the connection for good.
-    fn check_auth(&mut self, kind: &str, sdp: &str, auth: Option<&SignalAuth>) -> Result<Auth, Error> {
-        let Some(keys) = &self.keys else { return Ok(Auth::Apply(None)) };
-        let reason = match auth {
-            None => format!("the {kind} carries no authentication"),
-            Some(a) if !keys.verify(kind, sdp, a) => {
-                format!("the {kind} was modified in transit (its MAC does not match)")
-            }
-            Some(a) if self.recv_seq.is_some_and(|last| a.seq <= last) => {
-                tracing::debug!(
-                    peer = %self.remote,
-                    "ignoring an {kind} older than one applied (sequence {} after {:?})",
-                    a.seq,
-                    self.recv_seq
-                );
-                return Ok(Auth::Stale);
-            }
-            Some(a) => return Ok(Auth::Apply(Some(a.seq))),
-        };
-        tracing::warn!(peer = %self.remote, "refusing signal: {reason}");
-        self.out.push_back(ConnOutput::Event(ConnEvent::AuthFailed(reason.clone())));
-        self.fail(Failure::Unauthenticated(reason.clone()));
-        Err(Error::Unauthenticated { peer: self.remote.clone(), reason })
-    }
-
-    /// An authenticated SDP with sequence `seq` is being applied: older
-    /// ones are ignored from now on.
-    fn applied(&mut self, seq: Option<u64>) {
-        if seq.is_some() {
-            self.recv_seq = seq;
-        }
-    }
-
     pub fn state(&self) -> ConnState {
         self.state
     }
@@ -675,72 +567,6 @@ impl PeerConn {
             }
             // Channels after the first go in-band (DCEP): no offer needed.
             None => self.creating.extend(added),
-        }
-    }
-
-    /// The signaling channel, when signals can go there: the connection is
-    /// up and the remote said it reads it. (While the path is down, the
-    /// channel is down with it: signals go through the server.)
-    fn channel_if_up(&self) -> Option<Via> {
-        if self.state != ConnState::Connected || !self.remote_reads_channel {
-            return None;
-        }
-        self.signal_channels.first().map(|id| Via::Channel(*id))
-    }
-
-    /// Sends `signal` the way `via` says; through the server if the channel
-    /// cannot take it.
-    fn send_signal(&mut self, signal: Signal, via: Via) -> Via {
-        if matches!(signal, Signal::Offer { .. } | Signal::Answer { .. }) {
-            tracing::debug!(peer = %self.remote, ?via, "sending {}", signal_kind(&signal));
-        }
-        if let Via::Channel(id) = via
-            && self.signal_channels.contains(&id)
-            && let Some(mut ch) = self.rtc.channel(id)
-        {
-            let text = serde_json::to_string(&signal).expect("signals always serialize");
-            match ch.write(false, text.as_bytes()) {
-                Ok(true) => {
-                    self.channel_signals.0 += 1;
-                    return via;
-                }
-                Ok(false) => {
-                    tracing::debug!(peer = %self.remote, "signaling channel full: through the server")
-                }
-                Err(e) => tracing::debug!(peer = %self.remote, "signaling channel: {e}: through the server"),
-            }
-        }
-        self.out.push_back(ConnOutput::Signal(signal));
-        Via::Server
-    }
-
-    /// The signaling link to the server was lost and is back: an offer that
-    /// went through it may never have arrived.
-    pub fn signaling_reset(&mut self) {
-        if self.pending.is_some() && self.pending_via == Via::Server {
-            self.pending_maybe_lost = true;
-            self.negotiate();
-        }
-    }
-
-    /// Signals sent and received on the signaling channel.
-    pub fn channel_signals(&self) -> (u64, u64) {
-        self.channel_signals
-    }
-
-    /// A message on a signaling channel: a signal, or the remote's hello.
-    fn on_channel_signal(&mut self, id: ChannelId, data: &[u8], now: Instant) {
-        match ChannelSignal::parse(data) {
-            ChannelSignal::Hello => self.remote_reads_channel = true,
-            ChannelSignal::Signal(signal) => {
-                self.channel_signals.1 += 1;
-                if let Err(e) = self.handle_signal_via(signal, now, Via::Channel(id)) {
-                    tracing::warn!("{e}");
-                }
-            }
-            ChannelSignal::Ignored(why) => {
-                tracing::debug!(peer = %self.remote, "signaling channel: {why}: ignored");
-            }
         }
     }
 
@@ -1264,164 +1090,4 @@ fn sdp_ice_ufrag(sdp: &str) -> Option<&str> {
 /// The session id of an SDP's `o=` line.
 fn sdp_session_id(sdp: &str) -> Option<&str> {
     sdp.lines().find_map(|l| l.trim().strip_prefix("o=")).and_then(|o| o.split_whitespace().nth(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An authentic SDP older than one applied is ignored (it came the slow
-    /// way, or was replayed); one that is not authentic fails the connection.
-    #[test]
-    fn a_stale_authentic_sdp_is_ignored_and_a_forged_one_fails() {
-        let now = Instant::now();
-        let (k1, k2) = ([1u8; 32], [2u8; 32]);
-        let theirs = SignalKeys { local: k2, remote: k1 };
-        let mut conn = PeerConn::new(
-            PeerId::from_server("p-remote"),
-            false,
-            &["127.0.0.1:9".parse().unwrap()],
-            &ConnConfig::default(),
-            now,
-        );
-        conn.set_keys(SignalKeys { local: k1, remote: k2 });
-        let sdp = "v=0\r\n";
-        let newer = theirs.sign("offer", 5, sdp);
-        let Auth::Apply(seq) = conn.check_auth("offer", sdp, Some(&newer)).unwrap() else { panic!("fresh") };
-        assert_eq!(seq, Some(5));
-        // Not applied (ignored in a collision): an older one still counts.
-        let older = theirs.sign("answer", 4, sdp);
-        assert!(matches!(conn.check_auth("answer", sdp, Some(&older)).unwrap(), Auth::Apply(Some(4))));
-        conn.applied(seq);
-        assert!(matches!(conn.check_auth("answer", sdp, Some(&older)).unwrap(), Auth::Stale));
-        assert!(
-            matches!(conn.check_auth("offer", sdp, Some(&newer)).unwrap(), Auth::Stale),
-            "the same one again"
-        );
-        assert_ne!(conn.state(), ConnState::Failed);
-        let mut forged = theirs.sign("offer", 6, sdp);
-        forged.mac = "00".repeat(32);
-        assert!(conn.check_auth("offer", sdp, Some(&forged)).is_err());
-        assert_eq!(conn.state(), ConnState::Failed);
-    }
-
-    /// Answers come back the way their offer went: one that comes the other
-    /// way answers an offer given up on, and is not applied to ours.
-    #[test]
-    fn an_answer_from_another_way_than_the_offer_went_is_ignored() {
-        let now = Instant::now();
-        let mut conn = PeerConn::new(
-            PeerId::from_server("p-remote"),
-            false,
-            &["127.0.0.1:9".parse().unwrap()],
-            &ConnConfig::default(),
-            now,
-        );
-        conn.open_channel(ChannelSpec::reliable("x"));
-        let (_, added) = conn.pending.as_ref().expect("an offer is out");
-        assert_eq!(added[0].1.label, SIGNAL_LABEL, "the first offer opens the signaling channel");
-        assert_eq!(conn.pending_via, Via::Server, "not connected: through the server");
-        let channel = Via::Channel(added[0].0);
-        let answer = Signal::Answer { sdp: "not even an SDP".into(), auth: None };
-        conn.handle_signal_via(answer.clone(), now, channel).unwrap();
-        assert!(conn.pending.is_some(), "still waiting for the answer through the server");
-        assert!(
-            conn.handle_signal_via(answer, now, Via::Server).is_err(),
-            "this one is read (and is no SDP)"
-        );
-    }
-
-    /// The signaling channel's messages as the fixture pins them: each is
-    /// read as the fixture says, and a signal written back is the same text.
-    #[test]
-    fn signal_channel_messages_match_the_fixture() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/peer/signal-channel.json");
-        let fixture: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        assert_eq!(fixture["label"], SIGNAL_LABEL);
-        let messages = fixture["messages"].as_array().unwrap();
-        assert_eq!(messages.len(), 6);
-        for m in messages {
-            let (name, text) = (m["name"].as_str().unwrap(), m["text"].as_str().unwrap());
-            match ChannelSignal::parse(text.as_bytes()) {
-                ChannelSignal::Hello => {
-                    assert_eq!(name, "hello");
-                    assert_eq!(text.as_bytes(), ChannelSignal::HELLO);
-                }
-                ChannelSignal::Signal(signal) => {
-                    assert_eq!(serde_json::to_string(&signal).unwrap(), text, "{name}");
-                }
-                ChannelSignal::Ignored(why) => assert_eq!(m["ignored"], true, "{name}: {why}"),
-            }
-        }
-        assert!(matches!(ChannelSignal::parse(b"not json"), ChannelSignal::Ignored(_)));
-    }
-
-    #[test]
-    fn candidates_in_either_form_and_mdns_names() {
-        let sdp =
-            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:i0n\r\na=sctp-port:5000\r\n";
-        assert_eq!(first_mid(sdp).as_deref(), Some("i0n"));
-        assert!(is_mdns(
-            "candidate:1 1 udp 2122260223 6f8a5e1c-91b2-4c1e-9d1a-2b3c4d5e6f70.local 54321 typ host"
-        ));
-        assert!(!is_mdns("candidate:1 1 udp 2122260223 192.0.2.7 54321 typ host"));
-        let now = Instant::now();
-        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[], &ConnConfig::default(), now);
-        for form in [
-            "a=candidate:1 1 udp 2122260223 192.0.2.7 54321 typ host",
-            "candidate:2 1 udp 2122260223 192.0.2.8 54321 typ host",
-            "candidate:3 1 udp 2122260223 6f8a5e1c-91b2-4c1e-9d1a-2b3c4d5e6f70.local 54321 typ host",
-        ] {
-            c.handle_signal(Signal::Candidate { candidate: form.into(), mid: Some("0".into()) }, now)
-                .unwrap();
-        }
-        let remote: Vec<String> = c.remote_candidates().iter().map(|e| e.to_string()).collect();
-        assert_eq!(remote, ["host 192.0.2.7:54321", "host 192.0.2.8:54321"]);
-    }
-
-    #[test]
-    fn media_in_an_offer_is_declined_and_the_data_channels_kept() {
-        // What Chromium offers once a page adds a microphone and a camera.
-        let offer = include_str!("../../../fixtures/sdp/chromium-offer-audio-video-data.sdp");
-        let now = Instant::now();
-        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
-        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[addr], &ConnConfig::default(), now);
-        c.handle_signal(Signal::Offer { sdp: offer.into(), auth: None }, now).unwrap();
-        let answer = loop {
-            match c.poll_output() {
-                ConnOutput::Signal(Signal::Answer { sdp, .. }) => break sdp,
-                ConnOutput::Timeout(_) => panic!("no answer"),
-                _ => {}
-            }
-        };
-        let m_lines: Vec<&str> = answer.lines().filter(|l| l.starts_with("m=")).collect();
-        assert_eq!(m_lines.len(), 3, "{answer}");
-        assert!(m_lines[0].starts_with("m=audio 0 "), "audio rejected: {answer}");
-        assert!(m_lines[1].starts_with("m=video 0 "), "video rejected: {answer}");
-        assert!(m_lines[2].starts_with("m=application 9 "), "data kept: {answer}");
-        assert!(answer.contains("a=group:BUNDLE 2\r\n"), "only the data m-line bundled: {answer}");
-        // The channels the offer asks for still open on this connection.
-        c.open_channel(ChannelSpec::reliable("x"));
-    }
-
-    #[test]
-    fn trickled_candidates_carry_our_mid() {
-        let now = Instant::now();
-        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
-        let mut c = PeerConn::new(PeerId::from_server("p-b"), true, &[addr], &ConnConfig::default(), now);
-        c.open_channel(ChannelSpec::reliable("x"));
-        let mut mid_in_offer = None;
-        let mut candidates = Vec::new();
-        loop {
-            match c.poll_output() {
-                ConnOutput::Signal(Signal::Offer { sdp, .. }) => mid_in_offer = first_mid(&sdp),
-                ConnOutput::Signal(Signal::Candidate { mid, .. }) => candidates.push(mid),
-                ConnOutput::Timeout(_) => break,
-                _ => {}
-            }
-        }
-        assert!(mid_in_offer.is_some());
-        assert_eq!(candidates, [mid_in_offer], "one host candidate, with the offer's mid");
-    }
 }
