@@ -34,8 +34,25 @@ function error(text) {
   e.textContent = text;
   e.hidden = !text;
 }
-/** @param {import('../lib/xfer.js').Progress} p */
+/** @type {import('../lib/xfer.js').Progress | null} */
+let shownProgress = null;
+/** @type {ReturnType<typeof setTimeout> | null} */
+let progressTimer = null;
+/**
+ * Shows progress at most ten times a second (each update costs the page a
+ * layout; a chunk comes many times a second), and the end at once.
+ * @param {import('../lib/xfer.js').Progress} p
+ */
 function progress(p) {
+  shownProgress = p;
+  if (p.bytesDone >= p.bytesTotal) showProgress();
+  else if (!progressTimer) progressTimer = setTimeout(showProgress, 100);
+}
+function showProgress() {
+  if (progressTimer) clearTimeout(progressTimer);
+  progressTimer = null;
+  const p = shownProgress;
+  if (!p) return;
   $('progress-box').hidden = false;
   /** @type {HTMLProgressElement} */ ($('progress')).value = p.bytesTotal ? p.bytesDone / p.bytesTotal : 1;
   $('progress-text').textContent = progressText(p);

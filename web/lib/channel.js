@@ -197,6 +197,40 @@ export class Channel extends Emitter {
     if (this.isClosed) throw new SendError('closed', `channel ${this.label} to ${this.peer} is closed`);
   }
 
+  /**
+   * Resolves when a message of `bytes` can be handed to the browser at once
+   * (nothing queued, and room under `maxBufferedAmount`): a sender that
+   * reuses one buffer for its messages waits here, then calls
+   * {@link Channel.sendNow}.
+   * @param {number} [bytes]
+   * @returns {Promise<void>}
+   */
+  async room(bytes = 0) {
+    while (!this.isClosed && !this._roomNow(bytes)) {
+      await new Promise((r) => this._waiters.push(/** @type {() => void} */ (r)));
+    }
+    if (this.isClosed) throw new SendError('closed', `channel ${this.label} to ${this.peer} is closed`);
+  }
+
+  /**
+   * Hands `data` to the browser now, which copies it (the caller may reuse
+   * the buffer), and returns true; false if it would have to be queued
+   * (nothing is queued then). Throws as {@link Channel.trySend} does for a
+   * closed channel or a message too large.
+   * @param {Payload} data
+   */
+  sendNow(data) {
+    const bytes = this._check(data);
+    if (!this._roomNow(bytes)) return false;
+    this.raw.send(/** @type {any} */ (data));
+    return true;
+  }
+
+  /** @param {number} bytes */
+  _roomNow(bytes) {
+    return this._queue.length === 0 && (this.raw.bufferedAmount === 0 || this.raw.bufferedAmount + bytes <= this.maxBufferedAmount);
+  }
+
   /** Resolves when everything queued has been handed to the browser. */
   async flush() {
     while (this._queue.length > 0 && !this.isClosed) {

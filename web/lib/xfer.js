@@ -20,7 +20,7 @@ import { parsePairMsg } from './pair/pake.js';
 import { Sender } from './transfer/sender.js';
 import { Receiver } from './transfer/receiver.js';
 import { Manifest, fileEntry, dirEntry, textEntry, DEFAULT_CHUNK_SIZE } from './transfer/manifest.js';
-import { ctlJson, frames, CTL_LABEL, DATA_LABEL } from './transfer/wire.js';
+import { ctlJson, encodeFrameInto, FRAME_HEADER, CTL_LABEL, DATA_LABEL } from './transfer/wire.js';
 import { chunkHashAsync, toHex } from './transfer/hash.js';
 
 /** How long a peer may take to complete pairing (the CLI's default). */
@@ -416,6 +416,8 @@ export class SendTransfer extends Emitter {
       let hashing = Promise.resolve();
       let sending = Promise.resolve();
       const slots = new Slots(READ_AHEAD);
+      /** @type {Uint8Array | null} */
+      let frameBuf = null;
       let session = 0;
       let ended = false;
       const finish = (/** @type {Error | null} */ err) => {
@@ -469,11 +471,20 @@ export class SendTransfer extends Emitter {
                   }
                   this.current = this.manifest.file(out.file)?.path ?? '';
                   this.currentIndex = out.file;
+                  // One buffer for every frame: the browser copies a
+                  // message when it is handed over (sendNow), so a frame
+                  // costs no allocation.
                   const max = Math.min(FRAME_MAX, data.maxMessageSize);
-                  for (const frame of frames(out.file, out.offset, bytes, max)) {
-                    if (mine !== session || !data) return;
-                    await data.ready(frame.byteLength);
-                    await data.send(frame);
+                  const maxPayload = Math.max(max - FRAME_HEADER, 1);
+                  if (!frameBuf || frameBuf.length < FRAME_HEADER + maxPayload) frameBuf = new Uint8Array(FRAME_HEADER + maxPayload);
+                  for (let at = 0; at < bytes.length; at += maxPayload) {
+                    const frame = encodeFrameInto(frameBuf, out.file, out.offset + at, bytes.subarray(at, Math.min(at + maxPayload, bytes.length)));
+                    /** @type {Channel | null} */
+                    const ch = data;
+                    if (mine !== session || !ch) return;
+                    await ch.room(frame.byteLength);
+                    if (mine !== session || data !== ch) return;
+                    if (!ch.sendNow(frame)) await ch.send(frame.slice());
                   }
                   this.fileSent.set(out.file, (this.fileSent.get(out.file) ?? 0) + out.len);
                   this._progress();

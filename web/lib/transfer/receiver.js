@@ -111,8 +111,8 @@ class Transfer {
     this.hashRequests = [];
     /** @type {{ file: number, chunk: number, offset: number, len: number }[]} */
     this.requested = [];
-    /** @type {Uint8Array[]} */
-    this.assembling = [];
+    /** @type {Uint8Array | null} the chunk being assembled (its frames copied in once) */
+    this.assembling = null;
     this.assembled = 0;
     /** @type {Map<string, { file: number, chunk: number, offset: number, data: Uint8Array }>} complete chunks waiting for their hash */
     this.verifying = new Map();
@@ -144,7 +144,7 @@ class Transfer {
       this.unwrittenBytes -= r.len;
     }
     this.wantedBytes = 0;
-    this.assembling = [];
+    this.assembling = null;
     this.assembled = 0;
     this.hashRequests = [];
     for (const a of this.active.values()) {
@@ -273,12 +273,13 @@ class Transfer {
     if (payload.length > head.len - this.assembled) {
       throw new ProtocolError('frame_crosses_chunk', `data frame for file ${file} at offset ${offset} with ${payload.length} bytes crosses the end of its chunk`);
     }
-    this.assembling.push(payload.slice());
+    this.assembling ??= new Uint8Array(head.len);
+    this.assembling.set(payload, this.assembled);
     this.assembled += payload.length;
     if (this.assembled < head.len) return;
     this.requested.shift();
-    const data = this.assembling.length === 1 ? this.assembling[0] : concatAll(this.assembling, head.len);
-    this.assembling = [];
+    const data = this.assembling;
+    this.assembling = null;
     this.assembled = 0;
     this.wantedBytes -= head.len;
     this.verifying.set(key(file, head.chunk), { file, chunk: head.chunk, offset: head.offset, data });
@@ -353,17 +354,6 @@ class Transfer {
       out.push({ type: 'finish', file, hash: a.fileHash });
     }
   }
-}
-
-/** @param {Uint8Array[]} parts @param {number} len */
-function concatAll(parts, len) {
-  const out = new Uint8Array(len);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
 }
 
 export class Receiver {

@@ -116,8 +116,17 @@ export function ctlJson(msg) {
  * @param {number} file @param {number} offset @param {Uint8Array} payload
  */
 export function encodeFrame(file, offset, payload) {
-  const frame = new Uint8Array(FRAME_HEADER + payload.length);
-  const v = new DataView(frame.buffer);
+  return encodeFrameInto(new Uint8Array(FRAME_HEADER + payload.length), file, offset, payload);
+}
+
+/**
+ * A data frame written at the start of `buf` (a sender's reused buffer, at
+ * least FRAME_HEADER + payload bytes): the view of it that holds the frame.
+ * @param {Uint8Array} buf @param {number} file @param {number} offset @param {Uint8Array} payload
+ */
+export function encodeFrameInto(buf, file, offset, payload) {
+  const frame = buf.subarray(0, FRAME_HEADER + payload.length);
+  const v = new DataView(frame.buffer, frame.byteOffset, FRAME_HEADER);
   v.setUint32(0, file, false);
   v.setBigUint64(4, BigInt(offset), false);
   frame.set(payload, FRAME_HEADER);

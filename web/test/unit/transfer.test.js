@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
 
-import { parseCtl, ctlJson, encodeFrame, decodeFrame, frames, FRAME_HEADER } from '../../lib/transfer/wire.js';
+import { parseCtl, ctlJson, encodeFrame, encodeFrameInto, decodeFrame, frames, FRAME_HEADER } from '../../lib/transfer/wire.js';
 import { Manifest, parseRelPath, validateEntry, fileEntry, dirEntry, textEntry, MIN_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, MAX_CTL_BYTES } from '../../lib/transfer/manifest.js';
 import { chunkHash, fileHash, hashesToHex, toHex } from '../../lib/transfer/hash.js';
 import { Sender } from '../../lib/transfer/sender.js';
@@ -41,6 +41,9 @@ test('data frames and file hashes of the fixtures', () => {
   for (const ex of fx.examples) {
     const frame = encodeFrame(ex.file, ex.offset, fromHex(ex.payload));
     assert.equal(toHex(frame), ex.frame);
+    // The same frame written into a reused buffer (a view into a larger one).
+    const big = new Uint8Array(FRAME_HEADER + 4096 + 7).fill(0xee).subarray(7);
+    assert.equal(toHex(encodeFrameInto(big, ex.file, ex.offset, fromHex(ex.payload))), ex.frame);
     const [file, offset, payload] = decodeFrame(fromHex(ex.frame));
     assert.deepEqual([file, offset, toHex(payload)], [ex.file, ex.offset, ex.payload]);
   }
