@@ -7,6 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Room } from '../../lib/room.js';
+import { FakePC as BasePC } from './fakepc.js';
 
 class FakeTransceiver {
   /** @param {string} kind @param {string} mid */
@@ -25,19 +26,13 @@ class FakeTransceiver {
   }
 }
 
-class FakePC {
+class FakePC extends BasePC {
   constructor() {
-    this.signalingState = 'stable';
-    this.remoteDescription = null;
-    this.localDescription = null;
-    this.connectionState = 'new';
-    this.sctp = null;
+    super();
     /** @type {FakeTransceiver[]} */
     this.transceivers = [];
     /** answers from this peer reject every media m-line (what str0m without codecs does) */
     this.rejectsMedia = false;
-    /** @type {any} */
-    this.ontrack = null;
   }
   getTransceivers() { return [...this.transceivers]; }
   getSenders() { return this.transceivers.map((t) => t.sender); }
@@ -54,27 +49,18 @@ class FakePC {
     sender.track = null;
     t.direction = 'recvonly';
   }
-  createDataChannel(/** @type {string} */ label) {
-    const dc = new EventTarget();
-    return Object.assign(dc, { label, readyState: 'connecting', bufferedAmount: 0, maxRetransmits: null, maxPacketLifeTime: null, send() {}, close() {} });
-  }
   async setRemoteDescription(/** @type {any} */ d) {
-    this.remoteDescription = d;
-    this.signalingState = d.type === 'offer' ? 'have-remote-offer' : 'stable';
+    await super.setRemoteDescription(d);
     if (d.type === 'answer' && this.rejectsMedia) {
       // Rejected m-lines stop their transceivers, which Chromium then drops.
       for (const t of this.transceivers) t.currentDirection = 'stopped';
       this.transceivers = [];
     }
   }
-  async setLocalDescription() {
-    const type = this.signalingState === 'have-remote-offer' ? 'answer' : 'offer';
-    this.localDescription = { type, sdp: `v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n${type}` };
-    this.signalingState = type === 'answer' ? 'stable' : 'have-local-offer';
+  /** @param {'offer' | 'answer'} type */
+  localSdp(type) {
+    return `v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n${type}`;
   }
-  async addIceCandidate() {}
-  restartIce() {}
-  close() {}
 }
 
 const track = (/** @type {string} */ kind) => ({ kind, id: `${kind}-${Math.random()}` });

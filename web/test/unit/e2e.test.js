@@ -10,6 +10,7 @@ import { RoomSecret, OpenError, SEALED_KEY, REFUSED_KEY, safetyNumber, sdpFinger
 import { signSdp, verifySdp } from '../../lib/auth.js';
 import { toHex, fromHex } from '../../lib/bytes.js';
 import { Room } from '../../lib/room.js';
+import { FakePC } from './fakepc.js';
 
 const v = JSON.parse(readFileSync(new URL('../../../fixtures/rooms/e2e.json', import.meta.url), 'utf8'));
 
@@ -60,24 +61,6 @@ test('e2e: safety numbers match the vector at both ends; new secrets are 22 char
   assert.throws(() => new RoomSecret('short', 'r'), /at least 16 characters/);
   assert.notEqual(newRoomSecret(), newRoomSecret());
 });
-
-class FakePC {
-  constructor() {
-    this.signalingState = 'stable';
-    this.remoteDescription = null;
-    this.localDescription = null;
-    this.connectionState = 'new';
-    this.sctp = null;
-  }
-  createDataChannel(/** @type {string} */ label) {
-    const dc = new EventTarget();
-    return Object.assign(dc, { label, readyState: 'connecting', bufferedAmount: 0, maxRetransmits: null, maxPacketLifeTime: null, send() {}, close() {} });
-  }
-  async setRemoteDescription(/** @type {any} */ d) { this.remoteDescription = d; }
-  async setLocalDescription() {}
-  async addIceCandidate() {}
-  close() {}
-}
 
 test('e2e room: connections carry the secret\'s keys; server-routed messages go sealed and come back opened, in order; unsealed ones are refused', async () => {
   const room = new Room({ server: '127.0.0.1:9', room: v.room, roomSecret: v.secret, RTCPeerConnection: /** @type {any} */ (FakePC) });

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 
 import { encode, decode, DecodeError, Overlay, MAX_RELAY } from '../../lib/overlay.js';
 import { Room, BUSY_KEY, VIA_SERVER } from '../../lib/room.js';
+import { FakePC } from './fakepc.js';
 
 const fixture = JSON.parse(readFileSync(new URL('../../../fixtures/overlay/messages.json', import.meta.url), 'utf8'));
 const hex = (s) => Uint8Array.from(s.match(/../g) ?? [], (b) => parseInt(b, 16));
@@ -254,35 +255,6 @@ test('a connection we did not open or accept stays within maxConnections', () =>
 
 // Room wiring (crates/peer mesh.rs, mesh_overlay.rs): a room with a fake
 // RTCPeerConnection, the server and the overlay's channels recorded.
-
-class FakePC {
-  constructor() {
-    this.signalingState = 'stable';
-    this.remoteDescription = null;
-    this.localDescription = null;
-    this.connectionState = 'new';
-    this.sctp = null;
-    this.remotes = [];
-    this.added = [];
-  }
-  createDataChannel(label) {
-    const dc = new EventTarget();
-    return Object.assign(dc, { label, readyState: 'connecting', bufferedAmount: 0, maxRetransmits: null, maxPacketLifeTime: null, send() {}, close() { dc.readyState = 'closed'; } });
-  }
-  async setRemoteDescription(d) {
-    this.remoteDescription = d;
-    this.remotes.push(d);
-    this.signalingState = d.type === 'offer' ? 'have-remote-offer' : 'stable';
-  }
-  async setLocalDescription() {
-    const type = this.signalingState === 'have-remote-offer' ? 'answer' : 'offer';
-    this.localDescription = { type, sdp: `v=0 ${type}` };
-    this.signalingState = type === 'answer' ? 'stable' : 'have-local-offer';
-  }
-  async addIceCandidate(c) { this.added.push(c); }
-  restartIce() {}
-  close() {}
-}
 
 /** An overlay room as `me`, in a large room; `link(peer)` makes `peer` a neighbour. */
 function overlayRoom(me) {
