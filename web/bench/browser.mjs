@@ -21,6 +21,7 @@ import { join } from 'node:path';
 const SIZE = Number(process.env.SIZE_MIB ?? 1024) * (1 << 20);
 const REF_SIZE = Number(process.env.REF_MIB ?? 256) * (1 << 20);
 // CASES=n2c,c2n,c2c,c2n-bare,n2c-bare,ref (all but the two -bare by default) picks the rows to measure.
+// PROFILE=1 prints where the transferring tab's main thread spent its time.
 const CASES = new Set((process.env.CASES ?? 'n2c,c2n,c2c,ref').split(','));
 // The release build, unless PEERLINK_BIN names another: set before the
 // harness is loaded, which reads it once (a static import would load it
@@ -84,16 +85,50 @@ async function heapSampler(page) {
   return async () => { on = false; await loop; return peak; };
 }
 
-/** Accepts in `page` and waits for the end; returns seconds and the download's path. @param {import('playwright-core').Page} page */
-async function receiveHere(page) {
+/**
+ * PROFILE=1: a CPU profile of the page's main thread (CDP Profiler) while
+ * it transfers; the stop function prints how long the thread was busy and
+ * where that time went (self time per function, top 12).
+ * @param {import('playwright-core').Page} page @param {string} what
+ */
+async function profiler(page, what) {
+  if (!process.env.PROFILE) return async () => {};
+  const s = await page.context().newCDPSession(page);
+  await s.send('Profiler.enable');
+  await s.send('Profiler.setSamplingInterval', { interval: 200 });
+  await s.send('Profiler.start');
+  return async () => {
+    const { profile } = /** @type {any} */ (await s.send('Profiler.stop'));
+    const nodes = new Map(profile.nodes.map((/** @type {any} */ n) => [n.id, n]));
+    /** @type {Map<string, number>} */
+    const self = new Map();
+    let total = 0;
+    profile.samples.forEach((/** @type {number} */ id, /** @type {number} */ i) => {
+      const f = nodes.get(id).callFrame;
+      const key = `${f.functionName || '(anonymous)'} ${f.url.split('/').pop()}${f.lineNumber >= 0 ? `:${f.lineNumber + 1}` : ''}`.trim();
+      self.set(key, (self.get(key) ?? 0) + profile.timeDeltas[i]);
+      total += profile.timeDeltas[i];
+    });
+    const idle = self.get('(idle)') ?? 0;
+    console.log(`\n${what}: main thread busy ${((total - idle) / 1e6).toFixed(2)} s of ${(total / 1e6).toFixed(2)} s`);
+    for (const [k, t] of [...self].filter(([k]) => k !== '(idle)').sort((a, b) => b[1] - a[1]).slice(0, 12)) {
+      console.log(`${(t / 1e3).toFixed(0).padStart(8)} ms  ${k}`);
+    }
+  };
+}
+
+/** Accepts in `page` and waits for the end; returns seconds and the download's path. @param {import('playwright-core').Page} page @param {string} what */
+async function receiveHere(page, what) {
   const dl = page.waitForEvent('download', { timeout: 60_000 });
   await page.waitForSelector('#accept', { state: 'visible', timeout: 60_000 });
   const stop = await heapSampler(page);
+  const stopProfile = await profiler(page, what);
   const t0 = performance.now();
   await page.click('#accept');
   await page.waitForFunction(() => document.body.dataset.state === 'received' || document.body.dataset.state === 'failed', null, { timeout: 1_800_000, polling: 100 });
   const seconds = (performance.now() - t0) / 1000;
   if (await page.evaluate(() => document.body.dataset.state) !== 'received') throw new Error(`failed: ${await page.textContent('#error')}`);
+  await stopProfile();
   const d = await dl;
   const path = /** @type {string} */ (await d.path());
   const heap = await stop();
@@ -140,7 +175,7 @@ if (CASES.has('n2c')) {
   const s = run(['send', ...net, file]);
   const { link } = await s.event('code');
   const { context, page } = await newPage(link);
-  const r = await receiveHere(page);
+  const r = await receiveHere(page, 'receiving tab (native -> Chromium)');
   if (await s.exit() !== 0) throw new Error(s.stderr);
   const ok = (await sha256(r.path)) === hash;
   rows.push({ what: 'native -> Chromium', mbps: mbps(SIZE, r.seconds), heap: r.heap, rss: await rendererPeakMiB(), ok });
@@ -156,9 +191,11 @@ if (CASES.has('c2n')) {
   const code = (await page.textContent('#code', { timeout: 30_000 }))?.trim() ?? '';
   const out = scratch('bench-out');
   const stop = await heapSampler(page);
+  const stopProfile = await profiler(page, 'sending tab (Chromium -> native)');
   const t0 = performance.now();
   const r = run(['receive', ...net, '--out', out, '--yes', code]);
   if (await r.exit(1_800_000) !== 0) throw new Error(r.stderr);
+  await stopProfile();
   const seconds = (performance.now() - t0) / 1000;
   const ok = (await sha256(join(out, 'big.bin'))) === hash;
   rows.push({ what: 'Chromium -> native (timed from the receiver\'s start: pairing included)', mbps: mbps(SIZE, seconds), heap: await stop(), rss: await rendererPeakMiB(), ok });
@@ -173,7 +210,7 @@ if (CASES.has('c2c')) {
   await a.page.click('#send-go');
   const code = (await a.page.textContent('#code', { timeout: 30_000 }))?.trim() ?? '';
   const b = await newPage(`${server.url}/r#${code}`);
-  const r = await receiveHere(b.page);
+  const r = await receiveHere(b.page, 'receiving tab (Chromium -> Chromium)');
   const ok = (await sha256(r.path)) === hash;
   rows.push({ what: 'Chromium -> Chromium (two tabs)', mbps: mbps(SIZE, r.seconds), heap: r.heap, rss: await rendererPeakMiB(), ok });
   rmSync(r.path, { force: true });
