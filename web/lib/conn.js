@@ -40,6 +40,12 @@ import { REFUSED_KEY, sdpFingerprint, safetyNumber } from './e2e.js';
 /** Remote candidates held until the remote description is set. */
 const MAX_EARLY_CANDIDATES = 64;
 
+/** The mid of an SDP's first m-line (`a=mid:`), or null. @param {string} sdp */
+function sdpFirstMid(sdp) {
+  const m = sdp.split(/\r?\n/).find((l) => l.startsWith('a=mid:'));
+  return m ? m.slice(6).trim() : null;
+}
+
 /** The session id of an SDP's `o=` line, or null. @param {string} sdp */
 function sdpSession(sdp) {
   const o = sdp.split(/\r?\n/).find((l) => l.startsWith('o='));
@@ -167,6 +173,8 @@ export class Conn {
     this.makingOffer = false;
     this.signalChannels = [];
     for (const { label, init } of this.unnegotiated) this._adopt(this.pc.createDataChannel(label, init));
+    // Ours again (the peer's offer may carry none: two are fine).
+    if (this.signalChannelAsked) this._adoptSignal(this.pc.createDataChannel(SIGNAL_LABEL, { ordered: true }));
   }
 
   /** @param {ChannelSpec} spec */
@@ -330,9 +338,11 @@ export class Conn {
 
   async _offer() {
     const pc = this.pc;
-    // (Negotiation-needed can come while an offer from the peer is being
-    // applied: setLocalDescription() would make a second answer.)
-    if (pc.signalingState !== 'stable') return;
+    // Negotiation-needed can come while an offer from the peer is being
+    // applied (setLocalDescription() would make a second answer), or
+    // checked (its MAC): it comes again, if still needed, once the answer
+    // is made.
+    if (pc.signalingState !== 'stable' || (this.offerSeen && !pc.remoteDescription)) return;
     try {
       this.makingOffer = true;
       await pc.setLocalDescription();
@@ -395,9 +405,6 @@ export class Conn {
    */
   onSignal(signal, via = null) {
     if (signal.kind === 'offer') this.offerSeen = true;
-    if ((signal.kind === 'offer' || signal.kind === 'answer') && this.remoteSession === null) {
-      this.remoteSession = sdpSession(signal.sdp);
-    }
     this.chain = this.chain.then(() => {
       if (signal.kind === 'offer') this.offerVia = via;
       return this._apply(signal);
@@ -431,10 +438,19 @@ export class Conn {
       this.ignoreOffer = !this.polite && collision;
       if (this.ignoreOffer) return;
       if (collision && !pc.remoteDescription) {
-        this._replaceUnnegotiatedPc();
-        pc = this.pc;
+        // Our first offer rolled back: on a fresh peer connection if the
+        // peer names its data m-line otherwise (or ours is not known yet).
+        const mine = pc.localDescription ? sdpFirstMid(pc.localDescription.sdp) : null;
+        if (mine === null || mine !== sdpFirstMid(signal.sdp)) {
+          this._replaceUnnegotiatedPc();
+          pc = this.pc;
+        }
       }
       if (signal.kind === 'answer' && pc.signalingState !== 'have-local-offer') return;
+      // The peer connection at the other end, known from what we apply
+      // (not from an offer ignored in a collision, which may come from one
+      // the peer has replaced since).
+      this.remoteSession ??= sdpSession(signal.sdp);
       // Applied: older SDPs are ignored from now on (not when this one is
       // ignored in a collision: an older one may still be due).
       if (this.keys && signal.auth) this.recvSeq = signal.auth.seq;

@@ -415,9 +415,11 @@ export class Room extends Emitter {
     // Pairing's keys, else the room secret's: every SDP authenticated.
     const conn = new Conn(this, peer, this.id < peer, keys ?? this.secret?.signalKeys(this.id, peer) ?? null);
     this.conns.set(peer, conn);
-    for (const spec of channels) conn.openChannel(spec);
+    // Held signals first: a side that holds the peer's offer answers it
+    // instead of making an offer of its own.
     for (const signal of this.held.get(peer) ?? []) conn.onSignal(signal);
     this.held.delete(peer);
+    for (const spec of channels) conn.openChannel(spec);
     return conn;
   }
 

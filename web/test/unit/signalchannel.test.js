@@ -139,7 +139,9 @@ test('both sides connect at once, the peer naming its data m-line otherwise (str
     }
     createDataChannel(/** @type {string} */ label) {
       this.labels.push(label);
-      if (this.labels.length === 1 && !this.remoteDescription) setTimeout(() => this.onnegotiationneeded?.(), 0);
+      // Negotiation is needed for the first channel, unless an offer
+      // applied by then brought the data m-line.
+      if (this.labels.length === 1 && !this.remoteDescription) setTimeout(() => { if (!this.remoteDescription) this.onnegotiationneeded?.(); }, 0);
       return Object.assign(new EventTarget(), { label, readyState: 'connecting', send() {}, close() {} });
     }
     async setRemoteDescription(/** @type {any} */ d) {
@@ -178,11 +180,14 @@ test('both sides connect at once, the peer naming its data m-line otherwise (str
   assert.equal(pcs.length, 2, 'a fresh peer connection');
   assert.ok(pcs[0].closed);
   assert.equal(conn.pc, pcs[1]);
-  assert.deepEqual(pcs[1].labels, ['ctl'], 'the channel opened anew; the peer opened the signaling channel');
+  assert.deepEqual(pcs[1].labels, ['ctl', 'peerlink-signal'], 'the channel opened anew, and our signaling channel (the peer\'s offer may carry none)');
   assert.deepEqual(wire.map((m) => m.signal?.kind), ['offer', 'answer']);
   clearTimeout(conn.connectTimer);
 
-  // The peer's offer came before connect(): answered, no offer of ours.
+  // The peer's offer (signed, so checking it takes a while) came before
+  // connect() with channels: answered, no offer of ours.
+  const { signSdp } = await import('../../lib/auth.js');
+  const theirs = new Uint8Array(32).fill(2);
   pcs.length = 0;
   const b = new Room({ server: '127.0.0.1:9', room: 'r', autoConnect: false, RTCPeerConnection: /** @type {any} */ (PC) });
   /** @type {any[]} */
@@ -190,13 +195,34 @@ test('both sides connect at once, the peer naming its data m-line otherwise (str
   b.signaling.send = (/** @type {any} */ m) => { wireB.push(m); return true; };
   b.id = 'a';
   b.members.set('p', { name: null });
-  b._onServer({ type: 'signal', from: 'p', signal: peerOffer }); // held for connect()
-  b.connect('p', { channels: [] });
+  const signed = { ...peerOffer, auth: await signSdp(theirs, 'offer', 0, peerOffer.sdp) };
+  b._onServer({ type: 'signal', from: 'p', signal: signed }); // held for connect()
+  b.connect('p', { channels: [{ label: 'ctl', reliability: 'reliable' }], keys: { local: new Uint8Array(32).fill(1), remote: theirs } });
   const connB = /** @type {any} */ (b.conns.get('p'));
+  await new Promise((r) => setTimeout(r, 20));
   await connB.chain;
-  await new Promise((r) => setTimeout(r, 5));
   assert.equal(pcs.length, 1);
-  assert.deepEqual(pcs[0].labels, [], 'no signaling channel of ours: the peer opened one');
+  assert.deepEqual(pcs[0].labels, ['ctl'], 'no signaling channel of ours: the peer opened one');
   assert.deepEqual(wireB.map((m) => m.signal?.kind), ['answer']);
   clearTimeout(connB.connectTimer);
+
+  // The impolite side of the glare between two browsers: the ignored
+  // offer's peer connection is not taken as the peer's (the polite side
+  // may replace it), the one whose answer is applied is.
+  const z = new Room({ server: '127.0.0.1:9', room: 'r', autoConnect: false, RTCPeerConnection: /** @type {any} */ (PC) });
+  z.signaling.send = () => true;
+  z.id = 'z';
+  z.members.set('p', { name: null });
+  z.connect('p', { channels: [{ label: 'ctl', reliability: 'reliable' }] });
+  const connZ = /** @type {any} */ (z.conns.get('p'));
+  await new Promise((r) => setTimeout(r, 5));
+  connZ.onSignal({ kind: 'offer', sdp: 'v=0\r\no=- 111 1 IN IP4 0.0.0.0\r\na=mid:0\r\n' });
+  await connZ.chain;
+  assert.equal(connZ.pc.signalingState, 'have-local-offer', 'ignored: we are impolite');
+  connZ.onSignal({ kind: 'answer', sdp: 'v=0\r\no=- 222 1 IN IP4 0.0.0.0\r\na=mid:0\r\n' });
+  await connZ.chain;
+  assert.equal(connZ.pc.signalingState, 'stable');
+  assert.equal(connZ.isNewSession('v=0\r\no=- 222 2 IN IP4 0.0.0.0\r\n'), false, 'the answering peer connection is the peer\'s');
+  assert.equal(connZ.isNewSession('v=0\r\no=- 111 2 IN IP4 0.0.0.0\r\n'), true);
+  clearTimeout(connZ.connectTimer);
 });
