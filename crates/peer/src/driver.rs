@@ -4,16 +4,12 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg};
-use tokio::io::ReadBuf;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -23,16 +19,18 @@ use crate::mesh::{Mesh, MeshOutput};
 use crate::room::Command;
 use crate::signaling::{JoinSpec, Signaling, WsStream};
 use crate::stream::{StreamEvent, Streams};
+use crate::udp::Udp;
 
 /// Backlogged events above which the driver stops reading datagrams.
 const BACKLOG_PAUSE: usize = 64;
-/// Datagrams handled per wake-up before the driver looks at its other inputs.
-const RECV_BATCH: usize = 32;
+/// Receive calls (each up to a few datagrams, or GRO runs of them) handled
+/// per wake-up before the driver looks at its other inputs.
+const RECV_BATCH: usize = 16;
 /// Interval of application pings keeping the signaling link alive.
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 /// How long a send waits for a full socket buffer before the datagram is
 /// dropped (SCTP retransmits it).
-const SEND_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const SEND_WAIT: Duration = Duration::from_millis(100);
 /// How long the application gets to take each last event after the room
 /// closed.
 const LAST_EVENTS_WAIT: Duration = Duration::from_secs(5);
@@ -64,7 +62,7 @@ struct Link {
 pub(crate) struct Driver {
     pub mesh: Mesh,
     pub wake: Arc<RoomWake>,
-    pub sockets: Vec<UdpSocket>,
+    pub udp: Udp,
     pub commands: mpsc::Receiver<Command>,
     pub events: mpsc::Sender<Event>,
     /// Events the application has not taken yet; while it holds
@@ -110,7 +108,7 @@ impl Driver {
             match out {
                 MeshOutput::Transmit { socket, to, data } => match &mut self.netem {
                     Some(link) => link.send(Instant::now(), socket, to, data),
-                    None => send_datagram(&self.sockets[socket], to, &data).await,
+                    None => self.udp.send(socket, to, &data).await,
                 },
                 MeshOutput::Signaling(msg) => {
                     let unsent = match signaling {
@@ -209,7 +207,7 @@ impl Driver {
     ) {
         let mut link = Some(Link { incoming, outgoing: signaling, writer });
         let mut rejoining: Option<tokio::task::JoinHandle<Result<Signaling, crate::Error>>> = None;
-        let mut buf = vec![0u8; 2048];
+        let mut bufs = self.udp.recv_bufs();
         let mut ping = tokio::time::interval(SIGNALING_PING);
         let wake = self.wake.clone();
         let events = self.events.clone();
@@ -219,9 +217,12 @@ impl Driver {
             if let Some(link) = &mut self.netem {
                 let now = Instant::now();
                 while let Some((socket, to, data)) = link.pop_due(now) {
-                    send_datagram(&self.sockets[socket], to, &data).await;
+                    self.udp.send(socket, to, &data).await;
                 }
             }
+            // Datagrams are gathered while a batch is handled, and leave
+            // together before the driver waits.
+            self.udp.flush().await;
             if let Some(reason) = self.mesh.take_closing() {
                 break reason;
             }
@@ -315,22 +316,25 @@ impl Driver {
                         Err(e) => break format!("signaling reconnect failed: {e}"),
                     }
                 },
-                r = recv_any(&self.sockets, &mut buf), if read_net => match r {
-                    Ok((n, source, socket)) => {
+                r = poll_fn(|cx| self.udp.poll_recv(cx, &mut bufs)), if read_net => match r {
+                    Ok(mut got) => {
                         let now = Instant::now();
-                        let (mut n, mut source) = (n, source);
                         for round in 1..=RECV_BATCH {
-                            self.mesh.handle_datagram(now, socket, source, &buf[..n]);
-                            self.flush(link.as_ref().map(|l| &l.outgoing)).await;
-                            // Read another only if it will be handled: a
-                            // datagram taken off the socket and then dropped
-                            // is a loss SCTP has to repair.
+                            // Every datagram read is handled (a datagram
+                            // taken off the socket and then dropped is a
+                            // loss SCTP has to repair), even if the
+                            // application falls behind meanwhile: a receive
+                            // call brings a bounded few.
+                            for (source, datagram) in bufs.datagrams(got) {
+                                self.mesh.handle_datagram(now, got.socket, source, datagram);
+                                self.flush(link.as_ref().map(|l| &l.outgoing)).await;
+                            }
                             if round == RECV_BATCH || !self.can_read() {
                                 break;
                             }
-                            match self.sockets[socket].try_recv_from(&mut buf) {
-                                Ok((len, from)) => (n, source) = (len, from),
-                                Err(_) => break,
+                            match self.udp.try_recv(got.socket, &mut bufs) {
+                                Some(more) => got = more,
+                                None => break,
                             }
                         }
                     }
@@ -374,6 +378,7 @@ impl Driver {
         tracing::debug!(peer = ?self.mesh, "room closing: {reason}");
         self.mesh.close(reason, Instant::now());
         self.flush(link.as_ref().map(|l| &l.outgoing)).await;
+        self.udp.flush().await;
         // Everything queued for the server goes out before a leave returns:
         // a last `pair_abort` must not lose the race with the socket's close.
         let leave_replies = std::mem::take(&mut self.leave_replies);
@@ -408,30 +413,4 @@ impl Driver {
     fn can_reconnect(&self) -> bool {
         self.reconnect.resume.is_some() && !self.reconnect.window.is_zero() && !self.mesh.is_leaving()
     }
-}
-
-async fn send_datagram(sock: &UdpSocket, to: SocketAddr, data: &[u8]) {
-    match sock.try_send_to(data, to) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            let _ = tokio::time::timeout(SEND_WAIT, sock.send_to(data, to)).await;
-        }
-        Err(e) => tracing::trace!(%to, "udp send: {e}"),
-    }
-}
-
-/// Receives one datagram from whichever socket has one.
-async fn recv_any(sockets: &[UdpSocket], buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
-    poll_fn(|cx| {
-        for (i, s) in sockets.iter().enumerate() {
-            let mut rb = ReadBuf::new(buf);
-            match s.poll_recv_from(cx, &mut rb) {
-                Poll::Ready(Ok(addr)) => return Poll::Ready(Ok((rb.filled().len(), addr, i))),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }

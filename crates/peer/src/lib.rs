@@ -58,6 +58,7 @@ mod sealed;
 mod signaling;
 mod sim;
 mod stream;
+mod udp;
 
 pub use auth::SignalKeys;
 pub use channel::{ChannelSpec, DataChannel, Message, Reliability};

@@ -200,7 +200,7 @@ impl Room {
         let driver = Driver {
             mesh,
             wake,
-            sockets,
+            udp: crate::udp::Udp::new(sockets, crate::driver::SEND_WAIT)?,
             commands: cmd_rx,
             events: ev_tx,
             backlog: Default::default(),
