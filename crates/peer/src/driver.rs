@@ -325,7 +325,7 @@ impl Driver {
                             // loss SCTP has to repair), even if the
                             // application falls behind meanwhile: a receive
                             // call brings a bounded few.
-                            for (source, datagram) in bufs.datagrams(got) {
+                            for (source, datagram) in bufs.datagrams(got.count) {
                                 self.mesh.handle_datagram(now, got.socket, source, datagram);
                                 self.flush(link.as_ref().map(|l| &l.outgoing)).await;
                             }

@@ -21,7 +21,9 @@
 
 #![warn(missing_docs)]
 
+pub mod gso;
 pub mod turn_stream;
+pub mod udp;
 
 use std::fmt;
 

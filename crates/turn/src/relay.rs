@@ -4,7 +4,12 @@
 //! server task over a bounded queue shared by all relays. When the queue is
 //! full the datagram is dropped, as UDP would drop it; the server task never
 //! waits on a relay.
+//!
+//! A relay socket receives GRO runs (a peer sending with GSO), so one
+//! receive call may bring a few dozen datagrams. The buffer they land in is
+//! the worker thread's, not the relay's: an idle allocation holds none.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -13,6 +18,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peerlink_proto::udp::{RecvBufs, UdpIo};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
@@ -82,44 +88,64 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
+/// Buffers per receive call on a relay socket.
+const RECV_BUFS: usize = 2;
+
+thread_local! {
+    /// The receive buffers of the relays this worker thread serves.
+    static RECV: RefCell<Option<RecvBufs>> = const { RefCell::new(None) };
+}
+
 /// Reads one relay socket until aborted, forwarding datagrams to the server
 /// task. `bucket` is the allocation's inbound bandwidth budget; everything a
 /// relay port receives counts against it, so an unsolicited flood is dropped
 /// here instead of crowding the shared queue.
 pub(crate) async fn relay_loop(
-    socket: Arc<UdpSocket>,
+    socket: Arc<UdpIo>,
     relay: SocketAddr,
     tx: mpsc::Sender<PeerDatagram>,
     mut bucket: Option<TokenBucket>,
     stats: Stats,
 ) {
     let counters = stats.counters();
-    let mut buf = vec![0u8; MAX_PEER_DATAGRAM + 1];
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
-                // Unconnected UDP sockets rarely fail; don't spin if one does.
-                tracing::debug!(%relay, "relay socket receive: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+        if let Err(e) = socket.socket().readable().await {
+            // Unconnected UDP sockets rarely fail; don't spin if one does.
+            tracing::debug!(%relay, "relay socket: {e}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let closed = RECV.with_borrow_mut(|bufs| {
+            let bufs = bufs.get_or_insert_with(|| RecvBufs::new(RECV_BUFS, &socket));
+            let n = match socket.try_recv(bufs) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    tracing::debug!(%relay, "relay socket receive: {e}");
+                    return false;
+                }
+            };
+            for (from, data) in bufs.datagrams(n) {
+                if data.len() > MAX_PEER_DATAGRAM {
+                    inc(&counters.dropped_oversize);
+                    continue;
+                }
+                if let Some(b) = bucket.as_mut()
+                    && !b.try_take(data.len() as u64, Instant::now())
+                {
+                    inc(&counters.dropped_bandwidth);
+                    continue;
+                }
+                match tx.try_send(PeerDatagram { relay, from, data: data.to_vec() }) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => inc(&counters.dropped_queue_full),
+                    Err(TrySendError::Closed(_)) => return true,
+                }
             }
-        };
-        if n > MAX_PEER_DATAGRAM {
-            inc(&counters.dropped_oversize);
-            continue;
-        }
-        if let Some(b) = bucket.as_mut()
-            && !b.try_take(n as u64, Instant::now())
-        {
-            inc(&counters.dropped_bandwidth);
-            continue;
-        }
-        let datagram = PeerDatagram { relay, from, data: buf[..n].to_vec() };
-        match tx.try_send(datagram) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => inc(&counters.dropped_queue_full),
-            Err(TrySendError::Closed(_)) => return,
+            false
+        });
+        if closed {
+            return;
         }
     }
 }

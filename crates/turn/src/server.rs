@@ -4,10 +4,15 @@
 //! the relay tasks (see [`crate::relay`]). It answers Binding requests,
 //! checks credentials, asks the [`Ledger`] (the rules: quotas, admission,
 //! generations, revocation) and carries out its commands, feeds everything
-//! else to turn-server-proto, and sends what the protocol produces. All
-//! sends use `try_send_to`: when the kernel's send buffer is full the
-//! datagram is dropped (and counted), so one slow path never stalls the
-//! others.
+//! else to turn-server-proto, and sends what the protocol produces.
+//!
+//! UDP goes in batches ([`peerlink_proto::udp`]): the listen socket is read
+//! several datagrams (or GRO runs of them) per call, and what leaves is
+//! gathered into GSO batches (consecutive datagrams of one size from one
+//! socket to one address), sent when the next datagram does not fit and at
+//! the end of every wake-up. Sends never wait: when the kernel's send buffer
+//! is full the datagrams are dropped (and counted), so one slow path never
+//! stalls the others.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -16,6 +21,8 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peerlink_proto::gso::GsoBatch;
+use peerlink_proto::udp::{RecvBufs, UdpIo};
 use stun_proto::Instant as SioInstant;
 use stun_proto::types::attribute::{ErrorCode, Nonce, Userhash, Username};
 use stun_proto::types::message::{BINDING, Message, MessageClass};
@@ -52,8 +59,9 @@ const BATCH: usize = 64;
 const MAX_POLL_STEPS: usize = 1024;
 /// Consecutive listen-socket receive errors after which `run` gives up.
 const MAX_RECV_ERRORS: u32 = 100;
-/// Largest STUN/TURN datagram from a client.
-const MAX_CLIENT_DATAGRAM: usize = 65536;
+/// Buffers per receive call on the listen socket (each one datagram, or a
+/// GRO run of them, up to 96 KB).
+const RECV_BUFS: usize = 8;
 /// Warnings about full tables are repeated at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -185,7 +193,8 @@ impl Server {
             static_users: static_users.clone(),
         };
         let st = State {
-            listen: socket,
+            listen: UdpIo::new(socket)?,
+            out: GsoBatch::default(),
             local,
             realm: config.realm,
             rest_secret: config.auth.rest_secret,
@@ -275,7 +284,7 @@ impl Gens {
 struct Relay {
     /// Kept open until the protocol closes the allocation, even when revoked,
     /// so its port cannot be handed to another allocation meanwhile.
-    socket: Arc<UdpSocket>,
+    socket: Arc<UdpIo>,
     task: AbortHandle,
     /// Client-to-peer budget (the relay task holds the other direction's).
     out_bucket: Option<TokenBucket>,
@@ -285,7 +294,9 @@ struct Relay {
 /// `max_allocations` (the ledger refuses more), `pending_user` holds one entry.
 #[derive(Debug)]
 struct State {
-    listen: UdpSocket,
+    listen: UdpIo,
+    /// Datagrams gathered for one send.
+    out: GsoBatch<(Via, SocketAddr)>,
     local: SocketAddr,
     realm: String,
     rest_secret: Option<String>,
@@ -308,6 +319,16 @@ struct State {
     full_warned_at: Option<Instant>,
     /// Clients on TCP or TLS, by remote address.
     streams: HashMap<SocketAddr, Stream>,
+}
+
+/// The socket a datagram leaves by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The listen socket, towards a client.
+    Listen,
+    /// The relay socket of the allocation with this relayed address,
+    /// towards a peer.
+    Relay(SocketAddr),
 }
 
 /// A client connection over TCP or TLS.
@@ -333,7 +354,7 @@ impl Driver {
         mut stream_rx: mpsc::Receiver<StreamEvent>,
     ) -> Result<(), Error> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut buf = vec![0u8; MAX_CLIENT_DATAGRAM];
+        let mut bufs = RecvBufs::new(RECV_BUFS, &self.st.listen);
         let mut batch = Vec::with_capacity(BATCH);
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -342,12 +363,14 @@ impl Driver {
             let wake = tokio::time::Instant::from_std(self.next_wake());
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                r = self.st.listen.recv_from(&mut buf) => {
+                r = std::future::poll_fn(|cx| self.st.listen.poll_recv(cx, &mut bufs)) => {
                     let now = Instant::now();
                     match r {
-                        Ok((n, from)) => {
+                        Ok(n) => {
                             recv_errors = 0;
-                            self.on_datagram(now, from, &buf[..n]);
+                            for (from, datagram) in bufs.datagrams(n) {
+                                self.on_datagram(now, from, datagram);
+                            }
                         }
                         Err(e) => {
                             debug!("TURN listen socket receive: {e}");
@@ -358,9 +381,11 @@ impl Driver {
                             continue;
                         }
                     }
-                    for _ in 0..BATCH {
-                        let Ok((n, from)) = self.st.listen.try_recv_from(&mut buf) else { break };
-                        self.on_datagram(now, from, &buf[..n]);
+                    for _ in 0..BATCH / RECV_BUFS {
+                        let Ok(n) = self.st.listen.try_recv(&mut bufs) else { break };
+                        for (from, datagram) in bufs.datagrams(n) {
+                            self.on_datagram(now, from, datagram);
+                        }
                     }
                 }
                 // Never 0: `State` holds a sender, so the channel stays open.
@@ -375,6 +400,7 @@ impl Driver {
                 () = tokio::time::sleep_until(wake) => self.on_timer(Instant::now()),
                 _ = tick.tick() => self.housekeeping(Instant::now()),
             }
+            self.st.send_batch();
         };
         // Close every relay socket before returning: drop our handles, then
         // stop the receive tasks and wait until they have let go of theirs.
@@ -786,7 +812,14 @@ impl State {
             }
         };
         let relayed = SocketAddr::new(self.advertised_ip, port);
-        let socket = Arc::new(socket);
+        let socket = match UdpIo::new(socket) {
+            Ok(socket) => Arc::new(socket),
+            Err(e) => {
+                warn!(%client, user, "TURN allocation refused: relay socket: {e}");
+                inc(&counters.allocations_refused);
+                return Err(SocketAllocateError::InsufficientCapacity);
+            }
+        };
         let bandwidth = self.bandwidth;
         let task = self.tasks.spawn(relay::relay_loop(
             Arc::clone(&socket),
@@ -816,6 +849,8 @@ impl State {
 
     /// Frees an allocation the protocol has closed (expired or deleted).
     fn release(&mut self, relayed: SocketAddr, now: Instant, requester: Option<SocketAddr>) {
+        // What is gathered for its socket leaves before the socket goes.
+        self.send_batch();
         if let Some(relay) = self.relays.remove(&relayed) {
             relay.task.abort();
         }
@@ -871,16 +906,10 @@ impl State {
             inc(&counters.dropped_bandwidth);
             return;
         }
-        match alloc.socket.try_send_to(data, to) {
-            Ok(_) => add(&counters.bytes_to_peers, data.len() as u64),
-            Err(e) => {
-                inc(&counters.dropped_send_failed);
-                trace!(relay = %from, peer = %to, "relay send: {e}");
-            }
-        }
+        self.queue(Via::Relay(from), to, data);
     }
 
-    fn send_to_client(&self, data: &[u8], to: SocketAddr) {
+    fn send_to_client(&mut self, data: &[u8], to: SocketAddr) {
         if let Some(stream) = self.streams.get(&to) {
             if !stream.conn.send(data) {
                 inc(&self.stats.counters().dropped_send_failed);
@@ -888,9 +917,44 @@ impl State {
             }
             return;
         }
-        if let Err(e) = self.listen.try_send_to(data, to) {
-            inc(&self.stats.counters().dropped_send_failed);
-            trace!(client = %to, "send: {e}");
+        self.queue(Via::Listen, to, data);
+    }
+
+    /// Adds a datagram to the batch; the batch it cannot join leaves first.
+    fn queue(&mut self, via: Via, to: SocketAddr, data: &[u8]) {
+        let max_segments = match via {
+            Via::Listen => self.listen.max_gso_segments(),
+            Via::Relay(relayed) => self.relays.get(&relayed).map_or(1, |r| r.socket.max_gso_segments()),
+        };
+        if !self.out.fits((via, to), data.len(), max_segments) {
+            self.send_batch();
         }
+        self.out.push((via, to), data);
+    }
+
+    /// Sends the batch, without waiting: what the kernel does not take now
+    /// is dropped and counted.
+    fn send_batch(&mut self) {
+        let Some(((via, to), data, segment)) = self.out.pending() else { return };
+        let counters = self.stats.counters();
+        let datagrams = self.out.len() as u64;
+        let lost = match via {
+            Via::Listen => self.listen.try_send_batch(to, data, segment) as u64,
+            Via::Relay(relayed) => match self.relays.get(&relayed) {
+                Some(relay) => {
+                    let lost = relay.socket.try_send_batch(to, data, segment) as u64;
+                    if lost == 0 {
+                        add(&counters.bytes_to_peers, data.len() as u64);
+                    }
+                    lost
+                }
+                // Released since (the protocol closed the allocation).
+                None => datagrams,
+            },
+        };
+        if lost > 0 {
+            add(&counters.dropped_send_failed, lost);
+        }
+        self.out.clear();
     }
 }
