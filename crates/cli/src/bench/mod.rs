@@ -199,6 +199,23 @@ pub(crate) async fn pair(
     Ok((a, ca?, b, cb?))
 }
 
+/// `/proc` reports CPU time in USER_HZ ticks, 100 per second on Linux.
+pub(crate) const TICKS_PER_SEC: f64 = 100.0;
+
+/// A process's CPU time so far in ticks: (user, kernel).
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(") ").context("unreadable /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok((f[11].parse()?, f[12].parse()?))
+}
+
+/// This process's CPU time so far, user and kernel, in seconds.
+pub(crate) fn own_cpu_seconds() -> f64 {
+    cpu_ticks(std::process::id()).map_or(f64::NAN, |(u, k)| (u + k) as f64 / TICKS_PER_SEC)
+}
+
 pub(crate) fn pct(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }

@@ -170,9 +170,9 @@ async fn take_bytes(channel: &DataChannel, total: usize) -> anyhow::Result<()> {
 pub async fn throughput(mib: usize, size: usize, reference: bool) -> anyhow::Result<f64> {
     let total = mib * 1024 * 1024;
     let t0 = Instant::now();
-    let mbs = peerlink_throughput(mib, size, None).await?;
+    let (mbs, cpu) = peerlink_throughput(mib, size, None).await?;
     println!(
-        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s with setup)",
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered): peerlink {mbs:.1} MB/s ({:.2} s with setup), {cpu:.1} CPU-s per GB (both peers)",
         t0.elapsed().as_secs_f64()
     );
     if !reference {
@@ -181,17 +181,20 @@ pub async fn throughput(mib: usize, size: usize, reference: bool) -> anyhow::Res
     // The reference varies run to run more than peerlink does on this
     // machine: take the median of three.
     let mut raws = Vec::with_capacity(3);
+    let cpu0 = super::own_cpu_seconds();
     for _ in 0..3 {
         raws.push(tokio::task::spawn_blocking(move || super::raw::throughput(total, size)).await??);
     }
+    let raw_cpu = (super::own_cpu_seconds() - cpu0) / (3.0 * total as f64 / 1e9);
     raws.sort_by(f64::total_cmp);
     let raw = raws[1];
     println!(
-        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s (median of {:.1}, {:.1}, {:.1}); peerlink/raw = {:.2}",
+        "  raw str0m, blocking reference driver, same run: {raw:.1} MB/s (median of {:.1}, {:.1}, {:.1}), {raw_cpu:.1} CPU-s per GB (setup included); peerlink/raw = {:.2}, CPU peerlink/raw = {:.2}",
         raws[0],
         raws[1],
         raws[2],
-        mbs / raw
+        mbs / raw,
+        cpu / raw_cpu
     );
     Ok(mbs)
 }
@@ -219,7 +222,7 @@ pub async fn wan(mib: usize, size: usize, rate_mbit: u64, jitter_ms: u64) -> any
         // Lossy links are slow: move less.
         let mib = if loss > 0.0 { (mib / 4).max(1) } else { mib };
         let netem = (rtt_ms > 0 || loss > 0.0 || rate.is_some() || jitter_ms > 0).then(|| (em(1), em(2)));
-        let mbs = peerlink_throughput(mib, size, netem).await?;
+        let (mbs, _) = peerlink_throughput(mib, size, netem).await?;
         let bound =
             if rtt_ms > 0 { format!("{:.2} MB/s", 65536.0 / rtt.as_secs_f64() / 1e6) } else { "-".into() };
         println!(
@@ -231,12 +234,14 @@ pub async fn wan(mib: usize, size: usize, rate_mbit: u64, jitter_ms: u64) -> any
 }
 
 /// peerlink's bulk throughput between two peers, optionally each behind an
-/// emulated WAN; prints and returns MB/s.
+/// emulated WAN: MB/s, and CPU seconds per GB moved (both peers, which run
+/// in this process beside an idle signaling server; from the first message
+/// to the last).
 async fn peerlink_throughput(
     mib: usize,
     size: usize,
     netem: Option<(peerlink_peer::NetEm, peerlink_peer::NetEm)>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let server = Server::start().await?;
     let total = mib * 1024 * 1024;
     let count = total.div_ceil(size);
@@ -273,16 +278,18 @@ async fn peerlink_throughput(
         });
     }
     let t0 = Instant::now();
+    let cpu0 = super::own_cpu_seconds();
     let _ = go_tx.send(());
     let sender = tokio::spawn(give_messages(ca, count, size));
     tokio::task::spawn_blocking(move || receiver.join())
         .await?
         .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let elapsed = t0.elapsed();
+    let cpu = super::own_cpu_seconds() - cpu0;
     sender.await??;
-    let mbs = (count * size) as f64 / elapsed.as_secs_f64() / 1e6;
+    let bytes = (count * size) as f64;
     drop((a, server));
-    Ok(mbs)
+    Ok((bytes / elapsed.as_secs_f64() / 1e6, cpu / (bytes / 1e9)))
 }
 
 /// Moves `mib` MiB in `size`-byte messages between two peers of `server`;

@@ -17,10 +17,10 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as M;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::{TICKS_PER_SEC, cpu_ticks};
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// `/proc` reports CPU time in USER_HZ ticks, 100 per second on Linux.
-const TICKS_PER_SEC: f64 = 100.0;
 const IDLE: u8 = 0;
 const SATURATED: u8 = 1;
 const PACED: u8 = 2;
@@ -180,14 +180,6 @@ struct Tally {
     relayed: AtomicU64,
     /// Microseconds: round trips (saturated) or one-way times (paced).
     latencies: std::sync::Mutex<Vec<u32>>,
-}
-
-fn cpu_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = stat.rsplit_once(") ").context("unreadable /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok((f[11].parse()?, f[12].parse()?))
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
