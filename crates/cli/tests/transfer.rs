@@ -398,9 +398,9 @@ fn a_receiver_without_a_terminal_or_yes_declines() {
 }
 
 /// A file rewritten while it is being sent: the sender notices before the
-/// changed bytes go out (they no longer match the hashes the receiver was
-/// given), both sides stop and say which file, and nothing is presented as
-/// complete.
+/// changed bytes go out (the file was modified since the hashes the
+/// receiver was given), both sides stop and say which file, and nothing is
+/// presented as complete.
 #[test]
 fn a_file_changed_while_being_sent_stops_the_transfer() {
     let server = serve();

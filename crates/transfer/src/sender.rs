@@ -32,10 +32,11 @@ pub enum SenderOutput {
         /// How many consecutive chunks to hash, at most [`HASHES_PER_MESSAGE`] (256).
         count: u32,
     },
-    /// Read `len` bytes of `file` at `offset`, check that their
-    /// [`crate::chunk_hash`] is `expected` (if not, the file changed: call
-    /// [`Sender::cancel`] with [`CancelCode::Changed`]), and send them as data
-    /// frames ([`crate::frames`]), in order, before the next `Send`.
+    /// Read `len` bytes of `file` at `offset`, make sure they are the bytes
+    /// that were hashed (their [`crate::chunk_hash`] is `expected`, or the
+    /// file has not been modified since; if not, the file changed: call
+    /// [`Sender::cancel`] with [`CancelCode::Changed`]), and send them as
+    /// data frames ([`crate::frames`]), in order, before the next `Send`.
     Send {
         /// The file index (`file` and `text` entries, in manifest order, from 0).
         file: u32,

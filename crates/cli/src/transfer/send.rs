@@ -54,14 +54,32 @@ pub struct SendArgs {
 /// Where the sender reads file `i` from.
 #[derive(Debug)]
 enum Src {
-    File(PathBuf),
+    /// A file, and how it looked when the transfer started.
+    File(PathBuf, Stamp),
     Text(Arc<str>),
+}
+
+/// What tells a file's contents changed without reading them: a write
+/// moves the modification time, a replacement the inode, a truncation
+/// the length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Stamp { len: meta.len(), modified: meta.modified().ok(), inode: meta.ino() }
+    }
 }
 
 impl Src {
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         match self {
-            Src::File(p) => fsio::read_range(&std::fs::File::open(p)?, offset, len),
+            Src::File(p, _) => fsio::read_range(&std::fs::File::open(p)?, offset, len),
             Src::Text(t) => {
                 let start = offset as usize;
                 t.as_bytes()
@@ -72,9 +90,26 @@ impl Src {
         }
     }
 
+    /// Reads a chunk to send, and whether the file is still as it was
+    /// when the transfer started (so the bytes are those hashed for the
+    /// receiver: one hash pass per chunk, not two; the receiver checks
+    /// every chunk against its hash all the same).
+    fn read_unchanged(&self, offset: u64, len: usize) -> std::io::Result<(Vec<u8>, bool)> {
+        match self {
+            Src::File(p, stamp) => {
+                let file = std::fs::File::open(p)?;
+                if Stamp::of(&file.metadata()?) != *stamp {
+                    return Ok((Vec::new(), false));
+                }
+                Ok((fsio::read_range(&file, offset, len)?, true))
+            }
+            Src::Text(_) => Ok((self.read(offset, len)?, true)),
+        }
+    }
+
     fn hashes(&self, chunk_size: u32, size: u64, from: u32, count: u32) -> std::io::Result<Vec<Hash>> {
         match self {
-            Src::File(p) => fsio::hash_chunks(p, chunk_size, size, from, count),
+            Src::File(p, _) => fsio::hash_chunks(p, chunk_size, size, from, count),
             Src::Text(_) => {
                 let cs = u64::from(chunk_size);
                 (from..from + count)
@@ -94,7 +129,6 @@ struct Job {
     file: u32,
     offset: u64,
     len: u32,
-    expected: Hash,
 }
 
 /// What the data pump reports back.
@@ -147,14 +181,12 @@ impl Pump {
                         }
                     };
                     let srcs = srcs.clone();
-                    let (file, offset, len, expected) = (job.file, job.offset, job.len, job.expected);
+                    let (file, offset, len) = (job.file, job.offset, job.len);
                     // Read and check in the background, ahead of sending:
-                    // a chunk that no longer matches the hash the receiver
-                    // was given means the file changed under us.
+                    // a file modified since the transfer started no longer
+                    // matches the hashes the receiver was given.
                     let read = tokio::task::spawn_blocking(move || {
-                        let bytes = srcs[file as usize].read(offset, len as usize)?;
-                        let unchanged = peerlink_transfer::chunk_hash(&bytes) == expected;
-                        Ok((bytes, unchanged))
+                        srcs[file as usize].read_unchanged(offset, len as usize)
                     });
                     reads.push_back((job, read));
                 }
@@ -247,11 +279,14 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
             .iter()
             .zip(&source.texts)
             .map(|(f, t)| match (f, t) {
-                (Some(p), _) => Src::File(p.clone()),
-                (None, Some(t)) => Src::Text(Arc::from(t.as_str())),
+                (Some(p), _) => match std::fs::metadata(p) {
+                    Ok(meta) => Ok(Src::File(p.clone(), Stamp::of(&meta))),
+                    Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+                },
+                (None, Some(t)) => Ok(Src::Text(Arc::from(t.as_str()))),
                 (None, None) => unreachable!("every file index has a path or a text"),
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
     );
     let mut ui = Ui::new(args.common.json);
     for s in &source.skipped {
@@ -305,9 +340,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                         let _ = tx.blocking_send((file, from, count, r));
                     });
                 }
-                SenderOutput::Send { file, offset, len, expected, .. } => {
+                SenderOutput::Send { file, offset, len, .. } => {
                     if let Some(p) = &pump {
-                        let _ = p.jobs.send(Job { file, offset, len, expected }).await;
+                        let _ = p.jobs.send(Job { file, offset, len }).await;
                     }
                 }
                 SenderOutput::Event(SenderEvent::Accepted) => {
