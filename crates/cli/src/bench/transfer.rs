@@ -24,7 +24,7 @@ struct Case {
 }
 
 /// Fast, incompressible-looking contents: a random 1 MiB block with each
-/// copy stamped with its index, so no two chunks are alike.
+/// copy stamped with its index, so no two chunks are alike. Flushed to disk.
 fn write_file(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
     let mut block = vec![0u8; 1 << 20];
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -44,7 +44,9 @@ fn write_file(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
         left -= n as u64;
         i += 1;
     }
-    f.flush()
+    // On disk before the clock starts: the kernel writing back the test
+    // files during a transfer would be measured as the transfer's cost.
+    f.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()
 }
 
 fn sha256(path: &Path) -> std::io::Result<String> {

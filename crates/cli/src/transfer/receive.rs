@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -122,7 +123,17 @@ struct Open {
     planned: Planned,
     file: Arc<File>,
     size: u64,
+    /// Bytes written since the last background flush was started.
+    unflushed: u64,
+    /// A background flush is running.
+    flushing: Arc<AtomicBool>,
 }
+
+/// Written bytes after which the disk is asked to take them, in the
+/// background. Without it a big file stays in the page cache until the
+/// final flush (the kernel starts writing back only at a tenth of memory),
+/// which then holds the end of the transfer for a second per GiB.
+const FLUSH_EVERY: u64 = 64 << 20;
 
 enum Io {
     Prepared { file: u32, result: anyhow::Result<(Planned, Arc<File>, Vec<Option<Hash>>)> },
@@ -263,8 +274,19 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     }
                 }
                 ReceiverOutput::Write { file, chunk, offset, data } => {
-                    let Some(open) = files.get(&file) else { continue };
+                    let Some(open) = files.get_mut(&file) else { continue };
                     let f = open.file.clone();
+                    open.unflushed += data.len() as u64;
+                    let flush = open.unflushed >= FLUSH_EVERY && !open.flushing.swap(true, Ordering::AcqRel);
+                    if flush {
+                        open.unflushed = 0;
+                        let (f, flushing) = (f.clone(), open.flushing.clone());
+                        tokio::task::spawn_blocking(move || {
+                            // Errors show at the final flush, which waits.
+                            let _ = f.sync_data();
+                            flushing.store(false, Ordering::Release);
+                        });
+                    }
                     let tx = io_tx.clone();
                     tokio::task::spawn_blocking(move || {
                         let result = fsio::write_at(&f, offset, &data);
@@ -360,7 +382,10 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                 Io::Prepared { file, result } => match result {
                     Ok((planned, f, on_disk)) => {
                         let size = receiver.manifest().and_then(|m| m.file(file)).map_or(0, |e| e.size);
-                        files.insert(file, Open { planned, file: f, size });
+                        files.insert(
+                                file,
+                                Open { planned, file: f, size, unflushed: 0, flushing: Default::default() },
+                            );
                         receiver.partial_scanned(file, on_disk);
                     }
                     Err(e) => {
