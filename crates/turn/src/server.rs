@@ -360,6 +360,8 @@ impl Driver {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut recv_errors = 0u32;
         let result = loop {
+            // What the last wake-up gathered leaves before the next wait.
+            self.st.send_batch();
             let wake = tokio::time::Instant::from_std(self.next_wake());
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
@@ -400,7 +402,6 @@ impl Driver {
                 () = tokio::time::sleep_until(wake) => self.on_timer(Instant::now()),
                 _ = tick.tick() => self.housekeeping(Instant::now()),
             }
-            self.st.send_batch();
         };
         // Close every relay socket before returning: drop our handles, then
         // stop the receive tasks and wait until they have let go of theirs.
