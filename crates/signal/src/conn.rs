@@ -1,20 +1,47 @@
 //! One client connection: greeting, limits, routing, heartbeats and teardown.
 
+//!
+//! The connection reads into its worker thread's buffer and handles every
+//! complete frame there; only an incomplete frame (or what follows a
+//! message that has to wait, a join through the backplane) is copied into a
+//! buffer of its own, so an idle connection holds no read buffer. What it
+//! sends and what others send it goes through its [`Outbox`].
+
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
-use futures_util::SinkExt;
+use axum::body::Bytes;
+use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerId, ServerMsg, valid_room};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::hub::{Kick, Outbox, Refused, encode};
+use crate::hub::{Outbox, Refused, encode};
 use crate::limit::{FLOOD_SECONDS, FloodMeter, TokenBucket};
+use crate::outbox::{Alarm, Batch};
+use crate::ws::{self, Violation};
 use crate::{Config, Server};
+
+/// Bytes read from a socket at once (the worker thread's buffer).
+const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// A connection upgraded to a WebSocket.
+pub(crate) struct Socket {
+    pub tcp: Arc<TcpStream>,
+    /// Its place under the connection caps.
+    pub _slot: crate::listen::Slot,
+    /// Bytes the HTTP server read past the upgrade request.
+    pub read_ahead: Bytes,
+}
 
 /// Longest we spend telling a client goodbye before dropping the socket.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,24 +87,53 @@ struct Conn {
     /// When we last told this client it was rate limited (one notice a second).
     last_rate_notice: Option<Instant>,
     flood: FloodMeter,
+    /// Bytes of frames not handled yet (incomplete, or behind a message
+    /// that had to wait).
+    pending: Vec<u8>,
+    /// A fragmented message so far: its opcode and payload.
+    fragments: Option<(u8, Vec<u8>)>,
+    last_seen: Instant,
 }
 
-pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, host: Option<String>) {
-    let cfg = server.inner.config.clone();
-    let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
-    let kick = Arc::new(Kick::default());
+/// How handling what was read ended.
+enum Step {
+    /// Everything complete was handled.
+    Done,
+    /// A message that has to wait (`join`, `leave`): the rest waits behind it.
+    Wait(ClientMsg),
+    /// The client closed (the payload of its close frame).
+    Closed(Vec<u8>),
+    /// The client broke the WebSocket rules.
+    Violation(Violation),
+    /// The connection ends (with an error for the client, or quietly).
+    End(Option<Failure>),
+}
+
+/// What woke the connection's task.
+enum Wake {
+    Readable,
+    Writable,
+    /// The outbox became blocked: the slow-consumer clock starts.
+    Blocked,
+    Timer,
+    Alarm(Alarm),
+}
+
+pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, host: Option<String>) {
+    // The bytes read ahead are a slice of the HTTP server's whole read
+    // buffer, which they would keep alive.
+    let read_ahead = std::mem::take(&mut socket.read_ahead).to_vec();
+    let cfg = &server.inner.config;
+    let tcp = socket.tcp.clone();
+    let outbox =
+        Outbox::new(tcp.clone(), cfg.outbound_queue, cfg.outbound_queue_bytes, server.inner.budget.clone());
+    let key = server.inner.hub.connected(&outbox);
     let now = Instant::now();
     let mut conn = Conn {
         server: server.clone(),
         id: new_peer_id(),
         host,
-        outbox: Outbox {
-            tx,
-            kick: kick.clone(),
-            queued: Default::default(),
-            max_bytes: cfg.outbound_queue_bytes,
-            budget: server.inner.budget.clone(),
-        },
+        outbox,
         greeted: false,
         resumed: false,
         resumed_across_restart: false,
@@ -85,129 +141,178 @@ pub(crate) async fn run(server: Server, mut ws: WebSocket, addr: SocketAddr, hos
         bucket: TokenBucket::new(cfg.limits.messages_per_second, cfg.limits.message_burst, now.into_std()),
         last_rate_notice: None,
         flood: FloodMeter::new(cfg.limits.messages_per_second, now.into_std()),
+        pending: read_ahead,
+        fragments: None,
+        last_seen: now,
     };
-    server.inner.hub.connected();
     tracing::debug!(peer = %conn.id, %addr, "connected");
 
     let idle = Duration::from_millis(cfg.limits.idle_timeout_ms);
     let hello_deadline = now + cfg.hello_timeout;
-    let mut last_seen = now;
-    let mut heartbeat = tokio::time::interval_at(now + cfg.heartbeat, cfg.heartbeat);
-    let mut shutdown = server.inner.shutdown.clone();
+    let deadline = |conn: &Conn| {
+        if conn.greeted { conn.last_seen + idle } else { hello_deadline.min(conn.last_seen + idle) }
+    };
+    let mut next_ping = now + cfg.heartbeat;
+    // Bytes written when the socket was first seen blocked, and when.
+    let mut behind: Option<(u64, Instant)> = None;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(&conn).min(next_ping)));
+    let mut handle_pending = !conn.pending.is_empty();
+    // The payload of the client's close frame, to echo.
+    let mut client_closed: Option<Vec<u8>> = None;
 
     let end: Option<Failure> = loop {
-        if *shutdown.borrow_and_update() {
+        if *server.inner.shutdown.borrow() {
             break Some(shutting_down());
         }
-        let deadline = if conn.greeted { last_seen + idle } else { hello_deadline.min(last_seen + idle) };
-        let outgoing = tokio::select! {
-            frame = ws.recv() => {
-                let msg = match frame {
-                    None => break None,
-                    Some(Err(e)) => {
-                        tracing::debug!(peer = %conn.id, "socket error: {e}");
-                        break None;
+        let step = if handle_pending {
+            handle_pending = false;
+            conn.handle_pending()
+        } else {
+            let wake = std::future::poll_fn(|cx| {
+                let (alarm, blocked) = conn.outbox.poll_state(cx);
+                if let Some(alarm) = alarm {
+                    return Poll::Ready(Wake::Alarm(alarm));
+                }
+                if blocked {
+                    if behind.is_none() {
+                        return Poll::Ready(Wake::Blocked);
                     }
-                    Some(Ok(msg)) => msg,
-                };
-                last_seen = Instant::now();
-                match msg {
-                    Message::Text(text) => {
-                        if let Err(f) = conn.handle_text(text.as_str()).await {
-                            let fatal = f.code.is_fatal();
-                            if fatal {
-                                break Some(f);
-                            }
-                            conn.reply_error(f);
-                        }
-                    }
-                    Message::Binary(_) => {
-                        if let Err(f) = conn.handle_binary() {
-                            if f.code.is_fatal() {
-                                break Some(f);
-                            }
-                            conn.reply_error(f);
-                        }
-                    }
-                    Message::Ping(_) | Message::Pong(_) => {}
-                    Message::Close(_) => {
-                        // tungstenite queued the reply; send it, so the
-                        // client's close handshake completes (bounded).
-                        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, ws.flush()).await;
-                        break None;
+                    if tcp.poll_write_ready(cx).is_ready() {
+                        return Poll::Ready(Wake::Writable);
                     }
                 }
-                continue;
+                if tcp.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Readable);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Readable => conn.read(&tcp),
+                Wake::Writable => {
+                    conn.outbox.write_ready();
+                    if conn.outbox.is_empty() {
+                        behind = None;
+                    } else if behind.is_some_and(|(w, _)| w != conn.outbox.written()) {
+                        behind = Some((conn.outbox.written(), Instant::now()));
+                    }
+                    continue;
+                }
+                Wake::Blocked => {
+                    let since = Instant::now();
+                    behind = Some((conn.outbox.written(), since));
+                    let due = since + cfg.slow_consumer_timeout;
+                    if due < timer.deadline() {
+                        timer.as_mut().reset(due);
+                    }
+                    continue;
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if now >= deadline(&conn) {
+                        break Some(deadline_passed(conn.greeted, cfg));
+                    }
+                    if let Some((written, since)) = behind {
+                        if written != conn.outbox.written() {
+                            behind = (!conn.outbox.is_empty()).then(|| (conn.outbox.written(), now));
+                        } else if now >= since + cfg.slow_consumer_timeout {
+                            break Some(not_reading(cfg));
+                        }
+                    }
+                    if now >= next_ping {
+                        conn.outbox.deliver_control(ws::control_frame(ws::OP_PING, &[]));
+                        next_ping = now + cfg.heartbeat;
+                    }
+                    let mut due = deadline(&conn).min(next_ping);
+                    if let Some((_, since)) = behind {
+                        due = due.min(since + cfg.slow_consumer_timeout);
+                    }
+                    timer.as_mut().reset(due);
+                    continue;
+                }
+                Wake::Alarm(Alarm::Kicked) => break Some(queue_overflow(cfg)),
+                Wake::Alarm(Alarm::Shutdown) => break Some(shutting_down()),
+                Wake::Alarm(Alarm::Broken) => break None,
             }
-            Some(frame) = rx.recv() => {
-                conn.outbox.taken(&frame);
-                Message::Text(frame)
-            }
-            _ = heartbeat.tick() => Message::Ping(Default::default()),
-            _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
-            // Only the hub notifies, and only when it gave up on our queue.
-            _ = kick.notify.notified() => break Some(queue_overflow(&cfg)),
-            // `Ok` only: if the sender is gone (the `serve` future was dropped
-            // without shutting down) the branch is disabled instead of spinning.
-            Ok(()) = shutdown.changed() => continue,
         };
-        // A client that stops reading fills the socket buffers and this write
-        // waits for it. Keep watching for what ends the connection meanwhile,
-        // or a stalled client would never be kicked, timed out or shut down.
-        // A client whose socket takes nothing for the slow-consumer timeout
-        // is behind for good: what waits for it is refused to its senders
-        // meanwhile (`peer_busy`), and now it is closed.
-        // Most writes complete at once and need none of those timers.
-        let mut send = std::pin::pin!(ws.send(outgoing));
-        match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
-            Poll::Ready(Ok(())) => continue,
-            Poll::Ready(Err(_)) => break None,
-            Poll::Pending => {}
-        }
-        let behind = Instant::now() + cfg.slow_consumer_timeout;
-        tokio::select! {
-            sent = send => if sent.is_err() {
+        match step {
+            Step::Done => {}
+            Step::Wait(msg) => {
+                // Boxed: an idle connection does not carry the space for it.
+                if let Err(f) = Box::pin(conn.dispatch_waiting(msg)).await {
+                    if f.code.is_fatal() {
+                        break Some(f);
+                    }
+                    conn.reply_error(f);
+                }
+                handle_pending = !conn.pending.is_empty();
+            }
+            Step::Closed(payload) => {
+                client_closed = Some(payload);
                 break None;
-            },
-            _ = tokio::time::sleep_until(deadline) => break Some(deadline_passed(conn.greeted, &cfg)),
-            _ = tokio::time::sleep_until(behind) => break Some(not_reading(&cfg)),
-            _ = kick.notify.notified() => break Some(queue_overflow(&cfg)),
-            Ok(()) = shutdown.changed() => break Some(shutting_down()),
+            }
+            Step::Violation(v) => {
+                tracing::debug!(peer = %conn.id, "closing: {}", v.reason);
+                conn.outbox.goodbye(None, ws::close_frame(v.code, v.reason));
+                let _ = Box::pin(tokio::time::timeout(GOODBYE_TIMEOUT, conn.outbox.written_all(&tcp))).await;
+                break None;
+            }
+            Step::End(end) => break end,
         }
     };
 
+    // Boxed: an idle connection does not carry the space for it.
+    Box::pin(finish(server, conn, end, client_closed, tcp, socket, key)).await;
+}
+
+/// The connection ends: its rooms are left (or, on shutdown, kept for the
+/// drain grace), the client is told why (or its close is answered).
+async fn finish(
+    server: Server,
+    mut conn: Conn,
+    end: Option<Failure>,
+    client_closed: Option<Vec<u8>>,
+    tcp: Arc<TcpStream>,
+    socket: Socket,
+    key: u64,
+) {
     let draining = matches!(&end, Some(f) if f.code == ErrorCode::ShuttingDown);
     if !draining {
         for room in std::mem::take(&mut conn.rooms) {
             server.inner.hub.leave(&room, &conn.id, &conn.outbox).await;
         }
     }
-    // What is still queued for us leaves the server's budget.
-    conn.outbox.drain(&mut rx);
     if let Some(f) = &end {
         server.inner.hub.count_error(f.code);
         server.inner.hub.count_kick(f.code);
         tracing::debug!(peer = %conn.id, code = %f.code, "closing: {}", f.message);
         let frame = encode(&ServerMsg::Error { code: f.code, message: f.message.clone() });
-        let close = CloseFrame {
-            code: match f.code {
-                ErrorCode::ShuttingDown => close_code::AWAY,
-                ErrorCode::UnsupportedVersion | ErrorCode::HelloRequired => close_code::PROTOCOL,
-                _ => close_code::POLICY,
-            },
-            reason: f.code.as_str().into(),
+        let close = match f.code {
+            ErrorCode::ShuttingDown => ws::CLOSE_AWAY,
+            ErrorCode::UnsupportedVersion | ErrorCode::HelloRequired => ws::CLOSE_PROTOCOL,
+            _ => ws::CLOSE_POLICY,
         };
-        let goodbye = async {
-            ws.send(Message::Text(frame)).await?;
-            ws.send(Message::Close(Some(close))).await
-        };
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+        // What was queued for the client is dropped: it is told why it goes.
+        conn.outbox.goodbye(Some(frame), ws::close_frame(close, f.code.as_str()));
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, conn.outbox.written_all(&tcp)).await;
+    } else if let Some(payload) = client_closed {
+        // The close handshake: the client's code echoed.
+        let code = payload.get(..2).map_or(ws::CLOSE_NORMAL, |c| u16::from_be_bytes([c[0], c[1]]));
+        conn.outbox.goodbye(None, ws::close_frame(code, ""));
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, conn.outbox.written_all(&tcp)).await;
     }
-    drop(ws);
+    // What is still queued for us leaves the server's budget, and nobody
+    // writes to the socket any more.
+    conn.outbox.close();
+    drop(tcp);
+    drop(socket);
     if draining {
         drain(&server, &conn).await;
     }
-    server.inner.hub.disconnected();
+    server.inner.hub.disconnected(key);
     tracing::debug!(peer = %conn.id, "disconnected");
 }
 
@@ -232,18 +337,16 @@ async fn drain(server: &Server, conn: &Conn) {
 }
 
 /// Tells a page from a refused origin why, and closes.
-pub(crate) async fn refuse_origin(mut ws: WebSocket, origin: &str) {
+pub(crate) async fn refuse_origin(server: &Server, socket: Socket, origin: &str) {
     tracing::debug!(%origin, "origin not allowed");
     let frame = encode(&ServerMsg::Error {
         code: ErrorCode::OriginNotAllowed,
         message: format!("pages from {origin} may not use this server"),
     });
-    let close = CloseFrame { code: close_code::POLICY, reason: ErrorCode::OriginNotAllowed.as_str().into() };
-    let goodbye = async {
-        ws.send(Message::Text(frame)).await?;
-        ws.send(Message::Close(Some(close))).await
-    };
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+    let outbox = Outbox::new(socket.tcp.clone(), 4, 64 * 1024, server.inner.budget.clone());
+    outbox.goodbye(Some(frame), ws::close_frame(ws::CLOSE_POLICY, ErrorCode::OriginNotAllowed.as_str()));
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, outbox.written_all(&socket.tcp)).await;
+    outbox.close();
 }
 
 fn shutting_down() -> Failure {
@@ -343,10 +446,137 @@ impl Conn {
         ))
     }
 
-    async fn handle_text(&mut self, text: &str) -> Result<(), Failure> {
+    /// Reads what the socket has and handles every complete frame.
+    fn read(&mut self, tcp: &TcpStream) -> Step {
+        let _batch = Batch::start();
+        READ_BUF.with_borrow_mut(|buf| {
+            let n = match tcp.try_read(buf) {
+                Ok(0) => return Step::End(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Done,
+                Err(e) => {
+                    tracing::debug!(peer = %self.id, "socket error: {e}");
+                    return Step::End(None);
+                }
+            };
+            self.last_seen = Instant::now();
+            if self.pending.is_empty() {
+                let (used, step) = self.frames(&mut buf[..n]);
+                self.pending.extend_from_slice(&buf[used..n]);
+                step
+            } else {
+                self.pending.extend_from_slice(&buf[..n]);
+                self.handle_own()
+            }
+        })
+    }
+
+    /// Handles the complete frames among the bytes kept from before.
+    fn handle_pending(&mut self) -> Step {
+        let _batch = Batch::start();
+        self.handle_own()
+    }
+
+    fn handle_own(&mut self) -> Step {
+        let mut own = std::mem::take(&mut self.pending);
+        let (used, step) = self.frames(&mut own);
+        if used < own.len() {
+            own.drain(..used);
+            self.pending = own;
+        }
+        step
+    }
+
+    /// Handles the complete frames at the start of `buf`: how many bytes
+    /// they took, and how it ended.
+    fn frames(&mut self, buf: &mut [u8]) -> (usize, Step) {
+        let hard_limit = self.server.inner.config.hard_frame_limit;
+        let mut at = 0;
+        loop {
+            let (frame, used) = match ws::read_frame(&mut buf[at..], hard_limit) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return (at, Step::Done),
+                Err(v) => return (at, Step::Violation(v)),
+            };
+            let payload = &buf[at + frame.payload.start..at + frame.payload.end];
+            at += used;
+            match self.frame(frame.opcode, frame.fin, payload, hard_limit) {
+                Step::Done => {}
+                step => return (at, step),
+            }
+        }
+    }
+
+    fn frame(&mut self, opcode: u8, fin: bool, payload: &[u8], hard_limit: usize) -> Step {
+        match opcode {
+            ws::OP_PING => {
+                self.outbox.deliver_control(ws::control_frame(ws::OP_PONG, payload));
+                Step::Done
+            }
+            ws::OP_PONG => Step::Done,
+            ws::OP_CLOSE => Step::Closed(payload.to_vec()),
+            ws::OP_CONTINUATION => {
+                let Some((opcode, mut message)) = self.fragments.take() else {
+                    return Step::Violation(Violation {
+                        code: ws::CLOSE_PROTOCOL,
+                        reason: "continuation frame without a message",
+                    });
+                };
+                if message.len() + payload.len() > hard_limit {
+                    return Step::Violation(Violation {
+                        code: ws::CLOSE_TOO_BIG,
+                        reason: "message too large",
+                    });
+                }
+                message.extend_from_slice(payload);
+                if fin {
+                    self.message(opcode, &message)
+                } else {
+                    self.fragments = Some((opcode, message));
+                    Step::Done
+                }
+            }
+            _ if self.fragments.is_some() => Step::Violation(Violation {
+                code: ws::CLOSE_PROTOCOL,
+                reason: "a new message before the fragmented one was finished",
+            }),
+            _ if !fin => {
+                self.fragments = Some((opcode, payload.to_vec()));
+                Step::Done
+            }
+            _ => self.message(opcode, payload),
+        }
+    }
+
+    /// One whole message from the client.
+    fn message(&mut self, opcode: u8, payload: &[u8]) -> Step {
+        let handled = if opcode == ws::OP_BINARY {
+            self.handle_binary().map(|()| None)
+        } else {
+            let Ok(text) = std::str::from_utf8(payload) else {
+                return Step::Violation(Violation {
+                    code: ws::CLOSE_INVALID_DATA,
+                    reason: "text is not UTF-8",
+                });
+            };
+            self.handle_text(text)
+        };
+        match handled {
+            Ok(None) => Step::Done,
+            Ok(Some(msg)) => Step::Wait(msg),
+            Err(f) if f.code.is_fatal() => Step::End(Some(f)),
+            Err(f) => {
+                self.reply_error(f);
+                Step::Done
+            }
+        }
+    }
+
+    /// A text message: handled, or handed back when it has to wait.
+    fn handle_text(&mut self, text: &str) -> Result<Option<ClientMsg>, Failure> {
         let limits = self.server.inner.config.limits;
         if !self.admit()? {
-            return Ok(());
+            return Ok(None);
         }
         if text.len() > limits.max_message_bytes as usize {
             return Err(Failure::new(
@@ -357,14 +587,14 @@ impl Conn {
         if self.greeted
             && let Some(r) = crate::frame::relay_frame(text, self.id.as_str())
         {
-            return self.relay(r);
+            return self.relay(r).map(|()| None);
         }
         let (msg, ty) =
             crate::frame::parse_client_frame(text).map_err(|(code, message)| Failure::new(code, message))?;
         if !self.greeted && !matches!(msg, ClientMsg::Hello { .. } | ClientMsg::Unknown) {
             return Err(Failure::new(ErrorCode::HelloRequired, "send hello first"));
         }
-        self.dispatch(msg, ty).await
+        self.dispatch(msg, ty)
     }
 
     /// A `signal` or `send`, read on the fast path: delivered as the
@@ -383,7 +613,8 @@ impl Conn {
         Ok(())
     }
 
-    async fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<(), Failure> {
+    /// Acts on a message, except those that have to wait (handed back).
+    fn dispatch(&mut self, msg: ClientMsg, ty: String) -> Result<Option<ClientMsg>, Failure> {
         let inner = &self.server.inner;
         let hub = &inner.hub;
         match msg {
@@ -435,6 +666,35 @@ impl Conn {
                     )),
                 });
             }
+            msg @ (ClientMsg::Join { .. } | ClientMsg::Leave { .. }) => return Ok(Some(msg)),
+            ClientMsg::Signal { room, to, signal } => {
+                let frame = encode(&ServerMsg::Signal { room: room.clone(), from: self.id.clone(), signal });
+                hub.send_to(&room, &self.id, &to, frame)?;
+                hub.signals_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            ClientMsg::Send { room, to, data } => {
+                let frame = encode(&ServerMsg::Message { room: room.clone(), from: self.id.clone(), data });
+                match to {
+                    Some(to) => {
+                        hub.send_to(&room, &self.id, &to, frame)?;
+                        hub.messages_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    None => hub.broadcast(&room, &self.id, frame)?,
+                }
+            }
+            ClientMsg::Ping { nonce } => self.reply(&ServerMsg::Pong { nonce }),
+            ClientMsg::Unknown => {
+                return Err(Failure::new(ErrorCode::UnknownType, format!("unknown message type `{ty}`")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `join` and `leave`, which wait for the hub (and the backplane).
+    async fn dispatch_waiting(&mut self, msg: ClientMsg) -> Result<(), Failure> {
+        let inner = &self.server.inner;
+        let hub = &inner.hub;
+        match msg {
             ClientMsg::Join { room, name, token } => {
                 if !valid_room(&room) {
                     return Err(Failure::new(
@@ -506,25 +766,7 @@ impl Conn {
                 tracing::info!(peer = %self.id, %room, "left");
                 self.reply(&ServerMsg::Left { room });
             }
-            ClientMsg::Signal { room, to, signal } => {
-                let frame = encode(&ServerMsg::Signal { room: room.clone(), from: self.id.clone(), signal });
-                hub.send_to(&room, &self.id, &to, frame)?;
-                hub.signals_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            ClientMsg::Send { room, to, data } => {
-                let frame = encode(&ServerMsg::Message { room: room.clone(), from: self.id.clone(), data });
-                match to {
-                    Some(to) => {
-                        hub.send_to(&room, &self.id, &to, frame)?;
-                        hub.messages_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    None => hub.broadcast(&room, &self.id, frame)?,
-                }
-            }
-            ClientMsg::Ping { nonce } => self.reply(&ServerMsg::Pong { nonce }),
-            ClientMsg::Unknown => {
-                return Err(Failure::new(ErrorCode::UnknownType, format!("unknown message type `{ty}`")));
-            }
+            _ => {}
         }
         Ok(())
     }

@@ -6,128 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
-use tokio::sync::{Notify, mpsc};
 
 use crate::backplane::{Backplane, Entry, Event, JoinOutcome};
 
-/// The sending half of one connection, as the hub sees it.
-#[derive(Debug, Clone)]
-pub(crate) struct Outbox {
-    pub tx: mpsc::Sender<Utf8Bytes>,
-    pub kick: Arc<Kick>,
-    /// Bytes queued and not yet taken by the connection's writer.
-    pub queued: Arc<AtomicUsize>,
-    /// Most bytes that may wait for this connection.
-    pub max_bytes: usize,
-    /// Bytes queued for every connection of the server, and their bound.
-    pub budget: Arc<Budget>,
-}
-
-/// The server-wide bound on queued bytes.
-#[derive(Debug)]
-pub(crate) struct Budget {
-    pub queued: AtomicUsize,
-    pub max_bytes: usize,
-}
-
-/// Notified when the hub gives up on a connection (its queue overflowed).
-#[derive(Debug, Default)]
-pub(crate) struct Kick {
-    pub notify: Notify,
-}
-
-/// Why a frame was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Full {
-    /// The connection's own queue (messages or bytes) is full.
-    Connection,
-    /// The server's budget for all queues is used up.
-    Server,
-    /// The connection is closing.
-    Closed,
-    /// The queue towards the other nodes (backplane) is full.
-    Backplane,
-    /// The backplane is unreachable.
-    Down,
-}
-
-impl Outbox {
-    /// Queues a frame without waiting, or says why not. The queue is
-    /// bounded in messages and bytes, and all queues together by the
-    /// server's budget: a client that stops reading pins at most
-    /// `max_bytes`, all of them together at most the budget.
-    ///
-    /// Relayed frames may fill three quarters of the queue (bytes and
-    /// slots): the rest is kept for the server's own messages (presence,
-    /// replies), so a client that keeps up is never closed because others
-    /// filled its queue.
-    pub fn try_deliver(&self, frame: Utf8Bytes) -> Result<(), Full> {
-        let n = frame.len();
-        let relay_max = self.max_bytes - self.max_bytes / 4;
-        if self.tx.capacity() <= self.tx.max_capacity() / 4 {
-            return Err(Full::Connection);
-        }
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > relay_max {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            return Err(Full::Connection);
-        }
-        if self.budget.queued.fetch_add(n, Ordering::Relaxed) + n > self.budget.max_bytes {
-            self.budget.queued.fetch_sub(n, Ordering::Relaxed);
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            return Err(Full::Server);
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.queued.fetch_sub(n, Ordering::Relaxed);
-                self.budget.queued.fetch_sub(n, Ordering::Relaxed);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => Full::Connection,
-                    mpsc::error::TrySendError::Closed(_) => Full::Closed,
-                })
-            }
-        }
-    }
-
-    /// Queues a frame the server itself sends (presence, replies): these
-    /// must not be lost, so a connection whose queue cannot take one is
-    /// closed as a slow consumer. They are exempt from the server budget
-    /// (each is small, and bounded by the connection's own queue).
-    pub fn deliver(&self, frame: Utf8Bytes) -> bool {
-        let n = frame.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            self.kick.notify.notify_one();
-            return false;
-        }
-        self.budget.queued.fetch_add(n, Ordering::Relaxed);
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(e) => {
-                self.queued.fetch_sub(n, Ordering::Relaxed);
-                self.budget.queued.fetch_sub(n, Ordering::Relaxed);
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    self.kick.notify.notify_one();
-                }
-                false
-            }
-        }
-    }
-
-    /// The writer took `frame` off the queue.
-    pub fn taken(&self, frame: &Utf8Bytes) {
-        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
-        self.budget.queued.fetch_sub(frame.len(), Ordering::Relaxed);
-    }
-
-    /// Frames still queued when the connection ends leave the budget.
-    pub fn drain(&self, rx: &mut mpsc::Receiver<Utf8Bytes>) {
-        rx.close();
-        while let Ok(frame) = rx.try_recv() {
-            self.taken(&frame);
-        }
-    }
-}
+pub(crate) use crate::outbox::{Full, Outbox};
 
 /// Where a member's connection is.
 #[derive(Debug)]
@@ -234,6 +116,8 @@ pub(crate) struct Hub {
     /// Set once, when the server runs with a backplane.
     backplane: OnceLock<Arc<Backplane>>,
     connections: AtomicUsize,
+    /// Open connections by key, and the last key given.
+    open: Mutex<(HashMap<u64, Outbox>, u64)>,
     joins: AtomicU64,
     /// `signal`s relayed (offers, answers, candidates).
     pub(crate) signals_relayed: AtomicU64,
@@ -311,6 +195,7 @@ impl Hub {
             pending: Default::default(),
             backplane: Default::default(),
             connections: Default::default(),
+            open: Default::default(),
             joins: Default::default(),
             signals_relayed: Default::default(),
             messages_relayed: Default::default(),
@@ -329,12 +214,27 @@ impl Hub {
         self.backplane.get()
     }
 
-    pub fn connected(&self) {
+    /// A connection opened: it is told when the server shuts down. Its
+    /// key for [`Hub::disconnected`].
+    pub fn connected(&self, outbox: &Outbox) -> u64 {
         self.connections.fetch_add(1, Ordering::Relaxed);
+        let mut open = self.open.lock().expect("hub lock");
+        open.1 += 1;
+        let key = open.1;
+        open.0.insert(key, outbox.clone());
+        key
     }
 
-    pub fn disconnected(&self) {
+    pub fn disconnected(&self, key: u64) {
+        self.open.lock().expect("hub lock").0.remove(&key);
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Tells every open connection the server is shutting down.
+    pub fn shut_down(&self) {
+        for outbox in self.open.lock().expect("hub lock").0.values() {
+            outbox.shut_down();
+        }
     }
 
     /// An `error` with `code` went to a client.
@@ -476,7 +376,7 @@ impl Hub {
         let rooms = self.rooms.lock().expect("hub lock");
         matches!(
             rooms.get(room).and_then(|r| r.members.get(id)).map(|m| &m.at),
-            Some(At::Local(o)) if o.tx.same_channel(&outbox.tx)
+            Some(At::Local(o)) if o.same(outbox)
         )
     }
 
@@ -490,7 +390,7 @@ impl Hub {
         let member = {
             let rooms = self.rooms.lock().expect("hub lock");
             rooms.get(room).and_then(|r| r.members.get(id)).map(|m| match &m.at {
-                At::Local(o) => o.tx.same_channel(&outbox.tx),
+                At::Local(o) => o.same(outbox),
                 At::Remote(_) => false,
             })
         };

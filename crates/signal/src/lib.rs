@@ -24,14 +24,16 @@ mod hub;
 mod limit;
 mod listen;
 mod metrics;
+mod outbox;
 mod token;
+mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use peerlink_proto::{IceServer, Limits, PeerId};
@@ -248,7 +250,7 @@ struct Inner {
     /// another epoch was issued by an earlier process (or another node).
     epoch: String,
     hub: Arc<hub::Hub>,
-    budget: Arc<hub::Budget>,
+    budget: Arc<outbox::Budget>,
     admission: Arc<listen::Admission>,
     shutdown: watch::Receiver<bool>,
     /// Never sent on: `serve` waits for its receiver to see every sender
@@ -269,7 +271,7 @@ impl Server {
                     per_ip: config.max_connections_per_ip,
                     request_timeout: config.request_timeout,
                 }),
-                budget: Arc::new(hub::Budget {
+                budget: Arc::new(outbox::Budget {
                     queued: Default::default(),
                     max_bytes: config.queue_budget_bytes,
                 }),
@@ -338,19 +340,52 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
     }))
 }
 
+/// `GET /ws`: the WebSocket handshake (RFC 6455 section 4.2), then the
+/// connection is the signaling server's own (`conn.rs`), with the socket
+/// taken back from hyper.
 async fn ws_upgrade(
     State(server): State<Server>,
     ConnectInfo(peer): ConnectInfo<listen::Peer>,
-    headers: axum::http::HeaderMap,
-    ws: WebSocketUpgrade,
-) -> impl IntoResponse {
+    mut req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, "websocket")],
+            "this is a WebSocket endpoint\n",
+        )
+            .into_response();
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::SEC_WEBSOCKET_VERSION, "13")],
+            "WebSocket version 13 only\n",
+        )
+            .into_response();
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| ws::accept_key(k.as_bytes())) else {
+        return (StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n").into_response();
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (StatusCode::BAD_REQUEST, "this connection cannot be upgraded\n").into_response();
+    };
+    let headers = req.headers();
     // From here the WebSocket's own idle timeout applies.
     peer.deadline.upgraded();
     let addr = peer.addr;
-    let host_header = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    let host_header = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let host = host_header.map(host_of);
     let cfg = &server.inner.config;
-    let origin = headers.get(axum::http::header::ORIGIN).and_then(|h| h.to_str().ok());
+    let origin = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok());
     let refused_origin = match origin {
         Some(o) if !origin_allowed(&cfg.allowed_origins, o, host_header) => Some(o.to_string()),
         _ => None,
@@ -359,22 +394,33 @@ async fn ws_upgrade(
         server.inner.hub.count_error(peerlink_proto::ErrorCode::OriginNotAllowed);
         server.inner.hub.count_kick(peerlink_proto::ErrorCode::OriginNotAllowed);
     }
-    ws
-        // Idle connections must be cheap: tungstenite's default is a 128 KiB
-        // read buffer per connection. Signaling frames are small.
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(cfg.hard_frame_limit * 4)
-        .max_message_size(cfg.hard_frame_limit)
-        .max_frame_size(cfg.hard_frame_limit)
-        .on_upgrade(move |socket| async move {
-            match refused_origin {
-                // A browser tells its page only that the socket closed: the
-                // reason goes over the socket, as a protocol error.
-                Some(origin) => conn::refuse_origin(socket, &origin).await,
-                None => conn::run(server, socket, addr, host).await,
-            }
-        })
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => return tracing::debug!(%addr, "upgrade: {e}"),
+        };
+        let parts = match hyper_util::server::conn::auto::upgrade::downcast::<
+            hyper_util::rt::TokioIo<listen::GuardedIo>,
+        >(upgraded)
+        {
+            Ok(parts) => parts,
+            Err(_) => return tracing::warn!(%addr, "upgraded connection of an unexpected type"),
+        };
+        let (tcp, slot) = parts.io.into_inner().into_parts();
+        let socket = conn::Socket { tcp: Arc::new(tcp), _slot: slot, read_ahead: parts.read_buf };
+        match refused_origin {
+            // A browser tells its page only that the socket closed: the
+            // reason goes over the socket, as a protocol error.
+            Some(origin) => conn::refuse_origin(&server, socket, &origin).await,
+            None => conn::run(server, socket, addr, host).await,
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [(header::CONNECTION, "upgrade"), (header::UPGRADE, "websocket")],
+        [(header::SEC_WEBSOCKET_ACCEPT, key)],
+    )
+        .into_response()
 }
 
 /// Whether a page from `origin` may use the server: any when no list is
@@ -485,10 +531,12 @@ pub async fn serve_full(
             }
         });
     }
+    let hub = server.inner.hub.clone();
     let stop_signal = async move {
         shutdown.await;
         tracing::info!("shutting down: closing connections");
         let _ = stop.send(true);
+        hub.shut_down();
     };
     let listener = listen::Guarded { listener, admission: server.inner.admission.clone() };
     axum::serve(listener, app.into_make_service_with_connect_info::<listen::Peer>())

@@ -91,7 +91,7 @@ impl Admission {
 
 /// One admitted connection's place under the caps, given back on drop.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     admission: Arc<Admission>,
     ip: IpAddr,
 }
@@ -248,6 +248,14 @@ pub(crate) struct GuardedIo {
     /// none.
     sleep: Option<Pin<Box<Sleep>>>,
     admission: Arc<Admission>,
+}
+
+impl GuardedIo {
+    /// The socket, and its place under the caps (held until dropped), for
+    /// a connection that became a WebSocket.
+    pub(crate) fn into_parts(self) -> (TcpStream, Slot) {
+        (self.tcp, self._slot)
+    }
 }
 
 impl AsyncRead for GuardedIo {
