@@ -449,10 +449,25 @@ impl Conn {
     /// Reads what the socket has and handles every complete frame.
     fn read(&mut self, tcp: &TcpStream) -> Step {
         let _batch = Batch::start();
+        self.server.inner.budget.socket_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         READ_BUF.with_borrow_mut(|buf| {
-            let n = match tcp.try_read(buf) {
+            // A read that does not fill the buffer emptied the socket: its
+            // readiness is cleared with it (as a `WouldBlock` would), so the
+            // connection does not read again only to be told there is
+            // nothing. Data that arrives meanwhile is a new event.
+            let mut short = 0;
+            let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+                let n = std::io::Read::read(&mut &*socket2::SockRef::from(tcp), buf)?;
+                if n > 0 && n < buf.len() {
+                    short = n;
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            let n = match read {
                 Ok(0) => return Step::End(None),
                 Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && short > 0 => short,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Done,
                 Err(e) => {
                     tracing::debug!(peer = %self.id, "socket error: {e}");

@@ -274,6 +274,8 @@ impl Server {
                 budget: Arc::new(outbox::Budget {
                     queued: Default::default(),
                     max_bytes: config.queue_budget_bytes,
+                    socket_reads: Default::default(),
+                    socket_writes: Default::default(),
                 }),
                 resume_key: config.resume_secret.clone().unwrap_or_else(|| {
                     Secret((0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect())
@@ -337,6 +339,8 @@ async fn healthz(State(server): State<Server>) -> impl IntoResponse {
         "queued_bytes": server.inner.budget.queued.load(std::sync::atomic::Ordering::Relaxed),
         "queue_budget_bytes": cfg.queue_budget_bytes,
         "slow_consumer_timeout_ms": cfg.slow_consumer_timeout.as_millis() as u64,
+        "socket_reads": server.inner.budget.socket_reads.load(std::sync::atomic::Ordering::Relaxed),
+        "socket_writes": server.inner.budget.socket_writes.load(std::sync::atomic::Ordering::Relaxed),
     }))
 }
 

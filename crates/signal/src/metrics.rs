@@ -105,6 +105,18 @@ pub(crate) fn render(server: &Server) -> String {
         inner.budget.queued.load(Ordering::Relaxed) as u64,
     );
     m.single(
+        "peerlink_websocket_reads_total",
+        "counter",
+        "Reads from WebSocket clients' sockets (each may carry many frames).",
+        inner.budget.socket_reads.load(Ordering::Relaxed),
+    );
+    m.single(
+        "peerlink_websocket_writes_total",
+        "counter",
+        "Writes to WebSocket clients' sockets (each may carry many frames).",
+        inner.budget.socket_writes.load(Ordering::Relaxed),
+    );
+    m.single(
         "peerlink_connections_refused_total",
         "counter",
         "TCP connections refused over the connection caps.",

@@ -27,11 +27,15 @@ use crate::ws;
 /// Most bytes gathered for one write.
 const WRITE_CHUNK: usize = 64 * 1024;
 
-/// The server-wide bound on queued bytes.
+/// The server-wide bound on queued bytes, and the socket calls made.
 #[derive(Debug)]
 pub(crate) struct Budget {
     pub queued: AtomicUsize,
     pub max_bytes: usize,
+    /// Reads from client sockets (`conn.rs`).
+    pub socket_reads: AtomicU64,
+    /// Writes to client sockets.
+    pub socket_writes: AtomicU64,
 }
 
 /// Why a frame was not queued.
@@ -390,6 +394,7 @@ impl Sink {
                 }
                 *queued -= taken;
                 self.budget.queued.fetch_sub(taken, Ordering::Relaxed);
+                self.budget.socket_writes.fetch_add(1, Ordering::Relaxed);
                 let wrote = match socket.try_write(buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => 0,

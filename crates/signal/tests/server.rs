@@ -2057,3 +2057,207 @@ fn rand_suffix() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
+
+// ------------------------------------------------- the WebSocket wire itself
+
+/// A client speaking the WebSocket wire by hand over TCP, to send what a
+/// library would not (unmasked, fragmented, split, broken frames).
+struct RawClient {
+    tcp: TcpStream,
+    /// Bytes read and not yet taken as frames.
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects, with `first` (frames) in the same write as the request.
+    async fn connect(addr: SocketAddr, first: &[u8]) -> RawClient {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(first);
+        tcp.write_all(&request).await.expect("request");
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = timeout(WAIT, tcp.read(&mut chunk)).await.expect("response in time").expect("read");
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        // RFC 6455's example key and its answer.
+        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+        RawClient { tcp, buf: buf[head_end..].to_vec() }
+    }
+
+    /// One frame as a client sends it: masked unless `unmasked`.
+    fn frame(first: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let bit = if unmasked { 0 } else { 0x80 };
+        let mut out = vec![first];
+        if payload.len() < 126 {
+            out.push(bit | payload.len() as u8);
+        } else {
+            out.push(bit | 126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        if unmasked {
+            out.extend_from_slice(payload);
+        } else {
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        out
+    }
+
+    fn text(json: &Value) -> Vec<u8> {
+        Self::frame(0x81, json.to_string().as_bytes(), false)
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        timeout(WAIT, self.tcp.write_all(bytes)).await.expect("write in time").expect("write");
+    }
+
+    /// The next frame from the server: opcode and payload (`None`: closed).
+    async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
+                let (len, at) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    126 => (usize::MAX, 0),
+                    127 => panic!("no server frame here is that large"),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let opcode = self.buf[0] & 0x0f;
+                    assert_ne!(self.buf[0] & 0x80, 0, "the server does not fragment");
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return Some((opcode, payload));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match timeout(WAIT, self.tcp.read(&mut chunk)).await.expect("server frame in time") {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next protocol message (pings skipped).
+    async fn recv(&mut self) -> ServerMsg {
+        loop {
+            match self.next().await {
+                Some((0x1, text)) => return serde_json::from_slice(&text).expect("a server message"),
+                Some((0x9, _)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The server's close frame: its code (then the socket ends).
+    async fn expect_close_code(&mut self) -> u16 {
+        loop {
+            match self.next().await {
+                Some((0x8, payload)) => {
+                    assert!(self.next().await.is_none(), "frames after the close frame");
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                Some((0x9, _)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// What browsers and libraries may legally send arrives whole: a message
+/// split into fragments with a ping between them (answered with its
+/// payload), frames cut at every byte across writes, many frames in one
+/// write, and a frame that came in the same packet as the upgrade request.
+#[tokio::test]
+async fn fragmented_split_and_coalesced_frames_are_read_as_sent() {
+    let server = TestServer::start(config()).await;
+    let (mut b, b_id) = server.member("lobby", "bob").await;
+
+    // hello in the upgrade request's packet; join cut into single bytes,
+    // each its own write.
+    let mut a =
+        RawClient::connect(server.addr, &RawClient::text(&json!({"type": "hello", "version": 1}))).await;
+    for byte in RawClient::text(&json!({"type": "join", "room": "lobby", "name": "ada"})) {
+        a.write(&[byte]).await;
+        tokio::task::yield_now().await;
+    }
+    let ServerMsg::Welcome { peer_id: a_id, .. } = a.recv().await else { panic!("expected welcome") };
+    assert!(matches!(a.recv().await, ServerMsg::Joined { .. }));
+    assert!(matches!(b.recv().await, ServerMsg::PeerJoined { .. }));
+
+    // One message in three fragments, a ping in the middle.
+    let whole = json!({"type": "send", "room": "lobby", "to": b_id, "data": "fragmented über"}).to_string();
+    let (one, rest) = whole.as_bytes().split_at(10);
+    let (two, three) = rest.split_at(20);
+    let mut wire = RawClient::frame(0x01, one, false);
+    wire.extend(RawClient::frame(0x00, two, false));
+    wire.extend(RawClient::frame(0x89, b"are you there", false));
+    wire.extend(RawClient::frame(0x80, three, false));
+    a.write(&wire).await;
+    assert_eq!(a.next().await, Some((0xA, b"are you there".to_vec())), "the ping's payload comes back");
+    let ServerMsg::Message { from, data, .. } = b.recv().await else { panic!("expected the message") };
+    assert_eq!((from, data), (a_id.clone(), json!("fragmented über")));
+
+    // Fifty messages in one write arrive in order.
+    let burst: Vec<u8> = (0..50)
+        .flat_map(|i| RawClient::text(&json!({"type": "send", "room": "lobby", "to": b_id, "data": i})))
+        .collect();
+    a.write(&burst).await;
+    for i in 0..50 {
+        let ServerMsg::Message { data, .. } = b.recv().await else { panic!("expected message {i}") };
+        assert_eq!(data, json!(i));
+    }
+}
+
+/// Frames that break RFC 6455 close the connection with the code the RFC
+/// gives (1002 protocol error, 1007 invalid data, 1009 too big), and the
+/// others in the room see the member leave.
+#[tokio::test]
+async fn frames_that_break_the_websocket_rules_close_with_their_code() {
+    let server = TestServer::start(config()).await;
+    let (mut b, _) = server.member("lobby", "bob").await;
+    let hello = RawClient::text(&json!({"type": "hello", "version": 1}));
+    let join = RawClient::text(&json!({"type": "join", "room": "lobby"}));
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("unmasked", RawClient::frame(0x81, b"{}", true), 1002),
+        ("invalid UTF-8", RawClient::frame(0x81, b"{\"type\":\"\xff\"}", false), 1007),
+        ("continuation without a message", RawClient::frame(0x80, b"{}", false), 1002),
+        ("opcode 3", RawClient::frame(0x83, b"{}", false), 1002),
+        ("over the hard frame limit", RawClient::frame(0x81, &[b' '; 16 * 1024 + 1], false), 1009),
+    ];
+    for (what, frame, code) in cases {
+        let mut c = RawClient::connect(server.addr, &[]).await;
+        c.write(&hello).await;
+        c.write(&join).await;
+        assert!(matches!(c.recv().await, ServerMsg::Welcome { .. }));
+        let ServerMsg::Joined { .. } = c.recv().await else { panic!("expected joined") };
+        assert!(matches!(b.recv().await, ServerMsg::PeerJoined { .. }), "{what}");
+        // The server may close before the whole frame is written.
+        let _ = timeout(WAIT, c.tcp.write_all(&frame)).await;
+        assert_eq!(c.expect_close_code().await, code, "{what}");
+        assert!(matches!(b.recv().await, ServerMsg::PeerLeft { .. }), "{what}");
+    }
+}
+
+/// A plain GET of the WebSocket path is told to upgrade, not hung up on.
+#[tokio::test]
+async fn a_plain_request_for_the_websocket_is_told_to_upgrade() {
+    let server = TestServer::start(config()).await;
+    let (head, _) = http_get(server.addr, "/ws").await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+}

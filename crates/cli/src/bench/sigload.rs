@@ -146,6 +146,27 @@ impl Servers {
         Ok(t)
     }
 
+    /// Socket reads and writes so far, as the nodes count them
+    /// (`/healthz`), all nodes together.
+    async fn syscalls(&self) -> anyhow::Result<(u64, u64)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut ports = vec![self.ports.0, self.ports.1];
+        ports.dedup();
+        let mut t = (0, 0);
+        for port in ports {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+            let mut response = String::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response)).await??;
+            let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let health: serde_json::Value = serde_json::from_str(body).context("/healthz")?;
+            let field =
+                |name: &str| health[name].as_u64().with_context(|| format!("/healthz without {name}"));
+            t = (t.0 + field("socket_reads")?, t.1 + field("socket_writes")?);
+        }
+        Ok(t)
+    }
+
     fn rss_kib(&self) -> anyhow::Result<u64> {
         let mut t = 0;
         for pid in &self.pids {
@@ -377,39 +398,46 @@ async fn conn_task(
     }
 }
 
-/// The server's CPU ticks (user, kernel) and messages relayed over `phase`.
-async fn measure(tally: &Tally, servers: &Servers, phase: Duration) -> anyhow::Result<((u64, u64), u64)> {
+/// What the server spent over a phase.
+struct Spent {
+    /// CPU ticks: user, kernel.
+    cpu: (u64, u64),
+    /// Socket reads and writes.
+    syscalls: (u64, u64),
+}
+
+/// What the server spent, and messages relayed, over `phase`.
+async fn measure(tally: &Tally, servers: &Servers, phase: Duration) -> anyhow::Result<(Spent, u64)> {
     // Let the phase settle before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tally.latencies.lock().expect("lock").clear();
     let relayed0 = tally.relayed.load(Ordering::Relaxed);
     let (u0, s0) = servers.cpu()?;
+    let (r0, w0) = servers.syscalls().await?;
     tokio::time::sleep(phase).await;
     let (u1, s1) = servers.cpu()?;
+    let (r1, w1) = servers.syscalls().await?;
     let relayed = tally.relayed.load(Ordering::Relaxed) - relayed0;
-    Ok(((u1 - u0, s1 - s0), relayed))
+    Ok((Spent { cpu: (u1 - u0, s1 - s0), syscalls: (r1 - r0, w1 - w0) }, relayed))
 }
 
-fn report(
-    what: &str,
-    latency: &str,
-    (user, kernel): (u64, u64),
-    relayed: u64,
-    phase: Duration,
-    tally: &Tally,
-) {
+fn report(what: &str, latency: &str, spent: Spent, relayed: u64, phase: Duration, tally: &Tally) {
     let mut lat = std::mem::take(&mut *tally.latencies.lock().expect("lock"));
     lat.sort_unstable();
+    let (user, kernel) = spent.cpu;
     let per_msg = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / relayed.max(1) as f64;
+    let per = |calls: u64| calls as f64 / relayed.max(1) as f64;
     println!(
-        "  {what}: {:.0} msgs/s relayed; {latency} p50 {:.2} ms, p99 {:.2} ms; server CPU {:.1} µs/msg (user {:.1}, kernel {:.1}), {:.0} % of a core",
+        "  {what}: {:.0} msgs/s relayed; {latency} p50 {:.2} ms, p99 {:.2} ms; server CPU {:.1} µs/msg (user {:.1}, kernel {:.1}), {:.0} % of a core; per message {:.2} reads, {:.2} writes",
         relayed as f64 / phase.as_secs_f64(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         per_msg(user + kernel),
         per_msg(user),
         per_msg(kernel),
-        (user + kernel) as f64 / TICKS_PER_SEC / phase.as_secs_f64() * 100.0
+        (user + kernel) as f64 / TICKS_PER_SEC / phase.as_secs_f64() * 100.0,
+        per(spent.syscalls.0),
+        per(spent.syscalls.1),
     );
 }
 
