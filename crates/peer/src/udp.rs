@@ -52,7 +52,10 @@ impl Udp {
         Poll::Pending
     }
 
-    /// Receives from `socket` if it has datagrams now.
+    /// Receives from `socket` if it has datagrams now. `None` also for a
+    /// receive error: a UDP socket's errors are a peer's ICMP reports,
+    /// given once and cleared, and the readiness wait reports them again
+    /// if they persist; the caller just stops draining for this turn.
     pub fn try_recv(&self, socket: usize, into: &mut RecvBufs) -> Option<Received> {
         let count = self.sockets[socket].try_recv(into).ok()?;
         Some(Received { socket, count })

@@ -108,7 +108,13 @@ pub(crate) async fn relay_loop(
     stats: Stats,
 ) {
     let counters = stats.counters();
+    // Receive errors in a row. One is usually a peer's ICMP error, reported
+    // once and gone; errors that keep coming must not spin the thread.
+    let mut failing = 0u32;
     loop {
+        if failing >= 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if let Err(e) = socket.socket().readable().await {
             // Unconnected UDP sockets rarely fail; don't spin if one does.
             tracing::debug!(%relay, "relay socket: {e}");
@@ -122,9 +128,11 @@ pub(crate) async fn relay_loop(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
                     tracing::debug!(%relay, "relay socket receive: {e}");
+                    failing += 1;
                     return false;
                 }
             };
+            failing = 0;
             for (from, data) in bufs.datagrams(n) {
                 if data.len() > MAX_PEER_DATAGRAM {
                     inc(&counters.dropped_oversize);
