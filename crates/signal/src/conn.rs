@@ -93,6 +93,11 @@ struct Conn {
     /// A fragmented message so far: its opcode and payload.
     fragments: Option<(u8, Vec<u8>)>,
     last_seen: Instant,
+    /// The last read filled the buffer: more is waiting, and the task
+    /// lets others run before it reads again.
+    more: bool,
+    /// The rate limit dropped a frame since the last read.
+    throttled: bool,
 }
 
 /// How handling what was read ended.
@@ -144,6 +149,8 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
         pending: read_ahead,
         fragments: None,
         last_seen: now,
+        more: false,
+        throttled: false,
     };
     tracing::debug!(peer = %conn.id, %addr, "connected");
 
@@ -157,12 +164,23 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
     let mut behind: Option<(u64, Instant)> = None;
     let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(&conn).min(next_ping)));
     let mut handle_pending = !conn.pending.is_empty();
+    // A client over its rate is not read again until it may send: what it
+    // sends meanwhile waits in its own socket (TCP pushes back), so a flood
+    // costs the server a buffer per token, not a core.
+    let mut paused: Option<Instant> = None;
     // The payload of the client's close frame, to echo.
     let mut client_closed: Option<Vec<u8>> = None;
 
     let end: Option<Failure> = loop {
         if *server.inner.shutdown.borrow() {
             break Some(shutting_down());
+        }
+        if std::mem::take(&mut conn.more) {
+            // A client that keeps the socket full (a flooder, or a big
+            // burst) gets one buffer per turn, not tokio's budget of 128
+            // (8 MiB of frames) before the other connections on this
+            // worker are served.
+            tokio::task::yield_now().await;
         }
         let step = if handle_pending {
             handle_pending = false;
@@ -181,7 +199,7 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
                         return Poll::Ready(Wake::Writable);
                     }
                 }
-                if tcp.poll_read_ready(cx).is_ready() {
+                if paused.is_none() && tcp.poll_read_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Readable);
                 }
                 if timer.as_mut().poll(cx).is_ready() {
@@ -191,7 +209,17 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
             })
             .await;
             match wake {
-                Wake::Readable => conn.read(&tcp),
+                Wake::Readable => {
+                    let step = conn.read(&tcp);
+                    if std::mem::take(&mut conn.throttled) {
+                        let until = Instant::now() + conn.bucket.retry_after().max(Duration::from_millis(1));
+                        paused = Some(until);
+                        if until < timer.deadline() {
+                            timer.as_mut().reset(until);
+                        }
+                    }
+                    step
+                }
                 Wake::Writable => {
                     conn.outbox.write_ready();
                     if conn.outbox.is_empty() {
@@ -212,6 +240,9 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
                 }
                 Wake::Timer => {
                     let now = Instant::now();
+                    if paused.is_some_and(|until| now >= until) {
+                        paused = None;
+                    }
                     if now >= deadline(&conn) {
                         break Some(deadline_passed(conn.greeted, cfg));
                     }
@@ -229,6 +260,9 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
                     let mut due = deadline(&conn).min(next_ping);
                     if let Some((_, since)) = behind {
                         due = due.min(since + cfg.slow_consumer_timeout);
+                    }
+                    if let Some(until) = paused {
+                        due = due.min(until);
                     }
                     timer.as_mut().reset(due);
                     continue;
@@ -409,6 +443,7 @@ impl Conn {
         if self.bucket.take(now) {
             return Ok(true);
         }
+        self.throttled = true;
         if self.flood.dropped(now) {
             return Err(Failure::new(
                 ErrorCode::Flooding,
@@ -475,6 +510,7 @@ impl Conn {
                 }
             };
             self.last_seen = Instant::now();
+            self.more = n == buf.len();
             if self.pending.is_empty() {
                 let (used, step) = self.frames(&mut buf[..n]);
                 self.pending.extend_from_slice(&buf[used..n]);

@@ -1309,20 +1309,63 @@ async fn binary_frames_count_against_the_rate_limit() {
     for _ in 0..3000 {
         a.send_msg(Message::binary(vec![0u8; 16])).await;
     }
-    // A refusal for each frame a token let through, one rate_limited notice,
-    // then silence: the burst does not turn into 3,000 replies (which would
-    // overflow A's own queue and get it kicked as a slow consumer).
+    // A refusal for each frame a token let through, a rate_limited notice
+    // (at most one a second), and nothing for the rest: the burst does not
+    // turn into 3,000 replies (which would overflow A's own queue and get
+    // it kicked as a slow consumer). Once over its rate, A is read again
+    // only when it may send (every 500 ms here): silence is 700 ms.
     let mut refusals = 0;
     let mut notices = 0;
-    while let Some(msg) = a.try_recv(Duration::from_millis(300)).await {
+    while let Some(msg) = a.try_recv(Duration::from_millis(700)).await {
         match msg {
             ServerMsg::Error { code: ErrorCode::BinaryFrame, .. } => refusals += 1,
             ServerMsg::Error { code: ErrorCode::RateLimited, .. } => notices += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!((9..=12).contains(&refusals), "{refusals} binary_frame refusals");
-    assert_eq!(notices, 1);
+    assert!((9..=16).contains(&refusals), "{refusals} binary_frame refusals");
+    assert!((1..=3).contains(&notices), "{notices} rate_limited notices");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.ping(7).await;
+}
+
+/// A client over its rate is not read again until a token is due: what it
+/// sends meanwhile waits in its socket, so a flooder costs the server a
+/// read per token, not a read (and a core) for everything it writes.
+#[tokio::test]
+async fn a_client_over_its_rate_is_read_only_when_it_may_send() {
+    let cfg = Config {
+        limits: Limits { messages_per_second: 2, message_burst: 10, ..config().limits },
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let (mut a, _) = server.greeted().await; // 1 of A's 10 tokens
+    let reads = || async {
+        let body = http_get(server.addr, "/healthz").await.1;
+        serde_json::from_str::<Value>(&body).expect("healthz is JSON")["socket_reads"]
+            .as_u64()
+            .expect("reads")
+    };
+    let before = reads().await;
+    // 300 pings, one every 2 ms or so (under a second: a burst, not yet a
+    // flood): read as they come, that would be ~300 reads.
+    for i in 0..300 {
+        a.send_json(json!({"type": "ping", "nonce": i})).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let taken = reads().await - before;
+    // The 9 tokens left go to the first pings (a read each), then one read
+    // per 500 ms token.
+    assert!(taken <= 20, "{taken} reads for 300 pings at 2 per second");
+    let mut pongs = 0;
+    while let Some(msg) = a.try_recv(Duration::from_millis(700)).await {
+        match msg {
+            ServerMsg::Pong { .. } => pongs += 1,
+            ServerMsg::Error { code: ErrorCode::RateLimited, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((9..=16).contains(&pongs), "{pongs} pings answered");
     tokio::time::sleep(Duration::from_millis(600)).await;
     a.ping(7).await;
 }
