@@ -6,10 +6,12 @@
 //! - `raw.rs`: the raw str0m reference the throughput is compared with;
 //! - `signal.rs`: the signaling server's memory per connection;
 //! - `sigload.rs`: the signaling server under load (CPU per message, latency);
+//! - `abuse.rs`: the signaling server under attack, beside honest clients;
 //! - `transfer.rs`: `peerlink send` to `peerlink receive`, disk to disk;
 //! - `room.rs`: a large room (overlay) beside a full mesh, in worker
 //!   processes, and the overlay's simulation table.
 
+mod abuse;
 mod peer;
 mod raw;
 mod room;
@@ -106,6 +108,11 @@ pub enum Bench {
     /// messages: msgs/s, latency p50/p99, the server's CPU per message
     /// (user, kernel) and RSS per connection.
     SignalLoad(sigload::SignalLoadArgs),
+    /// The signaling server under attack with its default limits, beside
+    /// honest clients: half-sent requests (slowloris), clients that stop
+    /// reading, a flooder. What it holds, what it costs, what the honest
+    /// clients see.
+    SignalAbuse(abuse::SignalAbuseArgs),
     /// A large room: N native peers in several processes against a real
     /// `peerlink serve`, joined with the overlay, broadcasting numbered
     /// messages; beside a full mesh of --mesh-peers in the same run.
@@ -231,6 +238,7 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
         Bench::SignalLoad(args) => sigload::run(args).await,
+        Bench::SignalAbuse(args) => abuse::run(args).await,
         Bench::Relay { mib, size } => peer::relay(mib, size).await,
         Bench::Room(args) => room::run(args).await,
         Bench::RoomWorker(args) => room::worker(args).await,

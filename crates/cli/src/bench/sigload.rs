@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{TICKS_PER_SEC, cpu_ticks};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const IDLE: u8 = 0;
 const SATURATED: u8 = 1;
@@ -149,17 +149,11 @@ impl Servers {
     /// Socket reads and writes so far, as the nodes count them
     /// (`/healthz`), all nodes together.
     async fn syscalls(&self) -> anyhow::Result<(u64, u64)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut ports = vec![self.ports.0, self.ports.1];
         ports.dedup();
         let mut t = (0, 0);
         for port in ports {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
-            let mut response = String::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response)).await??;
-            let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-            let health: serde_json::Value = serde_json::from_str(body).context("/healthz")?;
+            let health = healthz(port).await?;
             let field =
                 |name: &str| health[name].as_u64().with_context(|| format!("/healthz without {name}"));
             t = (t.0 + field("socket_reads")?, t.1 + field("socket_writes")?);
@@ -176,19 +170,26 @@ impl Servers {
     }
 }
 
-async fn wait_backplane(port: u16) -> anyhow::Result<()> {
+/// A server's `/healthz`.
+pub(super) async fn healthz(port: u16) -> anyhow::Result<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response)).await??;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).context("/healthz")
+}
+
+async fn wait_backplane(port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
-        let mut body = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
-        if body.contains(r#""up":true"#) {
+        let health = healthz(port).await?;
+        if health["backplane"]["up"] == true {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the backplane of the node on port {port} did not come up: {body}");
+            bail!("the backplane of the node on port {port} did not come up: {health}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -453,7 +454,7 @@ async fn open_pair(urls: (String, String), i: usize) -> anyhow::Result<(Ws, Stri
     Ok((a, a_id, b, b_id, room))
 }
 
-async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
+pub(super) async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
     let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
         .await
         .context("connect timed out")??;
@@ -463,7 +464,7 @@ async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
     Ok((ws, id))
 }
 
-async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<()> {
+pub(super) async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<()> {
     ws.send(M::text(format!(r#"{{"type":"join","room":"{room}"}}"#))).await?;
     let joined = next_text(ws).await?;
     if !joined.contains(r#""type":"joined""#) {
@@ -472,7 +473,7 @@ async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+pub(super) async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.context("server silent")? {
             Some(Ok(M::Text(t))) => return Ok(t.to_string()),
