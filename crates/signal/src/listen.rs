@@ -28,6 +28,18 @@ use tokio::time::{Instant, Sleep};
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n\
 Content-Length: 48\r\nConnection: close\r\n\r\ntoo many connections: try again in a few seconds";
 
+/// How long a refused connection is kept to read what its client sent
+/// after the refusal: closing a socket with unread data makes the kernel
+/// answer with a reset, and the client would see "connection reset"
+/// instead of the 503 (a lingering close, as nginx does).
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Refused connections lingering at once; more are closed at once.
+const MAX_LINGERING: usize = 256;
+
+/// What a lingering refusal reads at most before it gives up.
+const LINGER_BYTES: usize = 64 * 1024;
+
 /// The caps and the deadline.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Caps {
@@ -44,6 +56,7 @@ pub(crate) struct Admission {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     refused: AtomicU64,
     timed_out: AtomicU64,
+    lingering: AtomicUsize,
 }
 
 /// Counters for `/healthz`.
@@ -65,6 +78,7 @@ impl Admission {
             per_ip: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            lingering: AtomicUsize::new(0),
         })
     }
 
@@ -217,8 +231,7 @@ impl Listener for Guarded {
             let Some(slot) = self.admission.admit(addr.ip()) else {
                 self.admission.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "connection refused: over the connection caps");
-                // A fresh socket's send buffer is empty: this never blocks.
-                let _ = tcp.try_write(REFUSAL);
+                refuse(tcp, &self.admission);
                 continue;
             };
             // Signaling is small request/response frames: no Nagle delays.
@@ -236,6 +249,37 @@ impl Listener for Guarded {
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
+}
+
+/// Answers a connection over the caps with a 503 and closes it; what the
+/// client sent meanwhile is read and dropped for a little while first, so
+/// that the close does not turn into a reset that hides the answer.
+fn refuse(tcp: TcpStream, admission: &Arc<Admission>) {
+    // A fresh socket's send buffer is empty: this never blocks.
+    let _ = tcp.try_write(REFUSAL);
+    if admission.lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+        admission.lingering.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let admission = admission.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tcp;
+        // The answer is all there is: a FIN after it.
+        let _ = tcp.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while read < LINGER_BYTES {
+                match tcp.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+        })
+        .await;
+        admission.lingering.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// An admitted connection: reads fail once its request deadline passes.

@@ -1934,6 +1934,26 @@ async fn connections_over_the_caps_are_refused_with_503() {
     }
 }
 
+/// A refused client that had already sent its request still reads the
+/// 503: the server reads what it sent before closing, so the close is not
+/// a reset that hides the answer.
+#[tokio::test]
+async fn a_refused_client_that_sent_its_request_reads_the_503_not_a_reset() {
+    let server = TestServer::start(Config { max_connections: 1, ..config() }).await;
+    let _held = server.greeted().await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        let request = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        s.write_all(request.as_bytes()).await.expect("write");
+        // Long enough for the server to have answered and closed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut response = Vec::new();
+        timeout(WAIT, s.read_to_end(&mut response)).await.expect("closed in time").expect("read, not reset");
+        let response = String::from_utf8(response).expect("utf-8");
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    }
+}
+
 // ------------------------------------------------------------ access control
 
 fn unix_now() -> u64 {
