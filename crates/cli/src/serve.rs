@@ -130,6 +130,12 @@ pub struct LimitArgs {
     /// WebSockets are not affected.
     #[arg(long, env = "PEERLINK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_request_timeout)]
     request_timeout: Duration,
+    /// Threads WebSocket connections run on, each owning its connections
+    /// (0: on the shared runtime that serves HTTP). Default: one for every
+    /// two cores, at least one.
+    #[arg(long, env = "PEERLINK_WS_THREADS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024))]
+    ws_threads: Option<usize>,
 }
 
 /// A backplane lease: 1 s to 1 min.
@@ -191,6 +197,7 @@ impl LimitArgs {
             max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             request_timeout: self.request_timeout,
+            ws_threads: self.ws_threads.unwrap_or_else(|| peerlink_signal::Config::default().ws_threads),
             join_secret: self.join_secret.clone().map(peerlink_signal::Secret),
             allowed_origins: self.allow_origin.clone(),
             listed_peers: self.listed_peers as usize,

@@ -25,6 +25,7 @@ mod limit;
 mod listen;
 mod metrics;
 mod outbox;
+mod shard;
 mod token;
 mod ws;
 
@@ -56,6 +57,12 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Time a new connection has to send `hello`.
     pub hello_timeout: Duration,
+    /// Threads of their own that WebSocket connections run on, each a
+    /// single-threaded runtime (0: on the runtime that serves HTTP). By
+    /// default one for every two cores (at least one): the kernel's side
+    /// of each relayed message (a receive and a send on loopback or a NIC)
+    /// needs the rest.
+    pub ws_threads: usize,
     /// Server→client messages queued per connection before the connection is
     /// dropped as a slow consumer.
     pub outbound_queue: usize,
@@ -212,6 +219,7 @@ impl Default for Config {
             limits,
             heartbeat: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
+            ws_threads: (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1),
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
             queue_budget_bytes: DEFAULT_QUEUE_BUDGET_BYTES,
@@ -253,6 +261,8 @@ struct Inner {
     budget: Arc<outbox::Budget>,
     admission: Arc<listen::Admission>,
     shutdown: watch::Receiver<bool>,
+    /// The threads WebSocket connections run on.
+    shards: Arc<shard::Shards>,
     /// Never sent on: `serve` waits for its receiver to see every sender
     /// dropped, which happens when the last connection task drops its `Server`.
     _alive: mpsc::Sender<()>,
@@ -282,6 +292,7 @@ impl Server {
                 }),
                 epoch: format!("{:016x}", rand::random::<u64>()),
                 hub: Arc::new(hub::Hub::new(config.listed_peers)),
+                shards: Arc::new(shard::Shards::start(config.ws_threads)),
                 config,
                 shutdown: stop_rx,
                 _alive: alive_tx,
@@ -411,13 +422,26 @@ async fn ws_upgrade(
             Err(_) => return tracing::warn!(%addr, "upgraded connection of an unexpected type"),
         };
         let (tcp, slot) = parts.io.into_inner().into_parts();
-        let socket = conn::Socket { tcp: Arc::new(tcp), _slot: slot, read_ahead: parts.read_buf };
-        match refused_origin {
-            // A browser tells its page only that the socket closed: the
-            // reason goes over the socket, as a protocol error.
-            Some(origin) => conn::refuse_origin(&server, socket, &origin).await,
-            None => conn::run(server, socket, addr, host).await,
-        }
+        // Moved to a WebSocket thread: registered with its poller there.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => return tracing::debug!(%addr, "upgrade: {e}"),
+        };
+        let read_ahead = parts.read_buf;
+        let shards = server.inner.shards.clone();
+        shards.spawn(move || async move {
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(e) => return tracing::warn!(%addr, "WebSocket socket: {e}"),
+            };
+            let socket = conn::Socket { tcp: Arc::new(tcp), _slot: slot, read_ahead };
+            match refused_origin {
+                // A browser tells its page only that the socket closed: the
+                // reason goes over the socket, as a protocol error.
+                Some(origin) => conn::refuse_origin(&server, socket, &origin).await,
+                None => conn::run(server, socket, addr, host).await,
+            }
+        });
     });
     (
         StatusCode::SWITCHING_PROTOCOLS,
