@@ -103,28 +103,11 @@ impl IceConfig {
 pub(crate) async fn bind(addrs: &[IpAddr]) -> Result<Vec<UdpSocket>, Error> {
     let mut sockets = Vec::with_capacity(addrs.len());
     for ip in addrs {
+        // Sized for bulk by `UdpIo::new`.
         let socket = UdpSocket::bind(SocketAddr::new(*ip, 0)).await?;
-        size_buffers(&socket);
         sockets.push(socket);
     }
     Ok(sockets)
-}
-
-/// Socket buffer the kernel is asked for in each direction. A bulk sender
-/// outruns the receiving side in bursts; what the default buffer (about
-/// 200 KiB, 2 ms at 80 MB/s) cannot absorb is lost, and SCTP backs off.
-/// The kernel caps it at `net.core.rmem_max` / `wmem_max`.
-const SOCKET_BUFFER: usize = 4 << 20;
-
-/// Best effort: a smaller buffer only costs throughput.
-pub(crate) fn size_buffers(socket: &UdpSocket) {
-    let sock = socket2::SockRef::from(socket);
-    if let Err(e) = sock.set_recv_buffer_size(SOCKET_BUFFER) {
-        tracing::debug!("SO_RCVBUF: {e}");
-    }
-    if let Err(e) = sock.set_send_buffer_size(SOCKET_BUFFER) {
-        tracing::debug!("SO_SNDBUF: {e}");
-    }
 }
 
 #[cfg(test)]
