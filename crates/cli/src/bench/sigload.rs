@@ -455,9 +455,12 @@ async fn open_pair(urls: (String, String), i: usize) -> anyhow::Result<(Ws, Stri
 }
 
 pub(super) async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-        .await
-        .context("connect timed out")??;
+    // tungstenite zero-fills its read buffer (128 KiB by default) before
+    // every read: the load generator's own cost, kept small.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let (mut ws, _) =
+        tokio::time::timeout(Duration::from_secs(10), connect).await.context("connect timed out")??;
     ws.send(M::text(r#"{"type":"hello","version":1}"#)).await?;
     let welcome: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await?)?;
     let id = welcome["peer_id"].as_str().context("no peer_id in welcome")?.to_string();
