@@ -173,8 +173,12 @@ export class Link extends Emitter {
         case 'connect': {
           this.room.disconnect(out.peer);
           this.ctl = this.data = null;
-          const channels = this.role === 'joiner' ? [reliable(CTL_LABEL), reliable(DATA_LABEL)] : [];
-          this.room.connect(out.peer, { channels, keys: { local: out.keys.sdpLocal, remote: out.keys.sdpRemote } });
+          // The joiner opens the channels and makes the offer; the creator
+          // waits for it (two first offers crossing are a glare Chromium
+          // does not always recover from).
+          const joiner = this.role === 'joiner';
+          const channels = joiner ? [reliable(CTL_LABEL), reliable(DATA_LABEL)] : [];
+          this.room.connect(out.peer, { channels, keys: { local: out.keys.sdpLocal, remote: out.keys.sdpRemote }, offer: joiner });
           break;
         }
         case 'peer_seen':

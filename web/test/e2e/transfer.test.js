@@ -65,7 +65,11 @@ async function receiveInPage(page, files) {
       got.set(d.suggestedFilename(), /** @type {string} */ (path));
     })());
   });
-  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 });
+  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 }).catch(async (e) => {
+    // Say what the page showed instead of the offer.
+    const shown = await page.evaluate(() => `state=${document.body.dataset.state} text=${document.body.innerText.replace(/\s+/g, ' ').slice(0, 400)}`);
+    throw new Error(`no offer to accept: ${shown}`, { cause: e });
+  });
   await page.click('#accept');
   await page.waitForFunction(() => document.body.dataset.state === 'received' || document.body.dataset.state === 'failed', null, { timeout: 240_000 });
   assert.equal(await page.evaluate(() => document.body.dataset.state), 'received', await page.textContent('#error') ?? '');
@@ -220,7 +224,11 @@ test('a sender leaving mid-transfer is shown, and a sender restarted with the sa
   const downloaded = new Promise((ok, fail) => {
     page.once('download', (d) => Promise.race([d.path(), d.failure().then((f) => { throw new Error(`download failed: ${f}`); })]).then((p) => ok(/** @type {string} */ (p)), fail));
   });
-  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 });
+  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 }).catch(async (e) => {
+    // Say what the page showed instead of the offer.
+    const shown = await page.evaluate(() => `state=${document.body.dataset.state} text=${document.body.innerText.replace(/\s+/g, ' ').slice(0, 400)}`);
+    throw new Error(`no offer to accept: ${shown}`, { cause: e });
+  });
   await page.click('#accept');
   await page.waitForFunction(() => /** @type {HTMLProgressElement} */ (document.getElementById('progress')).value > 0.05, null, { timeout: 60_000 });
   s.kill('SIGKILL');
@@ -254,7 +262,11 @@ test('the picker path: received straight into the file showSaveFilePicker return
   await page.fill('#code-input', link.split('#')[1]);
   await page.check('#pick');
   await page.click('#receive-go');
-  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 });
+  await page.waitForSelector('#accept', { state: 'visible', timeout: 30_000 }).catch(async (e) => {
+    // Say what the page showed instead of the offer.
+    const shown = await page.evaluate(() => `state=${document.body.dataset.state} text=${document.body.innerText.replace(/\s+/g, ' ').slice(0, 400)}`);
+    throw new Error(`no offer to accept: ${shown}`, { cause: e });
+  });
   await page.click('#accept');
   await page.waitForFunction(() => document.body.dataset.state === 'received', null, { timeout: 60_000 });
   assert.equal(await s.exit(), 0, s.stderr);
