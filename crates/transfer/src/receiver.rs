@@ -228,11 +228,11 @@ impl Phase {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// Asking for the file's hashes.
-    Hashing,
-    /// `Prepare` handed out; waiting for `partial_scanned`.
+    /// `Prepare` handed out; waiting for `partial_scanned`. Hashes are
+    /// asked for meanwhile.
     Preparing,
-    /// Asking for and receiving chunks.
+    /// Asking for and receiving chunks whose hashes are confirmed, while
+    /// the rest of the hashes arrive.
     Transferring,
     /// `Finish` handed out; waiting for `file_finished`.
     Finishing,
@@ -251,10 +251,16 @@ struct Active {
     /// Hashes asked for in this session (chunk index reached).
     asked: u32,
     /// Hashes received in this session; pages arrive in the order asked.
-    /// Chunks are asked for only once all are confirmed, so a sender whose
-    /// file changed between sessions is caught before any data moves.
+    /// Only chunks below it are asked for: data starts to move once the
+    /// first page is in, not after a pass over the whole file, and a sender
+    /// whose file changed between sessions is caught at the first page that
+    /// differs (chunks before it matched their hashes, so they are good).
     confirmed: u32,
-    /// Verified and written (or in `text_buf`). Sized once hashing ends.
+    /// The hashes of the chunks already on disk when the file was prepared
+    /// (`None` where missing or short), until every hash is known: a chunk
+    /// whose hash arrives later is checked against it then.
+    on_disk: Vec<Option<Hash>>,
+    /// Verified and written (or in `text_buf`).
     have: Bits,
     /// In flight or waiting for the disk.
     busy: Bits,
@@ -425,14 +431,15 @@ impl Receiver {
         if a.stage != Stage::Preparing {
             return;
         }
-        for (chunk, found) in (0..a.chunks).zip(on_disk) {
-            if found.is_some_and(|h| a.hashes.get(chunk as usize) == Some(&h)) && a.have.set(chunk) {
-                let len = chunk_len(a.size, chunk_size, chunk);
-                a.have_count += 1;
-                a.have_bytes += len;
-                t.bytes_done += len;
-                t.bytes_resumed += len;
-            }
+        a.on_disk = on_disk;
+        a.on_disk.resize(a.chunks as usize, None);
+        // Chunks whose hashes are in already; the rest as their hashes come.
+        for chunk in 0..a.hashes.len() as u32 {
+            let len = chunk_len(a.size, chunk_size, chunk);
+            a.take_from_disk(chunk, len, &mut t.bytes_done, &mut t.bytes_resumed);
+        }
+        if a.hashes.len() == a.chunks as usize {
+            a.on_disk = Vec::new();
         }
         a.stage = Stage::Transferring;
         let result = t.maybe_finish(file, &mut self.out).and_then(|()| self.pump());
@@ -699,12 +706,13 @@ impl Active {
             size,
             chunks,
             text,
-            stage: Stage::Hashing,
+            stage: Stage::Preparing,
             hashes: Vec::new(),
             asked: 0,
             confirmed: 0,
-            have: Bits::default(),
-            busy: Bits::default(),
+            on_disk: Vec::new(),
+            have: Bits::new(chunks),
+            busy: Bits::new(chunks),
             have_count: 0,
             have_bytes: 0,
             busy_bytes: 0,
@@ -712,6 +720,21 @@ impl Active {
             attempts: Vec::new(),
             text_buf: Vec::new(),
             file_hash: [0; 32],
+        }
+    }
+
+    /// Counts `chunk` as had if the copy found on disk matches its hash.
+    fn take_from_disk(&mut self, chunk: u32, len: u64, bytes_done: &mut u64, bytes_resumed: &mut u64) {
+        let found = self.on_disk.get(chunk as usize).copied().flatten();
+        if found.is_some()
+            && found.as_ref() == self.hashes.get(chunk as usize)
+            && !self.busy.get(chunk)
+            && self.have.set(chunk)
+        {
+            self.have_count += 1;
+            self.have_bytes += len;
+            *bytes_done += len;
+            *bytes_resumed += len;
         }
     }
 
@@ -767,9 +790,10 @@ impl Transfer {
         self.assembling = Vec::new();
         self.hash_requests.clear();
         for a in self.active.values_mut() {
-            let nothing_to_fetch =
-                a.stage == Stage::Finishing || (a.stage != Stage::Hashing && a.have_count == a.chunks);
-            let start = if nothing_to_fetch { a.chunks } else { 0 };
+            // A file with every chunk has nothing to fetch; any other asks
+            // for its hashes again, which also checks the sender's file is
+            // the one it had.
+            let start = if a.have_count == a.chunks { a.chunks } else { 0 };
             a.asked = start;
             a.confirmed = start;
         }
@@ -805,9 +829,17 @@ impl Transfer {
             else {
                 continue;
             };
-            self.active.insert(file, Active::new(entry.size, chunks, entry.kind == EntryKind::Text));
-            if chunks == 0 {
-                self.hashes_known(file, out)?;
+            let text = entry.kind == EntryKind::Text;
+            let mut a = Active::new(entry.size, chunks, text);
+            if text {
+                // Text is kept in memory: nothing on disk to prepare.
+                a.stage = Stage::Transferring;
+                self.active.insert(file, a);
+                self.maybe_finish(file, out)?;
+            } else {
+                // Hashes are asked for while the driver prepares the file.
+                self.active.insert(file, a);
+                out.push_back(ReceiverOutput::Prepare { file });
             }
         }
         Ok(())
@@ -829,16 +861,16 @@ impl Transfer {
     fn ask_chunks(&mut self, config: &ReceiverConfig, out: &mut VecDeque<ReceiverOutput>) {
         let chunk_size = self.manifest.chunk_size();
         'files: for (&file, a) in self.active.iter_mut() {
-            if a.stage != Stage::Transferring || a.confirmed < a.chunks {
+            if a.stage != Stage::Transferring {
                 continue;
             }
             let mut ranges: Vec<[u32; 2]> = Vec::new();
             loop {
-                while a.cursor < a.chunks && (a.have.get(a.cursor) || a.busy.get(a.cursor)) {
+                while a.cursor < a.confirmed && (a.have.get(a.cursor) || a.busy.get(a.cursor)) {
                     a.cursor += 1;
                 }
-                if a.cursor == a.chunks {
-                    break;
+                if a.cursor >= a.confirmed {
+                    break; // the rest waits for its hashes
                 }
                 let chunk = a.cursor;
                 let len = chunk_len(a.size, chunk_size, chunk);
@@ -890,6 +922,7 @@ impl Transfer {
         if from != a.confirmed {
             return Err(ProtocolError::UnaskedHashes { file, from, expected: Some((file, a.confirmed)) });
         }
+        let chunk_size = self.manifest.chunk_size();
         for (at, hash) in (from..).zip(hashes) {
             match a.hashes.get(at as usize) {
                 Some(known) if *known != hash => {
@@ -897,29 +930,18 @@ impl Transfer {
                     return Err(ProtocolError::Changed { file, path });
                 }
                 Some(_) => {}
-                None => a.hashes.push(hash),
+                None => {
+                    a.hashes.push(hash);
+                    if a.stage == Stage::Transferring {
+                        let len = chunk_len(a.size, chunk_size, at);
+                        a.take_from_disk(at, len, &mut self.bytes_done, &mut self.bytes_resumed);
+                    }
+                }
             }
         }
         a.confirmed = from + count;
-        if a.confirmed == a.chunks {
-            self.hashes_known(file, out)?;
-        }
-        Ok(())
-    }
-
-    /// All of `file`'s hashes are known (or confirmed again).
-    fn hashes_known(&mut self, file: u32, out: &mut VecDeque<ReceiverOutput>) -> Result<(), ProtocolError> {
-        let Some(a) = self.active.get_mut(&file) else { return Ok(()) };
-        if a.stage == Stage::Hashing {
-            a.have = Bits::new(a.chunks);
-            a.busy = Bits::new(a.chunks);
-            if a.text {
-                // Text is kept in memory: nothing on disk to prepare.
-                a.stage = Stage::Transferring;
-            } else {
-                a.stage = Stage::Preparing;
-                out.push_back(ReceiverOutput::Prepare { file });
-            }
+        if a.hashes.len() == a.chunks as usize {
+            a.on_disk = Vec::new();
         }
         self.maybe_finish(file, out)
     }

@@ -123,6 +123,46 @@ fn resume_from_partial_files() {
     assert_eq!(wanted, [(0, [3, 4]), (0, [5, 7]), (0, [8, 9]), (2, [0, 2])]);
 }
 
+/// Data starts to move once the first page of hashes is in, not after the
+/// sender has hashed the whole file (a pass over a big file before the
+/// first byte moves); chunks already on disk whose hashes come in later
+/// pages are still kept, whether the disk scan ends before or after the
+/// first pages arrive.
+#[test]
+fn chunks_move_before_the_last_hash_page_and_resume_spans_pages() {
+    let c = K16;
+    let chunks = 600; // three pages of hashes
+    let size = chunks * c;
+    for defer_prepare in [false, true] {
+        let (manifest, src) = source(MIN_CHUNK_SIZE, vec![Item::File("big.bin", pattern(size, 7))]);
+        let config = ReceiverConfig { hash_pages_ahead: 1, window_bytes: 64 * c as u64, ..small_chunks() };
+        let mut h = Harness::new(manifest, src.clone(), config);
+        h.defer_prepare = defer_prepare;
+        // On disk: chunks 0-9, 300-309 (305 corrupted) and 590-599; zeros
+        // elsewhere.
+        let mut part = vec![0u8; size];
+        for r in [0..10, 300..310, 590..600] {
+            part[r.start * c..r.end * c].copy_from_slice(&src[0][r.start * c..r.end * c]);
+        }
+        part[305 * c + 1] ^= 1;
+        h.disk.insert(format!("big.bin{PART}"), part);
+        h.run(10_000);
+        h.assert_complete();
+
+        let kept = (10 + 9 + 10) * c;
+        assert_eq!(h.receiver.progress().bytes_resumed, kept as u64, "defer_prepare {defer_prepare}");
+        assert_eq!(h.sender.stats().bytes_sent, (size - kept) as u64, "defer_prepare {defer_prepare}");
+        let position = |f: &dyn Fn(&Ctl) -> bool| h.sent_by_receiver.iter().position(f).unwrap();
+        let first_want = position(&|m| matches!(m, Ctl::Want { .. }));
+        let last_page = position(&|m| matches!(m, Ctl::GetHashes { from: 512, .. }));
+        assert!(
+            first_want < last_page,
+            "chunks were asked for only after the last page of hashes (defer_prepare {defer_prepare}): {:?}",
+            h.sent_by_receiver
+        );
+    }
+}
+
 fn restart_items() -> (Manifest, Vec<Vec<u8>>) {
     source(
         MIN_CHUNK_SIZE,

@@ -112,6 +112,10 @@ pub struct Harness {
     pub max_unwritten_bytes: u64,
     /// Check the receiver's limits against the harness's own accounting.
     pub check_limits: bool,
+    /// Answer `Prepare` on the next delivery, after the control messages
+    /// in flight (as a slow disk scan would), instead of at once.
+    pub defer_prepare: bool,
+    deferred_prepares: Vec<u32>,
     /// Chunks the receiver asked for and the harness has not yet seen
     /// verified (a Write) or rejected (ChunkCorrupt).
     asked: HashMap<(u32, u32), u64>,
@@ -157,6 +161,8 @@ impl Harness {
             max_unwritten_chunks: 0,
             max_unwritten_bytes: 0,
             check_limits: true,
+            defer_prepare: false,
+            deferred_prepares: Vec::new(),
             asked: HashMap::new(),
             pending_bytes: 0,
             has_text,
@@ -197,6 +203,7 @@ impl Harness {
             && self.to_sender.is_empty()
             && self.data.is_empty()
             && self.pending.is_empty()
+            && self.deferred_prepares.is_empty()
     }
 
     /// A dropped connection: everything in flight is lost.
@@ -293,24 +300,8 @@ impl Harness {
                 }
                 self.receiver_events.push(event);
             }
-            ReceiverOutput::Prepare { file } => {
-                let m = self.receiver.manifest().unwrap();
-                let entry = m.file(file).unwrap();
-                assert_eq!(entry.kind, EntryKind::File, "Prepare only for files");
-                for dir in entry.path.ancestors() {
-                    self.dirs.insert(dir.to_string());
-                }
-                let part = self.disk.entry(format!("{}{PART}", entry.path)).or_default();
-                let chunks = m.chunk_count(file).unwrap();
-                let scanned = (0..chunks)
-                    .map(|chunk| {
-                        let (offset, len) = m.chunk_span(file, chunk).unwrap();
-                        let end = offset as usize + len as usize;
-                        (part.len() >= end).then(|| chunk_hash(&part[offset as usize..end]))
-                    })
-                    .collect();
-                self.receiver.partial_scanned(file, scanned);
-            }
+            ReceiverOutput::Prepare { file } if self.defer_prepare => self.deferred_prepares.push(file),
+            ReceiverOutput::Prepare { file } => self.prepare(file),
             ReceiverOutput::CreateDir { entry } => {
                 let m = self.receiver.manifest().unwrap();
                 assert_eq!(m.entries()[entry].kind, EntryKind::Dir);
@@ -344,6 +335,26 @@ impl Harness {
         }
     }
 
+    /// The driver's `Prepare`: the partial file's chunks hashed.
+    fn prepare(&mut self, file: u32) {
+        let m = self.receiver.manifest().unwrap();
+        let entry = m.file(file).unwrap();
+        assert_eq!(entry.kind, EntryKind::File, "Prepare only for files");
+        for dir in entry.path.ancestors() {
+            self.dirs.insert(dir.to_string());
+        }
+        let part = self.disk.entry(format!("{}{PART}", entry.path)).or_default();
+        let chunks = m.chunk_count(file).unwrap();
+        let scanned = (0..chunks)
+            .map(|chunk| {
+                let (offset, len) = m.chunk_span(file, chunk).unwrap();
+                let end = offset as usize + len as usize;
+                (part.len() >= end).then(|| chunk_hash(&part[offset as usize..end]))
+            })
+            .collect();
+        self.receiver.partial_scanned(file, scanned);
+    }
+
     /// Acknowledges the writes that are due.
     fn flush_writes(&mut self) {
         while self.pending.front().is_some_and(|w| w.0 <= self.deliveries) {
@@ -369,6 +380,9 @@ impl Harness {
                 self.receiver_errors.push(e);
             }
             self.check();
+        }
+        for file in std::mem::take(&mut self.deferred_prepares) {
+            self.prepare(file);
         }
         for mut frame in std::mem::take(&mut self.data) {
             if let Some(hook) = &mut self.frame_hook {
