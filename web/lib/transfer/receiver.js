@@ -72,14 +72,17 @@ class Active {
     this.size = size;
     this.chunks = chunks;
     this.text = text;
-    /** @type {'hashing' | 'preparing' | 'transferring' | 'finishing'} */
-    this.stage = 'hashing';
+    /** @type {'preparing' | 'transferring' | 'finishing'} `prepare` is handed out at once; hashes are asked for meanwhile */
+    this.stage = 'preparing';
     /** @type {Uint8Array[]} */
     this.hashes = [];
     this.asked = 0;
+    /** hashes received this session; only chunks below it are asked for, so data moves once the first page is in */
     this.confirmed = 0;
-    this.have = new Uint8Array(0);
-    this.busy = new Uint8Array(0);
+    /** @type {(Uint8Array | null)[]} chunks found on disk by `partialScanned`, until every hash is known */
+    this.onDisk = [];
+    this.have = new Uint8Array(chunks);
+    this.busy = new Uint8Array(chunks);
     this.haveCount = 0;
     this.haveBytes = 0;
     this.busyBytes = 0;
@@ -89,6 +92,22 @@ class Active {
     /** @type {Uint8Array | null} */
     this.textBuf = null;
     this.fileHash = new Uint8Array(32);
+  }
+
+  /**
+   * Counts `chunk` as had if the copy found on disk matches its hash.
+   * @param {number} chunk @param {number} len @param {Transfer} t
+   */
+  takeFromDisk(chunk, len, t) {
+    const found = this.onDisk[chunk];
+    const hash = this.hashes[chunk];
+    if (found && hash && equalBytes(found, hash) && !this.have[chunk] && !this.busy[chunk]) {
+      this.have[chunk] = 1;
+      this.haveCount += 1;
+      this.haveBytes += len;
+      t.bytesDone += len;
+      t.bytesResumed += len;
+    }
   }
 
   remaining() {
@@ -148,8 +167,9 @@ class Transfer {
     this.assembled = 0;
     this.hashRequests = [];
     for (const a of this.active.values()) {
-      const nothing = a.stage === 'finishing' || (a.stage !== 'hashing' && a.haveCount === a.chunks);
-      a.asked = a.confirmed = nothing ? a.chunks : 0;
+      // A file with every chunk has nothing to fetch; any other asks for
+      // its hashes again, which also checks the sender's file is the same.
+      a.asked = a.confirmed = a.haveCount === a.chunks ? a.chunks : 0;
     }
   }
 
@@ -168,8 +188,12 @@ class Transfer {
       const e = this.manifest.file(file);
       const chunks = this.manifest.chunkCount(file);
       if (!e || chunks === undefined) continue;
-      this.active.set(file, new Active(e.size, chunks, e.kind === 'text'));
-      if (chunks === 0) this.hashesKnown(file, out);
+      const a = new Active(e.size, chunks, e.kind === 'text');
+      this.active.set(file, a);
+      if (a.text) {
+        a.stage = 'transferring'; // kept in memory: nothing on disk to prepare
+        this.maybeFinish(file, out);
+      } else out.push({ type: 'prepare', file });
     }
   }
 
@@ -189,7 +213,7 @@ class Transfer {
   askChunks(config, out) {
     const chunkSize = this.manifest.chunkSize;
     for (const [file, a] of this.active) {
-      if (a.stage !== 'transferring' || a.confirmed < a.chunks) continue;
+      if (a.stage !== 'transferring') continue;
       /** @type {[number, number][]} */
       let ranges = [];
       const flush = () => {
@@ -197,8 +221,8 @@ class Transfer {
         ranges = [];
       };
       for (;;) {
-        while (a.cursor < a.chunks && (a.have[a.cursor] || a.busy[a.cursor])) a.cursor++;
-        if (a.cursor === a.chunks) break;
+        while (a.cursor < a.confirmed && (a.have[a.cursor] || a.busy[a.cursor])) a.cursor++;
+        if (a.cursor >= a.confirmed) break; // the rest waits for its hashes
         const chunk = a.cursor;
         const len = chunkLen(a.size, chunkSize, chunk);
         const slots = this.requested.length + this.pendingWrites.size + this.verifying.size;
@@ -240,25 +264,13 @@ class Transfer {
       if (known && !equalBytes(known, h)) {
         throw new ProtocolError('changed', `file ${file} (${JSON.stringify(this.manifest.file(file)?.path ?? '')}) changed on the sender since the last session`);
       }
-      if (!known) a.hashes.push(h);
+      if (!known) {
+        a.hashes.push(h);
+        if (a.stage === 'transferring') a.takeFromDisk(from + i, chunkLen(a.size, this.manifest.chunkSize, from + i), this);
+      }
     });
     a.confirmed = from + count;
-    if (a.confirmed === a.chunks) this.hashesKnown(file, out);
-  }
-
-  /** @param {number} file @param {ReceiverOutput[]} out */
-  hashesKnown(file, out) {
-    const a = this.active.get(file);
-    if (!a) return;
-    if (a.stage === 'hashing') {
-      a.have = new Uint8Array(a.chunks);
-      a.busy = new Uint8Array(a.chunks);
-      if (a.text) a.stage = 'transferring';
-      else {
-        a.stage = 'preparing';
-        out.push({ type: 'prepare', file });
-      }
-    }
+    if (a.hashes.length === a.chunks) a.onDisk = [];
     this.maybeFinish(file, out);
   }
 
@@ -477,17 +489,10 @@ export class Receiver {
     const t = this.transfer;
     const a = t.active.get(file);
     if (!a || a.stage !== 'preparing') return;
-    for (let chunk = 0; chunk < a.chunks && chunk < onDisk.length; chunk++) {
-      const found = onDisk[chunk];
-      if (found && a.hashes[chunk] && equalBytes(found, a.hashes[chunk]) && !a.have[chunk]) {
-        a.have[chunk] = 1;
-        const len = chunkLen(a.size, t.manifest.chunkSize, chunk);
-        a.haveCount += 1;
-        a.haveBytes += len;
-        t.bytesDone += len;
-        t.bytesResumed += len;
-      }
-    }
+    a.onDisk = onDisk.slice(0, a.chunks);
+    // Chunks whose hashes are in already; the rest as their hashes come.
+    for (let chunk = 0; chunk < a.hashes.length; chunk++) a.takeFromDisk(chunk, chunkLen(a.size, t.manifest.chunkSize, chunk), t);
+    if (a.hashes.length === a.chunks) a.onDisk = [];
     a.stage = 'transferring';
     try { this._guard(() => { t.maybeFinish(file, this.out); this._pump(); }); } catch { /* cancelled */ }
   }

@@ -87,11 +87,22 @@ test('bad manifests are refused', () => {
 });
 
 /** Files by index, an in-memory disk for the receiver, and a trip-by-trip network. */
-function harness(files, { chunkSize = MIN_CHUNK_SIZE, receiver = new Receiver(), corrupt = null, disk = new Map() } = {}) {
+function harness(files, { chunkSize = MIN_CHUNK_SIZE, receiver = new Receiver(), corrupt = null, disk = new Map(), deferPrepare = false } = {}) {
   const entries = files.map(([path, data]) => (data === null ? dirEntry(path) : fileEntry(path, data.length)));
   const sender = new Sender(new Manifest(chunkSize, entries));
   const src = files.filter(([, d]) => d !== null).map(([, d]) => d);
-  const h = { sender, receiver, disk, toR: [], toS: [], data: [], events: [], sent: 0, maxUnwritten: 0, maxChunks: 0 };
+  const h = { sender, receiver, disk, toR: [], toS: [], data: [], events: [], sent: 0, maxUnwritten: 0, maxChunks: 0, fromR: [], prepares: [] };
+  /** The driver's `prepare`: the partial file's chunks hashed. */
+  const prepare = (file) => {
+    const d = disk.get(file) ?? new Uint8Array(0);
+    const m = receiver.manifest();
+    const found = [];
+    for (let c = 0; c < m.chunkCount(file); c++) {
+      const [off, len] = m.chunkSpan(file, c);
+      found.push(d.length >= off + len ? chunkHash(d.subarray(off, off + len)) : null);
+    }
+    receiver.partialScanned(file, found);
+  };
   h.trip = () => {
     for (let o = sender.poll(); o; o = sender.poll()) {
       if (o.type === 'ctl') h.toR.push(ctlJson(o.msg));
@@ -110,17 +121,14 @@ function harness(files, { chunkSize = MIN_CHUNK_SIZE, receiver = new Receiver(),
       } else h.events.push(['sender', o]);
     }
     for (let o = receiver.poll(); o; o = receiver.poll()) {
-      if (o.type === 'ctl') h.toS.push(ctlJson(o.msg));
-      else if (o.type === 'offered') receiver.accept();
+      if (o.type === 'ctl') {
+        h.toS.push(ctlJson(o.msg));
+        h.fromR.push(o.msg);
+      } else if (o.type === 'offered') receiver.accept();
       else if (o.type === 'prepare') {
-        const d = disk.get(o.file) ?? new Uint8Array(0);
-        const m = receiver.manifest();
-        const found = [];
-        for (let c = 0; c < m.chunkCount(o.file); c++) {
-          const [off, len] = m.chunkSpan(o.file, c);
-          found.push(d.length >= off + len ? chunkHash(d.subarray(off, off + len)) : null);
-        }
-        receiver.partialScanned(o.file, found);
+        // Deferred: answered after the next trip's control messages, as a slow disk scan would.
+        if (deferPrepare) h.prepares.push(o.file);
+        else prepare(o.file);
       } else if (o.type === 'verify') receiver.chunkHashed(o.file, o.chunk, chunkHash(o.data));
       else if (o.type === 'write') {
         const f = disk.get(o.file) ?? new Uint8Array(0);
@@ -136,6 +144,7 @@ function harness(files, { chunkSize = MIN_CHUNK_SIZE, receiver = new Receiver(),
       h.maxChunks = Math.max(h.maxChunks, f.unwrittenChunks);
     }
     for (const t of h.toR.splice(0)) try { receiver.handleCtlJson(t); } catch { /* cancelled */ }
+    for (const file of h.prepares.splice(0)) prepare(file);
     for (const f of h.data.splice(0)) try { receiver.handleData(f); } catch { /* cancelled */ }
     for (const t of h.toS.splice(0)) try { sender.handleCtlJson(t); } catch { /* cancelled */ }
   };
@@ -194,6 +203,32 @@ test('resume: a new session asks only for what is missing, exactly once', () => 
   assert.deepEqual(h2.disk.get(0), big);
   assert.equal(h2.receiver.progress().bytesResumed, 10 * cs);
   assert.equal(h2.sent, big.length - 10 * cs);
+});
+
+test('data moves once the first page of hashes is in; chunks on disk are kept across pages', () => {
+  // As crates/transfer/tests/transfer.rs: a file of three pages of hashes,
+  // partly on disk in each page; the disk scan ends before or after the
+  // first pages arrive.
+  const cs = MIN_CHUNK_SIZE;
+  const chunks = 600;
+  const big = pattern(chunks * cs, 7);
+  for (const deferPrepare of [false, true]) {
+    const part = new Uint8Array(chunks * cs);
+    for (const [a, b] of [[0, 10], [300, 310], [590, 600]]) part.set(big.subarray(a * cs, b * cs), a * cs);
+    part[305 * cs + 1] ^= 1;
+    const receiver = new Receiver({ hashPagesAhead: 1, windowBytes: 64 * cs });
+    const h = harness([['big', big]], { receiver, disk: new Map([[0, part]]), deferPrepare });
+    h.start();
+    h.run();
+    assert.equal(h.receiver.phase, 'complete', `deferPrepare ${deferPrepare}`);
+    assert.deepEqual(h.disk.get(0), big);
+    const kept = (10 + 9 + 10) * cs;
+    assert.equal(h.receiver.progress().bytesResumed, kept);
+    assert.equal(h.sent, big.length - kept);
+    const firstWant = h.fromR.findIndex((m) => m.type === 'want');
+    const lastPage = h.fromR.findIndex((m) => m.type === 'get_hashes' && m.from === 512);
+    assert.ok(firstWant >= 0 && firstWant < lastPage, `chunks asked for only after the last page of hashes (deferPrepare ${deferPrepare}): ${JSON.stringify(h.fromR.map((m) => m.type))}`);
+  }
 });
 
 test('a corrupted chunk is detected and fetched again; three failures cancel', () => {
