@@ -11,7 +11,8 @@ use anyhow::Context;
 use peerlink_pair::{Code, Role};
 use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
-    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, Manifest, Sender, SenderEvent, SenderOutput,
+    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender, SenderEvent,
+    SenderOutput,
 };
 
 use tokio::sync::mpsc;
@@ -317,6 +318,23 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
     let chunk_size = sender.manifest().chunk_size();
+    // One hasher, pages in the order asked: the first page is ready after
+    // one page's work and data moves while the rest is hashed. (A task per
+    // page hashed every page asked for side by side, and the first was
+    // ready only when nearly all were.) The engine holds at most this many
+    // requests, so sending to it does not wait.
+    let (hash_jobs, mut hash_job_rx) = mpsc::channel::<(u32, u32, u32, u64)>(MAX_QUEUED_HASH_REQUESTS);
+    {
+        let (srcs, tx) = (srcs.clone(), hash_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            while let Some((file, from, count, size)) = hash_job_rx.blocking_recv() {
+                let r = srcs[file as usize].hashes(chunk_size, size, from, count);
+                if tx.blocking_send((file, from, count, r)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
 
     let outcome = loop {
         // Do what the engine asks.
@@ -332,13 +350,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     }
                 }
                 SenderOutput::Hash { file, from, count } => {
-                    let srcs = srcs.clone();
                     let size = sender.manifest().file(file).map_or(0, |e| e.size);
-                    let tx = hash_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let r = srcs[file as usize].hashes(chunk_size, size, from, count);
-                        let _ = tx.blocking_send((file, from, count, r));
-                    });
+                    let _ = hash_jobs.send((file, from, count, size)).await;
                 }
                 SenderOutput::Send { file, offset, len, .. } => {
                     if let Some(p) = &pump {
