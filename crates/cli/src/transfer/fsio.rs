@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use peerlink_transfer::{Entry, EntryKind, Hash, RelPath, chunk_hash};
@@ -288,17 +289,114 @@ pub fn scan_part(file: &File, chunk_size: u32, size: u64) -> io::Result<Vec<Opti
     Ok(out)
 }
 
-/// Writes `data` at `offset`.
-pub fn write_at(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset)
+/// Offsets, lengths and buffers of direct writes are multiples of this:
+/// the largest logical block size in common use, so any filesystem that
+/// takes direct I/O takes these.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A partial file being received.
+///
+/// Whole aligned chunks are written past the page cache (`O_DIRECT`, on
+/// Linux): on the VMs this was measured on, a buffered GiB cost 2.5 s of
+/// kernel CPU against 0.3 s direct (`dd` of 1 GiB, `conv=fsync`), which is
+/// CPU the transfer itself needs; and a received file does not push
+/// everything else out of the cache. The rest (a file's last chunk,
+/// filesystems that refuse direct I/O) goes through the page cache.
+#[derive(Debug)]
+pub struct PartFile {
+    file: File,
+    /// The same file opened again for direct writes, if the filesystem
+    /// takes them.
+    direct: Option<File>,
+    /// A direct write was refused (`EINVAL`): this filesystem wants other
+    /// alignments; every later write is buffered.
+    direct_refused: AtomicBool,
+}
+
+impl PartFile {
+    pub fn new(file: File) -> PartFile {
+        let direct = open_direct(&file);
+        PartFile { file, direct, direct_refused: AtomicBool::new(false) }
+    }
+
+    /// The file, for everything but chunk writes.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if let Some(direct) = &self.direct
+            && !data.is_empty()
+            && offset % DIRECT_ALIGN as u64 == 0
+            && data.len() % DIRECT_ALIGN == 0
+            && !self.direct_refused.load(Ordering::Relaxed)
+        {
+            let copy;
+            let buf = if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+                data
+            } else {
+                copy = Aligned::copy_of(data);
+                copy.as_slice()
+            };
+            match direct.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                // Written buffered below, whatever part went direct.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!("direct writes refused ({e}); writing through the page cache");
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all_at(data, offset)
+    }
+}
+
+/// A copy of some bytes that starts on a [`DIRECT_ALIGN`] boundary.
+struct Aligned {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Aligned {
+    fn copy_of(data: &[u8]) -> Aligned {
+        let mut buf: Vec<u8> = Vec::with_capacity(data.len() + DIRECT_ALIGN);
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf.resize(start, 0);
+        buf.extend_from_slice(data);
+        Aligned { buf, start }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// `file` opened again, write-only, for direct I/O: through `/proc/self/fd`,
+/// so it is the same file whatever happened to its path since.
+#[cfg(target_os = "linux")]
+fn open_direct(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_: &File) -> Option<File> {
+    None
 }
 
 /// Makes a verified partial file final: truncate to size, flush to disk,
 /// rename over the final name.
-pub fn finish(file: &File, size: u64, planned: &Planned) -> io::Result<()> {
-    file.set_len(size)?;
-    file.sync_all()?;
+pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
+    part.file.set_len(size)?;
+    part.file.sync_all()?;
     fs::rename(&planned.part_path, &planned.final_path)
 }
 
@@ -316,6 +414,47 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// Chunks written directly and through the cache, from aligned and
+    /// unaligned buffers, at aligned and unaligned offsets, over each other,
+    /// read back as written: on the temp folder's filesystem and, where
+    /// there is one, on tmpfs.
+    #[test]
+    fn a_part_file_holds_what_was_written_however_it_was_written() {
+        let mut dirs = vec![tmp("part")];
+        if Path::new("/dev/shm").is_dir() {
+            let shm = Path::new("/dev/shm").join(format!("peerlink-fsio-part-{}", std::process::id()));
+            if fs::create_dir_all(&shm).is_ok() {
+                dirs.push(shm);
+            }
+        }
+        for dir in dirs {
+            let path = dir.join("f.peerlink-part");
+            let file =
+                OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+            let part = PartFile::new(file);
+            let mut expected = vec![0u8; 5 * 65536 + 1000];
+            let src: Vec<u8> = (0..expected.len() + 1).map(|i| (i * 7 + i / 251) as u8).collect();
+            // (offset, length, start in `src`: 1 makes the buffer unaligned)
+            let writes = [
+                (65536, 65536, 0),
+                (0, 65536, 1),
+                (3 * 65536, 2 * 65536 + 1000, 0),
+                (2 * 65536 + 100, 5000, 1),
+                (2 * 65536, 65536, 1),
+                (65536, 4096, 0),
+            ];
+            for (offset, len, from) in writes {
+                let data = &src[from..from + len];
+                part.write_at(offset as u64, data).unwrap();
+                expected[offset..offset + len].copy_from_slice(data);
+            }
+            let planned = Planned { part_path: path.clone(), final_path: dir.join("f") };
+            finish(&part, expected.len() as u64, &planned).unwrap();
+            assert_eq!(fs::read(dir.join("f")).unwrap(), expected, "in {}", dir.display());
+            fs::remove_dir_all(&dir).unwrap();
+        }
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! and fetch it into a folder: verified, resumable, never outside the folder.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::fsio::{self, OutDir, Planned};
+use super::fsio::{self, OutDir, PartFile, Planned};
 use super::link::{Link, LinkEvent};
 use super::report::{Report, Side, Totals};
 use super::ui::Ui;
@@ -121,7 +120,7 @@ impl Resume {
 /// A file being received.
 struct Open {
     planned: Planned,
-    file: Arc<File>,
+    file: Arc<PartFile>,
     size: u64,
     /// Bytes written since the last background flush was started.
     unflushed: u64,
@@ -136,7 +135,7 @@ struct Open {
 const FLUSH_EVERY: u64 = 64 << 20;
 
 enum Io {
-    Prepared { file: u32, result: anyhow::Result<(Planned, Arc<File>, Vec<Option<Hash>>)> },
+    Prepared { file: u32, result: anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)> },
     Written { file: u32, chunk: u32, result: std::io::Result<()> },
     Finished { file: u32, hash: Hash, result: std::io::Result<()> },
 }
@@ -283,13 +282,13 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                         let (f, flushing) = (f.clone(), open.flushing.clone());
                         tokio::task::spawn_blocking(move || {
                             // Errors show at the final flush, which waits.
-                            let _ = f.sync_data();
+                            let _ = f.file().sync_data();
                             flushing.store(false, Ordering::Release);
                         });
                     }
                     let tx = io_tx.clone();
                     tokio::task::spawn_blocking(move || {
-                        let result = fsio::write_at(&f, offset, &data);
+                        let result = f.write_at(offset, &data);
                         let _ = tx.blocking_send(Io::Written { file, chunk, result });
                     });
                 }
@@ -509,7 +508,7 @@ fn prepare(
     entry: &peerlink_transfer::Entry,
     earlier: Option<PathBuf>,
     chunk_size: u32,
-) -> anyhow::Result<(Planned, Arc<File>, Vec<Option<Hash>>)> {
+) -> anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)> {
     // A file an earlier run finished and recorded is checked in place.
     let planned = match earlier {
         Some(saved) if std::fs::symlink_metadata(&saved).is_ok_and(|m| m.is_file()) => {
@@ -521,5 +520,5 @@ fn prepare(
         out.open_part(&planned).with_context(|| format!("cannot open {}", planned.part_path.display()))?;
     let on_disk = fsio::scan_part(&file, chunk_size, entry.size)
         .with_context(|| format!("cannot read {}", planned.part_path.display()))?;
-    Ok((planned, Arc::new(file), on_disk))
+    Ok((planned, Arc::new(PartFile::new(file)), on_disk))
 }
