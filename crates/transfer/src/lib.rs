@@ -123,7 +123,10 @@ pub use receiver::{InFlight, Progress, Receiver, ReceiverConfig, ReceiverEvent, 
 pub use sender::{
     MAX_QUEUED_HASH_REQUESTS, MAX_QUEUED_WANT_RANGES, Sender, SenderEvent, SenderOutput, SenderStats,
 };
-pub use wire::{CancelCode, Ctl, FRAME_HEADER, HASHES_PER_MESSAGE, decode_frame, encode_frame, frames};
+pub use wire::{
+    CancelCode, Ctl, FRAME_HEADER, HASHES_PER_MESSAGE, decode_frame, encode_frame, frame_header, frame_spans,
+    frames,
+};
 
 /// The transfer protocol version, carried by `manifest`.
 pub const PROTOCOL_VERSION: u32 = 1;

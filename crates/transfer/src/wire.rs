@@ -170,10 +170,17 @@ fn classify_part_error(text: &str) -> Option<ProtocolError> {
 /// A data frame: `u32be file ‖ u64be offset ‖ payload`.
 pub fn encode_frame(file: u32, offset: u64, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(FRAME_HEADER + payload.len());
-    frame.extend_from_slice(&file.to_be_bytes());
-    frame.extend_from_slice(&offset.to_be_bytes());
+    frame.extend_from_slice(&frame_header(file, offset));
     frame.extend_from_slice(payload);
     frame
+}
+
+/// A data frame's header: `u32be file ‖ u64be offset`.
+pub fn frame_header(file: u32, offset: u64) -> [u8; FRAME_HEADER] {
+    let mut header = [0; FRAME_HEADER];
+    header[..4].copy_from_slice(&file.to_be_bytes());
+    header[4..].copy_from_slice(&offset.to_be_bytes());
+    header
 }
 
 /// Splits a data frame into `(file, offset, payload)`. The payload must be
@@ -200,12 +207,18 @@ pub fn frames(
     data: &[u8],
     max_message_size: usize,
 ) -> impl Iterator<Item = Vec<u8>> + '_ {
-    let max_payload = max_message_size.saturating_sub(FRAME_HEADER).max(1);
-    data.chunks(max_payload).scan(offset, move |at, piece| {
-        let frame = encode_frame(file, *at, piece);
-        *at += piece.len() as u64;
-        Some(frame)
+    frame_spans(offset, data.len(), max_message_size).map(move |(at, len)| {
+        let start = (at - offset) as usize;
+        encode_frame(file, at, &data[start..start + len])
     })
+}
+
+/// Where each of [`frames`]' frames for `len` bytes at `offset` starts and
+/// how many payload bytes it carries: for a driver that reads each payload
+/// straight into its frame.
+pub fn frame_spans(offset: u64, len: usize, max_message_size: usize) -> impl Iterator<Item = (u64, usize)> {
+    let max_payload = max_message_size.saturating_sub(FRAME_HEADER).max(1);
+    (0..len).step_by(max_payload).map(move |start| (offset + start as u64, max_payload.min(len - start)))
 }
 
 #[cfg(test)]
@@ -237,6 +250,15 @@ mod tests {
         }
         assert_eq!(joined, data);
         assert_eq!(frames(0, 0, &data, 0).count(), 100);
+        // The spans a driver reads into are the frames' own.
+        let spans: Vec<_> = frame_spans(1000, data.len(), 12 + 30).collect();
+        assert_eq!(spans, [(1000, 30), (1030, 30), (1060, 30), (1090, 10)]);
+        for ((at, len), f) in spans.into_iter().zip(&out) {
+            let (_, offset, payload) = decode_frame(f).unwrap();
+            assert_eq!((offset, payload.len()), (at, len));
+            assert_eq!(f[..FRAME_HEADER], frame_header(3, at));
+        }
+        assert_eq!(frame_spans(0, 0, 100).count(), 0);
     }
 
     #[test]

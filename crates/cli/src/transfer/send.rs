@@ -11,8 +11,8 @@ use anyhow::Context;
 use peerlink_pair::{Code, Role};
 use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
-    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender, SenderEvent,
-    SenderOutput,
+    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, FRAME_HEADER, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender,
+    SenderEvent, SenderOutput,
 };
 
 use tokio::sync::mpsc;
@@ -91,20 +91,46 @@ impl Src {
         }
     }
 
-    /// Reads a chunk to send, and whether the file is still as it was
-    /// when the transfer started (so the bytes are those hashed for the
-    /// receiver: one hash pass per chunk, not two; the receiver checks
-    /// every chunk against its hash all the same).
-    fn read_unchanged(&self, offset: u64, len: usize) -> std::io::Result<(Vec<u8>, bool)> {
+    /// Reads a chunk of file `index` to send, as data frames of at most
+    /// `frame_max` bytes, and whether the file is still as it was when the
+    /// transfer started (so the bytes are those hashed for the receiver:
+    /// one hash pass per chunk, not two; the receiver checks every chunk
+    /// against its hash all the same). Each payload is read straight into
+    /// its frame: no zeroed chunk buffer, no copy into frames.
+    fn read_frames(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        frame_max: usize,
+    ) -> std::io::Result<ReadChunk> {
+        use std::io::{Read, Seek, SeekFrom};
         match self {
             Src::File(p, stamp) => {
-                let file = std::fs::File::open(p)?;
+                let mut file = std::fs::File::open(p)?;
                 if Stamp::of(&file.metadata()?) != *stamp {
                     return Ok((Vec::new(), false));
                 }
-                Ok((fsio::read_range(&file, offset, len)?, true))
+                file.seek(SeekFrom::Start(offset))?;
+                let mut frames = Vec::new();
+                for (at, n) in peerlink_transfer::frame_spans(offset, len, frame_max) {
+                    let mut frame = Vec::with_capacity(FRAME_HEADER + n);
+                    frame.extend_from_slice(&peerlink_transfer::frame_header(index, at));
+                    (&mut file).take(n as u64).read_to_end(&mut frame)?;
+                    if frame.len() != FRAME_HEADER + n {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the file is shorter than when it was offered",
+                        ));
+                    }
+                    frames.push(frame);
+                }
+                Ok((frames, true))
             }
-            Src::Text(_) => Ok((self.read(offset, len)?, true)),
+            Src::Text(_) => {
+                let bytes = self.read(offset, len)?;
+                Ok((peerlink_transfer::frames(index, offset, &bytes, frame_max).collect(), true))
+            }
         }
     }
 
@@ -145,8 +171,9 @@ struct Pump {
     task: JoinHandle<()>,
 }
 
-/// A chunk read for sending, and whether it still matches its hash.
-type ReadChunk = (Vec<u8>, bool);
+/// A chunk read for sending, as its data frames, and whether it still
+/// matches its hash.
+type ReadChunk = (Vec<Vec<u8>>, bool);
 
 /// Chunks read ahead of the one being sent.
 const READ_AHEAD: usize = 2;
@@ -187,12 +214,12 @@ impl Pump {
                     // a file modified since the transfer started no longer
                     // matches the hashes the receiver was given.
                     let read = tokio::task::spawn_blocking(move || {
-                        srcs[file as usize].read_unchanged(offset, len as usize)
+                        srcs[file as usize].read_frames(file, offset, len as usize, frame_max)
                     });
                     reads.push_back((job, read));
                 }
                 let Some((job, read)) = reads.pop_front() else { continue };
-                let (bytes, unchanged) = match read.await {
+                let (frames, unchanged) = match read.await {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
                         let _ = reports
@@ -211,9 +238,7 @@ impl Pump {
                     let _ = reports.send(PumpReport::Changed { file: job.file }).await;
                     return;
                 }
-                for (i, mut frame) in
-                    peerlink_transfer::frames(job.file, job.offset, &bytes, frame_max).enumerate()
-                {
+                for (i, mut frame) in frames.into_iter().enumerate() {
                     if i == 0 && !corrupted && fault.corrupts(job.file, job.offset) {
                         // Test hook: flip one payload byte once, after the
                         // hash check, as a faulty network path would.
