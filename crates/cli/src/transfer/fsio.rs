@@ -332,8 +332,8 @@ impl PartFile {
         use std::os::unix::fs::FileExt;
         if let Some(direct) = &self.direct
             && !data.is_empty()
-            && offset % DIRECT_ALIGN as u64 == 0
-            && data.len() % DIRECT_ALIGN == 0
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
             && !self.direct_refused.load(Ordering::Relaxed)
         {
             let copy;
