@@ -3,6 +3,7 @@
 //! with disk I/O, progress and Ctrl-C handling.
 
 mod fsio;
+mod hasher;
 mod link;
 pub mod receive;
 mod report;

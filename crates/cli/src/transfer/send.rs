@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::fsio::{self, Source};
+use super::hasher;
 use super::link::{Link, LinkError, LinkEvent};
 use super::report::{Report, Side, Totals};
 use super::ui::Ui;
@@ -322,6 +323,32 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let files = manifest.file_count();
     let fault = Fault::from_env();
 
+    // One hasher, pages in the order asked: the first page is ready after
+    // one page's work and data moves while the rest is hashed. (A task per
+    // page hashed every page asked for side by side, and the first was
+    // ready only when nearly all were.) Between requests, from now on, it
+    // hashes ahead. The engine holds at most this many requests, so sending
+    // to it does not wait.
+    let (hash_tx, mut hash_rx) = mpsc::channel::<hasher::Done>(64);
+    let (hash_jobs, hash_job_rx) = mpsc::channel::<hasher::Job>(MAX_QUEUED_HASH_REQUESTS);
+    {
+        let chunk_size = manifest.chunk_size();
+        let (chunks, sizes): (Vec<u32>, Vec<u64>) = (0..files)
+            .map(|i| (manifest.chunk_count(i).unwrap_or(0), manifest.file(i).map_or(0, |e| e.size)))
+            .unzip();
+        let srcs = srcs.clone();
+        tokio::task::spawn_blocking(move || {
+            hasher::run(
+                &chunks,
+                hasher::AHEAD_CHUNKS,
+                hasher::AHEAD_STEP,
+                hash_job_rx,
+                hash_tx,
+                |file, from, count| srcs[file as usize].hashes(chunk_size, sizes[file as usize], from, count),
+            );
+        });
+    }
+
     let (room, code) = join(&args).await?;
     let link = receive_link(args.web.as_deref().unwrap_or(&args.common.server), &code.to_string());
     let qr = if args.qr { Some(qr_text(&link)?) } else { None };
@@ -330,7 +357,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let mut ctl: Option<DataChannel> = None;
     let mut sender = Sender::new(manifest);
 
-    let (hash_tx, mut hash_rx) = mpsc::channel::<(u32, u32, u32, std::io::Result<Vec<Hash>>)>(64);
     let (report_tx, mut report_rx) = mpsc::channel::<PumpReport>(8);
     let sent = Arc::new(AtomicU64::new(0));
     let position = Arc::new(Mutex::new(None));
@@ -342,24 +368,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
-    let chunk_size = sender.manifest().chunk_size();
-    // One hasher, pages in the order asked: the first page is ready after
-    // one page's work and data moves while the rest is hashed. (A task per
-    // page hashed every page asked for side by side, and the first was
-    // ready only when nearly all were.) The engine holds at most this many
-    // requests, so sending to it does not wait.
-    let (hash_jobs, mut hash_job_rx) = mpsc::channel::<(u32, u32, u32, u64)>(MAX_QUEUED_HASH_REQUESTS);
-    {
-        let (srcs, tx) = (srcs.clone(), hash_tx.clone());
-        tokio::task::spawn_blocking(move || {
-            while let Some((file, from, count, size)) = hash_job_rx.blocking_recv() {
-                let r = srcs[file as usize].hashes(chunk_size, size, from, count);
-                if tx.blocking_send((file, from, count, r)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
 
     let outcome = loop {
         // Do what the engine asks.
@@ -375,8 +383,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     }
                 }
                 SenderOutput::Hash { file, from, count } => {
-                    let size = sender.manifest().file(file).map_or(0, |e| e.size);
-                    let _ = hash_jobs.send((file, from, count, size)).await;
+                    let _ = hash_jobs.send(hasher::Job { file, from, count }).await;
                 }
                 SenderOutput::Send { file, offset, len, .. } => {
                     if let Some(p) = &pump {
@@ -454,10 +461,15 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 }
                 None => ctl = None,
             },
-            Some((file, from, count, r)) = hash_rx.recv() => match r {
-                Ok(hashes) if hashes.len() == count as usize => sender.hashes_computed(file, from, hashes),
-                Ok(_) => sender.read_failed(file, "the file is shorter than when it was offered".into()),
-                Err(e) => sender.read_failed(file, e.to_string()),
+            Some(done) = hash_rx.recv() => match done.hashes {
+                Ok(hashes) if hashes.len() == done.count as usize => {
+                    sender.hashes_computed(done.file, done.from, hashes);
+                }
+                // Hashed ahead of any request: if the receiver asks, the
+                // file is read again and a failure is reported then.
+                _ if done.ahead => {}
+                Ok(_) => sender.read_failed(done.file, "the file is shorter than when it was offered".into()),
+                Err(e) => sender.read_failed(done.file, e.to_string()),
             },
             Some(report) = report_rx.recv() => match report {
                 PumpReport::Changed { file } => {
