@@ -106,15 +106,15 @@ impl Ahead {
             self.budget -= u64::from(job.count);
             // Unreadable now: the rest of the file is left to the requests.
             self.next = if ok { end } else { chunks[job.file as usize] };
-        } else if ok && job.file as usize == self.file && job.from <= self.next {
+            if ok {
+                self.prefix[job.file as usize] = end;
+            }
+        } else if ok && job.file as usize == self.file && job.from <= self.prefix[self.file] {
             // A request that continues what was hashed ahead: ahead goes on
-            // after it, not over it again.
-            self.next = self.next.max(end);
-        } else {
-            return;
-        }
-        if ok {
-            self.prefix[job.file as usize] = self.next;
+            // after it, not over it again. (Only from what was really sent:
+            // after a failure ahead `next` is past the file, `prefix` is not.)
+            self.prefix[self.file] = self.prefix[self.file].max(end);
+            self.next = self.next.max(self.prefix[self.file]);
         }
     }
 
@@ -250,6 +250,33 @@ mod tests {
         // Then ahead goes on from 30, not from where it was.
         assert_eq!(h.next(1), [(job(0, 30, 4), true, true)]);
         let _ = h.finish();
+    }
+
+    #[test]
+    fn after_a_failure_ahead_each_request_is_hashed_in_full() {
+        // File 0 fails once (ahead), then reads: every request for it is
+        // hashed, none taken as sent ahead.
+        let (job_tx, job_rx) = mpsc::channel::<Job>(8);
+        let (done_tx, mut done) = mpsc::channel(64);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let thread = std::thread::spawn(move || {
+            run(&[12], 100, 4, job_rx, done_tx, move |_, from, count| {
+                if !failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    return Err(io::Error::other("busy"));
+                }
+                Ok((from..from + count).map(|c| [c as u8; 32]).collect())
+            })
+        });
+        let d = done.blocking_recv().unwrap();
+        assert!(d.ahead && d.hashes.is_err());
+        for page in [job(0, 0, 4), job(0, 4, 4), job(0, 8, 4)] {
+            job_tx.blocking_send(page).unwrap();
+            let d = done.blocking_recv().unwrap();
+            assert_eq!((job(d.file, d.from, d.count), d.ahead), (page, false));
+            assert!(d.hashes.is_ok());
+        }
+        drop(job_tx);
+        thread.join().unwrap();
     }
 
     #[test]
