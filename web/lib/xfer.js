@@ -31,6 +31,10 @@ const FRAME_MAX = 64 * 1024;
 const MAX_EARLY_MESSAGES = 256;
 /** Chunks a sender reads and checks ahead of its channel (memory: this many chunks). */
 const READ_AHEAD = 4;
+/** Most chunks hashed ahead of the receiver's requests (64 GiB of 1 MiB chunks), as `peerlink send` does. */
+const AHEAD_CHUNKS = 1 << 16;
+/** Chunks hashed ahead at a time: a request waits for at most this much hashing. */
+const AHEAD_STEP = 16;
 
 /** A first-come, first-served counting semaphore. */
 class Slots {
@@ -424,6 +428,33 @@ export class SendTransfer extends Emitter {
       let frameBuf = null;
       let session = 0;
       let ended = false;
+      // Hashing ahead, between the receiver's requests, from now on (as
+      // `peerlink send` does): when the receiver asks, the first pages are
+      // known. `prefix[f]`: file f's chunks below it were hashed ahead.
+      const counts = Array.from({ length: this.manifest.fileCount }, (_, f) => this.manifest.chunkCount(f) ?? 0);
+      const prefix = counts.map(() => 0);
+      const ahead = { file: 0, next: 0, budget: AHEAD_CHUNKS };
+      let requests = 0;
+      const hashAhead = () => {
+        if (ended || requests > 0 || this.sender.isFinal()) return;
+        while (ahead.file < counts.length && ahead.next >= counts[ahead.file]) { ahead.file++; ahead.next = 0; }
+        if (ahead.file === counts.length || ahead.budget <= 0) return;
+        const file = ahead.file;
+        const from = ahead.next;
+        const count = Math.min(counts[file] - from, AHEAD_STEP, ahead.budget);
+        ahead.budget -= count;
+        hashing = hashing.then(async () => {
+          try {
+            const hashes = [];
+            for (let c = from; c < from + count; c++) hashes.push(await chunkHashAsync(await this._read(file, c)));
+            this.sender.hashesComputed(file, from, hashes);
+            ahead.next = prefix[file] = from + count;
+            pump();
+          } catch {
+            ahead.next = counts[file]; // unreadable now: left to the request that needs it
+          }
+        }).then(hashAhead);
+      };
       const finish = (/** @type {Error | null} */ err) => {
         if (ended) return;
         ended = true;
@@ -440,16 +471,28 @@ export class SendTransfer extends Emitter {
               ctl?.send(ctlJson(out.msg)).catch(() => {});
               break;
             case 'hash':
+              requests++;
               hashing = hashing.then(async () => {
                 if (mine !== session) return;
+                // What was hashed ahead is known already: only the rest.
+                const end = out.from + out.count;
+                const from = Math.max(out.from, prefix[out.file]);
                 const hashes = [];
-                for (let c = out.from; c < out.from + out.count; c++) hashes.push(await chunkHashAsync(await this._read(out.file, c)));
-                if (mine === session) this.sender.hashesComputed(out.file, out.from, hashes);
+                for (let c = from; c < end; c++) hashes.push(await chunkHashAsync(await this._read(out.file, c)));
+                if (mine === session && hashes.length) this.sender.hashesComputed(out.file, from, hashes);
+                // A request that continues what was hashed ahead: ahead goes on after it.
+                if (out.file === ahead.file && out.from <= prefix[out.file]) {
+                  prefix[out.file] = Math.max(prefix[out.file], end);
+                  ahead.next = Math.max(ahead.next, prefix[out.file]);
+                }
                 pump();
               }).catch((e) => {
                 if (mine !== session) return;
                 this._readFailed(out.file, e);
                 pump();
+              }).finally(() => {
+                requests--;
+                hashAhead();
               });
               break;
             case 'send': {
@@ -543,6 +586,7 @@ export class SendTransfer extends Emitter {
         pump();
       });
       this.emit('code', { code: this.code.toString() });
+      hashAhead();
       link.start().catch((e) => finish(new TransferError('failed', `Cannot reach the server: ${e.message ?? e}`)));
     });
   }

@@ -1,0 +1,52 @@
+// SendTransfer hashes ahead while it waits for a receiver, as `peerlink
+// send` does (crates/cli/src/transfer/hasher.rs): when the receiver asks for
+// a page of hashes, the answer is ready, with no hashing left to do.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { SendTransfer } from '../../lib/xfer.js';
+import { Emitter } from '../../lib/events.js';
+import { chunkHash, hashesToHex } from '../../lib/transfer/hash.js';
+import { MIN_CHUNK_SIZE } from '../../lib/transfer/manifest.js';
+
+/** A link that never finds a receiver. */
+class NoReceiver extends Emitter {
+  async start() {}
+  close() {}
+}
+
+test('a sender hashes its files ahead while no receiver is there', async () => {
+  const cs = MIN_CHUNK_SIZE;
+  const a = new Uint8Array(40 * cs).map((_, i) => (i * 7) & 0xff);
+  const b = new Uint8Array(3 * cs + 5).map((_, i) => (i * 13) & 0xff);
+  const t = new SendTransfer({
+    server: 'ws://127.0.0.1:1',
+    chunkSize: cs,
+    items: [{ path: 'a.bin', blob: new Blob([a]) }, { path: 'b.bin', blob: new Blob([b]) }],
+    link: /** @type {any} */ (new NoReceiver()),
+  });
+  let reads = 0;
+  const read = t._read.bind(t);
+  t._read = (file, chunk) => { reads++; return read(file, chunk); };
+  t.run().catch(() => {});
+  const total = 40 + 4;
+  for (let i = 0; i < 200 && reads < total; i++) await new Promise((r) => setTimeout(r, 10));
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(reads, total, 'every chunk read once, ahead of any request');
+
+  // A receiver arrives and asks: the engine answers from what it has, with
+  // no `hash` request for the driver.
+  const s = t.sender;
+  s.startSession();
+  while (s.poll()) { /* the manifest */ }
+  s.handleCtlJson('{"type":"accept"}');
+  s.handleCtlJson('{"type":"get_hashes","file":0,"from":0}');
+  s.handleCtlJson('{"type":"get_hashes","file":1,"from":0}');
+  const outs = [];
+  for (let o = s.poll(); o; o = s.poll()) outs.push(o);
+  assert.ok(!outs.some((o) => o.type === 'hash'), JSON.stringify(outs.map((o) => o.type)));
+  const answers = outs.filter((o) => o.type === 'ctl' && o.msg.type === 'hashes').map((o) => o.msg);
+  const expect = (data, n) => hashesToHex(Array.from({ length: n }, (_, c) => chunkHash(data.subarray(c * cs, Math.min((c + 1) * cs, data.length)))));
+  assert.deepEqual(answers.map((m) => [m.file, m.from, m.hashes]), [[0, 0, expect(a, 40)], [1, 0, expect(b, 4)]]);
+  assert.equal(reads, total, 'nothing read again');
+});
