@@ -89,6 +89,10 @@ pub enum Bench {
         /// Folder for the test files (default: under the system temp folder).
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// Emulate this round trip (ms) in both processes' drivers, half of
+        /// it each way, beside the channel at the same round trip.
+        #[arg(long, default_value_t = 0)]
+        rtt_ms: u64,
     },
     /// Bulk throughput and connect time through the embedded TURN server
     /// (both peers relay-only) over UDP, TCP and TLS, beside the direct
@@ -193,19 +197,6 @@ pub(crate) async fn channel(room: &mut Room, label: &str) -> anyhow::Result<Data
     }
 }
 
-/// Two rooms connected with one channel; returns both ends.
-pub(crate) async fn pair(
-    server: &Server,
-    room: &str,
-    spec: ChannelSpec,
-) -> anyhow::Result<(Room, DataChannel, Room, DataChannel)> {
-    let label = spec.label.clone();
-    let mut a = Room::join(server.config(room, vec![])).await?;
-    let mut b = Room::join(server.config(room, vec![spec])).await?;
-    let (ca, cb) = tokio::join!(channel(&mut a, &label), channel(&mut b, &label));
-    Ok((a, ca?, b, cb?))
-}
-
 /// `/proc` reports CPU time in USER_HZ ticks, 100 per second on Linux.
 pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 
@@ -235,7 +226,9 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
             peer::throughput(mib, size, !no_reference).await.map(|_| ())
         }
         Bench::Wan { mib, size, rate_mbit, jitter_ms } => peer::wan(mib, size, rate_mbit, jitter_ms).await,
-        Bench::Transfer { mib, files, file_kib, dir } => transfer::run(mib, files, file_kib, dir).await,
+        Bench::Transfer { mib, files, file_kib, dir, rtt_ms } => {
+            transfer::run(mib, files, file_kib, dir, rtt_ms).await
+        }
         Bench::SignalMemory { conns } => signal::signal_memory(conns).await,
         Bench::SignalLoad(args) => sigload::run(args).await,
         Bench::SignalAbuse(args) => abuse::run(args).await,
@@ -253,7 +246,7 @@ pub async fn run(what: Bench) -> anyhow::Result<()> {
             peer::throughput(256, 65536, true).await?;
             signal::signal_memory(500).await?;
             peer::relay(128, 65536).await?;
-            transfer::run(1024, 1000, 100, None).await
+            transfer::run(1024, 1000, 100, None, 0).await
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use peerlink_peer::{ChannelSpec, DataChannel, Message, Room};
 use tokio::sync::oneshot;
 
-use super::{Server, WAIT, channel, pair, pct};
+use super::{Server, WAIT, channel, pct};
 
 pub(super) async fn connect(iterations: usize) -> anyhow::Result<()> {
     let server = Server::start().await?;
@@ -233,6 +233,19 @@ pub async fn wan(mib: usize, size: usize, rate_mbit: u64, jitter_ms: u64) -> any
     Ok(())
 }
 
+/// The channel with both drivers holding every datagram for half of `rtt`
+/// (the reference beside `bench transfer --rtt-ms`): prints and returns
+/// MB/s.
+pub async fn throughput_at_rtt(mib: usize, size: usize, rtt: Duration) -> anyhow::Result<f64> {
+    let em = |seed| peerlink_peer::NetEm { seed, ..peerlink_peer::NetEm::delay(rtt / 2) };
+    let (mbs, cpu) = peerlink_throughput(mib, size, Some((em(1), em(2)))).await?;
+    println!(
+        "throughput ({mib} MiB in {size}-byte messages, reliable ordered, RTT {} ms in both drivers): peerlink {mbs:.1} MB/s, {cpu:.1} CPU-s per GB (both peers)",
+        rtt.as_millis()
+    );
+    Ok(mbs)
+}
+
 /// peerlink's bulk throughput between two peers, optionally each behind an
 /// emulated WAN: MB/s, and CPU seconds per GB moved (both peers, which run
 /// in this process beside an idle signaling server; from the first message
@@ -243,81 +256,161 @@ async fn peerlink_throughput(
     netem: Option<(peerlink_peer::NetEm, peerlink_peer::NetEm)>,
 ) -> anyhow::Result<(f64, f64)> {
     let server = Server::start().await?;
+    let run = bulk(&server, "tput", mib, size, netem).await?;
+    Ok((run.mbs, run.cpu_per_gb))
+}
+
+/// What one [`bulk`] run measured.
+struct BulkRun {
+    mbs: f64,
+    /// CPU seconds per GB, this process (both peers), first message to last.
+    cpu_per_gb: f64,
+    /// Join to the channel open on both sides.
+    connect: Duration,
+    /// The sender's path to the receiver when the channel opened (direct,
+    /// relayed, ...).
+    path: String,
+}
+
+/// Moves `mib` MiB in `size`-byte messages between two peers of `server`.
+/// The receiving peer runs on a thread and runtime of its own, as it would
+/// in another process: two peers on one runtime share one I/O driver, and
+/// each waits for the other to park before its datagrams are seen.
+async fn bulk(
+    server: &Server,
+    room: &str,
+    mib: usize,
+    size: usize,
+    netem: Option<(peerlink_peer::NetEm, peerlink_peer::NetEm)>,
+) -> anyhow::Result<BulkRun> {
     let total = mib * 1024 * 1024;
     let count = total.div_ceil(size);
-    let mut a_cfg = server.config("tput", vec![]);
-    let mut b_cfg = server.config("tput", vec![ChannelSpec::reliable("bulk")]);
+    let mut a_cfg = server.config(room, vec![]);
+    let mut b_cfg = server.config(room, vec![ChannelSpec::reliable("bulk")]);
     if let Some((a, b)) = netem {
         a_cfg.netem = Some(a);
         b_cfg.netem = Some(b);
     }
     // The sender joins first; the receiver, joining second, opens the channel.
+    let joined = Instant::now();
     let mut a = Room::join(a_cfg).await?;
-    // The receiving peer on its own thread and runtime, as it would be in
-    // another process: two peers on one runtime share one I/O driver, and
-    // each waits for the other to park before its datagrams are seen.
     let (ready_tx, ready_rx) = oneshot::channel::<()>();
     let (go_tx, go_rx) = oneshot::channel::<()>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let (leave_tx, leave_rx) = oneshot::channel::<()>();
     let receiver = std::thread::spawn(move || -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-receiver")
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
             let mut b = Room::join(b_cfg).await?;
             let cb = channel(&mut b, "bulk").await?;
             let _ = ready_tx.send(());
             let _ = go_rx.await;
-            take_bytes(&cb, count * size).await
+            take_bytes(&cb, count * size).await?;
+            // Stay in the room until the sender has read the path's stats.
+            let _ = done_tx.send(());
+            let _ = leave_rx.await;
+            anyhow::Ok(())
         })
     });
     let ca = channel(&mut a, "bulk").await?;
+    let stopped = |receiver: std::thread::JoinHandle<anyhow::Result<()>>| async move {
+        match tokio::task::spawn_blocking(move || receiver.join()).await? {
+            Ok(Err(e)) => Err(e.context("receiving peer")),
+            Ok(Ok(())) => Err(anyhow::anyhow!("the receiving peer stopped")),
+            Err(_) => Err(anyhow::anyhow!("the receiving peer panicked")),
+        }
+    };
     if ready_rx.await.is_err() {
         // The receiver gave up before its channel opened: say why.
-        let why = tokio::task::spawn_blocking(move || receiver.join()).await?;
-        return Err(match why {
-            Ok(Err(e)) => e.context("receiving peer"),
-            _ => anyhow::anyhow!("the receiving peer stopped"),
-        });
+        return stopped(receiver).await;
     }
+    let connect = joined.elapsed();
+    let peer = ca.peer().clone();
     let t0 = Instant::now();
     let cpu0 = super::own_cpu_seconds();
     let _ = go_tx.send(());
     let sender = tokio::spawn(give_messages(ca, count, size));
-    tokio::task::spawn_blocking(move || receiver.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    if done_rx.await.is_err() {
+        return stopped(receiver).await;
+    }
     let elapsed = t0.elapsed();
     let cpu = super::own_cpu_seconds() - cpu0;
     sender.await??;
-    let bytes = (count * size) as f64;
-    drop((a, server));
-    Ok((bytes / elapsed.as_secs_f64() / 1e6, cpu / (bytes / 1e9)))
-}
-
-/// Moves `mib` MiB in `size`-byte messages between two peers of `server`;
-/// returns MB/s and the path kind.
-async fn bulk(server: &Server, room: &str, mib: usize, size: usize) -> anyhow::Result<(f64, String)> {
-    let (a, ca, _b, cb) = pair(server, room, ChannelSpec::reliable("bulk")).await?;
-    transfer(ca, cb, mib, size, &a).await
-}
-
-/// Moves `mib` MiB from `ca` to `cb`; MB/s and `a`'s path.
-async fn transfer(
-    ca: DataChannel,
-    cb: DataChannel,
-    mib: usize,
-    size: usize,
-    a: &Room,
-) -> anyhow::Result<(f64, String)> {
-    let total = mib * 1024 * 1024;
-    let count = total.div_ceil(size);
-    let t0 = Instant::now();
-    let peer = ca.peer().clone();
-    let sender = tokio::spawn(give_messages(ca, count, size));
-    let got = count * size;
-    take_bytes(&cb, got).await?;
-    let elapsed = t0.elapsed();
-    sender.await??;
     let path = a.stats(&peer).await?.path.map_or("?".to_string(), |p| p.to_string());
-    Ok((got as f64 / elapsed.as_secs_f64() / 1e6, path))
+    let _ = leave_tx.send(());
+    tokio::task::spawn_blocking(move || receiver.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the receiving peer panicked"))??;
+    let bytes = (count * size) as f64;
+    Ok(BulkRun { mbs: bytes / elapsed.as_secs_f64() / 1e6, cpu_per_gb: cpu / (bytes / 1e9), connect, path })
+}
+
+/// The embedded TURN server on a thread and runtime of its own, as it is
+/// in `peerlink serve`, another process than the peers': its UDP, TCP and
+/// TLS addresses and its self-signed certificate. Dropping `stop` ends it.
+struct Turn {
+    udp: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+    tls: std::net::SocketAddr,
+    cert: String,
+    stop: oneshot::Sender<()>,
+}
+
+impl Turn {
+    fn start(secret: &'static str) -> anyhow::Result<Turn> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let started = (|| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("bench-turn")
+                    .enable_all()
+                    .build()?;
+                let (turn, udp, tcp, tls, cert) = rt.block_on(async {
+                    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+                    let mut config = peerlink_turn::Config::new(peerlink_turn::Auth::rest(secret));
+                    config.relay_ports = 0..=0;
+                    config.peer_policy.allow_loopback = true;
+                    config.limits.bandwidth_bytes_per_sec = None;
+                    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
+                    let cert = key.cert.pem();
+                    let tls = peerlink_turn::TlsConfig::from_pem(
+                        cert.as_bytes(),
+                        key.signing_key.serialize_pem().as_bytes(),
+                    )?;
+                    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let (tcp_addr, tls_addr) = (tcp.local_addr()?, tls_listener.local_addr()?);
+                    let turn =
+                        peerlink_turn::Server::new(socket, config)?.with_tcp(tcp).with_tls(tls_listener, tls);
+                    let udp = turn.local_addr();
+                    anyhow::Ok((turn, udp, tcp_addr, tls_addr, cert))
+                })?;
+                anyhow::Ok((rt, turn, udp, tcp, tls, cert))
+            })();
+            match started {
+                Ok((rt, turn, udp, tcp, tls, cert)) => {
+                    let _ = tx.send(Ok((udp, tcp, tls, cert)));
+                    let run = turn.run(async {
+                        let _ = stopped.await;
+                    });
+                    if let Err(e) = rt.block_on(run) {
+                        eprintln!("TURN server stopped: {e}");
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        let (udp, tcp, tls, cert) = rx.recv().context("the TURN thread stopped")??;
+        Ok(Turn { udp, tcp, tls, cert, stop })
+    }
 }
 
 /// Bulk throughput and connect time through the embedded TURN server with
@@ -326,24 +419,7 @@ async fn transfer(
 /// fallback wait is counted).
 pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
     const SECRET: &str = "bench-secret";
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    let mut config = peerlink_turn::Config::new(peerlink_turn::Auth::rest(SECRET));
-    config.relay_ports = 0..=0;
-    config.peer_policy.allow_loopback = true;
-    config.limits.bandwidth_bytes_per_sec = None;
-    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
-    let cert = key.cert.pem();
-    let tls =
-        peerlink_turn::TlsConfig::from_pem(cert.as_bytes(), key.signing_key.serialize_pem().as_bytes())?;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let (tcp_addr, tls_addr) = (tcp.local_addr()?, tls_listener.local_addr()?);
-    let turn = peerlink_turn::Server::new(socket, config)?.with_tcp(tcp).with_tls(tls_listener, tls);
-    let turn_addr = turn.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(turn.run(async {
-        let _ = stopped.await;
-    }));
+    let turn = Turn::start(SECRET)?;
     let with_url = |url: String| {
         peerlink_signal::IceProvider::new(move |req| {
             let c = peerlink_turn::rest_credentials(
@@ -360,16 +436,16 @@ pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
         })
     };
     println!(
-        "relay ({mib} MiB in {size}-byte messages, 127.0.0.1; connect = join to open channel, both peers):"
+        "relay ({mib} MiB in {size}-byte messages, 127.0.0.1; connect = join to open channel, both peers; the receiving peer and the TURN server each on a runtime of their own, as in other processes):"
     );
     let direct_server = Server::start().await?;
-    let (direct, direct_path) = bulk(&direct_server, "direct", mib, size).await?;
-    println!("  direct          {direct:>7.1} MB/s   [{direct_path}]");
+    let direct = bulk(&direct_server, "direct", mib, size, None).await?;
+    println!("  direct          {:>7.1} MB/s   [{}]", direct.mbs, direct.path);
     let mut udp = None;
     for (name, url) in [
-        ("TURN over UDP", format!("turn:{turn_addr}?transport=udp")),
-        ("TURN over TCP", format!("turn:{tcp_addr}?transport=tcp")),
-        ("TURN over TLS", format!("turns:{tls_addr}")),
+        ("TURN over UDP", format!("turn:{}?transport=udp", turn.udp)),
+        ("TURN over TCP", format!("turn:{}?transport=tcp", turn.tcp)),
+        ("TURN over TLS", format!("turns:{}", turn.tls)),
     ] {
         let mut server = Server::start_with(peerlink_signal::Config {
             ice_provider: Some(with_url(url)),
@@ -377,19 +453,18 @@ pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
         })
         .await?;
         server.relay_only = true;
-        server.turn_ca = Some(cert.clone().into_bytes());
-        let t0 = Instant::now();
-        let (a, ca, _b, cb) = pair(&server, "relayed", ChannelSpec::reliable("bulk")).await?;
-        let connect = t0.elapsed();
-        let (mbs, path) = transfer(ca, cb, mib, size, &a).await?;
-        let base = *udp.get_or_insert(mbs);
+        server.turn_ca = Some(turn.cert.clone().into_bytes());
+        let run = bulk(&server, "relayed", mib, size, None).await?;
+        let base = *udp.get_or_insert(run.mbs);
         println!(
-            "  {name}   {mbs:>7.1} MB/s   connect {:>6.1} ms   {:.2} of UDP-relayed, {:.2} of direct [{path}]",
-            connect.as_secs_f64() * 1e3,
-            mbs / base,
-            mbs / direct
+            "  {name}   {:>7.1} MB/s   connect {:>6.1} ms   {:.2} of UDP-relayed, {:.2} of direct [{}]",
+            run.mbs,
+            run.connect.as_secs_f64() * 1e3,
+            run.mbs / base,
+            run.mbs / direct.mbs,
+            run.path
         );
     }
-    let _ = stop.send(());
+    let _ = turn.stop.send(());
     Ok(())
 }

@@ -78,11 +78,21 @@ fn mib(kib: &Value) -> String {
     kib.as_u64().map_or("?".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
 }
 
-async fn one(exe: &Path, url: &str, case: &Case, out: &Path) -> anyhow::Result<(Duration, Value, Value)> {
-    let common = ["--json", "--server", url, "--ice-addr", "127.0.0.1"];
+async fn one(
+    exe: &Path,
+    url: &str,
+    case: &Case,
+    out: &Path,
+    rtt_ms: u64,
+) -> anyhow::Result<(Duration, Value, Value)> {
+    let delay = format!("{}ms", rtt_ms / 2);
+    let mut common = vec!["--json", "--server", url, "--ice-addr", "127.0.0.1"];
+    if rtt_ms > 0 {
+        common.extend(["--emulate-delay", &delay]);
+    }
     let mut sender = Command::new(exe)
         .arg("send")
-        .args(common)
+        .args(&common)
         .arg(&case.path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -99,7 +109,7 @@ async fn one(exe: &Path, url: &str, case: &Case, out: &Path) -> anyhow::Result<(
     let t0 = Instant::now();
     let mut receiver = Command::new(exe)
         .arg("receive")
-        .args(common)
+        .args(&common)
         .args(["--yes", "--out"])
         .arg(out)
         .arg(&code)
@@ -119,7 +129,13 @@ async fn one(exe: &Path, url: &str, case: &Case, out: &Path) -> anyhow::Result<(
     Ok((elapsed, sent, received))
 }
 
-pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    big_mib: usize,
+    files: usize,
+    file_kib: usize,
+    dir: Option<PathBuf>,
+    rtt_ms: u64,
+) -> anyhow::Result<()> {
     let root = dir.unwrap_or_else(std::env::temp_dir).join(format!("peerlink-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("many"))?;
@@ -140,7 +156,11 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
             },
         ];
 
-        let raw = super::peer::throughput(256, 65536, true).await?;
+        let raw = if rtt_ms > 0 {
+            super::peer::throughput_at_rtt(256, 65536, Duration::from_millis(rtt_ms / 2 * 2)).await?
+        } else {
+            super::peer::throughput(256, 65536, false).await?
+        };
         let server = super::Server::start().await?;
         let exe = std::env::current_exe()?;
         for (i, case) in cases.iter().enumerate() {
@@ -149,7 +169,7 @@ pub async fn run(big_mib: usize, files: usize, file_kib: usize, dir: Option<Path
             }
             let out = root.join(format!("out-{i}"));
             std::fs::create_dir_all(&out)?;
-            let (elapsed, sent, received) = one(&exe, &server.url, case, &out).await?;
+            let (elapsed, sent, received) = one(&exe, &server.url, case, &out, rtt_ms).await?;
             if i == 0 {
                 let (a, b) = (sha256(&case.path)?, sha256(&out.join("big.bin"))?);
                 if a != b {

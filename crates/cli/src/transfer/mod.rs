@@ -38,6 +38,11 @@ pub struct Common {
     pub token: Option<String>,
     #[command(flatten)]
     pub ice: IceArgs,
+    /// For `peerlink bench transfer --rtt-ms` only: hold every datagram this
+    /// process sends for this long (half the emulated round trip), in the
+    /// peer's own driver.
+    #[arg(long, hide = true, value_parser = crate::common::parse_ms)]
+    pub emulate_delay: Option<Duration>,
 }
 
 /// This process's peak resident memory (`VmHWM`), for `--json` reports.

@@ -167,6 +167,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     config.auto_connect = false;
     config.channels = Vec::new();
     config.ice = args.common.ice.config()?;
+    config.netem = args.common.emulate_delay.map(peerlink_peer::NetEm::delay);
     config.name = Some("peerlink-receive".into());
     config.token = args.common.token.clone();
     let room =

@@ -279,6 +279,7 @@ async fn join(args: &SendArgs) -> anyhow::Result<(Room, Code)> {
         config.auto_connect = false;
         config.channels = Vec::new();
         config.ice = args.common.ice.config()?;
+        config.netem = args.common.emulate_delay.map(peerlink_peer::NetEm::delay);
         config.name = Some("peerlink-send".into());
         config.token = args.common.token.clone();
         let room = Room::join(config)
