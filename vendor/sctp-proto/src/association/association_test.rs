@@ -5925,11 +5925,12 @@ fn test_abort_from_the_peer_is_not_an_error() -> Result<()> {
     Ok(())
 }
 
-/// peerlink: a round trip that shows a queue building brings the window
-/// down to the measured rate times `2 × min_rtt + target`; a round trip
-/// within that leaves it alone; with the change off nothing moves.
+/// peerlink: a round in which every round trip shows a queue brings the
+/// window down to the measured rate times `2 × min_rtt + target`; a round
+/// whose long round trips are only a burst's tail leaves it alone; with the
+/// change off nothing moves.
 #[test]
-fn test_queue_building_brings_the_window_down() {
+fn test_standing_queue_brings_the_window_down() {
     let t0 = Instant::now();
     let target = Duration::from_millis(2);
     for on in [true, false] {
@@ -5938,17 +5939,29 @@ fn test_queue_building_brings_the_window_down() {
         // 10 round trips of 10 ms, each delivering 100 kB while data waits:
         // 10 MB/s.
         let rtt = Duration::from_millis(10);
+        let mut tsn = 0;
         for i in 0..10u32 {
-            let now = t0 + rtt * i;
-            a.on_rtt_sample(rtt, now);
-            a.delivery.on_sack(100_000, i * 10, i * 10 + 10, true, now);
+            tsn += 10;
+            a.delivery
+                .on_sack(100_000, tsn, tsn + 10, true, Some(rtt), t0 + rtt * i);
         }
         a.cwnd = 1 << 20;
         a.ssthresh = 1 << 20;
         let now = t0 + Duration::from_millis(100);
-        a.on_rtt_sample(Duration::from_millis(21), now);
-        assert_eq!(a.cwnd, 1 << 20, "21 ms is within 2 × 10 ms + 2 ms");
-        a.on_rtt_sample(Duration::from_millis(40), now);
+        let sack = |a: &mut Association, cum: u32, next: u32, rtt_ms: u64| {
+            let rtt = Some(Duration::from_millis(rtt_ms));
+            a.delivery.on_sack(10_000, cum, next, true, rtt, now);
+            if a.delivery.take_standing_queue() {
+                a.bring_window_to_cap(now);
+            }
+        };
+        // The round ends on a 40 ms round trip, but it also saw 10 ms.
+        sack(&mut a, tsn + 5, tsn + 20, 10);
+        sack(&mut a, tsn + 10, tsn + 20, 40);
+        assert_eq!(a.cwnd, 1 << 20, "a burst's tail is not a standing queue");
+        // Every round trip of the next round is above 2 × 10 ms + 2 ms.
+        sack(&mut a, tsn + 15, tsn + 30, 23);
+        sack(&mut a, tsn + 20, tsn + 30, 40);
         if on {
             // 10 MB/s × 22 ms.
             assert!((219_000..=221_000).contains(&a.cwnd), "cwnd {}", a.cwnd);

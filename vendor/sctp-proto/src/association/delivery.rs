@@ -63,6 +63,11 @@ pub(crate) struct DeliveryModel {
     min_rtt_stamp: Option<Instant>,
     /// The smallest round trip since `min_rtt_stamp`.
     window_min: Option<Duration>,
+    /// The smallest round trip reported by a SACK of the round in progress.
+    round_min_rtt: Option<Duration>,
+    /// The last round ended with even its smallest round trip above
+    /// `2 × min_rtt + target`: a standing queue, not a burst's tail.
+    standing_queue: bool,
 }
 
 impl DeliveryModel {
@@ -75,6 +80,8 @@ impl DeliveryModel {
             min_rtt: None,
             min_rtt_stamp: None,
             window_min: None,
+            round_min_rtt: None,
+            standing_queue: false,
         }
     }
 
@@ -100,17 +107,24 @@ impl DeliveryModel {
 
     /// A SACK acknowledged `bytes` for the first time and left the
     /// cumulative ack at `cum_tsn`; `next_tsn` is the next TSN to be sent;
-    /// `waiting`: data is queued that the window has not let out.
+    /// `waiting`: data is queued that the window has not let out; `rtt`:
+    /// the round trip of the newest chunk it acknowledged that was sent
+    /// once.
     pub(crate) fn on_sack(
         &mut self,
         bytes: u64,
         cum_tsn: u32,
         next_tsn: u32,
         waiting: bool,
+        rtt: Option<Duration>,
         now: Instant,
     ) {
         if self.target.is_none() {
             return;
+        }
+        if let Some(rtt) = rtt {
+            self.on_rtt(rtt, now);
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |m| m.min(rtt)));
         }
         self.delivered += bytes;
         let fresh = Round {
@@ -129,6 +143,14 @@ impl DeliveryModel {
         }
         let round = *round;
         self.round = Some(fresh);
+        // A sender that does not pace sends in bursts, and the last chunks
+        // of a burst wait behind the rest: single round trips spike while
+        // the link still idles between bursts. Only a round whose every
+        // round trip was long shows a queue that stands.
+        self.standing_queue = match (self.round_min_rtt.take(), self.min_rtt, self.target) {
+            (Some(round_min), Some(min), Some(target)) => round_min > min * 2 + target,
+            _ => false,
+        };
         let elapsed = now.saturating_duration_since(round.start).as_secs_f64();
         if elapsed <= 0.0 {
             return;
@@ -162,20 +184,34 @@ impl DeliveryModel {
         Some((bw * rtt.as_secs_f64()).min(u32::MAX as f64) as u32)
     }
 
-    /// Whether a round trip of `rtt` shows a queue longer than the cap
-    /// allows: more than `2 × min_rtt + target`.
-    pub(crate) fn queue_building(&self, rtt: Duration) -> bool {
-        match (self.target, self.min_rtt) {
-            (Some(target), Some(min)) => rtt > min * 2 + target,
-            _ => false,
-        }
+    /// Whether the round that just ended showed a standing queue longer
+    /// than the cap allows (every round trip in it above `2 × min_rtt +
+    /// target`); answers once per such round.
+    pub(crate) fn take_standing_queue(&mut self) -> bool {
+        core::mem::take(&mut self.standing_queue)
     }
 
-    /// The most data that should be in flight, once the path is measured;
-    /// never below `floor`.
-    pub(crate) fn cap(&self, floor: u32) -> Option<u32> {
+    /// The delivery rate at `now`: the recent rounds' maximum, raised by the
+    /// round in progress once that has run for a minimum round trip. In
+    /// slow start the window doubles every round, so when a queue first
+    /// shows, the last finished round measured half (or less) of what the
+    /// path carries; the round under way, during which the queue built,
+    /// measures the path itself.
+    fn bw_at(&self, now: Instant) -> Option<f64> {
+        let bw = self.bw()?;
+        let current = self.round.and_then(|round| {
+            let elapsed = now.saturating_duration_since(round.start);
+            (elapsed >= self.min_rtt? && !elapsed.is_zero())
+                .then(|| (self.delivered - round.delivered) as f64 / elapsed.as_secs_f64())
+        });
+        Some(current.map_or(bw, |rate| rate.max(bw)))
+    }
+
+    /// The most data that should be in flight at `now`, once the path is
+    /// measured; never below `floor`.
+    pub(crate) fn cap(&self, floor: u32, now: Instant) -> Option<u32> {
         let target = self.target?;
-        let (bw, rtt) = (self.bw()?, self.min_rtt?);
+        let (bw, rtt) = (self.bw_at(now)?, self.min_rtt?);
         let allowed = bw * (2.0 * rtt.as_secs_f64() + target.as_secs_f64());
         Some((allowed.min(u32::MAX as f64) as u32).max(floor))
     }
@@ -323,9 +359,8 @@ mod tests {
         let mut tsn = m.round.map_or(0, |r| r.end_tsn);
         for i in 0..rounds {
             let now = t0 + rtt * i;
-            m.on_rtt(rtt, now);
             tsn += 10;
-            m.on_sack(per_round, tsn, tsn + 10, limited, now);
+            m.on_sack(per_round, tsn, tsn + 10, limited, Some(rtt), now);
         }
     }
 
@@ -334,7 +369,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = DeliveryModel::new(Some(Duration::from_millis(2)));
         rounds_of(&mut m, t0, 20, Duration::from_millis(10), 1_000, false);
-        assert_eq!(m.cap(0), None);
+        assert_eq!(m.cap(0, t0), None);
         // Once data waits for the window, the rate is the path's.
         rounds_of(
             &mut m,
@@ -344,21 +379,50 @@ mod tests {
             100_000,
             true,
         );
-        assert!(m.cap(0).is_some_and(|cap| cap > 200_000));
+        assert!(m.cap(0, t0).is_some_and(|cap| cap > 200_000));
     }
 
     #[test]
     fn the_cap_is_twice_the_bdp_plus_the_target() {
         let t0 = Instant::now();
         let mut m = DeliveryModel::new(Some(Duration::from_millis(2)));
-        assert_eq!(m.cap(0), None, "nothing measured yet");
+        assert_eq!(m.cap(0, t0), None, "nothing measured yet");
         // 100 kB per 10 ms round trip: 10 MB/s.
         run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
-        let cap = m.cap(0).expect("measured");
+        let cap = m.cap(0, t0).expect("measured");
         // 10 MB/s × (20 ms + 2 ms) = 220 kB.
         assert!((219_000..=221_000).contains(&cap), "cap {cap}");
         assert!((99_000..=101_000).contains(&m.bdp().unwrap()));
-        assert_eq!(m.cap(500_000), Some(500_000), "the floor holds");
+        assert_eq!(m.cap(500_000, t0), Some(500_000), "the floor holds");
+    }
+
+    #[test]
+    fn in_slow_start_the_cap_counts_the_round_in_progress() {
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(20);
+        let mut m = DeliveryModel::new(Some(Duration::from_millis(1)));
+        // Slow start: each 20 ms round delivers twice the last, up to 80 kB
+        // (4 MB/s) in the last round that ended.
+        for (i, bytes) in [10_000, 20_000, 40_000, 80_000].into_iter().enumerate() {
+            rounds_of(&mut m, t0 + rtt * i as u32, 1, rtt, bytes, true);
+        }
+        let ended = t0 + rtt * 3;
+        let before = m.cap(0, ended).expect("measured");
+        // 4 MB/s × 41 ms.
+        assert!((160_000..=170_000).contains(&before), "cap {before}");
+        // The link fills: the round under way delivers 250 kB in its first
+        // 20 ms (12.5 MB/s) while the queue builds.
+        let end_tsn = m.round.expect("a round").end_tsn;
+        for k in 1..=10u32 {
+            m.on_sack(25_000, end_tsn - 1, end_tsn + 100, true, None, ended + rtt * k / 10);
+        }
+        let now = ended + rtt;
+        let cap = m.cap(0, now).expect("measured");
+        // 12.5 MB/s × 41 ms = 512 kB: the queue's cap, not a third of it.
+        assert!((500_000..=520_000).contains(&cap), "cap {cap}");
+        // Before a whole round trip has passed the round in progress is not
+        // trusted (a burst of acknowledgements is not a rate).
+        assert_eq!(m.cap(0, ended + rtt / 2), Some(before));
     }
 
     #[test]
@@ -384,7 +448,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = DeliveryModel::new(None);
         run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
-        assert_eq!(m.cap(0), None);
+        assert_eq!(m.cap(0, t0), None);
         assert_eq!(m.bdp(), None);
     }
 

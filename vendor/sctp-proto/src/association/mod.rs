@@ -2632,8 +2632,12 @@ impl Association {
             self.my_next_tsn,
             self.outbound_queue.pending_len() != 0
                 || self.outbound_queue.inflight_bytes() + self.mtu as usize >= self.cwnd as usize,
+            self.last_sack_rtt,
             now,
         );
+        if self.delivery.take_standing_queue() {
+            self.bring_window_to_cap(now);
+        }
 
         let mut cum_tsn_ack_point_advanced = false;
         if sna32lt(self.cumulative_tsn_ack_point, d.cumulative_tsn_ack) {
@@ -3159,7 +3163,6 @@ impl Association {
                         self.min_tsn2measure_rtt = self.my_next_tsn;
                         if let Some(since) = &c.since {
                             let rtt = now.duration_since(*since);
-                            self.on_rtt_sample(rtt, now);
                             let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                             trace!(
                                 "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3229,8 +3232,7 @@ impl Association {
                             self.min_tsn2measure_rtt = self.my_next_tsn;
                             if let Some(since) = &c.since {
                                 let rtt = now.duration_since(*since);
-                                self.on_rtt_sample(rtt, now);
-                                let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
+                                    let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                                 trace!(
                                     "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
                                     self.side,
@@ -3268,19 +3270,15 @@ impl Association {
         Ok((bytes_acked_per_stream, htna))
     }
 
-    /// A round-trip sample: when it shows a queue building on the path,
-    /// the window comes down to the delivery model's cap (delivery.rs) and
-    /// grows from there by congestion avoidance.
-    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
-        self.delivery.on_rtt(rtt, now);
-        if !self.delivery.queue_building(rtt) {
-            return;
-        }
-        if let Some(cap) = self.delivery.cap(4 * self.mtu) {
+    /// A round showed a standing queue on the path: the window comes down
+    /// to the delivery model's cap (delivery.rs) and grows from there by
+    /// congestion avoidance.
+    fn bring_window_to_cap(&mut self, now: Instant) {
+        if let Some(cap) = self.delivery.cap(4 * self.mtu, now) {
             if self.cwnd > cap {
                 trace!(
-                    "[{}] queue building (rtt {:?}): cwnd {} -> {}",
-                    self.side, rtt, self.cwnd, cap
+                    "[{}] standing queue: cwnd {} -> {}",
+                    self.side, self.cwnd, cap
                 );
                 self.cwnd = cap;
                 // Below the window, so that it grows by congestion
