@@ -436,11 +436,14 @@ pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
         })
     };
     println!(
-        "relay ({mib} MiB in {size}-byte messages, 127.0.0.1; connect = join to open channel, both peers; the receiving peer and the TURN server each on a runtime of their own, as in other processes):"
+        "relay ({mib} MiB in {size}-byte messages, 127.0.0.1; connect = join to open channel, both peers; the receiving peer and the TURN server each on a runtime of their own, as in other processes; CPU = both peers and the TURN server):"
     );
     let direct_server = Server::start().await?;
     let direct = bulk(&direct_server, "direct", mib, size, None).await?;
-    println!("  direct          {:>7.1} MB/s   [{}]", direct.mbs, direct.path);
+    println!(
+        "  direct          {:>7.1} MB/s   {:.1} CPU-s per GB   [{}]",
+        direct.mbs, direct.cpu_per_gb, direct.path
+    );
     let mut udp = None;
     for (name, url) in [
         ("TURN over UDP", format!("turn:{}?transport=udp", turn.udp)),
@@ -457,8 +460,9 @@ pub(super) async fn relay(mib: usize, size: usize) -> anyhow::Result<()> {
         let run = bulk(&server, "relayed", mib, size, None).await?;
         let base = *udp.get_or_insert(run.mbs);
         println!(
-            "  {name}   {:>7.1} MB/s   connect {:>6.1} ms   {:.2} of UDP-relayed, {:.2} of direct [{}]",
+            "  {name}   {:>7.1} MB/s   {:.1} CPU-s per GB   connect {:>6.1} ms   {:.2} of UDP-relayed, {:.2} of direct [{}]",
             run.mbs,
+            run.cpu_per_gb,
             run.connect.as_secs_f64() * 1e3,
             run.mbs / base,
             run.mbs / direct.mbs,
