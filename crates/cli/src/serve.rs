@@ -546,6 +546,12 @@ fn turn_metrics(stats: &peerlink_turn::Stats, m: &mut peerlink_signal::Metrics) 
     m.family("peerlink_turn_relayed_bytes_total", "counter", "Payload bytes relayed, by direction.");
     m.sample("peerlink_turn_relayed_bytes_total", &[("direction", "to_peers")], s.bytes_to_peers);
     m.sample("peerlink_turn_relayed_bytes_total", &[("direction", "to_clients")], s.bytes_to_clients);
+    m.single(
+        "peerlink_turn_hairpinned_datagrams_total",
+        "counter",
+        "Datagrams from one allocation to another of this server, handed over without leaving the process.",
+        s.hairpinned,
+    );
     m.family(
         "peerlink_turn_refusals_total",
         "counter",

@@ -44,7 +44,7 @@ use crate::bucket::TokenBucket;
 use crate::config::Config;
 use crate::ledger::{Client, Command, Ledger, Record, Refusal, RevokeWhy};
 use crate::policy::Policy;
-use crate::relay::{self, PeerDatagram, RELAY_QUEUE};
+use crate::relay::{self, MAX_PEER_DATAGRAM, PeerDatagram, RELAY_QUEUE};
 use crate::rest::{rest_expiry, rest_password, unix_now};
 use crate::stats::{Stats, add, dec, inc};
 use crate::stream::{self, IDLE_TIMEOUT, STREAM_QUEUE, StreamConn, StreamEvent, StreamLimits, TlsConfig};
@@ -210,6 +210,7 @@ impl Server {
             base: now,
             relays: HashMap::new(),
             relay_tx,
+            hairpin: Vec::new(),
             tasks,
             streams: HashMap::new(),
             pending_user: None,
@@ -312,6 +313,9 @@ struct State {
     base: Instant,
     relays: HashMap<SocketAddr, Relay>,
     relay_tx: mpsc::Sender<PeerDatagram>,
+    /// Datagrams from one allocation to another's relayed address, waiting
+    /// to be received by the second (at most `RELAY_QUEUE`).
+    hairpin: Vec<PeerDatagram>,
     tasks: JoinSet<()>,
     /// The username of the ALLOCATE being fed to the protocol right now, so
     /// that the `AllocateSocket` it produces can be charged to that user.
@@ -360,6 +364,7 @@ impl Driver {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut recv_errors = 0u32;
         let result = loop {
+            self.receive_hairpinned();
             // What the last wake-up gathered leaves before the next wait.
             self.st.send_batch();
             let wake = tokio::time::Instant::from_std(self.next_wake());
@@ -662,6 +667,22 @@ impl Driver {
         }
     }
 
+    /// Datagrams one allocation sent to another (`State::dispatch`). What
+    /// they lead to goes to clients only, never to another allocation.
+    fn receive_hairpinned(&mut self) {
+        if self.st.hairpin.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut batch = std::mem::take(&mut self.st.hairpin);
+        for datagram in batch.drain(..) {
+            self.on_peer(now, datagram);
+        }
+        if self.st.hairpin.is_empty() {
+            self.st.hairpin = batch; // keeps its capacity
+        }
+    }
+
     /// A datagram a peer sent to a relay socket.
     fn on_peer(&mut self, now: Instant, datagram: PeerDatagram) {
         let Some(record) = self.st.ledger.allocation(datagram.relay) else {
@@ -905,6 +926,23 @@ impl State {
             && !bucket.try_take(data.len() as u64, now)
         {
             inc(&counters.dropped_bandwidth);
+            return;
+        }
+        if self.relays.contains_key(&to) {
+            // Both ends are allocations of this server (two relayed peers):
+            // the second receives the datagram here, from the first's
+            // relayed address, as its socket would have after a trip
+            // through the kernel and back. It is charged to the sender's
+            // budget only.
+            if data.len() > MAX_PEER_DATAGRAM {
+                inc(&counters.dropped_oversize);
+            } else if self.hairpin.len() >= RELAY_QUEUE {
+                inc(&counters.dropped_queue_full);
+            } else {
+                add(&counters.bytes_to_peers, data.len() as u64);
+                inc(&counters.hairpinned);
+                self.hairpin.push(PeerDatagram { relay: to, from, data: data.to_vec() });
+            }
             return;
         }
         self.queue(Via::Relay(from), to, data);

@@ -20,6 +20,7 @@ pub(crate) struct Counters {
     pub(crate) expired_credentials: AtomicU64,
     pub(crate) bytes_to_peers: AtomicU64,
     pub(crate) bytes_to_clients: AtomicU64,
+    pub(crate) hairpinned: AtomicU64,
     pub(crate) dropped_policy: AtomicU64,
     pub(crate) dropped_bandwidth: AtomicU64,
     pub(crate) dropped_no_permission: AtomicU64,
@@ -57,6 +58,10 @@ pub struct StatsSnapshot {
     pub bytes_to_peers: u64,
     /// Payload bytes from peers delivered to clients.
     pub bytes_to_clients: u64,
+    /// Datagrams one allocation of this server sent to another's relayed
+    /// address, handed over inside the server instead of through the
+    /// kernel and back (counted in both byte counters too).
+    pub hairpinned: u64,
     /// Datagrams dropped by the peer policy (either direction).
     pub dropped_policy: u64,
     /// Datagrams dropped by an allocation's bandwidth bucket.
@@ -103,6 +108,7 @@ impl Stats {
             expired_credentials: r(&c.expired_credentials),
             bytes_to_peers: r(&c.bytes_to_peers),
             bytes_to_clients: r(&c.bytes_to_clients),
+            hairpinned: r(&c.hairpinned),
             dropped_policy: r(&c.dropped_policy),
             dropped_bandwidth: r(&c.dropped_bandwidth),
             dropped_no_permission: r(&c.dropped_no_permission),

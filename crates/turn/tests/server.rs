@@ -435,7 +435,38 @@ async fn two_clients_talk_through_their_relays() {
     assert_eq!(b.recv_data(PROMPT).await, Some((relay_a, b"hello bob".to_vec())));
     b.send(relay_a, b"hello ada").await;
     assert_eq!(a.recv_data(PROMPT).await, Some((relay_b, b"hello ada".to_vec())));
-    assert_eq!(srv.stats().allocations, 2);
+    let s = srv.stats();
+    assert_eq!(s.allocations, 2);
+    // Both relays are this server's: the datagrams went from one allocation
+    // to the other inside it, not out through the kernel and back.
+    assert_eq!(s.hairpinned, 2);
+    assert_eq!((s.bytes_to_peers, s.bytes_to_clients), (18, 18));
+    srv.shutdown().await;
+}
+
+/// Handed over inside the server, a datagram between two allocations still
+/// needs the receiving one's permission, and channels work as with any peer.
+#[tokio::test]
+async fn relay_to_relay_needs_the_receivers_permission() {
+    let srv = start(test_config()).await;
+    let (ua, pa) = creds("ada");
+    let (ub, pb) = creds("bob");
+    let mut a = Client::new(srv.addr, &ua, &pa).await;
+    let mut b = Client::new(srv.addr, &ub, &pb).await;
+    let relay_a = a.allocated().await;
+    let relay_b = b.allocated().await;
+    a.permit(relay_b.ip()).await;
+    a.send(relay_b, b"unasked").await;
+    srv.wait_stats("dropped at the receiving allocation", |s| s.dropped_no_permission >= 1).await;
+    assert_eq!(b.recv_data(QUIET).await, None);
+    b.permit(relay_a.ip()).await;
+    a.bind_channel(relay_b).await;
+    b.bind_channel(relay_a).await;
+    a.send(relay_b, b"over channels").await;
+    assert_eq!(b.recv_data(PROMPT).await, Some((relay_a, b"over channels".to_vec())));
+    b.send(relay_a, b"and back").await;
+    assert_eq!(a.recv_data(PROMPT).await, Some((relay_b, b"and back".to_vec())));
+    assert_eq!(srv.stats().hairpinned, 3);
     srv.shutdown().await;
 }
 
