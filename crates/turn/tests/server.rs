@@ -419,9 +419,9 @@ async fn rest_allocation_relays_both_ways_once_permitted() {
     srv.shutdown().await;
 }
 
-#[tokio::test]
-async fn two_clients_talk_through_their_relays() {
-    let srv = start(test_config()).await;
+/// Two clients of `srv` (users ada and bob), each with an allocation, and
+/// their relayed addresses.
+async fn two_relayed(srv: &TestServer) -> (Client, SocketAddr, Client, SocketAddr) {
     let (ua, pa) = creds("ada");
     let (ub, pb) = creds("bob");
     let mut a = Client::new(srv.addr, &ua, &pa).await;
@@ -429,6 +429,13 @@ async fn two_clients_talk_through_their_relays() {
     let relay_a = a.allocated().await;
     let relay_b = b.allocated().await;
     assert_ne!(relay_a, relay_b);
+    (a, relay_a, b, relay_b)
+}
+
+#[tokio::test]
+async fn two_clients_talk_through_their_relays() {
+    let srv = start(test_config()).await;
+    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
     a.permit(relay_b.ip()).await;
     b.permit(relay_a.ip()).await;
     a.send(relay_b, b"hello bob").await;
@@ -449,12 +456,7 @@ async fn two_clients_talk_through_their_relays() {
 #[tokio::test]
 async fn relay_to_relay_needs_the_receivers_permission() {
     let srv = start(test_config()).await;
-    let (ua, pa) = creds("ada");
-    let (ub, pb) = creds("bob");
-    let mut a = Client::new(srv.addr, &ua, &pa).await;
-    let mut b = Client::new(srv.addr, &ub, &pb).await;
-    let relay_a = a.allocated().await;
-    let relay_b = b.allocated().await;
+    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
     a.permit(relay_b.ip()).await;
     a.send(relay_b, b"unasked").await;
     srv.wait_stats("dropped at the receiving allocation", |s| s.dropped_no_permission >= 1).await;
