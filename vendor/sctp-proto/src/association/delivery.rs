@@ -147,10 +147,20 @@ impl DeliveryModel {
         // of a burst wait behind the rest: single round trips spike while
         // the link still idles between bursts. Only a round whose every
         // round trip was long shows a queue that stands.
-        self.standing_queue = match (self.round_min_rtt.take(), self.min_rtt, self.target) {
+        let round_min = self.round_min_rtt.take();
+        self.standing_queue = match (round_min, self.min_rtt, self.target) {
             (Some(round_min), Some(min), Some(target)) => round_min > min * 2 + target,
             _ => false,
         };
+        log::trace!(
+            "round: {} bytes in {:?}, smallest rtt {:?} (min_rtt {:?}), limited {}, standing queue {}",
+            self.delivered - round.delivered,
+            now.saturating_duration_since(round.start),
+            round_min,
+            self.min_rtt,
+            round.limited,
+            self.standing_queue
+        );
         let elapsed = now.saturating_duration_since(round.start).as_secs_f64();
         if elapsed <= 0.0 {
             return;
