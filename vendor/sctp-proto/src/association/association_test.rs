@@ -5936,35 +5936,37 @@ fn test_standing_queue_brings_the_window_down() {
     for on in [true, false] {
         let config = TransportConfig::default().with_queue_delay_target(on.then_some(target));
         let mut a = create_association(config);
-        // 10 round trips of 10 ms, each delivering 100 kB while data waits:
-        // 10 MB/s.
-        let rtt = Duration::from_millis(10);
+        // 10 round trips of 10 ms, each delivering 100 kB while data waits
+        // (a SACK of 10 kB each millisecond): 10 MB/s.
+        let ms = Duration::from_millis;
         let mut tsn = 0;
-        for i in 0..10u32 {
-            tsn += 10;
+        for i in 0..100u32 {
+            tsn += 1;
             a.delivery
-                .on_sack(100_000, tsn, tsn + 10, true, Some(rtt), t0 + rtt * i);
+                .on_sack(10_000, tsn, tsn + 10, true, Some(ms(10)), t0 + ms(1) * i);
         }
         a.cwnd = 1 << 20;
         a.ssthresh = 1 << 20;
-        let now = t0 + Duration::from_millis(100);
-        let sack = |a: &mut Association, cum: u32, next: u32, rtt_ms: u64| {
-            let rtt = Some(Duration::from_millis(rtt_ms));
+        let mut now = t0 + ms(100);
+        let mut sack = |a: &mut Association, cum: u32, next: u32, rtt_ms: u64| {
+            let rtt = Some(ms(rtt_ms));
             a.delivery.on_sack(10_000, cum, next, true, rtt, now);
             if a.delivery.take_standing_queue() {
                 a.bring_window_to_cap(now);
             }
+            now += ms(1);
         };
         // The round ends on a 40 ms round trip, but it also saw 10 ms.
         sack(&mut a, tsn + 5, tsn + 20, 10);
         sack(&mut a, tsn + 10, tsn + 20, 40);
         assert_eq!(a.cwnd, 1 << 20, "a burst's tail is not a standing queue");
-        // Every round trip of the next round is above 2 × 10 ms + 2 ms.
-        sack(&mut a, tsn + 15, tsn + 30, 23);
+        // Every round trip of the next round is above 2 × 10 ms + 2 ms (and
+        // the 1 ms that one SACK's 10 kB stands for at 10 MB/s).
+        sack(&mut a, tsn + 15, tsn + 30, 24);
         sack(&mut a, tsn + 20, tsn + 30, 40);
         if on {
-            // 10 MB/s × 22 ms.
-            assert!((219_000..=221_000).contains(&a.cwnd), "cwnd {}", a.cwnd);
+            // 10 MB/s × 22 ms, and one SACK's 10 kB.
+            assert!((229_000..=231_000).contains(&a.cwnd), "cwnd {}", a.cwnd);
             assert!(
                 a.ssthresh < a.cwnd,
                 "growth goes on by congestion avoidance"

@@ -68,6 +68,12 @@ pub(crate) struct DeliveryModel {
     /// The last round ended with even its smallest round trip above
     /// `2 × min_rtt + target`: a standing queue, not a burst's tail.
     standing_queue: bool,
+    /// The acknowledgement epoch in progress: since when SACKs have
+    /// acknowledged more than the rate estimate explains, and how much.
+    ack_epoch: Option<(Instant, u64)>,
+    /// The most each recent round's SACKs acknowledged beyond the rate
+    /// estimate (bytes), newest last: see `extra_acked`.
+    extra_acked: VecDeque<u64>,
 }
 
 impl DeliveryModel {
@@ -82,6 +88,8 @@ impl DeliveryModel {
             window_min: None,
             round_min_rtt: None,
             standing_queue: false,
+            ack_epoch: None,
+            extra_acked: VecDeque::with_capacity(BW_ROUNDS),
         }
     }
 
@@ -127,6 +135,7 @@ impl DeliveryModel {
             self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |m| m.min(rtt)));
         }
         self.delivered += bytes;
+        self.aggregate(bytes, now);
         let fresh = Round {
             start: now,
             delivered: self.delivered,
@@ -149,16 +158,23 @@ impl DeliveryModel {
         // round trip was long shows a queue that stands.
         let round_min = self.round_min_rtt.take();
         self.standing_queue = match (round_min, self.min_rtt, self.target) {
-            (Some(round_min), Some(min), Some(target)) => round_min > min * 2 + target,
+            (Some(round_min), Some(min), Some(target)) => {
+                round_min > min * 2 + target + self.aggregation_delay()
+            }
             _ => false,
         };
+        if self.extra_acked.len() == BW_ROUNDS {
+            self.extra_acked.pop_front();
+        }
+        self.extra_acked.push_back(0);
         log::trace!(
-            "round: {} bytes in {:?}, smallest rtt {:?} (min_rtt {:?}), limited {}, standing queue {}",
+            "round: {} bytes in {:?}, smallest rtt {:?} (min_rtt {:?}), limited {}, extra acked {}, standing queue {}",
             self.delivered - round.delivered,
             now.saturating_duration_since(round.start),
             round_min,
             self.min_rtt,
             round.limited,
+            self.extra_acked(),
             self.standing_queue
         );
         let elapsed = now.saturating_duration_since(round.start).as_secs_f64();
@@ -186,6 +202,53 @@ impl DeliveryModel {
             return None;
         }
         self.rates.iter().map(|(rate, _)| *rate).reduce(f64::max)
+    }
+
+    /// Acknowledgement aggregation, as BBR measures it: SACKs that were
+    /// held up somewhere (behind data on a link that carries both
+    /// directions in one queue, a receiver that acknowledges in batches)
+    /// arrive together after a gap. During the gap the sender, its window
+    /// full, sends nothing; the link idles unless the window also covers
+    /// the gap. An epoch starts when SACKs fall behind the rate estimate;
+    /// what they acknowledge beyond `bw × elapsed` since then is the data
+    /// the window must hold on top of the bandwidth-delay product. The
+    /// most of it in each of the last rounds is kept, at most one
+    /// bandwidth-delay product (in slow start every SACK outruns the
+    /// estimate of the round before, as in BBR's startup: the window that
+    /// ends slow start keeps that room for ten rounds).
+    fn aggregate(&mut self, bytes: u64, now: Instant) {
+        let Some(bw) = self.bw() else {
+            return;
+        };
+        let (start, acked) = self.ack_epoch.get_or_insert((now, 0));
+        let expected = bw * now.saturating_duration_since(*start).as_secs_f64();
+        if *acked as f64 <= expected {
+            // Acknowledgements at or below the rate: a new epoch.
+            (*start, *acked) = (now, 0);
+        }
+        *acked += bytes;
+        let expected = bw * now.saturating_duration_since(*start).as_secs_f64();
+        let extra = (*acked as f64 - expected).max(0.0) as u64;
+        let extra = extra.min(self.bdp().map_or(0, u64::from));
+        match self.extra_acked.back_mut() {
+            Some(max) => *max = (*max).max(extra),
+            None => self.extra_acked.push_back(extra),
+        }
+    }
+
+    /// The most acknowledged beyond the rate in any recent round, bytes.
+    fn extra_acked(&self) -> u64 {
+        self.extra_acked.iter().copied().max().unwrap_or(0)
+    }
+
+    /// How long the path holds acknowledgements back (`extra_acked` at the
+    /// estimated rate): that much longer a round trip is not a queue the
+    /// window built.
+    fn aggregation_delay(&self) -> Duration {
+        match self.bw() {
+            Some(bw) if bw > 0.0 => Duration::from_secs_f64(self.extra_acked() as f64 / bw),
+            _ => Duration::ZERO,
+        }
     }
 
     /// One bandwidth-delay product, in bytes, once both are measured.
@@ -222,7 +285,8 @@ impl DeliveryModel {
     pub(crate) fn cap(&self, floor: u32, now: Instant) -> Option<u32> {
         let target = self.target?;
         let (bw, rtt) = (self.bw_at(now)?, self.min_rtt?);
-        let allowed = bw * (2.0 * rtt.as_secs_f64() + target.as_secs_f64());
+        let allowed =
+            bw * (2.0 * rtt.as_secs_f64() + target.as_secs_f64()) + self.extra_acked() as f64;
         Some((allowed.min(u32::MAX as f64) as u32).max(floor))
     }
 }
@@ -365,12 +429,15 @@ mod tests {
         per_round: u64,
         limited: bool,
     ) {
-        // Carry on from the round in progress.
+        // Carry on from the round in progress; ten SACKs a round, evenly
+        // spaced over the round trip that ends at `t0 + rtt × i`.
         let mut tsn = m.round.map_or(0, |r| r.end_tsn);
         for i in 0..rounds {
-            let now = t0 + rtt * i;
+            for k in 1..=10 {
+                let now = t0 + rtt * i - rtt + rtt * k / 10;
+                m.on_sack(per_round / 10, tsn + k - 10, tsn + k, limited, Some(rtt), now);
+            }
             tsn += 10;
-            m.on_sack(per_round, tsn, tsn + 10, limited, Some(rtt), now);
         }
     }
 
@@ -400,8 +467,10 @@ mod tests {
         // 100 kB per 10 ms round trip: 10 MB/s.
         run_rounds(&mut m, t0, 20, Duration::from_millis(10), 100_000);
         let cap = m.cap(0, t0).expect("measured");
-        // 10 MB/s × (20 ms + 2 ms) = 220 kB.
-        assert!((219_000..=221_000).contains(&cap), "cap {cap}");
+        // 10 MB/s × (20 ms + 2 ms) = 220 kB, and the 10 kB each SACK
+        // acknowledges at once.
+        assert_eq!(m.extra_acked(), 10_000);
+        assert!((229_000..=231_000).contains(&cap), "cap {cap}");
         assert!((99_000..=101_000).contains(&m.bdp().unwrap()));
         assert_eq!(m.cap(500_000, t0), Some(500_000), "the floor holds");
     }
@@ -417,7 +486,11 @@ mod tests {
             rounds_of(&mut m, t0 + rtt * i as u32, 1, rtt, bytes, true);
         }
         let ended = t0 + rtt * 3;
-        let before = m.cap(0, ended).expect("measured");
+        // Beside the acknowledgements that outran the last estimate (in
+        // slow start, all of them; see `aggregate`):
+        // (What SACKs acknowledged beyond the last estimate comes on top;
+        // in slow start that is all of them: see `aggregate`.)
+        let before = m.cap(0, ended).expect("measured") - m.extra_acked() as u32;
         // 4 MB/s × 41 ms.
         assert!((160_000..=170_000).contains(&before), "cap {before}");
         // The link fills: the round under way delivers 250 kB in its first
@@ -427,12 +500,53 @@ mod tests {
             m.on_sack(25_000, end_tsn - 1, end_tsn + 100, true, None, ended + rtt * k / 10);
         }
         let now = ended + rtt;
-        let cap = m.cap(0, now).expect("measured");
+        let cap = m.cap(0, now).expect("measured") - m.extra_acked() as u32;
         // 12.5 MB/s × 41 ms = 512 kB: the queue's cap, not a third of it.
         assert!((500_000..=520_000).contains(&cap), "cap {cap}");
         // Before a whole round trip has passed the round in progress is not
         // trusted (a burst of acknowledgements is not a rate).
-        assert_eq!(m.cap(0, ended + rtt / 2), Some(before));
+        let half = m.cap(0, ended + rtt / 2).expect("measured") - m.extra_acked() as u32;
+        assert_eq!(half, before);
+    }
+
+    /// Rounds of 45 ms on a 20 ms path that delivers 10 MB/s: SACKs arrive
+    /// steadily for 35 ms and then, if `held`, stop for 10 ms and the next
+    /// round begins with the 100 kB they acknowledge at once (a link whose
+    /// one queue holds SACKs behind data); if not, they arrive steadily all
+    /// through (a queue of data standing in front of the receiver). Every
+    /// round trip measures 45 ms either way. Answers whether the last
+    /// round showed a standing queue, and the cap.
+    fn rounds_with_acknowledgements(held: bool) -> (bool, u32) {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = DeliveryModel::new(Some(ms(1)));
+        run_rounds(&mut m, t0, 10, ms(20), 200_000);
+        let mut at = t0 + ms(200);
+        let mut tsn = m.round.expect("a round").end_tsn;
+        let mut standing = false;
+        for _ in 0..10 {
+            // One round: 45 SACKs of 10 kB, the round ending on the last.
+            for k in 0..45u32 {
+                let now = if held && k < 10 { at } else { at + ms(k as u64) };
+                m.on_sack(10_000, tsn + k + 1 - 45, tsn + k + 1, true, Some(ms(45)), now);
+                standing = m.take_standing_queue();
+            }
+            tsn += 45;
+            at += ms(45);
+        }
+        (standing, m.cap(0, at).expect("measured"))
+    }
+
+    #[test]
+    fn acknowledgements_held_back_are_not_a_standing_queue() {
+        let (standing, cap) = rounds_with_acknowledgements(true);
+        assert!(!standing, "a round trip long by the time SACKs were held");
+        // 10 MB/s × 41 ms, and the 100 kB held back.
+        assert!((500_000..=520_000).contains(&cap), "cap {cap}");
+        let (standing, cap) = rounds_with_acknowledgements(false);
+        assert!(standing, "a round trip long by a queue of data");
+        // 10 MB/s × 41 ms, and the 10 kB of one SACK.
+        assert!((415_000..=425_000).contains(&cap), "cap {cap}");
     }
 
     #[test]
