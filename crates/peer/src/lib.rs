@@ -77,3 +77,4 @@ pub use relay::{GatherFailure, GatherReport, Outcome as GatherOutcome, RelayAtte
 pub use room::{Room, RoomConfig};
 pub use sealed::{SealError, SealedChannel, Sealer};
 pub use signaling::signaling_url;
+pub use signaling::ws_config as signaling_ws_config;

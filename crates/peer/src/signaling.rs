@@ -177,8 +177,9 @@ pub(crate) async fn rejoin(
 /// that find nothing: the room driver polls this socket on every pass of
 /// its loop, so with the default 128 KiB a bulk transfer spent 6.5 % of
 /// its CPU in that `memset`. Signaling messages are small; a larger one is
-/// read in several pieces.
-fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+/// read in several pieces. Public for other clients of a signaling server
+/// (the load generator of `peerlink bench`).
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
 }
 

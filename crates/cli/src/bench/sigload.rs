@@ -455,9 +455,9 @@ async fn open_pair(urls: (String, String), i: usize) -> anyhow::Result<(Ws, Stri
 }
 
 pub(super) async fn greet(url: &str) -> anyhow::Result<(Ws, String)> {
-    // tungstenite zero-fills its read buffer (128 KiB by default) before
-    // every read: the load generator's own cost, kept small.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    // The native peer's settings: a small read buffer, which tungstenite
+    // zero-fills before every read (the load generator's own cost).
+    let config = peerlink_peer::signaling_ws_config();
     let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
     let (mut ws, _) =
         tokio::time::timeout(Duration::from_secs(10), connect).await.context("connect timed out")??;
