@@ -314,8 +314,24 @@ impl Packet {
         Ok(writer.len())
     }
 
+    /// The size `marshal_to` writes: the common header and each chunk
+    /// padded to four bytes.
+    pub(crate) fn marshaled_len(&self) -> usize {
+        PACKET_HEADER_SIZE
+            + self
+                .chunks
+                .iter()
+                .map(|c| {
+                    let len = CHUNK_HEADER_SIZE + c.value_length();
+                    len + get_padding_size(len)
+                })
+                .sum::<usize>()
+    }
+
     pub(crate) fn marshal(&self) -> Result<Bytes> {
-        let mut buf = BytesMut::with_capacity(PACKET_HEADER_SIZE);
+        // The whole packet's size up front: growing the buffer chunk by
+        // chunk reallocated (and copied) every packet a bulk sender sends.
+        let mut buf = BytesMut::with_capacity(self.marshaled_len());
         self.marshal_to(&mut buf)?;
         Ok(buf.freeze())
     }
@@ -429,6 +445,48 @@ mod test {
             header_only, header_only_marshaled
         );
 
+        Ok(())
+    }
+
+    #[test]
+    fn test_marshaled_len_is_what_marshal_writes() -> Result<()> {
+        use crate::chunk::chunk_payload_data::ChunkPayloadData;
+        use crate::chunk::chunk_selective_ack::{ChunkSelectiveAck, GapAckBlock};
+        let init = Packet::unmarshal(&Bytes::from_static(&[
+            0x13, 0x88, 0x13, 0x88, 0x00, 0x00, 0x00, 0x00, 0x81, 0x46, 0x9d, 0xfc, 0x01, 0x00,
+            0x00, 0x56, 0x55, 0xb9, 0x64, 0xa5, 0x00, 0x02, 0x00, 0x00, 0x04, 0x00, 0x08, 0x00,
+            0xe8, 0x6d, 0x10, 0x30, 0xc0, 0x00, 0x00, 0x04, 0x80, 0x08, 0x00, 0x09, 0xc0, 0x0f,
+            0xc1, 0x80, 0x82, 0x00, 0x00, 0x00, 0x80, 0x02, 0x00, 0x24, 0x9f, 0xeb, 0xbb, 0x5c,
+            0x50, 0xc9, 0xbf, 0x75, 0x9c, 0xb1, 0x2c, 0x57, 0x4f, 0xa4, 0x5a, 0x51, 0xba, 0x60,
+            0x17, 0x78, 0x27, 0x94, 0x5c, 0x31, 0xe6, 0x5d, 0x5b, 0x09, 0x47, 0xe2, 0x22, 0x06,
+            0x80, 0x04, 0x00, 0x06, 0x00, 0x01, 0x00, 0x00, 0x80, 0x03, 0x00, 0x06, 0x80, 0xc1,
+            0x00, 0x00,
+        ]))?;
+        // DATA chunks of every padding, bundled with a SACK with gaps.
+        let mut chunks: Vec<Box<dyn Chunk + Send + Sync>> = (0..4)
+            .map(|n| {
+                Box::new(ChunkPayloadData {
+                    user_data: Bytes::from(vec![7u8; 1000 + n]),
+                    ..Default::default()
+                }) as Box<dyn Chunk + Send + Sync>
+            })
+            .collect();
+        chunks.push(Box::new(ChunkSelectiveAck {
+            gap_ack_blocks: vec![GapAckBlock { start: 2, end: 3 }, GapAckBlock { start: 5, end: 9 }],
+            duplicate_tsn: vec![4],
+            ..Default::default()
+        }));
+        let bundle = Packet {
+            common_header: CommonHeader {
+                source_port: 5000,
+                destination_port: 5000,
+                verification_tag: 1,
+            },
+            chunks,
+        };
+        for packet in [init, bundle] {
+            assert_eq!(packet.marshaled_len(), packet.marshal()?.len());
+        }
         Ok(())
     }
 
