@@ -4888,9 +4888,35 @@ fn test_initial_cwnd_small_mtu() {
         Instant::now(),
     );
 
-    // RFC 4960 Sec 7.2.1: min(4*MTU, max(2*MTU, 4380)).
-    assert_eq!(assoc.cwnd, (4 * mtu).min((2 * mtu).max(4380)));
-    assert_eq!(assoc.cwnd, 4 * mtu);
+    // Ten MTUs, whatever the MTU (PATCHES.md §10).
+    assert_eq!(assoc.cwnd, INITIAL_CWND_MTUS * mtu);
+}
+
+#[test]
+fn test_the_first_flight_is_ten_mtus() {
+    // A new association with plenty of data: what leaves before the first
+    // SACK is ten MTUs' worth (RFC 4960's formula allowed three 1,300-byte
+    // chunks here: a round trip more of slow start for every transfer).
+    let mut a = create_association(TransportConfig::default());
+    a.state = AssociationState::Established;
+    a.rwnd = 1 << 20;
+    for tsn in 0..20 {
+        queue_pending(
+            &mut a,
+            ChunkPayloadData {
+                tsn,
+                stream_identifier: 1,
+                beginning_fragment: true,
+                ending_fragment: true,
+                user_data: Bytes::from(vec![0u8; 1300]),
+                ..Default::default()
+            },
+        );
+    }
+    let sent = a.pop_pending_data_chunks_to_send(Instant::now());
+    let bytes: usize = sent.iter().map(|c| c.user_data.len()).sum();
+    assert_eq!(a.cwnd, 10 * a.mtu);
+    assert_eq!(sent.len(), 10, "{bytes} bytes in the first flight");
 }
 
 fn first_transmit_common_header(a: &mut Association) -> CommonHeader {
