@@ -236,6 +236,20 @@ impl std::fmt::Debug for PeerConn {
 /// is still bounded by the window.
 const RECEIVE_WINDOW: usize = 4 << 20;
 
+/// The largest UDP payload a connection sends. str0m's default (1,150)
+/// leaves SCTP 1,062 bytes of user data per packet; every packet costs CPU
+/// on both sides (a DTLS record, a checksum, a system call's share, the
+/// bookkeeping of a chunk), so bigger packets move more per CPU-second.
+/// 1,228 is the most that still fits the smallest path IPv6 allows (1,280
+/// bytes: 40 of IPv6 header, 8 of UDP) even relayed through a TURN channel
+/// (4 bytes of ChannelData), so no path needs fragmentation or discovery:
+/// DTLS handshake flights are cut to it, and str0m, which reserves 88 bytes
+/// for SCTP and DTLS overhead, gives SCTP 1,140 bytes of data per packet in
+/// datagrams of 1,205 (a DTLS record with AES-GCM adds 37 bytes). Chromium
+/// does the same arithmetic (libwebrtc's `kSctpMtu`: 1,191-byte SCTP
+/// packets, 1,228-byte datagrams).
+pub(crate) const DATAGRAM_MAX: usize = 1228;
+
 /// SCTP's send buffer. str0m counts data as buffered until the peer
 /// acknowledges it, so this is also the most data in flight: its 128 KiB
 /// default lets a 64 KiB message out only when 64 KiB or less is
@@ -277,7 +291,8 @@ impl PeerConn {
         let builder = builder
             .clear_codecs()
             .set_sctp_max_buffered_amount(SCTP_SEND_BUFFER)
-            .set_sctp_max_message_size(RECEIVE_WINDOW as u32);
+            .set_sctp_max_message_size(RECEIVE_WINDOW as u32)
+            .set_mtu(DATAGRAM_MAX..=DATAGRAM_MAX);
         let mut rtc = builder.build(now);
         let mut local_candidates = Vec::new();
         for addr in locals {
