@@ -189,6 +189,24 @@ mod tests {
             self.sides[i].events.iter().any(|e| matches!(e, ConnEvent::State(ConnState::Connected)))
         }
 
+        /// Writes `payload` from side 0 on channel `id` in messages of
+        /// `piece` bytes, as fast as SCTP takes them, and runs until side 1
+        /// has received as many bytes (or `limit` of simulated time passes).
+        fn send_all(&mut self, id: ChannelId, payload: &[u8], piece: usize, limit: Duration) {
+            let mut offset = 0;
+            self.run_until(limit, |w| {
+                while offset < payload.len() {
+                    let end = (offset + piece).min(payload.len());
+                    match w.sides[0].conn.write(id, true, &payload[offset..end]) {
+                        Ok(true) => offset = end,
+                        Ok(false) => break,
+                        Err(e) => panic!("write: {e}"),
+                    }
+                }
+                w.received(1).len() >= payload.len()
+            });
+        }
+
         fn received(&self, i: usize) -> Vec<u8> {
             let mut out = Vec::new();
             for e in &self.sides[i].events {
@@ -216,18 +234,7 @@ mod tests {
             let (id, _) = w.open_channels(0)[0].clone();
 
             let payload = pattern(1024 * 1024, seed);
-            let mut offset = 0;
-            w.run_until(Duration::from_secs(600), |w| {
-                while offset < payload.len() {
-                    let end = (offset + 16 * 1024).min(payload.len());
-                    match w.sides[0].conn.write(id, true, &payload[offset..end]) {
-                        Ok(true) => offset = end,
-                        Ok(false) => break,
-                        Err(e) => panic!("write: {e}"),
-                    }
-                }
-                w.received(1).len() >= payload.len()
-            });
+            w.send_all(id, &payload, 16 * 1024, Duration::from_secs(600));
             assert!(w.dropped > 0, "the link dropped packets (seed {seed})");
             assert_eq!(w.received(1), payload, "stream intact (seed {seed})");
             let loss = w.dropped as f64 / w.sent as f64;
@@ -249,18 +256,7 @@ mod tests {
         let (id, _) = w.open_channels(0)[0].clone();
         w.largest = 0;
         let payload = pattern(256 * 1024, 5);
-        let mut offset = 0;
-        w.run_until(Duration::from_secs(60), |w| {
-            while offset < payload.len() {
-                let end = (offset + 64 * 1024).min(payload.len());
-                match w.sides[0].conn.write(id, true, &payload[offset..end]) {
-                    Ok(true) => offset = end,
-                    Ok(false) => break,
-                    Err(e) => panic!("write: {e}"),
-                }
-            }
-            w.received(1).len() >= payload.len()
-        });
+        w.send_all(id, &payload, 64 * 1024, Duration::from_secs(60));
         assert_eq!(w.received(1), payload);
         assert!(w.largest <= PATH, "data datagram of {} bytes, more than {PATH}", w.largest);
         // str0m's default MTU made 1,129-byte datagrams of bulk data.
@@ -280,18 +276,7 @@ mod tests {
         w.cut = Some((cut_start, cut_start + Duration::from_secs(20)));
 
         let payload = pattern(2 * 1024 * 1024, 11);
-        let mut offset = 0;
-        w.run_until(Duration::from_secs(300), |w| {
-            while offset < payload.len() {
-                let end = (offset + 16 * 1024).min(payload.len());
-                match w.sides[0].conn.write(id, true, &payload[offset..end]) {
-                    Ok(true) => offset = end,
-                    Ok(false) => break,
-                    Err(e) => panic!("write: {e}"),
-                }
-            }
-            w.received(1).len() >= payload.len()
-        });
+        w.send_all(id, &payload, 16 * 1024, Duration::from_secs(300));
         assert!(w.now > cut_start + Duration::from_secs(20), "the stream outlived the cut");
         assert_eq!(w.received(1), payload, "every byte once, in order");
         let states: Vec<ConnState> = w.sides[1]
