@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # needs NATs, conntrack and coturn; the Redis backplane tests
 # (crates/signal/tests/server.rs, crates/cli/tests/cluster.rs) run Debian's
 # redis-server; the browser tests (web/test/e2e) need Debian's Chromium and
-# Node.
+# Node; the vendored dimpl's own tests talk to the system's OpenSSL.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
@@ -25,6 +25,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   if [ "$(id -u)" != 0 ]; then
@@ -55,9 +57,11 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 # Build outside the namespace (crates.io is reachable there), run inside.
 cargo build --workspace --all-targets --locked
-# The vendored, patched sctp-proto (vendor/sctp-proto/PATCHES.md) and its own tests.
-vendored=(--manifest-path vendor/sctp-proto/Cargo.toml --target-dir target/vendor --locked)
-cargo test "${vendored[@]}" --no-run
+# The vendored, patched sctp-proto and dimpl (vendor/*/PATCHES.md) and their
+# own tests.
+for crate in sctp-proto dimpl; do
+  cargo test --manifest-path "vendor/$crate/Cargo.toml" --target-dir target/vendor --locked --no-run
+done
 if [ "$(id -u)" = 0 ]; then ns=(unshare -n); else ns=(unshare -rn); fi
 exec "${ns[@]}" sh -c '
   set -e
@@ -65,6 +69,7 @@ exec "${ns[@]}" sh -c '
   cargo nextest run --workspace --no-fail-fast --offline --locked "$@"
   cargo test --doc --workspace --offline --locked
   cargo test --manifest-path vendor/sctp-proto/Cargo.toml --target-dir target/vendor --locked --offline -q
+  cargo test --manifest-path vendor/dimpl/Cargo.toml --target-dir target/vendor --locked --offline -q
   echo "== web: browser tests (Chromium, in this namespace)"
   cd web && node --test --test-concurrency=1 test/e2e/
 ' sh "$@"

@@ -1,7 +1,3 @@
-#[cfg(not(windows))]
-#[path = "../wolfssl/mod.rs"]
-mod wolfssl_helper;
-
 mod ack;
 mod common;
 mod conformance;
@@ -12,6 +8,3 @@ mod handshake;
 mod key_update;
 mod reorder;
 mod retransmit;
-
-#[cfg(not(windows))]
-mod wolfssl;
