@@ -359,7 +359,10 @@ impl Record {
 
 pub struct ParsedRecord {
     record: DTLSRecord,
-    handshakes: ArrayVec<Handshake, 8>,
+    /// On the heap: eight inline `Handshake`s made every record, application
+    /// data included, kilobytes to build, move and box (twice per protected
+    /// record) where almost every record has none.
+    handshakes: Vec<Handshake>,
     handled: AtomicBool,
 }
 
@@ -378,8 +381,10 @@ impl ParsedRecord {
         {
             let fragment_offset = record.fragment_range.start;
             parse_handshakes(record.fragment(input), fragment_offset, cipher_suite)
+                .into_iter()
+                .collect()
         } else {
-            ArrayVec::new()
+            Vec::new()
         };
 
         Ok(ParsedRecord {
@@ -499,6 +504,14 @@ mod tests {
     use crate::buffer::BufferPool;
 
     use super::*;
+
+    /// Every record received builds a `ParsedRecord` and boxes it (twice
+    /// for a protected one): it must stay small for application data.
+    #[test]
+    fn parsed_record_is_small() {
+        let size = core::mem::size_of::<ParsedRecord>();
+        assert!(size <= 128, "ParsedRecord is {size} bytes");
+    }
 
     #[derive(Default)]
     struct TestHandler {
