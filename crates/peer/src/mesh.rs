@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use peerlink_proto::{ClientMsg, PeerId, PeerInfo, ServerMsg, Signal};
+use rustc_hash::FxHashMap;
 use str0m::channel::ChannelId;
 
 use crate::auth::SignalKeys;
@@ -117,15 +118,18 @@ pub(crate) struct Mesh {
     local_addrs: Vec<SocketAddr>,
     /// Room members and their display names.
     members: HashMap<PeerId, Option<String>>,
-    /// Connections, by member.
-    peers: HashMap<PeerId, PeerState>,
+    /// Connections, by member. This map and the two below are looked up for
+    /// every datagram, so they hash with Fx rather than SipHash: their keys
+    /// are server-minted ids, our own counter and paths ICE accepted (a
+    /// bounded table), none of which an attacker can pick in numbers.
+    peers: FxHashMap<PeerId, PeerState>,
     /// Connection key → member.
-    keys: HashMap<u64, PeerId>,
+    keys: FxHashMap<u64, PeerId>,
     next_key: u64,
     /// Which connection a datagram from `source` to `destination` belongs
     /// to, learned from the first one it accepted: later datagrams are not
     /// offered to every connection.
-    routes: HashMap<(SocketAddr, SocketAddr), u64>,
+    routes: FxHashMap<(SocketAddr, SocketAddr), u64>,
     /// Signals from members not connected to yet (without `auto_connect`).
     held: HashMap<PeerId, VecDeque<Signal>>,
     /// STUN and TURN from our sockets.
@@ -176,10 +180,10 @@ impl Mesh {
             config,
             local_addrs,
             members: HashMap::new(),
-            peers: HashMap::new(),
-            keys: HashMap::new(),
+            peers: FxHashMap::default(),
+            keys: FxHashMap::default(),
             next_key: 0,
-            routes: HashMap::new(),
+            routes: FxHashMap::default(),
             held: HashMap::new(),
             gatherer,
             gathered: Vec::new(),
