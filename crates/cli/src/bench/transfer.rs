@@ -55,10 +55,21 @@ fn sha256(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A child's result, and when its data phase began and ended.
+struct Outcome {
+    finished: Value,
+    /// When the offer arrived (the receiver): pairing, ICE, DTLS and SCTP
+    /// are done, and the data follows.
+    offered: Option<Instant>,
+    /// When `finished` arrived: the last file verified and on disk.
+    done: Instant,
+}
+
 /// Reads a child's JSON lines until `finished`; sends the `code` on the way.
-async fn events(child: &mut Child, mut code: Option<oneshot::Sender<String>>) -> anyhow::Result<Value> {
+async fn events(child: &mut Child, mut code: Option<oneshot::Sender<String>>) -> anyhow::Result<Outcome> {
     let out = child.stdout.take().context("stdout")?;
     let mut lines = BufReader::new(out).lines();
+    let mut offered = None;
     while let Some(line) = lines.next_line().await? {
         let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
         match v["event"].as_str() {
@@ -67,7 +78,8 @@ async fn events(child: &mut Child, mut code: Option<oneshot::Sender<String>>) ->
                     let _ = tx.send(c.to_string());
                 }
             }
-            Some("finished") => return Ok(v),
+            Some("offer") => offered = offered.or(Some(Instant::now())),
+            Some("finished") => return Ok(Outcome { finished: v, offered, done: Instant::now() }),
             _ => {}
         }
     }
@@ -78,13 +90,20 @@ fn mib(kib: &Value) -> String {
     kib.as_u64().map_or("?".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
 }
 
+/// One case's times: from `receive`'s start to its exit, and its data
+/// phase (offer to last file on disk).
+struct Timing {
+    whole: Duration,
+    data: Option<Duration>,
+}
+
 async fn one(
     exe: &Path,
     url: &str,
     case: &Case,
     out: &Path,
     rtt_ms: u64,
-) -> anyhow::Result<(Duration, Value, Value)> {
+) -> anyhow::Result<(Timing, Value, Value)> {
     let delay = format!("{}ms", rtt_ms / 2);
     let mut common = vec!["--json", "--server", url, "--ice-addr", "127.0.0.1"];
     if rtt_ms > 0 {
@@ -120,13 +139,16 @@ async fn one(
     let received =
         tokio::time::timeout(CASE_LIMIT, events(&mut receiver, None)).await.context("timed out")??;
     receiver.wait().await?;
-    let elapsed = t0.elapsed();
-    let sent =
-        tokio::time::timeout(Duration::from_secs(30), sender_events).await.context("sender hung")???;
+    let whole = t0.elapsed();
+    let data = received.offered.map(|at| received.done.duration_since(at));
+    let (received, sent) = (
+        received.finished,
+        tokio::time::timeout(Duration::from_secs(30), sender_events).await.context("sender hung")???.finished,
+    );
     if received["ok"] != true || sent["ok"] != true {
         bail!("transfer failed: receiver {received}, sender {sent}");
     }
-    Ok((elapsed, sent, received))
+    Ok((Timing { whole, data }, sent, received))
 }
 
 pub async fn run(
@@ -169,18 +191,24 @@ pub async fn run(
             }
             let out = root.join(format!("out-{i}"));
             std::fs::create_dir_all(&out)?;
-            let (elapsed, sent, received) = one(&exe, &server.url, case, &out, rtt_ms).await?;
+            let (timing, sent, received) = one(&exe, &server.url, case, &out, rtt_ms).await?;
             if i == 0 {
                 let (a, b) = (sha256(&case.path)?, sha256(&out.join("big.bin"))?);
                 if a != b {
                     bail!("the received file differs from the original");
                 }
             }
-            let mbs = case.bytes as f64 / elapsed.as_secs_f64() / 1e6;
+            let mbs = case.bytes as f64 / timing.whole.as_secs_f64() / 1e6;
+            // The channel's figure leaves its connection's setup out; so
+            // does the data phase's.
+            let data = timing.data.map_or("?".into(), |d| {
+                let mbs = case.bytes as f64 / d.as_secs_f64() / 1e6;
+                format!("{mbs:.1} MB/s = {:.2} x the channel", mbs / raw)
+            });
             println!(
-                "transfer ({}, disk to disk, send + receive processes): {mbs:.1} MB/s ({:.2} s from `receive` start to verified and on disk); transfer/channel = {:.2}; peak RSS sender {}, receiver {}",
+                "transfer ({}, disk to disk, send + receive processes): {mbs:.1} MB/s ({:.2} s from `receive` start to its exit, with pairing and connecting); transfer/channel = {:.2}; data phase (offer to last file verified and on disk) {data}; peak RSS sender {}, receiver {}",
                 case.label,
-                elapsed.as_secs_f64(),
+                timing.whole.as_secs_f64(),
                 mbs / raw,
                 mib(&sent["peak_rss_kib"]),
                 mib(&received["peak_rss_kib"]),
