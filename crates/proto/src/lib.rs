@@ -38,6 +38,19 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(transparent)]
 pub struct PeerId(String);
 
+/// Maps keyed by id are looked up with the `&str` read off the wire.
+impl std::borrow::Borrow<str> for PeerId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for PeerId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl PeerId {
     /// Wraps an id the server assigned. Servers mint ids; clients only read
     /// them off the wire.

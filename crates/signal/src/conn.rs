@@ -21,7 +21,7 @@ use peerlink_proto::{ClientMsg, ErrorCode, MAX_NAME_LEN, PROTOCOL_VERSION, PeerI
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::hub::{Outbox, Refused, encode};
+use crate::hub::{Outbox, Refused, Route, encode};
 use crate::limit::{FLOOD_SECONDS, FloodMeter, TokenBucket};
 use crate::outbox::{Alarm, Batch};
 use crate::ws::{self, Violation};
@@ -98,6 +98,8 @@ struct Conn {
     more: bool,
     /// The rate limit dropped a frame since the last read.
     throttled: bool,
+    /// Where the last frame to one peer went.
+    route: Option<Route>,
 }
 
 /// How handling what was read ended.
@@ -151,6 +153,7 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
         last_seen: now,
         more: false,
         throttled: false,
+        route: None,
     };
     tracing::debug!(peer = %conn.id, %addr, "connected");
 
@@ -650,12 +653,12 @@ impl Conn {
 
     /// A `signal` or `send`, read on the fast path: delivered as the
     /// client wrote its payload, with `from` stamped.
-    fn relay(&self, r: crate::frame::Relay<'_>) -> Result<(), Failure> {
+    fn relay(&mut self, r: crate::frame::Relay<'_>) -> Result<(), Failure> {
         let hub = &self.server.inner.hub;
         let frame = Utf8Bytes::from(r.frame);
         match r.to {
             Some(to) => {
-                hub.send_to(&r.room, &self.id, &PeerId::from_server(to.into_owned()), frame)?;
+                hub.send_to(&r.room, &self.id, &to, frame, &mut self.route)?;
                 let counter = if r.signal { &hub.signals_relayed } else { &hub.messages_relayed };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -720,14 +723,14 @@ impl Conn {
             msg @ (ClientMsg::Join { .. } | ClientMsg::Leave { .. }) => return Ok(Some(msg)),
             ClientMsg::Signal { room, to, signal } => {
                 let frame = encode(&ServerMsg::Signal { room: room.clone(), from: self.id.clone(), signal });
-                hub.send_to(&room, &self.id, &to, frame)?;
+                hub.send_to(&room, &self.id, to.as_str(), frame, &mut self.route)?;
                 hub.signals_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             ClientMsg::Send { room, to, data } => {
                 let frame = encode(&ServerMsg::Message { room: room.clone(), from: self.id.clone(), data });
                 match to {
                     Some(to) => {
-                        hub.send_to(&room, &self.id, &to, frame)?;
+                        hub.send_to(&room, &self.id, to.as_str(), frame, &mut self.route)?;
                         hub.messages_relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     None => hub.broadcast(&room, &self.id, frame)?,

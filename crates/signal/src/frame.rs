@@ -134,18 +134,33 @@ pub fn relay_frame<'a>(text: &'a str, from: &str) -> Option<Relay<'a>> {
         ("send", _, Some(d)) if serde_json::from_str::<Checked>(d.get()).is_ok() => (false, d),
         _ => return None,
     };
-    let room = serde_json::to_string(&*f.room).ok()?;
-    let sender = serde_json::to_string(from).ok()?;
     let raw = payload.get();
-    let mut frame = String::with_capacity(raw.len() + room.len() + sender.len() + 48);
+    let mut frame = String::with_capacity(raw.len() + f.room.len() + from.len() + 52);
     frame.push_str(if signal { r#"{"type":"signal","room":"# } else { r#"{"type":"message","room":"# });
-    frame.push_str(&room);
+    // A room read without escapes is written back as it came.
+    match &f.room {
+        Cow::Borrowed(room) => push_quoted(&mut frame, room),
+        Cow::Owned(room) => frame.push_str(&serde_json::to_string(room).ok()?),
+    }
     frame.push_str(r#","from":"#);
-    frame.push_str(&sender);
+    push_quoted(&mut frame, from);
     frame.push_str(if signal { r#","signal":"# } else { r#","data":"# });
     frame.push_str(raw);
     frame.push('}');
     Some(Relay { room: f.room, to: f.to, signal, frame })
+}
+
+/// Appends `s` as a JSON string: between quotes as it is when nothing in it
+/// needs an escape (a server-minted id; a string serde_json borrowed from
+/// the client's JSON, which had none), else as serde_json writes it.
+fn push_quoted(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+    }
 }
 
 #[cfg(test)]
@@ -206,5 +221,19 @@ mod tests {
         // Escapes in names are written back escaped.
         let r = relay_frame(r#"{"type":"send","room":"a\"b","data":{"x":[1,2]}}"#, "p-1").expect("relayed");
         assert_eq!(r.frame, r#"{"type":"message","room":"a\"b","from":"p-1","data":{"x":[1,2]}}"#);
+        // A room escaped where it need not be is written plainly; one
+        // without escapes as it came, non-ASCII and all; an id that needs
+        // escaping is escaped.
+        let r = relay_frame(r#"{"type":"send","room":"caf\u00e9","data":1}"#, "p-1").expect("relayed");
+        assert_eq!(r.frame, r#"{"type":"message","room":"café","from":"p-1","data":1}"#);
+        let r = relay_frame(r#"{"type":"send","room":"café ☕","data":1}"#, "p-\"1").expect("relayed");
+        assert_eq!(r.frame, r#"{"type":"message","room":"café ☕","from":"p-\"1","data":1}"#);
+        let delivered: ServerMsg = serde_json::from_str(&r.frame).expect("a server message");
+        assert_eq!(
+            delivered,
+            ServerMsg::Message {
+                room: "café ☕".into(), from: PeerId::from_server("p-\"1"), data: 1.into()
+            }
+        );
     }
 }

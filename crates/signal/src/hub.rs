@@ -1,8 +1,9 @@
 //! Room membership and delivery between connections.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
@@ -85,6 +86,93 @@ impl Room {
     }
 }
 
+/// Every room, and a count of the changes made to any of them. A
+/// connection remembers where its last frame to one peer went (a
+/// [`Route`]) and delivers the next one there without looking it up while
+/// the count stays the same: a signaling exchange, or a stream of messages
+/// to one peer, is many frames to the same addressee, and at 10,000
+/// connections the lookups (a room's table, its members', their ids, each
+/// elsewhere in memory) were the largest part of relaying one.
+#[derive(Debug, Default)]
+struct Rooms {
+    map: Mutex<HashMap<String, Room>>,
+    changes: AtomicU64,
+}
+
+impl Rooms {
+    fn read(&self) -> Read<'_> {
+        Read(self.map.lock().expect("hub lock"))
+    }
+
+    /// For a change, counted when the guard is dropped, before the lock is
+    /// released: whoever holds the lock later reads the new count.
+    fn write(&self) -> Write<'_> {
+        Write { map: self.map.lock().expect("hub lock"), changes: &self.changes }
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+}
+
+/// The rooms, read.
+struct Read<'a>(MutexGuard<'a, HashMap<String, Room>>);
+
+impl Deref for Read<'_> {
+    type Target = HashMap<String, Room>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// The rooms, changed.
+struct Write<'a> {
+    map: MutexGuard<'a, HashMap<String, Room>>,
+    changes: &'a AtomicU64,
+}
+
+impl Deref for Write<'_> {
+    type Target = HashMap<String, Room>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl DerefMut for Write<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Drop for Write<'_> {
+    fn drop(&mut self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Where a connection's last frame to one peer went: the addressee's
+/// queue on this node, valid while no room has changed since. Checked
+/// under the addressee's queue lock, so a frame never lands behind
+/// something the addressee was sent after a change (its `left`, say) that
+/// the frame should have seen.
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// The room, then the addressee's id: one place in memory to compare.
+    key: Box<str>,
+    room_len: usize,
+    outbox: Outbox,
+    changes: u64,
+}
+
+impl Route {
+    fn is(&self, room: &str, to: &str) -> bool {
+        self.room_len == room.len()
+            && self.key.len() == room.len() + to.len()
+            && self.key.starts_with(room)
+            && self.key.ends_with(to)
+    }
+}
+
 /// How a join treats a place the joining id may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Resume {
@@ -110,7 +198,7 @@ struct Pending {
 
 #[derive(Debug)]
 pub(crate) struct Hub {
-    rooms: Mutex<HashMap<String, Room>>,
+    rooms: Rooms,
     /// Backplane joins sent and not yet seen in the stream, by (room, peer).
     pending: Mutex<HashMap<(String, PeerId), Pending>>,
     /// Set once, when the server runs with a backplane.
@@ -150,8 +238,8 @@ pub(crate) fn encode(msg: &ServerMsg) -> Utf8Bytes {
 }
 
 /// The refusal of a relayed frame that `peers` (of `addressed`) could not take.
-pub(crate) fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
-    let names: Vec<&str> = peers.iter().take(8).map(|p| p.as_str()).collect();
+pub(crate) fn busy(peers: &[impl AsRef<str>], addressed: usize, why: Full) -> Refused {
+    let names: Vec<&str> = peers.iter().take(8).map(|p| p.as_ref()).collect();
     let more = if peers.len() > names.len() {
         format!(" and {} more", peers.len() - names.len())
     } else {
@@ -168,6 +256,18 @@ pub(crate) fn busy(peers: &[&PeerId], addressed: usize, why: Full) -> Refused {
         format!("{} of {addressed} members ({}{more})", peers.len(), names.join(", "))
     };
     Refused(ErrorCode::PeerBusy, format!("not delivered to {whom}: {reason}; retry later"))
+}
+
+/// What the sender of a frame to `to` is told.
+fn sent_to(room: &str, to: &str, sent: Result<(), Full>) -> Result<(), Refused> {
+    match sent {
+        Ok(()) => Ok(()),
+        Err(Full::Closed) => {
+            Err(Refused(ErrorCode::UnknownPeer, format!("peer {to} is leaving room {room}")))
+        }
+        Err(Full::Down) => Err(unavailable(&format!("not delivered to peer {to}"))),
+        Err(full) => Err(busy(&[to], 1, full)),
+    }
 }
 
 fn sorted(counts: &Mutex<HashMap<ErrorCode, u64>>) -> Vec<(ErrorCode, u64)> {
@@ -265,7 +365,7 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         HubStats {
             connections: self.connections.load(Ordering::Relaxed),
-            rooms: self.rooms.lock().expect("hub lock").len(),
+            rooms: self.rooms.read().len(),
             signals_relayed: self.signals_relayed.load(Ordering::Relaxed),
             messages_relayed: self.messages_relayed.load(Ordering::Relaxed),
         }
@@ -330,7 +430,7 @@ impl Hub {
         max_peers: usize,
         resume: Resume,
     ) -> Result<(), Refused> {
-        let mut rooms = self.rooms.lock().expect("hub lock");
+        let mut rooms = self.rooms.write();
         let members = rooms.entry(room.to_string()).or_default();
         if let Resume::OnlyPresent(why) = &resume
             && !members.members.contains_key(id)
@@ -373,7 +473,7 @@ impl Hub {
     /// Whether `id` is a member of `room` on the connection of `outbox`
     /// (not resumed on another connection or node since).
     pub fn is_ours(&self, room: &str, id: &PeerId, outbox: &Outbox) -> bool {
-        let rooms = self.rooms.lock().expect("hub lock");
+        let rooms = self.rooms.read();
         matches!(
             rooms.get(room).and_then(|r| r.members.get(id)).map(|m| &m.at),
             Some(At::Local(o)) if o.same(outbox)
@@ -388,7 +488,7 @@ impl Hub {
         let bp = self.backplane.get();
         let pending = || self.pending.lock().expect("hub lock").contains_key(&(room.to_string(), id.clone()));
         let member = {
-            let rooms = self.rooms.lock().expect("hub lock");
+            let rooms = self.rooms.read();
             rooms.get(room).and_then(|r| r.members.get(id)).map(|m| match &m.at {
                 At::Local(o) => o.same(outbox),
                 At::Remote(_) => false,
@@ -401,7 +501,7 @@ impl Hub {
         if known && let Some(bp) = bp {
             bp.leave_and_wait(room, id).await;
         }
-        let mut rooms = self.rooms.lock().expect("hub lock");
+        let mut rooms = self.rooms.write();
         let mut was = false;
         if let Some(members) = rooms.get_mut(room)
             && members.members.remove(id).is_some()
@@ -423,8 +523,26 @@ impl Hub {
     /// frame the addressee's queue (or the server's budget) cannot take is
     /// refused to the sender with `peer_busy`: the addressee, which may be
     /// reading as fast as it can, is not punished for what others send it.
-    pub fn send_to(&self, room: &str, from: &PeerId, to: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
-        let rooms = self.rooms.lock().expect("hub lock");
+    /// `route` is the sender's: used when it still holds, updated when the
+    /// addressee is looked up.
+    pub fn send_to(
+        &self,
+        room: &str,
+        from: &PeerId,
+        to: &str,
+        frame: Utf8Bytes,
+        route: &mut Option<Route>,
+    ) -> Result<(), Refused> {
+        let mut frame = frame;
+        if let Some(r) = route
+            && r.is(room, to)
+        {
+            match r.outbox.try_deliver_if(frame, || self.rooms.changes() == r.changes) {
+                Ok(sent) => return sent_to(room, to, sent),
+                Err(back) => frame = back,
+            }
+        }
+        let rooms = self.rooms.read();
         let members = rooms
             .get(room)
             .filter(|m| m.members.contains_key(from))
@@ -434,20 +552,23 @@ impl Hub {
             .get(to)
             .ok_or_else(|| Refused(ErrorCode::UnknownPeer, format!("no peer {to} in room {room}")))?;
         let sent = match &target.at {
-            At::Local(outbox) => outbox.try_deliver(frame),
+            At::Local(outbox) => {
+                // Changes are made under the lock held here: the count is this lookup's.
+                let changes = self.rooms.changes();
+                *route = Some(Route {
+                    key: [room, to].concat().into(),
+                    room_len: room.len(),
+                    outbox: outbox.clone(),
+                    changes,
+                });
+                outbox.try_deliver(frame)
+            }
             At::Remote(node) => match self.backplane.get() {
-                Some(bp) => bp.forward(node, room, Some(to), from, &frame),
+                Some(bp) => bp.forward(node, room, Some(&PeerId::from_server(to)), from, &frame),
                 None => Err(Full::Closed),
             },
         };
-        match sent {
-            Ok(()) => Ok(()),
-            Err(Full::Closed) => {
-                Err(Refused(ErrorCode::UnknownPeer, format!("peer {to} is leaving room {room}")))
-            }
-            Err(Full::Down) => Err(unavailable(&format!("not delivered to peer {to}"))),
-            Err(full) => Err(busy(&[to], 1, full)),
-        }
+        sent_to(room, to, sent)
     }
 
     /// Delivers `frame` to every member of `room` but `from`; members whose
@@ -455,7 +576,7 @@ impl Hub {
     /// other nodes get it through their node (one copy per node), which
     /// refuses on their behalf the same way.
     pub fn broadcast(&self, room: &str, from: &PeerId, frame: Utf8Bytes) -> Result<(), Refused> {
-        let rooms = self.rooms.lock().expect("hub lock");
+        let rooms = self.rooms.read();
         let members = rooms
             .get(room)
             .filter(|m| m.members.contains_key(from))
@@ -506,7 +627,7 @@ impl Hub {
     /// Members on this node, by room, with their names: what a node puts
     /// back after Redis lost them.
     pub fn local_members(&self) -> Vec<(String, PeerId, Option<String>)> {
-        let rooms = self.rooms.lock().expect("hub lock");
+        let rooms = self.rooms.read();
         let mut out = Vec::new();
         for (room, members) in rooms.iter() {
             for (id, m) in &members.members {
@@ -520,7 +641,7 @@ impl Hub {
 
     /// Rooms with members (or joiners) on this node.
     pub fn local_rooms(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.rooms.lock().expect("hub lock").keys().cloned().collect();
+        let mut out: Vec<String> = self.rooms.read().keys().cloned().collect();
         for (room, _) in self.pending.lock().expect("hub lock").keys() {
             if !out.contains(room) {
                 out.push(room.clone());
@@ -534,7 +655,7 @@ impl Hub {
         match event {
             Event::Members { room, members, kept } => self.resync(me, &room, members, kept.as_deref()),
             Event::Joined { room, member } => {
-                let mut rooms = self.rooms.lock().expect("hub lock");
+                let mut rooms = self.rooms.write();
                 let Some(r) = rooms.get_mut(&room) else { return };
                 let id = PeerId::from_server(member.id);
                 if let Some(m) = r.members.get_mut(&id) {
@@ -561,7 +682,7 @@ impl Hub {
                 );
             }
             Event::Left { room, peer } => {
-                let mut rooms = self.rooms.lock().expect("hub lock");
+                let mut rooms = self.rooms.write();
                 let Some(r) = rooms.get_mut(&room) else { return };
                 let id = PeerId::from_server(peer);
                 // A member of ours is never removed by another node (a
@@ -575,7 +696,7 @@ impl Hub {
                 }
             }
             Event::Frame { room, to, from, from_node, frame } => {
-                let rooms = self.rooms.lock().expect("hub lock");
+                let rooms = self.rooms.read();
                 let Some(r) = rooms.get(&room) else { return };
                 let targets: Vec<(&PeerId, &Outbox)> = match &to {
                     Some(to) => r.locals().filter(|(id, _)| *id == to).collect(),
@@ -611,7 +732,7 @@ impl Hub {
                 }
             }
             Event::Refused { room, to, frame } => {
-                let rooms = self.rooms.lock().expect("hub lock");
+                let rooms = self.rooms.read();
                 if let Some(At::Local(outbox)) =
                     rooms.get(&room).and_then(|r| r.members.get(&to)).map(|m| &m.at)
                 {
@@ -625,7 +746,7 @@ impl Hub {
     /// stream order), telling the members here what changed; a joiner here
     /// that the store lists gets its `joined`.
     fn resync(&self, me: &str, room: &str, members: Vec<Entry>, kept: Option<&str>) {
-        let mut rooms = self.rooms.lock().expect("hub lock");
+        let mut rooms = self.rooms.write();
         let mut pending = self.pending.lock().expect("hub lock");
         let mut old = rooms.remove(room).unwrap_or_default();
         let old_len = old.members.len();

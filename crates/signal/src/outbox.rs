@@ -182,23 +182,39 @@ impl Outbox {
     /// replies), so a client that keeps up is never closed because others
     /// filled its queue.
     pub fn try_deliver(&self, frame: Utf8Bytes) -> Result<(), Full> {
+        match self.try_deliver_if(frame, || true) {
+            Ok(queued) => queued,
+            Err(_) => unreachable!("always valid"),
+        }
+    }
+
+    /// [`Outbox::try_deliver`] if `valid()` holds once the queue's lock is
+    /// taken; else the frame is handed back, not queued.
+    pub fn try_deliver_if(
+        &self,
+        frame: Utf8Bytes,
+        valid: impl FnOnce() -> bool,
+    ) -> Result<Result<(), Full>, Utf8Bytes> {
         let n = frame.len();
         let mut st = self.0.lock();
+        if !valid() {
+            return Err(frame);
+        }
         if st.closed {
-            return Err(Full::Closed);
+            return Ok(Err(Full::Closed));
         }
         if st.queue.len() >= self.0.max_frames - self.0.max_frames / 4
             || st.queued + n > self.0.max_bytes - self.0.max_bytes / 4
         {
-            return Err(Full::Connection);
+            return Ok(Err(Full::Connection));
         }
         let budget = &self.0.budget;
         if budget.queued.fetch_add(n, Ordering::Relaxed) + n > budget.max_bytes {
             budget.queued.fetch_sub(n, Ordering::Relaxed);
-            return Err(Full::Server);
+            return Ok(Err(Full::Server));
         }
         self.0.push(&mut st, Out::Text(frame), self);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Queues a frame the server itself sends (presence, replies): these

@@ -707,6 +707,7 @@ on_both_backends!(
     join_errors,
     signals_are_relayed_with_the_sender_stamped,
     send_to_one_and_broadcast,
+    repeated_sends_follow_every_change_of_the_room,
 );
 
 /// Redis restarted, its data lost: the nodes put their members back and
@@ -1125,6 +1126,50 @@ async fn send_to_one_and_broadcast(backend: Backend) {
     a.expect_error(ErrorCode::UnknownPeer).await;
     still_served(&mut c, &c_id, &mut a, &a_id, "lobby", 4).await;
     d.ping(5).await;
+}
+
+/// A sender remembers where its last message to a peer went (the
+/// server's route cache); every change to the rooms since is seen by its
+/// next message: the addressee resuming on another connection, leaving,
+/// joining again, and the sender itself leaving.
+async fn repeated_sends_follow_every_change_of_the_room(backend: Backend) {
+    let server = TestServer::on(backend, config()).await;
+    let (mut a, a_id) = server.member("lobby", "ada").await;
+    let mut b = server.client().await;
+    let (b_id, token) = b.hello_resuming(None).await;
+    b.join("lobby", Some("bob")).await;
+    a.recv().await;
+    let send = |n: u64| json!({"type": "send", "room": "lobby", "to": b_id, "data": n});
+    let got = |n: u64| ServerMsg::Message { room: "lobby".into(), from: a_id.clone(), data: json!(n) };
+    for n in 0..3 {
+        a.send_json(send(n)).await;
+        assert_eq!(b.recv().await, got(n));
+    }
+    // B on another connection: the next message goes there.
+    let mut b2 = server.client().await;
+    assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
+    b2.join_resuming("lobby", Some("bob")).await;
+    a.send_json(send(3)).await;
+    assert_eq!(b2.recv().await, got(3));
+    assert_eq!(b.try_recv(Duration::from_millis(200)).await, None, "nothing on B's old connection");
+    // B leaves: refused, and B hears nothing after its `left`.
+    b2.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert!(matches!(b2.recv().await, ServerMsg::Left { .. }));
+    assert!(matches!(a.recv().await, ServerMsg::PeerLeft { .. }));
+    a.send_json(send(4)).await;
+    a.expect_error(ErrorCode::UnknownPeer).await;
+    // Back in: delivered again.
+    b2.join("lobby", Some("bob")).await;
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+    a.send_json(send(5)).await;
+    assert_eq!(b2.recv().await, got(5));
+    // A leaves: its messages to the room are refused.
+    a.send_json(json!({"type": "leave", "room": "lobby"})).await;
+    assert!(matches!(a.recv().await, ServerMsg::Left { .. }));
+    a.send_json(send(6)).await;
+    a.expect_error(ErrorCode::NotInRoom).await;
+    assert!(matches!(b2.recv().await, ServerMsg::PeerLeft { .. }));
+    assert_eq!(b2.try_recv(Duration::from_millis(200)).await, None, "B got nothing after A left");
 }
 
 // ---------------------------------------------------------------- bad input
