@@ -1149,6 +1149,16 @@ async fn repeated_sends_follow_every_change_of_the_room(backend: Backend) {
     let mut b2 = server.client().await;
     assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
     b2.join_resuming("lobby", Some("bob")).await;
+    // Across nodes the move reaches A's node through the room's stream, some
+    // time after B2's `joined` (a message A sends meanwhile may still go to
+    // B's old place: PROTOCOL.md, Resume). A member joining on A's node is
+    // answered once that node has read the stream past its join, so past
+    // the move too.
+    let mut c = Client::connect(server.addrs[0]).await;
+    c.hello().await;
+    c.join("lobby", Some("cat")).await;
+    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
+    assert!(matches!(b2.recv().await, ServerMsg::PeerJoined { .. }));
     a.send_json(send(3)).await;
     assert_eq!(b2.recv().await, got(3));
     assert_eq!(b.try_recv(Duration::from_millis(200)).await, None, "nothing on B's old connection");
