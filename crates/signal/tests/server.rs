@@ -554,6 +554,24 @@ async fn still_served(a: &mut Client, a_id: &PeerId, b: &mut Client, b_id: &Peer
     b.ping(n).await;
 }
 
+/// Returns once node `node` (A's, in the tests) has seen every change made
+/// before to the room that `join` joins. Across nodes a change reaches a
+/// node through its channel some time after the client that made it was
+/// answered, and a message sent meanwhile may still go to where a resumed
+/// member was (PROTOCOL.md, Resume). A newcomer on `node` is answered once
+/// that node has read past its own join, so past every change before it.
+/// The members in `told` get its `peer_joined`; the newcomer is returned.
+async fn caught_up(server: &TestServer, node: usize, join: Value, told: &mut [&mut Client]) -> Client {
+    let mut c = Client::connect(server.addrs[node]).await;
+    c.hello().await;
+    c.send_json(join).await;
+    assert!(matches!(c.recv().await, ServerMsg::Joined { .. }));
+    for m in told {
+        assert!(matches!(m.recv().await, ServerMsg::PeerJoined { .. }));
+    }
+    c
+}
+
 /// Runs a hub test on both backends: the memory hub of one process, and
 /// three nodes sharing rooms through Redis (clients spread over them in
 /// turn, so members of one room sit on different nodes), once on a single
@@ -599,6 +617,7 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     assert!(resumed, "joined says the place was kept");
     drop(b);
     assert_eq!(a.try_recv(Duration::from_millis(700)).await, None, "A saw no one leave or join");
+    let _c = caught_up(&server, 0, json!({"type": "join", "room": "lobby"}), &mut [&mut a, &mut b2]).await;
     still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
     still_served(&mut b2, &b_id, &mut a, &a_id, "lobby", 2).await;
 
@@ -608,7 +627,7 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     assert!(matches!(b2.recv().await, ServerMsg::Left { .. }));
     assert!(matches!(a.recv().await, ServerMsg::PeerLeft { peer_id, .. } if peer_id == b_id));
     let (peers, resumed) = b2.join_resuming("lobby", Some("bob")).await;
-    assert_eq!((peers.len(), resumed), (1, false));
+    assert_eq!((peers.len(), resumed), (2, false), "A and the newcomer, not resumed");
     assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id));
 
     // Someone else's token, tampered with: a fresh id, and no place.
@@ -647,6 +666,8 @@ async fn a_resume_needs_no_fresh_join_token_for_a_place_it_holds(backend: Backen
     b2.send_json(json!({"type": "join", "room": "other", "token": expired})).await;
     let why = b2.expect_error(ErrorCode::Unauthorized).await;
     assert!(why.contains("expired"), "{why}");
+    let join = json!({"type": "join", "room": "lobby", "token": token("lobby")});
+    let _c = caught_up(&server, 0, join, &mut [&mut a, &mut b2]).await;
     still_served(&mut a, &a_id, &mut b2, &b_id, "lobby", 1).await;
 }
 
@@ -1149,16 +1170,7 @@ async fn repeated_sends_follow_every_change_of_the_room(backend: Backend) {
     let mut b2 = server.client().await;
     assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
     b2.join_resuming("lobby", Some("bob")).await;
-    // Across nodes the move reaches A's node through the room's stream, some
-    // time after B2's `joined` (a message A sends meanwhile may still go to
-    // B's old place: PROTOCOL.md, Resume). A member joining on A's node is
-    // answered once that node has read the stream past its join, so past
-    // the move too.
-    let mut c = Client::connect(server.addrs[0]).await;
-    c.hello().await;
-    c.join("lobby", Some("cat")).await;
-    assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }));
-    assert!(matches!(b2.recv().await, ServerMsg::PeerJoined { .. }));
+    let _c = caught_up(&server, 0, json!({"type": "join", "room": "lobby"}), &mut [&mut a, &mut b2]).await;
     a.send_json(send(3)).await;
     assert_eq!(b2.recv().await, got(3));
     assert_eq!(b.try_recv(Duration::from_millis(200)).await, None, "nothing on B's old connection");
