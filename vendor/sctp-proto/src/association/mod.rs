@@ -60,6 +60,7 @@ use std::time::Instant;
 use thiserror::Error;
 
 mod delivery;
+mod pacing;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
@@ -328,6 +329,9 @@ pub struct Association {
     /// The round trip of the newest chunk sent once that the last SACK
     /// acknowledged (for `slow_start`, which wants a sample per SACK).
     last_sack_rtt: Option<Duration>,
+    /// Spreads new DATA over the round trip (PATCHES.md §11); on with the
+    /// delivery cap.
+    pacer: Option<pacing::Pacer>,
     /// When a packet from the peer last made T3-rtx fire early.
     last_path_back_retransmit: Option<Instant>,
     /// When the last packet from the peer arrived.
@@ -438,6 +442,7 @@ impl Default for Association {
             delivery: delivery::DeliveryModel::new(None),
             slow_start: None,
             last_sack_rtt: None,
+            pacer: None,
             last_path_back_retransmit: None,
             last_inbound: None,
 
@@ -491,6 +496,9 @@ impl Association {
                 .queue_delay_target()
                 .map(|_| delivery::SlowStartExit::new()),
             last_sack_rtt: None,
+            pacer: config
+                .queue_delay_target()
+                .map(|_| pacing::Pacer::default()),
             last_path_back_retransmit: None,
             last_inbound: None,
             max_receive_buffer_size: config.max_receive_buffer_size(),
@@ -776,7 +784,11 @@ impl Association {
     /// - a call was made to `handle_timeout`
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next_timeout()
+        let pace = self.pacer.as_ref().and_then(pacing::Pacer::wake);
+        match (self.timers.next_timeout(), pace) {
+            (Some(t), Some(p)) => Some(t.min(p)),
+            (t, p) => t.or(p),
+        }
     }
 
     /// Returns packets to transmit
@@ -817,6 +829,9 @@ impl Association {
     /// `Instant` that was output by `poll_timeout`; however spurious extra calls will simply
     /// no-op and therefore are safe.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(p) = &mut self.pacer {
+            p.on_timeout(now);
+        }
         for &timer in &Timer::VALUES {
             let (expired, failure, n_rtos) = self.timers.is_expired(timer, now);
             if !expired {
@@ -2629,6 +2644,9 @@ impl Association {
         // Peer delivery earns congestion credit even after its stream was reset.
         // Application credit below belongs only to the current stream generation.
         let total_bytes_acked = (outstanding_before - self.outbound_queue.inflight_bytes()) as i64;
+        if let (Some(p), Some(rtt)) = (&mut self.pacer, self.last_sack_rtt) {
+            p.on_rtt(rtt);
+        }
         self.delivery.on_sack(
             total_bytes_acked as u64,
             d.cumulative_tsn_ack,
@@ -4193,6 +4211,10 @@ impl Association {
         self.expire_inflight_messages(now);
         let mut chunks = vec![];
         if self.outbound_queue.pending_len() != 0 {
+            let recovering = self.in_fast_recovery;
+            if let Some(p) = &mut self.pacer {
+                p.refill(now, self.cwnd, recovering, self.mtu);
+            }
             // RFC 4960 sec 6.1.  Transmission of DATA Chunks
             //   A) At any given time, the data sender MUST NOT transmit new data to
             //      any destination transport address if its peer's rwnd indicates
@@ -4228,6 +4250,10 @@ impl Association {
 
                 if data_len > self.rwnd as usize {
                     break; // no more rwnd
+                }
+
+                if self.pacer.as_mut().is_some_and(|p| !p.take(data_len, now)) {
+                    break; // paced: the rest leaves at the pacer's wake-up
                 }
 
                 self.rwnd -= data_len as u32;

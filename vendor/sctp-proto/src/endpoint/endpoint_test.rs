@@ -4058,3 +4058,67 @@ fn measure_queue_transfer() {
         );
     }
 }
+
+/// PATCHES.md §11: once a round trip is known, new DATA leaves spread over
+/// it instead of a window at a time whenever SACKs arrive, and everything
+/// still arrives in order.
+#[test]
+fn test_new_data_is_paced_over_the_round_trip() -> Result<()> {
+    let si: u16 = 6;
+    let n_messages: u32 = 160;
+    let (mut pair, client_ch, server_ch) =
+        create_association_pair(AckMode::Normal, 4 * 1024 * 1024)?;
+    pair.latency = Duration::from_millis(50);
+    establish_session_pair(&mut pair, client_ch, server_ch, si)?;
+    // Every pass would wait 10 ms on these (unused) sockets, and pacing
+    // makes many passes.
+    pair.client.socket = None;
+    pair.server.socket = None;
+
+    let mut sbuf = vec![0u8; 1000];
+    for i in 0..n_messages {
+        sbuf[0..4].copy_from_slice(&i.to_be_bytes());
+        pair.client_stream(client_ch, si)?
+            .write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    }
+
+    // Packets the client sent, by the instant they left (their arrival at
+    // the server less the one-way delay), counted once each.
+    let mut per_instant: std::collections::BTreeMap<Instant, usize> = Default::default();
+    let mut seen = 0usize;
+    let mut received = 0u32;
+    let mut rbuf = vec![0u8; 2000];
+    let mut steps = 0;
+    while received < n_messages {
+        steps += 1;
+        assert!(steps < 200_000, "stalled after {received} messages");
+        let before = pair.server.inbound.len();
+        pair.drive_client();
+        for (at, _, _) in pair.server.inbound.iter().skip(before) {
+            *per_instant.entry(*at - pair.latency).or_default() += 1;
+            seen += 1;
+        }
+        pair.step();
+        while let Some(chunks) = pair.server_stream(server_ch, si)?.read_sctp()? {
+            chunks.read(&mut rbuf)?;
+            assert_eq!(u32::from_be_bytes(rbuf[0..4].try_into().unwrap()), received);
+            received += 1;
+        }
+    }
+    assert!(seen > 0);
+    let first = *per_instant.keys().next().unwrap();
+    // Past the first round trip (the initial window leaves at once: no
+    // round trip is known yet), no instant carries more than a 2 ms burst
+    // of the pacing rate (2 × cwnd / 100 ms, cwnd under 200 kB here: 8 kB,
+    // 7 packets); unpaced, each SACK's arrival releases a window (20, 40,
+    // 80 packets at once).
+    let later: Vec<usize> = per_instant
+        .range(first + Duration::from_millis(100)..)
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!later.is_empty());
+    let most = *later.iter().max().unwrap();
+    assert!(most <= 8, "{most} packets left at one instant: {later:?}");
+    assert!(later.len() >= 20, "sent at only {} instants", later.len());
+    Ok(())
+}
