@@ -310,12 +310,14 @@ pub(crate) const CSS_GROWTH_DIVISOR: u32 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     SlowStart,
-    /// Conservative slow start: the round's minimum RTT rose; `baseline`
-    /// is that minimum, and `rounds` rounds are left before the window
-    /// stops growing exponentially.
+    /// Conservative slow start: the round's minimum RTT rose to `floor` or
+    /// above (the last round's minimum plus the threshold), and `rounds`
+    /// rounds are left before the window stops growing exponentially.
+    /// `fresh` while the round in which it started is under way.
     Conservative {
-        baseline: Duration,
+        floor: Duration,
         rounds: u32,
+        fresh: bool,
     },
 }
 
@@ -330,8 +332,11 @@ enum Phase {
 /// each round's smallest RTT is compared with the previous round's: when it
 /// grew by an eighth (4 to 16 ms), the window grows a quarter as fast for
 /// five rounds (conservative slow start) and then by congestion avoidance;
-/// if the RTT falls back meanwhile, the rise was noise and slow start goes
-/// on.
+/// if a whole round's RTT falls back meanwhile, the rise was noise and slow
+/// start goes on. Once the RTT has risen, slow start also ends at the end
+/// of a round whose delivery rate did not grow with the window: behind a
+/// queue of one bandwidth-delay product, the rise shows only once the
+/// window is past the product, and one more doubling overflows the queue.
 #[derive(Debug)]
 pub(crate) struct SlowStartExit {
     phase: Phase,
@@ -340,6 +345,17 @@ pub(crate) struct SlowStartExit {
     last_round_min: Option<Duration>,
     round_min: Option<Duration>,
     samples: u32,
+    /// When the round began (the SACK that ended the last one).
+    round_start: Option<Instant>,
+    /// Bytes acknowledged in the round so far.
+    round_bytes: u64,
+    /// Bytes per second acknowledged in the last round that ran long
+    /// enough to measure.
+    last_rate: Option<f64>,
+    /// A round's round trip has risen past the threshold in this slow
+    /// start, even if it fell back since: the window has reached the
+    /// path's bottleneck at least once.
+    rose: bool,
 }
 
 /// What the window should do after a SACK in slow start.
@@ -359,6 +375,10 @@ impl SlowStartExit {
             last_round_min: None,
             round_min: None,
             samples: 0,
+            round_start: None,
+            round_bytes: 0,
+            last_rate: None,
+            rose: false,
         }
     }
 
@@ -367,47 +387,92 @@ impl SlowStartExit {
         *self = SlowStartExit::new();
     }
 
-    /// A SACK in slow start left the cumulative ack at `cum_tsn`;
-    /// `next_tsn` is the next TSN to be sent; `rtt` is the round trip of the
-    /// newest chunk it acknowledged that was sent once.
-    pub(crate) fn on_sack(&mut self, cum_tsn: u32, next_tsn: u32, rtt: Option<Duration>) -> Growth {
+    /// A SACK in slow start left the cumulative ack at `cum_tsn`,
+    /// acknowledging `acked` bytes; `next_tsn` is the next TSN to be sent;
+    /// `rtt` is the round trip of the newest chunk it acknowledged that was
+    /// sent once.
+    pub(crate) fn on_sack(
+        &mut self,
+        cum_tsn: u32,
+        next_tsn: u32,
+        rtt: Option<Duration>,
+        acked: u32,
+        now: Instant,
+    ) -> Growth {
+        self.round_bytes += u64::from(acked);
         if self.round_end.is_none_or(|end| sna32gte(cum_tsn, end)) {
             self.round_end = Some(next_tsn);
-            if self.samples >= HYSTART_SAMPLES || self.last_round_min.is_none() {
+            // The delivery rate of the round that ended. Once the round
+            // trip has risen, a round that did not deliver more than the
+            // one before, though the window grew by a quarter (conservative
+            // slow start), or by less than a quarter more though it doubled
+            // (slow start), found the pipe full: the window only fills the
+            // queue from here (BBR's full-pipe test, over one round, and
+            // only after the round trip said so).
+            let rate = self.round_start.and_then(|start| {
+                let secs = now.saturating_duration_since(start).as_secs_f64();
+                (secs > 0.0 && self.samples >= HYSTART_SAMPLES)
+                    .then(|| self.round_bytes as f64 / secs)
+            });
+            self.round_start = Some(now);
+            self.round_bytes = 0;
+            if let Some(rate) = rate {
+                let growth = match self.phase {
+                    Phase::SlowStart => 1.25,
+                    Phase::Conservative { .. } => 1.0,
+                };
+                let plateau = self.last_rate.is_some_and(|last| rate <= last * growth);
+                self.last_rate = Some(rate);
+                if self.rose && plateau {
+                    return Growth::Exit;
+                }
+            }
+            let full = self.samples >= HYSTART_SAMPLES;
+            if let Phase::Conservative {
+                floor,
+                rounds,
+                fresh,
+            } = self.phase
+            {
+                // A whole round back below the rise that started it: the
+                // rise was noise. (RFC 9406 compares each sample with the
+                // minimum at entry; with paced rounds the first samples of
+                // a round behind a queue are its lowest, and a queue that
+                // shrinks a little is still a queue.) The round in which
+                // the rise was seen is not judged again.
+                if !fresh && full && self.round_min.is_some_and(|m| m < floor) {
+                    self.phase = Phase::SlowStart;
+                } else if rounds <= 1 {
+                    return Growth::Exit;
+                } else {
+                    self.phase = Phase::Conservative {
+                        floor,
+                        rounds: rounds - 1,
+                        fresh: false,
+                    };
+                }
+            }
+            if full || self.last_round_min.is_none() {
                 self.last_round_min = self.round_min;
             }
             self.round_min = None;
             self.samples = 0;
-            if let Phase::Conservative { baseline, rounds } = self.phase {
-                if rounds <= 1 {
-                    return Growth::Exit;
-                }
-                self.phase = Phase::Conservative {
-                    baseline,
-                    rounds: rounds - 1,
-                };
-            }
         }
         if let Some(rtt) = rtt {
             self.round_min = Some(self.round_min.map_or(rtt, |m| m.min(rtt)));
             self.samples += 1;
         }
-        if self.samples >= HYSTART_SAMPLES {
-            if let (Some(now), Some(last)) = (self.round_min, self.last_round_min) {
-                match self.phase {
-                    Phase::SlowStart => {
-                        let thresh = (last / 8).clamp(HYSTART_MIN_THRESH, HYSTART_MAX_THRESH);
-                        if now >= last + thresh {
-                            self.phase = Phase::Conservative {
-                                baseline: now,
-                                rounds: CSS_ROUNDS,
-                            };
-                        }
-                    }
-                    Phase::Conservative { baseline, .. } if now < baseline => {
-                        self.phase = Phase::SlowStart;
-                    }
-                    Phase::Conservative { .. } => {}
+        if self.samples >= HYSTART_SAMPLES && self.phase == Phase::SlowStart {
+            if let (Some(min), Some(last)) = (self.round_min, self.last_round_min) {
+                let thresh = (last / 8).clamp(HYSTART_MIN_THRESH, HYSTART_MAX_THRESH);
+                let floor = last + thresh;
+                if min >= floor {
+                    self.rose = true;
+                    self.phase = Phase::Conservative {
+                        floor,
+                        rounds: CSS_ROUNDS,
+                        fresh: true,
+                    };
                 }
             }
         }
@@ -443,7 +508,14 @@ mod tests {
             for k in 1..=10 {
                 let now = t0 + rtt * i - rtt + rtt * k / 10;
                 let cum = tsn.wrapping_add(k).wrapping_sub(10);
-                m.on_sack(per_round / 10, cum, tsn.wrapping_add(k), limited, Some(rtt), now);
+                m.on_sack(
+                    per_round / 10,
+                    cum,
+                    tsn.wrapping_add(k),
+                    limited,
+                    Some(rtt),
+                    now,
+                );
             }
             tsn += 10;
         }
@@ -505,7 +577,14 @@ mod tests {
         // 20 ms (12.5 MB/s) while the queue builds.
         let end_tsn = m.round.expect("a round").end_tsn;
         for k in 1..=10u32 {
-            m.on_sack(25_000, end_tsn - 1, end_tsn + 100, true, None, ended + rtt * k / 10);
+            m.on_sack(
+                25_000,
+                end_tsn - 1,
+                end_tsn + 100,
+                true,
+                None,
+                ended + rtt * k / 10,
+            );
         }
         let now = ended + rtt;
         let cap = m.cap(0, now).expect("measured") - m.extra_acked() as u32;
@@ -535,7 +614,11 @@ mod tests {
         for _ in 0..10 {
             // One round: 45 SACKs of 10 kB, the round ending on the last.
             for k in 0..45u32 {
-                let now = if held && k < 10 { at } else { at + ms(k as u64) };
+                let now = if held && k < 10 {
+                    at
+                } else {
+                    at + ms(k as u64)
+                };
                 let next = tsn.wrapping_add(k + 1);
                 m.on_sack(10_000, next.wrapping_sub(45), next, true, Some(ms(45)), now);
                 standing = m.take_standing_queue();
@@ -585,69 +668,176 @@ mod tests {
         assert_eq!(m.bdp(), None);
     }
 
-    /// Rounds of `n` SACKs each, every one with an RTT of `rtt`; the
-    /// cumulative ack passes the round's end on the first SACK of a round.
-    fn hystart_rounds(
-        h: &mut SlowStartExit,
-        tsn: &mut u32,
-        rounds: u32,
-        rtt: Duration,
-    ) -> Vec<Growth> {
-        let mut out = Vec::new();
-        for _ in 0..rounds {
-            for _ in 0..10 {
-                *tsn += 1;
-                out.push(h.on_sack(*tsn, *tsn + 10, Some(rtt)));
+    /// A slow-starting sender: its SACKs, ten a round, each acknowledging
+    /// a tenth of the window, which grows as the returned growth says.
+    struct Flow {
+        h: SlowStartExit,
+        tsn: u32,
+        now: Instant,
+        cwnd: u32,
+        /// Bytes each SACK of the round acknowledges.
+        acked: u32,
+    }
+
+    impl Flow {
+        fn new() -> Self {
+            Flow {
+                h: SlowStartExit::new(),
+                tsn: 0,
+                now: Instant::now(),
+                cwnd: 12_000,
+                acked: 0,
             }
         }
-        out
+
+        /// One SACK with an RTT of `rtt`, the path carrying at most `cap`
+        /// bytes per round.
+        fn sack(&mut self, rtt: Duration, cap: u32) -> Growth {
+            if self.tsn % 10 == 0 {
+                self.acked = self.cwnd.min(cap) / 10;
+            }
+            self.tsn += 1;
+            self.now += rtt / 10;
+            let g = self
+                .h
+                .on_sack(self.tsn, self.tsn + 10, Some(rtt), self.acked, self.now);
+            if let Growth::By(d) = g {
+                self.cwnd = self.cwnd.saturating_add(self.acked / d);
+            }
+            g
+        }
+
+        /// `n` rounds, or until slow start ends.
+        fn rounds_capped(&mut self, n: u32, rtt: Duration, cap: u32) -> Vec<Growth> {
+            let mut out = Vec::new();
+            for _ in 0..n * 10 {
+                out.push(self.sack(rtt, cap));
+                if out.last() == Some(&Growth::Exit) {
+                    break;
+                }
+            }
+            out
+        }
+
+        fn rounds(&mut self, n: u32, rtt: Duration) -> Vec<Growth> {
+            self.rounds_capped(n, rtt, u32::MAX)
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     #[test]
     fn slow_start_goes_on_while_the_round_trip_is_flat() {
-        let mut h = SlowStartExit::new();
-        let mut tsn = 0;
-        let g = hystart_rounds(&mut h, &mut tsn, 20, Duration::from_millis(50));
+        let mut f = Flow::new();
+        let g = f.rounds(20, ms(50));
         assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
         // A rise below the threshold (50 ms / 8 = 6.25 ms) is not a queue.
-        let g = hystart_rounds(&mut h, &mut tsn, 5, Duration::from_millis(55));
+        let g = f.rounds(5, ms(55));
         assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
     }
 
     #[test]
     fn a_growing_round_trip_slows_growth_then_ends_slow_start() {
-        let mut h = SlowStartExit::new();
-        let mut tsn = 0;
-        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(50));
-        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(57));
+        let mut f = Flow::new();
+        f.rounds(3, ms(50));
+        let g = f.rounds(1, ms(57));
         assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)), "{g:?}");
-        let g = hystart_rounds(&mut h, &mut tsn, CSS_ROUNDS, Duration::from_millis(58));
-        assert!(g.contains(&Growth::Exit), "{g:?}");
+        // The delivery rate keeps growing with the window: five rounds of
+        // conservative slow start, then the end.
+        let g = f.rounds(CSS_ROUNDS - 1, ms(58));
+        assert!(
+            g.iter().all(|g| *g == Growth::By(CSS_GROWTH_DIVISOR)),
+            "{g:?}"
+        );
+        let g = f.rounds(1, ms(58));
+        assert_eq!(g[0], Growth::Exit, "{g:?}");
     }
 
     #[test]
     fn a_rise_that_falls_back_was_noise() {
-        let mut h = SlowStartExit::new();
-        let mut tsn = 0;
-        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(20));
-        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(30));
+        let mut f = Flow::new();
+        f.rounds(3, ms(20));
+        let g = f.rounds(1, ms(30));
         assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)));
-        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(21));
+        let g = f.rounds(2, ms(21));
         assert_eq!(g.last(), Some(&Growth::By(1)), "{g:?}");
+    }
+
+    #[test]
+    fn a_queue_that_shrinks_a_little_is_still_a_queue() {
+        // 100 ms, then a round at 131 ms: conservative slow start. The next
+        // round's minimum is 123 ms, below the entry's but far above the
+        // 112.5 ms that counts as a rise: the queue is still there.
+        let mut f = Flow::new();
+        f.rounds(3, ms(100));
+        let g = f.rounds(1, ms(131));
+        assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)), "{g:?}");
+        let g = f.rounds(2, ms(123));
+        assert!(
+            g.iter().all(|g| *g == Growth::By(CSS_GROWTH_DIVISOR)),
+            "{g:?}"
+        );
+    }
+
+    #[test]
+    fn the_round_that_starts_conservative_slow_start_keeps_it() {
+        // Within the round that crosses the threshold the samples keep
+        // falling (the round began behind the last one's burst): the
+        // window must not flip between the two growth rates, and the
+        // round is not judged noise at its end.
+        let mut f = Flow::new();
+        f.rounds(3, ms(100));
+        let g: Vec<_> = (0..20u64)
+            .map(|i| f.sack(Duration::from_micros(132_000 - 300 * i), u32::MAX))
+            .collect();
+        let first = g.iter().position(|g| *g == Growth::By(CSS_GROWTH_DIVISOR));
+        assert!(first.is_some(), "{g:?}");
+        assert!(
+            g[first.unwrap()..]
+                .iter()
+                .all(|g| *g == Growth::By(CSS_GROWTH_DIVISOR)),
+            "{g:?}"
+        );
+    }
+
+    #[test]
+    fn after_a_rise_slow_start_ends_when_the_pipe_is_full() {
+        // Behind a queue of one bandwidth-delay product (100 ms, 120 kB
+        // per round, so 240 kB in flight overflow it): the round trip
+        // rises once the window passes the product; the first round that
+        // then delivers no more than the one before ends slow start,
+        // before the queue overflows. (Five rounds of conservative slow
+        // start would take the window to 1.25^5 times the product.)
+        let mut f = Flow::new();
+        f.rounds_capped(3, ms(100), 120_000);
+        assert_eq!(f.cwnd, 96_000);
+        let g = f.rounds_capped(1, ms(131), 120_000);
+        assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)), "{g:?}");
+        let g = f.rounds_capped(CSS_ROUNDS, ms(118), 120_000);
+        assert_eq!(g.len(), 21, "{g:?}");
+        assert_eq!(g.last(), Some(&Growth::Exit), "{g:?}");
+        assert!(f.cwnd < 240_000, "cwnd {}", f.cwnd);
+        // Without the rise the same plateau is not a reason to stop: on
+        // a path without a queue the rate is limited elsewhere (the
+        // receiver, the CPU) and the window must keep up with it.
+        let mut f = Flow::new();
+        let g = f.rounds_capped(8, ms(100), 120_000);
+        assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
     }
 
     #[test]
     fn thresholds_are_clamped_to_4_and_16_ms() {
         // 1 ms round trips: a 3 ms rise is below the 4 ms floor.
-        let mut h = SlowStartExit::new();
-        let mut tsn = 0;
-        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(1));
-        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(4));
+        let mut f = Flow::new();
+        f.rounds(3, ms(1));
+        let g = f.rounds(1, ms(4));
         assert_eq!(g.last(), Some(&Growth::By(1)));
         // 200 ms round trips: 16 ms is enough (an eighth would be 25).
-        let mut h = SlowStartExit::new();
-        hystart_rounds(&mut h, &mut tsn, 3, Duration::from_millis(200));
-        let g = hystart_rounds(&mut h, &mut tsn, 1, Duration::from_millis(216));
+        let mut f = Flow::new();
+        f.rounds(3, ms(200));
+        let g = f.rounds(1, ms(216));
         assert_eq!(g.last(), Some(&Growth::By(CSS_GROWTH_DIVISOR)));
     }
 }

@@ -3343,13 +3343,20 @@ impl Association {
             if !self.in_fast_recovery && self.outbound_queue.pending_len() != 0 {
                 let rtt = self.last_sack_rtt.take();
                 let growth = match &mut self.slow_start {
-                    Some(h) => h.on_sack(self.cumulative_tsn_ack_point, self.my_next_tsn, rtt),
+                    Some(h) => h.on_sack(
+                        self.cumulative_tsn_ack_point,
+                        self.my_next_tsn,
+                        rtt,
+                        total_bytes_acked as u32,
+                        now,
+                    ),
                     None => delivery::Growth::By(1),
                 };
                 let divisor = match growth {
                     delivery::Growth::By(d) => d,
                     delivery::Growth::Exit => {
-                        // The round trip grew and kept growing: the path's
+                        // The round trip grew and kept growing, or grew and
+                        // the delivery rate stopped growing: the path's
                         // queue is filling. Congestion avoidance from here.
                         self.ssthresh = self.cwnd - 1;
                         if let Some(h) = &mut self.slow_start {
