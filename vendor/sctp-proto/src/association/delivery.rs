@@ -349,6 +349,9 @@ pub(crate) struct SlowStartExit {
     round_start: Option<Instant>,
     /// Bytes acknowledged in the round so far.
     round_bytes: u64,
+    /// A SACK of the round was not seen here (nothing was queued, or fast
+    /// recovery): its delivery rate is not measured.
+    round_unseen: bool,
     /// Bytes per second acknowledged in the last round that ran long
     /// enough to measure.
     last_rate: Option<f64>,
@@ -377,6 +380,7 @@ impl SlowStartExit {
             samples: 0,
             round_start: None,
             round_bytes: 0,
+            round_unseen: false,
             last_rate: None,
             rose: false,
         }
@@ -385,6 +389,13 @@ impl SlowStartExit {
     /// Slow start begins again (after a timeout).
     pub(crate) fn restart(&mut self) {
         *self = SlowStartExit::new();
+    }
+
+    /// A SACK in slow start that `on_sack` does not see (the window did not
+    /// limit the sender, or fast recovery): the round's delivery rate says
+    /// nothing about the path.
+    pub(crate) fn unseen(&mut self) {
+        self.round_unseen = true;
     }
 
     /// A SACK in slow start left the cumulative ack at `cum_tsn`,
@@ -411,11 +422,12 @@ impl SlowStartExit {
             // only after the round trip said so).
             let rate = self.round_start.and_then(|start| {
                 let secs = now.saturating_duration_since(start).as_secs_f64();
-                (secs > 0.0 && self.samples >= HYSTART_SAMPLES)
+                (secs > 0.0 && self.samples >= HYSTART_SAMPLES && !self.round_unseen)
                     .then(|| self.round_bytes as f64 / secs)
             });
             self.round_start = Some(now);
             self.round_bytes = 0;
+            self.round_unseen = false;
             if let Some(rate) = rate {
                 let growth = match self.phase {
                     Phase::SlowStart => 1.25,
@@ -825,6 +837,27 @@ mod tests {
         let mut f = Flow::new();
         let g = f.rounds_capped(8, ms(100), 120_000);
         assert!(g.iter().all(|g| *g == Growth::By(1)), "{g:?}");
+    }
+
+    #[test]
+    fn a_round_the_application_paused_is_not_a_full_pipe() {
+        // After a rise, a round in which the sender ran out of data (its
+        // SACKs not seen here) delivers less than the round before: that is
+        // the application, not the path, and slow start goes on.
+        let mut f = Flow::new();
+        f.rounds(3, ms(100));
+        f.rounds(1, ms(131));
+        let g = f.rounds(1, ms(118));
+        assert!(!g.contains(&Growth::Exit), "{g:?}");
+        // A round delivering a tenth as much, half of its SACKs unseen (the
+        // first SACK of the next round ends it).
+        let mut g: Vec<_> = (0..5).map(|_| f.sack(ms(118), 10_000)).collect();
+        f.h.unseen();
+        g.extend((0..6).map(|_| f.sack(ms(118), 10_000)));
+        assert!(!g.contains(&Growth::Exit), "{g:?}");
+        // The round after, seen whole and as small, does end it.
+        let g = f.rounds_capped(1, ms(118), 10_000);
+        assert_eq!(g.last(), Some(&Growth::Exit), "{g:?}");
     }
 
     #[test]

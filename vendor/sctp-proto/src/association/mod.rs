@@ -3376,6 +3376,9 @@ impl Association {
                     self.side, self.cwnd, self.ssthresh, total_bytes_acked
                 );
             } else {
+                if let Some(h) = &mut self.slow_start {
+                    h.unseen();
+                }
                 trace!(
                     "[{}] cwnd did not grow: cwnd={} ssthresh={} acked={} FR={} pending={}",
                     self.side,
