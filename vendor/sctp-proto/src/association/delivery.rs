@@ -413,6 +413,8 @@ impl SlowStartExit {
         self.round_bytes += u64::from(acked);
         if self.round_end.is_none_or(|end| sna32gte(cum_tsn, end)) {
             self.round_end = Some(next_tsn);
+            // The round ran long enough to judge it.
+            let full = self.samples >= HYSTART_SAMPLES;
             // The delivery rate of the round that ended. Once the round
             // trip has risen, a round that did not deliver more than the
             // one before, though the window grew by a quarter (conservative
@@ -422,8 +424,7 @@ impl SlowStartExit {
             // only after the round trip said so).
             let rate = self.round_start.and_then(|start| {
                 let secs = now.saturating_duration_since(start).as_secs_f64();
-                (secs > 0.0 && self.samples >= HYSTART_SAMPLES && !self.round_unseen)
-                    .then(|| self.round_bytes as f64 / secs)
+                (secs > 0.0 && full && !self.round_unseen).then(|| self.round_bytes as f64 / secs)
             });
             self.round_start = Some(now);
             self.round_bytes = 0;
@@ -439,7 +440,6 @@ impl SlowStartExit {
                     return Growth::Exit;
                 }
             }
-            let full = self.samples >= HYSTART_SAMPLES;
             if let Phase::Conservative {
                 floor,
                 rounds,
