@@ -318,7 +318,11 @@ impl Driver {
                 },
                 r = poll_fn(|cx| self.udp.poll_recv(cx, &mut bufs)), if read_net => match r {
                     Ok(mut got) => {
-                        let now = Instant::now();
+                        // Each read is timed when it returns: SCTP times a
+                        // SACK with it, and a read after a batch handled
+                        // for milliseconds timed as of the first would
+                        // measure round trips shorter than the path.
+                        let mut now = Instant::now();
                         for round in 1..=RECV_BATCH {
                             // Every datagram read is handled (a datagram
                             // taken off the socket and then dropped is a
@@ -333,7 +337,10 @@ impl Driver {
                                 break;
                             }
                             match self.udp.try_recv(got.socket, &mut bufs) {
-                                Some(more) => got = more,
+                                Some(more) => {
+                                    got = more;
+                                    now = Instant::now();
+                                }
                                 None => break,
                             }
                         }
