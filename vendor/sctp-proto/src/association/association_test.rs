@@ -6003,6 +6003,50 @@ fn test_standing_queue_brings_the_window_down() {
     }
 }
 
+#[test]
+fn congestion_avoidance_probes_only_while_the_path_shows_room() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    for room in [true, false] {
+        let config = TransportConfig::default().with_queue_delay_target(Some(ms(1)));
+        let mut a = create_association(config);
+        // 50 ms rounds of ten SACKs, each round delivering more than the
+        // last while data waits for the window; with `room` false the last
+        // round's round trips are 80 ms (a queue), though it delivers more.
+        let mut tsn = 0;
+        let mut now = t0;
+        a.delivery.on_sack(0, tsn, tsn + 10, true, Some(ms(50)), now);
+        for (round, bytes) in [100_000u64, 110_000, 120_000].into_iter().enumerate() {
+            let rtt = if !room && round == 2 { ms(80) } else { ms(50) };
+            for _ in 0..10 {
+                tsn += 1;
+                now += rtt / 10;
+                a.delivery.on_sack(bytes / 10, tsn, tsn + 10, true, Some(rtt), now);
+            }
+        }
+        assert_eq!(a.delivery.probing(), room);
+        // Congestion avoidance with data waiting: one SACK of 12 kB.
+        a.cwnd = 150_000;
+        a.ssthresh = 100_000;
+        queue_pending(
+            &mut a,
+            ChunkPayloadData {
+                stream_identifier: 1,
+                beginning_fragment: true,
+                ending_fragment: true,
+                user_data: Bytes::from_static(b"waiting"),
+                ..Default::default()
+            },
+        );
+        a.on_cumulative_tsn_ack_point_advanced(12_000, now);
+        if room {
+            assert_eq!(a.cwnd, 153_000, "a quarter of what was acknowledged");
+        } else {
+            assert_eq!(a.cwnd, 150_000, "Reno: one MTU per window acknowledged");
+        }
+    }
+}
+
 /// An association with `n` chunks in flight after `cumulative_tsn`, a large
 /// window and an MTU that holds many small chunks.
 fn association_with_many_inflight(cumulative_tsn: u32, n: u32, now: Instant) -> Association {

@@ -81,6 +81,10 @@ pub(crate) struct DeliveryModel {
     /// The most each recent round's SACKs acknowledged beyond the rate
     /// estimate (bytes), newest last: see `extra_acked`.
     extra_acked: VecDeque<u64>,
+    /// The last round found room: the window limited it, it delivered at
+    /// least the best rate of the rounds before, and even its smallest
+    /// round trip showed no queue. See `probing`.
+    room: bool,
 }
 
 impl DeliveryModel {
@@ -97,6 +101,7 @@ impl DeliveryModel {
             standing_queue: false,
             ack_epoch: None,
             extra_acked: VecDeque::with_capacity(BW_ROUNDS),
+            room: false,
         }
     }
 
@@ -189,6 +194,14 @@ impl DeliveryModel {
             return;
         }
         let rate = (self.delivered - round.delivered) as f64 / elapsed;
+        self.room = round.limited
+            && self.bw().is_some_and(|bw| rate >= bw)
+            && match (round_min, self.min_rtt) {
+                (Some(round_min), Some(min)) => {
+                    round_min <= min + min / 8 + self.aggregation_delay()
+                }
+                _ => false,
+            };
         // A round the application limited says the path carries at least
         // that much, not at most: it counts only if it raises the estimate
         // (as in BBR).
@@ -262,6 +275,17 @@ impl DeliveryModel {
     pub(crate) fn bdp(&self) -> Option<u32> {
         let (bw, rtt) = (self.bw()?, self.min_rtt?);
         Some((bw * rtt.as_secs_f64()).min(u32::MAX as f64) as u32)
+    }
+
+    /// Whether the window may grow faster than by one MTU per round trip:
+    /// the last round, limited by the window, delivered as much as any
+    /// recent round and its round trips stayed within an eighth of the
+    /// minimum. A larger window keeps delivering more and builds no queue,
+    /// so the path has room the window has not found (after losses that
+    /// were not congestion, random loss); where the rate stops following
+    /// the window, or a queue forms, growth is Reno's again.
+    pub(crate) fn probing(&self) -> bool {
+        self.target.is_some() && self.room
     }
 
     /// Whether the round that just ended showed a standing queue longer
@@ -651,6 +675,46 @@ mod tests {
         assert!(standing, "a round trip long by a queue of data");
         // 10 MB/s × 41 ms, and the 10 kB of one SACK.
         assert!((415_000..=425_000).contains(&cap), "cap {cap}");
+    }
+
+    #[test]
+    fn the_window_probes_while_more_of_it_delivers_more_without_a_queue() {
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(50);
+        let mut m = DeliveryModel::new(Some(Duration::from_millis(1)));
+        assert!(!m.probing(), "nothing measured");
+        // A window cut by losses that were not congestion: each round
+        // delivers a little more at the path's round trip.
+        let mut end = t0;
+        for bytes in [100_000, 110_000, 120_000] {
+            end += rtt;
+            rounds_of(&mut m, end, 1, rtt, bytes, true);
+        }
+        assert!(m.probing(), "more window, more delivered, no queue");
+        // The next rounds' round trips are longer by a queue (75 ms on a
+        // 50 ms path), though they deliver more: growth is Reno's again.
+        let queued = Duration::from_millis(75);
+        end += queued;
+        rounds_of(&mut m, end, 1, queued, 200_000, true);
+        assert!(!m.probing(), "the round trip shows a queue");
+        // Back at the path's round trip but delivering less than the best
+        // recent round: the window has found what the path carries.
+        end += rtt;
+        rounds_of(&mut m, end, 1, rtt, 110_000, true);
+        assert!(!m.probing(), "the rate did not follow the window");
+        // A round the application limited says nothing about room (the
+        // first one still began with data waiting).
+        end += rtt;
+        rounds_of(&mut m, end, 2, rtt, 200_000, false);
+        end += rtt;
+        assert!(!m.probing(), "the window did not limit the round");
+        end += rtt;
+        rounds_of(&mut m, end, 1, rtt, 200_000, true);
+        assert!(m.probing());
+        // Off means RFC 4960's growth.
+        let mut off = DeliveryModel::new(None);
+        rounds_of(&mut off, t0 + rtt, 3, rtt, 100_000, true);
+        assert!(!off.probing());
     }
 
     #[test]

@@ -3398,6 +3398,13 @@ impl Association {
             //      Cumulative TSN Ack and by Gap Ack Blocks.
             self.partial_bytes_acked += total_bytes_acked as u32;
 
+            // While a larger window keeps delivering more without building
+            // a queue, grow by a quarter per round trip (delivery.rs,
+            // PATCHES.md §12).
+            if self.delivery.probing() && self.outbound_queue.pending_len() != 0 {
+                self.cwnd += total_bytes_acked as u32 / 4;
+            }
+
             //   o  When partial_bytes_acked is equal to or greater than cwnd and
             //      before the arrival of the SACK the sender had cwnd or more bytes
             //      of data outstanding (i.e., before arrival of the SACK, flight size
