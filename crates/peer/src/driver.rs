@@ -212,11 +212,6 @@ impl Driver {
         let wake = self.wake.clone();
         let events = self.events.clone();
         let reason = loop {
-            // Messages queued since the last turn are taken every turn, not
-            // only when the wake-up is selected: the select below prefers
-            // the socket, which a bulk transfer keeps readable, and a reply
-            // behind it would wait for the socket to drain.
-            self.mesh.channels_ready(wake.take_ready());
             self.mesh.handle_timeout(Instant::now());
             self.flush(link.as_ref().map(|l| &l.outgoing)).await;
             if let Some(link) = &mut self.netem {
@@ -338,12 +333,6 @@ impl Driver {
                                 self.mesh.handle_datagram(now, got.socket, source, datagram);
                                 self.flush(link.as_ref().map(|l| &l.outgoing)).await;
                             }
-                            // What this read brought answers leave now (SACKs,
-                            // and replies the application queued meanwhile),
-                            // not after the whole batch: a SACK held for the
-                            // batch lengthens every round trip by it.
-                            self.mesh.channels_ready(wake.take_ready());
-                            self.udp.flush().await;
                             if round == RECV_BATCH || !self.can_read() {
                                 break;
                             }
