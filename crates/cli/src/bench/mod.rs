@@ -36,6 +36,8 @@ pub enum Bench {
     Rtt {
         #[arg(long, default_value_t = 5000)]
         count: usize,
+        /// Bytes per message, at least 8 (its send time; the echo adds
+        /// eight more, its arrival: the round trip is also split one way).
         #[arg(long, default_value_t = 16)]
         size: usize,
         /// Meanwhile, a bulk transfer of 64 KiB messages runs on another

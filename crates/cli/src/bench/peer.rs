@@ -40,6 +40,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result<()> {
+    let size = size.max(8);
     let server = Server::start().await?;
     let mut specs = vec![ChannelSpec::reliable("rtt")];
     if bulk {
@@ -47,6 +48,9 @@ pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result
     }
     let mut a = Room::join(server.config("rtt", vec![])).await?;
     let b_cfg = server.config("rtt", specs);
+    // Both peers read one clock: each message carries when it was sent and
+    // its echo when it arrived, so a round trip splits into its two legs.
+    let epoch = Instant::now();
     // B on its own thread and runtime, as it would be in another process:
     // it echoes "rtt" back and reads "bulk", counting the bytes.
     let moved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -67,7 +71,10 @@ pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result
             }
             let _ = ready_tx.send(());
             while let Some(message) = cb.recv().await {
-                if cb.send(message).await.is_err() {
+                // The echo carries when it arrived, for the one-way split.
+                let mut echo = message.as_bytes().to_vec();
+                echo.extend_from_slice(&nanos_since(epoch).to_le_bytes());
+                if cb.send(echo).await.is_err() {
                     break;
                 }
             }
@@ -92,26 +99,43 @@ pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result
     }
     let warmup = 200;
     let mut times = Vec::with_capacity(count);
-    let payload = vec![7u8; size.max(1)];
+    let (mut there, mut back) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    // `size` bytes in all, the last eight of them the send time.
+    let padding = vec![7u8; size - 8];
     let mut started = (Instant::now(), 0);
     for i in 0..warmup + count {
         if i == warmup {
             started = (Instant::now(), moved.load(std::sync::atomic::Ordering::Relaxed));
         }
         let t0 = Instant::now();
-        ca.send(payload.clone()).await?;
-        match tokio::time::timeout(WAIT, ca.recv()).await.context("echo did not come back")? {
-            Some(Message::Binary(_)) => {}
+        let mut msg = padding.clone();
+        msg.extend_from_slice(&nanos_since(epoch).to_le_bytes());
+        ca.send(msg).await?;
+        let echo = match tokio::time::timeout(WAIT, ca.recv()).await.context("echo did not come back")? {
+            Some(Message::Binary(echo)) => echo,
             other => bail!("expected the echo, got {other:?}"),
-        }
+        };
+        let returned = nanos_since(epoch);
+        // The send time, then the arrival, are the echo's last 16 bytes.
+        let stamp = |from_end: usize| {
+            let at = echo.len().checked_sub(from_end)?;
+            Some(u64::from_le_bytes(echo.get(at..at + 8)?.try_into().ok()?))
+        };
+        let (Some(sent), Some(arrived)) = (stamp(16), stamp(8)) else {
+            bail!("the echo lost its timestamps ({} bytes)", echo.len());
+        };
         if i >= warmup {
             times.push(t0.elapsed());
+            there.push(Duration::from_nanos(arrived.saturating_sub(sent)));
+            back.push(Duration::from_nanos(returned.saturating_sub(arrived)));
         }
     }
     let bulk_mbs = (moved.load(std::sync::atomic::Ordering::Relaxed) - started.1) as f64
         / started.0.elapsed().as_secs_f64()
         / 1e6;
     times.sort();
+    there.sort();
+    back.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let during = if bulk {
         format!(", while 64 KiB messages move at {bulk_mbs:.1} MB/s on another channel")
@@ -123,6 +147,14 @@ pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result
         us(pct(&times, 0.5)),
         us(pct(&times, 0.99)),
         us(times[0]),
+    );
+    println!(
+        "  one way: there{} p50 {:.0} us  p99 {:.0} us; back p50 {:.0} us  p99 {:.0} us",
+        if bulk { " (the bulk's direction)" } else { "" },
+        us(pct(&there, 0.5)),
+        us(pct(&there, 0.99)),
+        us(pct(&back, 0.5)),
+        us(pct(&back, 0.99)),
     );
     if let Some(task) = bulk_task {
         task.abort();
@@ -143,6 +175,10 @@ pub(super) async fn rtt(count: usize, size: usize, bulk: bool) -> anyhow::Result
         .await?
         .map_err(|_| anyhow::anyhow!("echoing peer panicked"))??;
     Ok(())
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
 }
 
 /// Sends `count` messages of `size` bytes, waiting whenever the queue is full.
