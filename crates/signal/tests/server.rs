@@ -61,40 +61,67 @@ struct Redis {
 
 impl Redis {
     async fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
-        let mut redis = Redis { port, child: None };
-        redis.run().await;
-        redis
+        for _ in 0..SPAWN_ATTEMPTS {
+            let port =
+                TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+            if let Some(child) = Redis::spawn(port, &[], None).await {
+                return Redis { port, child: Some(child) };
+            }
+        }
+        panic!("redis-server exited before listening {SPAWN_ATTEMPTS} times, each on a fresh port");
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Starts it again on its port (after `kill`).
     async fn run(&mut self) {
-        let child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        for _ in 0..SPAWN_ATTEMPTS {
+            if let Some(child) = Redis::spawn(self.port, &[], None).await {
+                self.child = Some(child);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("redis-server exited before listening on port {} {SPAWN_ATTEMPTS} times", self.port);
+    }
+
+    /// Starts `redis-server` on `port` (with `extra` arguments, in `dir`)
+    /// and waits until it listens. `None` if it exited first: a port chosen
+    /// free can be taken before the server binds it (other tests bind
+    /// ports all the time), and a server that cannot bind exits at once;
+    /// waiting out the start timeout for it would fail the test for
+    /// nothing.
+    async fn spawn(
+        port: u16,
+        extra: &[&str],
+        dir: Option<&std::path::Path>,
+    ) -> Option<tokio::process::Child> {
+        let mut command = tokio::process::Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed");
-        self.child = Some(child);
-        // Slower than a message under load: a process starting.
+            .kill_on_drop(true);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child =
+            command.spawn().expect("redis-server (Debian package redis-server) must be installed");
+        // Slower than a message under load: a process starting (several at
+        // once, for a cluster, on a loaded 2-core machine).
         let start_wait = Duration::from_secs(20);
         let deadline = Instant::now() + start_wait;
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+        while !answers_ping(port).await {
+            if let Some(status) = child.try_wait().expect("redis-server status") {
+                eprintln!("redis-server on port {port} exited before listening ({status}): trying again");
+                return None;
+            }
             assert!(Instant::now() < deadline, "redis-server did not listen within {start_wait:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Some(child)
     }
 
     /// A Redis Cluster of `n` masters (no replicas), each a `redis-server`
@@ -105,38 +132,17 @@ impl Redis {
         std::fs::create_dir_all(&dir).expect("scratch folder");
         let mut nodes = Vec::new();
         for _ in 0..n {
-            let port = cluster_port().await;
-            let child = tokio::process::Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{port}.conf"),
-                ])
-                .current_dir(&dir)
-                .stdout(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server (Debian package redis-server) must be installed");
-            nodes.push(Redis { port, child: Some(child) });
-        }
-        // Six redis-servers starting at once on a loaded 2-core machine
-        // take longer than a message may.
-        let start_wait = Duration::from_secs(20);
-        for r in &nodes {
-            let deadline = Instant::now() + start_wait;
-            while TcpStream::connect(("127.0.0.1", r.port)).await.is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not listen within {start_wait:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut started = None;
+            for _ in 0..SPAWN_ATTEMPTS {
+                let port = cluster_port().await;
+                let config = format!("nodes-{port}.conf");
+                let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &config];
+                if let Some(child) = Redis::spawn(port, &extra, Some(&dir)).await {
+                    started = Some(Redis { port, child: Some(child) });
+                    break;
+                }
             }
+            nodes.push(started.expect("a cluster node listening (see the attempts above)"));
         }
         let addrs: Vec<String> = nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
         let created = timeout(
@@ -2172,6 +2178,23 @@ async fn metrics_count_connections_relays_errors_and_kicks() {
 
 /// A free port for a cluster node whose bus port (port + 10000) is free too
 /// and exists: ephemeral ports go up to 60999.
+/// Whether a Redis server answers `PING` on `port` (not merely something
+/// listening there).
+async fn answers_ping(port: u16) -> bool {
+    let asked = async {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        tcp.write_all(b"PING\r\n").await.ok()?;
+        let mut reply = [0u8; 7];
+        tcp.read_exact(&mut reply).await.ok()?;
+        Some(&reply == b"+PONG\r\n")
+    };
+    timeout(Duration::from_secs(1), asked).await.ok().flatten().unwrap_or(false)
+}
+
+/// Times a `redis-server` is started on a fresh port when the last one
+/// exited before listening.
+const SPAWN_ATTEMPTS: usize = 5;
+
 async fn cluster_port() -> u16 {
     for _ in 0..1000 {
         let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
