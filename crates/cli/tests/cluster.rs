@@ -19,8 +19,13 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Redis::on(port)
+        for _ in 0..SPAWN_ATTEMPTS {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if let Some(child) = spawn_redis(port, &[], None) {
+                return Redis { child, url: format!("redis://127.0.0.1:{port}/") };
+            }
+        }
+        panic!("redis-server exited before listening {SPAWN_ATTEMPTS} times, each on a fresh port");
     }
 
     /// Kills it (its data is lost: nothing is saved) and starts it again on
@@ -29,22 +34,60 @@ impl Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let port: u16 = self.url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
-        *self = Redis::on(port);
-    }
-
-    fn on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..SPAWN_ATTEMPTS {
+            if let Some(child) = spawn_redis(port, &[], None) {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Redis { child, url: format!("redis://127.0.0.1:{port}/") }
+        panic!("redis-server exited before listening on port {port} {SPAWN_ATTEMPTS} times");
     }
+}
+
+/// Times a `redis-server` is started again when the last one exited before
+/// listening.
+const SPAWN_ATTEMPTS: usize = 5;
+
+/// Starts `redis-server` on `port` (with `extra` arguments, in `dir`) and
+/// waits until it answers `PING`. `None` if it exited first: a port chosen
+/// free can be taken before the server binds it (other tests bind ports all
+/// the time), and a server that cannot bind exits at once.
+fn spawn_redis(port: u16, extra: &[&str], dir: Option<&std::path::Path>) -> Option<Child> {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(extra)
+        .stdout(Stdio::null());
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let mut child = command.spawn().expect("redis-server (Debian package redis-server) must be installed");
+    // A process starting on a loaded 2-core machine, beside others.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answers_ping(port) {
+        if let Some(status) = child.try_wait().expect("redis-server status") {
+            eprintln!("redis-server on port {port} exited before listening ({status}): trying again");
+            return None;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("redis-server did not answer on port {port} within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child)
+}
+
+/// Whether a Redis server answers `PING` on `port` (not merely something
+/// listening there).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    tcp.write_all(b"PING\r\n").is_ok() && tcp.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
 /// A Redis Cluster of three masters, each a `redis-server` of this test in a
@@ -59,49 +102,28 @@ impl RedisCluster {
     fn start() -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("pl-cli-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // Each node's bus port is its port + 10000: both free, and below 65536.
-        let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                (0..1000)
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let started = (0..SPAWN_ATTEMPTS).find_map(|_| {
+                // The node's bus port is its port + 10000: both free, and
+                // below 65536.
+                let port = (0..1000)
                     .map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
                     .find(|p| *p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok())
-                    .expect("a port for a cluster node")
-            })
-            .collect();
-        let nodes = ports
-            .iter()
-            .map(|port| {
-                Command::new("redis-server")
-                    .args([
-                        "--port",
-                        &port.to_string(),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ])
-                    .args([
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &format!("nodes-{port}.conf"),
-                    ])
-                    .current_dir(&dir)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("redis-server")
-            })
-            .collect();
+                    .expect("a port for a cluster node");
+                let config = format!("nodes-{port}.conf");
+                let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &config];
+                spawn_redis(port, &extra, Some(&dir)).map(|child| (port, child))
+            });
+            let (port, child) = started.expect("a cluster node listening (see the attempts above)");
+            ports.push(port);
+            nodes.push(child);
+        }
+        // Dropped on a failed assert below: the nodes are killed.
+        let mut cluster = RedisCluster { nodes, dir, seeds: String::new() };
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
-        for a in &addrs {
-            while std::net::TcpStream::connect(a).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not listen");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
@@ -121,8 +143,8 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let seeds = addrs.iter().map(|a| format!("redis://{a}/")).collect::<Vec<_>>().join(",");
-        RedisCluster { nodes, dir, seeds }
+        cluster.seeds = addrs.iter().map(|a| format!("redis://{a}/")).collect::<Vec<_>>().join(",");
+        cluster
     }
 }
 
