@@ -285,7 +285,9 @@ impl DeliveryModel {
     /// were not congestion, random loss); where the rate stops following
     /// the window, or a queue forms, growth is Reno's again.
     pub(crate) fn probing(&self) -> bool {
-        self.target.is_some() && self.room
+        // `room` is only ever set with the cap on (`on_sack` returns first
+        // without a target).
+        self.room
     }
 
     /// Whether the round that just ended showed a standing queue longer
