@@ -102,8 +102,10 @@ impl RedisCluster {
     fn start() -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("pl-cli-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Nodes go straight into the cluster, whose drop kills them if a
+        // later one does not start or an assert below fails.
+        let mut cluster = RedisCluster { nodes: Vec::new(), dir: dir.clone(), seeds: String::new() };
         let mut ports = Vec::new();
-        let mut nodes = Vec::new();
         for _ in 0..3 {
             let started = (0..SPAWN_ATTEMPTS).find_map(|_| {
                 // The node's bus port is its port + 10000: both free, and
@@ -118,10 +120,8 @@ impl RedisCluster {
             });
             let (port, child) = started.expect("a cluster node listening (see the attempts above)");
             ports.push(port);
-            nodes.push(child);
+            cluster.nodes.push(child);
         }
-        // Dropped on a failed assert below: the nodes are killed.
-        let mut cluster = RedisCluster { nodes, dir, seeds: String::new() };
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         let out = Command::new("redis-cli")
