@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use crate::common::IceArgs;
 
 const LABEL: &str = "ping";
+/// How often each connection's stats are taken while it lasts.
+const STATS_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, clap::Args)]
 pub struct PingArgs {
@@ -89,6 +91,8 @@ struct PeerRun {
     states: Vec<String>,
     /// The connection's view, last seen while it was there.
     stats: Option<PeerStats>,
+    /// When the peer left the room (ms since we started).
+    left_ms: Option<f64>,
 }
 
 fn path_json(stats: &PeerStats) -> Value {
@@ -155,6 +159,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
     let stream_until = args.stream_for.map(|d| t0 + d);
     let mut peers: HashMap<PeerId, PeerRun> = HashMap::new();
     let mut gathered_reported = false;
+    let mut next_stats = t0;
     // Every channel's messages, read by a task per channel.
     let (msg_tx, mut messages) = tokio::sync::mpsc::channel::<(PeerId, Message)>(256);
     let mut tick = tokio::time::interval(args.interval.max(Duration::from_millis(1)));
@@ -177,6 +182,17 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
             _ = tokio::time::sleep_until(deadline.into()) => break,
             _ = tick.tick() => {
                 let now = Instant::now();
+                // The connection's view, kept while it lasts: a peer that
+                // finishes first leaves, and its connection goes with it,
+                // possibly before our own stream's end is counted.
+                if now >= next_stats {
+                    next_stats = now + STATS_EVERY;
+                    for (peer, run) in peers.iter_mut() {
+                        if let Ok(s) = room.stats(peer).await {
+                            run.stats = Some(s);
+                        }
+                    }
+                }
                 if !gathered_reported && now > t0 + Duration::from_millis(1500) {
                     gathered_reported = true;
                     if let Ok(report) = room.gathering().await {
@@ -211,6 +227,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
                         run.connect_ms = Some(ms(t0.elapsed()));
                         let stats = stats_with_path(&room, &peer).await;
                         let path = path_json(&stats);
+                        run.stats = Some(stats.clone());
                         out.event(
                             "connected",
                             json!({"peer": peer.as_str(), "connect_ms": run.connect_ms, "path": path}),
@@ -241,6 +258,11 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
                         _ => {}
                     }
                     out.event("state", json!({"peer": peer.as_str(), "state": name}), || format!("{peer}: {state:?}"));
+                }
+                Some(Event::PeerLeft { peer }) => {
+                    if let Some(run) = peers.get_mut(&peer) {
+                        run.left_ms.get_or_insert(ms(t0.elapsed()));
+                    }
                 }
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}
@@ -304,7 +326,10 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
         } else if run.connect_ms.is_none() {
             Some(format!("not connected within {:?}", args.timeout))
         } else if run.their_total.is_none() {
-            Some("the other side's stream did not finish in time".into())
+            Some(match run.left_ms {
+                Some(at) => format!("the other side left at {at:.0} ms, before its stream finished"),
+                None => "the other side's stream did not finish in time".into(),
+            })
         } else {
             Some("messages arrived out of order, twice, or not at all".into())
         };
@@ -320,6 +345,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
             "missing": missing,
             "ice_restarts": stats.ice_restarts,
             "recovered_ms": run.recovered.map(ms),
+            "left_ms": run.left_ms,
             "longest_gap_ms": ms(run.longest_gap),
             "states": run.states,
             "failure": failure,

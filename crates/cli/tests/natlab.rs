@@ -129,6 +129,8 @@ impl Lab {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(node), BIN])
             .args(args)
+            // Shown when a run fails (`tail`): what the connection did.
+            .env("RUST_LOG", "info,peerlink_peer=debug,str0m=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -193,6 +195,7 @@ impl Lab {
                 let mut peers: Vec<Proc> = nodes.iter().map(|n| self.ping(n, &room, &args)).collect();
                 let mut errors = Vec::new();
                 let mut times = Vec::new();
+                let mut passed = Vec::new();
                 for (i, (node, peer)) in nodes.iter().zip(peers.iter_mut()).enumerate() {
                     match check_ping(peer, &Expect { kind, count: Some(COUNT), final_path: true }) {
                         Ok(r) => match first_via.filter(|_| i == 0) {
@@ -200,9 +203,19 @@ impl Lab {
                                 "{node}: relayed over {:?}, want {via} ({})",
                                 r.relay_transport, r.path
                             )),
-                            _ => times.push(r.connect_ms),
+                            _ => {
+                                times.push(r.connect_ms);
+                                passed.push(i);
+                            }
                         },
                         Err(e) => errors.push(format!("{node}: {e}")),
+                    }
+                }
+                // The side that passed, too: a failure is often the other
+                // side's doing (what it sent, when it left).
+                if !errors.is_empty() {
+                    for i in passed {
+                        errors.push(format!("{} (passed):{}", nodes[i], tail(&peers[i])));
                     }
                 }
                 if errors.is_empty() { Ok(times) } else { Err(errors.join("\n")) }
@@ -446,13 +459,15 @@ fn check_ping(peer: &mut Proc, expect: &Expect) -> Result<PingResult, String> {
 }
 
 /// The last lines a process printed, for failure messages.
+/// What a peer printed last: its JSON events, and its log (the peers log
+/// at debug level; TURN client housekeeping left out).
 fn tail(peer: &Proc) -> String {
     let stderr = peer.stderr();
-    let lines: Vec<&str> = stderr.lines().collect();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("turn_client")).collect();
     format!(
-        "\n  stdout (last 8 lines): {:?}\n  stderr (last 15 lines):\n    {}",
+        "\n  stdout (last 8 lines): {:?}\n  stderr (last 40 lines):\n    {}",
         peer.seen.iter().rev().take(8).rev().collect::<Vec<_>>(),
-        lines[lines.len().saturating_sub(15)..].join("\n    ")
+        lines[lines.len().saturating_sub(40)..].join("\n    ")
     )
 }
 

@@ -723,3 +723,54 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     assert!(after.signals_relayed > before.signals_relayed, "{before:?} {after:?}");
     assert!(after.signals_via_server > before.signals_via_server, "{before:?} {after:?}");
 }
+
+/// Two peers stream numbered messages 20 ms apart to each other over a
+/// lossy link, as `peerlink ping` does, and each leaves the moment its own
+/// stream is queued and the other's has arrived (or the other left):
+/// whichever leaves first,
+/// the other still gets every message (the leave waits for the
+/// acknowledgements, retransmitting what was lost).
+#[test]
+fn peers_that_stream_and_leave_when_done_lose_nothing() {
+    const N: usize = 20;
+    for seed in 0..20u64 {
+        let mut sim = Sim::new(1000 + seed, 0.0, Duration::from_millis(2), Duration::from_millis(1));
+        let all: Vec<usize> = (0..2).map(|_| sim.join()).collect();
+        sim.run_until(Duration::from_secs(60), "mesh", |s| s.full_mesh(&all, "chat"));
+        sim.loss = 0.05;
+        let start = sim.now;
+        let mut sent = [0usize; 2];
+        // The second stream starts up to 19 ms after the first.
+        let mut next = [sim.now, sim.now + Duration::from_millis(seed % 20)];
+        let mut left = [false; 2];
+        while sim.peers.iter().any(|p| p.mesh.is_some()) {
+            assert!(sim.now < start + Duration::from_secs(30), "seed {seed}: both left within 30 s");
+            for i in 0..2 {
+                if left[i] {
+                    continue;
+                }
+                let other = sim.id(1 - i);
+                if sent[i] < N && sim.now >= next[i] {
+                    let ch = sim.peers[i].channel(&other, "chat").expect("open").clone();
+                    ch.try_send(numbered(i, 1 - i, sent[i])).expect("queued");
+                    sent[i] += 1;
+                    next[i] = sim.now + Duration::from_millis(20);
+                }
+                // Done: the other's stream arrived, or the other left.
+                let done = sim.peers[i].got(&other, "chat").len() >= N || sim.peers[1 - i].mesh.is_none();
+                if sent[i] == N && done {
+                    left[i] = true;
+                    let now = sim.instant();
+                    sim.peers[i].mesh.as_mut().expect("present").leave(now);
+                }
+            }
+            sim.pump();
+            sim.step();
+        }
+        for i in 0..2 {
+            let want: Vec<Message> = (0..N).map(|n| Message::Text(numbered(1 - i, i, n))).collect();
+            assert_eq!(sim.peers[i].got(&sim.id(1 - i), "chat"), want.as_slice(), "seed {seed}: peer {i}");
+        }
+        assert!(sim.dropped > 0, "seed {seed}: the network dropped datagrams");
+    }
+}
