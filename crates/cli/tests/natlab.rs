@@ -130,7 +130,7 @@ impl Lab {
         cmd.args(["netns", "exec", &self.ns(node), BIN])
             .args(args)
             // Shown when a run fails (`tail`): what the connection did.
-            .env("RUST_LOG", "info,peerlink_peer=debug,str0m=debug")
+            .env("RUST_LOG", "info,peerlink_peer=debug,str0m=debug,is=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -465,9 +465,9 @@ fn tail(peer: &Proc) -> String {
     let stderr = peer.stderr();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("turn_client")).collect();
     format!(
-        "\n  stdout (last 8 lines): {:?}\n  stderr (last 40 lines):\n    {}",
+        "\n  stdout (last 8 lines): {:?}\n  stderr (last 80 lines):\n    {}",
         peer.seen.iter().rev().take(8).rev().collect::<Vec<_>>(),
-        lines[lines.len().saturating_sub(40)..].join("\n    ")
+        lines[lines.len().saturating_sub(80)..].join("\n    ")
     )
 }
 
