@@ -727,8 +727,9 @@ export class Room extends Emitter {
 
   /**
    * Leaves the room and closes every connection, trying not to lose what
-   * was sent: first waits, at most `linger` ms, until every connected
-   * peer's channels have handed all queued messages to the browser and the
+   * was sent: first waits, at most `linger` ms, until the channels of
+   * every peer connected, or disconnected for the moment (the path may
+   * come back within the linger), have handed all queued messages to the browser and the
    * browser has passed them to SCTP (`bufferedAmount` 0), gives them
    * `settle` ms more on the wire, and only then tells the server (members
    * close their connection to a peer that left). A browser cannot see what
@@ -745,7 +746,7 @@ export class Room extends Emitter {
     const deadline = Date.now() + linger;
     const pending = () =>
       [...this.conns.values()].some(
-        (c) => c.state === 'connected' && [...c.channels.values()].some((ch) => !ch.isClosed && (ch.queuedBytes > 0 || ch.bufferedAmount > 0)),
+        (c) => (c.state === 'connected' || c.state === 'disconnected') && [...c.channels.values()].some((ch) => !ch.isClosed && (ch.queuedBytes > 0 || ch.bufferedAmount > 0)),
       );
     while (pending() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     const connected = [...this.conns.values()].some((c) => c.state === 'connected');

@@ -700,12 +700,14 @@ impl Mesh {
         self.fail("left the room");
     }
 
-    /// Whether nothing sent on a connected peer's channels waits, in our
-    /// queues or unacknowledged in SCTP. Connections that are not
-    /// connected cannot deliver and are not waited for.
+    /// Whether nothing sent on a peer's channels waits, in our queues or
+    /// unacknowledged in SCTP. Connections that are up, or down for the
+    /// moment (their path may come back within the linger: an ICE restart,
+    /// a Wi-Fi handover), are waited for; those still being made or gone
+    /// for good cannot deliver and are not.
     fn all_acknowledged(&mut self) -> bool {
         self.peers.values_mut().all(|st| {
-            st.conn.state() != ConnState::Connected
+            !matches!(st.conn.state(), ConnState::Connected | ConnState::Disconnected)
                 || (st.channels.values().all(|ch| ch.queue.lock().expect("channel queue lock").is_empty())
                     && st.conn.unacknowledged() == 0)
         })

@@ -346,8 +346,9 @@ impl Room {
     /// Leaves the room and closes every connection, without losing what
     /// was sent to connected peers: first every message already queued on
     /// such a channel is handed to its connection and acknowledged by the
-    /// peer (connections not up at the time are not waited for; waiting at most
-    /// [`RoomConfig::linger`]; lost packets are retransmitted meanwhile),
+    /// peer (connections still being made, failed or closed are not waited
+    /// for; one down for the moment is, as its path may come back; waiting
+    /// at most [`RoomConfig::linger`]; lost packets are retransmitted meanwhile),
     /// then the server is told. Returns once the server has been handed
     /// everything sent before (messages via the server, the leave itself),
     /// or after a bounded wait if it is not reading. Dropping the [`Room`]

@@ -226,3 +226,20 @@ test('both sides connect at once, the peer naming its data m-line otherwise (str
   assert.equal(connZ.isNewSession('v=0\r\no=- 111 2 IN IP4 0.0.0.0\r\n'), true);
   clearTimeout(connZ.connectTimer);
 });
+
+test('leave waits for a connection that is down for the moment, until what it queued is handed on', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { FakePC } = await import('./fakepc.js');
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', RTCPeerConnection: /** @type {any} */ (FakePC) });
+  let toldServerAt = 0;
+  room.signaling.close = () => { toldServerAt = Date.now(); };
+  const channel = { isClosed: false, queuedBytes: 12, bufferedAmount: 0 };
+  const conn = { state: 'disconnected', channels: new Map([['chat', channel]]), close() {} };
+  room.conns.set('p', /** @type {any} */ (conn));
+  const start = Date.now();
+  // The path comes back after 150 ms and the message goes out.
+  setTimeout(() => { conn.state = 'connected'; channel.queuedBytes = 0; }, 150);
+  await room.leave({ linger: 2000, settle: 0 });
+  assert.ok(toldServerAt - start >= 140, `the server was told only once the message was handed on (${toldServerAt - start} ms)`);
+  assert.ok(toldServerAt - start < 1000, 'and not at the linger');
+});

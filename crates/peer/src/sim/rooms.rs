@@ -513,6 +513,33 @@ fn a_leave_delivers_what_was_sent_before_it_through_loss() {
     }
 }
 
+/// A leave during a short outage (the connection seen down, the path back
+/// a moment later) still delivers what was queued: a connection that is
+/// down may come back within the linger, so the leave waits for it.
+#[test]
+fn a_leave_during_a_short_outage_delivers_once_the_path_is_back() {
+    let mut sim = Sim::new(41, 0.0, Duration::from_millis(10), Duration::ZERO);
+    let all: Vec<usize> = (0..2).map(|_| sim.join()).collect();
+    sim.run_until(Duration::from_secs(20), "mesh", |s| s.full_mesh(&all, "chat"));
+    // Peer 0's network goes for 4 s; peer 1 notices (2.5 s of silence).
+    sim.cut.insert(0, (sim.now, sim.now + Duration::from_secs(4)));
+    let id0 = sim.id(0);
+    sim.run_until(sim.now + Duration::from_secs(10), "disconnected", |s| {
+        s.peers[1].states(&id0).last() == Some(&ConnState::Disconnected)
+    });
+    let ch = sim.peers[1].channel(&sim.id(0), "chat").unwrap().clone();
+    ch.try_send("sent while the path was down").unwrap();
+    let left_at = sim.now;
+    sim.depart(1, true);
+    let took = sim.now - left_at;
+    assert!(took < LINGER, "the leave ended when the message was acknowledged ({took:?})");
+    let id1 = sim.id(1);
+    sim.run_until(sim.now + Duration::from_secs(10), "peer_left", |s| {
+        s.peers[0].events.iter().any(|e| matches!(e, Event::PeerLeft { peer } if *peer == id1))
+    });
+    assert_eq!(sim.peers[0].got(&id1, "chat"), [Message::Text("sent while the path was down".into())]);
+}
+
 /// A leave whose messages cannot be delivered (the peer's network is
 /// gone) still ends: when the connection is seen down, or at the latest
 /// when the linger runs out.
