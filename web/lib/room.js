@@ -729,8 +729,8 @@ export class Room extends Emitter {
    * Leaves the room and closes every connection, trying not to lose what
    * was sent: first waits, at most `linger` ms, until the channels of
    * every peer connected, or disconnected for the moment (the path may
-   * come back within the linger), have handed all queued messages to the browser and the
-   * browser has passed them to SCTP (`bufferedAmount` 0), gives them
+   * come back within the linger), have handed all queued messages to the
+   * browser and the browser has passed them to SCTP (`bufferedAmount` 0), gives them
    * `settle` ms more on the wire, and only then tells the server (members
    * close their connection to a peer that left). A browser cannot see what
    * SCTP has acknowledged: a packet lost in the last `settle` ms is lost.

@@ -458,7 +458,6 @@ fn check_ping(peer: &mut Proc, expect: &Expect) -> Result<PingResult, String> {
     })
 }
 
-/// The last lines a process printed, for failure messages.
 /// What a peer printed last: its JSON events, and its log (the peers log
 /// at debug level; TURN client housekeeping left out).
 fn tail(peer: &Proc) -> String {
