@@ -15,6 +15,19 @@ export const MAX_RELAY = 16 * 1024;
 const MAX_MISSING = 4096;
 /** Routes known at once. */
 const MAX_ROUTES = 4096;
+/**
+ * A spare that turned a neighbour request down is not asked again (unless
+ * we have no neighbour at all) for this long: each request costs it a
+ * connection, and a full peer would refuse every tick.
+ */
+const REFUSED_FOR_MS = 10_000;
+/**
+ * With no neighbour, nobody to ask and no join under way, the join is made
+ * again through the peers we joined by: first after 1 s, then after twice
+ * the last wait, up to 30 s.
+ */
+const REJOIN_FIRST_MS = 1000;
+const REJOIN_MAX_MS = 30_000;
 
 const T = {
   join: 1, forward_join: 2, neighbor: 3, neighbor_reply: 4, disconnect: 5, shuffle: 6, shuffle_reply: 7,
@@ -258,6 +271,13 @@ export class Overlay {
     /** @type {Map<string, number>} */ this.pending = new Map();
     /** @type {string[]} */ this.contacts = [];
     /** @type {string | null} */ this.joining = null;
+    /** The peers we joined through, to join through again when left with nobody. @type {string[]} */
+    this.introducers = [];
+    /** When to join again if still alone, and the last wait. */
+    this.rejoinAt = now + REJOIN_FIRST_MS;
+    this.rejoinWait = REJOIN_FIRST_MS;
+    /** Spares that turned a neighbour request down, and until when they are not asked again. @type {Map<string, number>} */
+    this.refused = new Map();
     /** @type {Map<string, Conn>} */ this.conns = new Map();
     /** @type {Set<string>} */ this.eager = new Set();
     /** @type {Set<string>} */ this.lazy = new Set();
@@ -281,7 +301,7 @@ export class Overlay {
     this.left = false;
     /** @type {OverlayOutput[]} */ this.out = [];
     this.stats = { delivered: 0, duplicates: 0, forwarded: 0, announced: 0, grafts: 0, prunes: 0, replacements: 0, dropped: 0,
-      relayed: 0, relaysReceived: 0, relaysForwarded: 0, relaysFailed: 0 };
+      relayed: 0, relaysReceived: 0, relaysForwarded: 0, relaysFailed: 0, rejoins: 0 };
   }
 
   /** @returns {OverlayOutput | undefined} */
@@ -300,6 +320,9 @@ export class Overlay {
   join(contacts, roomSize, now) {
     contacts = sample([...new Set(contacts)].filter((c) => c !== this.me), contacts.length);
     for (const c of contacts) this._addPassive(c);
+    this.introducers = [...contacts];
+    this.rejoinAt = now + REJOIN_FIRST_MS;
+    this.rejoinWait = REJOIN_FIRST_MS;
     if (roomSize < this.c.fullMeshUpTo && contacts.length >= roomSize) {
       for (const c of contacts) this._requestNeighbor(c, false, now);
       return;
@@ -327,6 +350,7 @@ export class Overlay {
   /** @param {string} peer @param {number} now */
   peerGone(peer, now) {
     this.passive = this.passive.filter((p) => p !== peer);
+    this.introducers = this.introducers.filter((p) => p !== peer);
     if (this.conns.has(peer)) this.out.push({ type: 'close', peer });
     this.conns.delete(peer);
     this._lost(peer, now);
@@ -447,7 +471,10 @@ export class Overlay {
       case 'neighbor_reply': {
         if (!this.pending.delete(from)) return;
         if (msg.accepted) this._addActive(from, now);
-        else if (!this.conns.get(from)?.direct) { this.conns.delete(from); this.out.push({ type: 'close', peer: from }); }
+        else {
+          this.refused.set(from, now + REFUSED_FOR_MS);
+          if (this.conns.has(from) && !this.conns.get(from)?.direct) { this.conns.delete(from); this.out.push({ type: 'close', peer: from }); }
+        }
         if (this.joining === from) {
           if (msg.accepted) { this.joining = null; this.contacts = []; } else this._joinNext(now);
         }
@@ -644,6 +671,7 @@ export class Overlay {
     this.passive = this.passive.filter((p) => p !== peer);
     while (this.active.length >= this._cap()) this._evict(/** @type {string} */ (pick(this.active)), now);
     this.active.push(peer);
+    this.rejoinWait = REJOIN_FIRST_MS;
     this.eager.add(peer);
     this.lazy.delete(peer);
     if (!this.conns.has(peer) && !this._open(peer, now)) { this._removeActive(peer); return; }
@@ -695,11 +723,26 @@ export class Overlay {
   _fillActive(now) {
     let wanted = this._cap() - this.active.length - this.pending.size;
     if (wanted <= 0 || this.joining !== null) return;
-    for (const p of sample(this.passive.filter((x) => !this.pending.has(x)), this.passive.length)) {
+    // With no neighbour we ask at high priority, which is never refused.
+    const high = this.active.length === 0;
+    const spares = this.passive.filter((x) => !this.pending.has(x) && (high || !((this.refused.get(x) ?? 0) > now)));
+    for (const p of sample(spares, spares.length)) {
       if (wanted <= 0 || !this._canOpen()) break;
-      this._requestNeighbor(p, this.active.length === 0, now);
+      this._requestNeighbor(p, high, now);
       wanted--;
     }
+  }
+
+  /** Joins again through the peers we joined by, when left with no neighbour, no spare and no request under way. @param {number} now */
+  _rejoinIfAlone(now) {
+    const alone = this.active.length === 0 && this.pending.size === 0 && this.joining === null
+      && this.passive.length === 0 && this.introducers.length > 0;
+    if (!alone || now < this.rejoinAt) return;
+    this.rejoinWait = Math.min(this.rejoinWait * 2, REJOIN_MAX_MS);
+    this.rejoinAt = now + this.rejoinWait;
+    this.stats.rejoins++;
+    this.contacts = sample(this.introducers, this.introducers.length);
+    this._joinNext(now);
   }
 
   /** @param {string} from @param {string} peer @param {number} ttl @param {number} now */
@@ -899,6 +942,8 @@ export class Overlay {
       }
     }
     this._fillActive(now);
+    this._rejoinIfAlone(now);
+    for (const [p, until] of this.refused) if (until <= now) this.refused.delete(p);
     for (const [d, r] of this.routes) if (r.until <= now) this.routes.delete(d);
     for (const [id, t] of this.seen) { if (t + this.c.idMs > now) break; this.seen.delete(id); }
     for (const [id, c] of this.cache) {

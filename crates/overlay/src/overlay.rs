@@ -211,6 +211,8 @@ pub struct Stats {
     pub relays_forwarded: u64,
     /// Signals we relayed that came back unreachable.
     pub relays_failed: u64,
+    /// Joins made again, alone with nobody to ask (see [`Overlay::join`]).
+    pub rejoins: u64,
 }
 
 struct Conn<P> {
@@ -243,6 +245,18 @@ const MAX_MISSING: usize = 4096;
 /// Connection attempts for messages to one peer before they are given up.
 const DIRECT_ATTEMPTS: u8 = 3;
 
+/// A spare that turned down a neighbour request is not asked again (unless
+/// we have no neighbour at all) for this long: each request costs it a
+/// connection, and a full peer would refuse every tick.
+const REFUSED_FOR: Duration = Duration::from_secs(10);
+
+/// With no neighbour, nobody to ask and no join under way, the join is
+/// made again through the peers we joined by, first after this long, then
+/// twice as long each time up to [`REJOIN_MAX`] (they were at their
+/// connection limit, or the join was lost on the way).
+const REJOIN_FIRST: Duration = Duration::from_secs(1);
+const REJOIN_MAX: Duration = Duration::from_secs(30);
+
 struct Cached<P> {
     /// The neighbour it came from (none: our own).
     from: Option<P>,
@@ -269,6 +283,14 @@ pub struct Overlay<P: Id> {
     /// Contacts for a join not yet answered, tried in turn.
     contacts: Vec<P>,
     joining: Option<P>,
+    /// The peers we joined through (the server's list), to join through
+    /// again when we are left with nobody.
+    introducers: Vec<P>,
+    /// When to join again if still alone, and the last wait.
+    rejoin: (Instant, Duration),
+    /// Spares that turned a neighbour request down, and until when they
+    /// are not asked again.
+    refused: BTreeMap<P, Instant>,
     conns: BTreeMap<P, Conn<P>>,
     eager: BTreeSet<P>,
     lazy: BTreeSet<P>,
@@ -324,6 +346,9 @@ impl<P: Id> Overlay<P> {
             pending: BTreeMap::new(),
             contacts: Vec::new(),
             joining: None,
+            introducers: Vec::new(),
+            rejoin: (now + REJOIN_FIRST, REJOIN_FIRST),
+            refused: BTreeMap::new(),
             conns: BTreeMap::new(),
             eager: BTreeSet::new(),
             lazy: BTreeSet::new(),
@@ -348,6 +373,11 @@ impl<P: Id> Overlay<P> {
             stats: Stats::default(),
             config,
         }
+    }
+
+    /// Peers whose connection is up now (a subset of [`Overlay::connections`]).
+    pub fn connected_peers(&self) -> impl Iterator<Item = &P> {
+        self.conns.iter().filter(|(_, c)| c.up).map(|(p, _)| p)
     }
 
     /// Our id.
@@ -402,7 +432,9 @@ impl<P: Id> Overlay<P> {
     /// Joins the room through `contacts` (members the server listed, a
     /// random sample in a large room); `room_size` is how many members the
     /// room had besides us. In a room that stays a full mesh we ask every
-    /// member to be a neighbour.
+    /// member to be a neighbour. Left with no neighbour and nobody to ask
+    /// (every contact at its connection limit, or gone), the join is made
+    /// again through the same contacts, after 1 s, then less often.
     pub fn join(&mut self, mut contacts: Vec<P>, room_size: usize, now: Instant) {
         contacts.retain(|c| *c != self.me);
         contacts.dedup();
@@ -410,6 +442,8 @@ impl<P: Id> Overlay<P> {
         for c in &contacts {
             self.add_passive(c.clone());
         }
+        self.introducers = contacts.clone();
+        self.rejoin = (now + REJOIN_FIRST, REJOIN_FIRST);
         if room_size < self.config.full_mesh_up_to && contacts.len() >= room_size {
             for c in contacts.clone() {
                 self.request_neighbor(c, false, now);
@@ -443,6 +477,7 @@ impl<P: Id> Overlay<P> {
     /// A member the server says left (`peer_left`).
     pub fn peer_gone(&mut self, peer: &P, now: Instant) {
         self.passive.retain(|p| p != peer);
+        self.introducers.retain(|p| p != peer);
         if self.conns.contains_key(peer) {
             self.out.push_back(Output::Close(peer.clone()));
         }
@@ -628,11 +663,12 @@ impl<P: Id> Overlay<P> {
                 }
                 if accepted {
                     self.add_active(from.clone(), now);
-                } else if let Some(c) = self.conns.get(&from)
-                    && !c.direct
-                {
-                    self.conns.remove(&from);
-                    self.out.push_back(Output::Close(from.clone()));
+                } else {
+                    self.refused.insert(from.clone(), now + REFUSED_FOR);
+                    if self.conns.get(&from).is_some_and(|c| !c.direct) {
+                        self.conns.remove(&from);
+                        self.out.push_back(Output::Close(from.clone()));
+                    }
                 }
                 if self.joining.as_ref() == Some(&from) {
                     if accepted {
@@ -804,6 +840,7 @@ impl<P: Id> Overlay<P> {
             self.evict(victim, now);
         }
         self.active.push(peer.clone());
+        self.rejoin.1 = REJOIN_FIRST;
         self.eager.insert(peer.clone());
         self.lazy.remove(&peer);
         if !self.conns.contains_key(&peer) && !self.open(peer.clone(), now) {
@@ -878,17 +915,43 @@ impl<P: Id> Overlay<P> {
         if wanted == 0 || self.joining.is_some() {
             return;
         }
-        let mut spares: Vec<P> =
-            self.passive.iter().filter(|p| !self.pending.contains_key(*p)).cloned().collect();
+        // With no neighbour we ask at high priority, which is never refused.
+        let high = self.active.is_empty();
+        let mut spares: Vec<P> = self
+            .passive
+            .iter()
+            .filter(|p| !self.pending.contains_key(*p))
+            .filter(|p| high || self.refused.get(*p).is_none_or(|until| *until <= now))
+            .cloned()
+            .collect();
         spares.shuffle(&mut self.rng);
         for p in spares {
             if wanted == 0 || !self.can_open() {
                 break;
             }
-            let high = self.active.is_empty();
             self.request_neighbor(p, high, now);
             wanted -= 1;
         }
+    }
+
+    /// Joins again through the peers we joined by, when we are left with
+    /// no neighbour, no spare and no request under way (see [`REJOIN_FIRST`]).
+    fn rejoin_if_alone(&mut self, now: Instant) {
+        let alone = self.active.is_empty()
+            && self.pending.is_empty()
+            && self.joining.is_none()
+            && self.passive.is_empty()
+            && !self.introducers.is_empty();
+        if !alone || now < self.rejoin.0 {
+            return;
+        }
+        let wait = (self.rejoin.1 * 2).min(REJOIN_MAX);
+        self.rejoin = (now + wait, wait);
+        self.stats.rejoins += 1;
+        let mut contacts = self.introducers.clone();
+        contacts.shuffle(&mut self.rng);
+        self.contacts = contacts;
+        self.join_next(now);
     }
 
     fn forward_join(&mut self, from: P, peer: P, ttl: u8, now: Instant) {
@@ -1159,6 +1222,8 @@ impl<P: Id> Overlay<P> {
             self.out.push_back(Output::Close(p));
         }
         self.fill_active(now);
+        self.rejoin_if_alone(now);
+        self.refused.retain(|_, until| *until > now);
         self.routes.retain(|_, r| r.live(now));
         let ids = now.checked_sub(self.config.id_retention);
         while let Some((t, id)) = self.seen_order.front().copied() {

@@ -379,3 +379,94 @@ fn a_connection_we_did_not_ask_for_stays_within_the_limit() {
     assert!(drain(&mut o).contains(&Output::Close(51)));
     assert!(o.stats().connections <= 8);
 }
+
+/// Peers `o` asked to connect to (a request or a join waits for the connection).
+fn connects(out: &[Output<u32>]) -> Vec<u32> {
+    out.iter().filter_map(|x| if let Output::Connect(p) = x { Some(*p) } else { None }).collect()
+}
+
+#[test]
+fn a_spare_that_turned_us_down_is_not_asked_again_every_tick() {
+    let t0 = Instant::now();
+    let mut o = Overlay::new(1, Config::default(), 9, t0);
+    for p in 100..104 {
+        o.peer_known(p);
+    }
+    assert!(o.accept(2, t0));
+    o.connected(2, t0);
+    o.handle_message(2, Message::Join, t0);
+    drain(&mut o);
+    // The first repair asks every spare; each is full and says no.
+    let mut now = t0 + Duration::from_millis(500);
+    o.handle_timeout(now);
+    let mut asked = connects(&drain(&mut o));
+    asked.sort();
+    assert_eq!(asked, vec![100, 101, 102, 103]);
+    for &p in &asked {
+        o.connected(p, now);
+        assert_eq!(sends(&drain(&mut o)), vec![(p, Message::Neighbor { high: false })]);
+        o.handle_message(p, Message::NeighborReply { accepted: false }, now);
+        assert_eq!(drain(&mut o), vec![Output::Close(p)], "the connection made for the request closes");
+    }
+    // Not asked again at every repair (each time a connection for nothing) ...
+    while now < t0 + Duration::from_secs(10) {
+        now += Duration::from_millis(100);
+        o.handle_timeout(now);
+        assert_eq!(connects(&drain(&mut o)), Vec::<u32>::new(), "at {:?}", now - t0);
+    }
+    // ... but after a while (a neighbour of theirs may have gone).
+    let mut again = Vec::new();
+    while now < t0 + Duration::from_secs(12) {
+        now += Duration::from_millis(100);
+        o.handle_timeout(now);
+        again.extend(connects(&drain(&mut o)));
+    }
+    again.sort();
+    assert_eq!(again, vec![100, 101, 102, 103]);
+}
+
+#[test]
+fn a_newcomer_whose_contacts_were_all_full_joins_again_through_them() {
+    let t0 = Instant::now();
+    let mut o = Overlay::new(50, Config::default(), 9, t0);
+    o.join(vec![1, 2, 3, 4], 20, t0);
+    // Each contact in turn turns the connection down (at its limit): the
+    // next is tried, until none is left.
+    let mut tried = Vec::new();
+    for _ in 0..4 {
+        let c = connects(&drain(&mut o));
+        assert_eq!(c.len(), 1, "one contact at a time: {c:?}");
+        tried.push(c[0]);
+        o.disconnected(&c[0], t0);
+    }
+    tried.sort();
+    assert_eq!(tried, vec![1, 2, 3, 4]);
+    assert!(drain(&mut o).is_empty());
+    assert!(o.neighbors().is_empty() && o.passive().is_empty());
+    // Alone: after a second the join is made again through them, and a
+    // second refusal waits twice as long.
+    let mut now = t0;
+    let mut rejoins = Vec::new();
+    while now < t0 + Duration::from_secs(4) {
+        now += Duration::from_millis(100);
+        o.handle_timeout(now);
+        for c in connects(&drain(&mut o)) {
+            rejoins.push(now - t0);
+            if rejoins.len() < 5 {
+                o.disconnected(&c, now);
+            } else {
+                o.connected(c, now);
+                assert_eq!(sends(&drain(&mut o)), vec![(c, Message::Join)]);
+                o.handle_message(c, Message::NeighborReply { accepted: true }, now);
+                assert!(drain(&mut o).contains(&Output::NeighborUp(c)));
+            }
+        }
+    }
+    // A round through the four contacts 1 s in, the next 2 s after it.
+    assert_eq!(rejoins.len(), 5, "{rejoins:?}");
+    assert_eq!(rejoins[0], Duration::from_secs(1));
+    assert!(rejoins[3] < Duration::from_secs(2), "{rejoins:?}");
+    assert_eq!(rejoins[4], Duration::from_secs(3));
+    assert_eq!(o.neighbors().len(), 1);
+    assert_eq!(o.stats().rejoins, 2);
+}

@@ -253,6 +253,76 @@ test('a connection we did not open or accept stays within maxConnections', () =>
   assert.equal(o.conns.size, 8);
 });
 
+const connects = (out) => out.filter((x) => x.type === 'connect').map((x) => x.peer);
+
+test('a spare that turned us down is not asked again every tick', () => {
+  const t0 = 0;
+  const o = new Overlay('1', {}, t0);
+  for (const p of ['100', '101', '102', '103']) o.peerKnown(p);
+  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
+  drain(o);
+  // The first repair asks every spare; each is full and says no.
+  let now = t0 + 500;
+  o.handleTimeout(now);
+  const asked = connects(drain(o)).sort();
+  assert.deepEqual(asked, ['100', '101', '102', '103']);
+  for (const p of asked) {
+    o.connected(p, now);
+    assert.deepEqual(sends(drain(o)), [[p, { type: 'neighbor', high: false }]]);
+    o.handleMessage(p, { type: 'neighbor_reply', accepted: false }, now);
+    assert.deepEqual(drain(o), [{ type: 'close', peer: p }], 'the connection made for the request closes');
+  }
+  // Not asked again at every repair (each time a connection for nothing) ...
+  while (now < t0 + 10_000) {
+    now += 100;
+    o.handleTimeout(now);
+    assert.deepEqual(connects(drain(o)), [], `at ${now - t0} ms`);
+  }
+  // ... but after a while (a neighbour of theirs may have gone).
+  const again = [];
+  while (now < t0 + 12_000) { now += 100; o.handleTimeout(now); again.push(...connects(drain(o))); }
+  assert.deepEqual(again.sort(), ['100', '101', '102', '103']);
+});
+
+test('a newcomer whose contacts were all full joins again through them', () => {
+  const t0 = 0;
+  const o = new Overlay('50', {}, t0);
+  o.join(['1', '2', '3', '4'], 20, t0);
+  // Each contact in turn turns the connection down: the next is tried, until none is left.
+  const tried = [];
+  for (let i = 0; i < 4; i++) {
+    const c = connects(drain(o));
+    assert.equal(c.length, 1, `one contact at a time: ${c}`);
+    tried.push(c[0]);
+    o.disconnected(c[0], t0);
+  }
+  assert.deepEqual(tried.sort(), ['1', '2', '3', '4']);
+  assert.deepEqual(drain(o), []);
+  assert.equal(o.active.length + o.passive.length, 0);
+  // Alone: after a second the join is made again through them, and the
+  // next round waits twice as long.
+  let now = t0;
+  const rejoins = [];
+  while (now < t0 + 4000) {
+    now += 100;
+    o.handleTimeout(now);
+    for (const c of connects(drain(o))) {
+      rejoins.push(now - t0);
+      if (rejoins.length < 5) { o.disconnected(c, now); continue; }
+      o.connected(c, now);
+      assert.deepEqual(sends(drain(o)), [[c, { type: 'join' }]]);
+      o.handleMessage(c, { type: 'neighbor_reply', accepted: true }, now);
+      assert.ok(drain(o).some((x) => x.type === 'neighbor_up' && x.peer === c));
+    }
+  }
+  assert.equal(rejoins.length, 5, `${rejoins}`);
+  assert.equal(rejoins[0], 1000);
+  assert.ok(rejoins[3] < 2000, `${rejoins}`);
+  assert.equal(rejoins[4], 3000);
+  assert.equal(o.active.length, 1);
+  assert.equal(o.stats.rejoins, 2);
+});
+
 // Room wiring (crates/peer mesh.rs, mesh_overlay.rs): a room with a fake
 // RTCPeerConnection, the server and the overlay's channels recorded.
 
