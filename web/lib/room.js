@@ -299,6 +299,11 @@ export class Room extends Emitter {
     this.overlayChannels.set(peer, list);
     ch.on('message', (m) => {
       if (typeof m === 'string' || !this.overlay) return;
+      // Not once the overlay let the connection go (a `disconnect` just
+      // handled): it would count the connection as up again, with no channel.
+      if (!this.overlayChannels.get(peer)?.includes(ch)) return;
+      // Not once the overlay let the connection go (a `disconnect` just
+      // handled): it would count the connection as up again, with no channel.
       try {
         this.overlay.handleMessage(peer, decodeOverlay(m), Date.now());
       } catch {

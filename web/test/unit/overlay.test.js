@@ -433,6 +433,24 @@ test('room: signals held in an overlay room stay bounded, another peer\'s going 
   } finally { room._close('test'); }
 });
 
+test('room: a message after a disconnect on the same channel does not bring the connection back', () => {
+  const { room } = overlayRoom('a');
+  /** A channel that records the room's message handler. */
+  const ch = { label: 'peerlink.overlay', peer: 'b', isClosed: false, handlers: {}, on(ev, fn) { this.handlers[ev] = fn; }, send: async () => {} };
+  try {
+    room._channelOpen(ch);
+    const deliver = (m) => ch.handlers.message(encode(m));
+    deliver({ type: 'join' });
+    assert.ok(room.overlay.active.includes('b') && room.overlay.conns.get('b')?.up);
+    // b drops us as a neighbour, and something it sent before arrives after.
+    deliver({ type: 'disconnect', alive: true });
+    deliver({ type: 'ihave', ids: [] });
+    // (It may be asked again as a spare: a new connection, not up.)
+    assert.ok(!room.overlay.conns.get('b')?.up, 'the overlay does not count a connection it closed as up');
+    assert.ok(!room.overlayChannels.has('b'));
+  } finally { room._close('test'); }
+});
+
 test('room: outputs produced while the overlay\'s outputs are carried out are not lost', () => {
   const { room, wire, link } = overlayRoom('me');
   try {

@@ -638,9 +638,24 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     let neighbours = |s: &Sim, i: usize| {
         s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
     };
-    sim.run_until(Duration::from_secs(60), "overlay formed", |s| all.iter().all(|&i| neighbours(s, i) >= 2));
+    // What the overlay counts as connected has a channel to send on.
+    let orphans = |s: &Sim| {
+        for &i in &all {
+            if let Some(m) = &s.peers[i].mesh {
+                let o = m.overlay_orphans();
+                assert!(o.is_empty(), "peer {i} counts {o:?} connected with no channel at {:?}", s.now);
+            }
+        }
+    };
+    sim.run_until(Duration::from_secs(60), "overlay formed", |s| {
+        orphans(s);
+        all.iter().all(|&i| neighbours(s, i) >= 2)
+    });
     let settle = sim.now + Duration::from_secs(5);
-    sim.run_until(settle + Duration::from_secs(1), "settle", |s| s.now >= settle);
+    sim.run_until(settle + Duration::from_secs(1), "settle", |s| {
+        orphans(s);
+        s.now >= settle
+    });
 
     let senders = [0, 7, 15, 23];
     let now = sim.instant();
@@ -659,6 +674,7 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     };
     let expected = |i: usize| senders.iter().filter(|&&f| f != i).count() * 5;
     sim.run_until(sim.now + Duration::from_secs(30), "broadcasts", |s| {
+        orphans(s);
         all.iter().all(|&i| got(s, i) == expected(i))
     });
     for &i in &all {
