@@ -302,8 +302,6 @@ export class Room extends Emitter {
       // Not once the overlay let the connection go (a `disconnect` just
       // handled): it would count the connection as up again, with no channel.
       if (!this.overlayChannels.get(peer)?.includes(ch)) return;
-      // Not once the overlay let the connection go (a `disconnect` just
-      // handled): it would count the connection as up again, with no channel.
       try {
         this.overlay.handleMessage(peer, decodeOverlay(m), Date.now());
       } catch {
