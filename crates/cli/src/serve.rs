@@ -552,6 +552,12 @@ fn turn_metrics(stats: &peerlink_turn::Stats, m: &mut peerlink_signal::Metrics) 
         "Datagrams from one allocation to another of this server, handed over without leaving the process.",
         s.hairpinned,
     );
+    m.single(
+        "peerlink_turn_channel_shortcuts_total",
+        "counter",
+        "ChannelData datagrams relayed on a route the protocol took lately, without asking it again.",
+        s.channel_shortcuts,
+    );
     m.family(
         "peerlink_turn_refusals_total",
         "counter",

@@ -151,6 +151,15 @@ async fn relay_only_peers_connect_through_turn_with_credentials_from_welcome() {
     assert_eq!(why, WhyRelayed::RelayOnly, "{why}");
     let relayed = turn.stats.snapshot();
     assert!(relayed.allocations_created >= 2, "{relayed:?}");
+
+    // Once data flows, each side binds a channel to the other: the data
+    // goes as ChannelData, which the server relays on its shortcut.
+    for i in 0..20 {
+        a.channel(&ib, "r").send(format!("more {i}")).await.unwrap();
+    }
+    b.until("all messages", |p| p.texts_from(&ia, "r").len() == 21).await;
+    let relayed = turn.stats.snapshot();
+    assert!(relayed.channel_shortcuts > 0, "{relayed:?}");
 }
 
 /// Refused TURN credentials: the report says so, and a relay-only

@@ -47,12 +47,21 @@ impl<K: PartialEq + Copy> GsoBatch<K> {
 
     /// Adds a datagram; call only when it [`fits`](Self::fits).
     pub fn push(&mut self, key: K, datagram: &[u8]) {
-        debug_assert!(self.fits(key, datagram.len(), usize::MAX));
+        self.push_parts(key, &[datagram]);
+    }
+
+    /// Adds a datagram made of `parts` end to end (a header and a payload,
+    /// without joining them first); call only when it [`fits`](Self::fits).
+    pub fn push_parts(&mut self, key: K, parts: &[&[u8]]) {
+        let len = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(self.fits(key, len, usize::MAX));
         if self.count == 0 {
             self.key = Some(key);
-            self.segment = datagram.len();
+            self.segment = len;
         }
-        self.data.extend_from_slice(datagram);
+        for part in parts {
+            self.data.extend_from_slice(part);
+        }
         self.count += 1;
     }
 
@@ -123,6 +132,15 @@ mod tests {
         assert_eq!(sent, vec![(1, vec![100]), (2, vec![100, 100]), (2, vec![100]), (1, vec![100])]);
         let big = batches(&[(1, 30 * 1024), (1, 30 * 1024), (1, 30 * 1024)], 64);
         assert_eq!(big, vec![(1, vec![30 * 1024, 30 * 1024]), (1, vec![30 * 1024])]);
+    }
+
+    #[test]
+    fn a_datagram_in_parts_is_one_datagram() {
+        let mut b = GsoBatch::default();
+        b.push_parts(1u8, &[&[0x40, 0, 0, 2], &[7, 8]]);
+        assert!(b.fits(1, 6, 64) && !b.fits(1, 7, 64));
+        b.push(1u8, &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(b.pending(), Some((1, &[0x40u8, 0, 0, 2, 7, 8, 1, 2, 3, 4, 5, 6][..], Some(6))));
     }
 
     #[test]

@@ -83,6 +83,7 @@ mod ledger;
 mod policy;
 mod relay;
 mod rest;
+mod routes;
 mod server;
 mod stats;
 mod stream;

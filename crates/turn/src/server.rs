@@ -32,12 +32,9 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, trace, warn};
-use turn_server_proto::api::{
-    DelayedMessageOrChannelSend, SocketAllocateError, Transmit, TurnServerApi, TurnServerPollRet,
-};
+use turn_server_proto::api::{SocketAllocateError, Transmit, TurnServerApi, TurnServerPollRet};
 use turn_server_proto::server::TurnServer;
 use turn_server_proto::types::message::ALLOCATE;
-use turn_server_proto::types::transmit::TransmitBuild;
 
 use crate::Error;
 use crate::bucket::TokenBucket;
@@ -46,6 +43,7 @@ use crate::ledger::{Client, Command, Ledger, Record, Refusal, RevokeWhy};
 use crate::policy::Policy;
 use crate::relay::{self, MAX_PEER_DATAGRAM, PeerDatagram, RELAY_QUEUE};
 use crate::rest::{rest_expiry, rest_password, unix_now};
+use crate::routes::{self, Routes};
 use crate::stats::{Stats, add, dec, inc};
 use crate::stream::{self, IDLE_TIMEOUT, STREAM_QUEUE, StreamConn, StreamEvent, StreamLimits, TlsConfig};
 use crate::stun;
@@ -211,6 +209,7 @@ impl Server {
             relays: HashMap::new(),
             relay_tx,
             hairpin: Vec::new(),
+            routes: Routes::default(),
             tasks,
             streams: HashMap::new(),
             pending_user: None,
@@ -316,6 +315,8 @@ struct State {
     /// Datagrams from one allocation to another's relayed address, waiting
     /// to be received by the second (at most `RELAY_QUEUE`).
     hairpin: Vec<PeerDatagram>,
+    /// ChannelData routes the protocol took lately (see [`crate::routes`]).
+    routes: Routes,
     tasks: JoinSet<()>,
     /// The username of the ALLOCATE being fed to the protocol right now, so
     /// that the `AllocateSocket` it produces can be charged to that user.
@@ -469,6 +470,15 @@ impl Driver {
 
     /// A STUN or ChannelData message from a client, whatever its transport.
     fn on_client(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        // Data on a channel the protocol routed lately goes the same way
+        // without it.
+        if let Some((channel, payload)) = routes::channel_data(data)
+            && let Some((relay, peer)) = self.st.routes.out(from, channel, now)
+        {
+            inc(&self.st.stats.counters().channel_shortcuts);
+            self.st.dispatch(relay, peer, payload, now);
+            return;
+        }
         let msg = Message::from_bytes(data).ok();
         let request = msg.as_ref().filter(|m| m.has_class(MessageClass::Request));
         if let Some(req) = request
@@ -546,7 +556,13 @@ impl Driver {
         let sio = self.st.sio(now);
         let transmit = Transmit::new(data, TransportType::Udp, from, self.st.local);
         if let Some(reply) = generation.server.recv(transmit, sio) {
-            self.st.forward(reply, now);
+            let reply = reply.build();
+            if reply.from != self.st.local
+                && let Some((channel, _)) = routes::channel_data(data)
+            {
+                self.st.routes.learn_out(from, channel, reply.from, reply.to, now);
+            }
+            self.st.dispatch(reply.from, reply.to, &reply.data, now);
         }
         // Only requests change what `poll` reports (new allocations, deletions);
         // polling walks every allocation, so data skips it.
@@ -626,6 +642,8 @@ impl Driver {
     /// dropped, allocations revoked.
     fn run_ledger(&mut self, now: Instant) {
         while let Some(cmd) = self.st.ledger.poll_command() {
+            // Each changes which allocations relay: routes are learned afresh.
+            self.st.routes.clear();
             match cmd {
                 Command::NewGeneration { id, keep_previous } => {
                     let fresh = Gen::new(id, self.gens.local, &self.gens.realm, &self.gens.static_users);
@@ -685,6 +703,9 @@ impl Driver {
 
     /// A datagram a peer sent to a relay socket.
     fn on_peer(&mut self, now: Instant, datagram: PeerDatagram) {
+        if self.st.channel_to_client(now, datagram.relay, datagram.from, &datagram.data) {
+            return;
+        }
         let Some(record) = self.st.ledger.allocation(datagram.relay) else {
             return; // closed while the datagram was queued
         };
@@ -705,7 +726,15 @@ impl Driver {
         match generation.server.recv(transmit, sio) {
             Some(to_client) => {
                 add(&self.st.stats.counters().bytes_to_clients, datagram.data.len() as u64);
-                self.st.forward(to_client, now);
+                // `build()`: in turn-types 0.7.3 `DelayedMessage::write_into`
+                // writes a SEND indication even for a DATA indication.
+                let to_client = to_client.build();
+                if let Some((channel, payload)) = routes::channel_data(&to_client.data)
+                    && payload.len() == datagram.data.len()
+                {
+                    self.st.routes.learn_in(datagram.relay, datagram.from, to_client.to, channel, now);
+                }
+                self.st.dispatch(to_client.from, to_client.to, &to_client.data, now);
             }
             None => inc(&self.st.stats.counters().dropped_no_permission),
         }
@@ -736,6 +765,7 @@ impl Driver {
         });
         self.st.ledger.housekeeping(now);
         self.run_ledger(now);
+        self.st.routes.prune(now);
         while self.st.tasks.try_join_next().is_some() {}
     }
 }
@@ -876,6 +906,7 @@ impl State {
         if let Some(relay) = self.relays.remove(&relayed) {
             relay.task.abort();
         }
+        self.routes.clear();
         let Some(record) = self.ledger.allocation_closed(relayed) else { return };
         dec(&self.stats.counters().allocations);
         let how = if requester == Some(record.client) { "deleted" } else { "expired" };
@@ -887,20 +918,6 @@ impl State {
             "TURN allocation {how}"
         );
         while self.tasks.try_join_next().is_some() {}
-    }
-
-    /// Builds a reply or forward the protocol returned from `recv`, and sends it.
-    ///
-    /// Uses `build()`: in turn-types 0.7.3 `DelayedMessage::write_into`
-    /// always writes a SEND indication, even for a DATA indication to a
-    /// client, which clients then ignore.
-    fn forward<T: AsRef<[u8]> + std::fmt::Debug>(
-        &mut self,
-        transmit: TransmitBuild<DelayedMessageOrChannelSend<T>>,
-        now: Instant,
-    ) {
-        let transmit = transmit.build();
-        self.dispatch(transmit.from, transmit.to, &transmit.data, now);
     }
 
     /// Sends `data` on the socket the protocol chose: the listen socket
@@ -936,39 +953,82 @@ impl State {
             // budget only.
             if data.len() > MAX_PEER_DATAGRAM {
                 inc(&counters.dropped_oversize);
-            } else if self.hairpin.len() >= RELAY_QUEUE {
+                return;
+            }
+            // On a route the protocol took lately it goes on to the
+            // client at once; else it waits to be received by the protocol.
+            let handed = self.channel_to_client(now, to, from, data);
+            let counters = self.stats.counters();
+            if !handed && self.hairpin.len() >= RELAY_QUEUE {
                 inc(&counters.dropped_queue_full);
-            } else {
-                add(&counters.bytes_to_peers, data.len() as u64);
-                inc(&counters.hairpinned);
+                return;
+            }
+            add(&counters.bytes_to_peers, data.len() as u64);
+            inc(&counters.hairpinned);
+            if !handed {
                 self.hairpin.push(PeerDatagram { relay: to, from, data: data.to_vec() });
             }
             return;
         }
-        self.queue(Via::Relay(from), to, data);
+        self.queue(Via::Relay(from), to, &[], data);
+    }
+
+    /// A peer's datagram to the allocation `relay`, on a route the protocol
+    /// took lately: to the client as ChannelData, after the checks `on_peer`
+    /// makes before the protocol. Returns whether it was sent that way.
+    fn channel_to_client(
+        &mut self,
+        now: Instant,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        payload: &[u8],
+    ) -> bool {
+        let Some((client, channel)) = self.routes.inbound(relay, peer, now) else { return false };
+        if self.ledger.allocation(relay).is_none_or(|r| r.revoked) || !self.peer_allowed(relay, peer) {
+            return false; // the protocol's path drops it and counts why
+        }
+        let counters = self.stats.counters();
+        inc(&counters.channel_shortcuts);
+        add(&counters.bytes_to_clients, payload.len() as u64);
+        let mut header = [0u8; 4];
+        header[..2].copy_from_slice(&channel.to_be_bytes());
+        header[2..].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        self.send_parts_to_client(&header, payload, client);
+        true
     }
 
     fn send_to_client(&mut self, data: &[u8], to: SocketAddr) {
+        self.send_parts_to_client(&[], data, to);
+    }
+
+    /// Sends `head` and `body` end to end to the client `to`.
+    fn send_parts_to_client(&mut self, head: &[u8], body: &[u8], to: SocketAddr) {
         if let Some(stream) = self.streams.get(&to) {
-            if !stream.conn.send(data) {
+            let sent = if head.is_empty() {
+                stream.conn.send(body)
+            } else {
+                stream.conn.send(&[head, body].concat())
+            };
+            if !sent {
                 inc(&self.stats.counters().dropped_send_failed);
                 trace!(client = %to, "stream write queue full");
             }
             return;
         }
-        self.queue(Via::Listen, to, data);
+        self.queue(Via::Listen, to, head, body);
     }
 
-    /// Adds a datagram to the batch; the batch it cannot join leaves first.
-    fn queue(&mut self, via: Via, to: SocketAddr, data: &[u8]) {
+    /// Adds a datagram (`head` and `body` end to end) to the batch; the
+    /// batch it cannot join leaves first.
+    fn queue(&mut self, via: Via, to: SocketAddr, head: &[u8], body: &[u8]) {
         let max_segments = match via {
             Via::Listen => self.listen.max_gso_segments(),
             Via::Relay(relayed) => self.relays.get(&relayed).map_or(1, |r| r.socket.max_gso_segments()),
         };
-        if !self.out.fits((via, to), data.len(), max_segments) {
+        if !self.out.fits((via, to), head.len() + body.len(), max_segments) {
             self.send_batch();
         }
-        self.out.push((via, to), data);
+        self.out.push_parts((via, to), &[head, body]);
     }
 
     /// Sends the batch, without waiting: what the kernel does not take now

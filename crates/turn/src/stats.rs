@@ -21,6 +21,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_to_peers: AtomicU64,
     pub(crate) bytes_to_clients: AtomicU64,
     pub(crate) hairpinned: AtomicU64,
+    pub(crate) channel_shortcuts: AtomicU64,
     pub(crate) dropped_policy: AtomicU64,
     pub(crate) dropped_bandwidth: AtomicU64,
     pub(crate) dropped_no_permission: AtomicU64,
@@ -62,6 +63,9 @@ pub struct StatsSnapshot {
     /// address, handed over inside the server instead of through the
     /// kernel and back (counted in both byte counters too).
     pub hairpinned: u64,
+    /// ChannelData datagrams relayed (either way) on a route the protocol
+    /// took lately, without asking it again (see `routes.rs`).
+    pub channel_shortcuts: u64,
     /// Datagrams dropped by the peer policy (either direction).
     pub dropped_policy: u64,
     /// Datagrams dropped by an allocation's bandwidth bucket.
@@ -109,6 +113,7 @@ impl Stats {
             bytes_to_peers: r(&c.bytes_to_peers),
             bytes_to_clients: r(&c.bytes_to_clients),
             hairpinned: r(&c.hairpinned),
+            channel_shortcuts: r(&c.channel_shortcuts),
             dropped_policy: r(&c.dropped_policy),
             dropped_bandwidth: r(&c.dropped_bandwidth),
             dropped_no_permission: r(&c.dropped_no_permission),

@@ -472,6 +472,77 @@ async fn relay_to_relay_needs_the_receivers_permission() {
     srv.shutdown().await;
 }
 
+/// Channel data takes the protocol's path once per route, then a shortcut
+/// (`routes.rs`): everything still arrives, in order, counted as before,
+/// between two allocations of the server and with a peer outside it.
+#[tokio::test]
+async fn channel_data_flows_in_order_on_the_shortcut_and_counts_the_same() {
+    const N: usize = 100;
+    let srv = start(test_config()).await;
+    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
+    a.permit(relay_b.ip()).await;
+    b.permit(relay_a.ip()).await;
+    a.bind_channel(relay_b).await;
+    b.bind_channel(relay_a).await;
+    for i in 0..N {
+        a.send(relay_b, format!("a->b {i}").as_bytes()).await;
+    }
+    for i in 0..N {
+        let got = b.recv_data(PROMPT).await;
+        assert_eq!(got, Some((relay_a, format!("a->b {i}").into_bytes())), "datagram {i}");
+        b.send(relay_a, format!("b->a {i}").as_bytes()).await;
+        assert_eq!(a.recv_data(PROMPT).await, Some((relay_b, format!("b->a {i}").into_bytes())));
+    }
+    let s = srv.stats();
+    let bytes: u64 = (0..N).map(|i| format!("a->b {i}").len() as u64 * 2).sum();
+    assert_eq!((s.hairpinned, s.bytes_to_peers, s.bytes_to_clients), (2 * N as u64, bytes, bytes));
+    // Each direction's first datagram finds no route: the rest take the
+    // shortcut at least on the way out.
+    assert!(s.channel_shortcuts >= 2 * (N as u64 - 1), "{s:?}");
+
+    // A peer outside the server, both ways over a channel.
+    let peer = udp().await;
+    let peer_addr = peer.local_addr().unwrap();
+    // (The permission for 127.0.0.1 is the one for relay_b.)
+    a.bind_channel(peer_addr).await;
+    let before = srv.stats();
+    for i in 0..N {
+        a.send(peer_addr, format!("out {i}").as_bytes()).await;
+        let (data, from) = recv(&peer, PROMPT).await.expect("the peer gets it");
+        assert_eq!((data, from), (format!("out {i}").into_bytes(), relay_a));
+        peer.send_to(format!("in {i}").as_bytes(), relay_a).await.unwrap();
+        assert_eq!(a.recv_data(PROMPT).await, Some((peer_addr, format!("in {i}").into_bytes())));
+    }
+    let s = srv.stats();
+    assert!(s.channel_shortcuts - before.channel_shortcuts >= 2 * (N as u64 - 1), "{s:?}");
+    assert_eq!(s.hairpinned, before.hairpinned);
+    srv.shutdown().await;
+}
+
+/// A route learned from the protocol does not outlive the allocation: once
+/// one side deletes its allocation, nothing more is relayed to it or from it.
+#[tokio::test]
+async fn a_deleted_allocation_gets_nothing_more_on_its_channels() {
+    let srv = start(test_config()).await;
+    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
+    a.permit(relay_b.ip()).await;
+    b.permit(relay_a.ip()).await;
+    a.bind_channel(relay_b).await;
+    b.bind_channel(relay_a).await;
+    for i in 0..10 {
+        a.send(relay_b, &[i]).await;
+        assert_eq!(b.recv_data(PROMPT).await, Some((relay_a, vec![i])));
+    }
+    assert!(srv.stats().channel_shortcuts > 0);
+    b.delete(&srv).await;
+    let before = srv.stats();
+    a.send(relay_b, b"anyone?").await;
+    assert_eq!(recv(&b.sock, QUIET).await, None, "b's address gets nothing");
+    let s = srv.stats();
+    assert_eq!((s.bytes_to_clients, s.hairpinned), (before.bytes_to_clients, before.hairpinned));
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn wrong_password_is_refused() {
     let srv = start(test_config()).await;
