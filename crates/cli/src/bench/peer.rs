@@ -432,11 +432,16 @@ impl Turn {
             match started {
                 Ok((rt, turn, udp, tcp, tls, cert)) => {
                     let _ = tx.send(Ok((udp, tcp, tls, cert)));
+                    // A task on the runtime's workers, as `serve` runs it (a
+                    // `block_on` thread would be woken by a worker for every
+                    // datagram).
                     let run = turn.run(async {
                         let _ = stopped.await;
                     });
-                    if let Err(e) = rt.block_on(run) {
-                        eprintln!("TURN server stopped: {e}");
+                    match rt.block_on(rt.spawn(run)) {
+                        Ok(Err(e)) => eprintln!("TURN server stopped: {e}"),
+                        Err(e) => eprintln!("TURN server task: {e}"),
+                        Ok(Ok(())) => {}
                     }
                 }
                 Err(e) => {
