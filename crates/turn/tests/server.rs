@@ -472,6 +472,17 @@ async fn relay_to_relay_needs_the_receivers_permission() {
     srv.shutdown().await;
 }
 
+/// Two relayed clients of `srv` that permitted each other and bound a
+/// channel each to the other's relayed address.
+async fn two_on_channels(srv: &TestServer) -> (Client, SocketAddr, Client, SocketAddr) {
+    let (mut a, relay_a, mut b, relay_b) = two_relayed(srv).await;
+    a.permit(relay_b.ip()).await;
+    b.permit(relay_a.ip()).await;
+    a.bind_channel(relay_b).await;
+    b.bind_channel(relay_a).await;
+    (a, relay_a, b, relay_b)
+}
+
 /// Channel data takes the protocol's path once per route, then a shortcut
 /// (`routes.rs`): everything still arrives, in order, counted as before,
 /// between two allocations of the server and with a peer outside it.
@@ -479,11 +490,7 @@ async fn relay_to_relay_needs_the_receivers_permission() {
 async fn channel_data_flows_in_order_on_the_shortcut_and_counts_the_same() {
     const N: usize = 100;
     let srv = start(test_config()).await;
-    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
-    a.permit(relay_b.ip()).await;
-    b.permit(relay_a.ip()).await;
-    a.bind_channel(relay_b).await;
-    b.bind_channel(relay_a).await;
+    let (mut a, relay_a, mut b, relay_b) = two_on_channels(&srv).await;
     for i in 0..N {
         a.send(relay_b, format!("a->b {i}").as_bytes()).await;
     }
@@ -524,11 +531,7 @@ async fn channel_data_flows_in_order_on_the_shortcut_and_counts_the_same() {
 #[tokio::test]
 async fn a_deleted_allocation_gets_nothing_more_on_its_channels() {
     let srv = start(test_config()).await;
-    let (mut a, relay_a, mut b, relay_b) = two_relayed(&srv).await;
-    a.permit(relay_b.ip()).await;
-    b.permit(relay_a.ip()).await;
-    a.bind_channel(relay_b).await;
-    b.bind_channel(relay_a).await;
+    let (mut a, relay_a, mut b, relay_b) = two_on_channels(&srv).await;
     for i in 0..10 {
         a.send(relay_b, &[i]).await;
         assert_eq!(b.recv_data(PROMPT).await, Some((relay_a, vec![i])));
