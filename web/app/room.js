@@ -26,7 +26,10 @@ const token = new URLSearchParams(location.search).get('token') ?? undefined;
 // which browsers never send to the server.
 const roomSecret = new URLSearchParams(location.hash.slice(1)).get('k') || undefined;
 $('e2e').hidden = !roomSecret;
-const room = new Room({ server: location.origin, room: roomName, name: myName, token, roomSecret, channels: [reliable('chat'), docChannel('room')] });
+// `?relay=1`: offer relayed candidates only, so the other peers never learn
+// this machine's addresses (as the native `--relay-only`).
+const iceTransportPolicy = new URLSearchParams(location.search).get('relay') === '1' ? 'relay' : 'all';
+const room = new Room({ server: location.origin, room: roomName, name: myName, token, roomSecret, iceTransportPolicy, channels: [reliable('chat'), docChannel('room')] });
 // The room's notes and whiteboard: one Y.js document shared over its own channel.
 const shared = new SharedDoc('room');
 shared.attach(room);

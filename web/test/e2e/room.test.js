@@ -120,3 +120,24 @@ test('Chromium with default settings (mDNS host candidates) connects to a native
     await plain.close();
   }
 });
+
+test('a relay-only tab and a relay-only native peer talk through the embedded TURN server on channels', async () => {
+  const native = run(['chat', '--server', server.ws, '--ice-addr', '127.0.0.1', '--relay-only', '--name', 'native', 'relayed']);
+  await native.line((l) => l.startsWith('* joined'), 20_000, 'joined');
+  // `?relay=1`: the tab offers relayed candidates only.
+  const page = await chrome.page(`${server.url}/room/relayed?name=alice&relay=1`);
+  await page.waitForSelector('#peers li[data-state="connected"]', { timeout: 30_000 });
+  await page.waitForSelector('#peers li .path:has-text("relayed by the TURN server")', { timeout: 10_000 });
+  await say(page, 'through the relay');
+  await native.line((l) => l.endsWith(': through the relay'), 10_000, 'chat at the native peer');
+  native.proc.stdin.write('and back\n');
+  await page.waitForSelector('#log li:has-text("and back")', { timeout: 10_000 });
+  // Chromium binds TURN channels on its own and the native peer once data
+  // flows: the server relayed their data on its channel shortcut.
+  const metrics = await (await fetch(`${server.url}/metrics`)).text();
+  const shortcuts = Number(/^peerlink_turn_channel_shortcuts_total (\d+)$/m.exec(metrics)?.[1]);
+  assert.ok(shortcuts > 0, metrics.split('\n').filter((l) => l.startsWith('peerlink_turn')).join('\n'));
+  native.proc.stdin.end();
+  native.kill();
+  await native.exit(10_000);
+});
