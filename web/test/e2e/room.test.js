@@ -128,6 +128,12 @@ test('a relay-only tab and a relay-only native peer talk through the embedded TU
   const page = await chrome.page(`${server.url}/room/relayed?name=alice&relay=1`);
   await page.waitForSelector('#peers li[data-state="connected"]', { timeout: 30_000 });
   await page.waitForSelector('#peers li .path:has-text("relayed by the TURN server")', { timeout: 10_000 });
+  // The tab's own end of the pair is relayed too (the native one is anyway).
+  const local = await page.evaluate(async () => {
+    const peer = /** @type {HTMLElement} */ (document.querySelector('#peers li[data-state="connected"]')).dataset.peer;
+    return (await /** @type {any} */ (window).peerlinkRoom.stats(peer))?.path?.local;
+  });
+  assert.match(local, /^relay /);
   await say(page, 'through the relay');
   await native.line((l) => l.endsWith(': through the relay'), 10_000, 'chat at the native peer');
   native.proc.stdin.write('and back\n');
