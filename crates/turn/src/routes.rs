@@ -27,6 +27,7 @@
 //! Whatever ends an allocation (deletion, expiry, revocation) or replaces
 //! the protocol state forgets every route at once.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,6 +46,11 @@ pub(crate) struct Routes {
     out: HashMap<(SocketAddr, u16), Out>,
     /// (relayed address, peer) → (client, channel number).
     inbound: HashMap<(SocketAddr, SocketAddr), In>,
+    /// The route each way found last, with its key: datagrams come in runs
+    /// on one route (a GRO run is one sender's), and these keys are the
+    /// clients' and peers' addresses, hashed with SipHash.
+    last_out: Cell<Option<((SocketAddr, u16), Out)>>,
+    last_in: Cell<Option<((SocketAddr, SocketAddr), In)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +80,7 @@ impl Routes {
     ) {
         if self.out.len() < MAX_ROUTES || self.out.contains_key(&(client, channel)) {
             self.out.insert((client, channel), Out { relay, peer, until: now + TTL });
+            self.last_out.set(None);
         }
     }
 
@@ -85,7 +92,16 @@ impl Routes {
         channel: u16,
         now: Instant,
     ) -> Option<(SocketAddr, SocketAddr)> {
-        self.out.get(&(client, channel)).filter(|r| now < r.until).map(|r| (r.relay, r.peer))
+        let key = (client, channel);
+        let route = match self.last_out.get() {
+            Some((k, route)) if k == key => route,
+            _ => {
+                let route = *self.out.get(&key)?;
+                self.last_out.set(Some((key, route)));
+                route
+            }
+        };
+        (now < route.until).then_some((route.relay, route.peer))
     }
 
     /// The protocol gave a datagram from `peer` to the allocation `relay`
@@ -100,6 +116,7 @@ impl Routes {
     ) {
         if self.inbound.len() < MAX_ROUTES || self.inbound.contains_key(&(relay, peer)) {
             self.inbound.insert((relay, peer), In { client, channel, until: now + TTL });
+            self.last_in.set(None);
         }
     }
 
@@ -110,19 +127,32 @@ impl Routes {
         peer: SocketAddr,
         now: Instant,
     ) -> Option<(SocketAddr, u16)> {
-        self.inbound.get(&(relay, peer)).filter(|r| now < r.until).map(|r| (r.client, r.channel))
+        let key = (relay, peer);
+        let route = match self.last_in.get() {
+            Some((k, route)) if k == key => route,
+            _ => {
+                let route = *self.inbound.get(&key)?;
+                self.last_in.set(Some((key, route)));
+                route
+            }
+        };
+        (now < route.until).then_some((route.client, route.channel))
     }
 
     /// Forgets every route (an allocation ended, or the protocol state changed).
     pub(crate) fn clear(&mut self) {
         self.out.clear();
         self.inbound.clear();
+        self.last_out.set(None);
+        self.last_in.set(None);
     }
 
     /// Drops the routes whose time is up.
     pub(crate) fn prune(&mut self, now: Instant) {
         self.out.retain(|_, r| now < r.until);
         self.inbound.retain(|_, r| now < r.until);
+        self.last_out.set(None);
+        self.last_in.set(None);
     }
 
     #[cfg(test)]
@@ -170,6 +200,33 @@ mod tests {
         assert_eq!(r.len(), (1, 0));
         r.clear();
         assert_eq!(r.out(addr(1), 0x4000, t0 + TTL), None);
+    }
+
+    #[test]
+    fn the_route_found_last_is_never_stale() {
+        let t0 = Instant::now();
+        let mut r = Routes::default();
+        r.learn_out(addr(1), 0x4000, addr(2), addr(3), t0);
+        r.learn_in(addr(2), addr(3), addr(1), 0x4000, t0);
+        assert_eq!(r.out(addr(1), 0x4000, t0), Some((addr(2), addr(3))));
+        assert_eq!(r.inbound(addr(2), addr(3), t0), Some((addr(1), 0x4000)));
+        // Learned again with another end: the new one, at once.
+        r.learn_out(addr(1), 0x4000, addr(2), addr(4), t0);
+        r.learn_in(addr(2), addr(3), addr(5), 0x4001, t0);
+        assert_eq!(r.out(addr(1), 0x4000, t0), Some((addr(2), addr(4))));
+        assert_eq!(r.inbound(addr(2), addr(3), t0), Some((addr(5), 0x4001)));
+        // Its time still counts, and forgetting forgets it.
+        assert_eq!(r.out(addr(1), 0x4000, t0 + TTL), None);
+        r.clear();
+        assert_eq!(r.out(addr(1), 0x4000, t0), None);
+        assert_eq!(r.inbound(addr(2), addr(3), t0), None);
+        r.learn_out(addr(1), 0x4000, addr(2), addr(3), t0);
+        assert!(r.out(addr(1), 0x4000, t0).is_some());
+        r.prune(t0 + TTL);
+        r.learn_out(addr(1), 0x4000, addr(2), addr(3), t0 + TTL);
+        assert_eq!(r.len(), (1, 0));
+        r.prune(t0 + TTL + TTL);
+        assert_eq!(r.out(addr(1), 0x4000, t0), None, "pruned, not served from memory");
     }
 
     #[test]
