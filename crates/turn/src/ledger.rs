@@ -4,13 +4,14 @@
 //! when an allocation is revoked (maximum lifetime). Time and events go in;
 //! decisions and [`Command`]s for the driver (`server.rs`) come out.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::bucket::TokenBucket;
 use crate::config::Limits;
+use crate::own::{OwnMap, OwnSet};
 
 /// What the driver does for the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,11 +119,12 @@ pub(crate) struct Ledger {
     current: Generation,
     previous: Option<Generation>,
     next_id: u64,
-    allocs: HashMap<SocketAddr, Record>,
+    /// By relayed address.
+    allocs: OwnMap<SocketAddr, Record>,
     clients: HashMap<SocketAddr, ClientState>,
     per_user: HashMap<String, usize>,
     per_ip: HashMap<IpAddr, usize>,
-    ports: HashSet<u16>,
+    ports: OwnSet<u16>,
     new_clients: TokenBucket,
     out: VecDeque<Command>,
 }
@@ -136,11 +138,11 @@ impl Ledger {
             current: Generation::new(1),
             previous: None,
             next_id: 2,
-            allocs: HashMap::new(),
+            allocs: OwnMap::default(),
             clients: HashMap::new(),
             per_user: HashMap::new(),
             per_ip: HashMap::new(),
-            ports: HashSet::new(),
+            ports: OwnSet::default(),
             new_clients: TokenBucket::new(rate, rate, now),
             out: VecDeque::new(),
         }
@@ -216,7 +218,7 @@ impl Ledger {
 
     /// Relay ports held by live allocations (a new relay socket must not
     /// take one, even while its allocation is revoked and not yet closed).
-    pub fn ports(&self) -> &HashSet<u16> {
+    pub fn ports(&self) -> &OwnSet<u16> {
         &self.ports
     }
 

@@ -80,6 +80,7 @@ mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 mod ledger;
+mod own;
 mod policy;
 mod relay;
 mod rest;

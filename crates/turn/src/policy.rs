@@ -1,9 +1,9 @@
 //! The peer-address policy: which peers relay sockets may exchange data with.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::config::{IpNet, PeerPolicy};
+use crate::own::OwnSet;
 
 /// [`PeerPolicy`] plus what the server knows about its own sockets.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Policy {
     /// both peers are relayed by this server, their data goes relay to
     /// relay, which those ports allow; an allocation's own address is
     /// refused by the driver, which knows which socket sends.
-    pub(crate) fn allows(&self, peer: SocketAddr, relay_ports: &HashSet<u16>) -> bool {
+    pub(crate) fn allows(&self, peer: SocketAddr, relay_ports: &OwnSet<u16>) -> bool {
         let ip = canonical(peer.ip());
         if self.is_own_ip(ip) {
             if peer.port() == self.listen_port {
@@ -157,7 +157,7 @@ mod tests {
 
     /// With live allocations relaying on ports 40050 and 40051.
     fn allows(p: &Policy, addr: &str) -> bool {
-        p.allows(addr.parse().unwrap(), &HashSet::from([40050, 40051]))
+        p.allows(addr.parse().unwrap(), &OwnSet::from_iter([40050, 40051]))
     }
 
     #[test]

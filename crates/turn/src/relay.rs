@@ -10,7 +10,6 @@
 //! the worker thread's, not the relay's: an idle allocation holds none.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +22,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::bucket::TokenBucket;
+use crate::own::OwnSet;
 use crate::stats::{Stats, inc};
 
 /// Largest peer datagram relayed to a client. Bigger ones are dropped: with
@@ -52,7 +52,7 @@ pub(crate) struct PeerDatagram {
 pub(crate) fn bind_relay(
     ip: IpAddr,
     ports: &RangeInclusive<u16>,
-    in_use: &HashSet<u16>,
+    in_use: &OwnSet<u16>,
 ) -> io::Result<UdpSocket> {
     let (start, end) = (*ports.start(), *ports.end());
     if (start, end) == (0, 0) {
@@ -170,20 +170,20 @@ mod tests {
         let port = probe.local_addr().unwrap().port();
         drop(probe);
         let range = port..=port;
-        let socket = bind_relay(ip, &range, &HashSet::new()).unwrap();
+        let socket = bind_relay(ip, &range, &OwnSet::default()).unwrap();
         assert_eq!(socket.local_addr().unwrap().port(), port);
         // The only port is bound now: the OS refuses it.
-        assert!(bind_relay(ip, &range, &HashSet::new()).is_err());
+        assert!(bind_relay(ip, &range, &OwnSet::default()).is_err());
         drop(socket);
         // Free at the OS level but marked in use by us: skipped.
-        let in_use = HashSet::from([port]);
+        let in_use = OwnSet::from_iter([port]);
         let err = bind_relay(ip, &range, &in_use).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[tokio::test]
     async fn zero_range_means_ephemeral() {
-        let socket = bind_relay("127.0.0.1".parse().unwrap(), &(0..=0), &HashSet::new()).unwrap();
+        let socket = bind_relay("127.0.0.1".parse().unwrap(), &(0..=0), &OwnSet::default()).unwrap();
         assert_ne!(socket.local_addr().unwrap().port(), 0);
     }
 }

@@ -40,6 +40,7 @@ use crate::Error;
 use crate::bucket::TokenBucket;
 use crate::config::Config;
 use crate::ledger::{Client, Command, Ledger, Record, Refusal, RevokeWhy};
+use crate::own::OwnMap;
 use crate::policy::Policy;
 use crate::relay::{self, MAX_PEER_DATAGRAM, PeerDatagram, RELAY_QUEUE};
 use crate::rest::{rest_expiry, rest_password, unix_now};
@@ -206,7 +207,7 @@ impl Server {
             policy,
             stats,
             base: now,
-            relays: HashMap::new(),
+            relays: OwnMap::default(),
             relay_tx,
             hairpin: Vec::new(),
             routes: Routes::default(),
@@ -310,7 +311,7 @@ struct State {
     policy: Policy,
     stats: Stats,
     base: Instant,
-    relays: HashMap<SocketAddr, Relay>,
+    relays: OwnMap<SocketAddr, Relay>,
     relay_tx: mpsc::Sender<PeerDatagram>,
     /// Datagrams from one allocation to another's relayed address, waiting
     /// to be received by the second (at most `RELAY_QUEUE`).
