@@ -762,7 +762,9 @@ impl Mesh {
         let Some(&destination) = self.local_addrs.get(socket) else { return };
         let handled = match self.gatherer.handle_datagram(now, socket, source, data) {
             Demux::Pass => self.route(now, source, destination, data),
-            Demux::Relayed { peer, relayed, data } => self.route(now, peer, relayed, &data),
+            Demux::Relayed { peer, relayed, data: payload } => {
+                self.route(now, peer, relayed, payload.of(data))
+            }
             Demux::Consumed => None,
         };
         self.flush_gatherer(now);
@@ -776,7 +778,9 @@ impl Mesh {
     /// One message from TURN stream `stream`.
     pub fn handle_stream(&mut self, now: Instant, stream: usize, frame: &[u8]) {
         let handled = match self.gatherer.handle_stream(now, stream, frame) {
-            Demux::Relayed { peer, relayed, data } => self.route(now, peer, relayed, &data),
+            Demux::Relayed { peer, relayed, data: payload } => {
+                self.route(now, peer, relayed, payload.of(frame))
+            }
             Demux::Pass | Demux::Consumed => None,
         };
         self.flush_gatherer(now);

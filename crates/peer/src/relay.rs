@@ -294,9 +294,44 @@ pub(crate) enum Demux {
     /// STUN/TURN traffic, handled here.
     Consumed,
     /// Data a peer sent to our relayed address.
-    Relayed { peer: SocketAddr, relayed: SocketAddr, data: Vec<u8> },
+    Relayed { peer: SocketAddr, relayed: SocketAddr, data: Payload },
     /// Not ours: for the peer connections.
     Pass,
+}
+
+/// Where a relayed datagram's payload is.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Payload {
+    /// In the message that carried it, at this range (ChannelData and Data
+    /// indications: no copy).
+    In(std::ops::Range<usize>),
+    /// Copied out of it.
+    Owned(Vec<u8>),
+}
+
+impl Payload {
+    /// The payload's bytes, `message` being what carried it.
+    pub(crate) fn of<'a>(&'a self, message: &'a [u8]) -> &'a [u8] {
+        match self {
+            Payload::In(range) => &message[range.clone()],
+            Payload::Owned(data) => data,
+        }
+    }
+
+    /// `payload` as a range of `message` when it lies inside it.
+    fn locate(message: &[u8], payload: &[u8]) -> Payload {
+        let start = (payload.as_ptr() as usize).wrapping_sub(message.as_ptr() as usize);
+        match message.get(start..start.wrapping_add(payload.len())) {
+            Some(inside) if std::ptr::eq(inside, payload) => Payload::In(start..start + payload.len()),
+            _ => Payload::Owned(payload.to_vec()),
+        }
+    }
+}
+
+/// Whether `data` can be a STUN message: its first byte is 0-3 (RFC 7983);
+/// ChannelData starts with 0x40-0x4F, DTLS with 20-63.
+fn maybe_stun(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| *b < 4)
 }
 
 /// What the driver does next.
@@ -663,7 +698,8 @@ impl Gatherer {
     /// Takes a datagram that arrived on host socket `socket` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, data: &[u8]) -> Demux {
         // STUN Binding answers.
-        if let Some(i) = self.stun.iter().position(|p| p.socket == socket && p.server == from)
+        if maybe_stun(data)
+            && let Some(i) = self.stun.iter().position(|p| p.socket == socket && p.server == from)
             && let Ok(msg) = Message::from_bytes(data)
             && msg.is_response()
             && msg.transaction_id() == self.stun[i].tid
@@ -812,6 +848,7 @@ impl Gatherer {
         // carries our server-reflexive address for free (over UDP only: a
         // TCP connection's mapping is no use to UDP candidates).
         if self.turn[i].transport == TurnTransport::Udp
+            && maybe_stun(data)
             && let Ok(msg) = Message::from_bytes(data)
             && msg.has_method(ALLOCATE)
             && msg.has_class(MessageClass::Success)
@@ -825,6 +862,7 @@ impl Gatherer {
         // times out; a second 401 (after we authenticated) or any other
         // error but a stale nonce is an answer: give up now, with the reason.
         if self.turn[i].outcome == Outcome::Pending
+            && maybe_stun(data)
             && let Ok(msg) = Message::from_bytes(data)
             && msg.has_method(ALLOCATE)
             && msg.has_class(MessageClass::Error)
@@ -863,7 +901,9 @@ impl Gatherer {
             // Relayed data changes nothing in the client: nothing to poll.
             TurnRecvRet::PeerData(pd) => {
                 return match self.turn[i].relayed {
-                    Some(relayed) => Demux::Relayed { peer: pd.peer, relayed, data: pd.data().to_vec() },
+                    Some(relayed) => {
+                        Demux::Relayed { peer: pd.peer, relayed, data: Payload::locate(data, pd.data()) }
+                    }
                     None => Demux::Consumed,
                 };
             }
@@ -1062,6 +1102,23 @@ impl Gatherer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_inside_its_message_is_not_copied() {
+        let message = [0x40, 0x00, 0, 3, 7, 8, 9, 0];
+        let inside = Payload::locate(&message, &message[4..7]);
+        assert_eq!(inside, Payload::In(4..7));
+        assert_eq!(inside.of(&message), &[7, 8, 9]);
+        let elsewhere = [7u8, 8, 9];
+        let copied = Payload::locate(&message, &elsewhere);
+        assert_eq!(copied, Payload::Owned(vec![7, 8, 9]));
+        assert_eq!(copied.of(&message), &[7, 8, 9]);
+        // Overlapping the end is not inside.
+        let longer = [1u8; 16];
+        assert!(matches!(Payload::locate(&longer[..8], &longer[4..12]), Payload::Owned(_)));
+        assert!(maybe_stun(&[0x00, 0x01]) && maybe_stun(&[0x01, 0x01]));
+        assert!(!maybe_stun(&[0x40, 0x00]) && !maybe_stun(&[22, 0xfe]) && !maybe_stun(&[]));
+    }
 
     #[test]
     fn urls() {
