@@ -108,7 +108,10 @@ impl Driver {
             match out {
                 MeshOutput::Transmit { socket, to, data } => match &mut self.netem {
                     Some(link) => link.send(Instant::now(), socket, to, data),
-                    None => self.udp.send(socket, to, &data).await,
+                    None => {
+                        self.udp.send(socket, to, &data).await;
+                        self.mesh.recycle(data);
+                    }
                 },
                 MeshOutput::Signaling(msg) => {
                     let unsent = match signaling {

@@ -258,6 +258,12 @@ impl Mesh {
         self.closing.take()
     }
 
+    /// Hands back a datagram's buffer once it is sent, for the next
+    /// relayed datagram to be built in.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.gatherer.recycle(buf);
+    }
+
     pub fn poll_output(&mut self) -> Option<MeshOutput> {
         self.out.pop_front()
     }

@@ -426,6 +426,11 @@ const MAX_WAITING: usize = 64;
 /// checks) went to, which is one or two per connection.
 const MAX_CHANNELS: usize = 64;
 
+/// Buffers kept for relayed datagrams, and the smallest kept: a datagram
+/// and the TURN framing around it, for any path MTU.
+const SPARE_BUFFERS: usize = 64;
+const SPARE_CAPACITY: usize = 1536;
+
 /// STUN and TURN from all host sockets to all servers.
 pub(crate) struct Gatherer {
     /// `std` ↔ sans-io time.
@@ -437,6 +442,8 @@ pub(crate) struct Gatherer {
     /// Whether TCP/TLS servers were started or found not needed.
     fallback_decided: bool,
     out: VecDeque<Output>,
+    /// Buffers for relayed datagrams, back from the driver once sent.
+    spare: Vec<Vec<u8>>,
     /// Server-reflexive candidates announced (one per address).
     srflx_seen: Vec<SocketAddr>,
     complete_sent: bool,
@@ -559,6 +566,7 @@ impl Gatherer {
             streams: Vec::new(),
             fallback_decided: false,
             out: VecDeque::new(),
+            spare: Vec::new(),
             srflx_seen: Vec::new(),
             complete_sent: false,
         };
@@ -923,8 +931,16 @@ impl Gatherer {
         let link = self.turn[i].link;
         match self.turn[i].client.send_to(TransportType::Udp, to, data, sio) {
             Ok(Some(t)) => {
-                let t = t.build();
-                send(&mut self.out, link, t.to, t.data);
+                // Into a buffer used before: a datagram of this size is
+                // past the allocator's per-thread cache, and there is one
+                // for every datagram sent.
+                let server = t.to;
+                let len = t.data.len();
+                let mut buf = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(SPARE_CAPACITY.max(len)));
+                buf.resize(len, 0);
+                let n = t.data.write_into(&mut buf);
+                buf.truncate(n);
+                send(&mut self.out, link, server, buf);
                 // DTLS and what it carries, not an ICE check (STUN's first
                 // byte is 0 or 1, RFC 7983). Sending changes nothing in the
                 // client: it is polled only when a channel was asked for.
@@ -948,6 +964,16 @@ impl Gatherer {
             Err(e) => tracing::debug!(%to, "relay send: {e}"),
         }
         self.pump_turn(i, now);
+    }
+
+    /// Takes back a buffer the driver sent, to build a relayed datagram in
+    /// next (at most [`SPARE_BUFFERS`] kept, each of [`SPARE_CAPACITY`]).
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        let fits = (SPARE_CAPACITY..=2 * SPARE_CAPACITY).contains(&buf.capacity());
+        if fits && self.spare.len() < SPARE_BUFFERS && self.turn.iter().any(|t| t.relayed.is_some()) {
+            buf.clear();
+            self.spare.push(buf);
+        }
     }
 
     /// Lets `ip` reach our relayed addresses (a remote candidate's address).
@@ -1118,6 +1144,13 @@ mod tests {
         assert!(matches!(Payload::locate(&longer[..8], &longer[4..12]), Payload::Owned(_)));
         assert!(maybe_stun(&[0x00, 0x01]) && maybe_stun(&[0x01, 0x01]));
         assert!(!maybe_stun(&[0x40, 0x00]) && !maybe_stun(&[22, 0xfe]) && !maybe_stun(&[]));
+    }
+
+    #[test]
+    fn buffers_are_kept_only_for_relayed_datagrams() {
+        let mut g = Gatherer::new(&["127.0.0.1:5000".parse().unwrap()], &[], Instant::now());
+        g.recycle(Vec::with_capacity(SPARE_CAPACITY));
+        assert!(g.spare.is_empty(), "no allocation: nothing to build relayed datagrams in");
     }
 
     #[test]
