@@ -29,6 +29,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -92,15 +93,7 @@ impl Routes {
         channel: u16,
         now: Instant,
     ) -> Option<(SocketAddr, SocketAddr)> {
-        let key = (client, channel);
-        let route = match self.last_out.get() {
-            Some((k, route)) if k == key => route,
-            _ => {
-                let route = *self.out.get(&key)?;
-                self.last_out.set(Some((key, route)));
-                route
-            }
-        };
+        let route = remembered(&self.last_out, &self.out, (client, channel))?;
         (now < route.until).then_some((route.relay, route.peer))
     }
 
@@ -127,15 +120,7 @@ impl Routes {
         peer: SocketAddr,
         now: Instant,
     ) -> Option<(SocketAddr, u16)> {
-        let key = (relay, peer);
-        let route = match self.last_in.get() {
-            Some((k, route)) if k == key => route,
-            _ => {
-                let route = *self.inbound.get(&key)?;
-                self.last_in.set(Some((key, route)));
-                route
-            }
-        };
+        let route = remembered(&self.last_in, &self.inbound, (relay, peer))?;
         (now < route.until).then_some((route.client, route.channel))
     }
 
@@ -158,6 +143,22 @@ impl Routes {
     #[cfg(test)]
     fn len(&self) -> (usize, usize) {
         (self.out.len(), self.inbound.len())
+    }
+}
+
+/// `map`'s entry for `key`, from `last` when that was the one found last.
+fn remembered<K: Copy + Eq + Hash, V: Copy>(
+    last: &Cell<Option<(K, V)>>,
+    map: &HashMap<K, V>,
+    key: K,
+) -> Option<V> {
+    match last.get() {
+        Some((k, v)) if k == key => Some(v),
+        _ => {
+            let v = *map.get(&key)?;
+            last.set(Some((key, v)));
+            Some(v)
+        }
     }
 }
 
