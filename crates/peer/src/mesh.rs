@@ -173,6 +173,7 @@ impl Mesh {
         local_addrs: Vec<SocketAddr>,
         gatherer: Gatherer,
         wake: Arc<RoomWake>,
+        now: Instant,
     ) -> Mesh {
         Mesh {
             id,
@@ -194,12 +195,14 @@ impl Mesh {
             leaving: None,
             overlay: None,
         }
-        .with_overlay()
+        .with_overlay(now)
     }
 
-    fn with_overlay(mut self) -> Self {
+    /// The overlay's timers start at `now`, the mesh's clock (simulated
+    /// time in the simulations), not the wall clock's.
+    fn with_overlay(mut self, now: Instant) -> Self {
         if let Some(cfg) = self.config.overlay.clone() {
-            let ov = peerlink_overlay::Overlay::new(self.id.clone(), cfg, rand::random(), Instant::now());
+            let ov = peerlink_overlay::Overlay::new(self.id.clone(), cfg, rand::random(), now);
             self.overlay = Some(overlay::OverlayState::new(ov));
             self.config.auto_connect = false;
         }

@@ -195,6 +195,7 @@ impl Room {
             local_addrs.clone(),
             gatherer,
             wake.clone(),
+            Instant::now(),
         );
         mesh.start(sig.peers, sig.size, Instant::now());
         let driver = Driver {

@@ -170,6 +170,7 @@ impl Sim {
             vec![addr],
             Gatherer::new(&[addr], &[], now),
             wake.clone(),
+            now,
         );
         mesh.start(others, size, now);
         self.peers.push(SimPeer {
