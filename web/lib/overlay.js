@@ -17,10 +17,15 @@ const MAX_MISSING = 4096;
 const MAX_ROUTES = 4096;
 /**
  * A spare that turned a neighbour request down is not asked again (unless
- * we have no neighbour at all) for this long: each request costs it a
+ * we are below MIN_NEIGHBORS) for this long: each request costs it a
  * connection, and a full peer would refuse every tick.
  */
 const REFUSED_FOR_MS = 10_000;
+/**
+ * Fewest neighbours a peer settles for: below this it asks spares at high
+ * priority, which they cannot refuse.
+ */
+const MIN_NEIGHBORS = 2;
 /**
  * With no neighbour, nobody to ask and no join under way, the join is made
  * again through the peers we joined by: first after 1 s, then after twice
@@ -723,8 +728,10 @@ export class Overlay {
   _fillActive(now) {
     let wanted = this._cap() - this.active.length - this.pending.size;
     if (wanted <= 0 || this.joining !== null) return;
-    // With no neighbour we ask at high priority, which is never refused.
-    const high = this.active.length === 0;
+    // Below two neighbours we ask at high priority, which is never
+    // refused: with one, every spare with a full view would turn us down,
+    // and we would hang on that one link (HyParView asks so only with none).
+    const high = this.active.length < Math.min(MIN_NEIGHBORS, this._cap());
     const spares = this.passive.filter((x) => !this.pending.has(x) && (high || !((this.refused.get(x) ?? 0) > now)));
     for (const p of sample(spares, spares.length)) {
       if (wanted <= 0 || !this._canOpen()) break;

@@ -246,9 +246,13 @@ const MAX_MISSING: usize = 4096;
 const DIRECT_ATTEMPTS: u8 = 3;
 
 /// A spare that turned down a neighbour request is not asked again (unless
-/// we have no neighbour at all) for this long: each request costs it a
+/// we are below [`MIN_NEIGHBORS`]) for this long: each request costs it a
 /// connection, and a full peer would refuse every tick.
 const REFUSED_FOR: Duration = Duration::from_secs(10);
+
+/// Fewest neighbours a peer settles for: below this it asks spares at high
+/// priority, which they cannot refuse.
+const MIN_NEIGHBORS: usize = 2;
 
 /// With no neighbour, nobody to ask and no join under way, the join is
 /// made again through the peers we joined by, first after this long, then
@@ -915,8 +919,11 @@ impl<P: Id> Overlay<P> {
         if wanted == 0 || self.joining.is_some() {
             return;
         }
-        // With no neighbour we ask at high priority, which is never refused.
-        let high = self.active.is_empty();
+        // Below two neighbours we ask at high priority, which is never
+        // refused: with one, every spare with a full view would turn us
+        // down, and we would hang on that one link (HyParView asks so only
+        // with none).
+        let high = self.active.len() < MIN_NEIGHBORS.min(cap);
         let mut spares: Vec<P> = self
             .passive
             .iter()

@@ -389,19 +389,21 @@ fn connects(out: &[Output<u32>]) -> Vec<u32> {
 fn a_spare_that_turned_us_down_is_not_asked_again_every_tick() {
     let t0 = Instant::now();
     let mut o = Overlay::new(1, Config::default(), 9, t0);
-    for p in 100..104 {
+    for p in 100..103 {
         o.peer_known(p);
     }
-    assert!(o.accept(2, t0));
-    o.connected(2, t0);
-    o.handle_message(2, Message::Join, t0);
+    for n in [2, 3] {
+        assert!(o.accept(n, t0));
+        o.connected(n, t0);
+        o.handle_message(n, Message::Join, t0);
+    }
     drain(&mut o);
     // The first repair asks every spare; each is full and says no.
     let mut now = t0 + Duration::from_millis(500);
     o.handle_timeout(now);
     let mut asked = connects(&drain(&mut o));
     asked.sort();
-    assert_eq!(asked, vec![100, 101, 102, 103]);
+    assert_eq!(asked, vec![100, 101, 102]);
     for &p in &asked {
         o.connected(p, now);
         assert_eq!(sends(&drain(&mut o)), vec![(p, Message::Neighbor { high: false })]);
@@ -422,7 +424,44 @@ fn a_spare_that_turned_us_down_is_not_asked_again_every_tick() {
         again.extend(connects(&drain(&mut o)));
     }
     again.sort();
-    assert_eq!(again, vec![100, 101, 102, 103]);
+    assert_eq!(again, vec![100, 101, 102]);
+}
+
+#[test]
+fn a_peer_left_with_one_neighbour_asks_at_high_priority_and_is_taken() {
+    let t0 = Instant::now();
+    let mut o = Overlay::new(1, Config::default(), 9, t0);
+    for p in 100..103 {
+        o.peer_known(p);
+    }
+    assert!(o.accept(2, t0));
+    o.connected(2, t0);
+    o.handle_message(2, Message::Join, t0);
+    drain(&mut o);
+    // One link is one failure from alone: the spares are asked at high
+    // priority, which a full peer cannot refuse.
+    let now = t0 + Duration::from_millis(500);
+    o.handle_timeout(now);
+    let asked = connects(&drain(&mut o));
+    assert!(!asked.is_empty());
+    for &p in &asked {
+        o.connected(p, now);
+        assert_eq!(sends(&drain(&mut o)), vec![(p, Message::Neighbor { high: true })]);
+    }
+    // A full peer takes it, giving up a neighbour of its own.
+    let mut full = with_neighbors(100, &[10, 11, 12, 13, 14], t0);
+    assert!(full.accept(1, now));
+    full.connected(1, now);
+    full.handle_message(1, Message::Neighbor { high: true }, now);
+    let out = drain(&mut full);
+    assert!(sends(&out).contains(&(1, Message::NeighborReply { accepted: true })), "{out:?}");
+    assert!(out.contains(&Output::NeighborUp(1)), "{out:?}");
+    // The same at low priority is turned down.
+    let mut full = with_neighbors(100, &[10, 11, 12, 13, 14], t0);
+    assert!(full.accept(1, now));
+    full.connected(1, now);
+    full.handle_message(1, Message::Neighbor { high: false }, now);
+    assert!(sends(&drain(&mut full)).contains(&(1, Message::NeighborReply { accepted: false })));
 }
 
 #[test]

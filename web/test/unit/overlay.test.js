@@ -258,14 +258,14 @@ const connects = (out) => out.filter((x) => x.type === 'connect').map((x) => x.p
 test('a spare that turned us down is not asked again every tick', () => {
   const t0 = 0;
   const o = new Overlay('1', {}, t0);
-  for (const p of ['100', '101', '102', '103']) o.peerKnown(p);
-  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
+  for (const p of ['100', '101', '102']) o.peerKnown(p);
+  for (const n of ['2', '3']) { o.accept(n, t0); o.connected(n, t0); o.handleMessage(n, { type: 'join' }, t0); }
   drain(o);
   // The first repair asks every spare; each is full and says no.
   let now = t0 + 500;
   o.handleTimeout(now);
   const asked = connects(drain(o)).sort();
-  assert.deepEqual(asked, ['100', '101', '102', '103']);
+  assert.deepEqual(asked, ['100', '101', '102']);
   for (const p of asked) {
     o.connected(p, now);
     assert.deepEqual(sends(drain(o)), [[p, { type: 'neighbor', high: false }]]);
@@ -281,7 +281,33 @@ test('a spare that turned us down is not asked again every tick', () => {
   // ... but after a while (a neighbour of theirs may have gone).
   const again = [];
   while (now < t0 + 12_000) { now += 100; o.handleTimeout(now); again.push(...connects(drain(o))); }
-  assert.deepEqual(again.sort(), ['100', '101', '102', '103']);
+  assert.deepEqual(again.sort(), ['100', '101', '102']);
+});
+
+test('a peer left with one neighbour asks at high priority and is taken', () => {
+  const t0 = 0;
+  const o = new Overlay('1', {}, t0);
+  for (const p of ['100', '101', '102']) o.peerKnown(p);
+  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
+  drain(o);
+  // One link is one failure from alone: the spares are asked at high
+  // priority, which a full peer cannot refuse.
+  const now = t0 + 500;
+  o.handleTimeout(now);
+  const asked = connects(drain(o));
+  assert.ok(asked.length > 0);
+  for (const p of asked) {
+    o.connected(p, now);
+    assert.deepEqual(sends(drain(o)), [[p, { type: 'neighbor', high: true }]]);
+  }
+  // A full peer takes it, giving up a neighbour of its own; at low priority it would not.
+  for (const high of [true, false]) {
+    const full = withNeighbors('100', ['10', '11', '12', '13', '14'], t0);
+    assert.ok(full.accept('1', now));
+    full.connected('1', now);
+    full.handleMessage('1', { type: 'neighbor', high }, now);
+    assert.deepEqual(sends(drain(full)).filter(([p]) => p === '1'), [['1', { type: 'neighbor_reply', accepted: high }]]);
+  }
 });
 
 test('a newcomer whose contacts were all full joins again through them', () => {
