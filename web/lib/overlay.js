@@ -731,7 +731,9 @@ export class Overlay {
     // Below two neighbours we ask at high priority, which is never
     // refused: with one, every spare with a full view would turn us down,
     // and we would hang on that one link (HyParView asks so only with none).
-    const high = this.active.length < Math.min(MIN_NEIGHBORS, this._cap());
+    // Not in views of two: the peer a full one gives up would then be left
+    // with one and ask the same way, and so on.
+    const high = this.active.length < Math.max(1, Math.min(MIN_NEIGHBORS, this._cap() - 1));
     const spares = this.passive.filter((x) => !this.pending.has(x) && (high || !((this.refused.get(x) ?? 0) > now)));
     for (const p of sample(spares, spares.length)) {
       if (wanted <= 0 || !this._canOpen()) break;

@@ -922,8 +922,9 @@ impl<P: Id> Overlay<P> {
         // Below two neighbours we ask at high priority, which is never
         // refused: with one, every spare with a full view would turn us
         // down, and we would hang on that one link (HyParView asks so only
-        // with none).
-        let high = self.active.len() < MIN_NEIGHBORS.min(cap);
+        // with none). Not in views of two: the peer a full one gives up
+        // would then be left with one and ask the same way, and so on.
+        let high = self.active.len() < MIN_NEIGHBORS.min(cap - 1).max(1);
         let mut spares: Vec<P> = self
             .passive
             .iter()

@@ -465,6 +465,28 @@ fn a_peer_left_with_one_neighbour_asks_at_high_priority_and_is_taken() {
 }
 
 #[test]
+fn with_views_of_two_one_neighbour_is_asked_for_at_low_priority() {
+    // A full view of two that took a high-priority request would leave the
+    // neighbour it gave up with one, asking the same way: a chain.
+    let t0 = Instant::now();
+    let mut o = Overlay::new(1, Config { active_view: 2, ..Config::default() }, 9, t0);
+    // Spares so that the room counts as large (no full mesh).
+    for p in 100..120 {
+        o.peer_known(p);
+    }
+    assert!(o.accept(2, t0));
+    o.connected(2, t0);
+    o.handle_message(2, Message::Join, t0);
+    drain(&mut o);
+    let now = t0 + Duration::from_millis(500);
+    o.handle_timeout(now);
+    let asked = connects(&drain(&mut o));
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    o.connected(asked[0], now);
+    assert_eq!(sends(&drain(&mut o)), vec![(asked[0], Message::Neighbor { high: false })]);
+}
+
+#[test]
 fn a_newcomer_whose_contacts_were_all_full_joins_again_through_them() {
     let t0 = Instant::now();
     let mut o = Overlay::new(50, Config::default(), 9, t0);

@@ -310,6 +310,22 @@ test('a peer left with one neighbour asks at high priority and is taken', () => 
   }
 });
 
+test('with views of two, one neighbour is asked for at low priority', () => {
+  // A full view of two that took a high-priority request would leave the
+  // neighbour it gave up with one, asking the same way: a chain.
+  const t0 = 0;
+  const o = new Overlay('1', { activeView: 2 }, t0);
+  for (let i = 0; i < 20; i++) o.peerKnown(`s${i}`); // spares: the room counts as large
+  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
+  drain(o);
+  const now = t0 + 500;
+  o.handleTimeout(now);
+  const asked = connects(drain(o));
+  assert.equal(asked.length, 1, `${asked}`);
+  o.connected(asked[0], now);
+  assert.deepEqual(sends(drain(o)), [[asked[0], { type: 'neighbor', high: false }]]);
+});
+
 test('a newcomer whose contacts were all full joins again through them', () => {
   const t0 = 0;
   const o = new Overlay('50', {}, t0);
