@@ -14,7 +14,11 @@ fn sends(out: &[Output<u32>]) -> Vec<(u32, Message<u32>)> {
 
 /// Peer `me` with neighbours `ns` (they joined through us), in a large room.
 fn with_neighbors(me: u32, ns: &[u32], now: Instant) -> Overlay<u32> {
-    let mut o = Overlay::new(me, Config::default(), 9, now);
+    with_neighbors_in(Config::default(), me, ns, now)
+}
+
+fn with_neighbors_in(config: Config, me: u32, ns: &[u32], now: Instant) -> Overlay<u32> {
+    let mut o = Overlay::new(me, config, 9, now);
     // Spares so that the room counts as large (no full mesh).
     for p in 100..120 {
         o.peer_known(p);
@@ -430,14 +434,7 @@ fn a_spare_that_turned_us_down_is_not_asked_again_every_tick() {
 #[test]
 fn a_peer_left_with_one_neighbour_asks_at_high_priority_and_is_taken() {
     let t0 = Instant::now();
-    let mut o = Overlay::new(1, Config::default(), 9, t0);
-    for p in 100..103 {
-        o.peer_known(p);
-    }
-    assert!(o.accept(2, t0));
-    o.connected(2, t0);
-    o.handle_message(2, Message::Join, t0);
-    drain(&mut o);
+    let mut o = with_neighbors(1, &[2], t0);
     // One link is one failure from alone: the spares are asked at high
     // priority, which a full peer cannot refuse.
     let now = t0 + Duration::from_millis(500);
@@ -448,20 +445,17 @@ fn a_peer_left_with_one_neighbour_asks_at_high_priority_and_is_taken() {
         o.connected(p, now);
         assert_eq!(sends(&drain(&mut o)), vec![(p, Message::Neighbor { high: true })]);
     }
-    // A full peer takes it, giving up a neighbour of its own.
-    let mut full = with_neighbors(100, &[10, 11, 12, 13, 14], t0);
-    assert!(full.accept(1, now));
-    full.connected(1, now);
-    full.handle_message(1, Message::Neighbor { high: true }, now);
-    let out = drain(&mut full);
-    assert!(sends(&out).contains(&(1, Message::NeighborReply { accepted: true })), "{out:?}");
-    assert!(out.contains(&Output::NeighborUp(1)), "{out:?}");
-    // The same at low priority is turned down.
-    let mut full = with_neighbors(100, &[10, 11, 12, 13, 14], t0);
-    assert!(full.accept(1, now));
-    full.connected(1, now);
-    full.handle_message(1, Message::Neighbor { high: false }, now);
-    assert!(sends(&drain(&mut full)).contains(&(1, Message::NeighborReply { accepted: false })));
+    // A full peer takes it, giving up a neighbour of its own; at low
+    // priority it would not.
+    for high in [true, false] {
+        let mut full = with_neighbors(100, &[10, 11, 12, 13, 14], t0);
+        assert!(full.accept(1, now));
+        full.connected(1, now);
+        full.handle_message(1, Message::Neighbor { high }, now);
+        let out = drain(&mut full);
+        assert!(sends(&out).contains(&(1, Message::NeighborReply { accepted: high })), "{out:?}");
+        assert_eq!(out.contains(&Output::NeighborUp(1)), high, "{out:?}");
+    }
 }
 
 #[test]
@@ -469,15 +463,7 @@ fn with_views_of_two_one_neighbour_is_asked_for_at_low_priority() {
     // A full view of two that took a high-priority request would leave the
     // neighbour it gave up with one, asking the same way: a chain.
     let t0 = Instant::now();
-    let mut o = Overlay::new(1, Config { active_view: 2, ..Config::default() }, 9, t0);
-    // Spares so that the room counts as large (no full mesh).
-    for p in 100..120 {
-        o.peer_known(p);
-    }
-    assert!(o.accept(2, t0));
-    o.connected(2, t0);
-    o.handle_message(2, Message::Join, t0);
-    drain(&mut o);
+    let mut o = with_neighbors_in(Config { active_view: 2, ..Config::default() }, 1, &[2], t0);
     let now = t0 + Duration::from_millis(500);
     o.handle_timeout(now);
     let asked = connects(&drain(&mut o));

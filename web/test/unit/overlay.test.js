@@ -83,8 +83,8 @@ test('broadcasts kept for grafts stay within cacheBytes, the oldest going first'
 });
 
 /** Peer `me` with neighbours `ns` (they joined through it), in a large room. */
-function withNeighbors(me, ns, now) {
-  const o = new Overlay(me, {}, now);
+function withNeighbors(me, ns, now, config = {}) {
+  const o = new Overlay(me, config, now);
   for (let i = 0; i < 20; i++) o.peerKnown(`s${i}`); // spares: the room counts as large
   for (const n of ns) { assert.ok(o.accept(n, now)); o.connected(n, now); o.handleMessage(n, { type: 'join' }, now); }
   drain(o);
@@ -286,10 +286,7 @@ test('a spare that turned us down is not asked again every tick', () => {
 
 test('a peer left with one neighbour asks at high priority and is taken', () => {
   const t0 = 0;
-  const o = new Overlay('1', {}, t0);
-  for (const p of ['100', '101', '102']) o.peerKnown(p);
-  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
-  drain(o);
+  const o = withNeighbors('1', ['2'], t0);
   // One link is one failure from alone: the spares are asked at high
   // priority, which a full peer cannot refuse.
   const now = t0 + 500;
@@ -314,10 +311,7 @@ test('with views of two, one neighbour is asked for at low priority', () => {
   // A full view of two that took a high-priority request would leave the
   // neighbour it gave up with one, asking the same way: a chain.
   const t0 = 0;
-  const o = new Overlay('1', { activeView: 2 }, t0);
-  for (let i = 0; i < 20; i++) o.peerKnown(`s${i}`); // spares: the room counts as large
-  o.accept('2', t0); o.connected('2', t0); o.handleMessage('2', { type: 'join' }, t0);
-  drain(o);
+  const o = withNeighbors('1', ['2'], t0, { activeView: 2 });
   const now = t0 + 500;
   o.handleTimeout(now);
   const asked = connects(drain(o));
