@@ -909,7 +909,11 @@ impl Mesh {
             let Some(st) = self.peers.get_mut(peer) else { return };
             // Never connected yet: its signals may be relayed.
             fresh = st.conn.state() == ConnState::Connecting && !st.server_signalled;
-            if !fresh || st.conn.has_remote_description() {
+            // A relayed offer is waited on until answered, even once the
+            // remote signals through the server: its offer, if it collides
+            // with ours and we are impolite, is ignored, and ours may have
+            // been lost on the way as its was.
+            if st.conn.state() != ConnState::Connecting || st.conn.has_remote_description() {
                 st.relayed_offer_at = None;
             }
             st.dirty = false;

@@ -768,6 +768,91 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     assert!(after.signals_via_server > before.signals_via_server, "{before:?} {after:?}");
 }
 
+/// Two members open connections to each other a second apart, each offer
+/// relayed through a neighbour whose network goes down as the first
+/// leaves: both offers are lost. The first offerer (polite) starts
+/// over through the server after 3 s; the other, its own offer still out,
+/// ignores that offer as a collision it wins, so its own relayed offer must
+/// still start over 3 s after it left (it did not: a signal through the
+/// server stopped its timer, and the two waited for each other until the
+/// 15 s connect timeout).
+#[test]
+fn crossed_offers_both_lost_on_the_way_start_over_through_the_server() {
+    let mut sim = Sim::new(7, 0.0, Duration::from_millis(15), Duration::from_millis(5));
+    sim.overlay = Some(crate::OverlayConfig::default());
+    sim.listed = 4;
+    let all: Vec<usize> = (0..12)
+        .map(|_| {
+            let i = sim.join();
+            let t = sim.now + Duration::from_millis(200);
+            sim.run_until(t + Duration::from_secs(1), "join", |s| s.now >= t);
+            i
+        })
+        .collect();
+    let neighbours = |s: &Sim, i: usize| {
+        s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
+    };
+    sim.run_until(Duration::from_secs(60), "overlay formed", |s| all.iter().all(|&i| neighbours(s, i) >= 2));
+    let settle = sim.now + Duration::from_secs(5);
+    sim.run_until(settle + Duration::from_secs(1), "settle", |s| s.now >= settle);
+    // Everyone broadcasts once: each member learns a way to each other.
+    let now = sim.instant();
+    for &i in &all {
+        sim.peers[i].mesh.as_mut().expect("present").broadcast(b"hi".to_vec(), now).expect("broadcast");
+    }
+    let heard =
+        |s: &Sim, i: usize| s.peers[i].events.iter().filter(|e| matches!(e, Event::Message { .. })).count();
+    sim.run_until(sim.now + Duration::from_secs(10), "broadcasts", |s| {
+        all.iter().all(|&i| heard(s, i) == all.len() - 1)
+    });
+
+    // a (polite: the lower id) and b, not connected, reach each other
+    // through a hop each way, routes that hold for the next 2 s.
+    let now = sim.instant();
+    let later = now + Duration::from_secs(2);
+    let hop = |s: &Sim, from: usize, to: usize| {
+        let m = s.peers[from].mesh.as_ref()?;
+        let h = m.overlay_relay_hop(&s.id(to), now)?;
+        let h = (m.overlay_relay_hop(&s.id(to), later)? == h).then_some(h)?;
+        Some(h.as_str()[2..].parse::<usize>().expect("sim id"))
+    };
+    let (a, b, hops) = all
+        .iter()
+        .flat_map(|&a| all.iter().map(move |&b| (a, b)))
+        .filter(|&(a, b)| a < b)
+        .find_map(|(a, b)| Some((a, b, [hop(&sim, a, b)?, hop(&sim, b, a)?])))
+        .expect("two members that reach each other through hops");
+    assert!(sim.id(a) < sim.id(b), "a is the polite one");
+    let cut = sim.now + Duration::from_millis(1);
+    for h in hops {
+        sim.cut.insert(h, (cut, cut + Duration::from_secs(30)));
+    }
+    let start = sim.now;
+    let (ida, idb) = (sim.id(a), sim.id(b));
+    sim.peers[a].mesh.as_mut().expect("present").send_to(idb, b"from a".to_vec(), now).expect("send");
+    let t = sim.now + Duration::from_secs(1);
+    sim.run_until(t + Duration::from_secs(1), "a second", |s| s.now >= t);
+    let now = sim.instant();
+    assert!(!sim.peers[b].mesh.as_ref().expect("present").has_connection(&ida), "a's offer was lost");
+    sim.peers[b].mesh.as_mut().expect("present").send_to(ida, b"from b".to_vec(), now).expect("send");
+    let got = |s: &Sim, at: usize, from: usize, text: &[u8]| {
+        let from = s.id(from);
+        s.peers[at]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Message { from: f, data, .. } if *f == from && data == text))
+    };
+    // b's offer starts over 3 s after it left, 4 s after a's: well before
+    // either side's 15 s connect timeout.
+    sim.run_until(start + Duration::from_secs(8), "both delivered", |s| {
+        got(s, b, a, b"from a") && got(s, a, b, b"from b")
+    });
+    for i in [a, b] {
+        let st = sim.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).expect("overlay");
+        assert!(st.signals_relayed > 0 && st.signals_via_server > 0, "peer {i}: {st:?}");
+    }
+}
+
 /// Two peers stream numbered messages 20 ms apart to each other over a
 /// lossy link, as `peerlink ping` does, and each leaves the moment its own
 /// stream is queued and the other's has arrived (or the other left):
