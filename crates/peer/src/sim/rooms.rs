@@ -366,6 +366,31 @@ impl Sim {
         }
     }
 
+    /// `n` members join an overlay room 200 ms apart; returns them once
+    /// each has two neighbours or more (within 60 s of simulated time) and
+    /// 5 s more have passed. `check` runs at every step.
+    fn form_overlay(&mut self, n: usize, check: impl Fn(&Sim, &[usize])) -> Vec<usize> {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(self.join());
+            let t = self.now + Duration::from_millis(200);
+            self.run_until(t + Duration::from_secs(1), "join", |s| s.now >= t);
+        }
+        let neighbours = |s: &Sim, i: usize| {
+            s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
+        };
+        self.run_until(Duration::from_secs(60), "overlay formed", |s| {
+            check(s, &all);
+            all.iter().all(|&i| neighbours(s, i) >= 2)
+        });
+        let settle = self.now + Duration::from_secs(5);
+        self.run_until(settle + Duration::from_secs(1), "settle", |s| {
+            check(s, &all);
+            s.now >= settle
+        });
+        all
+    }
+
     /// Every pair of present peers has `label` open on both sides.
     fn full_mesh(&self, present: &[usize], label: &str) -> bool {
         present
@@ -630,33 +655,16 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     sim.overlay = Some(crate::OverlayConfig::default());
     sim.listed = 8;
     let n = 24;
-    let mut all = Vec::new();
-    for _ in 0..n {
-        all.push(sim.join());
-        let t = sim.now + Duration::from_millis(200);
-        sim.run_until(t + Duration::from_secs(1), "join", |s| s.now >= t);
-    }
-    let neighbours = |s: &Sim, i: usize| {
-        s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
-    };
     // What the overlay counts as connected has a channel to send on.
-    let orphans = |s: &Sim| {
-        for &i in &all {
+    let orphans = |s: &Sim, all: &[usize]| {
+        for &i in all {
             if let Some(m) = &s.peers[i].mesh {
                 let o = m.overlay_orphans();
                 assert!(o.is_empty(), "peer {i} counts {o:?} connected with no channel at {:?}", s.now);
             }
         }
     };
-    sim.run_until(Duration::from_secs(60), "overlay formed", |s| {
-        orphans(s);
-        all.iter().all(|&i| neighbours(s, i) >= 2)
-    });
-    let settle = sim.now + Duration::from_secs(5);
-    sim.run_until(settle + Duration::from_secs(1), "settle", |s| {
-        orphans(s);
-        s.now >= settle
-    });
+    let all = sim.form_overlay(n, orphans);
 
     let senders = [0, 7, 15, 23];
     let now = sim.instant();
@@ -675,7 +683,7 @@ fn an_overlay_room_carries_broadcasts_with_a_handful_of_connections() {
     };
     let expected = |i: usize| senders.iter().filter(|&&f| f != i).count() * 5;
     sim.run_until(sim.now + Duration::from_secs(30), "broadcasts", |s| {
-        orphans(s);
+        orphans(s, &all);
         all.iter().all(|&i| got(s, i) == expected(i))
     });
     for &i in &all {
@@ -781,20 +789,7 @@ fn crossed_offers_both_lost_on_the_way_start_over_through_the_server() {
     let mut sim = Sim::new(7, 0.0, Duration::from_millis(15), Duration::from_millis(5));
     sim.overlay = Some(crate::OverlayConfig::default());
     sim.listed = 4;
-    let all: Vec<usize> = (0..12)
-        .map(|_| {
-            let i = sim.join();
-            let t = sim.now + Duration::from_millis(200);
-            sim.run_until(t + Duration::from_secs(1), "join", |s| s.now >= t);
-            i
-        })
-        .collect();
-    let neighbours = |s: &Sim, i: usize| {
-        s.peers[i].mesh.as_ref().and_then(|m| m.overlay_stats()).map_or(0, |st| st.neighbors.len())
-    };
-    sim.run_until(Duration::from_secs(60), "overlay formed", |s| all.iter().all(|&i| neighbours(s, i) >= 2));
-    let settle = sim.now + Duration::from_secs(5);
-    sim.run_until(settle + Duration::from_secs(1), "settle", |s| s.now >= settle);
+    let all = sim.form_overlay(12, |_, _| {});
     // Everyone broadcasts once: each member learns a way to each other.
     let now = sim.instant();
     for &i in &all {
