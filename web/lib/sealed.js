@@ -116,8 +116,21 @@ export class Sealer {
    * @param {string | Uint8Array} msg
    */
   async seal(msg) {
+    const wire = await this.sealNext(msg);
+    this.sendSeq++;
+    return wire;
+  }
+
+  /**
+   * `msg` sealed as the next message, the counter left where it is: the
+   * channel moves it on once the message is queued, so a send refused (too
+   * large, closed) leaves no gap, which the other side would take for a
+   * dropped or forged message.
+   * @param {string | Uint8Array} msg
+   */
+  async sealNext(msg) {
     if (!this.keys) throw new Error('seal after the keys are agreed');
-    const nonce = counterNonce(this.sendSeq++);
+    const nonce = counterNonce(this.sendSeq);
     const plain = typeof msg === 'string' ? concat(new Uint8Array([1]), utf8.encode(msg)) : concat(new Uint8Array([0]), msg);
     const sealed = await subtle().encrypt({ name: 'AES-GCM', iv: nonce, additionalData: utf8.encode(this.label) }, this.keys.send, /** @type {BufferSource} */ (plain));
     return concat(new Uint8Array([DATA]), nonce, new Uint8Array(sealed));
@@ -257,7 +270,11 @@ export class SealedChannel extends Emitter {
 
   /** Seals and sends `msg`, in order (backpressure as `Channel.send`). @param {string | Uint8Array} msg */
   send(msg) {
-    const sent = this._sending.then(() => this.sealer.seal(msg)).then((w) => this.channel.send(w));
+    // One at a time: each is sealed once the one before is queued or refused.
+    const sent = this._sending
+      .then(() => this.sealer.sealNext(msg))
+      .then((w) => this.channel.send(w))
+      .then(() => { this.sealer.sendSeq++; });
     this._sending = sent.catch(() => {});
     return sent;
   }

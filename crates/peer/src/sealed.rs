@@ -132,9 +132,18 @@ impl Sealer {
     /// `msg` sealed for the wire: `0x02 ‖ nonce ‖ AES-GCM(kind ‖ payload)`,
     /// kind 1 for text, 0 for bytes. Panics before the keys are agreed.
     pub fn seal(&mut self, msg: &Message) -> Vec<u8> {
+        let wire = self.seal_next(msg);
+        self.send_seq += 1;
+        wire
+    }
+
+    /// `msg` sealed as the next message, the counter left where it is: the
+    /// channel moves it on once the message is queued, so a send refused
+    /// (too large, closed) or cancelled leaves no gap, which the other side
+    /// would take for a dropped or forged message.
+    fn seal_next(&self, msg: &Message) -> Vec<u8> {
         let (send, _) = self.keys.as_ref().expect("seal after the keys are agreed");
         let nonce = counter_nonce(self.send_seq);
-        self.send_seq += 1;
         let mut buf = Vec::with_capacity(msg.len() + 1 + AES_256_GCM.tag_len());
         buf.push(u8::from(!msg.is_binary()));
         buf.extend_from_slice(msg.as_bytes());
@@ -232,8 +241,12 @@ impl SealedChannel {
 
     /// Seals and sends `msg` (backpressure as [`DataChannel::send`]).
     pub async fn send(&mut self, msg: impl Into<Message>) -> Result<(), SendError> {
-        let wire = self.sealer.seal(&msg.into());
-        self.channel.send(Message::Binary(wire)).await
+        let wire = self.sealer.seal_next(&msg.into());
+        // Queued once `send` returns Ok, with no await after: the counter
+        // moves on in the same poll, whatever happens to this future.
+        self.channel.send(Message::Binary(wire)).await?;
+        self.sealer.send_seq += 1;
+        Ok(())
     }
 
     /// The next message, opened; `None` once the channel closed. A message

@@ -110,6 +110,12 @@ async fn a_sealed_channel_carries_messages_both_ways() {
     assert_eq!(sb.recv().await, Some(Ok(Message::Text("kept sealed at rest".into()))));
     assert_eq!(sb.recv().await, Some(Ok(Message::Binary(vec![1, 2, 3]))));
     assert_eq!(sa.recv().await, Some(Ok(Message::Text("and back".into()))));
+    // A message the channel refuses (too large once sealed) leaves no gap in
+    // the sealed order: the next one opens on the other side.
+    let too_large = Message::Binary(vec![7; sa.channel().max_message_size()]);
+    assert!(matches!(sa.send(too_large).await, Err(peerlink_peer::SendError::TooLarge { .. })));
+    sa.send("after a refused one").await.unwrap();
+    assert_eq!(sb.recv().await, Some(Ok(Message::Text("after a refused one".into()))));
     // What the channel itself carried is ciphertext: seal one more and read
     // it off the raw channel before the sealed reader does.
     sa.send("not on the wire").await.unwrap();

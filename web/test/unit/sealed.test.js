@@ -107,6 +107,32 @@ test('sealed channel: fresh keys agreed over the channel; text and bytes arrive 
   assert.equal(errors[0]?.code, 'forged');
 });
 
+test('sealed channel: a message the channel refuses leaves no gap; the next one opens', async () => {
+  const [x, y] = linked();
+  const [sx, sy] = await Promise.all([
+    SealedChannel.open(/** @type {any} */ (x), v.fingerprint_a, v.fingerprint_b),
+    SealedChannel.open(/** @type {any} */ (y), v.fingerprint_b, v.fingerprint_a),
+  ]);
+  // The channel refuses what is over its maximum, as Channel.send does.
+  const send = x.send.bind(x);
+  x.send = async (/** @type {Uint8Array} */ m) => {
+    if (m.byteLength > 100) throw Object.assign(new Error('too large'), { code: 'too_large' });
+    return send(m);
+  };
+  /** @type {unknown[]} */
+  const got = [];
+  /** @type {SealError[]} */
+  const errors = [];
+  sy.on('message', (m) => got.push(m));
+  sy.on('error', (e) => errors.push(e));
+  await sx.send('first');
+  await assert.rejects(sx.send(new Uint8Array(200)), (e) => /** @type {any} */ (e).code === 'too_large');
+  await sx.send('after a refused one');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(errors.map((e) => e.code), []);
+  assert.deepEqual(got, ['first', 'after a refused one']);
+});
+
 test('sealed channel: no key from the other side within the timeout', async () => {
   const [x] = linked();
   x.other = new Emitter(); // nobody answers
