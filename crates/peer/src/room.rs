@@ -173,7 +173,10 @@ impl Room {
         }
         let servers =
             crate::relay::resolve(&ice_servers, config.signaling_timeout.min(Duration::from_secs(3))).await;
-        let gatherer = Gatherer::new(&local_addrs, &servers, Instant::now());
+        // One instant for everything that starts here: the gatherer's timers,
+        // the mesh's and the first connections' start together.
+        let now = Instant::now();
+        let gatherer = Gatherer::new(&local_addrs, &servers, now);
         let (commands, cmd_rx) = mpsc::channel(64);
         let (ev_tx, events) = mpsc::channel(config.event_capacity.max(16));
         let mesh_config = MeshConfig {
@@ -195,9 +198,9 @@ impl Room {
             local_addrs.clone(),
             gatherer,
             wake.clone(),
-            Instant::now(),
+            now,
         );
-        mesh.start(sig.peers, sig.size, Instant::now());
+        mesh.start(sig.peers, sig.size, now);
         let driver = Driver {
             mesh,
             wake,
