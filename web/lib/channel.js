@@ -151,7 +151,7 @@ export class Channel extends Emitter {
   send(data) {
     try {
       const bytes = this._check(data);
-      if (this._queue.length === 0 && this.raw.bufferedAmount + bytes <= this.maxBufferedAmount) {
+      if (this._queue.length === 0 && this._takes(bytes)) {
         this.raw.send(/** @type {any} */ (data));
         return Promise.resolve();
       }
@@ -172,7 +172,7 @@ export class Channel extends Emitter {
    */
   trySend(data) {
     const bytes = this._check(data);
-    if (this._queue.length === 0 && this.raw.bufferedAmount + bytes <= this.maxBufferedAmount) {
+    if (this._queue.length === 0 && this._takes(bytes)) {
       this.raw.send(/** @type {any} */ (data));
       return;
     }
@@ -228,7 +228,20 @@ export class Channel extends Emitter {
 
   /** @param {number} bytes */
   _roomNow(bytes) {
-    return this._queue.length === 0 && (this.raw.bufferedAmount === 0 || this.raw.bufferedAmount + bytes <= this.maxBufferedAmount);
+    return this._queue.length === 0 && this._takes(bytes);
+  }
+
+  /**
+   * Whether the browser takes `bytes` more now: within `maxBufferedAmount`,
+   * or whatever the size once its buffer is down to the low threshold. The
+   * `bufferedamountlow` event that moves the queue fires only as the buffer
+   * falls to that threshold, so a message larger than the room left there
+   * must go then: it would otherwise wait for an event that never comes.
+   * @param {number} bytes
+   */
+  _takes(bytes) {
+    const held = this.raw.bufferedAmount;
+    return held <= this.raw.bufferedAmountLowThreshold || held + bytes <= this.maxBufferedAmount;
   }
 
   /** Resolves when everything queued has been handed to the browser. */
@@ -260,7 +273,7 @@ export class Channel extends Emitter {
   _drain() {
     while (this._queue.length > 0 && this.raw.readyState === 'open') {
       const next = this._queue[0];
-      if (this.raw.bufferedAmount > 0 && this.raw.bufferedAmount + next.bytes > this.maxBufferedAmount) break;
+      if (!this._takes(next.bytes)) break;
       this._queue.shift();
       this.queuedBytes -= next.bytes;
       try {

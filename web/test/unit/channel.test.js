@@ -61,3 +61,23 @@ test('room() waits for the browser to have room; sendNow hands a reused buffer o
   raw.close();
   await assert.rejects(ch.room(1), /closed/);
 });
+
+test('a queued message larger than the room left at the low threshold goes when the buffer falls to it', async () => {
+  const raw = new RawChannel();
+  // The low threshold is a quarter of the browser's buffer: 250 bytes.
+  const ch = new Channel(/** @type {any} */ (raw), 'p', { maxBufferedAmount: 1000, maxMessageSize: 900 });
+  await ch.send(new Uint8Array(900));
+  const second = ch.send(new Uint8Array(900)).then(() => 'sent');
+  assert.equal(ch.queuedBytes, 900, 'queued behind the browser\'s buffer');
+  raw.drain(700); // 200 left: the one bufferedamountlow event
+  const outcome = await Promise.race([second, new Promise((r) => setTimeout(() => r('still queued'), 50))]);
+  assert.equal(outcome, 'sent');
+  assert.equal(raw.sent.length, 2);
+  assert.equal(ch.queuedBytes, 0);
+  // A reused buffer's sender too: room for it once the buffer is down to
+  // the threshold (1,100 held, 850 sent).
+  const room = ch.room(900);
+  raw.drain(850);
+  await room;
+  assert.equal(ch.sendNow(new Uint8Array(900)), true);
+});
