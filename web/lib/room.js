@@ -10,7 +10,7 @@
 
 import { Emitter } from './events.js';
 import { Channel } from './channel.js';
-import { Signaling } from './signaling.js';
+import { Signaling, SignalingError } from './signaling.js';
 import { Overlay, CHANNEL_LABEL, encode as encodeOverlay, decode as decodeOverlay } from './overlay.js';
 import { parseSignal } from './protocol.js';
 import { RoomSecret, EVERYONE, REFUSED_KEY, sdpFingerprint } from './e2e.js';
@@ -154,6 +154,8 @@ export class Room extends Emitter {
    */
   async join() {
     const session = await this.signaling.connect();
+    // Left as the join came in: `leave` told the server; nothing starts.
+    if (this.signaling.closed) throw new SignalingError('closed', 'left the room before it was joined');
     this.signaling.on('message', (msg) => this._onServer(msg));
     // Peer connections do not need the server once up: they carry on
     // while signaling reconnects.

@@ -9,7 +9,7 @@
 // crates/peer/src/signaling.rs and driver.rs.
 
 import { Emitter } from './events.js';
-import { PROTOCOL_VERSION, parseServerMsg } from './protocol.js';
+import { PROTOCOL_VERSION, FATAL_CODES, parseServerMsg } from './protocol.js';
 
 /** @typedef {import('./protocol.js').ServerMsg} ServerMsg */
 /** @typedef {import('./protocol.js').ClientMsg} ClientMsg */
@@ -81,8 +81,12 @@ export function signalingUrl(input) {
 
 /** Messages queued while the socket is open but not yet writable (bounded). */
 const MAX_QUEUED = 512;
-/** Messages held while reconnecting with a resume token; the oldest go first. */
-const MAX_HELD = 1024;
+/**
+ * Messages held while reconnecting with a resume token; beyond it the
+ * newest are dropped (as the native client does), so an offer is never
+ * lost to the candidates that follow it.
+ */
+const MAX_HELD = 512;
 /** An application ping keeps the link honest; a pong must come within. */
 const PING_EVERY_MS = 15_000;
 const PONG_WITHIN_MS = 10_000;
@@ -109,6 +113,8 @@ export class Signaling extends Emitter {
     this._nonce = 0;
     /** @type {number | null} */
     this._awaitingPong = null;
+    /** Gives up the connection being opened, if any (`close` while joining). @type {(() => void) | null} */
+    this._abandon = null;
   }
 
   /**
@@ -145,9 +151,13 @@ export class Signaling extends Emitter {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        if (this._abandon === abandon) this._abandon = null;
         try { ws.close(); } catch { /* already closed */ }
         reject(err);
       };
+      // Left meanwhile: this connection must not join on our behalf.
+      const abandon = () => fail(new SignalingError('closed', 'left the room before it was joined'));
+      this._abandon = abandon;
       const timer = setTimeout(
         () => fail(new SignalingError('timeout', `the signaling server did not answer within ${timeoutMs} ms`)),
         timeoutMs,
@@ -164,7 +174,17 @@ export class Signaling extends Emitter {
         else if (this.ws === ws) this._lost(`the signaling connection closed (${ev.code}${ev.reason ? ' ' + ev.reason : ''})`);
       };
       ws.onmessage = (ev) => {
-        const msg = parseServerMsg(String(ev.data));
+        /** @type {ServerMsg} */
+        let msg;
+        try {
+          msg = parseServerMsg(String(ev.data));
+        } catch (e) {
+          // As the native client: a server we cannot read is a lost one.
+          const why = `unreadable message from the signaling server: ${e instanceof Error ? e.message : e}`;
+          if (settled) ws.close(4002, 'unreadable message');
+          else fail(new SignalingError('closed', why));
+          return;
+        }
         if (settled) {
           this._onMessage(msg);
           return;
@@ -185,6 +205,7 @@ export class Signaling extends Emitter {
         } else if (msg.type === 'joined' && welcome) {
           settled = true;
           clearTimeout(timer);
+          if (this._abandon === abandon) this._abandon = null;
           const before = this.session?.id;
           this.ws = ws;
           // `resumed`: the server kept our place (same id, nobody told).
@@ -262,7 +283,8 @@ export class Signaling extends Emitter {
         for (let i = 0; ; i++) {
           try {
             const session = await this._open(this.urls[(this._attempt - 1 + i) % n]);
-            this.emit('joined', session);
+            // Closed as the join came in: `close` told the server.
+            if (!this.closed) this.emit('joined', session);
             return;
           } catch (e) {
             if (i + 1 >= n || this.closed) throw e;
@@ -290,7 +312,7 @@ export class Signaling extends Emitter {
     if (!ws || ws.readyState !== 1) {
       // Reconnecting with a resume token: the session goes on, so hold it.
       if (!this.closed && this.session?.resume && this.options.reconnect) {
-        if (this._held.length >= MAX_HELD) this._held.shift();
+        if (this._held.length >= MAX_HELD) return false;
         this._held.push(msg);
         return true;
       }
@@ -309,6 +331,7 @@ export class Signaling extends Emitter {
     if (this.closed) return;
     this.closed = true;
     this._stopPings();
+    this._abandon?.();
     if (this.ws && this.session) {
       try { this.ws.send(JSON.stringify({ type: 'leave', room: this.options.room })); } catch { /* closing anyway */ }
     }
@@ -320,5 +343,5 @@ export class Signaling extends Emitter {
 
 /** @param {string} code */
 function isFatal(code) {
-  return ['unsupported_version', 'idle_timeout', 'slow_consumer', 'shutting_down'].includes(code);
+  return FATAL_CODES.includes(code);
 }

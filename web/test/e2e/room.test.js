@@ -147,3 +147,25 @@ test('a relay-only tab and a relay-only native peer talk through the embedded TU
   native.kill();
   await native.exit(10_000);
 });
+
+test('a room left before its join came back stays left: the page is not a member afterwards', async () => {
+  const page = await chrome.page(`${server.url}/`);
+  const outcome = await page.evaluate(async () => {
+    const { Room } = await import('/lib/room.js');
+    const server = location.origin;
+    const early = new Room({ server, room: 'left-early', name: 'early' });
+    // Left at once: the WebSocket is still opening.
+    const joining = early.join().then(() => 'joined', (/** @type {any} */ e) => `refused: ${e.code}`);
+    await early.leave();
+    const join = await joining;
+    // Long enough for a join that went on regardless to reach the room.
+    await new Promise((r) => setTimeout(r, 500));
+    const later = new Room({ server, room: 'left-early', name: 'later' });
+    await later.join();
+    const members = [...later.members.values()].map((m) => m.name);
+    await later.leave();
+    return { join, members, socket: early.signaling.ws === null };
+  });
+  assert.deepEqual(outcome, { join: 'refused: closed', members: [], socket: true });
+  await page.close();
+});
