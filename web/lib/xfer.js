@@ -704,7 +704,9 @@ export class ReceiveTransfer extends Emitter {
       const finish = (/** @type {Error | null} */ err) => {
         if (ended) return;
         ended = true;
-        if (err) for (const f of this.files.values()) f.writer.abort(err.message).catch(() => {});
+        // A file whose sink is still opening (or failed to) has no writer
+        // yet: it is aborted once it has one.
+        if (err) for (const f of this.files.values()) f.opened.then(() => f.writer?.abort(err.message)).catch(() => {});
         setTimeout(() => link.close(), err ? 0 : 200);
         if (err) reject(err);
         else resolve(undefined);

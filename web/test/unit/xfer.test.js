@@ -4,8 +4,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { SendTransfer } from '../../lib/xfer.js';
+import { SendTransfer, ReceiveTransfer } from '../../lib/xfer.js';
 import { Emitter } from '../../lib/events.js';
+import { Channel } from '../../lib/channel.js';
 import { chunkHash, hashesToHex } from '../../lib/transfer/hash.js';
 import { MIN_CHUNK_SIZE } from '../../lib/transfer/manifest.js';
 
@@ -49,4 +50,59 @@ test('a sender hashes its files ahead while no receiver is there', async () => {
   const expect = (data, n) => hashesToHex(Array.from({ length: n }, (_, c) => chunkHash(data.subarray(c * cs, Math.min((c + 1) * cs, data.length)))));
   assert.deepEqual(answers.map((m) => [m.file, m.from, m.hashes]), [[0, 0, expect(a, 40)], [1, 0, expect(b, 4)]]);
   assert.equal(reads, total, 'nothing read again');
+});
+
+/** An RTCDataChannel stand-in wired to another: what one sends, the other gets. */
+class WiredRaw extends EventTarget {
+  /** @param {string} label */
+  constructor(label) {
+    super();
+    this.label = label;
+    this.readyState = 'open';
+    this.bufferedAmount = 0;
+    this.bufferedAmountLowThreshold = 0;
+    this.ordered = true;
+    this.maxRetransmits = null;
+    this.maxPacketLifeTime = null;
+    /** @type {WiredRaw | null} */
+    this.other = null;
+  }
+  send(/** @type {string | Uint8Array} */ d) {
+    const data = typeof d === 'string' ? d : d.slice().buffer;
+    queueMicrotask(() => this.other?.dispatchEvent(new MessageEvent('message', { data })));
+  }
+  close() { this.readyState = 'closed'; this.dispatchEvent(new Event('close')); }
+}
+
+/** A paired link whose channels are `WiredRaw`s: `open` as soon as it starts. */
+function wiredLinks() {
+  const raws = ['ctl', 'data'].map((label) => [new WiredRaw(label), new WiredRaw(label)]);
+  for (const [x, y] of raws) { x.other = y; y.other = x; }
+  /** @param {0 | 1} side */
+  const link = (side) => Object.assign(new Emitter(), {
+    async start() {
+      const [ctl, data] = raws.map((pair) => new Channel(/** @type {any} */ (pair[side]), side ? 'sender' : 'receiver'));
+      queueMicrotask(() => this.emit('open', { ctl, data, peer: 'p' }));
+    },
+    close() {},
+  });
+  return [link(0), link(1)];
+}
+
+test('a receiver whose sink cannot open the file fails the transfer with the reason, and does not hang', async () => {
+  const [sendLink, receiveLink] = wiredLinks();
+  const sender = new SendTransfer({
+    server: 'ws://127.0.0.1:1',
+    chunkSize: MIN_CHUNK_SIZE,
+    items: [{ path: 'a.bin', blob: new Blob([new Uint8Array(3 * MIN_CHUNK_SIZE)]) }],
+    link: /** @type {any} */ (sendLink),
+  });
+  sender.run().catch(() => {});
+  const sink = { open: async () => { throw new Error('no space left on the device'); } };
+  const receiver = new ReceiveTransfer({ server: 'ws://127.0.0.1:1', sink: /** @type {any} */ (sink), autoAccept: true, link: /** @type {any} */ (receiveLink) });
+  const outcome = await Promise.race([
+    receiver.run().then(() => 'finished', (e) => `${e.code}: ${e.message}`),
+    new Promise((r) => setTimeout(() => r('still running after 5 s'), 5000)),
+  ]);
+  assert.match(String(outcome), /^cancelled: .*no space left/);
 });
