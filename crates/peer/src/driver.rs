@@ -26,6 +26,9 @@ const BACKLOG_PAUSE: usize = 64;
 /// Receive calls (each up to a few datagrams, or GRO runs of them) handled
 /// per wake-up before the driver looks at its other inputs.
 const RECV_BATCH: usize = 16;
+/// Bytes of datagrams held while a channel's receive queue is full (about
+/// what the socket's receive buffer holds, which took them before).
+const HELD_DATA_BYTES: usize = 4 << 20;
 /// Interval of application pings keeping the signaling link alive.
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 /// How long a send waits for a full socket buffer before the datagram is
@@ -78,6 +81,60 @@ pub(crate) struct Driver {
     pub reconnect: Reconnect,
     /// Signaling the room sent while reconnecting (bounded).
     pub held: VecDeque<ClientMsg>,
+    /// Datagrams that carry data, held while a receive queue is full.
+    pub held_data: HeldData,
+}
+
+/// While a channel's receive queue is full the room stops taking data, not
+/// the network: a datagram that carries DTLS (the channels' data) waits
+/// here, in arrival order and up to [`HELD_DATA_BYTES`] (beyond, it is
+/// dropped, as a full socket buffer drops it, and SCTP sends it again),
+/// while STUN (ICE checks and their answers, TURN) is handled as it comes.
+/// So an application that stops reading a channel slows its sender down
+/// without either side taking the pause for a dead path: both go on hearing
+/// each other's ICE checks. (A TURN Data indication is STUN on the outside
+/// and handled too: SCTP data inside one still reaches a full queue, which
+/// takes it above its bound, as data SCTP already reassembled does.)
+#[derive(Default)]
+pub(crate) struct HeldData {
+    queue: VecDeque<(usize, std::net::SocketAddr, Vec<u8>)>,
+    bytes: usize,
+    dropped: u64,
+}
+
+impl HeldData {
+    /// Whether `datagram` carries DTLS, directly or in TURN ChannelData
+    /// (first byte 0x40-0x4F, then a 4-byte header; RFC 7983, RFC 8656).
+    fn carries_data(datagram: &[u8]) -> bool {
+        crate::conn::is_dtls(datagram)
+            || (datagram.first().is_some_and(|b| (0x40..=0x4f).contains(b))
+                && datagram.get(4..).is_some_and(crate::conn::is_dtls))
+    }
+
+    fn hold(&mut self, socket: usize, source: std::net::SocketAddr, datagram: &[u8]) {
+        if self.bytes + datagram.len() > HELD_DATA_BYTES {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::debug!(
+                    dropped = self.dropped,
+                    "a receive queue is full and {HELD_DATA_BYTES} bytes are held: datagram dropped"
+                );
+            }
+            return;
+        }
+        self.bytes += datagram.len();
+        self.queue.push_back((socket, source, datagram.to_vec()));
+    }
+
+    fn pop(&mut self) -> Option<(usize, std::net::SocketAddr, Vec<u8>)> {
+        let held = self.queue.pop_front()?;
+        self.bytes -= held.2.len();
+        Some(held)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
 }
 
 impl Driver {
@@ -98,7 +155,30 @@ impl Driver {
     /// leave waits for arrive as datagrams (what arrives meanwhile is held
     /// for at most the linger).
     fn can_read(&self) -> bool {
-        self.mesh.is_leaving() || (self.backlog.len() < BACKLOG_PAUSE && !self.mesh.receivers_full())
+        self.reads_network() && !self.holds_data()
+    }
+
+    /// Whether datagrams are read: while the application takes its events
+    /// (a full receive queue holds the data, [`HeldData`], and no more).
+    fn reads_network(&self) -> bool {
+        self.mesh.is_leaving() || self.backlog.len() < BACKLOG_PAUSE
+    }
+
+    /// Whether datagrams that carry data wait in [`HeldData`]: while a
+    /// channel's receive queue is full.
+    fn holds_data(&self) -> bool {
+        !self.mesh.is_leaving() && self.mesh.receivers_full()
+    }
+
+    /// Hands the mesh what was held, in order, until a receive queue is
+    /// full again.
+    async fn replay_held(&mut self, signaling: Option<&mpsc::Sender<ClientMsg>>) {
+        while !self.holds_data()
+            && let Some((socket, source, datagram)) = self.held_data.pop()
+        {
+            self.mesh.handle_datagram(Instant::now(), socket, source, &datagram);
+            self.flush(signaling).await;
+        }
     }
 
     /// Carries out everything the room asked for; signaling is held while
@@ -236,7 +316,13 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
-            let read_net = self.can_read();
+            // What was held goes first, once there is room for it.
+            if !self.held_data.is_empty() && !self.holds_data() {
+                self.replay_held(link.as_ref().map(|l| &l.outgoing)).await;
+            }
+            let read_net = self.reads_network();
+            // TURN over TCP / TLS: its frames are not held, the stream waits.
+            let read_streams = self.can_read();
             let netem_due = self.netem.as_ref().and_then(|l| l.next_due());
             let netem_sleep = async {
                 match netem_due {
@@ -333,10 +419,17 @@ impl Driver {
                             // application falls behind meanwhile: a receive
                             // call brings a bounded few.
                             for (source, datagram) in bufs.datagrams(got.count) {
+                                // Data behind data that waits, waits too.
+                                if (self.holds_data() || !self.held_data.is_empty())
+                                    && HeldData::carries_data(datagram)
+                                {
+                                    self.held_data.hold(got.socket, source, datagram);
+                                    continue;
+                                }
                                 self.mesh.handle_datagram(now, got.socket, source, datagram);
                                 self.flush(link.as_ref().map(|l| &l.outgoing)).await;
                             }
-                            if round == RECV_BATCH || !self.can_read() {
+                            if round == RECV_BATCH || !self.reads_network() {
                                 break;
                             }
                             match self.udp.try_recv(got.socket, &mut bufs) {
@@ -350,7 +443,7 @@ impl Driver {
                     }
                     Err(e) => tracing::debug!("udp receive: {e}"),
                 },
-                Some(ev) = self.streams.events.recv(), if read_net => self.on_stream(ev, Instant::now()),
+                Some(ev) = self.streams.events.recv(), if read_streams => self.on_stream(ev, Instant::now()),
                 _ = wake.notify.notified() => {
                     // Channels queued messages, or a receive queue drained.
                     self.mesh.channels_ready(wake.take_ready());

@@ -222,6 +222,7 @@ impl Room {
                 window: config.reconnect_window,
             },
             held: Default::default(),
+            held_data: Default::default(),
             leave_replies: Vec::new(),
             netem: config.netem.map(crate::netem::Link::new),
         };

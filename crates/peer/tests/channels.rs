@@ -161,3 +161,74 @@ async fn backpressure_bounds_memory_and_loses_nothing() {
     assert_eq!(expected, TOTAL / MSG);
     server.stop().await;
 }
+
+/// A receiver that stops reading its channel for longer than the silence
+/// watch (2.5 s): the sender is held back, neither side takes the pause for
+/// a dead path (no disconnect, no ICE restart: ICE checks are still
+/// answered while the data waits), and once it reads again everything
+/// arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_pauses_holds_the_sender_back_and_keeps_the_connection() {
+    use peerlink_peer::{Event, Room};
+    const MSG: usize = 16 * 1024;
+    const TOTAL: usize = 16 * 1024 * 1024;
+    const PAUSE: Duration = Duration::from_secs(6);
+    let server = Server::start().await;
+    let mut cfg = server.config("pause");
+    cfg.channels = vec![ChannelSpec::reliable("bulk")];
+    let mut tx = Peer::join(cfg.clone()).await;
+    cfg.receive_queue_bytes = 256 * 1024;
+    let mut rx_room = Room::join(cfg).await.unwrap();
+    let (irx, itx) = (rx_room.id().clone(), tx.id());
+    tx.until("channel", |p| p.has_channel(&irx, "bulk")).await;
+    let rx = loop {
+        match tokio::time::timeout(common::WAIT, rx_room.next_event()).await.expect("channel opens") {
+            Some(Event::ChannelOpen { channel }) => break channel,
+            Some(_) => {}
+            None => panic!("room closed"),
+        }
+    };
+    let ch = tx.channel(&irx, "bulk");
+    let sender = tokio::spawn(async move {
+        for i in 0..TOTAL / MSG {
+            let mut m = vec![(i % 251) as u8; MSG];
+            m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            ch.send(m).await.unwrap();
+        }
+        ch.flush().await.unwrap();
+    });
+
+    // Nobody reads the channel; both rooms' events are taken meanwhile.
+    let mut rx_states = Vec::new();
+    let watch_rx = async {
+        let end = tokio::time::Instant::now() + PAUSE;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(end, rx_room.next_event()).await {
+            if let Event::StateChanged { state, .. } = ev {
+                rx_states.push(state);
+            }
+        }
+    };
+    tokio::join!(watch_rx, tx.pump_for(PAUSE));
+    assert!(!sender.is_finished(), "the sender was held back while nobody read");
+    assert!(rx.received_bytes_waiting() > 0, "data waited to be read");
+    assert_eq!(
+        rx_states,
+        Vec::<ConnState>::new(),
+        "the reader's connection never changed state in the pause"
+    );
+    assert_eq!(tx.states.get(&irx), Some(&ConnState::Connected), "the sender's connection stayed up");
+    let stats = rx_room.stats(&itx).await.unwrap();
+    assert_eq!(stats.ice_restarts, 0, "no ICE restart");
+
+    // Reading again: everything, in order.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for expected in 0..TOTAL / MSG {
+        let m = tokio::time::timeout_at(deadline, rx.recv()).await.expect("data keeps coming");
+        let Some(Message::Binary(b)) = m else { panic!("binary messages until the end, got {m:?}") };
+        let seq = u64::from_be_bytes(b[..8].try_into().unwrap()) as usize;
+        assert_eq!(seq, expected, "in order, nothing lost");
+    }
+    tokio::time::timeout_at(deadline, sender).await.expect("the sender finished").unwrap();
+    drop(rx_room);
+    server.stop().await;
+}
