@@ -220,7 +220,7 @@ export function decode(b) {
  * @property {number} [idleCloseMs]
  * @property {number} [lingerMs]
  * @property {number} [maxConnections]
- * @property {number} [maxQueued]   messages queued per connection being set up
+ * @property {number} [maxQueuedBytes] bytes queued per connection being set up; messages beyond are dropped
  * @property {number} [relayTtl]    hops a relayed signal may cross ({@link Overlay.relay})
  * @property {number} [routeRetentionMs] a route learned from a message (a join walk, a shuffle, a broadcast, a relayed signal) is used this long
  * @property {number} [maxRelaysPerSecond] relayed signals passed on for others per second at most; beyond, they go back to their writer
@@ -230,7 +230,7 @@ const DEFAULTS = {
   fullMeshUpTo: 8, activeView: 5, passiveView: 30, activeWalk: 6, passiveWalk: 3, shuffleMs: 30_000,
   shuffleActive: 3, shufflePassive: 4, connectTimeoutMs: 15_000, neighborTimeoutMs: 20_000, tickMs: 500,
   ihaveDelayMs: 10, graftTimeoutMs: 150, graftRetryMs: 200, optimizationHops: 2, cacheMs: 30_000, cacheBytes: 16 << 20,
-  idMs: 120_000, maxIds: 200_000, idleCloseMs: 30_000, lingerMs: 2_000, maxConnections: 8, maxQueued: 1024,
+  idMs: 120_000, maxIds: 200_000, idleCloseMs: 30_000, lingerMs: 2_000, maxConnections: 8, maxQueuedBytes: 256 << 10,
   relayTtl: 8, routeRetentionMs: 60_000, maxRelaysPerSecond: 200,
 };
 
@@ -262,7 +262,7 @@ function sample(a, k) {
 const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(8)), (x) => x.toString(16).padStart(2, '0')).join('');
 
 /**
- * @typedef {{ up: boolean, deadline: number, queue: OverlayMessage[], lastUsed: number, direct: boolean }} Conn
+ * @typedef {{ up: boolean, deadline: number, queue: OverlayMessage[], queuedBytes: number, lastUsed: number, direct: boolean }} Conn
  */
 
 /** One peer's overlay (crates/overlay `Overlay`). */
@@ -366,7 +366,7 @@ export class Overlay {
     if (this.left || peer === this.me) return false;
     if (this.conns.has(peer)) return true;
     if (!this._makeRoom()) return false;
-    this.conns.set(peer, { up: false, deadline: now + this.c.connectTimeoutMs, queue: [], lastUsed: now, direct: false });
+    this.conns.set(peer, { up: false, deadline: now + this.c.connectTimeoutMs, queue: [], queuedBytes: 0, lastUsed: now, direct: false });
     return true;
   }
 
@@ -380,13 +380,14 @@ export class Overlay {
     let conn = this.conns.get(peer);
     if (!conn) {
       if (!this._makeRoom()) { this.out.push({ type: 'close', peer }); return; }
-      conn = { up: false, deadline: now, queue: [], lastUsed: now, direct: false };
+      conn = { up: false, deadline: now, queue: [], queuedBytes: 0, lastUsed: now, direct: false };
       this.conns.set(peer, conn);
     }
     conn.up = true;
     conn.lastUsed = now;
     const r = this.retry.get(peer);
     if (r && r.messages.length === 0) this.retry.delete(peer);
+    conn.queuedBytes = 0;
     for (const message of conn.queue.splice(0)) this.out.push({ type: 'send', peer, message });
   }
 
@@ -979,7 +980,7 @@ export class Overlay {
   /** @param {string} peer @param {number} now */
   _open(peer, now) {
     if (!this._makeRoom()) return false;
-    this.conns.set(peer, { up: false, deadline: now + this.c.connectTimeoutMs, queue: [], lastUsed: now, direct: false });
+    this.conns.set(peer, { up: false, deadline: now + this.c.connectTimeoutMs, queue: [], queuedBytes: 0, lastUsed: now, direct: false });
     this.out.push({ type: 'connect', peer });
     return true;
   }
@@ -990,7 +991,18 @@ export class Overlay {
     const c = /** @type {Conn} */ (this.conns.get(to));
     c.lastUsed = now;
     if (c.up) { this.out.push({ type: 'send', peer: to, message }); return; }
-    if (c.queue.length >= this.c.maxQueued) { this.stats.dropped++; return; }
+    const size = queuedSize(message);
+    if (c.queuedBytes + size > this.c.maxQueuedBytes) { this.stats.dropped++; return; }
+    c.queuedBytes += size;
     c.queue.push(message);
+  }
+}
+
+/** Roughly what a message costs in a setup queue (as the Rust twin counts it). @param {OverlayMessage} m */
+function queuedSize(m) {
+  switch (m.type) {
+    case 'gossip': case 'direct': case 'relay': case 'unreachable': return m.payload.byteLength + 32;
+    case 'ihave': return m.ids.length * 10 + 4;
+    default: return 64;
   }
 }

@@ -155,6 +155,27 @@ fn direct_messages_open_a_connection_that_closes_when_idle() {
 }
 
 #[test]
+fn a_connection_being_set_up_queues_up_to_its_bytes_and_refuses_beyond() {
+    let now = Instant::now();
+    let mut o = with_neighbors(1, &[2], now);
+    // 64 KiB messages: three fit in the 256 KiB setup queue, the fourth not.
+    let big = vec![7u8; 64 << 10];
+    for _ in 0..3 {
+        assert!(o.send_direct(40, big.clone(), now));
+    }
+    let dropped = o.stats().dropped;
+    assert!(!o.send_direct(40, big.clone(), now), "refused: the queue holds its bytes");
+    assert_eq!(o.stats().dropped, dropped + 1);
+    assert!(o.send_direct(40, vec![1], now), "a small one still fits");
+    drain(&mut o);
+    o.connected(40, now);
+    let sent = sends(&drain(&mut o));
+    assert_eq!(sent.len(), 4, "what was queued goes out once connected");
+    // Up: nothing is held any more, so nothing is refused.
+    assert!(o.send_direct(40, big, now));
+}
+
+#[test]
 fn connections_stay_within_the_limit() {
     let now = Instant::now();
     let mut o = with_neighbors(1, &[2, 3, 4, 5, 6], now);

@@ -231,6 +231,22 @@ test('relays passed on for others are limited per second: the 201st bounces', ()
   assert.deepEqual(sends(drain(o)).map(([p, m]) => [p, m.type]), [['3', 'relay']]);
 });
 
+test('a connection being set up queues up to its bytes and refuses beyond', () => {
+  const now = 1000;
+  const o = withNeighbors('me', ['n1'], now);
+  // 64 KiB messages: three fit in the 256 KiB setup queue, the fourth not.
+  const big = new Uint8Array(64 << 10);
+  for (let i = 0; i < 3; i++) assert.equal(o.sendDirect('x', big, now), true);
+  const dropped = o.stats.dropped;
+  assert.equal(o.sendDirect('x', big, now), false, 'refused: the queue holds its bytes');
+  assert.equal(o.stats.dropped, dropped + 1);
+  assert.equal(o.sendDirect('x', new Uint8Array(1), now), true, 'a small one still fits');
+  drain(o);
+  o.connected('x', now);
+  assert.equal(drain(o).filter((x) => x.type === 'send' && x.peer === 'x').length, 4, 'what was queued goes out once connected');
+  assert.equal(o.sendDirect('x', big, now), true, 'up: nothing is held, nothing refused');
+});
+
 test('a connection we did not open or accept stays within maxConnections', () => {
   const now = 0;
   const o = withNeighbors('1', ['2', '3', '4', '5', '6'], now);
