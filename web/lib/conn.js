@@ -39,6 +39,12 @@ import { REFUSED_KEY, sdpFingerprint, safetyNumber } from './e2e.js';
 
 /** Remote candidates held until the remote description is set. */
 const MAX_EARLY_CANDIDATES = 64;
+/**
+ * An offer through the server with no answer for this long is taken as
+ * lost (the server may drop a message for a member that is reconnecting)
+ * and made again when a restart is due (conn.rs `OFFER_LOST_AFTER`).
+ */
+const OFFER_LOST_AFTER_MS = 15_000;
 
 /** The mid of an SDP's first m-line (`a=mid:`), or null. @param {string} sdp */
 function sdpFirstMid(sdp) {
@@ -97,6 +103,8 @@ export class Conn {
     this.sdpVia = null;
     /** @type {RTCDataChannel | null} the way the peer's last offer came; our answer goes back that way */
     this.offerVia = null;
+    /** when our last offer left (ms) */
+    this.lastOfferAt = 0;
     this.signalsSentOnChannel = 0;
     this.signalsReceivedOnChannel = 0;
     /** we opened a signaling channel (with our first offer) */
@@ -369,6 +377,7 @@ export class Conn {
     // too: it must not overtake the answer.)
     const via = kind === 'answer' ? this.offerVia : this.lastSentAnswer && !this.sdpVia ? null : this._channelIfUp();
     this.sdpVia = via;
+    if (kind === 'offer') this.lastOfferAt = Date.now();
     this.lastSentAnswer = kind === 'answer';
     const keys = this.keys;
     if (!keys) {
@@ -551,9 +560,33 @@ export class Conn {
         return;
       }
       this.iceRestarts += 1;
-      this.pc.restartIce();
+      void this.restartIce();
       this._scheduleRestart();
     }, wait);
+  }
+
+  /**
+   * Restarts ICE: a new offer now, or once the offer that is out is
+   * answered. As the native twin (conn.rs `negotiate`), an offer that may be
+   * lost is not waited for: one sent on the signaling channel while the
+   * path is down, or through the server {@link OFFER_LOST_AFTER_MS} ago.
+   * It is rolled back, and the restart's offer goes through the server.
+   * (`restartIce()` alone waits for the answer: negotiation is needed only
+   * once the peer connection is stable again.)
+   */
+  async restartIce() {
+    const pc = this.pc;
+    if (pc.signalingState === 'have-local-offer' && !this.makingOffer) {
+      const lost = (this.sdpVia !== null && this.state !== 'connected') || Date.now() - this.lastOfferAt >= OFFER_LOST_AFTER_MS;
+      if (lost) {
+        try {
+          await pc.setLocalDescription({ type: 'rollback' });
+        } catch (e) {
+          console.debug(`peerlink: rolling back an unanswered offer to ${this.peer} failed`, e);
+        }
+      }
+    }
+    if (pc === this.pc) pc.restartIce();
   }
 
   /** @param {string} why */

@@ -727,7 +727,7 @@ export class Room extends Emitter {
     const conn = this.conns.get(peer);
     if (!conn) throw new Error(`no connection to ${peer}`);
     conn.iceRestarts += 1;
-    conn.pc.restartIce();
+    void conn.restartIce();
   }
 
   /**

@@ -243,3 +243,49 @@ test('leave waits for a connection that is down for the moment, until what it qu
   assert.ok(toldServerAt - start >= 140, `the server was told only once the message was handed on (${toldServerAt - start} ms)`);
   assert.ok(toldServerAt - start < 1000, 'and not at the linger');
 });
+
+test('an offer sent on the signaling channel over a path that then went down is made again through the server', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { FakePC } = await import('./fakepc.js');
+  // The W3C rules this needs: a rollback returns to stable, and restartIce()
+  // asks for negotiation only from stable (else once stable again).
+  class PC extends FakePC {
+    /** @param {any} [d] */
+    async setLocalDescription(d) {
+      if (d?.type !== 'rollback') return super.setLocalDescription();
+      this.signalingState = 'stable';
+    }
+    restartIce() {
+      if (this.signalingState === 'stable') queueMicrotask(() => /** @type {any} */ (this).onnegotiationneeded?.());
+    }
+  }
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', restartAfterMs: 10, RTCPeerConnection: /** @type {any} */ (PC) });
+  /** @type {any[]} */
+  const server = [];
+  room.signaling.send = (m) => { server.push(m); return true; };
+  room.id = 'me';
+  room.members.set('p', { name: null });
+  const conn = /** @type {any} */ (room._createConn('p', [], null));
+  const pc = conn.pc;
+  // Connected, with a greeted signaling channel.
+  pc.remoteDescription = { type: 'answer', sdp: 'v=0' };
+  /** @type {string[]} */
+  const onChannel = [];
+  conn.signalChannels.push({ label: 'peerlink-signal', readyState: 'open', send: (/** @type {string} */ m) => onChannel.push(m) });
+  conn.remoteReadsChannel = true;
+  pc.connectionState = 'connected';
+  pc.onconnectionstatechange();
+  assert.equal(conn.state, 'connected');
+  // A restart while connected: its offer goes on the channel...
+  room.restartIce('p');
+  for (let i = 0; i < 20 && onChannel.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(JSON.parse(onChannel[0] ?? '{}').kind, 'offer', 'the offer went on the signaling channel');
+  assert.equal(pc.signalingState, 'have-local-offer');
+  // ...over a path that is down: no answer will come that way.
+  pc.connectionState = 'disconnected';
+  pc.onconnectionstatechange();
+  const offered = () => server.some((m) => m.type === 'signal' && m.to === 'p' && m.signal.kind === 'offer');
+  for (let i = 0; i < 40 && !offered(); i++) await new Promise((r) => setTimeout(r, 10));
+  conn.close();
+  assert.ok(offered(), `the restart's offer went through the server (server got: ${JSON.stringify(server.map((m) => m.signal?.kind ?? m.type))})`);
+});
