@@ -179,9 +179,10 @@ export class Signaling extends Emitter {
         try {
           msg = parseServerMsg(String(ev.data));
         } catch (e) {
-          // As the native client: a server we cannot read is a lost one.
+          // As the native client: before `joined` the join fails with the
+          // reason; after, the message is skipped with a warning.
           const why = `unreadable message from the signaling server: ${e instanceof Error ? e.message : e}`;
-          if (settled) ws.close(4002, 'unreadable message');
+          if (settled) console.warn(`peerlink: ${why}`);
           else fail(new SignalingError('closed', why));
           return;
         }
