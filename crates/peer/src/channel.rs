@@ -153,10 +153,19 @@ pub(crate) struct RoomWake {
     /// Connections (by key) whose channels queued something since the
     /// driver last looked.
     ready: Mutex<Vec<u64>>,
-    /// Channels whose receive queue is over its capacity; the driver reads
-    /// no datagram while this is above zero.
+    /// Channels whose receive queue is over its capacity; the driver holds
+    /// datagrams that carry data while this is above zero.
     pub full_receivers: AtomicUsize,
+    /// Bytes of events in the application's event queue, not yet taken
+    /// ([`crate::Room::next_event`]); past [`EVENT_BYTES_PAUSE`] with those
+    /// the driver holds, it reads neither the network nor signaling.
+    pub event_bytes: AtomicUsize,
 }
+
+/// Bytes of events waiting for the application (handed to its queue or held
+/// by the driver) at which the driver stops taking more from the network
+/// and the signaling server: events carry messages of up to 64 KiB.
+pub(crate) const EVENT_BYTES_PAUSE: usize = 4 << 20;
 
 impl RoomWake {
     /// Connections with something to send, once each.

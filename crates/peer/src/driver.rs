@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -13,7 +14,7 @@ use peerlink_proto::{ClientMsg, ErrorCode, PeerId, ServerMsg};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::channel::RoomWake;
+use crate::channel::{EVENT_BYTES_PAUSE, RoomWake};
 use crate::event::Event;
 use crate::mesh::{Mesh, MeshOutput};
 use crate::room::Command;
@@ -71,6 +72,8 @@ pub(crate) struct Driver {
     /// Events the application has not taken yet; while it holds
     /// [`BACKLOG_PAUSE`] or more the driver does not read the network.
     pub backlog: VecDeque<Event>,
+    /// What the backlog's events hold ([`Event::size`]).
+    pub backlog_bytes: usize,
     /// Callers of [`Room::leave`](crate::Room::leave), answered once the
     /// signaling socket has been flushed and closed.
     pub leave_replies: Vec<oneshot::Sender<()>>,
@@ -139,13 +142,51 @@ impl HeldData {
 
 impl Driver {
     fn emit(&mut self, ev: Event) {
+        let size = ev.size();
         if self.backlog.is_empty() {
+            // Counted before it can be taken (and the count taken back).
+            self.wake.event_bytes.fetch_add(size, Ordering::AcqRel);
             match self.events.try_send(ev) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.wake.event_bytes.fetch_sub(size, Ordering::AcqRel);
+                    self.backlog.push_back(ev);
+                }
             }
         } else {
             self.backlog.push_back(ev);
+        }
+        self.backlog_bytes += size;
+    }
+
+    /// Whether the application has fallen behind on its events: then the
+    /// driver takes nothing more from the network or the signaling server
+    /// (each would bring more), so what waits for it stays bounded, in
+    /// events and in bytes.
+    fn events_full(&self) -> bool {
+        self.backlog.len() >= BACKLOG_PAUSE
+            || self.backlog_bytes + self.wake.event_bytes.load(Ordering::Acquire) >= EVENT_BYTES_PAUSE
+    }
+
+    /// Hands the backlog on while the application's queue has room.
+    fn hand_on_backlog(&mut self) {
+        while let Some(ev) = self.backlog.pop_front() {
+            let size = ev.size();
+            self.wake.event_bytes.fetch_add(size, Ordering::AcqRel);
+            match self.events.try_send(ev) {
+                Ok(()) => self.backlog_bytes -= size,
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.wake.event_bytes.fetch_sub(size, Ordering::AcqRel);
+                    self.backlog.push_front(ev);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    self.backlog_bytes = 0;
+                    break;
+                }
+            }
         }
     }
 
@@ -161,7 +202,7 @@ impl Driver {
     /// Whether datagrams are read: while the application takes its events
     /// (a full receive queue holds the data, [`HeldData`], and no more).
     fn reads_network(&self) -> bool {
-        self.mesh.is_leaving() || self.backlog.len() < BACKLOG_PAUSE
+        self.mesh.is_leaving() || !self.events_full()
     }
 
     /// Whether datagrams that carry data wait in [`HeldData`]: while a
@@ -321,6 +362,7 @@ impl Driver {
                 self.replay_held(link.as_ref().map(|l| &l.outgoing)).await;
             }
             let read_net = self.reads_network();
+            let read_signaling = read_net;
             // TURN over TCP / TLS: its frames are not held, the stream waits.
             let read_streams = self.can_read();
             let netem_due = self.netem.as_ref().and_then(|l| l.next_due());
@@ -352,21 +394,16 @@ impl Driver {
                 },
                 permit = events.reserve(), if !self.backlog.is_empty() => match permit {
                     Ok(permit) => {
-                        permit.send(self.backlog.pop_front().expect("non-empty"));
-                        while let Some(ev) = self.backlog.pop_front() {
-                            match self.events.try_send(ev) {
-                                Ok(()) => {}
-                                Err(mpsc::error::TrySendError::Full(ev)) => {
-                                    self.backlog.push_front(ev);
-                                    break;
-                                }
-                                Err(mpsc::error::TrySendError::Closed(_)) => break,
-                            }
-                        }
+                        let ev = self.backlog.pop_front().expect("non-empty");
+                        let size = ev.size();
+                        self.backlog_bytes -= size;
+                        self.wake.event_bytes.fetch_add(size, Ordering::AcqRel);
+                        permit.send(ev);
+                        self.hand_on_backlog();
                     }
                     Err(_) => break "room handle dropped".to_string(),
                 },
-                frame = next_frame => match frame {
+                frame = next_frame, if read_signaling => match frame {
                     Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
                         Ok(ServerMsg::Error { code: ErrorCode::ShuttingDown, message }) if self.can_reconnect() => {
                             lost = Some(format!("shutting_down: {message}"));
@@ -505,6 +542,7 @@ impl Driver {
         let backlog = std::mem::take(&mut self.backlog);
         drop(self);
         for ev in backlog {
+            wake.event_bytes.fetch_add(ev.size(), Ordering::AcqRel);
             if tokio::time::timeout(LAST_EVENTS_WAIT, events.send(ev)).await.is_err() {
                 break;
             }

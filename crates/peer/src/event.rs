@@ -111,6 +111,31 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// Roughly what the event holds in memory, for the bound on events the
+    /// application has not taken: a message's bytes, else a small constant.
+    pub(crate) fn size(&self) -> usize {
+        const BASE: usize = 64;
+        BASE + match self {
+            Event::Message { data, .. } => data.len(),
+            Event::ServerMessage { data, .. } => json_size(data),
+            Event::ServerError { message, .. } => message.len(),
+            Event::Closed { reason } => reason.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// About the bytes of `v` as JSON text.
+fn json_size(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 8,
+        serde_json::Value::String(s) => s.len() + 2,
+        serde_json::Value::Array(a) => 2 + a.iter().map(|x| json_size(x) + 1).sum::<usize>(),
+        serde_json::Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>(),
+    }
+}
+
 /// Traffic and path of one peer connection.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PeerStats {

@@ -139,6 +139,8 @@ pub struct Room {
     local_addrs: Vec<SocketAddr>,
     commands: mpsc::Sender<Command>,
     events: mpsc::Receiver<Event>,
+    /// Counts what the events hold, which the driver bounds.
+    wake: Arc<RoomWake>,
 }
 
 impl Room {
@@ -203,11 +205,12 @@ impl Room {
         mesh.start(sig.peers, sig.size, now);
         let driver = Driver {
             mesh,
-            wake,
+            wake: wake.clone(),
             udp: crate::udp::Udp::new(sockets, crate::driver::SEND_WAIT)?,
             commands: cmd_rx,
             events: ev_tx,
             backlog: Default::default(),
+            backlog_bytes: 0,
             streams: crate::stream::Streams::new(config.ice.turn_ca.clone()),
             reconnect: crate::driver::Reconnect {
                 spec: signaling::JoinSpec {
@@ -227,7 +230,7 @@ impl Room {
             netem: config.netem.map(crate::netem::Link::new),
         };
         tokio::spawn(driver.run(sig.incoming, sig.outgoing, sig.writer));
-        Ok(Room { id, local_addrs, commands, events })
+        Ok(Room { id, local_addrs, commands, events, wake })
     }
 
     /// Our peer id, assigned by the server.
@@ -242,7 +245,13 @@ impl Room {
 
     /// The next event; `None` once the room is closed and drained.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let ev = self.events.recv().await?;
+        let before = self.wake.event_bytes.fetch_sub(ev.size(), std::sync::atomic::Ordering::AcqRel);
+        if before >= crate::channel::EVENT_BYTES_PAUSE {
+            // The driver may have stopped reading for want of room.
+            self.wake.notify.notify_one();
+        }
+        Some(ev)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Peer, Server, specs};
 use peerlink_peer::{ConnState, Error, PeerId};
 
@@ -121,4 +123,57 @@ async fn messages_sent_just_before_leaving_arrive_before_the_leave() {
     let got: Vec<_> =
         a.server_messages.iter().filter(|(f, _)| *f == b_id).map(|(_, d)| d["n"].clone()).collect();
     assert_eq!(got, (0..50).map(|i| serde_json::json!(i)).collect::<Vec<_>>());
+}
+
+/// An application that does not take its events: what waits for it stays
+/// bounded. Its room stops reading the server once its events hold 4 MiB,
+/// the server's queue for it fills, and the server refuses the rest to
+/// their sender (`peer_busy`) instead of the room buffering without end;
+/// once the application reads again it gets what it was sent, in order,
+/// minus what was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_application_does_not_take_stay_bounded() {
+    use peerlink_peer::{Event, Room};
+    use peerlink_proto::ErrorCode;
+    const SENT: usize = 600;
+    let mut config = peerlink_signal::Config::default();
+    config.limits.messages_per_second = 1_000_000;
+    config.limits.message_burst = 1_000_000;
+    let server = Server::start_with(config).await;
+    let mut cfg = server.config("backlog");
+    cfg.channels = vec![];
+    let mut reader = Room::join(cfg.clone()).await.unwrap();
+    let mut writer = Peer::join(cfg).await;
+    let to = reader.id().clone();
+    // 60 KB each: 36 MB in all, far more than the reader's 4 MiB of events,
+    // the server's 1 MiB queue for it and the sockets in between.
+    let pad = "x".repeat(60_000);
+    for i in 0..SENT {
+        writer.room.send_via_server(Some(&to), serde_json::json!({ "i": i, "pad": pad })).await.unwrap();
+        if i % 16 == 15 {
+            // Paced a little: the writer's own outgoing queue (512 messages)
+            // is not what this is about.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    writer.until("peer_busy", |p| p.server_errors.contains(&ErrorCode::PeerBusy)).await;
+
+    // Reading again: the messages, in order, until nothing more comes.
+    let mut got = Vec::new();
+    let (_, ()) = tokio::join!(writer.pump_for(Duration::from_secs(3)), async {
+        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(2), reader.next_event()).await {
+            if let Event::ServerMessage { data, .. } = ev {
+                got.push(data["i"].as_u64().unwrap() as usize);
+            }
+        }
+    });
+    let busy = writer.server_errors.iter().filter(|c| **c == ErrorCode::PeerBusy).count();
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(
+        got.len() + busy,
+        SENT,
+        "each message either arrived or was refused to its sender ({} arrived, {busy} refused)",
+        got.len()
+    );
+    server.stop().await;
 }

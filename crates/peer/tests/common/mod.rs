@@ -67,6 +67,7 @@ pub struct Peer {
     pub closed: Option<String>,
     pub auth_failures: Vec<(PeerId, String)>,
     pub refused_server_messages: Vec<(PeerId, String)>,
+    pub server_errors: Vec<peerlink_proto::ErrorCode>,
     /// Messages read off every open channel by a task per channel.
     inbox: mpsc::Receiver<(PeerId, String, Message)>,
     inbox_tx: mpsc::Sender<(PeerId, String, Message)>,
@@ -92,6 +93,7 @@ impl Peer {
             closed: None,
             auth_failures: Vec::new(),
             refused_server_messages: Vec::new(),
+            server_errors: Vec::new(),
         }
     }
 
@@ -131,6 +133,7 @@ impl Peer {
             Event::Closed { reason } => self.closed = Some(reason),
             Event::AuthFailed { peer, reason } => self.auth_failures.push((peer, reason)),
             Event::ServerMessageRefused { from, reason } => self.refused_server_messages.push((from, reason)),
+            Event::ServerError { code, .. } => self.server_errors.push(code),
             _ => {}
         }
     }
