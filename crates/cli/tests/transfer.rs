@@ -257,6 +257,14 @@ fn an_absolute_manifest_path_is_refused() {
     refused_manifest("/tmp/evil.txt");
 }
 
+/// Names the receiver keeps for itself in the output folder: a sent file
+/// named like its resume record could point a later `--resume` elsewhere.
+#[test]
+fn a_manifest_naming_a_resume_record_or_a_partial_file_is_refused() {
+    refused_manifest("docs/.peerlink-resume.done");
+    refused_manifest("notes.txt.peerlink-part");
+}
+
 #[test]
 fn a_symlink_in_the_output_folder_is_not_followed() {
     let server = serve();

@@ -14,6 +14,12 @@ use peerlink_transfer::{Entry, EntryKind, Hash, RelPath, chunk_hash};
 /// Suffix of a file still being received; it is renamed when verified.
 pub const PART_SUFFIX: &str = ".peerlink-part";
 
+/// Whether a file name is one the receiver keeps for itself in the output
+/// folder (a partial file, the resume record): never sent, never received.
+pub fn is_reserved_name(name: &str) -> bool {
+    name.starts_with(".peerlink-resume") || name.ends_with(PART_SUFFIX)
+}
+
 /// What `peerlink send` offers: manifest entries and, for each file index,
 /// where to read it.
 #[derive(Debug, Default)]
@@ -63,6 +69,12 @@ impl Source {
             }
             let meta = if meta.file_type().is_symlink() { fs::metadata(p)? } else { meta };
             if meta.is_file() {
+                if is_reserved_name(&name) {
+                    bail!(
+                        "{} is a partial download or a transfer record of peerlink's; rename it to send it",
+                        p.display()
+                    );
+                }
                 self.push_file(name, meta.len(), canonical)?;
             } else if meta.is_dir() {
                 self.walk(&canonical, name)?;
@@ -92,6 +104,9 @@ impl Source {
                 self.skipped.push(format!("{child_rel} (a symbolic link)"));
             } else if ft.is_dir() {
                 self.walk(&local, child_rel)?;
+            } else if ft.is_file() && is_reserved_name(&name) {
+                self.skipped
+                    .push(format!("{child_rel} (a partial download or transfer record of peerlink's)"));
             } else if ft.is_file() {
                 let size = child.metadata()?.len();
                 self.push_file(child_rel, size, local)?;
@@ -129,6 +144,9 @@ pub fn hash_chunks(path: &Path, chunk_size: u32, size: u64, from: u32, count: u3
 pub struct OutDir {
     root: PathBuf,
     overwrite: bool,
+    /// Final names planned in this transfer: files prepared at once (or one
+    /// named like another's numbered copy) never share one.
+    claimed: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 /// Where one file goes.
@@ -142,7 +160,7 @@ impl OutDir {
     pub fn new(root: PathBuf, overwrite: bool) -> anyhow::Result<OutDir> {
         fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
         let root = fs::canonicalize(&root).with_context(|| format!("cannot open {}", root.display()))?;
-        Ok(OutDir { root, overwrite })
+        Ok(OutDir { root, overwrite, claimed: Default::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -169,6 +187,12 @@ impl OutDir {
             }
         }
         Ok(path)
+    }
+
+    /// `root/rel` if it is a regular file reached through no symbolic link.
+    pub fn existing_file(&self, rel: &RelPath) -> Option<PathBuf> {
+        let path = self.join(rel).ok()?;
+        fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()).then_some(path)
     }
 
     /// Creates the folder of a `dir` entry.
@@ -214,17 +238,22 @@ impl OutDir {
     }
 
     /// Picks the final and partial names for a file. Without `--overwrite`
-    /// an existing file is kept and the new one is named `name (1).ext`; a
-    /// partial file from an earlier attempt is picked up for resume.
+    /// an existing file is kept and the new one is named `name (1).ext`
+    /// (a partial file beside it does not change that); a partial file from
+    /// an earlier attempt is picked up for resume. A name planned for
+    /// another file of this transfer is not planned again.
     pub fn plan(&self, rel: &RelPath) -> anyhow::Result<Planned> {
         let base = self.join(rel)?;
         self.create_parents(&base)?;
         let candidates = std::iter::once(base.clone()).chain((1..1000).map(|n| numbered(&base, n)));
+        let mut claimed = self.claimed.lock().expect("claimed names lock");
         for final_path in candidates {
+            if claimed.contains(&final_path) {
+                continue;
+            }
             let part_path = part_of(&final_path);
-            let part_exists = fs::symlink_metadata(&part_path).is_ok();
             let final_exists = fs::symlink_metadata(&final_path).is_ok();
-            if part_exists || !final_exists || self.overwrite {
+            if !final_exists || self.overwrite {
                 for p in [&final_path, &part_path] {
                     if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
                         bail!("refusing to write {}: it is a symbolic link", p.display());
@@ -233,6 +262,7 @@ impl OutDir {
                 if final_exists && fs::metadata(&final_path).is_ok_and(|m| m.is_dir()) {
                     bail!("{} exists and is a folder", final_path.display());
                 }
+                claimed.insert(final_path.clone());
                 return Ok(Planned { final_path, part_path });
             }
         }
@@ -417,6 +447,33 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// Without `--overwrite` an existing file is kept even with a partial
+    /// file beside it (a sender could have delivered that partial file),
+    /// and two files of one transfer never get the same name.
+    #[test]
+    fn plan_keeps_existing_files_and_never_plans_one_name_twice() {
+        let dir = tmp("plan");
+        fs::write(dir.join("notes.txt"), "mine").unwrap();
+        fs::write(dir.join("notes.txt.peerlink-part"), "planted").unwrap();
+        fs::write(dir.join("a.txt"), "mine").unwrap();
+        fs::write(dir.join("left.bin.peerlink-part"), "half").unwrap();
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let rel = |p: &str| RelPath::parse(p).unwrap();
+        assert_eq!(out.plan(&rel("notes.txt")).unwrap().final_path, dir.join("notes (1).txt"));
+        // `a.txt` exists: the offer's a.txt and a (1).txt each get a name of their own.
+        let first = out.plan(&rel("a.txt")).unwrap().final_path;
+        let second = out.plan(&rel("a (1).txt")).unwrap().final_path;
+        assert_eq!(first, dir.join("a (1).txt"));
+        assert_ne!(first, second, "one name planned twice");
+        // A partial file with no final file is resumed.
+        let left = out.plan(&rel("left.bin")).unwrap();
+        assert_eq!(left.part_path, dir.join("left.bin.peerlink-part"));
+        // With --overwrite the name itself.
+        let over = OutDir::new(dir.clone(), true).unwrap();
+        assert_eq!(over.plan(&rel("notes.txt")).unwrap().final_path, dir.join("notes.txt"));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Chunks written directly and through the cache, from aligned and

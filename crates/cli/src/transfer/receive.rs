@@ -12,7 +12,8 @@ use anyhow::{Context, bail};
 use peerlink_pair::{Code, Role};
 use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
 use peerlink_transfer::{
-    CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, to_hex,
+    CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, RelPath,
+    to_hex,
 };
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +66,7 @@ struct Resume {
     dir: PathBuf,
     record: ResumeRecord,
     /// Files finished by an earlier run of this transfer: manifest path → saved path.
-    done: HashMap<String, PathBuf>,
+    done: HashMap<String, RelPath>,
 }
 
 impl Resume {
@@ -86,10 +87,13 @@ impl Resume {
             let _ = std::fs::remove_file(self.dir.join(DONE_FILE));
             self.record.manifest = Some(id);
         } else if let Ok(text) = std::fs::read_to_string(self.dir.join(DONE_FILE)) {
+            // Where each was saved, as a path inside the output folder: the
+            // record is a file in that folder, which a sender could have
+            // sent, so a line naming anywhere else is not taken.
             self.done = text
                 .lines()
                 .filter_map(|l| l.split_once('\t'))
-                .map(|(a, b)| (a.to_string(), self.dir.join(b)))
+                .filter_map(|(a, b)| Some((a.to_string(), RelPath::parse(b).ok()?)))
                 .collect();
         }
         if let Err(e) = self.save() {
@@ -99,7 +103,8 @@ impl Resume {
 
     fn file_done(&mut self, rel: &str, saved: &Path) {
         let Ok(saved_rel) = saved.strip_prefix(&self.dir) else { return };
-        let line = format!("{rel}\t{}\n", saved_rel.display());
+        let Ok(saved_rel) = RelPath::parse(&saved_rel.to_string_lossy()) else { return };
+        let line = format!("{rel}\t{}\n", saved_rel.as_str());
         let appended = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -108,7 +113,7 @@ impl Resume {
         if let Err(e) = appended {
             tracing::warn!("cannot record a finished file for resume: {e}");
         }
-        self.done.insert(rel.to_string(), saved.to_path_buf());
+        self.done.insert(rel.to_string(), saved_rel);
     }
 
     fn complete(self) {
@@ -212,7 +217,16 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     ReceiverEvent::Offered => {
                         let m = receiver.manifest().expect("offered means a manifest").clone();
                         describe(&ui, &m);
-                        if args.yes {
+                        if let Some(name) = reserved_name(&m) {
+                            // Written, it would be taken for our own record
+                            // of a transfer, or for a partial file.
+                            receiver.cancel(
+                                CancelCode::BadManifest,
+                                format!(
+                                    "the offer's path {name:?} is a name peerlink keeps for its own files"
+                                ),
+                            );
+                        } else if args.yes {
                             resume.accepted(m.id());
                             receiver.accept();
                         } else if std::io::stdin().is_terminal() && !ui.is_json() {
@@ -502,24 +516,65 @@ fn describe(ui: &Ui, m: &Manifest) {
     });
 }
 
+/// An entry named like a file the receiver keeps for itself: its resume
+/// record, or a partial file.
+fn reserved_name(m: &Manifest) -> Option<&str> {
+    m.entries()
+        .iter()
+        .map(|e| e.path.as_str())
+        .find(|p| fsio::is_reserved_name(p.rsplit('/').next().unwrap_or(p)))
+}
+
 /// Picks where a file goes, opens its partial file and hashes what an
 /// earlier attempt left there.
 fn prepare(
     out: &OutDir,
     entry: &peerlink_transfer::Entry,
-    earlier: Option<PathBuf>,
+    earlier: Option<RelPath>,
     chunk_size: u32,
 ) -> anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)> {
-    // A file an earlier run finished and recorded is checked in place.
-    let planned = match earlier {
-        Some(saved) if std::fs::symlink_metadata(&saved).is_ok_and(|m| m.is_file()) => {
-            Planned { final_path: saved.clone(), part_path: saved }
-        }
-        _ => out.plan(&entry.path)?,
+    // A file an earlier run finished and recorded is checked in place
+    // (found inside the output folder, through no symbolic link).
+    let planned = match earlier.and_then(|rel| out.existing_file(&rel)) {
+        Some(saved) => Planned { final_path: saved.clone(), part_path: saved },
+        None => out.plan(&entry.path)?,
     };
     let file =
         out.open_part(&planned).with_context(|| format!("cannot open {}", planned.part_path.display()))?;
     let on_disk = fsio::scan_part(&file, chunk_size, entry.size)
         .with_context(|| format!("cannot read {}", planned.part_path.display()))?;
     Ok((planned, Arc::new(PartFile::new(file)), on_disk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record of finished files lives in the output folder, where a
+    /// sender can put a file: a line naming a place outside the folder is
+    /// not taken, so resume never writes there.
+    #[test]
+    fn a_resume_record_naming_places_outside_the_folder_is_not_followed() {
+        let dir = std::env::temp_dir().join(format!("peerlink-resume-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(DONE_FILE),
+            "a.txt\t/etc/passwd\nb.txt\t../outside.txt\nc.txt\tsub/c.txt\nd.txt\tsub/../../x\n",
+        )
+        .unwrap();
+        let mut resume = Resume {
+            dir: dir.clone(),
+            record: ResumeRecord {
+                code: "7-a-b-c".into(),
+                server: "ws://x".into(),
+                manifest: Some("id".into()),
+            },
+            done: HashMap::new(),
+        };
+        resume.accepted("id".into());
+        let kept: Vec<(&str, &str)> = resume.done.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(kept, vec![("c.txt", "sub/c.txt")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
