@@ -579,9 +579,7 @@ impl Driver {
     /// can only refuse with 508, which says the server is full: a client
     /// told 486 knows to give an allocation back instead of trying later.
     fn quota_refused(&mut self, from: SocketAddr, req: &Message<'_>, user: &str) -> bool {
-        use stun_proto::types::attribute::{AttributeStaticType, MessageIntegrity};
-        use stun_proto::types::message::LongTermCredentials;
-        if self.st.ledger.client(from) != Client::New || !req.has_attribute(MessageIntegrity::TYPE) {
+        if self.st.ledger.client(from) != Client::New {
             return false;
         }
         let Err(why @ (Refusal::UserQuota | Refusal::AddressQuota)) =
@@ -596,10 +594,9 @@ impl Driver {
                 _ => return false,
             },
         };
-        let key = LongTermCredentials::new(user.to_owned(), password).to_key(self.st.realm.clone()).into();
-        if req.validate_integrity(&key).is_err() {
+        let Some(key) = verified_key(req, user, &password, &self.st.realm) else {
             return false; // the protocol answers that one (401)
-        }
+        };
         info!(client = %from, user, "TURN allocation refused: {why} (486)");
         inc(&self.st.stats.counters().allocations_refused);
         let response = stun::signed_error_response(req, ErrorCode::ALLOCATION_QUOTA_REACHED, &key);
@@ -621,12 +618,20 @@ impl Driver {
                 if expiry < unix_now() {
                     return Err(name.to_owned());
                 }
+                // Only a name the request proves it holds the password of
+                // (its MESSAGE-INTEGRITY checks out with the key derived from
+                // the secret) is added: anyone may send a name with a future
+                // expiry, and adding each would grow the table without end.
+                // A request without integrity gets its 401 without it.
                 if let Some(generation) = self.gens.get_mut(gen_id)
                     && !generation.primed.contains(name)
                 {
-                    generation.server.add_user(name.to_owned(), rest_password(secret, name));
-                    generation.primed.insert(name.to_owned());
-                    self.st.ledger.primed(gen_id);
+                    let password = rest_password(secret, name);
+                    if verified_key(req, name, &password, &self.st.realm).is_some() {
+                        generation.server.add_user(name.to_owned(), password);
+                        generation.primed.insert(name.to_owned());
+                        self.st.ledger.primed(gen_id);
+                    }
                 }
             }
             return Ok(Some(name.to_owned()));
@@ -1057,4 +1062,18 @@ impl State {
         }
         self.out.clear();
     }
+}
+
+/// The long-term key of `user` / `password` in `realm`, if `req` carries a
+/// MESSAGE-INTEGRITY made with it.
+fn verified_key(
+    req: &Message<'_>,
+    user: &str,
+    password: &str,
+    realm: &str,
+) -> Option<stun_proto::types::message::MessageIntegrityCredentials> {
+    use stun_proto::types::message::LongTermCredentials;
+    // Either MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256; none: an error.
+    let key = LongTermCredentials::new(user.to_owned(), password.to_owned()).to_key(realm.to_owned()).into();
+    req.validate_integrity(&key).is_ok().then_some(key)
 }

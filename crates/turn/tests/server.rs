@@ -841,6 +841,37 @@ async fn full_auth_tables_rotate_without_cutting_live_allocations() {
     srv.shutdown().await;
 }
 
+/// A client with an allocation is past the rate limit for new addresses:
+/// ALLOCATEs naming usernames it made up (a future expiry, no valid
+/// MESSAGE-INTEGRITY) must not each take an entry in the authentication
+/// tables, or one client could fill them, and memory, without end.
+#[tokio::test]
+async fn made_up_usernames_take_no_room_in_the_authentication_tables() {
+    let mut config = test_config();
+    config.limits.max_auth_entries = 8;
+    let realm = config.realm.clone();
+    let srv = start(config).await;
+    let (user, password) = creds("ada");
+    let sock = udp().await;
+    raw_allocate(&sock, srv.addr, &user, &password).await.expect("allocated");
+    for i in 0..20 {
+        let name = format!("9999999999:mallory-{i}");
+        let mut req = Message::builder_request(ALLOCATE, MessageWriteVec::new());
+        req.add_attribute(&RequestedTransport::new(RequestedTransport::UDP)).unwrap();
+        req.add_attribute(&Username::new(&name).unwrap()).unwrap();
+        req.add_attribute(&Realm::new(&realm).unwrap()).unwrap();
+        req.add_attribute(&Nonce::new("made-up").unwrap()).unwrap();
+        let key = LongTermCredentials::new(name.clone(), "not the password".into()).to_key(realm.clone());
+        req.add_message_integrity(&key.into(), IntegrityAlgorithm::Sha1).unwrap();
+        sock.send_to(&req.finish(), srv.addr).await.unwrap();
+    }
+    // A newcomer still gets its challenge from the first tables.
+    let challenge = exchange(&udp().await, srv.addr, &unauthenticated_allocate(), PROMPT).await;
+    assert_eq!(challenge.as_deref().map(error_code), Some(Some(401)));
+    assert_eq!(srv.stats().auth_table_rotations, 0, "the tables did not fill");
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn requests_from_new_addresses_are_rate_limited() {
     let mut config = test_config();
