@@ -564,7 +564,7 @@ impl Conn {
     fn frame(&mut self, opcode: u8, fin: bool, payload: &[u8], hard_limit: usize) -> Step {
         match opcode {
             ws::OP_PING => {
-                self.outbox.deliver_control(ws::control_frame(ws::OP_PONG, payload));
+                self.outbox.deliver_pong(ws::control_frame(ws::OP_PONG, payload));
                 Step::Done
             }
             ws::OP_PONG => Step::Done,

@@ -87,6 +87,11 @@ struct State {
     queue: VecDeque<Out>,
     /// Bytes in `queue` and `partial`.
     queued: usize,
+    /// Pongs in `queue` (0 or 1), and where the one is: its place counted
+    /// from the connection's first frame, `popped` frames having left.
+    pongs: usize,
+    pong_at: u64,
+    popped: u64,
     /// The socket took less than it was given: only the connection's task
     /// writes (when the socket is writable), deliveries just queue.
     blocked: bool,
@@ -104,13 +109,15 @@ enum Out {
     Text(Utf8Bytes),
     /// A whole frame (control frames).
     Wire(Bytes),
+    /// A pong (a whole frame): at most one waits at a time.
+    Pong(Bytes),
 }
 
 impl Out {
     fn len(&self) -> usize {
         match self {
             Out::Text(t) => t.len(),
-            Out::Wire(w) => w.len(),
+            Out::Wire(w) | Out::Pong(w) => w.len(),
         }
     }
 }
@@ -237,7 +244,34 @@ impl Outbox {
         true
     }
 
-    /// Queues a control frame (ping, pong, close) from the connection itself.
+    /// Queues the answer to a ping; a pong still waiting is replaced by it
+    /// instead (RFC 6455 5.5.3: only the most recent ping need be
+    /// answered), so a client that pings without reading what comes back
+    /// has one pong waiting, not one per ping.
+    pub fn deliver_pong(&self, wire: Vec<u8>) {
+        let mut st = self.0.lock();
+        if st.closed {
+            return;
+        }
+        let n = wire.len();
+        if st.pongs > 0 {
+            let at = (st.pong_at - st.popped) as usize;
+            if let Some(Out::Pong(old)) = st.queue.get_mut(at) {
+                let before = old.len();
+                *old = wire.into();
+                st.queued = st.queued + n - before;
+                self.0.budget.queued.fetch_add(n, Ordering::Relaxed);
+                self.0.budget.queued.fetch_sub(before, Ordering::Relaxed);
+                return;
+            }
+        }
+        st.pongs = 1;
+        st.pong_at = st.popped + st.queue.len() as u64;
+        self.0.budget.queued.fetch_add(n, Ordering::Relaxed);
+        self.0.push(&mut st, Out::Pong(wire.into()), self);
+    }
+
+    /// Queues a control frame (ping, close) from the connection itself.
     pub fn deliver_control(&self, wire: Vec<u8>) {
         let mut st = self.0.lock();
         if st.closed {
@@ -311,6 +345,7 @@ impl Outbox {
         }
         let dropped: usize = st.queue.drain(..).map(|o| o.len()).sum();
         st.queued -= dropped;
+        st.pongs = 0;
         self.0.budget.queued.fetch_sub(dropped, Ordering::Relaxed);
         let frames = text.map(Out::Text).into_iter().chain([Out::Wire(close.into())]);
         for out in frames {
@@ -334,6 +369,7 @@ impl Outbox {
         self.0.budget.queued.fetch_sub(st.queued, Ordering::Relaxed);
         st.queued = 0;
         st.queue = VecDeque::new();
+        st.pongs = 0;
         st.partial = None;
     }
 }
@@ -380,7 +416,7 @@ impl Sink {
         if st.blocked {
             return;
         }
-        let State { socket, partial, queue, queued, .. } = st;
+        let State { socket, partial, queue, queued, pongs, popped, .. } = st;
         let Some(socket) = socket.as_ref() else { return };
         let outcome = WRITE_BUF.with_borrow_mut(|buf| {
             let outcome = loop {
@@ -401,9 +437,14 @@ impl Sink {
                             buf.extend_from_slice(t.as_bytes());
                         }
                         Out::Wire(w) => buf.extend_from_slice(w),
+                        Out::Pong(w) => {
+                            buf.extend_from_slice(w);
+                            *pongs -= 1;
+                        }
                     }
                     taken += n;
                     queue.pop_front();
+                    *popped += 1;
                 }
                 if buf.is_empty() {
                     break Ok(());
@@ -443,6 +484,7 @@ impl Sink {
                 self.budget.queued.fetch_sub(st.queued, Ordering::Relaxed);
                 st.queued = 0;
                 st.queue = VecDeque::new();
+                st.pongs = 0;
                 st.partial = None;
                 self.alarm(st, Alarm::Broken);
             }

@@ -2332,6 +2332,35 @@ impl RawClient {
     }
 }
 
+/// A client that pings without reading what comes back: one pong waits at
+/// a time (RFC 6455 lets one answer the pings before it), so what the
+/// server holds for it stays small however many pings it sends; once it
+/// reads, a pong with the last ping's payload comes.
+#[tokio::test]
+async fn pings_from_a_client_that_does_not_read_queue_one_pong() {
+    let server = TestServer::start(config()).await;
+    let mut c =
+        RawClient::connect(server.addr, &RawClient::text(&json!({"type": "hello", "version": 1}))).await;
+    // 200,000 pings of 125 bytes: 25 MB of pongs, far more than the
+    // sockets between can hold.
+    let pings: Vec<u8> =
+        (0..1000).flat_map(|i: u32| RawClient::frame(0x89, &[(i % 251) as u8; 125], false)).collect();
+    for _ in 0..200 {
+        c.write(&pings).await;
+    }
+    let (_, text) = http_get(server.addr, "/metrics").await;
+    let queued = sample(&text, "peerlink_queued_bytes").expect("queued bytes in /metrics");
+    assert!(queued < 64 * 1024, "the server holds {queued} bytes for a client that only pings");
+    // Reading now: the welcome, then pongs, the last one answering the last ping.
+    let mut last_pong = None;
+    while let Ok(Some((opcode, payload))) = timeout(Duration::from_millis(500), c.next()).await {
+        if opcode == 0xA {
+            last_pong = Some(payload);
+        }
+    }
+    assert_eq!(last_pong, Some(vec![(999 % 251) as u8; 125]));
+}
+
 /// What browsers and libraries may legally send arrives whole: a message
 /// split into fragments with a ping between them (answered with its
 /// payload), frames cut at every byte across writes, many frames in one
