@@ -118,7 +118,8 @@ pub struct Limits {
     /// Live allocations per username (a REST username counts as itself, so
     /// every `<expiry>:<user>` is its own user). Default 10.
     pub max_allocations_per_user: usize,
-    /// Live allocations per client IP address. Default 32.
+    /// Live allocations per client IP address (an IPv6 client's /64).
+    /// Default 32.
     pub max_allocations_per_ip: usize,
     /// Hard cap on an allocation's age, however often it is refreshed. When it
     /// is reached the relay socket is closed, data stops, and the client's
@@ -142,6 +143,12 @@ pub struct Limits {
     /// that hold no allocation (the only requests that grow those tables).
     /// Excess requests are dropped; clients retransmit. Default 500.
     pub new_client_requests_per_sec: u32,
+    /// Client addresses (IP and port) from one IP (an IPv6 client's /64)
+    /// that may take entries in the current authentication tables before
+    /// it holds an allocation: one host cannot fill them (and lock new
+    /// clients out while older allocations last) by changing its source
+    /// port. Default 256 (a large NAT's users share an IP).
+    pub max_auth_entries_per_ip: usize,
     /// Open TCP and TLS client connections, together. Beyond it a new
     /// connection is closed at once. Default 1000.
     pub max_stream_connections: usize,
@@ -159,6 +166,7 @@ impl Default for Limits {
             bandwidth_bytes_per_sec: Some(2 * 1024 * 1024),
             max_auth_entries: 20_000,
             new_client_requests_per_sec: 500,
+            max_auth_entries_per_ip: 256,
             max_stream_connections: 1000,
             max_stream_connections_per_ip: 32,
         }

@@ -4,7 +4,7 @@
 //! when an allocation is revoked (maximum lifetime). Time and events go in;
 //! decisions and [`Command`]s for the driver (`server.rs`) come out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::bucket::TokenBucket;
 use crate::config::Limits;
 use crate::own::{OwnMap, OwnSet};
+use crate::stream::per_ip_key;
 
 /// What the driver does for the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +51,9 @@ pub(crate) enum Refusal {
     UserQuota,
     /// The client address holds `max_allocations_per_ip`.
     AddressQuota,
+    /// The client's IP already has `max_auth_entries_per_ip` addresses in
+    /// the current authentication tables.
+    AddressEntries,
 }
 
 impl fmt::Display for Refusal {
@@ -60,6 +64,7 @@ impl fmt::Display for Refusal {
             Refusal::ServerFull => "server allocation limit reached",
             Refusal::UserQuota => "per-user allocation limit reached",
             Refusal::AddressQuota => "per-address allocation limit reached",
+            Refusal::AddressEntries => "too many new addresses from one IP",
         })
     }
 }
@@ -88,18 +93,23 @@ pub(crate) struct Record {
     pub revoked: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Generation {
     id: u64,
-    /// Users primed plus requests fed from new addresses: an upper bound on
-    /// the entries of the protocol's authentication tables.
+    /// Users primed plus client addresses fed to it: the entries of the
+    /// protocol's authentication tables (a nonce per address, a key per
+    /// user).
     load: usize,
     allocations: usize,
+    /// The client addresses fed to it (bounded by `max_auth_entries`), and
+    /// how many of them each IP (IPv6: /64) has.
+    addresses: HashSet<SocketAddr>,
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Generation {
     fn new(id: u64) -> Self {
-        Generation { id, load: 0, allocations: 0 }
+        Generation { id, load: 0, allocations: 0, addresses: HashSet::new(), per_ip: HashMap::new() }
     }
 }
 
@@ -169,12 +179,20 @@ impl Ledger {
     /// A request from an address without allocations: admitted to a
     /// generation (the current one, or a fresh one when the current one's
     /// tables are full), or refused.
-    pub fn admit(&mut self, now: Instant) -> Result<u64, Refusal> {
+    pub fn admit(&mut self, from: SocketAddr, now: Instant) -> Result<u64, Refusal> {
         if !self.new_clients.try_take(1, now) {
             return Err(Refusal::RateLimited);
         }
+        // An address already fed to the current tables takes no more room.
+        if self.current.addresses.contains(&from) {
+            return Ok(self.current.id);
+        }
+        let ip = per_ip_key(from.ip());
+        if self.current.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_auth_entries_per_ip {
+            return Err(Refusal::AddressEntries);
+        }
         if self.current.load >= self.limits.max_auth_entries {
-            if self.previous.is_some_and(|p| p.allocations > 0) {
+            if self.previous.as_ref().is_some_and(|p| p.allocations > 0) {
                 return Err(Refusal::TablesFull);
             }
             let previous = std::mem::replace(&mut self.current, Generation::new(self.next_id));
@@ -184,6 +202,8 @@ impl Ledger {
             self.out.push_back(Command::NewGeneration { id: self.current.id, keep_previous });
         }
         self.current.load += 1;
+        self.current.addresses.insert(from);
+        *self.current.per_ip.entry(ip).or_default() += 1;
         Ok(self.current.id)
     }
 
@@ -209,7 +229,9 @@ impl Ledger {
             Err(Refusal::ServerFull)
         } else if self.per_user.get(user).copied().unwrap_or(0) >= limits.max_allocations_per_user {
             Err(Refusal::UserQuota)
-        } else if self.per_ip.get(&client.ip()).copied().unwrap_or(0) >= limits.max_allocations_per_ip {
+        } else if self.per_ip.get(&per_ip_key(client.ip())).copied().unwrap_or(0)
+            >= limits.max_allocations_per_ip
+        {
             Err(Refusal::AddressQuota)
         } else {
             Ok(())
@@ -229,7 +251,7 @@ impl Ledger {
         }
         self.ports.insert(record.port);
         *self.per_user.entry(record.user.clone()).or_default() += 1;
-        *self.per_ip.entry(record.client.ip()).or_default() += 1;
+        *self.per_ip.entry(per_ip_key(record.client.ip())).or_default() += 1;
         self.clients
             .entry(record.client)
             .or_insert(ClientState { gen_id: record.gen_id, allocations: 0, revoked: false })
@@ -248,7 +270,7 @@ impl Ledger {
         let record = self.allocs.remove(&relayed)?;
         self.ports.remove(&record.port);
         decrement(&mut self.per_user, &record.user);
-        decrement(&mut self.per_ip, &record.client.ip());
+        decrement(&mut self.per_ip, &per_ip_key(record.client.ip()));
         if let Some(client) = self.clients.get_mut(&record.client) {
             client.allocations = client.allocations.saturating_sub(1);
             if client.allocations == 0 {
@@ -258,11 +280,9 @@ impl Ledger {
         if let Some(g) = self.generation_mut(record.gen_id) {
             g.allocations = g.allocations.saturating_sub(1);
         }
-        if let Some(p) = self.previous
-            && p.allocations == 0
-        {
+        if let Some(id) = self.previous.as_ref().filter(|p| p.allocations == 0).map(|p| p.id) {
             self.previous = None;
-            self.out.push_back(Command::DropGeneration { id: p.id });
+            self.out.push_back(Command::DropGeneration { id });
         }
         Some(record)
     }
@@ -385,11 +405,11 @@ mod tests {
     fn new_clients_are_rate_limited_on_simulated_time() {
         let t0 = Instant::now();
         let mut l = Ledger::new(Limits { max_auth_entries: 1000, ..limits() }, t0);
-        let admitted = (0..10).filter(|_| l.admit(t0).is_ok()).count();
+        let admitted = (0..10).filter(|i| l.admit(addr(1, 1000 + i), t0).is_ok()).count();
         assert_eq!(admitted, 5, "a burst of one second's worth");
-        assert_eq!(l.admit(t0), Err(Refusal::RateLimited));
-        assert_eq!(l.admit(t0 + Duration::from_millis(200)), Ok(1), "one more after 1/5 s");
-        assert_eq!(l.admit(t0 + Duration::from_millis(200)), Err(Refusal::RateLimited));
+        assert_eq!(l.admit(addr(1, 2000), t0), Err(Refusal::RateLimited));
+        assert_eq!(l.admit(addr(1, 2001), t0 + Duration::from_millis(200)), Ok(1), "one more after 1/5 s");
+        assert_eq!(l.admit(addr(1, 2002), t0 + Duration::from_millis(200)), Err(Refusal::RateLimited));
     }
 
     /// Full tables start a new generation; while the previous one still
@@ -400,24 +420,69 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Ledger::new(Limits { new_client_requests_per_sec: 1000, ..limits() }, t0);
         let c = addr(9, 1);
-        for _ in 0..3 {
-            assert_eq!(l.admit(t0), Ok(1));
+        for i in 0..3 {
+            assert_eq!(l.admit(addr(10 + i, 1), t0), Ok(1));
         }
         l.allocation_created(record(&l, 50000, c, "u", t0));
         assert_eq!(commands(&mut l), []);
         // Generation 1 is full (3 entries): new clients go to generation 2,
         // and generation 1 is kept for its allocation.
-        assert_eq!(l.admit(t0), Ok(2));
+        assert_eq!(l.admit(addr(20, 1), t0), Ok(2));
         assert_eq!(commands(&mut l), [Command::NewGeneration { id: 2, keep_previous: true }]);
         l.primed(2);
         l.primed(2);
-        assert_eq!(l.admit(t0), Err(Refusal::TablesFull), "generation 2 is full, 1 not drained");
+        assert_eq!(l.admit(addr(21, 1), t0), Err(Refusal::TablesFull), "generation 2 is full, 1 not drained");
         // The allocation of generation 1 ends: it is dropped...
         l.allocation_closed(addr(200, 50000));
         assert_eq!(commands(&mut l), [Command::DropGeneration { id: 1 }]);
         // ...and generation 3 replaces 2, which has no allocation to keep.
-        assert_eq!(l.admit(t0), Ok(3));
+        assert_eq!(l.admit(addr(21, 1), t0), Ok(3));
         assert_eq!(commands(&mut l), [Command::NewGeneration { id: 3, keep_previous: false }]);
+    }
+
+    /// The tables hold a nonce per client address: an address asking again
+    /// takes no more room, and one host changing its source port takes at
+    /// most its share, so it cannot fill them and lock new clients out.
+    #[test]
+    fn the_tables_count_addresses_and_give_each_ip_a_share() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            max_auth_entries: 100,
+            max_auth_entries_per_ip: 4,
+            new_client_requests_per_sec: 1000,
+            ..limits()
+        };
+        let mut l = Ledger::new(limits, t0);
+        for _ in 0..10 {
+            assert_eq!(l.admit(addr(1, 1000), t0), Ok(1), "the same address again");
+        }
+        assert_eq!(l.current.load, 1);
+        for port in 1001..1004 {
+            assert_eq!(l.admit(addr(1, port), t0), Ok(1));
+        }
+        assert_eq!(l.admit(addr(1, 1004), t0), Err(Refusal::AddressEntries), "the IP's fifth address");
+        assert_eq!(l.admit(addr(1, 1000), t0), Ok(1), "its first still asks");
+        assert_eq!(l.admit(addr(2, 1000), t0), Ok(1), "another IP");
+        // IPv6: one /64 is one client network.
+        let v6 = |last: u16, port: u16| SocketAddr::from(([0x2001, 0xdb8, 1, 2, 0, 0, 0, last], port));
+        for i in 0..4 {
+            assert_eq!(l.admit(v6(i, 1), t0), Ok(1));
+        }
+        assert_eq!(l.admit(v6(9, 1), t0), Err(Refusal::AddressEntries));
+        assert_eq!(l.current.load, 9);
+    }
+
+    /// The allocation quota per address counts an IPv6 client's /64.
+    #[test]
+    fn the_allocation_quota_counts_an_ipv6_clients_network() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(limits(), t0);
+        let v6 = |last: u16| SocketAddr::from(([0x2001, 0xdb8, 1, 2, 0, 0, 0, last], 4000));
+        for (port, last) in [(50000, 1), (50001, 2), (50002, 3)] {
+            assert_eq!(l.check_allocation(v6(last), &format!("u{last}")), Ok(()));
+            l.allocation_created(record(&l, port, v6(last), &format!("u{last}"), t0));
+        }
+        assert_eq!(l.check_allocation(v6(4), "u4"), Err(Refusal::AddressQuota));
     }
 
     #[test]

@@ -506,11 +506,13 @@ impl Driver {
                 if request.is_none() {
                     return;
                 }
-                let admitted = self.st.ledger.admit(now);
+                let admitted = self.st.ledger.admit(from, now);
                 self.run_ledger(now);
                 match admitted {
                     Ok(gen_id) => gen_id,
-                    Err(Refusal::RateLimited) => {
+                    // Dropped: the client retransmits, or (one IP taking
+                    // many addresses) has what its share allows.
+                    Err(Refusal::RateLimited | Refusal::AddressEntries) => {
                         inc(&self.st.stats.counters().dropped_rate_limited);
                         return;
                     }

@@ -155,7 +155,7 @@ impl Drop for Slot {
 
 /// What the per-address connection limit counts by: the IPv4 address, or
 /// the IPv6 /64 (one host usually has a whole /64).
-fn per_ip_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn per_ip_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {

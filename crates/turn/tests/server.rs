@@ -807,7 +807,7 @@ async fn full_auth_tables_rotate_without_cutting_live_allocations() {
     config.limits.max_auth_entries = 4;
     let srv = start(config).await;
     let (user, password) = creds("ada");
-    // Costs 3 entries: two requests from a new address and one REST user.
+    // Costs 2 entries: its address (a nonce) and its REST user.
     let mut client = Client::new(srv.addr, &user, &password).await;
     let relayed = client.allocated().await;
 
@@ -816,8 +816,9 @@ async fn full_auth_tables_rotate_without_cutting_live_allocations() {
         let reply = exchange(&sock, addr, &unauthenticated_allocate(), QUIET).await;
         reply.map(|r| error_code(&r))
     };
-    // Entry 4 fills the first protocol state, the next one starts a second.
-    for _ in 0..5 {
+    // Entries 3 and 4 fill the first protocol state, the next one starts a
+    // second, and four fill that.
+    for _ in 0..6 {
         assert_eq!(challenge(udp().await).await, Some(Some(401)));
     }
     assert_eq!(srv.stats().auth_table_rotations, 1);
