@@ -28,6 +28,8 @@ enum Phase {
         entries: u64,
         bytes: u64,
         got: Vec<Entry>,
+        /// Bytes of the paths in `got`.
+        path_bytes: u64,
     },
     /// Waiting for the user's answer.
     Offered(Manifest),
@@ -260,8 +262,10 @@ impl Receiver {
         if a.stage != Stage::Preparing {
             return;
         }
+        // As found (chunks past it are missing): not one slot per chunk of
+        // a file that may have millions.
         a.on_disk = on_disk;
-        a.on_disk.resize(a.chunks as usize, None);
+        a.on_disk.truncate(a.chunks as usize);
         // Chunks whose hashes are in already; the rest as their hashes come.
         for chunk in 0..a.hashes.len() as u32 {
             let len = chunk_len(a.size, chunk_size, chunk);
@@ -430,16 +434,24 @@ impl Receiver {
                 if !valid_chunk_size(chunk_size) {
                     return Err(ManifestError::ChunkSize { chunk_size }.into());
                 }
-                self.phase = Phase::Collecting { chunk_size, entries, bytes, got: Vec::new() };
+                self.phase = Phase::Collecting { chunk_size, entries, bytes, got: Vec::new(), path_bytes: 0 };
             }
-            (Ctl::ManifestPart { entries: part }, Phase::Collecting { entries, got, .. }) => {
+            (Ctl::ManifestPart { entries: part }, Phase::Collecting { entries, got, path_bytes, .. }) => {
                 let total = got.len() as u64 + part.len() as u64;
                 if total > *entries {
                     return Err(ManifestError::EntryCount { announced: *entries, got: total }.into());
                 }
+                *path_bytes += part.iter().map(|e| e.path.as_str().len() as u64).sum::<u64>();
+                if *path_bytes > limits.max_path_bytes {
+                    return Err(ProtocolError::TooLarge {
+                        what: "path bytes",
+                        value: *path_bytes,
+                        limit: limits.max_path_bytes,
+                    });
+                }
                 got.extend(part);
             }
-            (Ctl::ManifestEnd, Phase::Collecting { chunk_size, entries, bytes, got }) => {
+            (Ctl::ManifestEnd, Phase::Collecting { chunk_size, entries, bytes, got, .. }) => {
                 let (chunk_size, announced_entries, announced_bytes) = (*chunk_size, *entries, *bytes);
                 let got = mem::take(got);
                 if got.len() as u64 != announced_entries {

@@ -198,6 +198,19 @@ fn manifest_over_limits() {
     let (_, error) = offer(config, &[header(10, 1000)]);
     assert_eq!(error, None, "at the limits is fine");
 
+    // The paths' bytes are counted as the parts arrive: what collecting
+    // the manifest holds stays within the limit.
+    let config = ReceiverConfig { max_path_bytes: 11, ..ReceiverConfig::default() };
+    let msgs = manifest_msgs(16384, vec![file("abcdef", 1), file("ghijkl", 1)]);
+    let (mut r, error) = offer(config, &msgs);
+    assert!(
+        matches!(error, Some(ProtocolError::TooLarge { what: "path bytes", value: 12, limit: 11 })),
+        "{error:?}"
+    );
+    assert_cancelled(&mut r, CancelCode::TooLarge);
+    let (_, error) = offer(ReceiverConfig { max_path_bytes: 12, ..config }, &msgs);
+    assert_eq!(error, None, "at the limit is fine");
+
     let v2 =
         json!({"type": "manifest", "version": 2, "chunk_size": 16384, "entries": 0, "bytes": 0}).to_string();
     let (mut r, error) = offer(config, &[v2]);

@@ -25,6 +25,7 @@ const MAX_RANGES_PER_WANT = 2048;
  * @property {number} hashPagesAhead  `get_hashes` in flight (32)
  * @property {number} maxEntries      manifest entries accepted (1,000,000)
  * @property {number} maxTotalBytes   bytes a manifest may announce (1 TiB)
+ * @property {number} maxPathBytes    bytes of paths a manifest may carry, all entries together (64 MiB)
  * @property {number} maxChunkAttempts failures of one chunk that cancel (3)
  * @property {number} maxPendingWrites chunks asked for and not yet written (256)
  * @property {number} maxFilesInFlight files started and not finished (64)
@@ -36,6 +37,7 @@ export const DEFAULT_RECEIVER_CONFIG = Object.freeze({
   hashPagesAhead: 32,
   maxEntries: 1_000_000,
   maxTotalBytes: 2 ** 40,
+  maxPathBytes: 64 * 2 ** 20,
   maxChunkAttempts: 3,
   maxPendingWrites: 256,
   maxFilesInFlight: 64,
@@ -375,7 +377,7 @@ export class Receiver {
     this.config = { ...DEFAULT_RECEIVER_CONFIG, ...config };
     /** @type {PhaseName} */
     this.phase = 'idle';
-    /** @type {{ chunkSize: number, entries: number, bytes: number, got: import('./manifest.js').Entry[] } | null} */
+    /** @type {{ chunkSize: number, entries: number, bytes: number, got: import('./manifest.js').Entry[], pathBytes: number } | null} */
     this.collecting = null;
     /** @type {Manifest | null} */
     this.offered = null;
@@ -606,10 +608,12 @@ export class Receiver {
       if (msg.bytes > c.maxTotalBytes) throw new ProtocolError('too_large', `manifest has ${msg.bytes} bytes, more than this receiver's limit of ${c.maxTotalBytes}`);
       if (!validChunkSize(msg.chunk_size)) throw ProtocolError.badManifest(new ManifestError('chunk_size', `chunk size ${msg.chunk_size} is not a power of two from 16 KiB to 16 MiB`));
       this.phase = 'collecting';
-      this.collecting = { chunkSize: msg.chunk_size, entries: msg.entries, bytes: msg.bytes, got: [] };
+      this.collecting = { chunkSize: msg.chunk_size, entries: msg.entries, bytes: msg.bytes, got: [], pathBytes: 0 };
     } else if (msg.type === 'manifest_part' && this.phase === 'collecting' && this.collecting) {
       const total = this.collecting.got.length + msg.entries.length;
       if (total > this.collecting.entries) throw ProtocolError.badManifest(new ManifestError('entry_count', `manifest announced ${this.collecting.entries} entries but carried ${total}`));
+      for (const e of msg.entries) this.collecting.pathBytes += new TextEncoder().encode(e.path).length;
+      if (this.collecting.pathBytes > c.maxPathBytes) throw new ProtocolError('too_large', `manifest has ${this.collecting.pathBytes} bytes of paths, more than this receiver's limit of ${c.maxPathBytes}`);
       for (const e of msg.entries) this.collecting.got.push({ kind: /** @type {any} */ (e.kind), path: e.path, size: e.size ?? 0 });
     } else if (msg.type === 'manifest_end' && this.phase === 'collecting' && this.collecting) {
       const { chunkSize, entries, bytes, got } = this.collecting;

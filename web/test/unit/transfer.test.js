@@ -86,6 +86,26 @@ test('bad manifests are refused', () => {
   for (const size of [0, 16385, 8192, 32 << 20]) assert.throws(m([fileEntry('a', 1)], size), /chunk size/);
 });
 
+test('a manifest whose paths hold more bytes than the receiver allows is refused as too_large, as in hostile.rs', () => {
+  const msgs = [
+    '{"type":"manifest","version":1,"chunk_size":16384,"entries":2,"bytes":2}',
+    '{"type":"manifest_part","entries":[{"kind":"file","path":"abcdef","size":1},{"kind":"file","path":"ghijkl","size":1}]}',
+    '{"type":"manifest_end"}',
+  ];
+  const offer = (maxPathBytes) => {
+    const r = new Receiver({ maxPathBytes });
+    r.startSession();
+    try {
+      for (const m of msgs) r.handleCtlJson(m);
+    } catch (e) {
+      return /** @type {any} */ (e).kind;
+    }
+    return r.phase;
+  };
+  assert.equal(offer(11), 'too_large');
+  assert.equal(offer(12), 'offered', 'at the limit is fine');
+});
+
 /** Files by index, an in-memory disk for the receiver, and a trip-by-trip network. */
 function harness(files, { chunkSize = MIN_CHUNK_SIZE, receiver = new Receiver(), corrupt = null, disk = new Map(), deferPrepare = false } = {}) {
   const entries = files.map(([path, data]) => (data === null ? dirEntry(path) : fileEntry(path, data.length)));

@@ -24,6 +24,9 @@ pub struct ReceiverConfig {
     /// Most bytes a manifest may announce (`too_large` above); a driver may
     /// set it to the destination's free space. Default 1 TiB.
     pub max_total_bytes: u64,
+    /// Most bytes of paths a manifest may carry, all entries together
+    /// (`too_large` above): what collecting it holds. Default 64 MiB.
+    pub max_path_bytes: u64,
     /// A chunk that fails verification this many times cancels the
     /// transfer with `protocol`. Default 3.
     pub max_chunk_attempts: u32,
@@ -45,6 +48,7 @@ impl Default for ReceiverConfig {
             hash_pages_ahead: 32,
             max_entries: 1_000_000,
             max_total_bytes: 1 << 40,
+            max_path_bytes: 64 << 20,
             max_chunk_attempts: 3,
             max_pending_writes: 256,
             max_files_in_flight: 64,
