@@ -265,6 +265,28 @@ fn a_manifest_naming_a_resume_record_or_a_partial_file_is_refused() {
     refused_manifest("notes.txt.peerlink-part");
 }
 
+/// A file already where the offer puts a folder is a conflict on the
+/// receiver's disk, not the sender's attack: a plain failure (exit 1) that
+/// says what is in the way, not the security exit code.
+#[test]
+fn a_file_where_a_folder_goes_is_a_disk_conflict_not_a_security_failure() {
+    let server = serve();
+    let t = Scratch::new("conflict");
+    std::fs::create_dir_all(t.path("src/photos")).unwrap();
+    std::fs::write(t.path("src/photos/a.txt"), "a").unwrap();
+    let out = t.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("photos"), "a file, not a folder").unwrap();
+    let mut s = send(&server.url, &[&t.str("src/photos")], &[], &[]);
+    let code = code_of(&mut s);
+    let mut r = receive(&server.url, &code, &out, &["--yes"]);
+    assert_eq!(r.wait_exit(), 1, "{:?}\n{}", r.seen, r.stderr());
+    let message = finished(&r)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("photos") && message.contains("exists"), "{message}");
+    assert_eq!(std::fs::read_to_string(out.join("photos")).unwrap(), "a file, not a folder");
+    s.wait_exit();
+}
+
 #[test]
 fn a_symlink_in_the_output_folder_is_not_followed() {
     let server = serve();

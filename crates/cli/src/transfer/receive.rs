@@ -284,7 +284,8 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                         continue;
                     };
                     if let Err(err) = out.create_dir(&e.path) {
-                        receiver.cancel(CancelCode::BadManifest, format!("{err:#}"));
+                        let msg = format!("{err:#}");
+                        receiver.cancel(cancel_code_for(&msg), msg);
                     }
                 }
                 ReceiverOutput::Write { file, chunk, offset, data } => {
@@ -404,12 +405,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
-                        let code = if msg.contains("symbolic link") || msg.contains("leaves the output folder") {
-                            CancelCode::BadManifest
-                        } else {
-                            CancelCode::Io
-                        };
-                        receiver.cancel(code, msg);
+                        receiver.cancel(cancel_code_for(&msg), msg);
                     }
                 },
                 Io::Written { file, chunk, result } => match result {
@@ -514,6 +510,18 @@ fn describe(ui: &Ui, m: &Manifest) {
         bytes: m.total_bytes(),
         entries: files.iter().map(|(_, e)| (e.path.as_str().to_string(), e.size)).collect(),
     });
+}
+
+/// Why preparing a path on disk failed, as the transfer's cancel code: an
+/// attempt to leave the output folder is the sender's doing
+/// (`bad_manifest`, the security exit code); anything else, such as a file
+/// already where a folder goes, is the disk's (`io`).
+fn cancel_code_for(msg: &str) -> CancelCode {
+    if msg.contains("symbolic link") || msg.contains("leaves the output folder") {
+        CancelCode::BadManifest
+    } else {
+        CancelCode::Io
+    }
 }
 
 /// An entry named like a file the receiver keeps for itself: its resume
