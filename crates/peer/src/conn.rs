@@ -28,6 +28,10 @@ use signaling::{Auth, ChannelSignal, Via};
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Remote candidates held while no remote description is set.
 const MAX_EARLY_CANDIDATES: usize = 64;
+/// Distinct remote candidate addresses a connection takes over its life
+/// (each ICE restart brings a few): a peer sending more on the signaling
+/// channel, which no server rate limit covers, is refused.
+pub(crate) const MAX_REMOTE_CANDIDATES: usize = 1024;
 
 /// An offer through the server that has had no answer for this long is
 /// taken as lost (the server may drop a message for a member that is
@@ -663,6 +667,16 @@ impl PeerConn {
                     peer: self.remote.clone(),
                     reason: format!("candidate: {e}"),
                 })?;
+                if self.remote_kinds.len() >= MAX_REMOTE_CANDIDATES
+                    && !self.remote_kinds.contains_key(&c.addr())
+                {
+                    return Err(Error::BadSignal {
+                        peer: self.remote.clone(),
+                        reason: format!(
+                            "more than {MAX_REMOTE_CANDIDATES} remote candidates: {candidate} ignored"
+                        ),
+                    });
+                }
                 self.learn_remote(&c);
                 if self.have_remote_description {
                     self.rtc.add_remote_candidate(c);

@@ -149,3 +149,28 @@ fn trickled_candidates_carry_our_mid() {
     assert!(mid_in_offer.is_some());
     assert_eq!(candidates, [mid_in_offer], "one host candidate, with the offer's mid");
 }
+
+/// A peer that floods candidates (on the signaling channel no server rate
+/// limit covers) is refused past MAX_REMOTE_CANDIDATES distinct addresses;
+/// one already known is still taken.
+#[test]
+fn remote_candidates_stay_bounded() {
+    let now = Instant::now();
+    let mut conn = impolite_conn(now);
+    let candidate = |i: usize| Signal::Candidate {
+        candidate: format!(
+            "candidate:1 1 udp 2130706431 10.{}.{}.{} 5000 typ host",
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        ),
+        mid: None,
+    };
+    for i in 0..MAX_REMOTE_CANDIDATES {
+        conn.handle_signal(candidate(i), now).unwrap();
+    }
+    let refused = conn.handle_signal(candidate(MAX_REMOTE_CANDIDATES), now);
+    assert!(matches!(refused, Err(Error::BadSignal { .. })), "{refused:?}");
+    assert_eq!(conn.remote_kinds.len(), MAX_REMOTE_CANDIDATES);
+    conn.handle_signal(candidate(7), now).expect("a known address is still taken");
+}
