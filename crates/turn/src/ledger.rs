@@ -265,12 +265,14 @@ impl Ledger {
     }
 
     /// The protocol closed the allocation at `relayed` (expired or deleted):
-    /// frees its quotas and port; the record, if it was ours.
+    /// frees its quotas (a revoked one's were freed when it was revoked) and
+    /// port; the record, if it was ours.
     pub fn allocation_closed(&mut self, relayed: SocketAddr) -> Option<Record> {
         let record = self.allocs.remove(&relayed)?;
         self.ports.remove(&record.port);
-        decrement(&mut self.per_user, &record.user);
-        decrement(&mut self.per_ip, &per_ip_key(record.client.ip()));
+        if !record.revoked {
+            release_quotas(&mut self.per_user, &mut self.per_ip, &record);
+        }
         if let Some(client) = self.clients.get_mut(&record.client) {
             client.allocations = client.allocations.saturating_sub(1);
             if client.allocations == 0 {
@@ -295,6 +297,7 @@ impl Ledger {
                 continue;
             }
             record.revoked = true;
+            release_quotas(&mut self.per_user, &mut self.per_ip, record);
             if let Some(client) = self.clients.get_mut(&record.client) {
                 client.revoked = true;
             }
@@ -311,6 +314,7 @@ impl Ledger {
                 continue;
             }
             record.revoked = true;
+            release_quotas(&mut self.per_user, &mut self.per_ip, record);
             self.out.push_back(Command::Revoke { relayed: *relayed, why: RevokeWhy::ConnectionClosed });
         }
         if let Some(c) = self.clients.get_mut(&client) {
@@ -322,6 +326,19 @@ impl Ledger {
     pub fn age(record: &Record, now: Instant) -> Duration {
         now.saturating_duration_since(record.created)
     }
+}
+
+/// A revoked allocation relays nothing more: its user's and its address's
+/// quotas are free at once (a client whose TCP connection broke makes a new
+/// allocation on its next one), though the protocol keeps its state, and
+/// the ledger its port and its place in the total, until it expires.
+fn release_quotas(
+    per_user: &mut HashMap<String, usize>,
+    per_ip: &mut HashMap<IpAddr, usize>,
+    record: &Record,
+) {
+    decrement(per_user, &record.user);
+    decrement(per_ip, &per_ip_key(record.client.ip()));
 }
 
 fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
@@ -483,6 +500,29 @@ mod tests {
             l.allocation_created(record(&l, port, v6(last), &format!("u{last}"), t0));
         }
         assert_eq!(l.check_allocation(v6(4), "u4"), Err(Refusal::AddressQuota));
+    }
+
+    /// A client whose TCP connection broke comes back on a new one (a new
+    /// address): its revoked allocations no longer hold its quotas, and when
+    /// the protocol closes them they are not counted off twice.
+    #[test]
+    fn a_closed_connection_frees_its_allocations_quotas() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(limits(), t0);
+        let (first, second) = (addr(1, 1000), addr(1, 1001));
+        for port in [50000, 50001] {
+            l.allocation_created(record(&l, port, first, "alice", t0));
+        }
+        assert_eq!(l.check_allocation(second, "alice"), Err(Refusal::UserQuota));
+        l.connection_closed(first);
+        assert_eq!(commands(&mut l).len(), 2, "both revoked");
+        assert_eq!(l.check_allocation(second, "alice"), Ok(()), "the user's quota is free");
+        l.allocation_created(record(&l, 50002, second, "alice", t0));
+        // The protocol closes the revoked ones: alice still holds one.
+        l.allocation_closed(addr(200, 50000));
+        l.allocation_closed(addr(200, 50001));
+        l.allocation_created(record(&l, 50003, second, "alice", t0));
+        assert_eq!(l.check_allocation(second, "alice"), Err(Refusal::UserQuota), "two live: the quota holds");
     }
 
     #[test]
