@@ -92,6 +92,10 @@ struct Conn {
     pending: Vec<u8>,
     /// A fragmented message so far: its opcode and payload.
     fragments: Option<(u8, Vec<u8>)>,
+    /// Since when part of a frame (`pending`) or of a fragmented message
+    /// has been held: it must be complete within the request timeout, or a
+    /// client trickling bytes pins those buffers for ever.
+    incomplete_since: Option<Instant>,
     last_seen: Instant,
     /// The last read filled the buffer: more is waiting, and the task
     /// lets others run before it reads again.
@@ -150,6 +154,7 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
         flood: FloodMeter::new(cfg.limits.messages_per_second, now.into_std()),
         pending: read_ahead,
         fragments: None,
+        incomplete_since: None,
         last_seen: now,
         more: false,
         throttled: false,
@@ -159,8 +164,11 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
 
     let idle = Duration::from_millis(cfg.limits.idle_timeout_ms);
     let hello_deadline = now + cfg.hello_timeout;
+    let frame_timeout = cfg.request_timeout;
     let deadline = |conn: &Conn| {
-        if conn.greeted { conn.last_seen + idle } else { hello_deadline.min(conn.last_seen + idle) }
+        let idle_at =
+            if conn.greeted { conn.last_seen + idle } else { hello_deadline.min(conn.last_seen + idle) };
+        conn.incomplete_since.map_or(idle_at, |since| idle_at.min(since + frame_timeout))
     };
     let mut next_ping = now + cfg.heartbeat;
     // Bytes written when the socket was first seen blocked, and when.
@@ -246,6 +254,12 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
                     if paused.is_some_and(|until| now >= until) {
                         paused = None;
                     }
+                    if conn.incomplete_since.is_some_and(|since| now >= since + frame_timeout) {
+                        break Some(Failure::new(
+                            ErrorCode::IdleTimeout,
+                            format!("a frame or message incomplete for {} ms", frame_timeout.as_millis()),
+                        ));
+                    }
                     if now >= deadline(&conn) {
                         break Some(deadline_passed(conn.greeted, cfg));
                     }
@@ -275,6 +289,18 @@ pub(crate) async fn run(server: Server, mut socket: Socket, addr: SocketAddr, ho
                 Wake::Alarm(Alarm::Broken) => break None,
             }
         };
+        let incomplete = !conn.pending.is_empty() || conn.fragments.is_some();
+        match (incomplete, conn.incomplete_since) {
+            (false, _) => conn.incomplete_since = None,
+            (true, None) => {
+                conn.incomplete_since = Some(Instant::now());
+                let due = deadline(&conn).min(next_ping);
+                if due < timer.deadline() {
+                    timer.as_mut().reset(due);
+                }
+            }
+            (true, Some(_)) => {}
+        }
         match step {
             Step::Done => {}
             Step::Wait(msg) => {

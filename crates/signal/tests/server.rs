@@ -1960,6 +1960,36 @@ async fn websockets_outlive_the_request_timeout() {
     still_served(&mut a, &a_id, &mut b, &b_id, "lobby", 3).await;
 }
 
+/// ... but a frame (or a fragmented message) must be whole within it: a
+/// client trickling a byte now and then, which keeps the idle timer happy,
+/// does not pin the server's buffers for its frame for ever.
+#[tokio::test]
+async fn a_frame_trickled_in_is_closed_at_the_request_timeout() {
+    let server = TestServer::start(Config { request_timeout: Duration::from_millis(800), ..config() }).await;
+    let mut c =
+        RawClient::connect(server.addr, &RawClient::text(&json!({"type": "hello", "version": 1}))).await;
+    let frame = RawClient::text(&json!({"type": "join", "room": "lobby", "pad": "x".repeat(200)}));
+    let started = Instant::now();
+    let mut sent = 0;
+    let closed = loop {
+        if sent < frame.len() {
+            // A byte every 100 ms: 2 s for the frame.
+            c.tcp.write_all(&frame[sent..sent + 1]).await.expect("write");
+            sent += 1;
+        }
+        match timeout(Duration::from_millis(100), c.next()).await {
+            Ok(None) => break true,
+            Ok(Some((0x8, _))) => break true,
+            Ok(Some(_)) | Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+    };
+    assert!(closed, "still open after 5 s with {sent} of {} bytes of a frame", frame.len());
+    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+}
+
 /// Over a connection cap a connection is answered 503 and closed; the slot
 /// of a connection that closes is given back.
 #[tokio::test]
