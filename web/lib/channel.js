@@ -182,6 +182,14 @@ export class Channel extends Emitter {
   }
 
   /**
+   * Whether a message of `bytes` would be taken now (sent, or queued).
+   * @param {number} bytes
+   */
+  fits(bytes) {
+    return !this.isClosed && this._queue.length < this.maxQueuedSends && this.queuedBytes + bytes <= this.maxQueuedBytes;
+  }
+
+  /**
    * Resolves when a message of `bytes` would be queued (a producer that
    * must not drop waits here: backpressure).
    * @param {number} [bytes]

@@ -17,6 +17,9 @@ import { RoomSecret, EVERYONE, REFUSED_KEY, sdpFingerprint } from './e2e.js';
 import { SealedChannel, SealError } from './sealed.js';
 import { Conn } from './conn.js';
 
+/** What a `direct` message adds to its payload on the wire (generously), as in the Rust twin. */
+const DIRECT_OVERHEAD = 64;
+
 /** Largest message {@link Room.broadcast} and {@link Room.sendTo} take (as in Rust). */
 export const MAX_ROOM_MESSAGE = 64 * 1024;
 /** Key of the server-routed messages that turn an overlay offer down (`busy`), or ask for signals through the server (`via_server`). */
@@ -357,7 +360,10 @@ export class Room extends Emitter {
 
   /**
    * Sends `data` to `peer` alone, over a direct connection opened on
-   * demand (overlay rooms). Returns false if it could not be queued.
+   * demand (overlay rooms). Returns false if it could not be queued: too
+   * much waits for the connection to come up or, once up, in its channel's
+   * send queue (what the overlay hands a full channel would be lost), or
+   * no connection can be opened; try again later.
    * @param {string} peer
    * @param {Uint8Array | string} data
    */
@@ -365,6 +371,8 @@ export class Room extends Emitter {
     const bytes = typeof data === 'string' ? new TextEncoder().encode(data) : data;
     if (!this.overlay) throw new Error('this room has no overlay: join with `overlay: true` to send to one peer');
     if (bytes.length > MAX_ROOM_MESSAGE) throw new Error(`room message of ${bytes.length} bytes exceeds the maximum of ${MAX_ROOM_MESSAGE}`);
+    const ch = (this.overlayChannels.get(peer) ?? []).find((c) => !c.isClosed);
+    if (ch && !ch.fits(bytes.length + DIRECT_OVERHEAD)) return false;
     const ok = this.overlay.sendDirect(peer, bytes, Date.now());
     this._overlayRun();
     return ok;

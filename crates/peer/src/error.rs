@@ -105,10 +105,10 @@ pub enum Error {
         max: usize,
     },
     /// A message to one peer was not queued: too much is waiting for its
-    /// connection to come up, or no connection can be opened within the
-    /// overlay's limit. Retry later.
+    /// connection to come up or, once up, in its send queue, or no
+    /// connection can be opened within the overlay's limit. Retry later.
     #[error(
-        "message to {0} not queued: its connection is being set up with too much waiting, or the connection limit is reached"
+        "message to {0} not queued: too much is waiting for its connection (being set up, or its send queue is full), or the connection limit is reached"
     )]
     NotQueued(PeerId),
 }

@@ -16,6 +16,9 @@ use crate::conn::ConnState;
 use crate::error::{Error, SendError};
 use crate::event::{Event, MessageKind, OverlayStats};
 
+/// What a `Direct` message adds to its payload on the wire (generously).
+const DIRECT_OVERHEAD: usize = 64;
+
 /// Key of the server-routed messages that turn an offer down (`busy`), or
 /// ask for signals through the server (`via_server`).
 const BUSY_KEY: &str = "peerlink_overlay";
@@ -358,6 +361,13 @@ impl Mesh {
     pub fn send_to(&mut self, peer: PeerId, data: Vec<u8>, now: Instant) -> Result<(), Error> {
         check_size(&data)?;
         let os = self.overlay.as_mut().ok_or(Error::NoOverlay)?;
+        // Up, its channel's send queue must take it now: what the overlay
+        // hands a full channel is dropped, so the caller hears it here
+        // instead (as `try_send` would say), and may try again.
+        let full = |c: &DataChannel| c.queued_bytes() + data.len() + DIRECT_OVERHEAD > c.queue_capacity();
+        if os.channels.get(&peer).and_then(|l| l.iter().find(|c| !c.is_closed())).is_some_and(full) {
+            return Err(Error::NotQueued(peer));
+        }
         let queued = os.ov.send_direct(peer.clone(), data, now);
         self.overlay_outputs(now);
         if queued { Ok(()) } else { Err(Error::NotQueued(peer)) }

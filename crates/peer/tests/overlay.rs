@@ -280,6 +280,66 @@ async fn a_large_room_broadcasts_to_everyone_with_few_connections_and_heals() {
     ));
 }
 
+/// Messages to one peer whose channel cannot take more (the peer's
+/// application stopped taking its events, so its room stopped reading):
+/// `send` refuses them (`NotQueued`, to try again) instead of accepting and
+/// dropping them; every message accepted arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_a_peer_that_cannot_take_it_is_refused_not_dropped() {
+    let server = Server::start().await;
+    let config = || {
+        let mut c = server.config("full");
+        c.overlay = Some(OverlayConfig::default());
+        c
+    };
+    let a = Room::join(config()).await.expect("join");
+    let mut b = Room::join(config()).await.expect("join");
+    let (aid, bid) = (a.id().clone(), b.id().clone());
+    let numbered = |i: u32| {
+        let mut v = vec![7u8; 60_000];
+        v[..4].copy_from_slice(&i.to_be_bytes());
+        v
+    };
+    // Connected: the first message is through.
+    until("a's first message queued", Duration::from_secs(20), async || {
+        a.send(&bid, numbered(0)).await.is_ok()
+    })
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(Event::Message { from, .. }) = b.next_event().await {
+                break from;
+            }
+        }
+    })
+    .await
+    .expect("the first message arrives");
+    assert_eq!(first, aid);
+    // b's application takes nothing now; a sends 24 MB.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 1..400 {
+        match a.send(&bid, numbered(i)).await {
+            Ok(()) => accepted.push(i),
+            Err(Error::NotQueued(p)) => {
+                assert_eq!(p, bid);
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "all {} accepted while the peer took nothing", accepted.len());
+    // b reads again: everything accepted, in order.
+    let mut got = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(3), b.next_event()).await {
+        if let Event::Message { data, .. } = ev {
+            got.push(u32::from_be_bytes(data[..4].try_into().unwrap()));
+        }
+    }
+    assert_eq!(got, accepted, "{refused} refused");
+}
+
 #[tokio::test]
 async fn broadcast_needs_an_overlay_room() {
     let server = Server::start().await;

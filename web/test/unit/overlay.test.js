@@ -584,6 +584,31 @@ test('room: an offer of a new session replaces the connection it would renegotia
   } finally { room._close('test'); }
 });
 
+test('room: a message to one peer whose channel cannot take it is refused, not handed on to be dropped', async () => {
+  const { Channel } = await import('../../lib/channel.js');
+  const { room, wire, link } = overlayRoom('me');
+  link('p');
+  // The connection's real channel, over a stand-in whose buffer never drains.
+  const raw = Object.assign(new EventTarget(), {
+    label: 'peerlink.overlay', readyState: 'open', bufferedAmount: 0, bufferedAmountLowThreshold: 0,
+    ordered: true, maxRetransmits: null, maxPacketLifeTime: null,
+    send(/** @type {Uint8Array} */ d) { this.bufferedAmount += d.byteLength; },
+  });
+  const ch = new Channel(/** @type {any} */ (raw), 'p', { maxBufferedAmount: 1 << 20, maxQueuedBytes: 256 << 10 });
+  room.overlayChannels.set('p', [ch]);
+  try {
+    const msg = new Uint8Array(60_000);
+    let accepted = 0;
+    while (room.sendTo('p', msg) && accepted < 200) accepted++;
+    // The browser's buffer (1 MiB) and the queue (256 KiB) took what fits.
+    assert.ok(accepted >= 20 && accepted < 30, `${accepted} accepted`);
+    assert.equal(room.overlay.stats.dropped, 0, 'nothing handed on and dropped');
+    assert.equal(wire.length, 0);
+    await new Promise((r) => setTimeout(r, 0));
+    assert.equal(room.overlay.stats.dropped, 0, 'no send rejected later');
+  } finally { room._close('test'); }
+});
+
 test('server-routed overlay messages match the fixture', () => {
   const f = JSON.parse(readFileSync(new URL('../../../fixtures/overlay/server_messages.json', import.meta.url), 'utf8'));
   assert.deepEqual({ [BUSY_KEY]: 'busy' }, f.busy);
