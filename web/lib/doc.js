@@ -29,7 +29,7 @@ export const docChannel = (name) => reliable(`${DOC_PREFIX}${name}`);
 /**
  * @typedef {object} DocEvents
  * @property {{ peer: string }} synced  the document caught up with `peer` (both sides exchanged what the other lacked)
- * @property {{ peer: string, error: string }} error  a message from `peer` that did not parse: that channel is dropped
+ * @property {{ peer: string, error: string }} error  a message from `peer` that did not parse, or one for it its channel refused (too large): sync with `peer` stops, that channel is dropped
  */
 
 /**
@@ -50,6 +50,8 @@ export class SharedDoc extends Emitter {
     this.channels = new Map();
     /** @type {Map<string, Set<number>>} awareness clients heard from each peer, forgotten when it goes */
     this.clientsOf = new Map();
+    /** @type {Set<string>} peers whose channel's queue was full: they get the whole state once it has room */
+    this.behind = new Set();
     /** @type {(() => void)[]} */
     this._detach = [];
     this.doc.on('update', (/** @type {Uint8Array} */ update, /** @type {unknown} */ origin) => {
@@ -109,6 +111,7 @@ export class SharedDoc extends Emitter {
 
   /** @param {string} peer */
   _remove(peer) {
+    this.behind.delete(peer);
     if (!this.channels.delete(peer)) return;
     const gone = [...(this.clientsOf.get(peer) ?? [])];
     this.clientsOf.delete(peer);
@@ -158,15 +161,37 @@ export class SharedDoc extends Emitter {
 
   /** @param {Channel} ch @param {Uint8Array} m */
   _send(ch, m) {
-    // A reliable channel with a bounded queue: a peer that cannot keep up
-    // loses its channel (it catches up from the state vector when it
-    // reconnects) rather than the page its memory.
-    ch.send(m).catch(() => {
-      if (this.channels.get(ch.peer) === ch) {
-        this._remove(ch.peer);
-        ch.close();
+    // Behind: what it misses goes in one update once its queue has room.
+    if (this.behind.has(ch.peer)) return;
+    ch.send(m).catch((/** @type {any} */ e) => {
+      if (this.channels.get(ch.peer) !== ch) return;
+      if (e?.code === 'overflow') {
+        // A peer that cannot keep up: its queue stays bounded, and what it
+        // missed is not lost (a CRDT update of the whole state merges).
+        void this._catchUp(ch);
+        return;
       }
+      this.emit('error', { peer: ch.peer, error: `sync with ${ch.peer} stopped: ${e instanceof Error ? e.message : e}` });
+      this._remove(ch.peer);
+      ch.close();
     });
+  }
+
+  /**
+   * Sends `ch`'s peer the whole state (and who is here) once everything
+   * queued for it has gone, sending it nothing else meanwhile.
+   * @param {Channel} ch
+   */
+  async _catchUp(ch) {
+    if (this.behind.has(ch.peer)) return;
+    this.behind.add(ch.peer);
+    await ch.flush();
+    if (this.channels.get(ch.peer) !== ch || !this.behind.delete(ch.peer)) return;
+    const e = encoding.createEncoder();
+    encoding.writeVarUint(e, MESSAGE_SYNC);
+    sync.writeUpdate(e, Y.encodeStateAsUpdate(this.doc));
+    this._send(ch, encoding.toUint8Array(e));
+    this._send(ch, this._awarenessMessage([...this.awareness.getStates().keys()]));
   }
 
   /** Stops sharing and frees the awareness timers. */

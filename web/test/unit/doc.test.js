@@ -112,3 +112,41 @@ test('doc: the state survives detach and attach to another room (away and back)'
   da.destroy();
   db.destroy();
 });
+
+test('doc: a peer whose channel is full misses nothing: it gets the whole state once the queue has room; a refused update stops sync with an error', async () => {
+  const [ra, rb] = [new FakeRoom('a'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('notes'), new SharedDoc('notes')];
+  da.attach(/** @type {any} */ (ra));
+  db.attach(/** @type {any} */ (rb));
+  const [cx] = link(ra, rb);
+  await settle();
+  /** @type {string[]} */
+  const errors = [];
+  da.on('error', ({ error }) => errors.push(error));
+  // a's channel to b refuses as a full queue does, until it has drained.
+  const send = cx.send.bind(cx);
+  let full = true;
+  /** @type {() => void} */
+  let drained = () => {};
+  cx.send = async (/** @type {Uint8Array} */ m) => {
+    if (full) throw Object.assign(new Error('send queue full'), { code: 'overflow' });
+    return send(m);
+  };
+  cx.flush = () => new Promise((r) => { drained = () => r(undefined); });
+  da.doc.getText('t').insert(0, 'typed while b could not keep up; ');
+  da.doc.getText('t').insert(0, 'and more. ');
+  await settle();
+  assert.equal(db.doc.getText('t').toString(), '', 'nothing got through yet');
+  full = false;
+  drained();
+  await settle();
+  assert.equal(db.doc.getText('t').toString(), da.doc.getText('t').toString());
+  assert.deepEqual(errors, []);
+  // Too large for the channel: sync with b stops, and a says so.
+  cx.send = async () => { throw Object.assign(new Error('message too large'), { code: 'too_large' }); };
+  da.doc.getText('t').insert(0, 'x');
+  await settle();
+  assert.equal(errors.length, 1);
+  assert.match(errors[0], /sync with b stopped: message too large/);
+  assert.equal(da.channels.has('b'), false);
+});
