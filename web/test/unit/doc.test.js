@@ -149,4 +149,6 @@ test('doc: a peer whose channel is full misses nothing: it gets the whole state 
   assert.equal(errors.length, 1);
   assert.match(errors[0], /sync with b stopped: message too large/);
   assert.equal(da.channels.has('b'), false);
+  da.destroy();
+  db.destroy();
 });
