@@ -3,32 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Channel } from '../../lib/channel.js';
+import { RawChannel } from './rawchannel.js';
 
-class RawChannel extends EventTarget {
-  constructor() {
-    super();
-    this.label = 'x';
-    this.readyState = 'open';
-    this.bufferedAmount = 0;
-    this.bufferedAmountLowThreshold = 0;
-    this.ordered = true;
-    this.maxRetransmits = null;
-    this.maxPacketLifeTime = null;
-    /** @type {Uint8Array[]} what the browser took, copied as it copies */
-    this.sent = [];
-  }
-  send(/** @type {Uint8Array} */ d) {
-    this.sent.push(d.slice());
-    this.bufferedAmount += d.byteLength;
-  }
-  /** The browser sends `n` bytes on the wire. @param {number} n */
-  drain(n) {
-    const before = this.bufferedAmount;
-    this.bufferedAmount = Math.max(0, before - n);
-    if (before > this.bufferedAmountLowThreshold && this.bufferedAmount <= this.bufferedAmountLowThreshold) this.dispatchEvent(new Event('bufferedamountlow'));
-  }
-  close() { this.readyState = 'closed'; this.dispatchEvent(new Event('close')); }
-}
 
 test('room() waits for the browser to have room; sendNow hands a reused buffer over or says no, never queues', async () => {
   const raw = new RawChannel();

@@ -586,14 +586,11 @@ test('room: an offer of a new session replaces the connection it would renegotia
 
 test('room: a message to one peer whose channel cannot take it is refused, not handed on to be dropped', async () => {
   const { Channel } = await import('../../lib/channel.js');
+  const { RawChannel } = await import('./rawchannel.js');
   const { room, wire, link } = overlayRoom('me');
   link('p');
   // The connection's real channel, over a stand-in whose buffer never drains.
-  const raw = Object.assign(new EventTarget(), {
-    label: 'peerlink.overlay', readyState: 'open', bufferedAmount: 0, bufferedAmountLowThreshold: 0,
-    ordered: true, maxRetransmits: null, maxPacketLifeTime: null,
-    send(/** @type {Uint8Array} */ d) { this.bufferedAmount += d.byteLength; },
-  });
+  const raw = new RawChannel('peerlink.overlay');
   const ch = new Channel(/** @type {any} */ (raw), 'p', { maxBufferedAmount: 1 << 20, maxQueuedBytes: 256 << 10 });
   room.overlayChannels.set('p', [ch]);
   try {

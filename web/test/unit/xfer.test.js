@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { SendTransfer, ReceiveTransfer } from '../../lib/xfer.js';
 import { Emitter } from '../../lib/events.js';
 import { Channel } from '../../lib/channel.js';
+import { RawChannel } from './rawchannel.js';
 import { chunkHash, hashesToHex } from '../../lib/transfer/hash.js';
 import { MIN_CHUNK_SIZE } from '../../lib/transfer/manifest.js';
 
@@ -52,26 +53,14 @@ test('a sender hashes its files ahead while no receiver is there', async () => {
   assert.equal(reads, total, 'nothing read again');
 });
 
-/** An RTCDataChannel stand-in wired to another: what one sends, the other gets. */
-class WiredRaw extends EventTarget {
-  /** @param {string} label */
-  constructor(label) {
-    super();
-    this.label = label;
-    this.readyState = 'open';
-    this.bufferedAmount = 0;
-    this.bufferedAmountLowThreshold = 0;
-    this.ordered = true;
-    this.maxRetransmits = null;
-    this.maxPacketLifeTime = null;
-    /** @type {WiredRaw | null} */
-    this.other = null;
-  }
+/** An RTCDataChannel stand-in wired to another: what one sends, the other gets at once. */
+class WiredRaw extends RawChannel {
+  /** @type {WiredRaw | null} */
+  other = null;
   send(/** @type {string | Uint8Array} */ d) {
     const data = typeof d === 'string' ? d : d.slice().buffer;
     queueMicrotask(() => this.other?.dispatchEvent(new MessageEvent('message', { data })));
   }
-  close() { this.readyState = 'closed'; this.dispatchEvent(new Event('close')); }
 }
 
 /** A paired link whose channels are `WiredRaw`s: `open` as soon as it starts. */
