@@ -30,6 +30,11 @@ const RECV_BATCH: usize = 16;
 /// Bytes of datagrams held while a channel's receive queue is full (about
 /// what the socket's receive buffer holds, which took them before).
 const HELD_DATA_BYTES: usize = 4 << 20;
+/// Room kept in the signaling queue (and among the messages held while
+/// reconnecting) for the room's own signals: past it the application's
+/// messages through the server are refused ([`crate::Error::SignalingBusy`])
+/// rather than fill it, which would end the room.
+const SIGNALING_RESERVE: usize = 128;
 /// Interval of application pings keeping the signaling link alive.
 const SIGNALING_PING: Duration = Duration::from_secs(15);
 /// How long a send waits for a full socket buffer before the datagram is
@@ -294,7 +299,12 @@ impl Driver {
             Command::OpenChannel { peer, spec, reply } => {
                 let _ = reply.send(self.mesh.open_channel(&peer, spec, now));
             }
-            Command::ServerSend { to, data } => self.mesh.send_via_server(to, data),
+            // Taken in the loop, where the signaling link is and its room
+            // is checked; here only if that ever changes.
+            Command::ServerSend { to, data, reply } => {
+                self.mesh.send_via_server(to, data);
+                let _ = reply.send(Ok(()));
+            }
             Command::Stats { peer, reply } => {
                 let _ = reply.send(self.mesh.stats(&peer));
             }
@@ -389,6 +399,18 @@ impl Driver {
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => match cmd {
+                    Some(Command::ServerSend { to, data, reply }) => {
+                        let room_for_it = match &link {
+                            Some(l) => l.outgoing.capacity() > SIGNALING_RESERVE,
+                            None => self.held.len() + SIGNALING_RESERVE < HELD_SIGNALING,
+                        };
+                        let _ = reply.send(if room_for_it {
+                            self.mesh.send_via_server(to, data);
+                            Ok(())
+                        } else {
+                            Err(crate::Error::SignalingBusy)
+                        });
+                    }
                     Some(cmd) => self.on_command(cmd, Instant::now()),
                     None => break "room handle dropped".to_string(),
                 },

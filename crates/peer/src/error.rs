@@ -104,6 +104,11 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A message through the server was not queued: the signaling link has
+    /// that much waiting already (the server reads slower than the room
+    /// sends). Retry later.
+    #[error("message through the server not queued: the signaling link has too much waiting; retry later")]
+    SignalingBusy,
     /// A message to one peer was not queued: too much is waiting for its
     /// connection to come up or, once up, in its send queue, or no
     /// connection can be opened within the overlay's limit. Retry later.

@@ -121,7 +121,7 @@ pub(crate) enum Command {
     Disconnect { peer: PeerId, reply: oneshot::Sender<()> },
     OpenChannel { peer: PeerId, spec: ChannelSpec, reply: oneshot::Sender<Result<(), Error>> },
     RestartIce { peer: PeerId, reply: oneshot::Sender<Result<(), Error>> },
-    ServerSend { to: Option<PeerId>, data: serde_json::Value },
+    ServerSend { to: Option<PeerId>, data: serde_json::Value, reply: oneshot::Sender<Result<(), Error>> },
     Stats { peer: PeerId, reply: oneshot::Sender<Option<PeerStats>> },
     Peers { reply: oneshot::Sender<Vec<PeerId>> },
     Gathering { reply: oneshot::Sender<GatherReport> },
@@ -290,7 +290,7 @@ impl Room {
     /// Sends `data` through the signaling server to one peer, or to everyone
     /// in the room when `to` is `None`. For setup before channels are open.
     pub async fn send_via_server(&self, to: Option<&PeerId>, data: serde_json::Value) -> Result<(), Error> {
-        self.commands.send(Command::ServerSend { to: to.cloned(), data }).await.map_err(|_| Error::RoomClosed)
+        self.call(|reply| Command::ServerSend { to: to.cloned(), data, reply }).await?
     }
 
     /// Seals `channel` end to end at the application layer (a sealed

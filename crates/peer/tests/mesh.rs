@@ -148,8 +148,13 @@ async fn events_the_application_does_not_take_stay_bounded() {
     // 60 KB each: 36 MB in all, far more than the reader's 4 MiB of events,
     // the server's 1 MiB queue for it and the sockets in between.
     let pad = "x".repeat(60_000);
+    let mut not_queued = 0;
     for i in 0..SENT {
-        writer.room.send_via_server(Some(&to), serde_json::json!({ "i": i, "pad": pad })).await.unwrap();
+        match writer.room.send_via_server(Some(&to), serde_json::json!({ "i": i, "pad": pad })).await {
+            Ok(()) => {}
+            Err(peerlink_peer::Error::SignalingBusy) => not_queued += 1,
+            Err(e) => panic!("{e}"),
+        }
         if i % 16 == 15 {
             // Paced a little: the writer's own outgoing queue (512 messages)
             // is not what this is about.
@@ -170,10 +175,51 @@ async fn events_the_application_does_not_take_stay_bounded() {
     let busy = writer.server_errors.iter().filter(|c| **c == ErrorCode::PeerBusy).count();
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
     assert_eq!(
-        got.len() + busy,
+        got.len() + busy + not_queued,
         SENT,
-        "each message either arrived or was refused to its sender ({} arrived, {busy} refused)",
+        "each message either arrived or was refused to its sender ({} arrived, {busy} refused by the server, {not_queued} by the room)",
         got.len()
     );
+    server.stop().await;
+}
+
+/// An application sending through the server faster than the server reads:
+/// past what the signaling link keeps for the room's own signals, `send_via_server`
+/// refuses with `SignalingBusy` (try again) instead of filling the link's
+/// queue, which ends the room ("signaling server is not reading").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_through_the_server_faster_than_it_reads_is_refused_not_fatal() {
+    use peerlink_peer::Room;
+    let mut config = peerlink_signal::Config::default();
+    config.limits.messages_per_second = 1_000_000;
+    config.limits.message_burst = 1_000_000;
+    let server = Server::start_with(config).await;
+    let mut cfg = server.config("burst");
+    cfg.channels = vec![];
+    let reader = Room::join(cfg.clone()).await.unwrap();
+    let mut writer = Peer::join(cfg).await;
+    let to = reader.id().clone();
+    let pad = "x".repeat(60_000);
+    let (mut sent, mut busy) = (0, 0);
+    for i in 0..1500 {
+        match writer.room.send_via_server(Some(&to), serde_json::json!({ "i": i, "pad": pad })).await {
+            Ok(()) => sent += 1,
+            Err(Error::SignalingBusy) => busy += 1,
+            Err(e) => panic!("after {sent} sent and {busy} refused: {e}"),
+        }
+    }
+    // The room is still up: a short message goes once the link drains.
+    writer.pump_for(Duration::from_millis(500)).await;
+    assert_eq!(writer.closed, None, "{sent} sent, {busy} refused");
+    let mut ok = false;
+    for _ in 0..100 {
+        if writer.room.send_via_server(Some(&to), serde_json::json!({ "last": true })).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the link took a message again");
+    drop(reader);
     server.stop().await;
 }
