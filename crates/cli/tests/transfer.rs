@@ -489,6 +489,38 @@ fn ctrl_c_on_the_sender_cancels_both_sides() {
     cancel_from("sender");
 }
 
+/// A receiver that asks for every chunk of a file at once and then reads
+/// nothing fills the sender's data path and its queue of chunks to send;
+/// the sender must still hear Ctrl-C (it used to wait on that queue and
+/// ignore it until killed).
+#[test]
+fn a_sender_facing_a_receiver_that_asks_for_everything_and_stops_reading_still_stops_on_ctrl_c() {
+    let server = serve();
+    let t = Scratch::new("hostile-want");
+    write_big(&t.path("big.bin"), 64, 13);
+    let out = t.path("out");
+    // 16 KiB chunks: 4,096 of them, far more than the sender queues.
+    let mut s = send(&server.url, &[&t.str("big.bin")], &[], &[("PEERLINK_TEST_FAULT", "chunk-size=16384")]);
+    let code = code_of(&mut s);
+    let mut args = vec!["receive".to_string()];
+    args.extend(net_args(&server.url));
+    args.extend(["--out".into(), out.to_string_lossy().into_owned(), "--yes".into(), code]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut r = Proc::spawn_env(&args, &[("PEERLINK_TEST_FAULT", "want-all")]);
+    s.expect_event("accepted", |_| true);
+    // Long enough for the channel, the pump and its queue to fill.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    s.signal("INT");
+    assert_eq!(s.wait_exit(), 3, "{:?}\n{}", s.seen, s.stderr());
+    let f = finished(&s);
+    assert!(
+        f["bytes_sent"].as_u64().unwrap() < 64 << 20,
+        "the receiver read nothing, so not all was sent: {f}"
+    );
+    r.terminate();
+    let _ = r.wait_exit();
+}
+
 #[test]
 fn a_full_disk_is_reported_and_partial_data_kept() {
     // A 4 MiB tmpfs in a mount namespace of the receiver's own.

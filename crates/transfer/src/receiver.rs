@@ -329,6 +329,11 @@ impl Receiver {
         let _ = self.check(result);
     }
 
+    /// Whether the transfer has ended (complete, declined or cancelled).
+    pub fn is_over(&self) -> bool {
+        self.phase.is_final()
+    }
+
     /// Ends the transfer from this side: queues a `cancel` for the sender
     /// and a `Cancelled` event. Ignored once ended.
     pub fn cancel(&mut self, code: CancelCode, reason: String) {

@@ -180,6 +180,12 @@ impl Sender {
         &self.manifest
     }
 
+    /// Whether the transfer has ended (finished, declined or cancelled):
+    /// no more data will be asked for.
+    pub fn is_over(&self) -> bool {
+        self.state.is_final()
+    }
+
     /// A receiver (re)connected: announce the manifest again and forget the
     /// previous session's requests, including `Hash` requests still with the
     /// driver (their results are still welcome, but nothing waits for them,

@@ -12,7 +12,7 @@ mod ui;
 
 use std::time::Duration;
 
-use peerlink_transfer::CancelCode;
+use peerlink_transfer::{CancelCode, Ctl};
 
 use crate::common::IceArgs;
 
@@ -75,6 +75,20 @@ async fn recv_on(channel: &Option<peerlink_peer::DataChannel>) -> Option<peerlin
     }
 }
 
+/// Sends a control message that found the channel full once there is room;
+/// returns at once (dropping it) if the channel is gone or closes.
+async fn send_held(text: Option<&str>, ctl: Option<&peerlink_peer::DataChannel>) {
+    match (text, ctl) {
+        (Some(text), Some(ctl)) => {
+            if let Err(e) = ctl.send(text).await {
+                tracing::debug!("control message not sent: {e}");
+            }
+        }
+        (Some(_), None) => {}
+        (None, _) => std::future::pending().await,
+    }
+}
+
 /// Waits (briefly) for the other side to leave after our final message.
 async fn linger(link: &mut link::Link) {
     let gone = async {
@@ -128,12 +142,16 @@ impl Outcome {
 /// `corrupt=FILE:OFFSET` flips a byte of the chunk at OFFSET of file FILE
 /// once, after the sender checked it; `manifest-path=PATH` replaces the first
 /// file's path in the manifest the sender announces; `throttle=BYTES` caps
-/// the sender at BYTES per second.
+/// the sender at BYTES per second; `chunk-size=BYTES` offers chunks of that
+/// size; `want-all` makes the receiver ask for every chunk of the file in
+/// its first `want` and then read no more data, as a hostile receiver would.
 #[derive(Debug, Clone, Default)]
 pub struct Fault {
     corrupt: Option<(u32, u64)>,
     manifest_path: Option<String>,
     throttle: Option<u64>,
+    chunk_size: Option<u32>,
+    want_all: bool,
 }
 
 impl Fault {
@@ -150,6 +168,8 @@ impl Fault {
                 }
                 Some(("manifest-path", v)) => f.manifest_path = Some(v.to_string()),
                 Some(("throttle", v)) => f.throttle = v.parse().ok(),
+                Some(("chunk-size", v)) => f.chunk_size = v.parse().ok(),
+                None if part == "want-all" => f.want_all = true,
                 _ => {}
             }
         }
@@ -163,6 +183,23 @@ impl Fault {
 
     fn throttle(&self) -> Option<u64> {
         self.throttle
+    }
+
+    fn chunk_size(&self) -> Option<u32> {
+        self.chunk_size
+    }
+
+    /// With `want-all`, a `want` becomes one range from its first chunk to
+    /// the file's last, and the receiver stops reading data (`true`).
+    fn rewrite_want(&self, msg: Ctl, chunks: impl Fn(u32) -> Option<u32>) -> (Ctl, bool) {
+        match msg {
+            Ctl::Want { file, ranges } if self.want_all => {
+                let start = ranges.first().map_or(0, |r| r[0]);
+                let end = chunks(file).unwrap_or(start + 1);
+                (Ctl::Want { file, ranges: vec![[start, end]] }, true)
+            }
+            other => (other, false),
+        }
     }
 
     /// Rewrites the first `file` entry's path of a `manifest_part`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use peerlink_pair::{Code, Role};
-use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
+use peerlink_peer::{DataChannel, Message, Room, RoomConfig, SendError};
 use peerlink_transfer::{
     CancelCode, EntryKind, Hash, Manifest, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput, RelPath,
     to_hex,
@@ -25,7 +25,7 @@ use super::report::{Report, Side, Totals};
 use super::ui::Ui;
 use crate::common::humantime;
 
-use super::{Common, Outcome};
+use super::{Common, Fault, Outcome};
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -188,6 +188,9 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     let mut ctl: Option<DataChannel> = None;
     let mut data: Option<DataChannel> = None;
     let mut receiver = Receiver::new(ReceiverConfig::default());
+    let fault = Fault::from_env();
+    // Set by the `want-all` test fault: data is no longer read.
+    let mut stalled = false;
     let mut files: HashMap<u32, Open> = HashMap::new();
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(512);
     let mut prompt: Option<oneshot::Receiver<bool>> = None;
@@ -202,15 +205,32 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
     // The file data last arrived for, and how far into it.
     let mut current: Option<(u32, u64)> = None;
 
+    // A control message that found the channel full: until it goes, the
+    // loop takes nothing more from the engine but keeps answering the link,
+    // the sender and Ctrl-C (a sender that stops reading cannot make the
+    // receiver deaf). Dropped once the transfer is over.
+    let mut held: Option<String> = None;
+    let mut interrupted = false;
+
     let outcome = loop {
         let mut finished = None;
-        while let Some(output) = receiver.poll() {
+        if receiver.is_over() {
+            held = None;
+        }
+        while held.is_none()
+            && let Some(output) = receiver.poll()
+        {
             match output {
                 ReceiverOutput::Ctl(msg) => {
-                    if let Some(ctl) = &ctl
-                        && ctl.send(msg.to_json()).await.is_err()
-                    {
-                        tracing::debug!("control channel closed");
+                    let (msg, stall) = fault.rewrite_want(msg, |f| receiver.manifest()?.chunk_count(f));
+                    stalled |= stall;
+                    if let Some(ctl) = &ctl {
+                        let text = msg.to_json();
+                        match ctl.try_send(text.as_str()) {
+                            Err(SendError::Overflow { .. }) if !receiver.is_over() => held = Some(text),
+                            Err(e) => tracing::debug!("control message not sent: {e}"),
+                            Ok(()) => {}
+                        }
                     }
                 }
                 ReceiverOutput::Event(ev) => match ev {
@@ -339,7 +359,11 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
             }
         };
         tokio::select! {
-            _ = &mut shutdown => receiver.cancel(CancelCode::User, "the receiver cancelled".into()),
+            _ = &mut shutdown, if !interrupted => {
+                interrupted = true;
+                receiver.cancel(CancelCode::User, "the receiver cancelled".into());
+            }
+            () = super::send_held(held.as_deref(), ctl.as_ref()), if held.is_some() => held = None,
             yes = answer => {
                 prompt = None;
                 if yes {
@@ -361,7 +385,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                 Some(Message::Binary(_)) => tracing::warn!("sender broke the protocol: binary control message"),
                 None => ctl = None,
             },
-            m = super::recv_on(&data) => match m {
+            m = super::recv_on(&data), if !stalled => match m {
                 Some(Message::Binary(frame)) => {
                     if let Ok((file, offset, payload)) = peerlink_transfer::decode_frame(&frame) {
                         current = Some((file, offset + payload.len() as u64));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use peerlink_pair::{Code, Role};
-use peerlink_peer::{DataChannel, Message, Room, RoomConfig};
+use peerlink_peer::{DataChannel, Message, Room, RoomConfig, SendError};
 use peerlink_transfer::{
     CancelCode, Ctl, DEFAULT_CHUNK_SIZE, FRAME_HEADER, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender,
     SenderEvent, SenderOutput,
@@ -159,6 +159,29 @@ struct Job {
     len: u32,
 }
 
+/// An engine output waiting for room; see the sender's loop.
+enum Held {
+    Ctl(String),
+    Job(Job),
+}
+
+/// Hands `held` on once there is room; returns at once if what it was for
+/// (the control channel, the pump) is gone, dropping it as a send to a closed
+/// channel would.
+async fn deliver(held: Option<&Held>, ctl: Option<&DataChannel>, pump: Option<&Pump>) {
+    match held {
+        Some(Held::Ctl(text)) => super::send_held(Some(text), ctl).await,
+        Some(Held::Job(job)) => {
+            if let Some(p) = pump
+                && let Ok(permit) = p.jobs.reserve().await
+            {
+                permit.send(*job);
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What the data pump reports back.
 #[derive(Debug)]
 enum PumpReport {
@@ -188,9 +211,9 @@ impl Pump {
         position: Arc<Mutex<Option<(u32, u64)>>>,
         fault: Fault,
     ) -> Pump {
-        // The engine asks for at most the receiver's window of chunks, so
-        // this bound is not reached in practice; if it were, the engine
-        // loop would wait, which is the backpressure we want.
+        // An honest receiver asks for at most its window of chunks, so this
+        // bound is not reached in practice; when it is, the sender's loop
+        // holds the next job and stops taking data from the engine.
         let (jobs, mut rx) = mpsc::channel::<Job>(256);
         let task = tokio::spawn(async move {
             let frame_max = data.max_message_size().min(64 * 1024);
@@ -299,8 +322,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     if let Some(text) = &args.text {
         source.push_text(text.clone())?;
     }
-    let manifest =
-        Manifest::new(DEFAULT_CHUNK_SIZE, source.entries.clone()).context("cannot send these files")?;
+    let fault = Fault::from_env();
+    let manifest = Manifest::new(fault.chunk_size().unwrap_or(DEFAULT_CHUNK_SIZE), source.entries.clone())
+        .context("cannot send these files")?;
     let srcs: Arc<Vec<Src>> = Arc::new(
         source
             .files
@@ -322,7 +346,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     }
     let total = manifest.total_bytes();
     let files = manifest.file_count();
-    let fault = Fault::from_env();
 
     // One hasher, pages in the order asked: the first page is ready after
     // one page's work and data moves while the rest is hashed. (A task per
@@ -370,25 +393,50 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
     let shutdown = crate::common::shutdown_signal();
     tokio::pin!(shutdown);
 
+    // An output the engine gave that could not be handed on without waiting
+    // (the pump's queue or the control channel is full). Until it goes, the
+    // loop takes nothing more from the engine but keeps answering the link,
+    // the receiver and Ctrl-C: a receiver that asks for every chunk and then
+    // stops reading cannot make the sender deaf.
+    let mut held: Option<Held> = None;
+    let mut interrupted = false;
+
     let outcome = loop {
         // Do what the engine asks.
         let mut finished = None;
-        while let Some(out) = sender.poll() {
+        if sender.is_over() {
+            // Data and hashes are no longer wanted, and a held control
+            // message is dropped rather than waited for: the cancel behind it
+            // goes only if there is room, and the receiver learns the rest
+            // from the connection ending.
+            held = None;
+        }
+        while held.is_none()
+            && let Some(out) = sender.poll()
+        {
             match out {
                 SenderOutput::Ctl(msg) => {
                     let text = fault.rewrite_ctl(msg.to_json());
-                    if let Some(ctl) = &ctl
-                        && ctl.send(text).await.is_err()
-                    {
-                        tracing::debug!("control channel closed");
+                    if let Some(ctl) = &ctl {
+                        match ctl.try_send(text.as_str()) {
+                            Err(SendError::Overflow { .. }) if !sender.is_over() => {
+                                held = Some(Held::Ctl(text))
+                            }
+                            Err(e) => tracing::debug!("control message not sent: {e}"),
+                            Ok(()) => {}
+                        }
                     }
                 }
                 SenderOutput::Hash { file, from, count } => {
-                    let _ = hash_jobs.send(hasher::Job { file, from, count }).await;
+                    // Sized for every request the engine can hold: never full.
+                    let _ = hash_jobs.try_send(hasher::Job { file, from, count });
                 }
                 SenderOutput::Send { file, offset, len, .. } => {
-                    if let Some(p) = &pump {
-                        let _ = p.jobs.send(Job { file, offset, len }).await;
+                    if let Some(p) = &pump
+                        && let Err(mpsc::error::TrySendError::Full(job)) =
+                            p.jobs.try_send(Job { file, offset, len })
+                    {
+                        held = Some(Held::Job(job));
                     }
                 }
                 SenderOutput::Event(SenderEvent::Accepted) => {
@@ -418,10 +466,12 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
             }
         };
         tokio::select! {
-            _ = &mut shutdown => {
+            _ = &mut shutdown, if !interrupted => {
+                interrupted = true;
                 sender.cancel(CancelCode::User, "the sender cancelled".into());
                 continue;
             }
+            () = deliver(held.as_ref(), ctl.as_ref(), pump.as_ref()), if held.is_some() => held = None,
             ev = link.next() => match ev {
                 Err(e) => break link_failure(e),
                 Ok(LinkEvent::PeerSeen) => ui.show(Report::PeerSeen { side: Side::Sender }),
