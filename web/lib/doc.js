@@ -19,6 +19,95 @@ import { Emitter } from './events.js';
 export const DOC_PREFIX = 'peerlink-doc:';
 const MESSAGE_SYNC = 0;
 const MESSAGE_AWARENESS = 1;
+const MESSAGE_PART = 16;
+/** Largest channel message a document writes: longer messages go in parts. */
+export const PART_LIMIT = 65_536;
+/** Largest message a document writes or collects from parts (64 MiB). */
+export const MAX_DOC_MESSAGE = 64 << 20;
+
+/**
+ * `m` as the channel messages that carry it: itself if it fits in `limit`
+ * bytes, else parts (message type 16) of at most `limit` bytes each,
+ * header included.
+ * @param {Uint8Array} m @param {number} limit
+ * @returns {Uint8Array[]}
+ */
+export function splitMessage(m, limit) {
+  if (m.byteLength <= limit) return [m];
+  const parts = [];
+  for (let offset = 0; offset < m.byteLength; ) {
+    const e = encoding.createEncoder();
+    encoding.writeVarUint(e, MESSAGE_PART);
+    encoding.writeVarUint(e, m.byteLength);
+    encoding.writeVarUint(e, offset);
+    const take = Math.min(m.byteLength - offset, limit - encoding.length(e));
+    encoding.writeUint8Array(e, m.subarray(offset, offset + take));
+    parts.push(encoding.toUint8Array(e));
+    offset += take;
+  }
+  return parts;
+}
+
+/**
+ * Collects the parts of one channel's messages (docs/PROTOCOL.md, "Shared
+ * documents", type 16): {@link Reassembly.push} returns each whole message
+ * as it completes, and throws on parts that break the rules.
+ */
+export class Reassembly {
+  constructor() {
+    /** @type {Uint8Array[]} */
+    this.pieces = [];
+    this.total = 0;
+    this.received = 0;
+  }
+
+  /**
+   * The whole message `m` completes, `m` itself if it is not a part, or
+   * null while parts are being collected.
+   * @param {Uint8Array} m
+   * @returns {Uint8Array | null}
+   */
+  push(m) {
+    const d = decoding.createDecoder(m);
+    if (decoding.readVarUint(d) !== MESSAGE_PART) {
+      // The writer stopped the message it was sending in parts.
+      this._reset();
+      return m;
+    }
+    const total = decoding.readVarUint(d);
+    const offset = decoding.readVarUint(d);
+    const data = m.subarray(d.pos);
+    if (data.byteLength === 0) throw new Error('an empty part');
+    if (total > MAX_DOC_MESSAGE) throw new Error(`a message of ${total} bytes in parts (at most ${MAX_DOC_MESSAGE})`);
+    if (offset === 0) {
+      this._reset();
+      this.total = total;
+    } else if (this.pieces.length === 0) {
+      throw new Error('a part of a message whose start never came');
+    } else if (total !== this.total || offset !== this.received) {
+      throw new Error(`a part at ${offset} of ${total} after ${this.received} of ${this.total}`);
+    }
+    if (offset + data.byteLength > total) throw new Error('a part running past its message');
+    this.pieces.push(data);
+    this.received += data.byteLength;
+    if (this.received < total) return null;
+    const whole = new Uint8Array(total);
+    let at = 0;
+    for (const p of this.pieces) {
+      whole.set(p, at);
+      at += p.byteLength;
+    }
+    this._reset();
+    if (decoding.readVarUint(decoding.createDecoder(whole)) === MESSAGE_PART) throw new Error('a part made of parts');
+    return whole;
+  }
+
+  _reset() {
+    this.pieces = [];
+    this.total = 0;
+    this.received = 0;
+  }
+}
 
 /** The channel a room opens for document `name` (put it in the room's `channels`). @param {string} name */
 export const docChannel = (name) => reliable(`${DOC_PREFIX}${name}`);
@@ -29,7 +118,7 @@ export const docChannel = (name) => reliable(`${DOC_PREFIX}${name}`);
 /**
  * @typedef {object} DocEvents
  * @property {{ peer: string }} synced  the document caught up with `peer` (both sides exchanged what the other lacked)
- * @property {{ peer: string, error: string }} error  a message from `peer` that did not parse, or one for it its channel refused (too large): sync with `peer` stops, that channel is dropped
+ * @property {{ peer: string, error: string }} error  a message from `peer` that did not parse, or one for it that could not be sent (its channel closed, or over 64 MiB): sync with `peer` stops, that channel is dropped
  */
 
 /**
@@ -50,8 +139,12 @@ export class SharedDoc extends Emitter {
     this.channels = new Map();
     /** @type {Map<string, Set<number>>} awareness clients heard from each peer, forgotten when it goes */
     this.clientsOf = new Map();
-    /** @type {Set<string>} peers whose channel's queue was full: they get the whole state once it has room */
+    /** @type {Set<string>} peers sent nothing for now: their queue was full (they get the whole state once it has room), or a message to them is going in parts */
     this.behind = new Set();
+    /** @type {Set<string>} peers behind that missed a message meanwhile */
+    this.missed = new Set();
+    /** @type {Map<string, Uint8Array>} state vectors of peers behind whose sync step 1 waits for an answer */
+    this.owed = new Map();
     /** @type {(() => void)[]} */
     this._detach = [];
     this.doc.on('update', (/** @type {Uint8Array} */ update, /** @type {unknown} */ origin) => {
@@ -92,10 +185,12 @@ export class SharedDoc extends Emitter {
     const old = this.channels.get(ch.peer);
     if (old === ch) return;
     this.channels.set(ch.peer, ch);
+    const parts = new Reassembly();
     ch.on('message', (m) => {
       if (this.channels.get(ch.peer) !== ch || !(m instanceof Uint8Array)) return;
       try {
-        this._receive(ch, m);
+        const whole = parts.push(m);
+        if (whole) this._receive(ch, whole);
       } catch (e) {
         this.emit('error', { peer: ch.peer, error: String(e) });
         this._remove(ch.peer);
@@ -112,6 +207,8 @@ export class SharedDoc extends Emitter {
   /** @param {string} peer */
   _remove(peer) {
     this.behind.delete(peer);
+    this.missed.delete(peer);
+    this.owed.delete(peer);
     if (!this.channels.delete(peer)) return;
     const gone = [...(this.clientsOf.get(peer) ?? [])];
     this.clientsOf.delete(peer);
@@ -123,6 +220,13 @@ export class SharedDoc extends Emitter {
     const d = decoding.createDecoder(m);
     const type = decoding.readVarUint(d);
     if (type === MESSAGE_SYNC) {
+      if (this.behind.has(ch.peer) && decoding.peekVarUint(d) === sync.messageYjsSyncStep1) {
+        // Answered once the peer is no longer behind (the answer covers
+        // what it missed meanwhile).
+        decoding.readVarUint(d);
+        this.owed.set(ch.peer, decoding.readVarUint8Array(d));
+        return;
+      }
       const reply = encoding.createEncoder();
       encoding.writeVarUint(reply, MESSAGE_SYNC);
       const kind = sync.readSyncMessage(d, reply, this.doc, ch.peer);
@@ -161,8 +265,20 @@ export class SharedDoc extends Emitter {
 
   /** @param {Channel} ch @param {Uint8Array} m */
   _send(ch, m) {
-    // Behind: what it misses goes in one update once its queue has room.
-    if (this.behind.has(ch.peer)) return;
+    // Behind: what it misses goes in one update afterwards.
+    if (this.behind.has(ch.peer)) {
+      this.missed.add(ch.peer);
+      return;
+    }
+    if (m.byteLength > MAX_DOC_MESSAGE) {
+      this._fail(ch, `a document message of ${m.byteLength} bytes (at most ${MAX_DOC_MESSAGE})`);
+      return;
+    }
+    const limit = Math.min(PART_LIMIT, ch.maxMessageSize);
+    if (m.byteLength > limit) {
+      void this._sendParts(ch, m, limit);
+      return;
+    }
     ch.send(m).catch((/** @type {any} */ e) => {
       if (this.channels.get(ch.peer) !== ch) return;
       if (e?.code === 'overflow') {
@@ -171,10 +287,39 @@ export class SharedDoc extends Emitter {
         void this._catchUp(ch);
         return;
       }
-      this.emit('error', { peer: ch.peer, error: `sync with ${ch.peer} stopped: ${e instanceof Error ? e.message : e}` });
-      this._remove(ch.peer);
-      ch.close();
+      this._fail(ch, e instanceof Error ? e.message : String(e));
     });
+  }
+
+  /**
+   * Sends `m` in parts, each once the queue has room for it, and nothing
+   * else to `ch`'s peer meanwhile; then what changed since `m` was made.
+   * @param {Channel} ch @param {Uint8Array} m @param {number} limit
+   */
+  async _sendParts(ch, m, limit) {
+    const peer = ch.peer;
+    // `m` was made from the document as it is now.
+    const since = Y.encodeStateVector(this.doc);
+    this.behind.add(peer);
+    try {
+      for (const part of splitMessage(m, limit)) {
+        await ch.ready(part.byteLength);
+        if (this.channels.get(peer) !== ch) return;
+        ch.trySend(part);
+      }
+    } catch (e) {
+      if (this.channels.get(peer) === ch) this._fail(ch, e instanceof Error ? e.message : String(e));
+      return;
+    }
+    if (this.channels.get(peer) !== ch || !this.behind.delete(peer)) return;
+    this._resume(ch, since);
+  }
+
+  /** @param {Channel} ch @param {string} why */
+  _fail(ch, why) {
+    this.emit('error', { peer: ch.peer, error: `sync with ${ch.peer} stopped: ${why}` });
+    this._remove(ch.peer);
+    ch.close();
   }
 
   /**
@@ -187,9 +332,25 @@ export class SharedDoc extends Emitter {
     this.behind.add(ch.peer);
     await ch.flush();
     if (this.channels.get(ch.peer) !== ch || !this.behind.delete(ch.peer)) return;
+    this._resume(ch);
+  }
+
+  /**
+   * After a pause in what `ch`'s peer was sent: the answer to its sync
+   * step 1 if one waits (it covers everything), else what the document
+   * has beyond state vector `since` if the peer missed something (without
+   * `since`, the whole state), and every awareness state.
+   * @param {Channel} ch @param {Uint8Array} [since]
+   */
+  _resume(ch, since) {
+    const owed = this.owed.get(ch.peer);
+    this.owed.delete(ch.peer);
+    const missed = this.missed.delete(ch.peer);
     const e = encoding.createEncoder();
     encoding.writeVarUint(e, MESSAGE_SYNC);
-    sync.writeUpdate(e, Y.encodeStateAsUpdate(this.doc));
+    if (owed) sync.writeSyncStep2(e, this.doc, owed);
+    else if (missed || !since) sync.writeUpdate(e, Y.encodeStateAsUpdate(this.doc, since));
+    else return;
     this._send(ch, encoding.toUint8Array(e));
     this._send(ch, this._awarenessMessage([...this.awareness.getStates().keys()]));
   }

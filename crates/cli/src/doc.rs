@@ -105,6 +105,85 @@ impl DocMsg {
     }
 }
 
+/// Message type of a part of a message (docs/PROTOCOL.md, "Shared documents").
+const MESSAGE_PART: u64 = 16;
+/// Largest channel message a document writes: longer messages go in parts.
+pub const PART_LIMIT: usize = 64 * 1024;
+/// Largest message a document writes or collects from parts.
+pub const MAX_DOC_MESSAGE: usize = 64 << 20;
+
+/// `msg` as the channel messages that carry it: itself if it fits in
+/// `limit` bytes, else parts of at most `limit` bytes each, header included.
+pub fn split_parts(msg: &[u8], limit: usize) -> Vec<Vec<u8>> {
+    if msg.len() <= limit {
+        return vec![msg.to_vec()];
+    }
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    while offset < msg.len() {
+        let mut part = Vec::with_capacity(limit);
+        write_varuint(&mut part, MESSAGE_PART);
+        write_varuint(&mut part, msg.len() as u64);
+        write_varuint(&mut part, offset as u64);
+        let take = (msg.len() - offset).min(limit - part.len());
+        part.extend_from_slice(&msg[offset..offset + take]);
+        parts.push(part);
+        offset += take;
+    }
+    parts
+}
+
+/// Collects the parts of one channel's messages: [`Reassembly::push`]
+/// gives each whole message as it completes.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    whole: Vec<u8>,
+    total: usize,
+}
+
+impl Reassembly {
+    /// The whole message `m` completes, `m` itself if it is not a part, or
+    /// `None` while parts are being collected.
+    pub fn push(&mut self, m: &[u8]) -> Result<Option<Vec<u8>>, BadMessage> {
+        let mut at = 0;
+        if read_varuint(m, &mut at)? != MESSAGE_PART {
+            // The writer stopped the message it was sending in parts.
+            *self = Reassembly::default();
+            return Ok(Some(m.to_vec()));
+        }
+        let total = read_varuint(m, &mut at)?;
+        let offset = read_varuint(m, &mut at)?;
+        let data = &m[at..];
+        if data.is_empty() {
+            return Err(BadMessage("an empty part"));
+        }
+        if total > MAX_DOC_MESSAGE as u64 {
+            return Err(BadMessage("a message in parts over 64 MiB"));
+        }
+        let (total, offset) = (total as usize, offset as usize);
+        if offset == 0 {
+            *self = Reassembly { whole: Vec::new(), total };
+        } else if self.whole.is_empty() {
+            return Err(BadMessage("a part of a message whose start never came"));
+        } else if total != self.total || offset != self.whole.len() {
+            return Err(BadMessage("a part that does not follow the last"));
+        }
+        if offset + data.len() > total {
+            return Err(BadMessage("a part running past its message"));
+        }
+        self.whole.extend_from_slice(data);
+        if self.whole.len() < total {
+            return Ok(None);
+        }
+        let whole = std::mem::take(&mut self.whole);
+        *self = Reassembly::default();
+        if read_varuint(&whole, &mut 0)? == MESSAGE_PART {
+            return Err(BadMessage("a part made of parts"));
+        }
+        Ok(Some(whole))
+    }
+}
+
 /// A document and, for `keep`, its file: updates appended as they come
 /// (`u32` little-endian length, then a Y.js v1 update), compacted into one
 /// update on start and every so often.
@@ -271,15 +350,45 @@ impl JoinArgs {
     }
 }
 
+/// What a document channel's reader and the writers' tasks tell the loop.
+enum Incoming {
+    /// A whole message from `peer` on document `name` (parts collected), or
+    /// why what came does not parse.
+    Message { peer: PeerId, name: String, msg: Result<Vec<u8>, BadMessage> },
+    /// What held back sending to `peer` (a full queue, a message in parts)
+    /// is over. `since`: the state vector the message in parts was made
+    /// from; `None` after a full queue.
+    Resume { peer: PeerId, name: String, epoch: u64, since: Option<StateVector> },
+}
+
+/// One peer's channel for one document, and what is held back for it.
+struct Out {
+    channel: DataChannel,
+    /// Tells this channel from an earlier one of the same peer and document.
+    epoch: u64,
+    /// Sent nothing for now: its queue was full, or a message to it is
+    /// going in parts. What it misses goes in one update afterwards.
+    behind: bool,
+    missed: bool,
+    /// Its sync step 1 (state vector), waiting for an answer until it is
+    /// no longer behind.
+    owed: Option<Vec<u8>>,
+}
+
 /// The documents of one room and their channels, one per peer and document.
 struct Docs {
     docs: HashMap<String, Kept>,
-    channels: HashMap<(PeerId, String), DataChannel>,
+    channels: HashMap<(PeerId, String), Out>,
+    epochs: u64,
     dir: Option<PathBuf>,
-    incoming: mpsc::Sender<(PeerId, String, Message)>,
+    incoming: mpsc::Sender<Incoming>,
 }
 
 impl Docs {
+    fn new(dir: Option<PathBuf>, incoming: mpsc::Sender<Incoming>) -> Docs {
+        Docs { docs: HashMap::new(), channels: HashMap::new(), epochs: 0, dir, incoming }
+    }
+
     fn doc(&mut self, name: &str) -> anyhow::Result<&mut Kept> {
         if !self.docs.contains_key(name) {
             let kept = match &self.dir {
@@ -295,38 +404,135 @@ impl Docs {
     fn opened(&mut self, channel: DataChannel) -> anyhow::Result<()> {
         let Some(name) = channel.label().strip_prefix(DOC_PREFIX).map(str::to_string) else { return Ok(()) };
         let step1 = self.doc(&name)?.step1();
-        Self::send(&channel, &step1);
         let (peer, tx, reader) = (channel.peer().clone(), self.incoming.clone(), channel.clone());
         let n = name.clone();
         tokio::spawn(async move {
+            let mut parts = Reassembly::default();
             while let Some(m) = reader.recv().await {
-                if tx.send((peer.clone(), n.clone(), m)).await.is_err() {
+                let msg = match parts.push(m.as_bytes()) {
+                    Ok(None) => continue,
+                    Ok(Some(whole)) => Ok(whole),
+                    Err(e) => Err(e),
+                };
+                let bad = msg.is_err();
+                if tx.send(Incoming::Message { peer: peer.clone(), name: n.clone(), msg }).await.is_err()
+                    || bad
+                {
                     break;
                 }
             }
         });
-        self.channels.insert((channel.peer().clone(), name), channel);
+        self.epochs += 1;
+        let key = (channel.peer().clone(), name);
+        self.channels.insert(
+            key.clone(),
+            Out { channel, epoch: self.epochs, behind: false, missed: false, owed: None },
+        );
+        self.send(&key, &step1);
         Ok(())
     }
 
-    /// Queues `msg`; a peer whose queue is full loses the channel (it syncs
-    /// again from its state vector when it comes back).
-    fn send(channel: &DataChannel, msg: &DocMsg) {
-        if let Err(e) = channel.try_send(Message::Binary(msg.encode())) {
-            tracing::warn!(peer = %channel.peer(), "document channel dropped: {e}");
+    /// Sends `msg` to the peer of channel `key`: whole, or in parts while
+    /// nothing else goes to it; a peer whose queue is full is sent nothing
+    /// until it has drained, then what it missed.
+    fn send(&mut self, key: &(PeerId, String), msg: &DocMsg) {
+        let since = match self.docs.get(&key.1) {
+            Some(kept) => kept.doc.transact().state_vector(),
+            None => StateVector::default(),
+        };
+        let Some(out) = self.channels.get_mut(key) else { return };
+        if out.behind {
+            out.missed = true;
+            return;
         }
+        let bytes = msg.encode();
+        if bytes.len() > MAX_DOC_MESSAGE {
+            tracing::warn!(peer = %key.0, "document {}: a message of {} bytes (at most {MAX_DOC_MESSAGE}); its channel is dropped", key.1, bytes.len());
+            self.drop_channel(key);
+            return;
+        }
+        let limit = PART_LIMIT.min(out.channel.max_message_size());
+        let (channel, tx, epoch) = (out.channel.clone(), self.incoming.clone(), out.epoch);
+        let (peer, name) = key.clone();
+        if bytes.len() > limit {
+            out.behind = true;
+            tokio::spawn(async move {
+                for part in split_parts(&bytes, limit) {
+                    if let Err(e) = channel.send(Message::Binary(part)).await {
+                        tracing::debug!(%peer, "document {name}: {e}");
+                        return;
+                    }
+                }
+                let _ = tx.send(Incoming::Resume { peer, name, epoch, since: Some(since) }).await;
+            });
+            return;
+        }
+        match out.channel.try_send(Message::Binary(bytes)) {
+            Ok(()) => {}
+            Err(peerlink_peer::SendError::Overflow { .. }) => {
+                // A peer that cannot keep up: its queue stays bounded, and
+                // what it missed is not lost (an update of the whole state
+                // merges).
+                out.behind = true;
+                tokio::spawn(async move {
+                    if channel.flush().await.is_ok() {
+                        let _ = tx.send(Incoming::Resume { peer, name, epoch, since: None }).await;
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(peer = %key.0, "document {}: {e}; its channel is dropped", key.1);
+                self.drop_channel(key);
+            }
+        }
+    }
+
+    /// What held back sending to channel `key` is over: the answer to its
+    /// sync step 1 if one waits (it covers everything), else what changed
+    /// since `since` if it missed something (the whole state without).
+    fn resume(
+        &mut self,
+        key: &(PeerId, String),
+        epoch: u64,
+        since: Option<StateVector>,
+    ) -> anyhow::Result<()> {
+        let Some(out) = self.channels.get_mut(key).filter(|o| o.epoch == epoch) else { return Ok(()) };
+        out.behind = false;
+        let (owed, missed) = (out.owed.take(), std::mem::take(&mut out.missed));
+        let kept = self.doc(&key.1)?;
+        let msg = match (owed, since) {
+            (Some(sv), _) => kept.step2(&sv)?,
+            (None, None) => {
+                DocMsg::Update(kept.doc.transact().encode_state_as_update_v1(&StateVector::default()))
+            }
+            (None, Some(since)) if missed => {
+                DocMsg::Update(kept.doc.transact().encode_state_as_update_v1(&since))
+            }
+            (None, Some(_)) => return Ok(()),
+        };
+        self.send(key, &msg);
+        Ok(())
+    }
+
+    /// Stops syncing with the peer of channel `key` (until its next channel).
+    fn drop_channel(&mut self, key: &(PeerId, String)) {
+        self.channels.remove(key);
     }
 
     /// A message from `peer` on document `name`: answered, applied, passed
     /// on to the others. Returns whether the document changed (step 2 or
     /// an update).
-    fn handle(&mut self, peer: &PeerId, name: &str, m: &Message) -> anyhow::Result<bool> {
-        let msg = DocMsg::decode(m.as_bytes())?;
+    fn handle(&mut self, peer: &PeerId, name: &str, bytes: &[u8]) -> anyhow::Result<bool> {
+        let msg = DocMsg::decode(bytes)?;
+        let key = (peer.clone(), name.to_string());
         let changed = match &msg {
             DocMsg::Step1(sv) => {
-                let reply = self.doc(name)?.step2(sv)?;
-                if let Some(ch) = self.channels.get(&(peer.clone(), name.to_string())) {
-                    Self::send(ch, &reply);
+                if let Some(out) = self.channels.get_mut(&key).filter(|o| o.behind) {
+                    // Answered once it is no longer behind.
+                    out.owed = Some(sv.clone());
+                } else {
+                    let reply = self.doc(name)?.step2(sv)?;
+                    self.send(&key, &reply);
                 }
                 false
             }
@@ -335,10 +541,10 @@ impl Docs {
                 // The others hear it from us too: peers without a direct
                 // connection to the writer still converge.
                 let update = DocMsg::Update(u.clone());
-                for ((p, n), ch) in &self.channels {
-                    if p != peer && n == name {
-                        Self::send(ch, &update);
-                    }
+                let others: Vec<_> =
+                    self.channels.keys().filter(|(p, n)| p != peer && n == name).cloned().collect();
+                for other in others {
+                    self.send(&other, &update);
                 }
                 true
             }
@@ -360,8 +566,7 @@ pub async fn keep(args: KeepArgs) -> anyhow::Result<()> {
     let server = config.server.clone();
     let mut room = Room::join(config).await.with_context(|| format!("joining {} on {server}", args.room))?;
     let (tx, mut rx) = mpsc::channel(1024);
-    let mut docs =
-        Docs { docs: HashMap::new(), channels: HashMap::new(), dir: Some(args.dir.clone()), incoming: tx };
+    let mut docs = Docs::new(Some(args.dir.clone()), tx);
     for name in &args.docs {
         docs.doc(name)?;
     }
@@ -381,14 +586,18 @@ pub async fn keep(args: KeepArgs) -> anyhow::Result<()> {
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}
             },
-            Some((peer, name, m)) = rx.recv() => {
-                // A channel dropped for a bad message is not listened to.
-                if docs.channels.contains_key(&(peer.clone(), name.clone()))
-                    && let Err(e) = docs.handle(&peer, &name, &m)
-                {
-                    tracing::warn!(%peer, "document {name}: {e:#}; its channel is no longer read");
-                    docs.channels.remove(&(peer, name));
+            Some(incoming) = rx.recv() => match incoming {
+                Incoming::Message { peer, name, msg } => {
+                    // A channel dropped for a bad message is not listened to.
+                    let key = (peer, name);
+                    if docs.channels.contains_key(&key)
+                        && let Err(e) = msg.map_err(anyhow::Error::from).and_then(|m| docs.handle(&key.0, &key.1, &m))
+                    {
+                        tracing::warn!(peer = %key.0, "document {}: {e:#}; its channel is dropped", key.1);
+                        docs.drop_channel(&key);
+                    }
                 }
+                Incoming::Resume { peer, name, epoch, since } => docs.resume(&(peer, name), epoch, since)?,
             }
         }
     }
@@ -403,7 +612,7 @@ pub async fn doc(args: DocArgs) -> anyhow::Result<()> {
     let server = config.server.clone();
     let mut room = Room::join(config).await.with_context(|| format!("joining {} on {server}", args.room))?;
     let (tx, mut rx) = mpsc::channel(1024);
-    let mut docs = Docs { docs: HashMap::new(), channels: HashMap::new(), dir: None, incoming: tx };
+    let mut docs = Docs::new(None, tx);
     docs.doc(&args.document)?;
     let deadline = tokio::time::sleep(args.timeout);
     tokio::pin!(deadline);
@@ -420,8 +629,20 @@ pub async fn doc(args: DocArgs) -> anyhow::Result<()> {
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}
             },
-            Some((peer, name, m)) = rx.recv() => {
-                let step2 = matches!(DocMsg::decode(m.as_bytes()), Ok(DocMsg::Step2(_)));
+            Some(incoming) = rx.recv() => {
+                let (peer, name, m) = match incoming {
+                    Incoming::Message { peer, name, msg: Ok(m) } => (peer, name, m),
+                    Incoming::Message { peer, name, msg: Err(e) } => {
+                        tracing::warn!(%peer, "document {name}: {e}");
+                        docs.drop_channel(&(peer, name));
+                        continue;
+                    }
+                    Incoming::Resume { peer, name, epoch, since } => {
+                        docs.resume(&(peer, name), epoch, since)?;
+                        continue;
+                    }
+                };
+                let step2 = matches!(DocMsg::decode(&m), Ok(DocMsg::Step2(_)));
                 match docs.handle(&peer, &name, &m) {
                     Ok(changed) => {
                         let text = docs.doc(&name)?.text(&args.text);
@@ -467,6 +688,45 @@ mod tests {
         assert_eq!(DocMsg::Step1(StateVector::default().encode_v1()).encode(), [0, 0, 1, 0]);
         for bad in [&[][..], &[2, 0], &[0, 3, 0], &[0, 0, 5, 1], &[0xff; 12]] {
             assert!(DocMsg::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn unhex(h: &serde_json::Value) -> Vec<u8> {
+        let h = h.as_str().unwrap();
+        (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+    }
+
+    fn unhex_all(v: &serde_json::Value) -> Vec<Vec<u8>> {
+        v.as_array().unwrap().iter().map(unhex).collect()
+    }
+
+    /// Collects `received` with one reassembly: the whole messages, or the first error.
+    fn collect(received: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, BadMessage> {
+        let mut r = Reassembly::default();
+        let mut out = Vec::new();
+        for m in received {
+            out.extend(r.push(m)?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn messages_are_cut_and_collected_as_the_fixture_says_and_parts_that_break_the_rules_are_refused() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/docs/parts.json");
+        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(f["max_total"], MAX_DOC_MESSAGE);
+        assert_eq!(f["part_type"], MESSAGE_PART);
+        for c in f["splits"].as_array().unwrap() {
+            let (message, parts) = (unhex(&c["message"]), unhex_all(&c["parts"]));
+            let limit = c["limit"].as_u64().unwrap() as usize;
+            assert_eq!(split_parts(&message, limit), parts, "{}", c["name"]);
+            assert_eq!(collect(&parts), Ok(vec![message]), "{}", c["name"]);
+        }
+        for c in f["streams"].as_array().unwrap() {
+            assert_eq!(collect(&unhex_all(&c["received"])), Ok(unhex_all(&c["messages"])), "{}", c["name"]);
+        }
+        for c in f["invalid"].as_array().unwrap() {
+            assert!(collect(&unhex_all(&c["received"])).is_err(), "{}", c["name"]);
         }
     }
 

@@ -7,7 +7,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setup, shot, until, run, scratch } from './harness.js';
 
@@ -113,6 +113,20 @@ test('a native keeper (`peerlink keep`) keeps the notes after every tab left, ac
     await until(async () => (await notes(c)) === text, 20_000, 'the newcomer has the notes');
     await typeAt(c, 'end', ', and more');
     await until(() => keeper.lines.length > 0 && existsSync(join(dir, 'room.ydoc')), 5_000, 'a file');
+    // A board of about 1 MB, four times what one Chromium channel message
+    // carries: it goes to the keeper in parts, and comes back in parts.
+    const size = await c.evaluate(() => {
+      const { doc } = /** @type {any} */ (globalThis).peerlinkShared;
+      const strokes = doc.getArray('strokes');
+      doc.transact(() => {
+        for (let i = 0; i < 600; i++) {
+          strokes.push([{ c: '#336699', p: Array.from({ length: 200 }, (_, j) => ((i * 7919 + j * 104729) % 100000) / 100000) }]);
+        }
+      });
+      return strokes.length;
+    });
+    assert.equal(size, 600);
+    await until(() => statSync(join(dir, 'room.ydoc')).size > 1_000_000, 20_000, 'the board kept');
     await c.close();
 
     // The keeper restarts from its folder.
@@ -125,6 +139,7 @@ test('a native keeper (`peerlink keep`) keeps the notes after every tab left, ac
     assert.equal(JSON.parse(first).text, `${text}, and more`);
     const d = await chrome.page(`${server.url}/room/kept?name=dee`);
     await until(async () => (await notes(d)) === `${text}, and more`, 20_000, 'after the restart');
+    await until(() => d.evaluate(() => /** @type {any} */ (globalThis).peerlinkShared.doc.getArray('strokes').length === 600), 20_000, 'the board after the restart');
     // --follow prints each change.
     await typeAt(d, 'end', '!');
     await followed.line((l) => l.startsWith('{') && JSON.parse(l).text.endsWith('more!'), 10_000, 'the change followed');

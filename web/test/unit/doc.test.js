@@ -5,8 +5,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as Y from 'yjs';
-import { SharedDoc, DOC_PREFIX } from '../../lib/doc.js';
+import { readFileSync } from 'node:fs';
+import { SharedDoc, DOC_PREFIX, splitMessage, Reassembly, MAX_DOC_MESSAGE } from '../../lib/doc.js';
+import { Channel } from '../../lib/channel.js';
 import { Emitter } from '../../lib/events.js';
+import { RawChannel } from './rawchannel.js';
 
 /** A fake room with `channel_open` / `peer_left` and linked channels to other fake rooms. */
 class FakeRoom extends Emitter {
@@ -149,6 +152,117 @@ test('doc: a peer whose channel is full misses nothing: it gets the whole state 
   assert.equal(errors.length, 1);
   assert.match(errors[0], /sync with b stopped: message too large/);
   assert.equal(da.channels.has('b'), false);
+  da.destroy();
+  db.destroy();
+});
+
+const fixture = JSON.parse(readFileSync(new URL('../../../fixtures/docs/parts.json', import.meta.url), 'utf8'));
+const hex = (/** @type {string} */ h) => Uint8Array.from(Buffer.from(h, 'hex'));
+const toHex = (/** @type {Uint8Array} */ b) => Buffer.from(b).toString('hex');
+
+test('doc parts: messages are cut and collected as fixtures/docs/parts.json says, and parts that break the rules are refused', () => {
+  assert.equal(MAX_DOC_MESSAGE, fixture.max_total);
+  for (const c of fixture.splits) {
+    assert.deepEqual(splitMessage(hex(c.message), c.limit).map(toHex), c.parts, c.name);
+    const r = new Reassembly();
+    const out = c.parts.map((/** @type {string} */ p) => r.push(hex(p))).filter(Boolean);
+    assert.deepEqual(out.map(toHex), [c.message], c.name);
+  }
+  for (const c of fixture.streams) {
+    const r = new Reassembly();
+    const out = c.received.map((/** @type {string} */ p) => r.push(hex(p))).filter(Boolean);
+    assert.deepEqual(out.map(toHex), c.messages, c.name);
+  }
+  for (const c of fixture.invalid) {
+    const r = new Reassembly();
+    assert.throws(() => { for (const p of c.received) r.push(hex(p)); }, Error, c.name);
+  }
+});
+
+/**
+ * Two rooms linked by real Channels over RawChannel stand-ins with a small
+ * maximum message size and small queues, and a wire that moves at most
+ * `perTick` bytes each way every millisecond.
+ * @param {FakeRoom} x @param {FakeRoom} y
+ */
+function wire(x, y, { maxMessageSize = 16_384, perTick = 128 * 1024 } = {}) {
+  const label = `${DOC_PREFIX}board`;
+  const [rx, ry] = [new RawChannel(label), new RawChannel(label)];
+  const opts = { maxMessageSize, maxBufferedAmount: 64 * 1024, maxQueuedBytes: 256 * 1024 };
+  const [cx, cy] = [new Channel(/** @type {any} */ (rx), y.id, opts), new Channel(/** @type {any} */ (ry), x.id, opts)];
+  let peakQueued = 0;
+  const move = (/** @type {RawChannel} */ from, /** @type {RawChannel} */ to) => {
+    let budget = perTick;
+    while (from.sent.length && budget > 0) {
+      const m = /** @type {Uint8Array} */ (from.sent.shift());
+      assert.ok(m.byteLength <= maxMessageSize, `a channel message of ${m.byteLength} bytes`);
+      budget -= m.byteLength;
+      from.drain(m.byteLength);
+      to.dispatchEvent(new MessageEvent('message', { data: m.buffer.slice(m.byteOffset, m.byteOffset + m.byteLength) }));
+    }
+  };
+  const timer = setInterval(() => {
+    peakQueued = Math.max(peakQueued, cx.queuedBytes, cy.queuedBytes);
+    move(rx, ry);
+    move(ry, rx);
+  }, 1);
+  x.open.push(cx);
+  y.open.push(cy);
+  x.emit('channel_open', cx);
+  y.emit('channel_open', cy);
+  return { raws: [rx, ry], peak: () => peakQueued, stop: () => clearInterval(timer) };
+}
+
+/** A stroke of `n` points, as the room page's board keeps one. @param {number} n @param {number} seed */
+const stroke = (n, seed) => ({ c: '#123456', p: Array.from({ length: 2 * n }, (_, i) => Math.round(((seed * 7919 + i * 104729) % 100000)) / 100000) });
+
+/** Waits until `cond` holds (at most 10 s). @param {() => boolean} cond */
+async function until(cond) {
+  for (let i = 0; i < 1000 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  return cond();
+}
+
+test('doc: a document larger than a channel message reaches a late joiner in parts, with the edits made meanwhile on both sides', async () => {
+  const [ra, rb] = [new FakeRoom('a'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('board'), new SharedDoc('board')];
+  da.attach(/** @type {any} */ (ra));
+  db.attach(/** @type {any} */ (rb));
+  const board = da.doc.getArray('strokes');
+  for (let i = 0; i < 1500; i++) board.push([stroke(100, i)]);
+  const size = Y.encodeStateAsUpdate(da.doc).byteLength;
+  assert.ok(size > 1_000_000, `a board of ${size} bytes`);
+  /** @type {string[]} */
+  const errors = [];
+  da.on('error', ({ error }) => errors.push(error));
+  db.on('error', ({ error }) => errors.push(error));
+  /** @type {string[]} */
+  const synced = [];
+  db.on('synced', ({ peer }) => synced.push(peer));
+  const w = wire(ra, rb);
+  // Edits on both sides while the board is on its way.
+  await new Promise((r) => setTimeout(r, 5));
+  board.push([stroke(50, 9001)]);
+  db.doc.getArray('strokes').push([stroke(50, 9002)]);
+  db.doc.getText('notes').insert(0, 'hello');
+  const same = () =>
+    JSON.stringify(da.doc.getArray('strokes').toJSON()) === JSON.stringify(db.doc.getArray('strokes').toJSON()) &&
+    da.doc.getText('notes').toString() === 'hello';
+  const converged = await until(same);
+  assert.deepEqual(errors, []);
+  assert.ok(converged, `b has ${db.doc.getArray('strokes').length} of ${board.length} strokes`);
+  assert.equal(board.length, 1502);
+  assert.deepEqual(synced, ['a'], 'b saw its sync step 2, in parts');
+  assert.ok(w.peak() <= 256 * 1024, `queued ${w.peak()} bytes`);
+  // A paste larger than a channel message goes in parts too, and an edit
+  // after it as one message again.
+  const paste = 'pasted text '.repeat(10_000);
+  da.doc.getText('notes').insert(5, paste);
+  assert.ok(await until(() => db.doc.getText('notes').length === 5 + paste.length));
+  board.delete(0, 1);
+  const deleted = await until(() => db.doc.getArray('strokes').length === 1501);
+  w.stop();
+  assert.ok(deleted);
+  assert.equal(w.raws[0].sent.length + w.raws[1].sent.length, 0);
   da.destroy();
   db.destroy();
 });
