@@ -514,9 +514,12 @@ impl Docs {
         Ok(())
     }
 
-    /// Stops syncing with the peer of channel `key` (until its next channel).
+    /// Stops syncing with the peer of channel `key` and closes the channel,
+    /// so the peer knows (it syncs again on its next channel).
     fn drop_channel(&mut self, key: &(PeerId, String)) {
-        self.channels.remove(key);
+        if let Some(out) = self.channels.remove(key) {
+            out.channel.close();
+        }
     }
 
     /// A message from `peer` on document `name`: answered, applied, passed

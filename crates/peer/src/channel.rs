@@ -203,6 +203,9 @@ pub(crate) struct Shared {
     scheduled: AtomicBool,
     pub max_message: AtomicUsize,
     closed: AtomicBool,
+    /// The application closed the channel: nothing more is accepted; the
+    /// driver sends what is queued, then closes it at both ends.
+    closing: AtomicBool,
     wake: Arc<RoomWake>,
     inbox: Mutex<Inbox>,
     /// Wakes a task waiting in `recv`.
@@ -234,6 +237,7 @@ impl Shared {
             scheduled: AtomicBool::new(false),
             max_message: AtomicUsize::new(max_message),
             closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             wake,
             inbox: Mutex::new(Inbox::default()),
             arrived: Notify::new(),
@@ -265,6 +269,11 @@ impl Shared {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// The application closed the channel ([`DataChannel::close`]).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// The driver is about to drain the send queue: a later `send` must
@@ -310,6 +319,11 @@ impl Shared {
 
     fn enqueue(&self, msg: Message) {
         self.queue.lock().expect("channel queue lock").push_back(msg);
+        self.schedule();
+    }
+
+    /// Puts the connection on the driver's ready list (once).
+    fn schedule(&self) {
         if !self.scheduled.swap(true, Ordering::AcqRel) {
             self.wake.schedule(self.conn);
         } else {
@@ -408,9 +422,25 @@ impl DataChannel {
         self.shared.inbox.lock().expect("inbox lock").bytes
     }
 
-    /// Whether the channel (or its connection) has closed.
+    /// Whether the channel (or its connection) has closed, or
+    /// [`DataChannel::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.shared.is_closed()
+        self.shared.is_closed() || self.shared.is_closing()
+    }
+
+    /// Closes the channel at both ends, as `RTCDataChannel.close()` does:
+    /// sends are refused from now on ([`SendError::Closed`], also for a send
+    /// waiting for room); messages already queued still go, then the stream
+    /// is reset, and both sides get [`crate::Event::ChannelClosed`]. What
+    /// arrived before can still be taken with [`DataChannel::recv`], which
+    /// then returns `None`. Closing one channel leaves the connection and its
+    /// other channels as they are.
+    pub fn close(&self) {
+        if self.shared.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.space.close();
+        self.shared.schedule();
     }
 
     fn check(&self, msg: &Message) -> Result<(), SendError> {

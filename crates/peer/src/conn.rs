@@ -1045,6 +1045,15 @@ impl PeerConn {
             .map_err(|e| Error::Negotiation { peer: self.remote.clone(), reason: e.to_string() })
     }
 
+    /// Closes channel `id` (an SCTP stream reset, after what was written to
+    /// it): the peer sees it close. No [`ConnEvent::ChannelClose`] follows
+    /// for it here.
+    pub fn close_channel(&mut self, id: ChannelId) {
+        if self.open.remove(&id).is_some() {
+            self.rtc.direct_api().close_data_channel(id);
+        }
+    }
+
     /// Bytes written to open channels that the peer has not acknowledged
     /// yet (SCTP counts a message as buffered until it is acknowledged).
     pub fn unacknowledged(&mut self) -> usize {

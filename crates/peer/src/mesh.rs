@@ -861,10 +861,17 @@ impl Mesh {
     }
 
     /// Moves queued messages of every channel of `st` into SCTP while it
-    /// takes them.
-    fn drain(st: &mut PeerState) {
+    /// takes them. Returns the channels to end: closed by the application
+    /// with nothing left to send, or refused by SCTP (a message over a
+    /// maximum the peer lowered since, a stream SCTP no longer has).
+    fn drain(st: &mut PeerState) -> Vec<ChannelId> {
+        // The peer's maximum, as its latest description says.
+        let max_message = st.conn.max_message_size();
+        let mut ended = Vec::new();
         for (id, shared) in &st.channels {
             shared.unschedule();
+            shared.max_message.store(max_message, Ordering::Relaxed);
+            let mut failed = false;
             loop {
                 let Some(msg) = shared.queue.lock().expect("channel queue lock").pop_front() else { break };
                 match st.conn.write(*id, msg.is_binary(), msg.as_bytes()) {
@@ -881,13 +888,33 @@ impl Mesh {
                         break;
                     }
                     Err(e) => {
-                        tracing::debug!(peer = %shared.peer, label = %shared.spec.label, "write failed: {e}");
+                        tracing::warn!(peer = %shared.peer, label = %shared.spec.label, "write failed, closing the channel: {e}");
                         shared.release(&msg);
-                        shared.close();
+                        failed = true;
                         break;
                     }
                 }
             }
+            if failed || (shared.is_closing() && shared.queue.lock().expect("channel queue lock").is_empty())
+            {
+                ended.push(*id);
+            }
+        }
+        ended
+    }
+
+    /// Closes channels `ids` of `peer` at both ends; the application hears
+    /// [`Event::ChannelClosed`] for each.
+    fn end_channels(st: &mut PeerState, peer: &PeerId, ids: Vec<ChannelId>, events: &mut Vec<Event>) {
+        for id in ids {
+            let Some(shared) = st.channels.remove(&id) else { continue };
+            st.conn.close_channel(id);
+            let unsent = std::mem::take(&mut *shared.queue.lock().expect("channel queue lock"));
+            if !unsent.is_empty() {
+                tracing::warn!(peer = %peer, label = %shared.spec.label, "{} queued messages not sent", unsent.len());
+            }
+            shared.close();
+            events.push(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
         }
     }
 
@@ -923,7 +950,8 @@ impl Mesh {
             {
                 tracing::debug!("{e}");
             }
-            Self::drain(st);
+            let ended = Self::drain(st);
+            Self::end_channels(st, peer, ended, &mut events);
             loop {
                 match st.conn.poll_output() {
                     ConnOutput::Transmit { source, destination, contents } => Self::transmit(
@@ -1004,7 +1032,10 @@ impl Mesh {
                                 });
                             }
                         }
-                        ConnEvent::Writable => Self::drain(st),
+                        ConnEvent::Writable => {
+                            let ended = Self::drain(st);
+                            Self::end_channels(st, peer, ended, &mut events);
+                        }
                         ConnEvent::AuthFailed(reason) => {
                             events.push(Event::AuthFailed { peer: peer.clone(), reason });
                         }

@@ -232,3 +232,49 @@ async fn a_reader_that_pauses_holds_the_sender_back_and_keeps_the_connection() {
     drop(rx_room);
     server.stop().await;
 }
+
+/// `DataChannel::close` on one side: what was queued still arrives, in order,
+/// both sides hear the channel close, the closer's sends are refused, and the
+/// connection's other channel goes on carrying data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_channel_sends_what_was_queued_ends_it_at_both_ends_and_keeps_the_others() {
+    let server = Server::start().await;
+    let mut cfg = server.config("close");
+    cfg.channels = vec![ChannelSpec::reliable("bulk"), ChannelSpec::reliable("chat")];
+    let mut a = Peer::join(cfg.clone()).await;
+    let mut b = Peer::join(cfg).await;
+    let (ia, ib) = (a.id(), b.id());
+    a.until("channels", |p| p.has_channel(&ib, "bulk") && p.has_channel(&ib, "chat")).await;
+    b.until("channels", |p| p.has_channel(&ia, "bulk") && p.has_channel(&ia, "chat")).await;
+
+    let bulk = a.channel(&ib, "bulk");
+    // Queued faster than SCTP takes them: most are still in the queue when
+    // the channel is closed.
+    const N: usize = 400;
+    for i in 0..N {
+        bulk.send(format!("{i:05}{}", "x".repeat(16 * 1024))).await.unwrap();
+    }
+    bulk.close();
+    assert!(bulk.is_closed());
+    assert!(matches!(bulk.send("after close").await, Err(SendError::Closed)));
+    assert!(matches!(bulk.try_send("after close"), Err(SendError::Closed)));
+
+    b.until("bulk closed at b", |p| p.closed_channels.contains(&(ia.clone(), "bulk".to_string()))).await;
+    a.until("bulk closed at a", |p| p.closed_channels.contains(&(ib.clone(), "bulk".to_string()))).await;
+    let got = b.texts_from(&ia, "bulk");
+    assert_eq!(got.len(), N, "every message queued before close arrives");
+    for (i, m) in got.iter().enumerate() {
+        assert!(m.starts_with(&format!("{i:05}")), "in order: {i} is {}", &m[..5]);
+    }
+    assert!(!b.has_channel(&ia, "bulk") && !a.has_channel(&ib, "bulk"));
+
+    // The other channel and the connection are untouched.
+    a.channel(&ib, "chat").send("still here").await.unwrap();
+    b.channel(&ia, "chat").send("me too").await.unwrap();
+    b.until("chat from a", |p| p.texts_from(&ia, "chat") == ["still here"]).await;
+    a.until("chat from b", |p| p.texts_from(&ib, "chat") == ["me too"]).await;
+    assert_eq!(a.states.get(&ib), Some(&ConnState::Connected));
+    assert_eq!(a.closed_channels.len(), 1);
+    assert_eq!(b.closed_channels.len(), 1);
+    server.stop().await;
+}
