@@ -521,28 +521,73 @@ fn a_sender_facing_a_receiver_that_asks_for_everything_and_stops_reading_still_s
     let _ = r.wait_exit();
 }
 
-#[test]
-fn a_full_disk_is_reported_and_partial_data_kept() {
-    // A 4 MiB tmpfs in a mount namespace of the receiver's own.
-    let server = serve();
-    let t = Scratch::new("diskfull");
-    write_big(&t.path("big.bin"), 8, 9);
-    let mut s = send(&server.url, &[&t.str("big.bin")], &[], &[]);
-    let code = code_of(&mut s);
-    let out = t.path("mnt");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut cmd = std::process::Command::new("unshare");
+/// Runs `receive CODE --yes --json` in a mount namespace of its own with a
+/// tmpfs of `size` on `out`, after `before` (a shell command; `$OUT` is the
+/// folder) and beside `during` (run once the partial file appears); prints
+/// `exit=N` and then the folder's listing.
+fn receive_on_tmpfs(server: &str, code: &str, out: &Path, size: &str, during: &str) -> Proc {
+    std::fs::create_dir_all(out).unwrap();
     let script = format!(
-        "mount -t tmpfs -o size=4m tmpfs '{out}' && '{bin}' receive --server '{url}' --ice-addr 127.0.0.1 --json --yes --out '{out}' {code}; echo \"exit=$?\"; ls '{out}'",
+        "OUT='{out}'; mount -t tmpfs -o size={size} tmpfs \"$OUT\" || exit 99
+         '{bin}' receive --server '{server}' --ice-addr 127.0.0.1 --json --yes --out \"$OUT\" {code} & pid=$!
+         if [ -n '{during}' ]; then
+           i=0; while [ ! -e \"$OUT/big.bin.peerlink-part\" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+           {during}
+         fi
+         wait $pid; echo \"exit=$?\"; ls \"$OUT\"",
         out = out.display(),
         bin = BIN,
-        url = server.url,
     );
+    let mut cmd = std::process::Command::new("unshare");
     cmd.args(["-m", "sh", "-c", &script])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut r = Proc::from_command(cmd);
+    Proc::from_command(cmd)
+}
+
+/// An offer larger than the space left where it would go is refused at
+/// once, before anything is written, and the sender is told why.
+#[test]
+fn an_offer_larger_than_the_free_space_is_refused_before_anything_is_written() {
+    let server = serve();
+    let t = Scratch::new("nospace");
+    write_big(&t.path("big.bin"), 8, 9);
+    let mut s = send(&server.url, &[&t.str("big.bin")], &[], &[]);
+    let code = code_of(&mut s);
+    let out = t.path("mnt");
+    let mut r = receive_on_tmpfs(&server.url, &code, &out, "4m", "");
+    r.expect("exit=6");
+    r.wait_exit();
+    let message = finished(&r)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("not enough space") && message.contains("MiB"), "{message}");
+    assert!(
+        !r.seen.iter().any(|l| l.contains("peerlink-part") || l.contains("\"progress\"")),
+        "nothing written: {:?}",
+        r.seen
+    );
+    assert_eq!(s.wait_exit(), 6, "the sender is told: {:?}", s.seen);
+    assert!(finished(&s)["message"].as_str().unwrap().contains("not enough space"), "{}", finished(&s));
+}
+
+/// The disk fills during the transfer (something else wrote to it): both
+/// sides stop with exit 6 and the partial file is kept for a resume.
+#[test]
+fn a_disk_that_fills_during_the_transfer_is_reported_and_partial_data_kept() {
+    let server = serve();
+    let t = Scratch::new("diskfull");
+    write_big(&t.path("big.bin"), 6, 9);
+    let mut s = send(&server.url, &[&t.str("big.bin")], &[], &[("PEERLINK_TEST_FAULT", "throttle=2000000")]);
+    let code = code_of(&mut s);
+    let out = t.path("mnt");
+    // 8 MiB: the offer fits; 4 MiB written beside it once it started do not.
+    let mut r = receive_on_tmpfs(
+        &server.url,
+        &code,
+        &out,
+        "8m",
+        "head -c 4194304 /dev/zero > \"$OUT/other\" || true",
+    );
     r.expect("exit=6");
     r.expect("big.bin.peerlink-part");
     r.wait_exit();

@@ -433,6 +433,42 @@ pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
     fs::rename(&planned.part_path, &planned.final_path)
 }
 
+impl OutDir {
+    /// Bytes the files of `entries` still need here: each file's size, less
+    /// what its partial file already holds, skipping files `done` says were
+    /// finished by an earlier run (by manifest path).
+    pub fn bytes_needed<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a Entry>,
+        done: impl Fn(&str) -> bool,
+    ) -> u64 {
+        entries
+            .into_iter()
+            .filter(|e| e.kind == EntryKind::File && !done(e.path.as_str()))
+            .map(|e| {
+                let part = self
+                    .join(&e.path)
+                    .ok()
+                    .and_then(|p| {
+                        let mut part = p.into_os_string();
+                        part.push(PART_SUFFIX);
+                        fs::symlink_metadata(part).ok()
+                    })
+                    .filter(|m| m.is_file())
+                    .map_or(0, |m| m.len());
+                e.size.saturating_sub(part)
+            })
+            .sum()
+    }
+
+    /// Bytes an unprivileged process may still write in the output folder's
+    /// file system; `None` if the system does not say.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.root).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+}
+
 /// Whether an I/O error means the disk is full.
 pub fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) || e.raw_os_error() == Some(122)

@@ -59,6 +59,22 @@ struct ResumeRecord {
 }
 
 const RESUME_FILE: &str = ".peerlink-resume.json";
+/// Why the output folder cannot take the offer, if its file system has less
+/// space free than the offer's files still need (less what partial files
+/// hold and files an earlier run finished).
+fn short_of_space(out: &OutDir, m: &Manifest, resume: &Resume) -> Option<String> {
+    let needed = out.bytes_needed(m.entries(), |path| resume.done.contains_key(path));
+    let free = out.free_bytes()?;
+    (needed > free).then(|| {
+        format!(
+            "not enough space in {}: the offer needs {}, and {} is free",
+            out.root().display(),
+            crate::common::human_bytes(needed),
+            crate::common::human_bytes(free)
+        )
+    })
+}
+
 /// One line per finished file: manifest path, tab, path it was saved as.
 const DONE_FILE: &str = ".peerlink-resume.done";
 
@@ -246,6 +262,10 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                                     "the offer's path {name:?} is a name peerlink keeps for its own files"
                                 ),
                             );
+                        } else if let Some(short) = short_of_space(&out, &m, &resume) {
+                            // Said now, before anyone waits for a transfer
+                            // that would stop when the disk fills.
+                            receiver.cancel(CancelCode::DiskFull, short);
                         } else if args.yes {
                             resume.accepted(m.id());
                             receiver.accept();
