@@ -19,7 +19,7 @@ import { Session, abortText } from './pair/session.js';
 import { parsePairMsg } from './pair/pake.js';
 import { Sender } from './transfer/sender.js';
 import { Receiver } from './transfer/receiver.js';
-import { Manifest, fileEntry, dirEntry, textEntry, DEFAULT_CHUNK_SIZE } from './transfer/manifest.js';
+import { Manifest, fileEntry, dirEntry, textEntry, chunkSizeFor } from './transfer/manifest.js';
 import { ctlJson, encodeFrameInto, FRAME_HEADER, CTL_LABEL, DATA_LABEL } from './transfer/wire.js';
 import { chunkHashAsync, toHex } from './transfer/hash.js';
 
@@ -394,7 +394,10 @@ export class SendTransfer extends Emitter {
       this.sources.push(it.blob);
       return fileEntry(it.path, it.blob.size);
     });
-    this.manifest = new Manifest(opts.chunkSize ?? DEFAULT_CHUNK_SIZE, entries);
+    const largest = entries.reduce((m, e) => Math.max(m, e.size), 0);
+    const chunkSize = opts.chunkSize ?? chunkSizeFor(largest);
+    if (chunkSize === undefined) throw new Error(`cannot send a file of ${largest} bytes: at most 64 TiB`);
+    this.manifest = new Manifest(chunkSize, entries);
     this.sender = new Sender(this.manifest);
     this.meter = new Meter();
     this.startedAt = 0;

@@ -111,8 +111,8 @@ pub enum ManifestError {
         /// The chunk size announced, in bytes.
         chunk_size: u32,
     },
-    /// A file would need 2^32 or more chunks.
-    #[error("{path:?} ({size} bytes) needs 2^32 or more chunks")]
+    /// A file would need more than [`crate::manifest::MAX_CHUNKS`] chunks.
+    #[error("{path:?} ({size} bytes) needs more than 2^22 chunks of this size")]
     TooManyChunks {
         /// The file's path.
         path: String,

@@ -116,10 +116,12 @@ pub use hash::{
     to_hex,
 };
 pub use manifest::{
-    Entry, EntryKind, MAX_CHUNK_SIZE, MAX_PATH_BYTES, MAX_PATH_COMPONENTS, MAX_TEXT_BYTES, MIN_CHUNK_SIZE,
-    Manifest, RelPath, chunk_count, valid_chunk_size,
+    Entry, EntryKind, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_PATH_BYTES, MAX_PATH_COMPONENTS, MAX_TEXT_BYTES,
+    MIN_CHUNK_SIZE, Manifest, RelPath, chunk_count, chunk_size_for, valid_chunk_size,
 };
-pub use receiver::{InFlight, Progress, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput};
+pub use receiver::{
+    HASHES_AHEAD_OF_DATA, InFlight, Progress, Receiver, ReceiverConfig, ReceiverEvent, ReceiverOutput,
+};
 pub use sender::{
     MAX_QUEUED_HASH_REQUESTS, MAX_QUEUED_WANT_RANGES, Sender, SenderEvent, SenderOutput, SenderStats,
 };

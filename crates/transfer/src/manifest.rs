@@ -25,6 +25,21 @@ pub fn valid_chunk_size(chunk_size: u32) -> bool {
     chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
 }
 
+/// Most chunks a file may have: a receiver keeps every chunk hash of a file
+/// (32 bytes each, so at most 128 MiB).
+pub const MAX_CHUNKS: u64 = 1 << 22;
+
+/// The chunk size a sender picks for files of at most `largest` bytes: the
+/// smallest power of two from [`crate::DEFAULT_CHUNK_SIZE`] up that keeps
+/// them within [`MAX_CHUNKS`]; `None` above 64 TiB.
+pub fn chunk_size_for(largest: u64) -> Option<u32> {
+    let mut size = crate::DEFAULT_CHUNK_SIZE;
+    while chunk_count(largest, size) > MAX_CHUNKS {
+        size = size.checked_mul(2).filter(|&s| s <= MAX_CHUNK_SIZE)?;
+    }
+    Some(size)
+}
+
 /// `ceil(size / chunk_size)`: the chunks of a file of `size` bytes.
 pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
     size.div_ceil(u64::from(chunk_size.max(1)))
@@ -268,7 +283,7 @@ impl Manifest {
                 }
                 _ => {}
             }
-            if chunk_count(entry.size, chunk_size) > u64::from(u32::MAX) {
+            if chunk_count(entry.size, chunk_size) > MAX_CHUNKS {
                 return Err(ManifestError::TooManyChunks { path: path.into(), size: entry.size });
             }
             if !paths.insert(path) {
@@ -363,6 +378,25 @@ mod tests {
     }
 
     #[test]
+    fn chunk_limits_and_the_senders_chunk_size_match_the_fixture() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/transfer/chunks.json");
+        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(f["max_chunks"], MAX_CHUNKS);
+        for c in f["files"].as_array().unwrap() {
+            let chunk_size = c["chunk_size"].as_u64().unwrap() as u32;
+            let m = Manifest::new(chunk_size, vec![Entry::file(p("f"), c["size"].as_u64().unwrap())]);
+            assert_eq!(m.is_ok(), c["valid"], "{}", c["why"]);
+            if let Err(e) = m {
+                assert!(matches!(e, ManifestError::TooManyChunks { .. }), "{}: {e}", c["why"]);
+            }
+        }
+        for c in f["sender_chunk_size"].as_array().unwrap() {
+            let picked = chunk_size_for(c["largest_file"].as_u64().unwrap());
+            assert_eq!(picked.map(u64::from), c["chunk_size"].as_u64(), "{}", c["why"]);
+        }
+    }
+
+    #[test]
     fn paths() {
         for good in ["a", "a b/c d.txt", "ü/日本/x", "ab:c", ".hidden", "a/..b", "x\"y"] {
             assert!(RelPath::parse(good).is_ok(), "{good}");
@@ -435,9 +469,9 @@ mod tests {
             bad(MIN_CHUNK_SIZE, vec![Entry::file(p("a"), u64::MAX)]),
             ManifestError::TooManyChunks { .. }
         ));
-        // The largest file has 2^32 - 1 chunks of 16 MiB (just under 2^56 bytes): 257 overflow u64.
-        let biggest = u64::from(u32::MAX) * u64::from(MAX_CHUNK_SIZE);
-        let huge: Vec<Entry> = (0..257).map(|i| Entry::file(p(&i.to_string()), biggest)).collect();
+        // The largest file has 2^22 chunks of 16 MiB (2^46 bytes): 2^18 of them overflow u64.
+        let biggest = MAX_CHUNKS * u64::from(MAX_CHUNK_SIZE);
+        let huge: Vec<Entry> = (0..=(1 << 18)).map(|i| Entry::file(p(&i.to_string()), biggest)).collect();
         assert!(matches!(bad(MAX_CHUNK_SIZE, huge), ManifestError::TotalOverflow));
         let mut dir = Entry::dir(p("d"));
         dir.size = 1;

@@ -14,6 +14,10 @@ use crate::{ManifestError, PROTOCOL_VERSION, ProtocolError};
 mod output;
 pub use output::{InFlight, Progress, ReceiverConfig, ReceiverEvent, ReceiverOutput};
 
+/// How far ahead of the data (chunks past the first one missing) hashes are
+/// asked for: 64 pages.
+pub const HASHES_AHEAD_OF_DATA: u32 = 64 * crate::wire::HASHES_PER_MESSAGE;
+
 /// Most ranges in one `want`, which keeps it well under the control
 /// message limit (a range is at most 24 bytes of JSON).
 const MAX_RANGES_PER_WANT: usize = 2048;
@@ -693,7 +697,13 @@ impl Transfer {
 
     fn ask_hashes(&mut self, config: &ReceiverConfig, out: &mut VecDeque<ReceiverOutput>) {
         for (&file, a) in self.active.iter_mut() {
-            while self.hash_requests.len() < config.hash_pages_ahead.max(1) && a.asked < a.chunks {
+            // No further ahead of the data than HASHES_AHEAD_OF_DATA: the
+            // hashes kept grow with what arrived, not with what the sender
+            // claims.
+            while self.hash_requests.len() < config.hash_pages_ahead.max(1)
+                && a.asked < a.chunks
+                && a.asked < a.cursor.saturating_add(HASHES_AHEAD_OF_DATA)
+            {
                 let from = a.asked;
                 a.asked += (a.chunks - from).min(HASHES_PER_MESSAGE);
                 self.hash_requests.push_back((file, from));

@@ -136,6 +136,7 @@ fn bad_manifests_are_refused() {
         ("chunk size too small", manifest_msgs(8192, vec![file("a", 1)])),
         ("chunk size too big", manifest_msgs(32 << 20, vec![file("a", 1)])),
         ("chunk size beyond u32", manifest_msgs(1 << 32, vec![file("a", 1)])),
+        ("a file of 2^22 + 1 chunks", manifest_msgs(16384, vec![file("big", (16384 << 22) + 1)])),
     ];
     for (name, msgs) in cases {
         let (mut r, error) = offer(ReceiverConfig::default(), &msgs);
@@ -179,6 +180,47 @@ fn bad_manifests_are_refused() {
         offer(ReceiverConfig::default(), &manifest_msgs(16384, vec![file("a", 1), file("b/c", 1)]));
     assert_eq!(error, None);
     assert_eq!(outputs(&mut r), [ReceiverOutput::Event(ReceiverEvent::Offered)]);
+}
+
+/// A sender that answers every `get_hashes` at once cannot make the receiver
+/// hold the hashes of a whole huge file before any data came: it asks no
+/// further than HASHES_AHEAD_OF_DATA chunks ahead of its data.
+#[test]
+fn hashes_are_asked_no_further_ahead_than_the_data_allows() {
+    // 64 GiB in 16 KiB chunks: 2^22 chunks, 16,384 pages of hashes.
+    let size = 16384u64 << 22;
+    let (mut r, error) = offer(ReceiverConfig::default(), &manifest_msgs(16384, vec![file("big", size)]));
+    assert_eq!(error, None);
+    assert_eq!(outputs(&mut r), [ReceiverOutput::Event(ReceiverEvent::Offered)]);
+    r.accept();
+    let mut asked = 0u64;
+    for _ in 0..100_000 {
+        let mut answered = false;
+        for out in outputs(&mut r) {
+            match out {
+                ReceiverOutput::Prepare { file } => {
+                    r.partial_scanned(file, Vec::new());
+                    answered = true;
+                }
+                ReceiverOutput::Ctl(Ctl::GetHashes { file, from }) => {
+                    let n = (HASHES_PER_MESSAGE as u64).min((1 << 22) - u64::from(from));
+                    asked += n;
+                    let hashes = hashes_to_hex(&vec![[7u8; 32]; n as usize]);
+                    r.handle_ctl(Ctl::Hashes { file, from, hashes }).unwrap();
+                    answered = true;
+                }
+                _ => {}
+            }
+        }
+        if !answered {
+            break;
+        }
+    }
+    assert!(asked > 0, "hashes were asked for");
+    assert!(
+        asked <= u64::from(HASHES_AHEAD_OF_DATA) + u64::from(HASHES_PER_MESSAGE),
+        "{asked} chunks' hashes asked for before any data"
+    );
 }
 
 /// (6) A header over the receiver's limits is refused with `too_large`

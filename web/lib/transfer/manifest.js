@@ -22,6 +22,23 @@ export function validChunkSize(n) {
   return Number.isInteger(n) && n >= MIN_CHUNK_SIZE && n <= MAX_CHUNK_SIZE && (n & (n - 1)) === 0;
 }
 
+/** Most chunks a file may have: a receiver keeps every chunk hash of a file (at most 128 MiB). */
+export const MAX_CHUNKS = 2 ** 22;
+
+/**
+ * The chunk size a sender picks for files of at most `largest` bytes: the
+ * smallest power of two from {@link DEFAULT_CHUNK_SIZE} up that keeps them
+ * within {@link MAX_CHUNKS}; undefined above 64 TiB.
+ * @param {number} largest
+ * @returns {number | undefined}
+ */
+export function chunkSizeFor(largest) {
+  for (let size = DEFAULT_CHUNK_SIZE; size <= MAX_CHUNK_SIZE; size *= 2) {
+    if (chunkCount(largest, size) <= MAX_CHUNKS) return size;
+  }
+  return undefined;
+}
+
 /** `ceil(size / chunkSize)`. @param {number} size @param {number} chunkSize */
 export function chunkCount(size, chunkSize) {
   return Math.ceil(size / Math.max(chunkSize, 1));
@@ -111,7 +128,7 @@ export class Manifest {
     entries.forEach((e, index) => {
       if (e.kind === 'dir' && e.size !== 0) throw new ManifestError('dir_with_size', `${JSON.stringify(e.path)} is a dir entry with a size (${e.size})`);
       if (e.kind === 'text' && e.size > MAX_TEXT_BYTES) throw new ManifestError('text_too_large', `text entry ${JSON.stringify(e.path)} is ${e.size} bytes, more than ${MAX_TEXT_BYTES}`);
-      if (chunkCount(e.size, chunkSize) > 0xffff_ffff) throw new ManifestError('too_many_chunks', `${JSON.stringify(e.path)} (${e.size} bytes) needs 2^32 or more chunks`);
+      if (chunkCount(e.size, chunkSize) > MAX_CHUNKS) throw new ManifestError('too_many_chunks', `${JSON.stringify(e.path)} (${e.size} bytes) needs more than 2^22 chunks of this size`);
       if (paths.has(e.path)) throw new ManifestError('duplicate', `${JSON.stringify(e.path)} appears twice`);
       paths.add(e.path);
       for (let at = e.path.indexOf('/'); at >= 0; at = e.path.indexOf('/', at + 1)) folders.add(e.path.slice(0, at));

@@ -15,6 +15,9 @@ import { parseCtl, decodeFrame, HASHES_PER_MESSAGE } from './wire.js';
 import { fileHash, hashesFromHex } from './hash.js';
 import { equalBytes } from '../bytes.js';
 
+/** How far ahead of the data (chunks past the first one missing) hashes are asked for: 64 pages. */
+export const HASHES_AHEAD_OF_DATA = 64 * HASHES_PER_MESSAGE;
+
 /** Most ranges in one `want`. */
 const MAX_RANGES_PER_WANT = 2048;
 
@@ -202,7 +205,13 @@ class Transfer {
   /** @param {ReceiverConfig} config @param {ReceiverOutput[]} out */
   askHashes(config, out) {
     for (const [file, a] of this.active) {
-      while (this.hashRequests.length < Math.max(config.hashPagesAhead, 1) && a.asked < a.chunks) {
+      // No further ahead of the data than HASHES_AHEAD_OF_DATA: the hashes
+      // kept grow with what arrived, not with what the sender claims.
+      while (
+        this.hashRequests.length < Math.max(config.hashPagesAhead, 1) &&
+        a.asked < a.chunks &&
+        a.asked < a.cursor + HASHES_AHEAD_OF_DATA
+      ) {
         const from = a.asked;
         a.asked += Math.min(a.chunks - from, HASHES_PER_MESSAGE);
         this.hashRequests.push([file, from]);

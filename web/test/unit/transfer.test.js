@@ -6,10 +6,10 @@ import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
 
 import { parseCtl, ctlJson, encodeFrame, encodeFrameInto, decodeFrame, frames, FRAME_HEADER } from '../../lib/transfer/wire.js';
-import { Manifest, parseRelPath, validateEntry, fileEntry, dirEntry, textEntry, MIN_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, MAX_CTL_BYTES } from '../../lib/transfer/manifest.js';
+import { Manifest, parseRelPath, validateEntry, fileEntry, dirEntry, textEntry, MIN_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, MAX_CTL_BYTES, MAX_CHUNKS, chunkSizeFor } from '../../lib/transfer/manifest.js';
 import { chunkHash, fileHash, hashesToHex, toHex } from '../../lib/transfer/hash.js';
 import { Sender } from '../../lib/transfer/sender.js';
-import { Receiver } from '../../lib/transfer/receiver.js';
+import { Receiver, HASHES_AHEAD_OF_DATA } from '../../lib/transfer/receiver.js';
 import { ProtocolError, PathError } from '../../lib/transfer/errors.js';
 import { fromHex } from '../../lib/bytes.js';
 
@@ -328,4 +328,47 @@ test('manifest id is stable and follows the content', () => {
   assert.equal(m(5).id(), m(5).id());
   assert.notEqual(m(5).id(), m(6).id());
   assert.equal(m(5).id().length, 64);
+});
+
+test('transfer: files of more chunks than fixtures/transfer/chunks.json allows are refused, and a sender picks its chunk size as it says', () => {
+  const f = JSON.parse(readFileSync(new URL('chunks.json', root), 'utf8'));
+  assert.equal(MAX_CHUNKS, f.max_chunks);
+  for (const c of f.files) {
+    const make = () => new Manifest(c.chunk_size, [fileEntry('f', c.size)]);
+    if (c.valid) make();
+    else assert.throws(make, /2\^22 chunks/, c.why);
+  }
+  for (const c of f.sender_chunk_size) assert.equal(chunkSizeFor(c.largest_file), c.chunk_size ?? undefined, c.why);
+});
+
+test('transfer: a sender that answers every get_hashes at once cannot make the receiver hold a huge file\'s hashes before any data came', () => {
+  const r = new Receiver();
+  r.startSession();
+  const size = 16384 * MAX_CHUNKS;
+  for (const m of [
+    { type: 'manifest', version: 1, chunk_size: 16384, entries: 1, bytes: size },
+    { type: 'manifest_part', entries: [{ kind: 'file', path: 'big', size }] },
+    { type: 'manifest_end' },
+  ]) r.handleCtlJson(JSON.stringify(m));
+  assert.deepEqual(r.poll(), { type: 'offered' });
+  r.accept();
+  let asked = 0;
+  for (let round = 0; round < 100_000; round++) {
+    let answered = false;
+    for (let o = r.poll(); o; o = r.poll()) {
+      if (o.type === 'prepare') {
+        r.partialScanned(o.file, []);
+        answered = true;
+      } else if (o.type === 'ctl' && o.msg.type === 'get_hashes') {
+        const { file, from } = o.msg;
+        const n = Math.min(256, MAX_CHUNKS - from);
+        asked += n;
+        r.handleCtl({ type: 'hashes', file, from, hashes: hashesToHex(Array.from({ length: n }, () => new Uint8Array(32).fill(7))) });
+        answered = true;
+      }
+    }
+    if (!answered) break;
+  }
+  assert.ok(asked > 0);
+  assert.ok(asked <= HASHES_AHEAD_OF_DATA + 256, `${asked} chunks' hashes asked for before any data`);
 });

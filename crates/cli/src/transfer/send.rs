@@ -11,8 +11,8 @@ use anyhow::Context;
 use peerlink_pair::{Code, Role};
 use peerlink_peer::{DataChannel, Message, Room, RoomConfig, SendError};
 use peerlink_transfer::{
-    CancelCode, Ctl, DEFAULT_CHUNK_SIZE, FRAME_HEADER, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender,
-    SenderEvent, SenderOutput,
+    CancelCode, Ctl, FRAME_HEADER, Hash, MAX_QUEUED_HASH_REQUESTS, Manifest, Sender, SenderEvent,
+    SenderOutput, chunk_size_for,
 };
 
 use tokio::sync::mpsc;
@@ -323,8 +323,14 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
         source.push_text(text.clone())?;
     }
     let fault = Fault::from_env();
-    let manifest = Manifest::new(fault.chunk_size().unwrap_or(DEFAULT_CHUNK_SIZE), source.entries.clone())
-        .context("cannot send these files")?;
+    let largest = source.entries.iter().map(|e| e.size).max().unwrap_or(0);
+    let chunk_size = match fault.chunk_size() {
+        Some(size) => size,
+        None => chunk_size_for(largest).with_context(|| {
+            format!("cannot send a file of {}: at most 64 TiB", crate::common::human_bytes(largest))
+        })?,
+    };
+    let manifest = Manifest::new(chunk_size, source.entries.clone()).context("cannot send these files")?;
     let srcs: Arc<Vec<Src>> = Arc::new(
         source
             .files
