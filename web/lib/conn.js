@@ -437,7 +437,7 @@ export class Conn {
           this.room.emit('auth_failed', { peer: this.peer, reason: why });
           // Sealed, so the peer can trust it: the signaling between us was
           // changed (or it lacks the secret).
-          if (this.room.secret) this.room.sendViaServer(this.peer, { [REFUSED_KEY]: why });
+          if (this.room.secret) this.room._sendViaServer(this.peer, { [REFUSED_KEY]: why });
           this._fail(`signaling was not authentic: ${why}`);
           return;
         }

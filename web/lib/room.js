@@ -272,7 +272,7 @@ export class Room extends Emitter {
           // through the server, which vouches for who sends it.
           const conn = this.conns.get(out.from);
           if (conn && conn.state !== 'connecting') {
-            if (signal.kind === 'offer') this.sendViaServer(out.from, { [BUSY_KEY]: VIA_SERVER });
+            if (signal.kind === 'offer') this._sendViaServer(out.from, { [BUSY_KEY]: VIA_SERVER });
             break;
           }
           this._signalFrom(out.from, signal, true);
@@ -498,7 +498,7 @@ export class Room extends Emitter {
         if (!this.members.has(from)) this.members.set(from, { name: null });
         this._createConn(from, [], null).onSignal(signal);
       } else {
-        this.sendViaServer(from, { [BUSY_KEY]: 'busy' });
+        this._sendViaServer(from, { [BUSY_KEY]: 'busy' });
       }
       this._overlayRun();
     }
@@ -629,12 +629,27 @@ export class Room extends Emitter {
   /**
    * Sends `data` through the server to `to`, or to every other member:
    * whether it was queued (in an end-to-end encrypted room, sealed first,
-   * so a promise of that).
+   * so a promise of that). False also while the link to the server holds
+   * 24 MiB (the application sends faster than it drains: try again later;
+   * the rest is kept for the room's own signals), as the native
+   * `Error::SignalingBusy`.
    * @param {string | null} to
    * @param {unknown} data
    * @returns {boolean | Promise<boolean>}
    */
   sendViaServer(to, data) {
+    if (this.signaling.busy()) return this.secret ? Promise.resolve(false) : false;
+    return this._sendViaServer(to, data);
+  }
+
+  /**
+   * {@link Room.sendViaServer} without the application's limit: the room's
+   * own notices (busy, refused) take the share kept for signals.
+   * @param {string | null} to
+   * @param {unknown} data
+   * @returns {boolean | Promise<boolean>}
+   */
+  _sendViaServer(to, data) {
     const send = (/** @type {unknown} */ d) => {
       /** @type {Record<string, unknown>} */
       const msg = { type: 'send', room: this.options.room, data: d };

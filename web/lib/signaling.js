@@ -82,6 +82,12 @@ export function signalingUrl(input) {
 /** Messages queued while the socket is open but not yet writable (bounded). */
 const MAX_QUEUED = 512;
 /**
+ * Of those, what the application's own messages ({@link Signaling.busy})
+ * may fill: the rest stays for the room's signals, as the native client
+ * keeps 128 of its 512.
+ */
+const MAX_QUEUED_FOR_APP = 384;
+/**
  * Messages held while reconnecting with a resume token; beyond it the
  * newest are dropped (as the native client does), so an offer is never
  * lost to the candidates that follow it.
@@ -325,6 +331,14 @@ export class Signaling extends Emitter {
     }
     ws.send(JSON.stringify(msg));
     return true;
+  }
+
+  /**
+   * Whether the link to the server holds as much as the application's
+   * messages may fill (they are refused then; signals still go).
+   */
+  busy() {
+    return (this.ws?.bufferedAmount ?? 0) > MAX_QUEUED_FOR_APP * 65_536;
   }
 
   /** Leaves the room and closes the connection for good. */

@@ -86,3 +86,61 @@ test('the pages fit a phone (390 px wide): nothing runs off the side', async () 
   await shot(page, 'room-phone');
   await page.close();
 });
+
+test('a page sending through the server faster than its link drains is refused (false) and stays connected; a member gets what was accepted', async () => {
+  // Limits off, so only the page's own link can be the bottleneck.
+  const fast = await serve(['--messages-per-second', '1000000', '--message-burst', '1000000']);
+  try {
+    const a = await chrome.page(`${fast.url}/room/busy?name=ann`);
+    const b = await chrome.page(`${fast.url}/room/busy?name=ben`);
+    for (const p of [a, b]) await p.waitForSelector('#peers li[data-state="connected"]', { timeout: 20_000 });
+    await b.evaluate(() => {
+      const g = /** @type {any} */ (globalThis);
+      g.viaServer = 0;
+      g.peerlinkRoom.on('server_message', (/** @type {any} */ m) => { if (m.data?.bulk) g.viaServer++; });
+    });
+    const r = await a.evaluate(async () => {
+      const room = /** @type {any} */ (globalThis).peerlinkRoom;
+      const events = /** @type {string[]} */ ([]);
+      room.signaling.on('reconnecting', () => events.push('reconnecting'));
+      room.signaling.on('closed', () => events.push('closed'));
+      // The server refuses what the member's queue cannot take (peer_busy).
+      const g = /** @type {any} */ (globalThis);
+      g.serverErrors = /** @type {Record<string, number>} */ ({});
+      room.on('server_error', (/** @type {any} */ e) => { g.serverErrors[e.code] = (g.serverErrors[e.code] ?? 0) + 1; });
+      const bulk = 'x'.repeat(60_000);
+      let sent = 0;
+      let refused = 0;
+      // 1,500 x 60 KB in one task: the socket cannot drain meanwhile.
+      for (let i = 0; i < 1500; i++) (room.sendViaServer(null, { bulk, i }) ? sent++ : refused++);
+      let again = false;
+      for (let i = 0; i < 100 && !again; i++) {
+        await new Promise((res) => setTimeout(res, 100));
+        again = room.sendViaServer(null, { bulk: 'after', i: -1 }) === true;
+      }
+      return { sent, refused, again, events };
+    });
+    assert.ok(r.refused > 0, `some refused: ${JSON.stringify(r)}`);
+    assert.ok(r.sent >= 300, `about 24 MiB accepted: ${JSON.stringify(r)}`);
+    assert.equal(r.again, true, 'accepted again once drained');
+    assert.deepEqual(r.events, [], 'the link was never dropped');
+    // Every message the page accepted reaches the member, or comes back
+    // refused by the server (the member's queue was full): none is lost.
+    const tally = async () => ({
+      got: await b.evaluate(() => /** @type {any} */ (globalThis).viaServer),
+      errors: await a.evaluate(() => /** @type {any} */ (globalThis).serverErrors),
+    });
+    await until(async () => {
+      const t = await tally();
+      return t.got + (t.errors.peer_busy ?? 0) === r.sent + 1;
+    }, 30_000, 'every accepted message arrives or is refused').catch(async (e) => {
+      throw new Error(`${e.message}: ${JSON.stringify({ ...r, ...(await tally()) })}`);
+    });
+    const t = await tally();
+    assert.deepEqual(Object.keys(t.errors).filter((c) => c !== 'peer_busy'), [], JSON.stringify(t.errors));
+    await a.close();
+    await b.close();
+  } finally {
+    await fast.stop();
+  }
+});
