@@ -125,6 +125,15 @@ async fn messages_sent_just_before_leaving_arrive_before_the_leave() {
     assert_eq!(got, (0..50).map(|i| serde_json::json!(i)).collect::<Vec<_>>());
 }
 
+/// A server without a message rate limit: only queues and links can be
+/// the bottleneck.
+async fn unlimited_server() -> Server {
+    let mut config = peerlink_signal::Config::default();
+    config.limits.messages_per_second = 1_000_000;
+    config.limits.message_burst = 1_000_000;
+    Server::start_with(config).await
+}
+
 /// An application that does not take its events: what waits for it stays
 /// bounded. Its room stops reading the server once its events hold 4 MiB,
 /// the server's queue for it fills, and the server refuses the rest to
@@ -136,10 +145,7 @@ async fn events_the_application_does_not_take_stay_bounded() {
     use peerlink_peer::{Event, Room};
     use peerlink_proto::ErrorCode;
     const SENT: usize = 600;
-    let mut config = peerlink_signal::Config::default();
-    config.limits.messages_per_second = 1_000_000;
-    config.limits.message_burst = 1_000_000;
-    let server = Server::start_with(config).await;
+    let server = unlimited_server().await;
     let mut cfg = server.config("backlog");
     cfg.channels = vec![];
     let mut reader = Room::join(cfg.clone()).await.unwrap();
@@ -190,10 +196,7 @@ async fn events_the_application_does_not_take_stay_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sending_through_the_server_faster_than_it_reads_is_refused_not_fatal() {
     use peerlink_peer::Room;
-    let mut config = peerlink_signal::Config::default();
-    config.limits.messages_per_second = 1_000_000;
-    config.limits.message_burst = 1_000_000;
-    let server = Server::start_with(config).await;
+    let server = unlimited_server().await;
     let mut cfg = server.config("burst");
     cfg.channels = vec![];
     let reader = Room::join(cfg.clone()).await.unwrap();
