@@ -24,6 +24,8 @@ const MESSAGE_PART = 16;
 export const PART_LIMIT = 65_536;
 /** Largest message a document writes or collects from parts (64 MiB). */
 export const MAX_DOC_MESSAGE = 64 << 20;
+/** Smallest channel message that can carry parts (a part's header takes up to 21 bytes). */
+const MIN_PART_LIMIT = 64;
 
 /**
  * `m` as the channel messages that carry it: itself if it fits in `limit`
@@ -184,6 +186,11 @@ export class SharedDoc extends Emitter {
   _add(ch) {
     const old = this.channels.get(ch.peer);
     if (old === ch) return;
+    // A channel that replaces another starts afresh: what the old one held
+    // back is covered by the sync steps this one exchanges.
+    this.behind.delete(ch.peer);
+    this.missed.delete(ch.peer);
+    this.owed.delete(ch.peer);
     this.channels.set(ch.peer, ch);
     const parts = new Reassembly();
     ch.on('message', (m) => {
@@ -192,8 +199,7 @@ export class SharedDoc extends Emitter {
         const whole = parts.push(m);
         if (whole) this._receive(ch, whole);
       } catch (e) {
-        this.emit('error', { peer: ch.peer, error: String(e) });
-        this._remove(ch.peer);
+        this._fail(ch, `a message that does not parse: ${e instanceof Error ? e.message : e}`);
       }
     });
     // What we have (our state vector), and who is here.
@@ -224,7 +230,9 @@ export class SharedDoc extends Emitter {
         // Answered once the peer is no longer behind (the answer covers
         // what it missed meanwhile).
         decoding.readVarUint(d);
-        this.owed.set(ch.peer, decoding.readVarUint8Array(d));
+        const sv = decoding.readVarUint8Array(d);
+        Y.decodeStateVector(sv); // throws now, not when it is answered
+        this.owed.set(ch.peer, sv);
         return;
       }
       const reply = encoding.createEncoder();
@@ -276,7 +284,17 @@ export class SharedDoc extends Emitter {
     }
     const limit = Math.min(PART_LIMIT, ch.maxMessageSize);
     if (m.byteLength > limit) {
+      if (limit < MIN_PART_LIMIT) {
+        this._fail(ch, `its channel carries at most ${limit} bytes per message (documents need ${MIN_PART_LIMIT})`);
+        return;
+      }
       void this._sendParts(ch, m, limit);
+      return;
+    }
+    if (!ch.isClosed && !ch.fits(m.byteLength)) {
+      // Said now, not when the refusal comes back: a message sent after
+      // this one in the same task must find the peer behind.
+      void this._catchUp(ch);
       return;
     }
     ch.send(m).catch((/** @type {any} */ e) => {
@@ -343,6 +361,15 @@ export class SharedDoc extends Emitter {
    * @param {Channel} ch @param {Uint8Array} [since]
    */
   _resume(ch, since) {
+    try {
+      this._resumeUnguarded(ch, since);
+    } catch (e) {
+      this._fail(ch, e instanceof Error ? e.message : String(e));
+    }
+  }
+
+  /** @param {Channel} ch @param {Uint8Array} [since] */
+  _resumeUnguarded(ch, since) {
     const owed = this.owed.get(ch.peer);
     this.owed.delete(ch.peer);
     const missed = this.missed.delete(ch.peer);

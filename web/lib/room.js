@@ -638,8 +638,7 @@ export class Room extends Emitter {
    * @returns {boolean | Promise<boolean>}
    */
   sendViaServer(to, data) {
-    if (this.signaling.busy()) return this.secret ? Promise.resolve(false) : false;
-    return this._sendViaServer(to, data);
+    return this._sendViaServer(to, data, true);
   }
 
   /**
@@ -647,10 +646,14 @@ export class Room extends Emitter {
    * own notices (busy, refused) take the share kept for signals.
    * @param {string | null} to
    * @param {unknown} data
+   * @param {boolean} [app] an application's message: refused while the link is busy
    * @returns {boolean | Promise<boolean>}
    */
-  _sendViaServer(to, data) {
+  _sendViaServer(to, data, app = false) {
+    if (app && this.signaling.busy()) return this.secret ? Promise.resolve(false) : false;
     const send = (/** @type {unknown} */ d) => {
+      // Checked again once sealed: the link may have filled meanwhile.
+      if (app && this.signaling.busy()) return false;
       /** @type {Record<string, unknown>} */
       const msg = { type: 'send', room: this.options.room, data: d };
       if (to) msg.to = to;

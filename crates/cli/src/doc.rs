@@ -111,6 +111,9 @@ const MESSAGE_PART: u64 = 16;
 pub const PART_LIMIT: usize = 64 * 1024;
 /// Largest message a document writes or collects from parts.
 pub const MAX_DOC_MESSAGE: usize = 64 << 20;
+/// Smallest channel message that can carry parts (a part's header takes up
+/// to 21 bytes).
+const MIN_PART_LIMIT: usize = 64;
 
 /// `msg` as the channel messages that carry it: itself if it fits in
 /// `limit` bytes, else parts of at most `limit` bytes each, header included.
@@ -354,7 +357,7 @@ impl JoinArgs {
 enum Incoming {
     /// A whole message from `peer` on document `name` (parts collected), or
     /// why what came does not parse.
-    Message { peer: PeerId, name: String, msg: Result<Vec<u8>, BadMessage> },
+    Message { peer: PeerId, name: String, epoch: u64, msg: Result<Vec<u8>, BadMessage> },
     /// What held back sending to `peer` (a full queue, a message in parts)
     /// is over. `since`: the state vector the message in parts was made
     /// from; `None` after a full queue.
@@ -406,6 +409,8 @@ impl Docs {
         let step1 = self.doc(&name)?.step1();
         let (peer, tx, reader) = (channel.peer().clone(), self.incoming.clone(), channel.clone());
         let n = name.clone();
+        self.epochs += 1;
+        let epoch = self.epochs;
         tokio::spawn(async move {
             let mut parts = Reassembly::default();
             while let Some(m) = reader.recv().await {
@@ -415,19 +420,18 @@ impl Docs {
                     Err(e) => Err(e),
                 };
                 let bad = msg.is_err();
-                if tx.send(Incoming::Message { peer: peer.clone(), name: n.clone(), msg }).await.is_err()
+                if tx
+                    .send(Incoming::Message { peer: peer.clone(), name: n.clone(), epoch, msg })
+                    .await
+                    .is_err()
                     || bad
                 {
                     break;
                 }
             }
         });
-        self.epochs += 1;
         let key = (channel.peer().clone(), name);
-        self.channels.insert(
-            key.clone(),
-            Out { channel, epoch: self.epochs, behind: false, missed: false, owed: None },
-        );
+        self.channels.insert(key.clone(), Out { channel, epoch, behind: false, missed: false, owed: None });
         self.send(&key, &step1);
         Ok(())
     }
@@ -454,6 +458,11 @@ impl Docs {
         let limit = PART_LIMIT.min(out.channel.max_message_size());
         let (channel, tx, epoch) = (out.channel.clone(), self.incoming.clone(), out.epoch);
         let (peer, name) = key.clone();
+        if bytes.len() > limit && limit < MIN_PART_LIMIT {
+            tracing::warn!(%peer, "document {name}: its channel carries at most {limit} bytes per message; dropped");
+            self.drop_channel(key);
+            return;
+        }
         if bytes.len() > limit {
             out.behind = true;
             tokio::spawn(async move {
@@ -490,7 +499,14 @@ impl Docs {
     /// What held back sending to channel `key` is over: the answer to its
     /// sync step 1 if one waits (it covers everything), else what changed
     /// since `since` if it missed something (the whole state without).
-    fn resume(
+    fn resume(&mut self, key: &(PeerId, String), epoch: u64, since: Option<StateVector>) {
+        if let Err(e) = self.resume_unguarded(key, epoch, since) {
+            tracing::warn!(peer = %key.0, "document {}: {e:#}; its channel is dropped", key.1);
+            self.drop_channel(key);
+        }
+    }
+
+    fn resume_unguarded(
         &mut self,
         key: &(PeerId, String),
         epoch: u64,
@@ -531,7 +547,8 @@ impl Docs {
         let changed = match &msg {
             DocMsg::Step1(sv) => {
                 if let Some(out) = self.channels.get_mut(&key).filter(|o| o.behind) {
-                    // Answered once it is no longer behind.
+                    // Answered once it is no longer behind; checked now.
+                    StateVector::decode_v1(sv).context("a state vector that does not parse")?;
                     out.owed = Some(sv.clone());
                 } else {
                     let reply = self.doc(name)?.step2(sv)?;
@@ -590,17 +607,18 @@ pub async fn keep(args: KeepArgs) -> anyhow::Result<()> {
                 Some(_) => {}
             },
             Some(incoming) = rx.recv() => match incoming {
-                Incoming::Message { peer, name, msg } => {
-                    // A channel dropped for a bad message is not listened to.
+                Incoming::Message { peer, name, epoch, msg } => {
+                    // A channel dropped for a bad message is not listened to,
+                    // nor one replaced since.
                     let key = (peer, name);
-                    if docs.channels.contains_key(&key)
+                    if docs.channels.get(&key).is_some_and(|o| o.epoch == epoch)
                         && let Err(e) = msg.map_err(anyhow::Error::from).and_then(|m| docs.handle(&key.0, &key.1, &m))
                     {
                         tracing::warn!(peer = %key.0, "document {}: {e:#}; its channel is dropped", key.1);
                         docs.drop_channel(&key);
                     }
                 }
-                Incoming::Resume { peer, name, epoch, since } => docs.resume(&(peer, name), epoch, since)?,
+                Incoming::Resume { peer, name, epoch, since } => docs.resume(&(peer, name), epoch, since),
             }
         }
     }
@@ -634,14 +652,19 @@ pub async fn doc(args: DocArgs) -> anyhow::Result<()> {
             },
             Some(incoming) = rx.recv() => {
                 let (peer, name, m) = match incoming {
-                    Incoming::Message { peer, name, msg: Ok(m) } => (peer, name, m),
-                    Incoming::Message { peer, name, msg: Err(e) } => {
+                    Incoming::Message { peer, name, epoch, .. }
+                        if docs.channels.get(&(peer.clone(), name.clone())).is_none_or(|o| o.epoch != epoch) =>
+                    {
+                        continue;
+                    }
+                    Incoming::Message { peer, name, msg: Ok(m), .. } => (peer, name, m),
+                    Incoming::Message { peer, name, msg: Err(e), .. } => {
                         tracing::warn!(%peer, "document {name}: {e}");
                         docs.drop_channel(&(peer, name));
                         continue;
                     }
                     Incoming::Resume { peer, name, epoch, since } => {
-                        docs.resume(&(peer, name), epoch, since)?;
+                        docs.resume(&(peer, name), epoch, since);
                         continue;
                     }
                 };

@@ -570,6 +570,47 @@ fn an_offer_larger_than_the_free_space_is_refused_before_anything_is_written() {
     assert!(finished(&s)["message"].as_str().unwrap().contains("not enough space"), "{}", finished(&s));
 }
 
+/// A resumed transfer counts only what is still missing against the free
+/// space: a file an earlier run finished is not needed again (12 MiB free,
+/// two 5 MiB files: after the first is saved, 7 MiB free covers the rest).
+#[test]
+fn a_resume_needs_space_only_for_what_is_missing() {
+    let server = serve();
+    let t = Scratch::new("resume-space");
+    std::fs::create_dir_all(t.path("src")).unwrap();
+    write_big(&t.path("src/a.bin"), 5, 21);
+    write_big(&t.path("src/b.bin"), 5, 22);
+    let mut s = send(&server.url, &[&t.str("src")], &[], &[("PEERLINK_TEST_FAULT", "throttle=4000000")]);
+    let code = code_of(&mut s);
+    let out = t.path("mnt");
+    std::fs::create_dir_all(&out).unwrap();
+    let script = format!(
+        "OUT='{out}'; mount -t tmpfs -o size=12m tmpfs \"$OUT\" || exit 99
+         '{bin}' receive --server '{server}' --ice-addr 127.0.0.1 --json --yes --out \"$OUT\" {code} > /dev/null & pid=$!
+         i=0; while [ ! -e \"$OUT/src/a.bin\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+         kill -9 $pid; wait $pid
+         echo \"first run: $(ls \"$OUT/src\" | tr '\\n' ' ')\"
+         '{bin}' receive --ice-addr 127.0.0.1 --json --yes --resume --out \"$OUT\"; echo \"exit=$?\"
+         cmp '{src}/a.bin' \"$OUT/src/a.bin\" && cmp '{src}/b.bin' \"$OUT/src/b.bin\" && echo same",
+        out = out.display(),
+        bin = BIN,
+        server = server.url,
+        src = t.path("src").display(),
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut r = Proc::from_command(cmd);
+    let first = r.expect("first run:");
+    assert!(first.contains("a.bin") && first.contains("b.bin.peerlink-part"), "{first}");
+    r.expect("exit=0");
+    r.expect("same");
+    r.wait_exit();
+    assert_eq!(s.wait_exit(), 0, "{:?}", s.seen);
+}
+
 /// The disk fills during the transfer (something else wrote to it): both
 /// sides stop with exit 6 and the partial file is kept for a resume.
 #[test]

@@ -657,6 +657,9 @@ impl Transfer {
         self.start_files(config, out)?;
         self.ask_hashes(config, out);
         self.ask_chunks(config, out);
+        // Asking for chunks moves each file's cursor past what is on disk:
+        // hashes further ahead may be due now, and nothing else would ask.
+        self.ask_hashes(config, out);
         Ok(())
     }
 

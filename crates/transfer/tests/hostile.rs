@@ -223,6 +223,49 @@ fn hashes_are_asked_no_further_ahead_than_the_data_allows() {
     );
 }
 
+/// A resumed file with more chunks on disk than hashes are asked for ahead,
+/// whose hash pages all arrive before its partial file is scanned: the
+/// chunks on disk are taken, and the hashes beyond them still asked for (it
+/// used to stop there, nothing in flight and nothing to wake it).
+#[test]
+fn a_resume_with_more_on_disk_than_the_hash_window_goes_on() {
+    const CHUNKS: u32 = HASHES_AHEAD_OF_DATA + 3000;
+    let size = 16384 * u64::from(CHUNKS);
+    let (mut r, error) = offer(ReceiverConfig::default(), &manifest_msgs(16384, vec![file("big", size)]));
+    assert_eq!(error, None);
+    r.accept();
+    let hash = [7u8; 32];
+    let mut prepared = None;
+    let mut answered_pages = 0;
+    let mut finished = false;
+    for _ in 0..10_000 {
+        let mut progress = false;
+        for out in outputs(&mut r) {
+            match out {
+                ReceiverOutput::Prepare { file } => prepared = Some(file),
+                ReceiverOutput::Ctl(Ctl::GetHashes { file, from }) => {
+                    let n = HASHES_PER_MESSAGE.min(CHUNKS - from) as usize;
+                    r.handle_ctl(Ctl::Hashes { file, from, hashes: hashes_to_hex(&vec![hash; n]) }).unwrap();
+                    answered_pages += 1;
+                    progress = true;
+                }
+                ReceiverOutput::Finish { .. } => finished = true,
+                _ => {}
+            }
+        }
+        if !progress && let Some(file) = prepared.take() {
+            // Scanned only now: every chunk is on disk and matches.
+            r.partial_scanned(file, vec![Some(hash); CHUNKS as usize]);
+            progress = true;
+        }
+        if !progress {
+            break;
+        }
+    }
+    assert!(finished, "the file was finished from disk after {answered_pages} pages of hashes");
+    assert_eq!(answered_pages, CHUNKS.div_ceil(HASHES_PER_MESSAGE));
+}
+
 /// (6) A header over the receiver's limits is refused with `too_large`
 /// before any part arrives; another version with `protocol`.
 #[test]

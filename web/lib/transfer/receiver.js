@@ -183,6 +183,9 @@ class Transfer {
     this.startFiles(config, out);
     this.askHashes(config, out);
     this.askChunks(config, out);
+    // Asking for chunks moves each file's cursor past what is on disk:
+    // hashes further ahead may be due now, and nothing else would ask.
+    this.askHashes(config, out);
   }
 
   /** @param {ReceiverConfig} config @param {ReceiverOutput[]} out */

@@ -27,7 +27,8 @@ class FakeRoom extends Emitter {
 /** Connects two fake rooms with a document channel; returns both ends. @param {FakeRoom} x @param {FakeRoom} y */
 function link(x, y, label = `${DOC_PREFIX}notes`) {
   const end = (/** @type {string} */ peer) => Object.assign(new Emitter(), {
-    label, peer, isClosed: false, other: /** @type {any} */ (null), sent: 0,
+    label, peer, isClosed: false, other: /** @type {any} */ (null), sent: 0, maxMessageSize: 65_536,
+    fits() { return !this.isClosed; },
     async send(/** @type {Uint8Array} */ m) { if (this.isClosed) throw new Error('closed'); this.sent++; const o = this.other; queueMicrotask(() => o.isClosed || o.emit('message', m)); },
     close() { this.isClosed = true; },
   });
@@ -135,6 +136,7 @@ test('doc: a peer whose channel is full misses nothing: it gets the whole state 
     if (full) throw Object.assign(new Error('send queue full'), { code: 'overflow' });
     return send(m);
   };
+  cx.fits = () => !full;
   cx.flush = () => new Promise((r) => { drained = () => r(undefined); });
   da.doc.getText('t').insert(0, 'typed while b could not keep up; ');
   da.doc.getText('t').insert(0, 'and more. ');
@@ -185,10 +187,10 @@ test('doc parts: messages are cut and collected as fixtures/docs/parts.json says
  * `perTick` bytes each way every millisecond.
  * @param {FakeRoom} x @param {FakeRoom} y
  */
-function wire(x, y, { maxMessageSize = 16_384, perTick = 128 * 1024 } = {}) {
+function wire(x, y, { maxMessageSize = 16_384, perTick = 128 * 1024, maxQueuedBytes = 256 * 1024 } = {}) {
   const label = `${DOC_PREFIX}board`;
   const [rx, ry] = [new RawChannel(label), new RawChannel(label)];
-  const opts = { maxMessageSize, maxBufferedAmount: 64 * 1024, maxQueuedBytes: 256 * 1024 };
+  const opts = { maxMessageSize, maxBufferedAmount: 64 * 1024, maxQueuedBytes };
   const [cx, cy] = [new Channel(/** @type {any} */ (rx), y.id, opts), new Channel(/** @type {any} */ (ry), x.id, opts)];
   let peakQueued = 0;
   const move = (/** @type {RawChannel} */ from, /** @type {RawChannel} */ to) => {
@@ -210,7 +212,7 @@ function wire(x, y, { maxMessageSize = 16_384, perTick = 128 * 1024 } = {}) {
   y.open.push(cy);
   x.emit('channel_open', cx);
   y.emit('channel_open', cy);
-  return { raws: [rx, ry], peak: () => peakQueued, stop: () => clearInterval(timer) };
+  return { raws: [rx, ry], channels: [cx, cy], peak: () => peakQueued, stop: () => clearInterval(timer) };
 }
 
 /** A stroke of `n` points, as the room page's board keeps one. @param {number} n @param {number} seed */
@@ -263,6 +265,59 @@ test('doc: a document larger than a channel message reaches a late joiner in par
   w.stop();
   assert.ok(deleted);
   assert.equal(w.raws[0].sent.length + w.raws[1].sent.length, 0);
+  da.destroy();
+  db.destroy();
+});
+
+test('doc: an edit that finds the queue full is not lost when a message in parts follows in the same task', async () => {
+  const [ra, rb] = [new FakeRoom('a'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('board'), new SharedDoc('board')];
+  da.attach(/** @type {any} */ (ra));
+  db.attach(/** @type {any} */ (rb));
+  const w = wire(ra, rb, { maxQueuedBytes: 64 * 1024 });
+  const text = da.doc.getText('notes');
+  text.insert(0, 'first line\n');
+  assert.ok(await until(() => db.doc.getText('notes').toString() === 'first line\n'));
+  // In one task (the wire cannot move meanwhile): fill a's queue to b,
+  // then a small edit that does not fit, then one that goes in parts.
+  const [cx] = w.channels;
+  let typed = 0;
+  while (cx.fits(1100) && typed < 1000) {
+    text.insert(text.length, 'y'.repeat(1000));
+    typed++;
+  }
+  assert.ok(!cx.fits(2100), 'the queue filled');
+  text.insert(0, 'w'.repeat(2000));
+  text.insert(0, 'z'.repeat(40_000));
+  const same = () => db.doc.getText('notes').toString() === text.toString();
+  const converged = await until(same);
+  w.stop();
+  assert.ok(converged, `b has ${db.doc.getText('notes').length} characters of ${text.length}; starts ${JSON.stringify(db.doc.getText('notes').toString().slice(40_000, 40_010))}`);
+  da.destroy();
+  db.destroy();
+});
+
+test('doc: a channel that replaces one the document was holding back for starts afresh', async () => {
+  const [ra, rb] = [new FakeRoom('a'), new FakeRoom('b')];
+  const [da, db] = [new SharedDoc('board'), new SharedDoc('board')];
+  da.attach(/** @type {any} */ (ra));
+  db.attach(/** @type {any} */ (rb));
+  const first = wire(ra, rb);
+  assert.ok(await until(() => da.channels.size === 1 && db.channels.size === 1));
+  // The wire stops while a message to b goes in parts: a holds b back.
+  first.stop();
+  da.doc.getText('notes').insert(0, 'x'.repeat(600_000));
+  await new Promise((r) => setTimeout(r, 20));
+  assert.ok(da.behind.has('b'), 'a holds back for b');
+  // A new channel to b replaces the stalled one (no close event for it).
+  const second = wire(ra, rb);
+  db.doc.getText('notes').insert(0, 'from b: ');
+  const same = () =>
+    da.doc.getText('notes').toString() === db.doc.getText('notes').toString() &&
+    da.doc.getText('notes').length === 600_008;
+  const converged = await until(same);
+  second.stop();
+  assert.ok(converged, `a ${da.doc.getText('notes').length}, b ${db.doc.getText('notes').length} characters`);
   da.destroy();
   db.destroy();
 });

@@ -372,3 +372,43 @@ test('transfer: a sender that answers every get_hashes at once cannot make the r
   assert.ok(asked > 0);
   assert.ok(asked <= HASHES_AHEAD_OF_DATA + 256, `${asked} chunks' hashes asked for before any data`);
 });
+
+test('transfer: a resume with more chunks on disk than hashes are asked for ahead goes on to the end', () => {
+  const CHUNKS = HASHES_AHEAD_OF_DATA + 3000;
+  const size = 16384 * CHUNKS;
+  const r = new Receiver();
+  r.startSession();
+  for (const m of [
+    { type: 'manifest', version: 1, chunk_size: 16384, entries: 1, bytes: size },
+    { type: 'manifest_part', entries: [{ kind: 'file', path: 'big', size }] },
+    { type: 'manifest_end' },
+  ]) r.handleCtlJson(JSON.stringify(m));
+  r.accept();
+  const hash = new Uint8Array(32).fill(7);
+  /** @type {number | undefined} */
+  let prepared;
+  let pages = 0;
+  let finished = false;
+  for (let round = 0; round < 10_000; round++) {
+    let progress = false;
+    for (let o = r.poll(); o; o = r.poll()) {
+      if (o.type === 'prepare') prepared = o.file;
+      else if (o.type === 'ctl' && o.msg.type === 'get_hashes') {
+        const { file, from } = o.msg;
+        const n = Math.min(256, CHUNKS - from);
+        r.handleCtl({ type: 'hashes', file, from, hashes: hashesToHex(Array.from({ length: n }, () => hash)) });
+        pages++;
+        progress = true;
+      } else if (o.type === 'finish') finished = true;
+    }
+    if (!progress && prepared !== undefined) {
+      // Scanned only now: every chunk is on disk and matches.
+      r.partialScanned(prepared, Array.from({ length: CHUNKS }, () => hash));
+      prepared = undefined;
+      progress = true;
+    }
+    if (!progress) break;
+  }
+  assert.ok(finished, `finished from disk after ${pages} pages of hashes`);
+  assert.equal(pages, Math.ceil(CHUNKS / 256));
+});

@@ -426,11 +426,16 @@ fn open_direct(_: &File) -> Option<File> {
 }
 
 /// Makes a verified partial file final: truncate to size, flush to disk,
-/// rename over the final name.
+/// rename over the final name, and flush the folder so the new name
+/// survives a crash too (the sender is told `done` only after this).
 pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
     part.file.set_len(size)?;
     part.file.sync_all()?;
-    fs::rename(&planned.part_path, &planned.final_path)
+    fs::rename(&planned.part_path, &planned.final_path)?;
+    if let Some(folder) = planned.final_path.parent() {
+        File::open(folder)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl OutDir {

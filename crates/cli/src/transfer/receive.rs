@@ -63,7 +63,8 @@ const RESUME_FILE: &str = ".peerlink-resume.json";
 /// space free than the offer's files still need (less what partial files
 /// hold and files an earlier run finished).
 fn short_of_space(out: &OutDir, m: &Manifest, resume: &Resume) -> Option<String> {
-    let needed = out.bytes_needed(m.entries(), |path| resume.done.contains_key(path));
+    let done = resume.done_earlier(&m.id());
+    let needed = out.bytes_needed(m.entries(), |path| done.contains_key(path));
     let free = out.free_bytes()?;
     (needed > free).then(|| {
         format!(
@@ -96,21 +97,30 @@ impl Resume {
         std::fs::rename(tmp, self.dir.join(RESUME_FILE))
     }
 
+    /// The files an earlier run of manifest `id` finished (manifest path →
+    /// where it was saved); none if the record is of another manifest.
+    fn done_earlier(&self, id: &str) -> HashMap<String, RelPath> {
+        if self.record.manifest.as_deref() != Some(id) {
+            return HashMap::new();
+        }
+        let Ok(text) = std::fs::read_to_string(self.dir.join(DONE_FILE)) else { return HashMap::new() };
+        // Where each was saved, as a path inside the output folder: the
+        // record is a file in that folder, which a sender could have sent,
+        // so a line naming anywhere else is not taken.
+        text.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter_map(|(a, b)| Some((a.to_string(), RelPath::parse(b).ok()?)))
+            .collect()
+    }
+
     /// Takes note of an accepted manifest; forgets a different earlier one.
     fn accepted(&mut self, id: String) {
         if self.record.manifest.as_deref() != Some(id.as_str()) {
             self.done.clear();
             let _ = std::fs::remove_file(self.dir.join(DONE_FILE));
             self.record.manifest = Some(id);
-        } else if let Ok(text) = std::fs::read_to_string(self.dir.join(DONE_FILE)) {
-            // Where each was saved, as a path inside the output folder: the
-            // record is a file in that folder, which a sender could have
-            // sent, so a line naming anywhere else is not taken.
-            self.done = text
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .filter_map(|(a, b)| Some((a.to_string(), RelPath::parse(b).ok()?)))
-                .collect();
+        } else {
+            self.done = self.done_earlier(&id);
         }
         if let Err(e) = self.save() {
             tracing::warn!("cannot record the transfer for resume: {e}");
@@ -423,6 +433,8 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                 Ok(LinkEvent::Notice(message)) => ui.show(Report::Notice { message }),
                 Ok(LinkEvent::Paired) => ui.show(Report::Paired),
                 Ok(LinkEvent::Open { ctl: c, data: d }) => {
+                    // What the last session held back belongs to it.
+                    held = None;
                     ctl = Some(c);
                     data = Some(d);
                     waiting_since = None;
@@ -430,6 +442,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     receiver.start_session();
                 }
                 Ok(LinkEvent::Lost(reason)) => {
+                    held = None;
                     ctl = None;
                     data = None;
                     waiting_since = Some(tokio::time::Instant::now());

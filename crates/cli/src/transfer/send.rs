@@ -484,6 +484,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 Ok(LinkEvent::Notice(message)) => ui.show(Report::Notice { message }),
                 Ok(LinkEvent::Paired) => ui.show(Report::Paired),
                 Ok(LinkEvent::Open { ctl: c, data }) => {
+                    // What the last session held back belongs to it.
+                    held = None;
                     ctl = Some(c);
                     waiting_since = None;
                     ui.show(Report::Connected { bytes_done: None });
@@ -498,6 +500,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     sender.start_session();
                 }
                 Ok(LinkEvent::Lost(reason)) => {
+                    held = None;
                     pump = None;
                     ctl = None;
                     waiting_since = Some(tokio::time::Instant::now());
