@@ -110,6 +110,8 @@ export class Channel extends Emitter {
     /** @type {(() => void)[]} */
     this._waiters = [];
     this._gone = false;
+    /** close() was called: nothing more is taken; the queue goes, then the channel closes */
+    this._closing = false;
     raw.binaryType = 'arraybuffer';
     raw.bufferedAmountLowThreshold = Math.floor(this.maxBufferedAmount / 4);
     raw.addEventListener('bufferedamountlow', () => this._drain());
@@ -130,8 +132,9 @@ export class Channel extends Emitter {
     return this.raw.readyState === 'open';
   }
 
+  /** Closed, closing, or {@link Channel.close} was called. */
   get isClosed() {
-    return this.raw.readyState === 'closing' || this.raw.readyState === 'closed';
+    return this._closing || this.raw.readyState === 'closing' || this.raw.readyState === 'closed';
   }
 
   /** Bytes handed to the browser and not yet sent. */
@@ -291,6 +294,7 @@ export class Channel extends Emitter {
         next.fail(e instanceof Error ? e : new Error(String(e)));
       }
     }
+    if (this._closing && this._queue.length === 0 && this.raw.readyState === 'open') this.raw.close();
     this._wake();
   }
 
@@ -309,7 +313,16 @@ export class Channel extends Emitter {
     this.emit('close', undefined);
   }
 
+  /**
+   * Closes the channel at both ends, as the native `DataChannel::close`:
+   * sends are refused from now on (`closed`), messages already queued
+   * still go (the browser sends what it took before it closes), and then
+   * the channel closes; `close` fires once it has.
+   */
   close() {
-    this.raw.close();
+    if (this._closing) return;
+    this._closing = true;
+    this._wake();
+    if (this._queue.length === 0 && this.raw.readyState === 'open') this.raw.close();
   }
 }

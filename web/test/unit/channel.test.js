@@ -57,3 +57,28 @@ test('a queued message larger than the room left at the low threshold goes when 
   await room;
   assert.equal(ch.sendNow(new Uint8Array(900)), true);
 });
+
+test('close() refuses new sends, still hands over what was queued, then closes the channel', async () => {
+  const raw = new RawChannel();
+  let closeCalls = 0;
+  const rawClose = raw.close.bind(raw);
+  raw.close = () => { closeCalls++; rawClose(); };
+  const ch = new Channel(/** @type {any} */ (raw), 'p', { maxBufferedAmount: 1000, maxMessageSize: 400 });
+  let closed = false;
+  ch.on('close', () => { closed = true; });
+  await ch.send(new Uint8Array(400).fill(1));
+  await ch.send(new Uint8Array(400).fill(2));
+  const queued = [ch.send(new Uint8Array(400).fill(3)), ch.send(new Uint8Array(400).fill(4))];
+  assert.equal(ch.queuedBytes, 800);
+  ch.close();
+  assert.equal(ch.isClosed, true);
+  await assert.rejects(ch.send(new Uint8Array(1)), /closed/);
+  assert.equal(closeCalls, 0, 'not closed while messages wait');
+  raw.drain(1000);
+  await Promise.all(queued);
+  assert.deepEqual(raw.sent.map((m) => m[0]), [1, 2, 3, 4], 'everything queued went, in order');
+  assert.equal(closeCalls, 1);
+  assert.equal(closed, true);
+  ch.close();
+  assert.equal(closeCalls, 1, 'once');
+});
