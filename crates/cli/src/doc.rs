@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use peerlink_peer::{ChannelSpec, DataChannel, Event, Message, PeerId, Room, RoomConfig};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, GetString, ReadTxn, StateVector, Transact, Update};
@@ -357,7 +358,14 @@ impl JoinArgs {
 enum Incoming {
     /// A whole message from `peer` on document `name` (parts collected), or
     /// why what came does not parse.
-    Message { peer: PeerId, name: String, epoch: u64, msg: Result<Vec<u8>, BadMessage> },
+    Message {
+        peer: PeerId,
+        name: String,
+        epoch: u64,
+        msg: Result<Vec<u8>, BadMessage>,
+        /// Its bytes' share of [`MAX_QUEUED_BYTES`], given back once handled.
+        _permit: Option<OwnedSemaphorePermit>,
+    },
     /// What held back sending to `peer` (a full queue, a message in parts)
     /// is over. `since`: the state vector the message in parts was made
     /// from; `None` after a full queue.
@@ -385,11 +393,19 @@ struct Docs {
     epochs: u64,
     dir: Option<PathBuf>,
     incoming: mpsc::Sender<Incoming>,
+    /// Bytes of whole messages read and not yet handled, all channels together.
+    queued: Arc<Semaphore>,
 }
+
+/// Bytes of messages read from document channels and waiting for the loop:
+/// a reader waits beyond it (its channel's queue then fills, and its peer
+/// waits). One message of the largest size always fits.
+const MAX_QUEUED_BYTES: usize = MAX_DOC_MESSAGE;
 
 impl Docs {
     fn new(dir: Option<PathBuf>, incoming: mpsc::Sender<Incoming>) -> Docs {
-        Docs { docs: HashMap::new(), channels: HashMap::new(), epochs: 0, dir, incoming }
+        let queued = Arc::new(Semaphore::new(MAX_QUEUED_BYTES));
+        Docs { docs: HashMap::new(), channels: HashMap::new(), epochs: 0, dir, incoming, queued }
     }
 
     fn doc(&mut self, name: &str) -> anyhow::Result<&mut Kept> {
@@ -408,7 +424,7 @@ impl Docs {
         let Some(name) = channel.label().strip_prefix(DOC_PREFIX).map(str::to_string) else { return Ok(()) };
         let step1 = self.doc(&name)?.step1();
         let (peer, tx, reader) = (channel.peer().clone(), self.incoming.clone(), channel.clone());
-        let n = name.clone();
+        let (n, queued) = (name.clone(), self.queued.clone());
         self.epochs += 1;
         let epoch = self.epochs;
         tokio::spawn(async move {
@@ -420,8 +436,16 @@ impl Docs {
                     Err(e) => Err(e),
                 };
                 let bad = msg.is_err();
+                let cost = msg.as_ref().map_or(1, |w| w.len().clamp(1, MAX_QUEUED_BYTES)) as u32;
+                let Ok(permit) = queued.clone().acquire_many_owned(cost).await else { break };
                 if tx
-                    .send(Incoming::Message { peer: peer.clone(), name: n.clone(), epoch, msg })
+                    .send(Incoming::Message {
+                        peer: peer.clone(),
+                        name: n.clone(),
+                        epoch,
+                        msg,
+                        _permit: Some(permit),
+                    })
                     .await
                     .is_err()
                     || bad
@@ -607,7 +631,7 @@ pub async fn keep(args: KeepArgs) -> anyhow::Result<()> {
                 Some(_) => {}
             },
             Some(incoming) = rx.recv() => match incoming {
-                Incoming::Message { peer, name, epoch, msg } => {
+                Incoming::Message { peer, name, epoch, msg, _permit } => {
                     // A channel dropped for a bad message is not listened to,
                     // nor one replaced since.
                     let key = (peer, name);
