@@ -305,6 +305,18 @@ pub(crate) enum JoinOutcome {
     Failed,
 }
 
+/// What became of a leave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LeaveOutcome {
+    Removed,
+    /// Not in the room.
+    Absent,
+    /// Another node has the member now (it resumed there).
+    Moved(String),
+    /// Redis did not answer in time, or the connection broke.
+    Failed,
+}
+
 enum Op {
     Join {
         room: String,
@@ -318,7 +330,7 @@ enum Op {
     Leave {
         room: String,
         peer: PeerId,
-        done: Option<oneshot::Sender<()>>,
+        done: Option<oneshot::Sender<LeaveOutcome>>,
     },
     Publish {
         node: String,
@@ -499,12 +511,16 @@ impl Backplane {
     /// Like [`Backplane::leave`], and waits until Redis has it (bounded;
     /// not at all while Redis is unreachable): a join anywhere after this
     /// returns does not find `peer` in the room.
-    pub async fn leave_and_wait(&self, room: &str, peer: &PeerId) {
+    pub async fn leave_and_wait(&self, room: &str, peer: &PeerId) -> LeaveOutcome {
         let (done, finished) = oneshot::channel();
         let op = Op::Leave { room: room.to_string(), peer: peer.clone(), done: Some(done) };
-        if self.ops.send(op).is_ok() && self.is_up() {
-            let _ = tokio::time::timeout(JOIN_TIMEOUT, finished).await;
+        if self.ops.send(op).is_ok()
+            && self.is_up()
+            && let Ok(Ok(outcome)) = tokio::time::timeout(JOIN_TIMEOUT, finished).await
+        {
+            return outcome;
         }
+        LeaveOutcome::Failed
     }
 
     /// Sends `frame` from `from` to `to` on `node` (to every member there
@@ -822,8 +838,8 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
     let cluster = matches!(conn, Conn::Cluster(_));
     let mut pipe = Batch::default();
     let mut joins: Vec<(usize, oneshot::Sender<JoinOutcome>)> = Vec::new();
-    // Dropped at the end, which tells the waiting leaves (done or failed).
-    let mut _leaves: Vec<oneshot::Sender<()>> = Vec::new();
+    // A leave that fails is told by its sender being dropped.
+    let mut leaves: Vec<(usize, oneshot::Sender<LeaveOutcome>)> = Vec::new();
     let mut bytes = 0;
     let mut oldest: Option<Instant> = None;
     let mut published = 0u64;
@@ -844,7 +860,7 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
                 i += 2;
             }
             Op::Leave { room, peer, done } => {
-                _leaves.extend(done);
+                leaves.extend(done.map(|d| (i, d)));
                 pipe.add(room_tag(&room), leave_cmd(&room, peer.as_str(), &bp.node));
                 let mut srem = redis::cmd("SREM");
                 srem.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
@@ -898,6 +914,23 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
             },
         };
         let _ = reply.send(outcome);
+    }
+    for (at, done) in leaves {
+        let outcome = match replies.get(at) {
+            Some(v) => match redis::from_redis_value::<i64>(v) {
+                Ok(1) => LeaveOutcome::Removed,
+                Ok(_) => LeaveOutcome::Absent,
+                Err(_) => match redis::from_redis_value::<String>(v)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("moved:").map(str::to_string))
+                {
+                    Some(node) => LeaveOutcome::Moved(node),
+                    None => LeaveOutcome::Failed,
+                },
+            },
+            None => LeaveOutcome::Failed,
+        };
+        let _ = done.send(outcome);
     }
     Ok(())
 }

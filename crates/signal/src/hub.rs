@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
 
-use crate::backplane::{Backplane, Entry, Event, JoinOutcome};
+use crate::backplane::{Backplane, Entry, Event, JoinOutcome, LeaveOutcome};
 
 pub(crate) use crate::outbox::{Full, Outbox};
 
@@ -498,14 +498,63 @@ impl Hub {
             return false;
         }
         let known = member == Some(true) || pending();
-        if known && let Some(bp) = bp {
-            bp.leave_and_wait(room, id).await;
-        }
+        let outcome = match (known, bp) {
+            (true, Some(bp)) => Some(bp.leave_and_wait(room, id).await),
+            _ => None,
+        };
         let mut rooms = self.rooms.write();
         let mut was = false;
-        if let Some(members) = rooms.get_mut(room)
-            && members.members.remove(id).is_some()
-        {
+        let Some(members) = rooms.get_mut(room) else {
+            drop(rooms);
+            return self.pending.lock().expect("hub lock").remove(&(room.to_string(), id.clone())).is_some();
+        };
+        // While Redis was asked, the member may have resumed on another
+        // node. Redis says whose it is (moved: it has not left, and nobody
+        // is told), and the event saying so may already be here (it is
+        // Remote now): if Redis removed it first, it left and joined again
+        // elsewhere since, and the members here hear both.
+        let at = members.members.get(id).map(|m| match &m.at {
+            At::Local(o) => o.same(outbox),
+            At::Remote(_) => false,
+        });
+        let stays = match (&outcome, at) {
+            (Some(LeaveOutcome::Moved(node)), Some(true)) => {
+                if let Some(m) = members.members.get_mut(id) {
+                    m.at = At::Remote(node.as_str().into());
+                }
+                true
+            }
+            (Some(LeaveOutcome::Moved(_)), _) => true,
+            (Some(LeaveOutcome::Removed), Some(false)) => {
+                if let Some(m) = members.members.get(id)
+                    && matches!(m.at, At::Remote(_))
+                    && members.members.len() <= self.listed + 1
+                {
+                    let left = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });
+                    members.tell_locals(id, &left);
+                    let info = PeerInfo { id: id.clone(), name: m.name.clone() };
+                    let joined = encode(&ServerMsg::PeerJoined { room: room.to_string(), peer: info });
+                    members.tell_locals(id, &joined);
+                }
+                true
+            }
+            (_, Some(false)) => true,
+            _ => false,
+        };
+        if stays {
+            if !members.has_local() {
+                rooms.remove(room);
+            }
+            drop(rooms);
+            // A join of this connection's still waiting is over with it.
+            let mut pending = self.pending.lock().expect("hub lock");
+            let key = (room.to_string(), id.clone());
+            if pending.get(&key).is_some_and(|p| p.outbox.same(outbox)) {
+                pending.remove(&key);
+            }
+            return false;
+        }
+        if members.members.remove(id).is_some() {
             // Counted with the leaver, as its join was.
             if members.members.len() <= self.listed {
                 let frame = encode(&ServerMsg::PeerLeft { room: room.to_string(), peer_id: id.clone() });

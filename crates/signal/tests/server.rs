@@ -287,6 +287,11 @@ impl TestServer {
         Client::connect(self.addrs[i % self.addrs.len()]).await
     }
 
+    /// A client of node `i`.
+    async fn client_on(&self, i: usize) -> Client {
+        Client::connect(self.addrs[i % self.addrs.len()]).await
+    }
+
     /// A client that has said hello, with the id the server gave it.
     async fn greeted(&self) -> (Client, PeerId) {
         let mut c = self.client().await;
@@ -641,6 +646,52 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     let mut m = server.client().await;
     let (m_id, _) = m.hello_resuming(Some(&forged)).await;
     assert!(m_id != a_id && m_id != b_id, "{m_id}");
+}
+
+/// A client resumes on another node at the moment its old connection ends
+/// (a network switch: the old socket closes as the new one joins). Which
+/// reaches Redis first decides: the place is taken back (`resumed`) and a
+/// member on the old node sees nobody leave or join, or the old end came
+/// first and that member sees the peer leave and join again. Never the
+/// mix the old node's cleanup made of it: resumed, yet reported gone to
+/// the members there (and so never reconnected to). 20 tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_racing_with_the_old_connections_end_is_seen_consistently() {
+    let server = TestServer::on(Backend::Redis, config()).await;
+    let mut resumed_tries = 0;
+    for i in 0..20 {
+        let room = format!("race{i}");
+        let mut a = server.client_on(0).await;
+        a.hello().await;
+        a.join(&room, Some("ada")).await;
+        let mut b = server.client_on(0).await;
+        let (b_id, token) = b.hello_resuming(None).await;
+        b.join(&room, Some("bob")).await;
+        assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id));
+        let mut b2 = server.client_on(1).await;
+        assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
+        b2.send_json(json!({"type": "join", "room": room, "name": "bob"})).await;
+        drop(b);
+        let resumed = match b2.recv().await {
+            ServerMsg::Joined { resumed, .. } => resumed,
+            other => panic!("try {i}: expected joined, got {other:?}"),
+        };
+        if resumed {
+            resumed_tries += 1;
+            let seen = a.try_recv(Duration::from_millis(300)).await;
+            assert_eq!(seen, None, "try {i}: resumed, yet a member of the old node was told");
+        } else {
+            assert!(
+                matches!(a.recv().await, ServerMsg::PeerLeft { peer_id, .. } if peer_id == b_id),
+                "try {i}"
+            );
+            assert!(
+                matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id),
+                "try {i}"
+            );
+        }
+    }
+    eprintln!("{resumed_tries} of 20 tries resumed the place");
 }
 
 /// With a join secret, a resumed client takes back a place it still holds
