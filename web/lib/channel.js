@@ -12,6 +12,9 @@ import { Emitter } from './events.js';
  * @typedef {{ label: string, reliability?: Reliability }} ChannelSpec
  */
 
+/** How long {@link Channel.close} waits for its queue to go before it closes anyway. */
+const CLOSE_DRAIN_MS = 10_000;
+
 /** @param {string} label @returns {ChannelSpec} */
 export const reliable = (label) => ({ label, reliability: 'reliable' });
 /** @param {string} label @returns {ChannelSpec} */
@@ -72,6 +75,7 @@ export class ChannelOverflowError extends SendError {
  * @property {number} [maxQueuedSends]   messages waiting here at most (256)
  * @property {number} [maxQueuedBytes]   bytes waiting here at most (4 MiB)
  * @property {number} [maxMessageSize]   largest message the other side takes (64 KiB if unknown)
+ * @property {number} [closeDrainMs]     how long close() waits for the queue to go before it closes anyway (10 s)
  */
 
 /**
@@ -104,6 +108,7 @@ export class Channel extends Emitter {
     this.maxQueuedSends = options.maxQueuedSends ?? 256;
     this.maxQueuedBytes = options.maxQueuedBytes ?? 4 << 20;
     this.maxMessageSize = options.maxMessageSize ?? 65_536;
+    this.closeDrainMs = options.closeDrainMs ?? CLOSE_DRAIN_MS;
     /** @type {{ data: Payload, bytes: number, done: () => void, fail: (e: Error) => void }[]} */
     this._queue = [];
     this.queuedBytes = 0;
@@ -130,6 +135,11 @@ export class Channel extends Emitter {
 
   get isOpen() {
     return this.raw.readyState === 'open';
+  }
+
+  /** The channel has closed (not merely closing): nothing more will go. */
+  get isGone() {
+    return this._gone || this.raw.readyState === 'closed';
   }
 
   /** Closed, closing, or {@link Channel.close} was called. */
@@ -323,6 +333,15 @@ export class Channel extends Emitter {
     if (this._closing) return;
     this._closing = true;
     this._wake();
-    if (this._queue.length === 0 && this.raw.readyState === 'open') this.raw.close();
+    if (this._queue.length === 0 || this.raw.readyState !== 'open') {
+      this.raw.close();
+      return;
+    }
+    // A peer that reads nothing more must not keep it open for ever.
+    const t = setTimeout(() => this.raw.close(), this.closeDrainMs);
+    const off = this.on('close', () => {
+      clearTimeout(t);
+      off();
+    });
   }
 }

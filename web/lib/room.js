@@ -777,7 +777,7 @@ export class Room extends Emitter {
     const deadline = Date.now() + linger;
     const pending = () =>
       [...this.conns.values()].some(
-        (c) => (c.state === 'connected' || c.state === 'disconnected') && [...c.channels.values()].some((ch) => !ch.isClosed && (ch.queuedBytes > 0 || ch.bufferedAmount > 0)),
+        (c) => (c.state === 'connected' || c.state === 'disconnected') && [...c.channels.values()].some((ch) => !ch.isGone && (ch.queuedBytes > 0 || ch.bufferedAmount > 0)),
       );
     while (pending() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     const connected = [...this.conns.values()].some((c) => c.state === 'connected');

@@ -317,19 +317,33 @@ pub(crate) enum LeaveOutcome {
     Failed,
 }
 
+/// How a join takes a place already held by the same peer id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinMode {
+    /// A new member; a place already held is `Already`.
+    Join,
+    /// A resume: a place held is taken back here, else joined as new.
+    Resume,
+    /// A resume that may only take back a place it holds (`Gone` if none).
+    ResumeOnly,
+}
+
 enum Op {
     Join {
         room: String,
         peer: PeerId,
         name: Option<String>,
         max: usize,
-        resume: bool,
-        only_present: bool,
+        mode: JoinMode,
+        /// The joining connection's token ([`crate::outbox::Outbox::token`]).
+        conn: u64,
         reply: oneshot::Sender<JoinOutcome>,
     },
     Leave {
         room: String,
         peer: PeerId,
+        /// Only this connection's membership; `None`: whichever of this node.
+        conn: Option<u64>,
         done: Option<oneshot::Sender<LeaveOutcome>>,
     },
     Publish {
@@ -487,12 +501,11 @@ impl Backplane {
         peer: &PeerId,
         name: Option<String>,
         max: usize,
-        resume: bool,
-        only_present: bool,
+        mode: JoinMode,
+        conn: u64,
     ) -> JoinOutcome {
         let (reply, answer) = oneshot::channel();
-        let op =
-            Op::Join { room: room.to_string(), peer: peer.clone(), name, max, resume, only_present, reply };
+        let op = Op::Join { room: room.to_string(), peer: peer.clone(), name, max, mode, conn, reply };
         if self.ops.send(op).is_err() {
             return JoinOutcome::Failed;
         }
@@ -505,15 +518,18 @@ impl Backplane {
     /// Removes `peer` from `room` in Redis (in order after what it sent).
     /// Never refused: leaves are bounded by the members this node has.
     pub fn leave(&self, room: &str, peer: &PeerId) {
-        let _ = self.ops.send(Op::Leave { room: room.to_string(), peer: peer.clone(), done: None });
+        let _ =
+            self.ops.send(Op::Leave { room: room.to_string(), peer: peer.clone(), conn: None, done: None });
     }
 
     /// Like [`Backplane::leave`], and waits until Redis has it (bounded;
     /// not at all while Redis is unreachable): a join anywhere after this
     /// returns does not find `peer` in the room.
-    pub async fn leave_and_wait(&self, room: &str, peer: &PeerId) -> LeaveOutcome {
+    /// Only connection `conn`'s membership is removed: one the member
+    /// resumed on since (here or elsewhere) stays, and says so (`Moved`).
+    pub async fn leave_and_wait(&self, room: &str, peer: &PeerId, conn: u64) -> LeaveOutcome {
         let (done, finished) = oneshot::channel();
-        let op = Op::Leave { room: room.to_string(), peer: peer.clone(), done: Some(done) };
+        let op = Op::Leave { room: room.to_string(), peer: peer.clone(), conn: Some(conn), done: Some(done) };
         if self.ops.send(op).is_ok()
             && self.is_up()
             && let Ok(Ok(outcome)) = tokio::time::timeout(JOIN_TIMEOUT, finished).await
@@ -582,7 +598,15 @@ fn channel(node: &str) -> String {
     format!("pl:n:{node}")
 }
 
-fn join_cmd(room: &str, peer: &PeerId, node: &str, name: Option<&str>, max: usize, mode: &str) -> redis::Cmd {
+fn join_cmd(
+    room: &str,
+    peer: &PeerId,
+    node: &str,
+    name: Option<&str>,
+    max: usize,
+    mode: &str,
+    conn: u64,
+) -> redis::Cmd {
     let mut c = redis::cmd("EVAL");
     c.arg(JOIN)
         .arg(2)
@@ -594,13 +618,16 @@ fn join_cmd(room: &str, peer: &PeerId, node: &str, name: Option<&str>, max: usiz
         .arg(if name.is_some() { "1" } else { "0" })
         .arg(name.unwrap_or(""))
         .arg(max)
-        .arg(mode);
+        .arg(mode)
+        .arg(conn.to_string());
     c
 }
 
-fn leave_cmd(room: &str, peer: &str, owner: &str) -> redis::Cmd {
+/// `conn`: only that connection's membership (`None`: any of `owner`'s).
+fn leave_cmd(room: &str, peer: &str, owner: &str, conn: Option<u64>) -> redis::Cmd {
     let mut c = redis::cmd("EVAL");
     c.arg(LEAVE).arg(2).arg(members_key(room)).arg(seq_key(room)).arg(room).arg(peer).arg(owner);
+    c.arg(conn.map(|c| c.to_string()).unwrap_or_default());
     c
 }
 
@@ -756,7 +783,7 @@ async fn farewell(bp: &Backplane, conn: &mut Conn) -> redis::RedisResult<()> {
     let mut batch = Batch::default();
     for e in &held {
         if let Some((room, peer)) = e.split_once('\t') {
-            batch.add(room_tag(room), leave_cmd(room, peer, &bp.node));
+            batch.add(room_tag(room), leave_cmd(room, peer, &bp.node, None));
         }
     }
     let mut del = redis::cmd("DEL");
@@ -797,13 +824,13 @@ async fn heartbeat(
                 tracing::info!(members = members.len(), "redis backplane: putting this node's members back");
             }
             let mut batch = Batch::default();
-            for (room, peer, name) in &members {
+            for (room, peer, name, conn) in &members {
                 let mut sadd = redis::cmd("SADD");
                 sadd.arg(index_key(&bp.node)).arg(entry(room, peer.as_str()));
                 batch.add(pl_tag(), sadd);
                 batch.add(
                     room_tag(room),
-                    join_cmd(room, peer, &bp.node, name.as_deref(), usize::MAX, "restore"),
+                    join_cmd(room, peer, &bp.node, name.as_deref(), usize::MAX, "restore", *conn),
                 );
             }
             batch.run(conn).await?;
@@ -814,7 +841,7 @@ async fn heartbeat(
         let mut batch = Batch::default();
         for e in &held {
             if let Some((room, peer)) = e.split_once('\t') {
-                batch.add(room_tag(room), leave_cmd(room, peer, dead));
+                batch.add(room_tag(room), leave_cmd(room, peer, dead, None));
             }
         }
         let removed = batch.run(conn).await?;
@@ -839,29 +866,29 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
     let mut pipe = Batch::default();
     let mut joins: Vec<(usize, oneshot::Sender<JoinOutcome>)> = Vec::new();
     // A leave that fails is told by its sender being dropped.
-    let mut leaves: Vec<(usize, oneshot::Sender<LeaveOutcome>)> = Vec::new();
+    let mut leaves: Vec<(usize, oneshot::Sender<LeaveOutcome>, String, PeerId)> = Vec::new();
     let mut bytes = 0;
     let mut oldest: Option<Instant> = None;
     let mut published = 0u64;
     let mut i = 0;
     for op in batch {
         match op {
-            Op::Join { room, peer, name, max, resume, only_present, reply } => {
+            Op::Join { room, peer, name, max, mode, conn, reply } => {
                 let mut sadd = redis::cmd("SADD");
                 sadd.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
                 pipe.add(pl_tag(), sadd);
-                let mode = match (resume, only_present) {
-                    (_, true) => "resume-only",
-                    (true, false) => "resume",
-                    (false, false) => "join",
+                let mode = match mode {
+                    JoinMode::ResumeOnly => "resume-only",
+                    JoinMode::Resume => "resume",
+                    JoinMode::Join => "join",
                 };
-                pipe.add(room_tag(&room), join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode));
+                pipe.add(room_tag(&room), join_cmd(&room, &peer, &bp.node, name.as_deref(), max, mode, conn));
                 joins.push((i + 1, reply));
                 i += 2;
             }
-            Op::Leave { room, peer, done } => {
-                leaves.extend(done.map(|d| (i, d)));
-                pipe.add(room_tag(&room), leave_cmd(&room, peer.as_str(), &bp.node));
+            Op::Leave { room, peer, conn, done } => {
+                leaves.extend(done.map(|d| (i, d, room.clone(), peer.clone())));
+                pipe.add(room_tag(&room), leave_cmd(&room, peer.as_str(), &bp.node, conn));
                 let mut srem = redis::cmd("SREM");
                 srem.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
                 pipe.add(pl_tag(), srem);
@@ -915,7 +942,10 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
         };
         let _ = reply.send(outcome);
     }
-    for (at, done) in leaves {
+    // A member that moved to another connection of this node stays in its
+    // index (the leave's SREM took it out).
+    let mut index_back = Batch::default();
+    for (at, done, room, peer) in leaves {
         let outcome = match replies.get(at) {
             Some(v) => match redis::from_redis_value::<i64>(v) {
                 Ok(1) => LeaveOutcome::Removed,
@@ -930,8 +960,14 @@ async fn run_batch(bp: &Backplane, conn: &mut Conn, batch: Vec<Op>) -> redis::Re
             },
             None => LeaveOutcome::Failed,
         };
+        if outcome == LeaveOutcome::Moved(bp.node.clone()) {
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(index_key(&bp.node)).arg(entry(&room, peer.as_str()));
+            index_back.add(pl_tag(), sadd);
+        }
         let _ = done.send(outcome);
     }
+    index_back.run(conn).await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use axum::extract::ws::Utf8Bytes;
 use peerlink_proto::{ErrorCode, PeerId, PeerInfo, ServerMsg};
 
-use crate::backplane::{Backplane, Entry, Event, JoinOutcome, LeaveOutcome};
+use crate::backplane::{Backplane, Entry, Event, JoinMode, JoinOutcome, LeaveOutcome};
 
 pub(crate) use crate::outbox::{Full, Outbox};
 
@@ -397,8 +397,14 @@ impl Hub {
             return Err(unavailable(&format!("cannot join {room} now")));
         }
         let key = (room.to_string(), id.clone());
+        let conn = outbox.token();
         self.pending.lock().expect("hub lock").insert(key.clone(), Pending { outbox });
-        let outcome = bp.join(room, id, name, max_peers, resume, only_present.is_some()).await;
+        let mode = match (resume, only_present.is_some()) {
+            (_, true) => JoinMode::ResumeOnly,
+            (true, false) => JoinMode::Resume,
+            (false, false) => JoinMode::Join,
+        };
+        let outcome = bp.join(room, id, name, max_peers, mode, conn).await;
         if !matches!(outcome, JoinOutcome::Joined) {
             self.pending.lock().expect("hub lock").remove(&key);
         }
@@ -499,14 +505,14 @@ impl Hub {
         }
         let known = member == Some(true) || pending();
         let outcome = match (known, bp) {
-            (true, Some(bp)) => Some(bp.leave_and_wait(room, id).await),
+            (true, Some(bp)) => Some(bp.leave_and_wait(room, id, outbox.token()).await),
             _ => None,
         };
         let mut rooms = self.rooms.write();
         let mut was = false;
         let Some(members) = rooms.get_mut(room) else {
             drop(rooms);
-            return self.pending.lock().expect("hub lock").remove(&(room.to_string(), id.clone())).is_some();
+            return self.drop_pending(room, id, outbox);
         };
         // While Redis was asked, the member may have resumed on another
         // node. Redis says whose it is (moved: it has not left, and nobody
@@ -546,12 +552,7 @@ impl Hub {
                 rooms.remove(room);
             }
             drop(rooms);
-            // A join of this connection's still waiting is over with it.
-            let mut pending = self.pending.lock().expect("hub lock");
-            let key = (room.to_string(), id.clone());
-            if pending.get(&key).is_some_and(|p| p.outbox.same(outbox)) {
-                pending.remove(&key);
-            }
+            self.drop_pending(room, id, outbox);
             return false;
         }
         if members.members.remove(id).is_some() {
@@ -565,7 +566,21 @@ impl Hub {
             }
             was = true;
         }
-        was | self.pending.lock().expect("hub lock").remove(&(room.to_string(), id.clone())).is_some()
+        drop(rooms);
+        was | self.drop_pending(room, id, outbox)
+    }
+
+    /// Forgets a join of `id` to `room` still waiting on the connection of
+    /// `outbox` (one another connection of `id` made since stays); whether
+    /// there was one.
+    fn drop_pending(&self, room: &str, id: &PeerId, outbox: &Outbox) -> bool {
+        let mut pending = self.pending.lock().expect("hub lock");
+        let key = (room.to_string(), id.clone());
+        if pending.get(&key).is_some_and(|p| p.outbox.same(outbox)) {
+            pending.remove(&key);
+            return true;
+        }
+        false
     }
 
     /// Delivers `frame` to `to` if both `from` and `to` are in `room`. A
@@ -673,15 +688,15 @@ impl Hub {
         if busy_peers.is_empty() { Ok(()) } else { Err(busy(&busy_peers, members.members.len() - 1, why)) }
     }
 
-    /// Members on this node, by room, with their names: what a node puts
-    /// back after Redis lost them.
-    pub fn local_members(&self) -> Vec<(String, PeerId, Option<String>)> {
+    /// Members on this node, by room, with their names and their
+    /// connections' tokens: what a node puts back after Redis lost them.
+    pub fn local_members(&self) -> Vec<(String, PeerId, Option<String>, u64)> {
         let rooms = self.rooms.read();
         let mut out = Vec::new();
         for (room, members) in rooms.iter() {
             for (id, m) in &members.members {
-                if matches!(m.at, At::Local(_)) {
-                    out.push((room.clone(), id.clone(), m.name.clone()));
+                if let At::Local(o) = &m.at {
+                    out.push((room.clone(), id.clone(), m.name.clone(), o.token()));
                 }
             }
         }

@@ -179,6 +179,12 @@ impl Outbox {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
+    /// Tells this connection from any other alive on this node (its
+    /// member entries in Redis carry it: a leave removes only its own).
+    pub fn token(&self) -> u64 {
+        Arc::as_ptr(&self.0) as usize as u64
+    }
+
     /// Queues a relayed frame without waiting, or says why not. The queue
     /// is bounded in frames and bytes, and all queues together by the
     /// server's budget: a client that stops reading pins at most

@@ -648,19 +648,29 @@ async fn a_resumed_client_takes_its_place_back_unnoticed(backend: Backend) {
     assert!(m_id != a_id && m_id != b_id, "{m_id}");
 }
 
-/// A client resumes on another node at the moment its old connection ends
-/// (a network switch: the old socket closes as the new one joins). Which
-/// reaches Redis first decides: the place is taken back (`resumed`) and a
-/// member on the old node sees nobody leave or join, or the old end came
-/// first and that member sees the peer leave and join again. Never the
-/// mix the old node's cleanup made of it: resumed, yet reported gone to
-/// the members there (and so never reconnected to). 20 tries.
+/// A client resumes at the moment its old connection ends (a network
+/// switch: the old socket closes as the new one joins), on another node or
+/// on the same one. Which reaches Redis first decides: the place is taken
+/// back (`resumed`) and a member on the old node sees nobody leave or join,
+/// or the old end came first and that member sees the peer leave and join
+/// again. Never the mix the old node's cleanup made of it: resumed, yet
+/// reported gone (and so never reconnected to), or removed from Redis
+/// while its new connection holds it. 20 tries each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_racing_with_the_old_connections_end_is_seen_consistently() {
     let server = TestServer::on(Backend::Redis, config()).await;
+    for (place, node) in [("another node", 1), ("the same node", 0)] {
+        let resumed = resume_races(&server, node, &format!("n{node}")).await;
+        eprintln!("on {place}: {resumed} of 20 tries resumed the place");
+    }
+}
+
+/// 20 tries of the race above with the resume on node `node`; how many
+/// took the place back.
+async fn resume_races(server: &TestServer, node: usize, tag: &str) -> usize {
     let mut resumed_tries = 0;
     for i in 0..20 {
-        let room = format!("race{i}");
+        let room = format!("race-{tag}-{i}");
         let mut a = server.client_on(0).await;
         a.hello().await;
         a.join(&room, Some("ada")).await;
@@ -668,7 +678,7 @@ async fn a_resume_racing_with_the_old_connections_end_is_seen_consistently() {
         let (b_id, token) = b.hello_resuming(None).await;
         b.join(&room, Some("bob")).await;
         assert!(matches!(a.recv().await, ServerMsg::PeerJoined { peer, .. } if peer.id == b_id));
-        let mut b2 = server.client_on(1).await;
+        let mut b2 = server.client_on(node).await;
         assert_eq!(b2.hello_resuming(Some(&token)).await.0, b_id);
         b2.send_json(json!({"type": "join", "room": room, "name": "bob"})).await;
         drop(b);
@@ -690,8 +700,15 @@ async fn a_resume_racing_with_the_old_connections_end_is_seen_consistently() {
                 "try {i}"
             );
         }
+        // Whatever the order, the peer is a member everywhere: a newcomer
+        // on a third node is told of it.
+        let mut c = server.client_on(2).await;
+        c.hello().await;
+        let peers: Vec<PeerId> = c.join(&room, Some("cy")).await.into_iter().map(|p| p.id).collect();
+        assert!(peers.contains(&b_id), "try {i}: the resumed peer is in the room for a newcomer: {peers:?}");
+        assert!(matches!(a.recv().await, ServerMsg::PeerJoined { .. }), "try {i}: a hears of the newcomer");
     }
-    eprintln!("{resumed_tries} of 20 tries resumed the place");
+    resumed_tries
 }
 
 /// With a join secret, a resumed client takes back a place it still holds

@@ -82,3 +82,15 @@ test('close() refuses new sends, still hands over what was queued, then closes t
   ch.close();
   assert.equal(closeCalls, 1, 'once');
 });
+
+test('close() on a channel whose queue does not go closes it anyway after closeDrainMs, failing what waited', async () => {
+  const raw = new RawChannel();
+  const ch = new Channel(/** @type {any} */ (raw), 'p', { maxBufferedAmount: 1000, maxMessageSize: 400, closeDrainMs: 50 });
+  await ch.send(new Uint8Array(400));
+  await ch.send(new Uint8Array(400));
+  const stuck = ch.send(new Uint8Array(400));
+  ch.close();
+  assert.equal(raw.readyState, 'open', 'waits for the queue first');
+  await assert.rejects(stuck, /closed/);
+  assert.equal(raw.readyState, 'closed');
+});

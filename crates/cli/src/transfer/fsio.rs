@@ -432,8 +432,12 @@ pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
     part.file.set_len(size)?;
     part.file.sync_all()?;
     fs::rename(&planned.part_path, &planned.final_path)?;
-    if let Some(folder) = planned.final_path.parent() {
-        File::open(folder)?.sync_all()?;
+    // Best effort: some file systems refuse to sync a folder, and the file
+    // itself is complete and synced.
+    if let Some(folder) = planned.final_path.parent()
+        && let Err(e) = File::open(folder).and_then(|f| f.sync_all())
+    {
+        tracing::debug!("cannot sync {}: {e}", folder.display());
     }
     Ok(())
 }

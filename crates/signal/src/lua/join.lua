@@ -10,7 +10,8 @@
 -- resume without a valid join token may take back a place, nothing more).
 -- KEYS: members hash, join counter (one hash slot: {room}).
 -- ARGV: room, peer, node, has name ("1"/"0"), name, max members, mode
--- ("join", "resume", "resume-only" or "restore").
+-- ("join", "resume", "resume-only" or "restore"), the connection's token
+-- on its node (kept as `c`: a leave removes only its own connection's).
 local room, peer, node = ARGV[1], ARGV[2], ARGV[3]
 local max, mode = tonumber(ARGV[6]), ARGV[7]
 local me
@@ -20,13 +21,14 @@ if cur then
   if mode ~= 'resume' and mode ~= 'resume-only' then return 'already' end
   me = cjson.decode(cur)
   me.node = node
+  me.c = ARGV[8]
 elseif mode == 'resume-only' then
   return 'gone'
 else
   local n = redis.call('HLEN', KEYS[1])
   if mode ~= 'restore' and n >= max then return 'full:' .. n end
   local since = redis.call('INCR', KEYS[2])
-  me = { id = peer, node = node, s = since }
+  me = { id = peer, node = node, s = since, c = ARGV[8] }
   if ARGV[4] == '1' then me.n = ARGV[5] end
 end
 redis.call('HSET', KEYS[1], peer, cjson.encode(me))

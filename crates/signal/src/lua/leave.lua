@@ -1,12 +1,16 @@
 -- Removes a member if it is there and belongs to node `owner`, and tells
 -- the other nodes with members in the room (`l`); the owner tells its own.
--- Returns 1 if removed, 0 if not there, "moved:NODE" if another node has it.
--- KEYS: members hash, join counter. ARGV: room, peer, owner.
+-- Returns 1 if removed, 0 if not there, "moved:NODE" if another node (or,
+-- given a connection token, another connection of this node) has it now.
+-- KEYS: members hash, join counter. ARGV: room, peer, owner, connection
+-- token ("" for any connection of the owner).
 local cur = redis.call('HGET', KEYS[1], ARGV[2])
 if not cur then return 0 end
 -- Another node's now (it resumed there): say which, and leave it be.
-local owner = cjson.decode(cur).node
-if owner ~= ARGV[3] then return 'moved:' .. owner end
+local e = cjson.decode(cur)
+if e.node ~= ARGV[3] or (ARGV[4] ~= '' and e.c ~= nil and e.c ~= ARGV[4]) then
+  return 'moved:' .. e.node
+end
 redis.call('HDEL', KEYS[1], ARGV[2])
 local rest = redis.call('HVALS', KEYS[1])
 if #rest == 0 then
