@@ -731,6 +731,12 @@ impl Hub {
                         At::Local(_) if *member.node != *me => m.at = At::Remote(member.node.into()),
                         At::Local(_) => {}
                     }
+                    // As Redis has it now (after a leave and a join again
+                    // elsewhere: the new join's order and name).
+                    m.since = member.s;
+                    if member.n.is_some() {
+                        m.name = member.n;
+                    }
                     if !r.has_local() {
                         rooms.remove(&room);
                     }
