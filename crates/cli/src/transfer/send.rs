@@ -163,18 +163,29 @@ struct Job {
 enum Held {
     Ctl(String),
     Job(Job),
+    Hash(hasher::Job),
 }
 
 /// Hands `held` on once there is room; returns at once if what it was for
 /// (the control channel, the pump) is gone, dropping it as a send to a closed
 /// channel would.
-async fn deliver(held: Option<&Held>, ctl: Option<&DataChannel>, pump: Option<&Pump>) {
+async fn deliver(
+    held: Option<&Held>,
+    ctl: Option<&DataChannel>,
+    pump: Option<&Pump>,
+    hash_jobs: &mpsc::Sender<hasher::Job>,
+) {
     match held {
         Some(Held::Ctl(text)) => super::send_held(Some(text), ctl).await,
         Some(Held::Job(job)) => {
             if let Some(p) = pump
                 && let Ok(permit) = p.jobs.reserve().await
             {
+                permit.send(*job);
+            }
+        }
+        Some(Held::Hash(job)) => {
+            if let Ok(permit) = hash_jobs.reserve().await {
                 permit.send(*job);
             }
         }
@@ -434,8 +445,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                     }
                 }
                 SenderOutput::Hash { file, from, count } => {
-                    // Sized for every request the engine can hold: never full.
-                    let _ = hash_jobs.try_send(hasher::Job { file, from, count });
+                    // Sized for every request the engine holds, but requests
+                    // of an earlier session may still wait in it.
+                    if let Err(mpsc::error::TrySendError::Full(job)) =
+                        hash_jobs.try_send(hasher::Job { file, from, count })
+                    {
+                        held = Some(Held::Hash(job));
+                    }
                 }
                 SenderOutput::Send { file, offset, len, .. } => {
                     if let Some(p) = &pump
@@ -477,7 +493,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Outcome> {
                 sender.cancel(CancelCode::User, "the sender cancelled".into());
                 continue;
             }
-            () = deliver(held.as_ref(), ctl.as_ref(), pump.as_ref()), if held.is_some() => held = None,
+            () = deliver(held.as_ref(), ctl.as_ref(), pump.as_ref(), &hash_jobs), if held.is_some() => held = None,
             ev = link.next() => match ev {
                 Err(e) => break link_failure(e),
                 Ok(LinkEvent::PeerSeen) => ui.show(Report::PeerSeen { side: Side::Sender }),
