@@ -464,10 +464,6 @@ impl Docs {
     /// nothing else goes to it; a peer whose queue is full is sent nothing
     /// until it has drained, then what it missed.
     fn send(&mut self, key: &(PeerId, String), msg: &DocMsg) {
-        let since = match self.docs.get(&key.1) {
-            Some(kept) => kept.doc.transact().state_vector(),
-            None => StateVector::default(),
-        };
         let Some(out) = self.channels.get_mut(key) else { return };
         if out.behind {
             out.missed = true;
@@ -489,6 +485,11 @@ impl Docs {
         }
         if bytes.len() > limit {
             out.behind = true;
+            // `msg` was made from the document as it is now.
+            let since = match self.docs.get(&key.1) {
+                Some(kept) => kept.doc.transact().state_vector(),
+                None => StateVector::default(),
+            };
             tokio::spawn(async move {
                 for part in split_parts(&bytes, limit) {
                     if let Err(e) = channel.send(Message::Binary(part)).await {
