@@ -137,52 +137,108 @@ pub fn split_parts(msg: &[u8], limit: usize) -> Vec<Vec<u8>> {
     parts
 }
 
+/// Bytes that every channel's [`Reassembly`] of one process may hold
+/// together while collecting messages in parts: two messages of the largest
+/// size. A part that would pass it is refused (its channel is dropped)
+/// rather than waited for: readers waiting for each other's collections to
+/// finish would wait for ever.
+pub const MAX_COLLECTING_BYTES: usize = 2 * MAX_DOC_MESSAGE;
+
+/// Why a channel's message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error(transparent)]
+    Bad(#[from] BadMessage),
+    #[error("messages being collected in parts from every channel would pass {} MiB", .0 >> 20)]
+    OverBudget(usize),
+}
+
+/// A whole message, holding its share of the bytes being collected if it
+/// came in parts, until it is dropped.
+#[derive(Debug)]
+pub struct Whole {
+    pub bytes: Vec<u8>,
+    _collected: Option<OwnedSemaphorePermit>,
+}
+
 /// Collects the parts of one channel's messages: [`Reassembly::push`]
-/// gives each whole message as it completes.
-#[derive(Debug, Default)]
+/// gives each whole message as it completes. What it holds counts against
+/// a budget that the reassemblies sharing it draw from together.
+#[derive(Debug)]
 pub struct Reassembly {
     whole: Vec<u8>,
     total: usize,
+    held: Option<OwnedSemaphorePermit>,
+    budget: Arc<Semaphore>,
+}
+
+impl Default for Reassembly {
+    /// A reassembly with a budget of its own (one message of the largest size).
+    fn default() -> Self {
+        Reassembly::new(Arc::new(Semaphore::new(MAX_DOC_MESSAGE)))
+    }
 }
 
 impl Reassembly {
+    /// A reassembly drawing from `budget`, in bytes.
+    pub fn new(budget: Arc<Semaphore>) -> Reassembly {
+        Reassembly { whole: Vec::new(), total: 0, held: None, budget }
+    }
+
+    fn reset(&mut self) {
+        self.whole = Vec::new();
+        self.total = 0;
+        self.held = None;
+    }
+
     /// The whole message `m` completes, `m` itself if it is not a part, or
-    /// `None` while parts are being collected.
-    pub fn push(&mut self, m: &[u8]) -> Result<Option<Vec<u8>>, BadMessage> {
+    /// `None` while parts are being collected. A part that breaks the rules,
+    /// or that the budget cannot hold, is refused.
+    pub fn push(&mut self, m: &[u8]) -> Result<Option<Whole>, Refused> {
         let mut at = 0;
         if read_varuint(m, &mut at)? != MESSAGE_PART {
             // The writer stopped the message it was sending in parts.
-            *self = Reassembly::default();
-            return Ok(Some(m.to_vec()));
+            self.reset();
+            return Ok(Some(Whole { bytes: m.to_vec(), _collected: None }));
         }
         let total = read_varuint(m, &mut at)?;
         let offset = read_varuint(m, &mut at)?;
         let data = &m[at..];
         if data.is_empty() {
-            return Err(BadMessage("an empty part"));
+            return Err(BadMessage("an empty part").into());
         }
         if total > MAX_DOC_MESSAGE as u64 {
-            return Err(BadMessage("a message in parts over 64 MiB"));
+            return Err(BadMessage("a message in parts over 64 MiB").into());
         }
         let (total, offset) = (total as usize, offset as usize);
         if offset == 0 {
-            *self = Reassembly { whole: Vec::new(), total };
+            self.reset();
+            self.total = total;
         } else if self.whole.is_empty() {
-            return Err(BadMessage("a part of a message whose start never came"));
+            return Err(BadMessage("a part of a message whose start never came").into());
         } else if total != self.total || offset != self.whole.len() {
-            return Err(BadMessage("a part that does not follow the last"));
+            return Err(BadMessage("a part that does not follow the last").into());
         }
         if offset + data.len() > total {
-            return Err(BadMessage("a part running past its message"));
+            return Err(BadMessage("a part running past its message").into());
+        }
+        // `data` is at most a channel message, far below u32::MAX.
+        let Ok(share) = self.budget.clone().try_acquire_many_owned(data.len() as u32) else {
+            self.reset();
+            return Err(Refused::OverBudget(MAX_COLLECTING_BYTES));
+        };
+        match &mut self.held {
+            Some(held) => held.merge(share),
+            None => self.held = Some(share),
         }
         self.whole.extend_from_slice(data);
         if self.whole.len() < total {
             return Ok(None);
         }
-        let whole = std::mem::take(&mut self.whole);
-        *self = Reassembly::default();
-        if read_varuint(&whole, &mut 0)? == MESSAGE_PART {
-            return Err(BadMessage("a part made of parts"));
+        let whole = Whole { bytes: std::mem::take(&mut self.whole), _collected: self.held.take() };
+        self.reset();
+        if read_varuint(&whole.bytes, &mut 0)? == MESSAGE_PART {
+            return Err(BadMessage("a part made of parts").into());
         }
         Ok(Some(whole))
     }
@@ -362,7 +418,7 @@ enum Incoming {
         peer: PeerId,
         name: String,
         epoch: u64,
-        msg: Result<Vec<u8>, BadMessage>,
+        msg: Result<Vec<u8>, Refused>,
         /// Its bytes' share of [`MAX_QUEUED_BYTES`], given back once handled.
         _permit: Option<OwnedSemaphorePermit>,
     },
@@ -395,6 +451,8 @@ struct Docs {
     incoming: mpsc::Sender<Incoming>,
     /// Bytes of whole messages read and not yet handled, all channels together.
     queued: Arc<Semaphore>,
+    /// Bytes of messages being collected in parts, all channels together.
+    collecting: Arc<Semaphore>,
 }
 
 /// Bytes of messages read from document channels and waiting for the loop:
@@ -405,7 +463,8 @@ const MAX_QUEUED_BYTES: usize = MAX_DOC_MESSAGE;
 impl Docs {
     fn new(dir: Option<PathBuf>, incoming: mpsc::Sender<Incoming>) -> Docs {
         let queued = Arc::new(Semaphore::new(MAX_QUEUED_BYTES));
-        Docs { docs: HashMap::new(), channels: HashMap::new(), epochs: 0, dir, incoming, queued }
+        let collecting = Arc::new(Semaphore::new(MAX_COLLECTING_BYTES));
+        Docs { docs: HashMap::new(), channels: HashMap::new(), epochs: 0, dir, incoming, queued, collecting }
     }
 
     fn doc(&mut self, name: &str) -> anyhow::Result<&mut Kept> {
@@ -424,11 +483,11 @@ impl Docs {
         let Some(name) = channel.label().strip_prefix(DOC_PREFIX).map(str::to_string) else { return Ok(()) };
         let step1 = self.doc(&name)?.step1();
         let (peer, tx, reader) = (channel.peer().clone(), self.incoming.clone(), channel.clone());
-        let (n, queued) = (name.clone(), self.queued.clone());
+        let (n, queued, collecting) = (name.clone(), self.queued.clone(), self.collecting.clone());
         self.epochs += 1;
         let epoch = self.epochs;
         tokio::spawn(async move {
-            let mut parts = Reassembly::default();
+            let mut parts = Reassembly::new(collecting);
             while let Some(m) = reader.recv().await {
                 let msg = match parts.push(m.as_bytes()) {
                     Ok(None) => continue,
@@ -436,8 +495,11 @@ impl Docs {
                     Err(e) => Err(e),
                 };
                 let bad = msg.is_err();
-                let cost = msg.as_ref().map_or(1, |w| w.len().clamp(1, MAX_QUEUED_BYTES)) as u32;
+                let cost = msg.as_ref().map_or(1, |w| w.bytes.len().clamp(1, MAX_QUEUED_BYTES)) as u32;
                 let Ok(permit) = queued.clone().acquire_many_owned(cost).await else { break };
+                // A message collected from parts holds its share of the
+                // collecting budget until it has its place in the queue's.
+                let msg = msg.map(|w| w.bytes);
                 if tx
                     .send(Incoming::Message {
                         peer: peer.clone(),
@@ -752,11 +814,11 @@ mod tests {
     }
 
     /// Collects `received` with one reassembly: the whole messages, or the first error.
-    fn collect(received: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, BadMessage> {
+    fn collect(received: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, Refused> {
         let mut r = Reassembly::default();
         let mut out = Vec::new();
         for m in received {
-            out.extend(r.push(m)?);
+            out.extend(r.push(m)?.map(|w| w.bytes));
         }
         Ok(out)
     }
@@ -778,6 +840,41 @@ mod tests {
         }
         for c in f["invalid"].as_array().unwrap() {
             assert!(collect(&unhex_all(&c["received"])).is_err(), "{}", c["name"]);
+        }
+    }
+
+    #[test]
+    fn messages_being_collected_in_parts_share_one_budget_and_a_part_past_it_is_refused() {
+        let budget = Arc::new(Semaphore::new(3000));
+        let (mut a, mut b) = (Reassembly::new(budget.clone()), Reassembly::new(budget.clone()));
+        let (ma, mb) = (vec![3u8; 2500], vec![3u8; 2000]);
+        let (pa, pb) = (split_parts(&ma, 1000), split_parts(&mb, 1000));
+        for p in &pa[..2] {
+            assert!(a.push(p).unwrap().is_none());
+        }
+        let left = budget.available_permits();
+        assert!((1000..1100).contains(&left), "{left}");
+        // a holds about 2,000 bytes: b's first part fits, its second does not.
+        assert!(b.push(&pb[0]).unwrap().is_none());
+        assert_eq!(b.push(&pb[1]).unwrap_err(), Refused::OverBudget(MAX_COLLECTING_BYTES));
+        assert_eq!(budget.available_permits(), left);
+        // The refused collection gave back what it held; a's message
+        // completes and keeps its share until it is dropped.
+        let whole = a.push(&pa[2]).unwrap().expect("the last part");
+        assert_eq!(whole.bytes, ma);
+        assert_eq!(budget.available_permits(), 3000 - 2500);
+        drop(whole);
+        assert_eq!(budget.available_permits(), 3000);
+        // A message that is not a part ends a collection and its share.
+        assert!(b.push(&pb[0]).unwrap().is_none());
+        assert!(budget.available_permits() < 3000);
+        assert_eq!(
+            b.push(&DocMsg::Update(vec![1]).encode()).unwrap().unwrap().bytes,
+            DocMsg::Update(vec![1]).encode()
+        );
+        assert_eq!(budget.available_permits(), 3000);
+        for p in &pb {
+            b.push(p).unwrap();
         }
     }
 
