@@ -56,9 +56,22 @@ self.addEventListener('fetch', (ev) => {
   }, { highWaterMark: 2 });
   const headers = new Headers({
     'Content-Type': 'application/octet-stream',
-    'Content-Disposition': `attachment; filename*=UTF-8''${encodeURIComponent(d.name)}`,
+    'Content-Disposition': contentDisposition(d.name),
     'X-Content-Type-Options': 'nosniff',
   });
   if (d.size !== null) headers.set('Content-Length', String(d.size));
   fe.respondWith(new Response(body, { headers }));
 });
+
+/**
+ * `attachment` with `name` as RFC 6266 gives it: `filename*` in UTF-8 with
+ * every character outside RFC 8187's attr-char escaped (encodeURIComponent
+ * leaves `'()*`, and a `'` there makes Chromium drop the name for the URL's
+ * last segment), and an ASCII `filename` for clients without `filename*`.
+ * @param {string} name
+ */
+function contentDisposition(name) {
+  const ext = encodeURIComponent(name).replace(/['()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+  const ascii = name.replace(/[^\x20-\x7e]/g, '_').replace(/["\\]/g, '_');
+  return `attachment; filename="${ascii}"; filename*=UTF-8''${ext}`;
+}
