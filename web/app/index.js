@@ -86,7 +86,10 @@ drop.addEventListener('drop', async (ev) => {
 });
 for (const id of ['pick-files', 'pick-folder']) {
   $(id).addEventListener('change', (ev) => {
-    items = pickedFiles(/** @type {HTMLInputElement} */ (ev.target));
+    const input = /** @type {HTMLInputElement} */ (ev.target);
+    items = pickedFiles(input);
+    // Picking the same files again (after a failed send) fires 'change' too.
+    input.value = '';
     showItems();
   });
 }
@@ -126,8 +129,11 @@ $('send-go').addEventListener('click', async () => {
     error(/** @type {Error} */ (e).message);
     status('');
     document.body.dataset.state = 'failed';
+    // The code is used up: it goes, and the files can be sent again.
+    $('offer').hidden = true;
   } finally {
     busy = false;
+    showItems();
   }
 });
 $('copy-link').addEventListener('click', () => navigator.clipboard?.writeText(/** @type {HTMLAnchorElement} */ ($('link')).href));
@@ -209,6 +215,8 @@ async function receive(text) {
     document.body.dataset.state = 'failed';
   } finally {
     busy = false;
+    // An offer still on screen can no longer be taken.
+    $('incoming').hidden = true;
   }
 }
 

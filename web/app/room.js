@@ -83,7 +83,10 @@ function renderPeers() {
     select.append(h('option', { value: peer }, [nameOf(peer)]));
   }
   for (const t of tiles.values()) if (t.peer) caption(t);
-  select.value = peers.has(chosen) ? chosen : '';
+  // Someone chosen who left stays chosen (marked): falling back to
+  // everyone would offer the next file to people it was not meant for.
+  if (chosen && !peers.has(chosen)) select.append(h('option', { value: chosen }, [`${nameOf(chosen)} (left)`]));
+  select.value = chosen;
   $('peers').dataset.count = String(peers.size);
 }
 
@@ -130,7 +133,11 @@ room.on('auth_failed', ({ peer }) => log('·', `${nameOf(peer)} is not connected
 room.on('server_message_refused', ({ from }) => log('·', `a message from ${nameOf(from)} through the server was refused: not sealed with this room's secret`, 'notice'));
 room.on('reconnecting', ({ inMs, reason }) => status(`Lost the server (${reason}); trying again in ${Math.round(inMs / 1000)} s…`));
 room.on('rejoined', () => status(''));
-room.on('closed', ({ reason }) => error(`Left the room: ${reason}`));
+room.on('closed', ({ reason }) => {
+  error(`Left the room: ${reason}`);
+  // Nobody receives them any more: camera, microphone and sharing go off.
+  for (const what of /** @type {const} */ (['camera', 'microphone', 'screen'])) stopLocal(what);
+});
 room.on('server_error', ({ code, message }) => {
   // The server is restarting or draining: the room carries on meanwhile.
   if (code === 'shutting_down') status('The server is going away; reconnecting…');
@@ -437,6 +444,10 @@ function transferRow(title) {
 function send(items) {
   if (!items.length) return;
   const to = /** @type {HTMLSelectElement} */ ($('to')).value;
+  if (to && !peers.has(to)) {
+    error(`${nameOf(to)} left the room: choose who to send to.`);
+    return;
+  }
   const targets = to ? [to] : [...peers.keys()].filter((p) => peers.get(p)?.state === 'connected');
   if (!targets.length) {
     error('Nobody to send to yet: wait until someone is connected.');
@@ -448,7 +459,11 @@ function send(items) {
     const id = `${room.id}-${++transferSeq}`;
     const row = transferRow(`${items.length === 1 ? items[0].path : `${items.length} files`} (${bytes(total)}) → ${nameOf(peer)}`);
     row.li.dataset.direction = 'out';
-    const tx = new SendTransfer({ server: location.origin, items, link: new ChannelLink(room, peer, id, { open: true }) });
+    // Hashing waits for a yes: an offer to everyone may go to people who never answer.
+    const tx = new SendTransfer({ server: location.origin, items, link: new ChannelLink(room, peer, id, { open: true }), hashAheadOnAccept: true });
+    const cancel = h('button', { class: 'cancel' }, ['Cancel']);
+    cancel.addEventListener('click', () => tx.cancel('the sender cancelled'));
+    row.actions.replaceChildren(cancel);
     tx.on('connected', () => { row.text.textContent = 'waiting for them to accept'; });
     tx.on('progress', (p) => {
       row.bar.value = p.bytesTotal ? p.bytesDone / p.bytesTotal : 1;
@@ -457,7 +472,7 @@ function send(items) {
     tx.run().then(
       () => { row.bar.value = 1; row.text.textContent = 'delivered and verified'; row.li.dataset.state = 'done'; },
       (e) => { row.text.textContent = e.message; row.li.dataset.state = 'failed'; },
-    );
+    ).finally(() => row.actions.replaceChildren());
   }
 }
 
@@ -485,10 +500,16 @@ function incoming(ctl) {
       row.actions.replaceChildren();
       try {
         real = await chooseSink({ pick: false, files: files.length, firstName: files[0]?.[1].path ?? 'download' });
-        rx.accept();
       } catch (e) {
         rx.decline(`could not save: ${/** @type {Error} */ (e).message}`);
+        return;
       }
+      // Accepting does nothing if the transfer ended meanwhile (the peer left).
+      if (rx.ended) return;
+      const stop = h('button', { class: 'cancel' }, ['Cancel']);
+      stop.addEventListener('click', () => rx.cancel('the receiver cancelled'));
+      row.actions.replaceChildren(stop);
+      rx.accept();
     });
     no.addEventListener('click', () => {
       row.actions.replaceChildren();

@@ -251,6 +251,8 @@ export class ChannelLink extends Emitter {
     /** @type {(Channel | null)[]} */
     this.chans = [null, null];
     this.opener = opts.open ?? false;
+    /** Whether anything came from the other side on this link's channels. */
+    this.heard = false;
     /** @type {(() => void)[]} */
     this._offs = [];
     /** @type {Map<Channel, { early: unknown[], off: () => void }>} messages that came before both channels were here */
@@ -263,8 +265,13 @@ export class ChannelLink extends Emitter {
     const i = this.labels.indexOf(ch.label);
     if (ch.peer !== this.peer || i < 0) return;
     this.chans[i] = ch;
+    ch.on('message', () => { this.heard = true; });
     ch.on('close', () => {
-      if (this.chans[i] === ch) this.emit('ended', { error: new TransferError('failed', 'The connection to the other side closed.', { byPeer: true }) });
+      if (this.chans[i] !== ch) return;
+      // A peer that closes the channels unheard does not take transfers
+      // (a terminal in the room: `peerlink chat`, `keep`).
+      const what = this.heard ? 'The connection to the other side closed.' : 'The other side closed the transfer without a word: it does not take files.';
+      this.emit('ended', { error: new TransferError('failed', what, { byPeer: true }) });
     });
     // The other side may start on one channel before this side saw the
     // other open (two SCTP streams, no order between them), and a browser
@@ -376,7 +383,10 @@ class Meter {
 export class SendTransfer extends Emitter {
   /**
    * @param {{ server: string, items: Item[], code?: Code, chunkSize?: number, timeoutMs?: number,
-   *   iceServers?: RTCIceServer[], link?: Link | ChannelLink }} opts
+   *   iceServers?: RTCIceServer[], link?: Link | ChannelLink, hashAheadOnAccept?: boolean }} opts
+   *   `hashAheadOnAccept`: hash ahead only once the receiver accepts (an offer
+   *   in a room to several people, some of whom may never answer), not
+   *   while the code waits to be typed
    */
   constructor(opts) {
     super();
@@ -438,8 +448,9 @@ export class SendTransfer extends Emitter {
       const prefix = counts.map(() => 0);
       const ahead = { file: 0, next: 0, budget: AHEAD_CHUNKS };
       let requests = 0;
+      let mayHashAhead = !this.opts.hashAheadOnAccept;
       const hashAhead = () => {
-        if (ended || requests > 0 || this.sender.isFinal()) return;
+        if (!mayHashAhead || ended || requests > 0 || this.sender.isFinal()) return;
         while (ahead.file < counts.length && ahead.next >= counts[ahead.file]) { ahead.file++; ahead.next = 0; }
         if (ahead.file === counts.length || ahead.budget <= 0) return;
         const file = ahead.file;
@@ -546,6 +557,10 @@ export class SendTransfer extends Emitter {
             }
             case 'accepted':
               this.startedAt = performance.now();
+              if (!mayHashAhead) {
+                mayHashAhead = true;
+                hashAhead();
+              }
               break;
             case 'declined':
               finish(new TransferError('declined', `The receiver declined: ${out.reason}`, { byPeer: true }));
@@ -562,6 +577,8 @@ export class SendTransfer extends Emitter {
           }
         }
       };
+      /** @type {(() => void) | null} */
+      this._pump = pump;
       link.on('peer_seen', (e) => this.emit('peer_seen', e));
       link.on('paired', () => this.emit('paired', {}));
       link.on('notice', (e) => this.emit('notice', e));
@@ -631,9 +648,10 @@ export class SendTransfer extends Emitter {
     });
   }
 
-  /** Stops: the receiver is told. */
+  /** Stops: the receiver is told, and `run()` rejects with `cancelled`. */
   cancel(reason = 'the sender cancelled') {
     this.sender.cancel('user', reason);
+    this._pump?.();
     this.linkObj?.abort({ code: 'failed', detail: reason });
   }
 }
@@ -652,6 +670,9 @@ export class SendTransfer extends Emitter {
  * @property {() => Promise<void>} close
  * @property {(reason: string) => Promise<void>} abort
  */
+
+/** What a decline without a reason tells the sender. */
+const DEFAULT_DECLINE = 'the receiver said no';
 
 /**
  * Receives what the code's sender offers into a {@link Sink}.
@@ -679,16 +700,22 @@ export class ReceiveTransfer extends Emitter {
     this.currentSize = 0;
     /** @type {(() => void) | null} */
     this._accept = null;
+    /** Whether `run()` has settled. */
+    this.ended = false;
+    this.declineReason = DEFAULT_DECLINE;
   }
 
-  /** Takes the offer (after `offered`). */
+  /** Takes the offer (after `offered`); does nothing once the transfer has ended. */
   accept() {
+    if (this.ended) return;
     this.receiver.accept();
     this._accept?.();
   }
 
   /** Says no to the offer. @param {string} [reason] */
-  decline(reason = 'the receiver said no') {
+  decline(reason = DEFAULT_DECLINE) {
+    if (this.ended) return;
+    this.declineReason = reason;
     this.receiver.decline(reason);
     this._accept?.();
   }
@@ -706,7 +733,7 @@ export class ReceiveTransfer extends Emitter {
       let completed = false;
       const finish = (/** @type {Error | null} */ err) => {
         if (ended) return;
-        ended = true;
+        ended = this.ended = true;
         // A file whose sink is still opening (or failed to) has no writer
         // yet: it is aborted once it has one.
         if (err) for (const f of this.files.values()) f.opened.then(() => f.writer?.abort(err.message)).catch(() => {});
@@ -811,12 +838,17 @@ export class ReceiveTransfer extends Emitter {
               break;
           }
         }
-        if (r.phase === 'declined') finish(new TransferError('declined', 'You declined the transfer.'));
+        if (r.phase === 'declined') {
+          const why = this.declineReason === DEFAULT_DECLINE ? 'You declined the transfer.' : `Declined: ${this.declineReason}`;
+          finish(new TransferError('declined', why));
+        }
       };
       this._accept = () => {
         if (!this.startedAt) this.startedAt = performance.now();
         pump();
       };
+      /** @type {(() => void) | null} */
+      this._pump = pump;
       link.on('peer_seen', (e) => this.emit('peer_seen', e));
       link.on('paired', () => this.emit('paired', {}));
       link.on('notice', (e) => this.emit('notice', e));
@@ -871,9 +903,10 @@ export class ReceiveTransfer extends Emitter {
     });
   }
 
-  /** Stops: the sender is told. */
+  /** Stops: the sender is told, and `run()` rejects with `cancelled`. */
   cancel(reason = 'the receiver cancelled') {
     this.receiver.cancel('user', reason);
+    this._pump?.();
     this.linkObj?.abort({ code: 'failed', detail: reason });
   }
 }

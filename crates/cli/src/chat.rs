@@ -93,6 +93,7 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
                     });
                     channels.insert(channel.peer().clone(), channel);
                 }
+                Some(Event::ChannelOpen { channel }) => crate::common::refuse_channel(&channel),
                 Some(Event::ChannelClosed { peer, label }) if label == LABEL => {
                     channels.remove(&peer);
                 }

@@ -125,3 +125,11 @@ pub fn raise_fd_limit() -> Option<u64> {
     }
     lim.current
 }
+
+/// Closes a channel the running command does not use, so that the peer that
+/// opened it hears at once that nobody here takes it: a browser's file offer
+/// in the room would otherwise wait for an answer that never comes.
+pub fn refuse_channel(channel: &peerlink_peer::DataChannel) {
+    tracing::debug!(peer = %channel.peer(), label = channel.label(), "closing a channel this command does not use");
+    channel.close();
+}

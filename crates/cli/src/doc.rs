@@ -689,6 +689,7 @@ pub async fn keep(args: KeepArgs) -> anyhow::Result<()> {
                     println!("* {} opened {}", channel.peer(), channel.label());
                     docs.opened(channel)?;
                 }
+                Some(Event::ChannelOpen { channel }) => crate::common::refuse_channel(&channel),
                 Some(Event::PeerLeft { peer }) => docs.closed(&peer),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}
@@ -733,6 +734,7 @@ pub async fn doc(args: DocArgs) -> anyhow::Result<()> {
             ev = room.next_event() => match ev {
                 None => break,
                 Some(Event::ChannelOpen { channel }) if channel.label() == format!("{DOC_PREFIX}{}", args.document) => docs.opened(channel)?,
+                Some(Event::ChannelOpen { channel }) => crate::common::refuse_channel(&channel),
                 Some(Event::PeerLeft { peer }) => docs.closed(&peer),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
                 Some(_) => {}

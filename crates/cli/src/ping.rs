@@ -244,6 +244,7 @@ pub async fn run(args: PingArgs) -> anyhow::Result<bool> {
                     });
                     run.channel = Some(channel);
                 }
+                Some(Event::ChannelOpen { channel }) => crate::common::refuse_channel(&channel),
                 Some(Event::StateChanged { peer, state }) => {
                     let run = peers.entry(peer.clone()).or_insert_with(|| PeerRun { in_order: true, ..Default::default() });
                     let name = format!("{state:?}").to_lowercase();

@@ -57,6 +57,28 @@ test('two browsers and peerlink chat share a room: presence, chat, file drop', a
   assert.equal(await sha256(/** @type {string} */ (path)), await sha256(file));
   await shot(a, 'room-page');
 
+  // A file offered to the terminal peer, which takes no files: its channels
+  // are closed unheard, and the row says so (it used to wait for ever).
+  await a.selectOption('#to', { label: 'native' });
+  await a.setInputFiles('#pick-files', file);
+  const toNative = a.locator('#transfers li[data-direction="out"]').first();
+  await toNative.and(a.locator('[data-state="failed"]')).waitFor({ timeout: 20_000 });
+  assert.match(await toNative.locator('.detail').textContent() ?? '', /does not take files/);
+  assert.match(await toNative.locator('.title').textContent() ?? '', /→ native/);
+
+  // An offer bob has not answered is cancelled by alice: both rows say so.
+  await a.selectOption('#to', /** @type {string} */ (bobId));
+  await a.setInputFiles('#pick-files', file);
+  const offered = b.locator('#transfers li[data-direction="in"]').first();
+  await offered.locator('button.accept').waitFor({ timeout: 20_000 });
+  const pending = a.locator('#transfers li[data-direction="out"]').first();
+  await pending.locator('button.cancel').click();
+  await pending.and(a.locator('[data-state="failed"]')).waitFor({ timeout: 10_000 });
+  assert.match(await pending.locator('.detail').textContent() ?? '', /the sender cancelled/);
+  await offered.and(b.locator('[data-state="failed"]')).waitFor({ timeout: 10_000 });
+  assert.match(await offered.locator('.detail').textContent() ?? '', /The sender stopped: the sender cancelled/);
+  assert.equal(await offered.locator('button').count(), 0);
+
   // Leaving shows on every side.
   native.proc.stdin.end();
   native.kill();
@@ -64,6 +86,18 @@ test('two browsers and peerlink chat share a room: presence, chat, file drop', a
   for (const p of [a, b]) {
     await p.waitForFunction(() => document.querySelectorAll('#peers li').length === 1, null, { timeout: 20_000 });
   }
+
+  // Bob chosen, then gone: he stays chosen, marked, and a file is not
+  // offered to everyone instead (the choice used to fall back to everyone).
+  await a.selectOption('#to', /** @type {string} */ (bobId));
+  await b.close();
+  await a.waitForFunction(() => document.querySelectorAll('#peers li').length === 0, null, { timeout: 20_000 });
+  assert.equal(await a.inputValue('#to'), bobId);
+  assert.match(await a.locator('#to option:checked').textContent() ?? '', /bob \(left\)/);
+  const rows = await a.locator('#transfers li').count();
+  await a.setInputFiles('#pick-files', file);
+  assert.match(await a.textContent('#error') ?? '', /bob left the room/);
+  assert.equal(await a.locator('#transfers li').count(), rows);
 });
 
 test('Chromium with default settings (mDNS host candidates) connects to a native peer', async () => {

@@ -215,6 +215,11 @@ test('a wrong code fails on both sides, browser receiving and browser sending', 
   await p2.waitForSelector('#error:not([hidden])', { timeout: 30_000 });
   assert.match(await p2.textContent('#error') ?? '', /codes do not match/);
   assert.deepEqual(readdirSync(out), []);
+  // The used-up code goes from the page, and the same file can be sent
+  // again under a new one (the button stayed disabled, the code on screen).
+  assert.equal(await p2.isHidden('#offer'), true);
+  await p2.click('#send-go', { timeout: 5_000 });
+  await p2.waitForFunction((old) => { const c = document.getElementById('code')?.textContent?.trim(); return !!c && c !== old; }, c2, { timeout: 20_000 });
   await p2.close();
 });
 

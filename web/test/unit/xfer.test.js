@@ -95,3 +95,53 @@ test('a receiver whose sink cannot open the file fails the transfer with the rea
   ]);
   assert.match(String(outcome), /^cancelled: .*no space left/);
 });
+
+test('a sender told to hash on acceptance reads nothing while its offer waits, then sends it all', async () => {
+  const [sendLink, receiveLink] = wiredLinks();
+  const data = new Uint8Array(6 * MIN_CHUNK_SIZE).map((_, i) => (i * 5) & 0xff);
+  const sender = new SendTransfer({
+    server: 'ws://127.0.0.1:1',
+    chunkSize: MIN_CHUNK_SIZE,
+    items: [{ path: 'a.bin', blob: new Blob([data]) }],
+    link: /** @type {any} */ (sendLink),
+    hashAheadOnAccept: true,
+  });
+  let reads = 0;
+  const read = sender._read.bind(sender);
+  sender._read = (file, chunk) => { reads++; return read(file, chunk); };
+  const sent = sender.run();
+  /** @type {Uint8Array[]} */
+  const got = [];
+  const sink = { open: async () => ({ write: async (/** @type {Uint8Array} */ d) => { got.push(d.slice()); }, close: async () => {}, abort: async () => {} }) };
+  const receiver = new ReceiveTransfer({ server: 'ws://127.0.0.1:1', sink: /** @type {any} */ (sink), link: /** @type {any} */ (receiveLink) });
+  const offered = new Promise((r) => receiver.on('offered', r));
+  const received = receiver.run();
+  await offered;
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(reads, 0, 'nothing read before a yes');
+  receiver.accept();
+  await Promise.all([sent, received]);
+  assert.deepEqual(Buffer.concat(got), Buffer.from(data));
+});
+
+test('a receiver that declines for a reason of its own is told that reason; accepting after the end does nothing', async () => {
+  const [sendLink, receiveLink] = wiredLinks();
+  const sender = new SendTransfer({
+    server: 'ws://127.0.0.1:1',
+    chunkSize: MIN_CHUNK_SIZE,
+    items: [{ path: 'a.bin', blob: new Blob([new Uint8Array(10)]) }],
+    link: /** @type {any} */ (sendLink),
+  });
+  const sent = sender.run().then(() => 'finished', (e) => `${e.code}: ${e.message}`);
+  let opened = 0;
+  const sink = { open: async () => { opened++; throw new Error('unexpected'); } };
+  const receiver = new ReceiveTransfer({ server: 'ws://127.0.0.1:1', sink: /** @type {any} */ (sink), link: /** @type {any} */ (receiveLink) });
+  receiver.on('offered', () => receiver.decline('could not save: the service worker did not register'));
+  const outcome = await receiver.run().then(() => 'finished', (e) => `${e.code}: ${e.message}`);
+  assert.equal(outcome, 'declined: Declined: could not save: the service worker did not register');
+  assert.equal(await sent, 'declined: The receiver declined: could not save: the service worker did not register');
+  assert.ok(receiver.ended);
+  receiver.accept();
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(opened, 0, 'no file opened after the end');
+});
