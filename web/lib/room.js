@@ -156,9 +156,20 @@ export class Room extends Emitter {
    * to everyone in it. Listen for events before calling it.
    */
   async join() {
-    const session = await this.signaling.connect();
+    /** @type {import('./signaling.js').Session} */
+    let session;
+    try {
+      session = await this.signaling.connect();
+    } catch (e) {
+      // Left while joining: the room is closed (and says so) as after a join.
+      if (this.leaving) this._close('left the room before it was joined');
+      throw e;
+    }
     // Left as the join came in: `leave` told the server; nothing starts.
-    if (this.signaling.closed) throw new SignalingError('closed', 'left the room before it was joined');
+    if (this.signaling.closed) {
+      this._close('left the room before it was joined');
+      throw new SignalingError('closed', 'left the room before it was joined');
+    }
     this.signaling.on('message', (msg) => this._onServer(msg));
     // Peer connections do not need the server once up: they carry on
     // while signaling reconnects.
@@ -481,9 +492,12 @@ export class Room extends Emitter {
   /** @param {string} from @param {Signal} signal */
   _takeSignal(from, signal) {
     const old = this.conns.get(from);
-    if (old && signal.kind === 'offer' && old.isNewSession(signal.sdp)) {
-      // The remote closed our connection and opened another before we
-      // noticed: this offer is not for ours, which goes.
+    // An offer for a connection that failed (its peer connection is closed)
+    // starts a new one: the peer tries again, perhaps after its own
+    // reconnect, and a failed connection would swallow every offer.
+    // An offer of a new session: the remote closed our connection and
+    // opened another before we noticed; this offer is not for ours.
+    if (old && signal.kind === 'offer' && (old.state === 'failed' || old.state === 'closed' || old.isNewSession(signal.sdp))) {
       this.overlayChannels.delete(from);
       this.conns.delete(from);
       old.close();

@@ -93,6 +93,13 @@ const MAX_QUEUED_FOR_APP = 384;
  * lost to the candidates that follow it.
  */
 const MAX_HELD = 512;
+/**
+ * Why a reconnect failed that is worth another try (with backoff): the
+ * server was not there, or it said to try again (`unavailable`: its room
+ * store is out of reach; `rate_limited`), docs/PROTOCOL.md "Errors". Any
+ * other refusal (a token, a full room) ends the session.
+ */
+const RETRIED = ['timeout', 'unreachable', 'closed', 'shutting_down', 'unavailable', 'rate_limited'];
 /** An application ping keeps the link honest; a pong must come within. */
 const PING_EVERY_MS = 15_000;
 const PONG_WITHIN_MS = 10_000;
@@ -299,7 +306,7 @@ export class Signaling extends Emitter {
         }
       } catch (e) {
         reason = e instanceof Error ? e.message : String(e);
-        if (e instanceof SignalingError && !['timeout', 'unreachable', 'closed', 'shutting_down'].includes(e.code)) {
+        if (e instanceof SignalingError && !RETRIED.includes(e.code)) {
           this.closed = true;
           this.emit('closed', { reason });
           return;

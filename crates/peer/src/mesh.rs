@@ -528,13 +528,20 @@ impl Mesh {
 
     fn take_signal(&mut self, from: PeerId, signal: Signal, now: Instant) {
         if let Signal::Offer { sdp, .. } = &signal
-            && self.peers.get(&from).is_some_and(|st| st.conn.is_new_session(sdp))
+            && let Some(st) = self.peers.get(&from)
         {
-            // The remote closed our connection and opened another before we
-            // noticed: this offer is not for ours, which goes.
-            tracing::debug!(local = %self.id, remote = %from, "offer of a new session: connection replaced");
-            self.overlay_forget(&from, now);
-            self.drop_conn(&from);
+            // An offer for a connection that failed starts a new one: the
+            // peer tries again (after its own reconnect, say), and a failed
+            // connection would swallow every offer. An offer of a new
+            // session: the remote closed our connection and opened another
+            // before we noticed; this offer is not for ours.
+            let dead = matches!(st.conn.state(), ConnState::Failed | ConnState::Closed);
+            if dead || st.conn.is_new_session(sdp) {
+                let why = if dead { "offer after ours failed" } else { "offer of a new session" };
+                tracing::debug!(local = %self.id, remote = %from, "{why}: connection replaced");
+                self.overlay_forget(&from, now);
+                self.drop_conn(&from);
+            }
         }
         if self.peers.contains_key(&from) {
             self.apply_signal(&from, signal, now);

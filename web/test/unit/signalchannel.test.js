@@ -289,3 +289,23 @@ test('an offer sent on the signaling channel over a path that then went down is 
   conn.close();
   assert.ok(offered(), `the restart's offer went through the server (server got: ${JSON.stringify(server.map((m) => m.signal?.kind ?? m.type))})`);
 });
+
+test('an offer from a peer whose connection failed starts a new connection instead of being swallowed by the failed one', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { FakePC } = await import('./fakepc.js');
+  const room = new Room({ server: '127.0.0.1:9', room: 'r', RTCPeerConnection: /** @type {any} */ (FakePC) });
+  room.signaling.send = () => true;
+  room.id = 'me';
+  room.members.set('p', { name: null });
+  const failed = /** @type {any} */ (room._createConn('p', [], null));
+  failed._fail('no answer to the offer arrived (is the other side there?)');
+  assert.equal(failed.state, 'failed');
+  // The peer, back after its own reconnect, offers again.
+  room._signalFrom('p', { kind: 'offer', sdp: 'v=0\r\no=- 42 2 IN IP4 127.0.0.1\r\n' });
+  const conn = /** @type {any} */ (room.conns.get('p'));
+  assert.notEqual(conn, failed, 'a new connection');
+  for (let i = 0; i < 50 && conn.pc.remotes.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(conn.pc.remotes[0]?.type, 'offer', 'the offer was applied to it');
+  assert.equal(conn.state, 'connecting');
+  conn.close();
+});

@@ -1,7 +1,7 @@
 //! Whole rooms: every peer runs the same [`Mesh`](crate::mesh::Mesh) the tokio driver runs.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +78,9 @@ struct Sim {
     signaling_delay: Duration,
     /// Peers whose network is down, from when until when.
     cut: HashMap<usize, (Duration, Duration)>,
+    /// Peers whose socket to the server is dead and not yet noticed: what
+    /// the server sends them is lost.
+    deaf: HashSet<usize>,
     channels: Vec<ChannelSpec>,
     /// Members join with this overlay.
     overlay: Option<crate::OverlayConfig>,
@@ -102,6 +105,7 @@ impl Sim {
             jitter,
             signaling_delay: Duration::from_millis(5),
             cut: HashMap::new(),
+            deaf: HashSet::new(),
             channels: vec![ChannelSpec::reliable("chat")],
             overlay: None,
             listed: usize::MAX,
@@ -338,6 +342,9 @@ impl Sim {
                     }
                 }
                 Delivery::Server { to, msg } => {
+                    if self.deaf.contains(&to) {
+                        continue;
+                    }
                     let msg: ServerMsg = serde_json::from_str(&msg).expect("parse");
                     if let Some(mesh) = self.peers[to].mesh.as_mut() {
                         mesh.handle_server(msg, now);
@@ -641,6 +648,44 @@ fn an_outage_of_one_member_recovers_without_losing_messages() {
     assert!(states.contains(&ConnState::Disconnected), "{states:?}");
     assert_eq!(states.last(), Some(&ConnState::Connected), "{states:?}");
     assert_eq!(sim.peers[0].states(&sim.id(1)), [ConnState::Connecting, ConnState::Connected]);
+}
+
+/// A member's network drops (its socket to the server too, not yet
+/// noticed) just as another joins: the newcomer's offer is lost and its
+/// connection fails. The member comes back, resumes, finds the newcomer in
+/// `joined` and offers: the newcomer's failed connection must not swallow
+/// that offer (it did: neither side ever connected again).
+#[test]
+fn an_offer_after_a_failed_connection_starts_a_new_one() {
+    let mut sim = Sim::new(17, 0.0, Duration::from_millis(10), Duration::from_millis(2));
+    let a = sim.join();
+    sim.run_until(Duration::from_secs(1), "a joined", |s| s.now >= Duration::from_millis(100));
+    sim.deaf.insert(a);
+    sim.cut.insert(a, (sim.now, sim.now + Duration::from_secs(3600)));
+    let b = sim.join();
+    let (ida, idb) = (sim.id(a), sim.id(b));
+    sim.run_until(Duration::from_secs(40), "b's connection to a fails", |s| {
+        s.peers[b].states(&ida).last() == Some(&ConnState::Failed)
+    });
+    // a is back, and resumes its place: b is new to it.
+    sim.deaf.clear();
+    sim.cut.clear();
+    let now = sim.instant();
+    sim.peers[a].mesh.as_mut().expect("present").rejoined(
+        vec![PeerInfo { id: idb.clone(), name: None }],
+        None,
+        true,
+        now,
+    );
+    let back = sim.now;
+    sim.run_until(back + Duration::from_secs(10), "connected again", |s| {
+        s.peers[a].states(&idb).last() == Some(&ConnState::Connected)
+            && s.peers[b].states(&ida).last() == Some(&ConnState::Connected)
+    });
+    assert!(
+        sim.now < back + ConnConfig::default().connect_timeout,
+        "connected by a's offer, not after a timeout"
+    );
 }
 
 /// A room of 24 members joined with an overlay, the server listing a

@@ -1,0 +1,105 @@
+// The signaling client against a scripted server (a WebSocket stand-in):
+// which refusals of a rejoin end the session and which are tried again.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { Signaling } from '../../lib/signaling.js';
+import { readFileSync } from 'node:fs';
+
+/** The server's welcome with a resume token, as the fixture has it. */
+const WELCOME = JSON.parse(readFileSync(new URL('../../../fixtures/protocol/server/welcome_resume.json', import.meta.url), 'utf8'));
+
+/**
+ * A server that welcomes every socket and answers each `join` with the
+ * next of `answers` (a server message; `joined` once they run out).
+ * @param {object[]} answers
+ */
+function scriptedServer(answers) {
+  /** @type {FakeWs[]} */
+  const sockets = [];
+  class FakeWs {
+    /** @param {string} url */
+    constructor(url) {
+      this.url = url;
+      /** @type {any} */ this.onopen = null;
+      /** @type {any} */ this.onmessage = null;
+      /** @type {any} */ this.onclose = null;
+      /** @type {any} */ this.onerror = null;
+      this.closed = false;
+      sockets.push(this);
+      setTimeout(() => this.onopen?.(), 0);
+    }
+
+    /** @param {object} m */
+    reply(m) {
+      setTimeout(() => { if (!this.closed) this.onmessage?.({ data: JSON.stringify(m) }); }, 0);
+    }
+
+    /** @param {string} text */
+    send(text) {
+      const m = JSON.parse(text);
+      if (m.type === 'hello') {
+        this.reply(WELCOME);
+      } else if (m.type === 'join') {
+        this.reply(answers.shift() ?? { type: 'joined', room: m.room, peers: [], resumed: true });
+      }
+    }
+
+    /** The connection breaks (or the server closes it). @param {number} [code] */
+    close(code = 1000) {
+      if (this.closed) return;
+      this.closed = true;
+      setTimeout(() => this.onclose?.({ code, reason: '' }), 0);
+    }
+  }
+  return { FakeWs, sockets };
+}
+
+/**
+ * Joins, breaks the socket, and reports how the reconnect ended.
+ * @param {object[]} refusals  the answers to the joins after the first
+ */
+async function rejoinAfter(refusals) {
+  const { FakeWs, sockets } = scriptedServer([{ type: 'joined', room: 'r', peers: [] }, ...refusals]);
+  const s = new Signaling({ server: 'ws://server.test/ws', room: 'r', maxBackoffMs: 20, timeoutMs: 1000, WebSocket: /** @type {any} */ (FakeWs) });
+  await s.connect();
+  const outcome = new Promise((resolve) => {
+    s.on('joined', (session) => resolve(`joined again, resumed ${session.resumed}`));
+    s.on('closed', ({ reason }) => resolve(`closed: ${reason}`));
+  });
+  sockets[0].close(1006);
+  const result = await Promise.race([outcome, new Promise((r) => setTimeout(() => r('nothing within 5 s'), 5000))]);
+  s.close();
+  return { result, attempts: sockets.length };
+}
+
+test('a rejoin refused as unavailable (a node without its room store) or rate limited is tried again, and resumes', async () => {
+  const { result, attempts } = await rejoinAfter([
+    { type: 'error', code: 'unavailable', message: 'the room store is unreachable' },
+    { type: 'error', code: 'rate_limited', message: 'slow down' },
+  ]);
+  assert.equal(result, 'joined again, resumed true');
+  assert.equal(attempts, 4);
+});
+
+test('a rejoin refused for good (a token no longer valid) ends the session with the reason', async () => {
+  const { result, attempts } = await rejoinAfter([{ type: 'error', code: 'unauthorized', message: 'the token expired' }]);
+  assert.match(String(result), /^closed: .*unauthorized: the token expired/);
+  assert.equal(attempts, 2);
+});
+
+test('a room left while its join is under way closes, and says so', async () => {
+  const { Room } = await import('../../lib/room.js');
+  // A server that never answers the join.
+  const { FakeWs } = scriptedServer([]);
+  FakeWs.prototype.send = function () {};
+  const room = new Room({ server: 'ws://server.test/ws', room: 'r', WebSocket: /** @type {any} */ (FakeWs) });
+  const closed = new Promise((r) => room.on('closed', ({ reason }) => r(reason)));
+  const joined = room.join().then(() => 'joined', (e) => `refused: ${e.message}`);
+  await new Promise((r) => setTimeout(r, 20));
+  await room.leave();
+  assert.match(await joined, /^refused: left the room/);
+  const reason = await Promise.race([closed, new Promise((r) => setTimeout(() => r('no closed event'), 2000))]);
+  assert.match(String(reason), /left the room/);
+  assert.equal(room.closed, true);
+});
