@@ -523,6 +523,7 @@ export class Conn {
     if (this.state === state || this.state === 'closed' || (this.state === 'failed' && state !== 'closed')) return;
     this.state = state;
     this.room.emit('state', { peer: this.peer, state });
+    this.room._connState(this, state);
     if ((state === 'failed' || state === 'closed') && this.room.overlay && this.room.conns.get(this.peer) === this) {
       this.room._overlayDown(this.peer);
     }

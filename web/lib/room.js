@@ -116,6 +116,14 @@ export class Room extends Emitter {
     this.conns = new Map();
     /** @type {Map<string, Signal[]>} */
     this.held = new Map();
+    /**
+     * Members kept though the `joined` of our resume did not list them (one
+     * may be reconnecting too): taken for gone if their connection fails or
+     * closes before it is up again, or a signal from them through the
+     * server shows them still there. Mirrors the native `Mesh`.
+     * @type {Set<string>}
+     */
+    this.unconfirmed = new Set();
     /** @type {RTCIceServer[]} */
     this.iceServers = [];
     this.closed = false;
@@ -181,6 +189,12 @@ export class Room extends Emitter {
       // afresh. Resumed: members we know are kept (one not listed may be
       // reconnecting too, after a server restart).
       if (!resumed) for (const peer of [...this.members.keys()]) this._removeMember(peer);
+      else if (s.size === undefined && !this.options.overlay) {
+        // A whole list: who is not on it may have left while we were away
+        // (its `peer_left` written to our old socket).
+        const listed = new Set(s.peers.map((p) => p.id));
+        this.unconfirmed = new Set([...this.members.keys()].filter((p) => !listed.has(p)));
+      }
       // Resumed: members we do not know yet are connected to as a joiner
       // would; the others are kept as they are.
       this._start(s);
@@ -484,6 +498,12 @@ export class Room extends Emitter {
    * @param {boolean} [relayed]
    */
   _signalFrom(from, signal, relayed = false) {
+    if (!relayed) {
+      // The server relays only between members: still one, and one taken
+      // for gone (see `unconfirmed`) is one again.
+      this.unconfirmed.delete(from);
+      if (!this.overlay) this._memberJoined(from, null, false);
+    }
     this._takeSignal(from, signal);
     const conn = this.conns.get(from);
     if (!relayed && conn) conn.serverSignalled = true;
@@ -533,9 +553,27 @@ export class Room extends Emitter {
     }
   }
 
+  /**
+   * A connection's state changed: a member not listed on our resume is
+   * confirmed once it is up, and taken for gone once it fails or closes.
+   * @param {import('./conn.js').Conn} conn @param {string} state
+   */
+  _connState(conn, state) {
+    const peer = conn.peer;
+    if (this.conns.get(peer) !== conn || !this.unconfirmed.has(peer)) return;
+    if (state === 'connected') this.unconfirmed.delete(peer);
+    else if (state === 'failed' || state === 'closed') {
+      // Once the connection has finished failing, unless an offer replaced it.
+      queueMicrotask(() => {
+        if (this.unconfirmed.has(peer) && (this.conns.get(peer) ?? conn) === conn) this._removeMember(peer);
+      });
+    }
+  }
+
   /** @param {string} peer */
   _removeMember(peer) {
     this.held.delete(peer);
+    this.unconfirmed.delete(peer);
     this.conns.get(peer)?.close();
     this.conns.delete(peer);
     if (this.members.delete(peer)) this.emit('peer_left', { peer });

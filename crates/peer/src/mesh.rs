@@ -7,7 +7,7 @@
 //! owns the sockets and the clock; `sim.rs` runs whole rooms on simulated
 //! time with the same code.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -118,6 +118,11 @@ pub(crate) struct Mesh {
     local_addrs: Vec<SocketAddr>,
     /// Room members and their display names.
     members: HashMap<PeerId, Option<String>>,
+    /// Members kept though the `joined` of our resume did not list them
+    /// (one may be reconnecting too): taken for gone if their connection
+    /// fails or closes before it is up again, or a signal from them
+    /// through the server shows them still there.
+    unconfirmed: HashSet<PeerId>,
     /// Connections, by member. This map and the two below are looked up for
     /// every datagram, so they hash with Fx rather than SipHash: their keys
     /// are server-minted ids, our own counter and paths ICE accepted (a
@@ -181,6 +186,7 @@ impl Mesh {
             config,
             local_addrs,
             members: HashMap::new(),
+            unconfirmed: HashSet::new(),
             peers: FxHashMap::default(),
             keys: FxHashMap::default(),
             next_key: 0,
@@ -236,8 +242,9 @@ impl Mesh {
     /// Back in the room after a reconnect, with `members` listed in
     /// `joined`. When our place was kept (`resumed`), members we know are
     /// kept as they are (one not listed may be reconnecting too, after a
-    /// server restart; one that really left is dropped when its connection
-    /// closes) and new ones are connected to as by a joiner. Otherwise the
+    /// server restart; one that really left is dropped once its connection
+    /// fails or closes, see `unconfirmed`) and new ones are connected to as
+    /// by a joiner. Otherwise the
     /// others were told we left and dropped their connections to us: every
     /// member is dropped and the room is joined afresh.
     pub fn rejoined(&mut self, members: Vec<PeerInfo>, size: Option<u32>, resumed: bool, now: Instant) {
@@ -246,6 +253,12 @@ impl Mesh {
                 self.remove_peer(&peer);
             }
         } else {
+            if size.is_none() && self.overlay.is_none() {
+                // A whole list: who is not on it may have left while we
+                // were away (its `peer_left` written to our old socket).
+                let listed: HashSet<&PeerId> = members.iter().map(|p| &p.id).collect();
+                self.unconfirmed = self.members.keys().filter(|p| !listed.contains(p)).cloned().collect();
+            }
             // An offer written to the old link may not have arrived.
             for st in self.peers.values_mut() {
                 st.conn.signaling_reset();
@@ -429,6 +442,7 @@ impl Mesh {
 
     fn remove_peer(&mut self, peer: &PeerId) {
         self.held.remove(peer);
+        self.unconfirmed.remove(peer);
         self.drop_conn(peer);
         if self.members.remove(peer).is_some() {
             self.emit(Event::PeerLeft { peer: peer.clone() });
@@ -520,6 +534,14 @@ impl Mesh {
     /// `relayed`: over the overlay; else through the server, and our
     /// signals for that connection go through the server too.
     fn signal_from(&mut self, from: PeerId, signal: Signal, relayed: bool, now: Instant) {
+        if !relayed {
+            // The server relays only between members: still one, and one
+            // taken for gone (see `unconfirmed`) is one again.
+            self.unconfirmed.remove(&from);
+            if self.overlay.is_none() {
+                self.member_joined(from.clone(), None, false, now);
+            }
+        }
         self.take_signal(from.clone(), signal, now);
         if !relayed && let Some(st) = self.peers.get_mut(&from) {
             st.server_signalled = true;
@@ -982,6 +1004,7 @@ impl Mesh {
                         ConnEvent::State(state) => {
                             st.stats.state = Some(state);
                             if state == ConnState::Connected {
+                                self.unconfirmed.remove(peer);
                                 st.stats.safety_number = st.conn.safety_number();
                                 st.stats.fingerprints = st.conn.fingerprints();
                             }
@@ -1101,6 +1124,10 @@ impl Mesh {
                 shared.close();
                 self.emit(Event::ChannelClosed { peer: peer.clone(), label: shared.spec.label.clone() });
             }
+        }
+        if dead && self.unconfirmed.remove(peer) {
+            tracing::debug!(remote = %peer, "not listed on our resume, and its connection is gone: taken for gone");
+            self.remove_peer(peer);
         }
     }
 

@@ -103,3 +103,44 @@ test('a room left while its join is under way closes, and says so', async () => 
   assert.match(String(reason), /left the room/);
   assert.equal(room.closed, true);
 });
+
+test('a member the joined of a resume does not list goes once its connection fails; a listed one stays', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { FakePC } = await import('./fakepc.js');
+  const { FakeWs, sockets } = scriptedServer([
+    { type: 'joined', room: 'r', peers: [{ id: 'p-listed' }, { id: 'p-gone' }] },
+    // Back after the socket broke: the other left meanwhile (its
+    // peer_left went to the broken socket).
+    { type: 'joined', room: 'r', peers: [{ id: 'p-listed' }], resumed: true },
+  ]);
+  const room = new Room({ server: 'ws://server.test/ws', room: 'r', WebSocket: /** @type {any} */ (FakeWs), RTCPeerConnection: /** @type {any} */ (FakePC) });
+  /** @type {string[]} */
+  const left = [];
+  room.on('peer_left', ({ peer }) => left.push(peer));
+  await room.join();
+  assert.deepEqual([...room.conns.keys()].sort(), ['p-gone', 'p-listed']);
+  const rejoined = new Promise((r) => room.on('rejoined', r));
+  sockets[0].close(1006);
+  await rejoined;
+  assert.deepEqual(left, [], 'nobody taken for gone on the list alone');
+  const gone = /** @type {any} */ (room.conns.get('p-gone'));
+  gone._fail('the connection was lost and no path came back');
+  await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(left, ['p-gone']);
+  assert.deepEqual([...room.members.keys()], ['p-listed']);
+  // A listed member whose connection fails stays a member.
+  /** @type {any} */ (room.conns.get('p-listed'))._fail('checks failed');
+  await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(left, ['p-gone']);
+  // Had it been there after all, a signal from it through the server
+  // (which relays only between members) makes it a member again.
+  /** @type {string[]} */
+  const joined = [];
+  room.on('peer_joined', ({ peer }) => joined.push(peer));
+  sockets[1].reply({ type: 'signal', room: 'r', from: 'p-gone', signal: { kind: 'offer', sdp: 'v=0\r\n' } });
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(joined, ['p-gone']);
+  assert.ok(room.conns.has('p-gone'));
+  room.signaling.close();
+  room._close('test over');
+});

@@ -688,6 +688,60 @@ fn an_offer_after_a_failed_connection_starts_a_new_one() {
     );
 }
 
+/// A member is away (network and socket to the server down, not yet
+/// noticed) while another leaves: the `peer_left` is lost with the socket.
+/// Back, it resumes, and the `joined` of its resume does not list the one
+/// that left: once that connection fails, the member is taken for gone (it
+/// used to stay a member, and on every list, for good); the one listed
+/// stays.
+#[test]
+fn a_member_not_listed_on_a_resume_goes_once_its_connection_fails() {
+    let mut sim = Sim::new(19, 0.0, Duration::from_millis(10), Duration::from_millis(2));
+    let all: Vec<usize> = (0..3).map(|_| sim.join()).collect();
+    sim.run_until(Duration::from_secs(20), "mesh", |s| s.full_mesh(&all, "chat"));
+    let (a, b, c) = (all[0], all[1], all[2]);
+    let (idb, idc) = (sim.id(b), sim.id(c));
+    sim.deaf.insert(a);
+    sim.cut.insert(a, (sim.now, sim.now + Duration::from_secs(3600)));
+    sim.depart(c, true);
+    let t = sim.now + Duration::from_secs(1);
+    sim.run_until(t + Duration::from_secs(1), "the peer_left on its way", |s| s.now >= t);
+    assert!(!sim.peers[a].events.iter().any(|e| matches!(e, Event::PeerLeft { .. })), "a heard nothing");
+    sim.deaf.clear();
+    sim.cut.clear();
+    let now = sim.instant();
+    sim.peers[a].mesh.as_mut().expect("present").rejoined(
+        vec![PeerInfo { id: idb.clone(), name: None }],
+        None,
+        true,
+        now,
+    );
+    let back = sim.now;
+    let left = |s: &Sim, who: &PeerId| {
+        s.peers[a].events.iter().any(|e| matches!(e, Event::PeerLeft { peer } if peer == who))
+    };
+    sim.run_until(back + Duration::from_secs(120), "c taken for gone", |s| left(s, &idc));
+    assert!(!left(&sim, &idb), "b, listed, stays");
+    assert_eq!(sim.peers[a].mesh.as_ref().expect("present").members(), vec![idb.clone()]);
+    assert_eq!(sim.peers[a].states(&idb).last(), Some(&ConnState::Connected));
+    // Had it been there after all, a signal from it through the server
+    // (which relays only between members) makes it a member again.
+    let now = sim.instant();
+    let offer = peerlink_proto::Signal::Offer { sdp: "v=0\r\n".into(), auth: None };
+    sim.peers[a]
+        .mesh
+        .as_mut()
+        .expect("present")
+        .handle_server(ServerMsg::Signal { room: ROOM.into(), from: idc.clone(), signal: offer }, now);
+    sim.pump();
+    assert!(sim.peers[a].events.iter().any(|e| matches!(e, Event::PeerJoined { peer, .. } if *peer == idc)));
+    let mut members = sim.peers[a].mesh.as_ref().expect("present").members();
+    members.sort();
+    let mut want = vec![idb, idc];
+    want.sort();
+    assert_eq!(members, want);
+}
+
 /// A room of 24 members joined with an overlay, the server listing a
 /// sample of 8 and telling nobody of joins (a large room), on the real
 /// WebRTC stack through loss: every broadcast reaches every member,
