@@ -518,6 +518,20 @@ export class Conn {
     return null;
   }
 
+  /**
+   * The ICE servers to gather with from the next ICE restart on (fresh
+   * TURN credentials).
+   * @param {RTCIceServer[]} servers
+   */
+  setIceServers(servers) {
+    if (this.state === 'failed' || this.state === 'closed') return;
+    try {
+      this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers: servers });
+    } catch (e) {
+      console.debug(`peerlink: new ICE servers for ${this.peer} not taken`, e);
+    }
+  }
+
   /** @param {ConnState} state */
   _setState(state) {
     if (this.state === state || this.state === 'closed' || (this.state === 'failed' && state !== 'closed')) return;

@@ -198,6 +198,9 @@ export class Room extends Emitter {
       // Resumed: members we do not know yet are connected to as a joiner
       // would; the others are kept as they are.
       this._start(s);
+      // Fresh TURN credentials for the connections we keep: their next
+      // ICE restart allocates with them.
+      for (const c of this.conns.values()) c.setIceServers(this.iceServers);
       this.emit('rejoined', { id: s.id, resumed });
     });
     this.signaling.on('closed', ({ reason }) => this._close(reason));

@@ -77,6 +77,7 @@ export function signalingUrl(input) {
  * @property {number} [maxAttempts] attempts before giving up for good (30)
  * @property {string} [client]    free-form client description for the server's logs
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global)
+ * @property {number} [renewMinMs] shortest wait before renewing TURN credentials (60 s)
  */
 
 /** Messages queued while the socket is open but not yet writable (bounded). */
@@ -100,6 +101,10 @@ const MAX_HELD = 512;
  * other refusal (a token, a full room) ends the session.
  */
 const RETRIED = ['timeout', 'unreachable', 'closed', 'shutting_down', 'unavailable', 'rate_limited'];
+/** Bounds on when TURN credentials are renewed (see `Signaling._scheduleRenew`). */
+const RENEW_MIN_MS = 60_000;
+const RENEW_MAX_MS = 30 * 60_000;
+const RENEW_EXPIRED_MS = 10 * 60_000;
 /** An application ping keeps the link honest; a pong must come within. */
 const PING_EVERY_MS = 15_000;
 const PONG_WITHIN_MS = 10_000;
@@ -128,6 +133,10 @@ export class Signaling extends Emitter {
     this._awaitingPong = null;
     /** Gives up the connection being opened, if any (`close` while joining). @type {(() => void) | null} */
     this._abandon = null;
+    /** When the TURN credentials are renewed (see {@link Signaling._renew}). @type {ReturnType<typeof setTimeout> | null} */
+    this._renewTimer = null;
+    /** A renewal under way. @type {Promise<void> | null} */
+    this._renewing = null;
   }
 
   /**
@@ -227,6 +236,7 @@ export class Signaling extends Emitter {
           this.session = { ...welcome, peers: msg.peers, url, resumed };
           if (msg.size !== undefined) this.session.size = msg.size;
           this._attempt = 0;
+          this._scheduleRenew(welcome.iceServers);
           // Held messages belong to the session they were made in.
           const held = this._held;
           this._held = [];
@@ -274,15 +284,20 @@ export class Signaling extends Emitter {
     this._stopPings();
     this.ws = null;
     if (this.closed) return;
+    if (this._renewing) {
+      // A renewal is opening the next connection: it may carry on there.
+      await this._renewing;
+      if (this.ws || this.closed) return;
+    }
     if (!this.options.reconnect) {
-      this.closed = true;
+      this._ended();
       this.emit('closed', { reason });
       return;
     }
     while (!this.closed) {
       this._attempt += 1;
       if (this._attempt > (this.options.maxAttempts ?? 30)) {
-        this.closed = true;
+        this._ended();
         this.emit('closed', { reason: `${reason}; gave up after ${this._attempt - 1} attempts to reconnect` });
         return;
       }
@@ -307,7 +322,7 @@ export class Signaling extends Emitter {
       } catch (e) {
         reason = e instanceof Error ? e.message : String(e);
         if (e instanceof SignalingError && !RETRIED.includes(e.code)) {
-          this.closed = true;
+          this._ended();
           this.emit('closed', { reason });
           return;
         }
@@ -348,10 +363,58 @@ export class Signaling extends Emitter {
     return (this.ws?.bufferedAmount ?? 0) > MAX_QUEUED_FOR_APP * 65_536;
   }
 
+  /**
+   * Sets the renewal of the TURN credentials `servers` carry: REST
+   * usernames (`EXPIRY:NAME`, docs/PROTOCOL.md) that a server refuses for a
+   * new allocation once expired, while a room outlives them (a browser
+   * allocates for every new peer connection and ICE restart). Renewed at
+   * most every 30 min, before four fifths of their life has gone, so that a
+   * clock that is wrong by less than the lifetime less 30 min does not
+   * matter; every 10 min when they look expired already (a clock ahead).
+   * @param {IceServer[]} servers
+   */
+  _scheduleRenew(servers) {
+    if (this._renewTimer) clearTimeout(this._renewTimer);
+    this._renewTimer = null;
+    const expiries = servers.map((s) => /^(\d{9,}):/.exec(s.username ?? '')?.[1]).filter((e) => e !== undefined).map(Number);
+    if (!expiries.length) return;
+    const left = Math.min(...expiries) * 1000 - Date.now();
+    const floor = this.options.renewMinMs ?? RENEW_MIN_MS;
+    const inMs = left > 0 ? Math.min(Math.max(left * 0.8, floor), RENEW_MAX_MS) : RENEW_EXPIRED_MS;
+    this._renewTimer = setTimeout(() => this._renew(), inMs);
+  }
+
+  /**
+   * Fresh TURN credentials come with a `welcome`: opens the next connection
+   * with the resume token (the server moves our place to it and tells
+   * nobody), switches to it, then closes the old one. Fails quietly (the old
+   * connection stays; tried again in a minute).
+   */
+  _renew() {
+    const old = this.ws;
+    if (this.closed || !old || old.readyState !== 1 || this._renewing) return;
+    this._renewing = this._open(this.session?.url ?? this.url).then(
+      (session) => {
+        this.emit('joined', session);
+        try { old.close(1000, 'TURN credentials renewed'); } catch { /* already closed */ }
+      },
+      () => {
+        if (!this.closed) this._renewTimer = setTimeout(() => this._renew(), this.options.renewMinMs ?? RENEW_MIN_MS);
+      },
+    ).finally(() => { this._renewing = null; });
+  }
+
+  /** Closed for good: nothing is renewed any more. */
+  _ended() {
+    this.closed = true;
+    if (this._renewTimer) clearTimeout(this._renewTimer);
+    this._renewTimer = null;
+  }
+
   /** Leaves the room and closes the connection for good. */
   close() {
     if (this.closed) return;
-    this.closed = true;
+    this._ended();
     this._stopPings();
     this._abandon?.();
     if (this.ws && this.session) {

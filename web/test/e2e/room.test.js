@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { run, scratch, writeRandom, sha256, shot, until, setup, say, browser } from './harness.js';
+import { run, scratch, writeRandom, sha256, shot, until, setup, say, browser, serve } from './harness.js';
 
 /** @type {Awaited<ReturnType<typeof import('./harness.js').serve>>} */
 let server;
@@ -202,4 +202,41 @@ test('a room left before its join came back stays left: the page is not a member
   });
   assert.deepEqual(outcome, { join: 'refused: closed', members: [], socket: true });
   await page.close();
+});
+
+test('a relay-only tab renews its TURN credentials: a newcomer after they expired still connects through the relay', async () => {
+  // Credentials that live 10 s (1 h by default).
+  const short = await serve(['--turn-ttl', '10s']);
+  try {
+    const a = await chrome.page(`${short.url}/room/renew?name=ann&relay=1`);
+    await a.waitForFunction(() => document.body.dataset.joined, null, { timeout: 20_000 });
+    const before = await a.evaluate(() => /** @type {any} */ (window).peerlinkRoom.iceServers.map((/** @type {any} */ s) => s.username).join());
+    // Renewed at four fifths of their life (the floor of 60 s between
+    // renewals is for real lifetimes; lowered here to fit 10 s).
+    // RENEW_FLOOR_MS=600000 shows the newcomer failing without a renewal.
+    await a.evaluate((floor) => {
+      const s = /** @type {any} */ (window).peerlinkRoom.signaling;
+      s.options.renewMinMs = floor;
+      s._scheduleRenew(s.session.iceServers);
+    }, Number(process.env.RENEW_FLOOR_MS ?? 1000));
+    // Past the first credentials' expiry, a newcomer: the tab's new peer
+    // connection allocates on the TURN server with what it has.
+    await new Promise((r) => setTimeout(r, 12_000));
+    const after = await a.evaluate(() => /** @type {any} */ (window).peerlinkRoom.iceServers.map((/** @type {any} */ s) => s.username).join());
+    const b = await chrome.page(`${short.url}/room/renew?name=ben&relay=1`);
+    for (const p of [a, b]) {
+      await p.waitForSelector('#peers li[data-state="connected"]', { timeout: 30_000 }).catch(async (e) => {
+        throw new Error(`${e.message}\ncredentials then ${before}, now ${after}\npage: ${await p.textContent('main')}`);
+      });
+    }
+    assert.notEqual(after, before, 'renewed');
+    await say(a, 'relayed with fresh credentials');
+    await b.waitForSelector('#log li:has-text("relayed with fresh credentials")', { timeout: 10_000 });
+    // The renewal was a resume: nobody saw the tab leave or come back.
+    assert.equal(await b.locator('#log li:has-text("left")').count(), 0);
+    await b.close();
+    await a.close();
+  } finally {
+    await short.stop();
+  }
 });

@@ -3,7 +3,9 @@
 // candidates it was given, data channels that never open.
 
 export class FakePC {
-  constructor() {
+  constructor(/** @type {any} */ config = {}) {
+    /** @type {any} */
+    this.config = config;
     this.signalingState = 'stable';
     /** @type {any} */
     this.remoteDescription = null;
@@ -48,6 +50,8 @@ export class FakePC {
   }
 
   async addIceCandidate(/** @type {any} */ c) { this.added.push(c); }
+  getConfiguration() { return { ...this.config }; }
+  setConfiguration(/** @type {any} */ c) { this.config = c; }
   restartIce() {}
   close() {}
 }

@@ -13,8 +13,9 @@ const WELCOME = JSON.parse(readFileSync(new URL('../../../fixtures/protocol/serv
  * A server that welcomes every socket and answers each `join` with the
  * next of `answers` (a server message; `joined` once they run out).
  * @param {object[]} answers
+ * @param {() => object} [welcome]  the welcome for each new socket
  */
-function scriptedServer(answers) {
+function scriptedServer(answers, welcome = () => WELCOME) {
   /** @type {FakeWs[]} */
   const sockets = [];
   class FakeWs {
@@ -26,8 +27,9 @@ function scriptedServer(answers) {
       /** @type {any} */ this.onclose = null;
       /** @type {any} */ this.onerror = null;
       this.closed = false;
+      this.readyState = 0;
       sockets.push(this);
-      setTimeout(() => this.onopen?.(), 0);
+      setTimeout(() => { this.readyState = 1; this.onopen?.(); }, 0);
     }
 
     /** @param {object} m */
@@ -39,7 +41,7 @@ function scriptedServer(answers) {
     send(text) {
       const m = JSON.parse(text);
       if (m.type === 'hello') {
-        this.reply(WELCOME);
+        this.reply(welcome());
       } else if (m.type === 'join') {
         this.reply(answers.shift() ?? { type: 'joined', room: m.room, peers: [], resumed: true });
       }
@@ -49,6 +51,7 @@ function scriptedServer(answers) {
     close(code = 1000) {
       if (this.closed) return;
       this.closed = true;
+      this.readyState = 3;
       setTimeout(() => this.onclose?.({ code, reason: '' }), 0);
     }
   }
@@ -141,6 +144,37 @@ test('a member the joined of a resume does not list goes once its connection fai
   await new Promise((r) => setTimeout(r, 20));
   assert.deepEqual(joined, ['p-gone']);
   assert.ok(room.conns.has('p-gone'));
+  room.signaling.close();
+  room._close('test over');
+});
+
+test('TURN credentials are renewed before they expire: a resume on a new socket, the old one closed, every connection given them', async () => {
+  const { Room } = await import('../../lib/room.js');
+  const { FakePC } = await import('./fakepc.js');
+  let n = 0;
+  // Each welcome's TURN username expires a second from now.
+  const welcome = () => ({
+    ...WELCOME,
+    ice_servers: [{ urls: ['turn:127.0.0.1:3478?transport=udp'], username: `${Math.floor(Date.now() / 1000) + 1}:p-9b71e0aa`, credential: `c${++n}` }],
+  });
+  const { FakeWs, sockets } = scriptedServer([{ type: 'joined', room: 'r', peers: [{ id: 'p-other' }] }], welcome);
+  const room = new Room({ server: 'ws://server.test/ws', room: 'r', WebSocket: /** @type {any} */ (FakeWs), RTCPeerConnection: /** @type {any} */ (FakePC) });
+  room.signaling.options.renewMinMs = 50;
+  /** @type {string[]} */
+  const seen = [];
+  room.on('peer_left', ({ peer }) => seen.push(`left ${peer}`));
+  room.on('rejoined', ({ resumed }) => seen.push(`rejoined, resumed ${resumed}`));
+  await room.join();
+  const pc = /** @type {any} */ (room.conns.get('p-other')).pc;
+  assert.equal(pc.config.iceServers[0].credential, 'c1');
+  for (let i = 0; i < 100 && sockets.length < 2; i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 50 && !seen.length; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(sockets.length >= 2, true, 'a second socket opened');
+  assert.deepEqual(seen.slice(0, 1), ['rejoined, resumed true']);
+  assert.equal(sockets[0].closed, true, 'the old socket closed');
+  assert.equal(room.signaling.ws, sockets[1]);
+  assert.equal(pc.config.iceServers[0].credential, 'c2', 'the kept connection has the fresh credentials');
+  assert.deepEqual(room.iceServers.map((s) => s.credential), ['c2']);
   room.signaling.close();
   room._close('test over');
 });
