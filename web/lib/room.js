@@ -118,9 +118,10 @@ export class Room extends Emitter {
     this.held = new Map();
     /**
      * Members kept though the `joined` of our resume did not list them (one
-     * may be reconnecting too): taken for gone if their connection fails or
-     * closes before it is up again, or a signal from them through the
-     * server shows them still there. Mirrors the native `Mesh`.
+     * may be reconnecting too): taken for gone once their connection fails
+     * (at once without a live one), unless it comes up again, a
+     * `peer_joined` names them or a signal from them through the server
+     * shows them still there. Mirrors the native `Mesh`.
      * @type {Set<string>}
      */
     this.unconfirmed = new Set();
@@ -194,6 +195,11 @@ export class Room extends Emitter {
         // (its `peer_left` written to our old socket).
         const listed = new Set(s.peers.map((p) => p.id));
         this.unconfirmed = new Set([...this.members.keys()].filter((p) => !listed.has(p)));
+        // One without a live connection has nothing left to tell us.
+        for (const peer of [...this.unconfirmed]) {
+          const c = this.conns.get(peer);
+          if (!c || c.state === 'failed' || c.state === 'closed') this._removeMember(peer);
+        }
       }
       // Resumed: members we do not know yet are connected to as a joiner
       // would; the others are kept as they are.
@@ -429,6 +435,8 @@ export class Room extends Emitter {
    * @param {boolean} initiator  listed in `joined`: we make the connection
    */
   _memberJoined(peer, name, initiator) {
+    // Known already: the server says it is here (see `unconfirmed`).
+    this.unconfirmed.delete(peer);
     if (peer === this.id || this.members.has(peer)) return;
     this.members.set(peer, { name });
     this.emit('peer_joined', { peer, name });
@@ -558,14 +566,16 @@ export class Room extends Emitter {
 
   /**
    * A connection's state changed: a member not listed on our resume is
-   * confirmed once it is up, and taken for gone once it fails or closes.
+   * confirmed once it is up, and taken for gone once it fails (a browser's
+   * connection is `closed` only by our own close, as by `disconnect()`,
+   * which keeps the member).
    * @param {import('./conn.js').Conn} conn @param {string} state
    */
   _connState(conn, state) {
     const peer = conn.peer;
     if (this.conns.get(peer) !== conn || !this.unconfirmed.has(peer)) return;
     if (state === 'connected') this.unconfirmed.delete(peer);
-    else if (state === 'failed' || state === 'closed') {
+    else if (state === 'failed') {
       // Once the connection has finished failing, unless an offer replaced it.
       queueMicrotask(() => {
         if (this.unconfirmed.has(peer) && (this.conns.get(peer) ?? conn) === conn) this._removeMember(peer);

@@ -77,7 +77,7 @@ export function signalingUrl(input) {
  * @property {number} [maxAttempts] attempts before giving up for good (30)
  * @property {string} [client]    free-form client description for the server's logs
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global)
- * @property {number} [renewMinMs] shortest wait before renewing TURN credentials (60 s)
+ * @property {number} [renewMinMs] shortest wait before renewing TURN credentials (10 s)
  */
 
 /** Messages queued while the socket is open but not yet writable (bounded). */
@@ -102,9 +102,11 @@ const MAX_HELD = 512;
  */
 const RETRIED = ['timeout', 'unreachable', 'closed', 'shutting_down', 'unavailable', 'rate_limited'];
 /** Bounds on when TURN credentials are renewed (see `Signaling._scheduleRenew`). */
-const RENEW_MIN_MS = 60_000;
+const RENEW_MIN_MS = 10_000;
 const RENEW_MAX_MS = 30 * 60_000;
 const RENEW_EXPIRED_MS = 10 * 60_000;
+/** How long the socket a renewal replaced is still read. */
+const OLD_SOCKET_GRACE_MS = 5_000;
 /** An application ping keeps the link honest; a pong must come within. */
 const PING_EVERY_MS = 15_000;
 const PONG_WITHIN_MS = 10_000;
@@ -367,10 +369,11 @@ export class Signaling extends Emitter {
    * Sets the renewal of the TURN credentials `servers` carry: REST
    * usernames (`EXPIRY:NAME`, docs/PROTOCOL.md) that a server refuses for a
    * new allocation once expired, while a room outlives them (a browser
-   * allocates for every new peer connection and ICE restart). Renewed at
-   * most every 30 min, before four fifths of their life has gone, so that a
-   * clock that is wrong by less than the lifetime less 30 min does not
-   * matter; every 10 min when they look expired already (a clock ahead).
+   * allocates for every new peer connection and ICE restart). Renewed once
+   * four fifths of their life has gone, and at least every 30 min, so that
+   * a clock that is wrong by less than the lifetime less 30 min does not
+   * matter; every 10 min when they look expired already (a clock ahead);
+   * never sooner than 10 s after the last (`renewMinMs`).
    * @param {IceServer[]} servers
    */
   _scheduleRenew(servers) {
@@ -387,8 +390,9 @@ export class Signaling extends Emitter {
   /**
    * Fresh TURN credentials come with a `welcome`: opens the next connection
    * with the resume token (the server moves our place to it and tells
-   * nobody), switches to it, then closes the old one. Fails quietly (the old
-   * connection stays; tried again in a minute).
+   * nobody), switches to it, and closes the old one a few seconds later:
+   * what the server had already queued there still arrives. Fails quietly
+   * (the old connection stays; tried again after `renewMinMs`).
    */
   _renew() {
     const old = this.ws;
@@ -396,7 +400,11 @@ export class Signaling extends Emitter {
     this._renewing = this._open(this.session?.url ?? this.url).then(
       (session) => {
         this.emit('joined', session);
-        try { old.close(1000, 'TURN credentials renewed'); } catch { /* already closed */ }
+        // Read until what was on its way there has come (its messages
+        // still reach `_onMessage`), then closed.
+        setTimeout(() => {
+          try { old.close(1000, 'TURN credentials renewed'); } catch { /* already closed */ }
+        }, OLD_SOCKET_GRACE_MS);
       },
       () => {
         if (!this.closed) this._renewTimer = setTimeout(() => this._renew(), this.options.renewMinMs ?? RENEW_MIN_MS);

@@ -268,10 +268,13 @@ export class ChannelLink extends Emitter {
     ch.on('message', () => { this.heard = true; });
     ch.on('close', () => {
       if (this.chans[i] !== ch) return;
-      // A peer that closes the channels unheard does not take transfers
-      // (a terminal in the room: `peerlink chat`, `keep`).
-      const what = this.heard ? 'The connection to the other side closed.' : 'The other side closed the transfer without a word: it does not take files.';
-      this.emit('ended', { error: new TransferError('failed', what, { byPeer: true }) });
+      // A peer that closes the channels unheard, its connection up, does
+      // not take transfers (a terminal in the room: `peerlink chat`, `keep`).
+      const up = this.room.conns.get(this.peer)?.state === 'connected';
+      const what = !this.heard && up ? 'The other side closed the transfer without a word: it does not take files.' : 'The connection to the other side closed.';
+      // After a `peer_left` of the same moment (its connection is closed
+      // first), which says more.
+      queueMicrotask(() => this.emit('ended', { error: new TransferError('failed', what, { byPeer: true }) }));
     });
     // The other side may start on one channel before this side saw the
     // other open (two SCTP streams, no order between them), and a browser

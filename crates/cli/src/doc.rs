@@ -151,7 +151,14 @@ pub enum Refused {
     Bad(#[from] BadMessage),
     #[error("messages being collected in parts from every channel would pass {} MiB", .0 >> 20)]
     OverBudget(usize),
+    #[error("a message in parts stalled: no part for {} s", .0.as_secs())]
+    Stalled(Duration),
 }
+
+/// How long a message being collected in parts may wait for its next part
+/// before its channel is dropped (and its share of the budget freed): a
+/// peer that stops halfway holds nothing for long.
+pub const PART_IDLE: Duration = Duration::from_secs(30);
 
 /// A whole message, holding its share of the bytes being collected if it
 /// came in parts, until it is dropped.
@@ -189,6 +196,12 @@ impl Reassembly {
         self.whole = Vec::new();
         self.total = 0;
         self.held = None;
+    }
+
+    /// Whether a message is being collected (its first part came, its last
+    /// not yet).
+    pub fn collecting(&self) -> bool {
+        self.total > 0
     }
 
     /// The whole message `m` completes, `m` itself if it is not a part, or
@@ -488,8 +501,20 @@ impl Docs {
         let epoch = self.epochs;
         tokio::spawn(async move {
             let mut parts = Reassembly::new(collecting);
-            while let Some(m) = reader.recv().await {
-                let msg = match parts.push(m.as_bytes()) {
+            loop {
+                let m = if parts.collecting() {
+                    match tokio::time::timeout(PART_IDLE, reader.recv()).await {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => break,
+                        Err(_) => Err(Refused::Stalled(PART_IDLE)),
+                    }
+                } else {
+                    match reader.recv().await {
+                        Some(m) => Ok(m),
+                        None => break,
+                    }
+                };
+                let msg = match m.and_then(|m| parts.push(m.as_bytes())) {
                     Ok(None) => continue,
                     Ok(Some(whole)) => Ok(whole),
                     Err(e) => Err(e),
@@ -851,9 +876,11 @@ mod tests {
         let (mut a, mut b) = (Reassembly::new(budget.clone()), Reassembly::new(budget.clone()));
         let (ma, mb) = (vec![3u8; 2500], vec![3u8; 2000]);
         let (pa, pb) = (split_parts(&ma, 1000), split_parts(&mb, 1000));
+        assert!(!a.collecting());
         for p in &pa[..2] {
             assert!(a.push(p).unwrap().is_none());
         }
+        assert!(a.collecting(), "what the reader times out on (PART_IDLE)");
         let left = budget.available_permits();
         assert!((1000..1100).contains(&left), "{left}");
         // a holds about 2,000 bytes: b's first part fits, its second does not.
@@ -864,6 +891,7 @@ mod tests {
         // completes and keeps its share until it is dropped.
         let whole = a.push(&pa[2]).unwrap().expect("the last part");
         assert_eq!(whole.bytes, ma);
+        assert!(!a.collecting());
         assert_eq!(budget.available_permits(), 3000 - 2500);
         drop(whole);
         assert_eq!(budget.available_permits(), 3000);

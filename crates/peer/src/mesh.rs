@@ -119,8 +119,9 @@ pub(crate) struct Mesh {
     /// Room members and their display names.
     members: HashMap<PeerId, Option<String>>,
     /// Members kept though the `joined` of our resume did not list them
-    /// (one may be reconnecting too): taken for gone if their connection
-    /// fails or closes before it is up again, or a signal from them
+    /// (one may be reconnecting too): taken for gone once their connection
+    /// fails or the peer closes it (at once without a live one), unless
+    /// it comes up again, a `peer_joined` names them or a signal from them
     /// through the server shows them still there.
     unconfirmed: HashSet<PeerId>,
     /// Connections, by member. This map and the two below are looked up for
@@ -258,6 +259,20 @@ impl Mesh {
                 // were away (its `peer_left` written to our old socket).
                 let listed: HashSet<&PeerId> = members.iter().map(|p| &p.id).collect();
                 self.unconfirmed = self.members.keys().filter(|p| !listed.contains(p)).cloned().collect();
+                // One without a live connection has nothing left to tell us.
+                let dead: Vec<PeerId> = self
+                    .unconfirmed
+                    .iter()
+                    .filter(|p| {
+                        self.peers
+                            .get(*p)
+                            .is_none_or(|st| matches!(st.conn.state(), ConnState::Failed | ConnState::Closed))
+                    })
+                    .cloned()
+                    .collect();
+                for peer in dead {
+                    self.remove_peer(&peer);
+                }
             }
             // An offer written to the old link may not have arrived.
             for st in self.peers.values_mut() {
@@ -313,6 +328,8 @@ impl Mesh {
 
     /// A member is in the room (there when we joined, or joined since).
     fn member_joined(&mut self, peer: PeerId, name: Option<String>, initiator: bool, now: Instant) {
+        // Known already: the server says it is here (see `unconfirmed`).
+        self.unconfirmed.remove(&peer);
         if peer == self.id || self.members.contains_key(&peer) {
             return;
         }
@@ -504,7 +521,13 @@ impl Mesh {
                         // Failed, as the application and the overlay (which
                         // may wait on this connection) must hear.
                         self.emit(Event::StateChanged { peer: from.clone(), state: ConnState::Failed });
-                        self.emit(Event::AuthFailed { peer: from, reason });
+                        self.emit(Event::AuthFailed { peer: from.clone(), reason });
+                        // Failed, as a connection whose checks fail: one not
+                        // listed on our resume is taken for gone (as in the
+                        // browser).
+                        if self.unconfirmed.contains(&from) {
+                            self.remove_peer(&from);
+                        }
                     }
                     return;
                 }

@@ -107,13 +107,14 @@ test('a room left while its join is under way closes, and says so', async () => 
   assert.equal(room.closed, true);
 });
 
-test('a member the joined of a resume does not list goes once its connection fails; a listed one stays', async () => {
+test('a member the joined of a resume does not list goes once its connection fails, at once if it has none; a listed one, or one a peer_joined names, stays', async () => {
   const { Room } = await import('../../lib/room.js');
   const { FakePC } = await import('./fakepc.js');
   const { FakeWs, sockets } = scriptedServer([
-    { type: 'joined', room: 'r', peers: [{ id: 'p-listed' }, { id: 'p-gone' }] },
-    // Back after the socket broke: the other left meanwhile (its
-    // peer_left went to the broken socket).
+    { type: 'joined', room: 'r', peers: [{ id: 'p-listed' }, { id: 'p-gone' }, { id: 'p-back' }, { id: 'p-dead' }] },
+    // Back after the socket broke: only one is listed (the others left
+    // meanwhile, their peer_left sent to the broken socket, or reconnect
+    // after us).
     { type: 'joined', room: 'r', peers: [{ id: 'p-listed' }], resumed: true },
   ]);
   const room = new Room({ server: 'ws://server.test/ws', room: 'r', WebSocket: /** @type {any} */ (FakeWs), RTCPeerConnection: /** @type {any} */ (FakePC) });
@@ -121,20 +122,27 @@ test('a member the joined of a resume does not list goes once its connection fai
   const left = [];
   room.on('peer_left', ({ peer }) => left.push(peer));
   await room.join();
-  assert.deepEqual([...room.conns.keys()].sort(), ['p-gone', 'p-listed']);
+  assert.deepEqual([...room.conns.keys()].sort(), ['p-back', 'p-dead', 'p-gone', 'p-listed']);
+  // Its connection gave up while we were away.
+  /** @type {any} */ (room.conns.get('p-dead'))._fail('the connection was lost and no path came back');
   const rejoined = new Promise((r) => room.on('rejoined', r));
   sockets[0].close(1006);
   await rejoined;
-  assert.deepEqual(left, [], 'nobody taken for gone on the list alone');
-  const gone = /** @type {any} */ (room.conns.get('p-gone'));
-  gone._fail('the connection was lost and no path came back');
   await new Promise((r) => setTimeout(r, 10));
-  assert.deepEqual(left, ['p-gone']);
-  assert.deepEqual([...room.members.keys()], ['p-listed']);
+  assert.deepEqual(left, ['p-dead'], 'one without a live connection goes on the resume itself; the others wait');
+  /** @type {any} */ (room.conns.get('p-gone'))._fail('the connection was lost and no path came back');
+  await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(left, ['p-dead', 'p-gone']);
+  // Named by a peer_joined (it reconnected after us): confirmed, its
+  // connection failing later does not make it gone.
+  sockets[1].reply({ type: 'peer_joined', room: 'r', peer: { id: 'p-back' } });
+  await new Promise((r) => setTimeout(r, 10));
+  /** @type {any} */ (room.conns.get('p-back'))._fail('checks failed');
   // A listed member whose connection fails stays a member.
   /** @type {any} */ (room.conns.get('p-listed'))._fail('checks failed');
   await new Promise((r) => setTimeout(r, 10));
-  assert.deepEqual(left, ['p-gone']);
+  assert.deepEqual(left, ['p-dead', 'p-gone']);
+  assert.deepEqual([...room.members.keys()].sort(), ['p-back', 'p-listed']);
   // Had it been there after all, a signal from it through the server
   // (which relays only between members) makes it a member again.
   /** @type {string[]} */
@@ -152,10 +160,11 @@ test('TURN credentials are renewed before they expire: a resume on a new socket,
   const { Room } = await import('../../lib/room.js');
   const { FakePC } = await import('./fakepc.js');
   let n = 0;
-  // Each welcome's TURN username expires a second from now.
+  // The first welcome's TURN username expires a second from now, the
+  // next ones' in an hour.
   const welcome = () => ({
     ...WELCOME,
-    ice_servers: [{ urls: ['turn:127.0.0.1:3478?transport=udp'], username: `${Math.floor(Date.now() / 1000) + 1}:p-9b71e0aa`, credential: `c${++n}` }],
+    ice_servers: [{ urls: ['turn:127.0.0.1:3478?transport=udp'], username: `${Math.floor(Date.now() / 1000) + (n ? 3600 : 1)}:p-9b71e0aa`, credential: `c${++n}` }],
   });
   const { FakeWs, sockets } = scriptedServer([{ type: 'joined', room: 'r', peers: [{ id: 'p-other' }] }], welcome);
   const room = new Room({ server: 'ws://server.test/ws', room: 'r', WebSocket: /** @type {any} */ (FakeWs), RTCPeerConnection: /** @type {any} */ (FakePC) });
@@ -171,8 +180,17 @@ test('TURN credentials are renewed before they expire: a resume on a new socket,
   for (let i = 0; i < 50 && !seen.length; i++) await new Promise((r) => setTimeout(r, 20));
   assert.equal(sockets.length >= 2, true, 'a second socket opened');
   assert.deepEqual(seen.slice(0, 1), ['rejoined, resumed true']);
-  assert.equal(sockets[0].closed, true, 'the old socket closed');
   assert.equal(room.signaling.ws, sockets[1]);
+  // What the server had queued on the old socket still arrives, then it is closed.
+  assert.equal(sockets[0].closed, false, 'the old socket is still read');
+  /** @type {string[]} */
+  const joined = [];
+  room.on('peer_joined', ({ peer }) => joined.push(peer));
+  sockets[0].reply({ type: 'peer_joined', room: 'r', peer: { id: 'p-late' } });
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(joined, ['p-late']);
+  for (let i = 0; i < 70 && !sockets[0].closed; i++) await new Promise((r) => setTimeout(r, 100));
+  assert.equal(sockets[0].closed, true, 'the old socket closed');
   assert.equal(pc.config.iceServers[0].credential, 'c2', 'the kept connection has the fresh credentials');
   assert.deepEqual(room.iceServers.map((s) => s.credential), ['c2']);
   room.signaling.close();

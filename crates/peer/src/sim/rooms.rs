@@ -727,6 +727,7 @@ fn a_member_not_listed_on_a_resume_goes_once_its_connection_fails() {
     // Had it been there after all, a signal from it through the server
     // (which relays only between members) makes it a member again.
     let now = sim.instant();
+    let seen = sim.peers[a].events.len();
     let offer = peerlink_proto::Signal::Offer { sdp: "v=0\r\n".into(), auth: None };
     sim.peers[a]
         .mesh
@@ -734,12 +735,56 @@ fn a_member_not_listed_on_a_resume_goes_once_its_connection_fails() {
         .expect("present")
         .handle_server(ServerMsg::Signal { room: ROOM.into(), from: idc.clone(), signal: offer }, now);
     sim.pump();
-    assert!(sim.peers[a].events.iter().any(|e| matches!(e, Event::PeerJoined { peer, .. } if *peer == idc)));
+    assert!(
+        sim.peers[a].events[seen..]
+            .iter()
+            .any(|e| matches!(e, Event::PeerJoined { peer, .. } if *peer == idc))
+    );
     let mut members = sim.peers[a].mesh.as_ref().expect("present").members();
     members.sort();
     let mut want = vec![idb, idc];
     want.sort();
     assert_eq!(members, want);
+}
+
+/// As above, but away long enough for the connection to the one that left
+/// to give up first: on the resume it is taken for gone at once (no state
+/// change is left to come).
+#[test]
+fn a_member_not_listed_on_a_resume_whose_connection_already_failed_goes_at_once() {
+    let mut sim = Sim::new(23, 0.0, Duration::from_millis(10), Duration::from_millis(2));
+    let all: Vec<usize> = (0..3).map(|_| sim.join()).collect();
+    sim.run_until(Duration::from_secs(20), "mesh", |s| s.full_mesh(&all, "chat"));
+    let (a, b, c) = (all[0], all[1], all[2]);
+    let (idb, idc) = (sim.id(b), sim.id(c));
+    sim.deaf.insert(a);
+    sim.cut.insert(a, (sim.now, sim.now + Duration::from_secs(3600)));
+    sim.depart(c, true);
+    sim.run_until(sim.now + Duration::from_secs(180), "a's connection to c gives up", |s| {
+        s.peers[a].states(&idc).contains(&ConnState::Failed)
+    });
+    let left = |s: &Sim, who: &PeerId| {
+        s.peers[a].events.iter().any(|e| matches!(e, Event::PeerLeft { peer } if peer == who))
+    };
+    assert!(!left(&sim, &idc));
+    sim.deaf.clear();
+    sim.cut.clear();
+    let now = sim.instant();
+    sim.peers[a].mesh.as_mut().expect("present").rejoined(
+        vec![PeerInfo { id: idb.clone(), name: None }],
+        None,
+        true,
+        now,
+    );
+    assert!(
+        left(&sim, &idc) || {
+            sim.pump();
+            left(&sim, &idc)
+        },
+        "c taken for gone on the resume itself"
+    );
+    assert!(!left(&sim, &idb));
+    assert_eq!(sim.peers[a].mesh.as_ref().expect("present").members(), vec![idb]);
 }
 
 /// A room of 24 members joined with an overlay, the server listing a
