@@ -12,6 +12,22 @@ fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
     names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
 }
 
+/// `text` from the other side (or the server) as it may reach a terminal:
+/// control characters escaped (`\n`, `\u{1b}`), so that a message cannot
+/// move the cursor, colour the screen, or start a line of its own that
+/// passes for one of ours (a forged `* connected to ... safety number`).
+fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Which room to join, and as whom.
 pub struct Join {
     pub room: String,
@@ -62,6 +78,7 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
             ev = room_handle.next_event() => match ev {
                 None => break,
                 Some(Event::PeerJoined { peer, name }) => {
+                    let name = name.map(|n| shown(&n));
                     let label = name.clone().map_or_else(|| peer.to_string(), |n| format!("{n} ({peer})"));
                     println!("* {label} is here");
                     if let Some(n) = name {
@@ -86,7 +103,7 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
                     tokio::spawn(async move {
                         while let Some(message) = reader.recv().await {
                             match message {
-                                Message::Text(t) => println!("{peer}: {t}"),
+                                Message::Text(t) => println!("{peer}: {}", shown(&t)),
                                 Message::Binary(b) => println!("{peer}: <{} bytes>", b.len()),
                             }
                         }
@@ -100,14 +117,14 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
                 Some(Event::StateChanged { peer, state }) => {
                     tracing::info!("{}: {state:?}", who(&names, &peer));
                 }
-                Some(Event::ServerError { code, message }) => println!("* server: {code}: {message}"),
+                Some(Event::ServerError { code, message }) => println!("* server: {code}: {}", shown(&message)),
                 Some(Event::AuthFailed { peer, reason }) => {
                     // What we found wrong with its signaling, or (a sealed
                     // notice) what it found wrong with ours.
-                    println!("* refused {}: {reason}", who(&names, &peer));
+                    println!("* refused {}: {}", who(&names, &peer), shown(&reason));
                 }
                 Some(Event::ServerMessageRefused { from, reason }) => {
-                    println!("* refused a message from {} through the server: {reason}", who(&names, &from));
+                    println!("* refused a message from {} through the server: {}", who(&names, &from), shown(&reason));
                 }
                 Some(Event::Reconnected { server }) => println!("* reconnected to {server}"),
                 Some(Event::Closed { reason }) => anyhow::bail!("room closed: {reason}"),
@@ -117,4 +134,19 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
     }
     room_handle.leave().await.ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn what_the_other_side_sends_cannot_forge_a_line_or_drive_the_terminal() {
+        assert_eq!(
+            shown("hi\n* connected to alice, end to end (safety number 1234)"),
+            "hi\\n* connected to alice, end to end (safety number 1234)"
+        );
+        assert_eq!(shown("\u{1b}[2J\u{1b}[31mred\r"), "\\u{1b}[2J\\u{1b}[31mred\\r");
+        assert_eq!(shown("café ✓ tab\there"), "café ✓ tab\\there");
+    }
 }

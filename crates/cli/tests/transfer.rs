@@ -570,6 +570,28 @@ fn an_offer_larger_than_the_free_space_is_refused_before_anything_is_written() {
     assert!(finished(&s)["message"].as_str().unwrap().contains("not enough space"), "{}", finished(&s));
 }
 
+/// Out of room for one more file (no inode left) while the bytes fit: exit
+/// 6 and `disk_full` on both sides, as when a write finds the disk full
+/// (it was exit 1, `io`).
+#[test]
+fn no_room_for_one_more_file_is_a_full_disk() {
+    let server = serve();
+    let t = Scratch::new("noinodes");
+    std::fs::create_dir_all(t.path("many")).unwrap();
+    for i in 0..40 {
+        std::fs::write(t.path(&format!("many/f{i:02}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let mut s = send(&server.url, &[&t.str("many")], &[], &[]);
+    let code = code_of(&mut s);
+    let out = t.path("mnt");
+    let mut r = receive_on_tmpfs(&server.url, &code, &out, "4m,nr_inodes=12", "");
+    r.expect("exit=6");
+    r.wait_exit();
+    let message = finished(&r)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("No space left"), "{message}");
+    assert_eq!(s.wait_exit(), 6, "the sender is told: {:?}", s.seen);
+}
+
 /// A resumed transfer counts only what is still missing against the free
 /// space: a file an earlier run finished is not needed again (12 MiB free,
 /// two 5 MiB files: after the first is saved, 7 MiB free covers the rest).

@@ -344,17 +344,23 @@ pub struct PartFile {
     /// A direct write was refused (`EINVAL`): this filesystem wants other
     /// alignments; every later write is buffered.
     direct_refused: AtomicBool,
+    /// What a flush in the background failed with: the system reports a
+    /// write-back error once per open file, so the final flush would not.
+    flush_failed: std::sync::Mutex<Option<io::Error>>,
 }
 
 impl PartFile {
     pub fn new(file: File) -> PartFile {
         let direct = open_direct(&file);
-        PartFile { file, direct, direct_refused: AtomicBool::new(false) }
+        PartFile { file, direct, direct_refused: AtomicBool::new(false), flush_failed: Default::default() }
     }
 
-    /// The file, for everything but chunk writes.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Asks the disk to take what was written so far (blocking); an error
+    /// is kept for [`finish`], which fails with it.
+    pub fn flush_in_background(&self) {
+        if let Err(e) = self.file.sync_data() {
+            self.flush_failed.lock().expect("flush error lock").get_or_insert(e);
+        }
     }
 
     /// Writes `data` at `offset`.
@@ -429,6 +435,9 @@ fn open_direct(_: &File) -> Option<File> {
 /// rename over the final name, and flush the folder so the new name
 /// survives a crash too (the sender is told `done` only after this).
 pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
+    if let Some(e) = part.flush_failed.lock().expect("flush error lock").take() {
+        return Err(e);
+    }
     part.file.set_len(size)?;
     part.file.sync_all()?;
     fs::rename(&planned.part_path, &planned.final_path)?;
@@ -456,18 +465,25 @@ impl OutDir {
             .filter(|e| e.kind == EntryKind::File && !done(e.path.as_str()))
             .map(|e| {
                 let part = self
-                    .join(&e.path)
-                    .ok()
-                    .and_then(|p| {
-                        let mut part = p.into_os_string();
-                        part.push(PART_SUFFIX);
-                        fs::symlink_metadata(part).ok()
-                    })
+                    .part_to_resume(&e.path)
+                    .and_then(|part| fs::symlink_metadata(part).ok())
                     .filter(|m| m.is_file())
                     .map_or(0, |m| m.len());
                 e.size.saturating_sub(part)
             })
             .sum()
+    }
+
+    /// The partial file [`OutDir::plan`] would pick up for `rel` (the first
+    /// name, plain or numbered, not taken by a finished file), without
+    /// planning it: a file saved as `name (1).ext` resumes from
+    /// `name (1).ext.peerlink-part`.
+    fn part_to_resume(&self, rel: &RelPath) -> Option<PathBuf> {
+        let base = self.join(rel).ok()?;
+        std::iter::once(base.clone())
+            .chain((1..1000).map(|n| numbered(&base, n)))
+            .find(|f| self.overwrite || fs::symlink_metadata(f).is_err())
+            .map(|f| part_of(&f))
     }
 
     /// Bytes an unprivileged process may still write in the output folder's
@@ -560,6 +576,28 @@ mod tests {
             assert_eq!(fs::read(dir.join("f")).unwrap(), expected, "in {}", dir.display());
             fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    /// What a file still needs counts what its partial file holds under the
+    /// name it is saved as: `backup (1).img` beside a finished `backup.img`
+    /// (the check counted the whole file, and a resume into a folder with
+    /// room for the rest was refused as short of space, every time).
+    #[test]
+    fn bytes_needed_counts_the_partial_file_of_a_numbered_name() {
+        let dir = tmp("needed");
+        fs::write(dir.join("backup.img"), "an older backup").unwrap();
+        fs::write(dir.join("backup (1).img.peerlink-part"), vec![0u8; 3000]).unwrap();
+        fs::write(dir.join("new.bin.peerlink-part"), vec![0u8; 100]).unwrap();
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let entries = [
+            Entry::file(RelPath::parse("backup.img").unwrap(), 5000),
+            Entry::file(RelPath::parse("new.bin").unwrap(), 1000),
+        ];
+        assert_eq!(out.bytes_needed(&entries, |_| false), 2000 + 900);
+        // With --overwrite, backup.img itself is the name (its partial file is none).
+        let over = OutDir::new(dir.clone(), true).unwrap();
+        assert_eq!(over.bytes_needed(&entries, |_| false), 5000 + 900);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -335,7 +335,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     };
                     if let Err(err) = out.create_dir(&e.path) {
                         let msg = format!("{err:#}");
-                        receiver.cancel(cancel_code_for(&msg), msg);
+                        receiver.cancel(cancel_code_for(&err, &msg), msg);
                     }
                 }
                 ReceiverOutput::Write { file, chunk, offset, data } => {
@@ -347,8 +347,9 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                         open.unflushed = 0;
                         let (f, flushing) = (f.clone(), open.flushing.clone());
                         tokio::task::spawn_blocking(move || {
-                            // Errors show at the final flush, which waits.
-                            let _ = f.file().sync_data();
+                            // An error is kept for the final flush (the system
+                            // reports it once), which fails the file with it.
+                            f.flush_in_background();
                             flushing.store(false, Ordering::Release);
                         });
                     }
@@ -462,7 +463,7 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
-                        receiver.cancel(cancel_code_for(&msg), msg);
+                        receiver.cancel(cancel_code_for(&e, &msg), msg);
                     }
                 },
                 Io::Written { file, chunk, result } => match result {
@@ -573,9 +574,13 @@ fn describe(ui: &Ui, m: &Manifest) {
 /// attempt to leave the output folder is the sender's doing
 /// (`bad_manifest`, the security exit code); anything else, such as a file
 /// already where a folder goes, is the disk's (`io`).
-fn cancel_code_for(msg: &str) -> CancelCode {
+fn cancel_code_for(err: &anyhow::Error, msg: &str) -> CancelCode {
     if msg.contains("symbolic link") || msg.contains("leaves the output folder") {
         CancelCode::BadManifest
+    } else if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(fsio::is_disk_full)) {
+        // Out of space (or of inodes) creating a file or a folder: exit 6, as
+        // when a write finds the disk full.
+        CancelCode::DiskFull
     } else {
         CancelCode::Io
     }
