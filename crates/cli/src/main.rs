@@ -132,11 +132,21 @@ fn main() -> ExitCode {
             }
             Command::Send(args) => {
                 init_tracing("warn");
-                transfer::send::run(args).await.map(Some)
+                let json = args.json();
+                transfer::send::run(args).await.map(Some).inspect_err(|e| {
+                    if json {
+                        transfer::finished_by_error(e);
+                    }
+                })
             }
             Command::Receive(args) => {
                 init_tracing("warn");
-                transfer::receive::run(args).await.map(Some)
+                let json = args.json();
+                transfer::receive::run(args).await.map(Some).inspect_err(|e| {
+                    if json {
+                        transfer::finished_by_error(e);
+                    }
+                })
             }
             Command::Ping(args) => {
                 init_tracing("warn");

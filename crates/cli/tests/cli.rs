@@ -48,6 +48,42 @@ fn chat_reports_an_unreachable_server() {
     assert_eq!(p.wait_exit(), 1);
 }
 
+/// With `--json`, a transfer that fails before it can start still ends with
+/// a `finished` event on stdout (stdout was empty: programs reading it got
+/// nothing to say why).
+#[test]
+fn send_and_receive_with_json_report_an_early_failure_as_a_finished_event() {
+    for args in [
+        &[
+            "receive",
+            "--json",
+            "--server",
+            "ws://127.0.0.1:9/ws",
+            "--ice-addr",
+            "127.0.0.1",
+            "7-lantern-zebra",
+        ][..],
+        &["receive", "--json", "--server", "ws://127.0.0.1:9/ws", "--ice-addr", "127.0.0.1", "not-a-code"][..],
+        &[
+            "send",
+            "--json",
+            "--server",
+            "ws://127.0.0.1:9/ws",
+            "--ice-addr",
+            "127.0.0.1",
+            "/nonexistent/peerlink-test",
+        ][..],
+    ] {
+        let mut p = Proc::spawn(args);
+        let done = p.expect_event("finished", |_| true);
+        assert_eq!(done["ok"], false, "{args:?}: {done}");
+        assert_eq!(done["exit_code"], 1, "{args:?}: {done}");
+        assert!(done["message"].as_str().is_some_and(|m| !m.is_empty()), "{args:?}: {done}");
+        assert_eq!(p.wait_exit(), 1, "{args:?}");
+        assert_eq!(p.seen.iter().filter(|l| l.contains("\"finished\"")).count(), 1, "{args:?}: {:?}", p.seen);
+    }
+}
+
 /// `peerlink serve` with its embedded TURN server (on loopback for the
 /// test) and two `peerlink ping --relay-only`: they connect through the
 /// relay with the credentials from `welcome`, and every message arrives.

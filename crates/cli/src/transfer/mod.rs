@@ -9,6 +9,7 @@ pub mod receive;
 mod report;
 pub mod send;
 mod ui;
+pub use ui::finished_by_error;
 
 use std::time::Duration;
 

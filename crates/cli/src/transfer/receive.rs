@@ -48,6 +48,13 @@ pub struct ReceiveArgs {
     common: Common,
 }
 
+impl ReceiveArgs {
+    /// Whether events go to stdout as JSON lines (`--json`).
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
 /// What the output folder remembers about an unfinished transfer, so that
 /// `receive --resume` needs no code and finished files are not fetched again.
 #[derive(Debug, Serialize, Deserialize)]

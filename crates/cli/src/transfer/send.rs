@@ -53,6 +53,13 @@ pub struct SendArgs {
     common: Common,
 }
 
+impl SendArgs {
+    /// Whether events go to stdout as JSON lines (`--json`).
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
 /// Where the sender reads file `i` from.
 #[derive(Debug)]
 enum Src {

@@ -54,6 +54,9 @@ impl Ui {
     pub fn show(&self, report: Report) {
         if self.json {
             if let Some(v) = report.json() {
+                if matches!(report, Report::Finished { .. }) {
+                    FINISHED_WRITTEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 write_json(&v);
             }
         } else if let Some(text) = report.text() {
@@ -134,6 +137,24 @@ impl Ui {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+/// Whether a `finished` event went out (`--json`).
+static FINISHED_WRITTEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `--json`, the `finished` event of a transfer that failed before it
+/// could report (the server unreachable, a code that does not parse, an
+/// output folder that cannot be made): programs reading stdout get one
+/// `finished` line whatever happened.
+pub fn finished_by_error(e: &anyhow::Error) {
+    if !FINISHED_WRITTEN.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        write_json(&serde_json::json!({
+            "event": "finished",
+            "ok": false,
+            "exit_code": crate::exit::FAILURE,
+            "message": format!("{e:#}"),
+        }));
     }
 }
 
