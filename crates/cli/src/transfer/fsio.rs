@@ -147,6 +147,11 @@ pub struct OutDir {
     /// Final names planned in this transfer: files prepared at once (or one
     /// named like another's numbered copy) never share one.
     claimed: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// Partial files opened in this transfer (device, inode): two names
+    /// that a file system does not tell apart (`README.md` and `Readme.md`
+    /// where case does not count, the NFC and NFD forms of `café`) open the
+    /// same file, and must not both write into it.
+    opened: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(u64, u64)>>>,
 }
 
 /// Where one file goes.
@@ -160,7 +165,7 @@ impl OutDir {
     pub fn new(root: PathBuf, overwrite: bool) -> anyhow::Result<OutDir> {
         fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
         let root = fs::canonicalize(&root).with_context(|| format!("cannot open {}", root.display()))?;
-        Ok(OutDir { root, overwrite, claimed: Default::default() })
+        Ok(OutDir { root, overwrite, claimed: Default::default(), opened: Default::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -270,15 +275,29 @@ impl OutDir {
     }
 
     /// Opens (or creates) the partial file, never following a symlink.
+    /// Fails with `AlreadyExists` if it is a file another file of this
+    /// transfer opened (a name the file system does not tell apart from
+    /// another's): plan again, and the next name is tried.
     pub fn open_part(&self, planned: &Planned) -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new()
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(&planned.part_path)
+            .open(&planned.part_path)?;
+        let m = file.metadata()?;
+        if !self.opened.lock().expect("opened files lock").insert((m.dev(), m.ino())) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} is already another file's of this transfer (a name this file system does not tell apart from another's)",
+                    planned.part_path.display()
+                ),
+            ));
+        }
+        Ok(file)
     }
 }
 

@@ -612,12 +612,23 @@ fn prepare(
 ) -> anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)> {
     // A file an earlier run finished and recorded is checked in place
     // (found inside the output folder, through no symbolic link).
-    let planned = match earlier.and_then(|rel| out.existing_file(&rel)) {
+    let mut planned = match earlier.and_then(|rel| out.existing_file(&rel)) {
         Some(saved) => Planned { final_path: saved.clone(), part_path: saved },
         None => out.plan(&entry.path)?,
     };
-    let file =
-        out.open_part(&planned).with_context(|| format!("cannot open {}", planned.part_path.display()))?;
+    // A name the file system takes for another file's of this transfer
+    // (case, Unicode form): the next name (`name (1).ext`) is planned.
+    let mut tries = 0;
+    let file = loop {
+        match out.open_part(&planned) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 100 => {
+                tracing::debug!("{e}");
+                tries += 1;
+                planned = out.plan(&entry.path)?;
+            }
+            r => break r.with_context(|| format!("cannot open {}", planned.part_path.display()))?,
+        }
+    };
     let on_disk = fsio::scan_part(&file, chunk_size, entry.size)
         .with_context(|| format!("cannot read {}", planned.part_path.display()))?;
     Ok((planned, Arc::new(PartFile::new(file)), on_disk))
@@ -626,6 +637,28 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two files whose names the file system does not tell apart (case
+    /// where it does not count, Unicode forms) open one partial file: the
+    /// second is given the next name instead of writing into the first's
+    /// (both wrote into one file, the first was saved with the other's bytes
+    /// mixed in). Two names for one file are made here with a hard link.
+    #[test]
+    fn two_names_for_one_partial_file_are_given_two_files() {
+        let dir = std::env::temp_dir().join(format!("peerlink-alias-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("README.md.peerlink-part"), b"").unwrap();
+        std::fs::hard_link(dir.join("README.md.peerlink-part"), dir.join("Readme.md.peerlink-part")).unwrap();
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let entry = |p: &str| peerlink_transfer::Entry::file(RelPath::parse(p).unwrap(), 10);
+        let (first, _, _) = prepare(&out, &entry("README.md"), None, 65536).unwrap();
+        let (second, _, _) = prepare(&out, &entry("Readme.md"), None, 65536).unwrap();
+        assert_eq!(first.part_path, dir.join("README.md.peerlink-part"));
+        assert_eq!(second.final_path, dir.join("Readme (1).md"));
+        assert_eq!(second.part_path, dir.join("Readme (1).md.peerlink-part"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The record of finished files lives in the output folder, where a
     /// sender can put a file: a line naming a place outside the folder is
