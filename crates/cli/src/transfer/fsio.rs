@@ -301,10 +301,24 @@ impl OutDir {
     }
 }
 
+/// Longest file name most file systems take, in bytes.
+const NAME_MAX: usize = 255;
+
+/// The partial file of `path`: `name.peerlink-part`, or, for a name too
+/// long to take the suffix (a name of 242 bytes or more: some 80 CJK
+/// characters), one made from a hash of it, so that the file can be
+/// received (and resumed) under its own name all the same.
 fn part_of(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(PART_SUFFIX);
-    PathBuf::from(s)
+    use sha2::Digest as _;
+    let name = path.file_name().unwrap_or_default();
+    if name.len() + PART_SUFFIX.len() <= NAME_MAX {
+        let mut s = path.as_os_str().to_owned();
+        s.push(PART_SUFFIX);
+        return PathBuf::from(s);
+    }
+    let digest = sha2::Sha256::digest(name.as_encoded_bytes());
+    let short: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    path.with_file_name(format!(".long-name-{short}{PART_SUFFIX}"))
 }
 
 /// `a/b.txt` → `a/b (n).txt`.
@@ -616,6 +630,28 @@ mod tests {
         // With --overwrite, backup.img itself is the name (its partial file is none).
         let over = OutDir::new(dir.clone(), true).unwrap();
         assert_eq!(over.bytes_needed(&entries, |_| false), 5000 + 900);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A name of 250 bytes is received: its partial file has a short name
+    /// (the suffix would make it 264 bytes, over the 255 a file system
+    /// takes, and the whole transfer stopped there).
+    #[test]
+    fn a_name_too_long_for_the_suffix_gets_a_short_partial_file() {
+        let dir = tmp("long");
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let long = format!("{}.txt", "名".repeat(82));
+        assert!(long.len() > 242 && long.len() <= 255, "{}", long.len());
+        let planned = out.plan(&RelPath::parse(&long).unwrap()).unwrap();
+        assert_eq!(planned.final_path, dir.join(&long));
+        let part_name = planned.part_path.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(part_name.len() <= 255 && is_reserved_name(&part_name), "{part_name}");
+        let part = PartFile::new(out.open_part(&planned).unwrap());
+        part.write_at(0, b"hello").unwrap();
+        finish(&part, 5, &planned).unwrap();
+        assert_eq!(fs::read(dir.join(&long)).unwrap(), b"hello");
+        // The same name, planned again (a resume), finds the same partial file.
+        assert_eq!(part_of(&dir.join(&long)), planned.part_path);
         fs::remove_dir_all(&dir).unwrap();
     }
 
