@@ -96,10 +96,21 @@ impl Source {
         for child in children {
             let local = child.path();
             let Some(name) = child.file_name().to_str().map(str::to_string) else {
-                bail!("{} is not valid UTF-8; rename it to send it", local.display());
+                self.skipped
+                    .push(format!("{} (a name that is not UTF-8: rename it to send it)", local.display()));
+                continue;
             };
             let child_rel = format!("{rel}/{name}");
             let ft = child.file_type()?;
+            // A name no receiver may take (a control character, as in
+            // macOS's `Icon\r`, or a backslash) is left out and said, as a
+            // symbolic link is, rather than stopping the folder.
+            if (ft.is_file() || ft.is_dir())
+                && let Err(e) = RelPath::parse(&child_rel)
+            {
+                self.skipped.push(format!("{} (a name that cannot be sent: {e})", child_rel.escape_debug()));
+                continue;
+            }
             if ft.is_symlink() {
                 self.skipped.push(format!("{child_rel} (a symbolic link)"));
             } else if ft.is_dir() {
@@ -652,6 +663,31 @@ mod tests {
         assert_eq!(fs::read(dir.join(&long)).unwrap(), b"hello");
         // The same name, planned again (a resume), finds the same partial file.
         assert_eq!(part_of(&dir.join(&long)), planned.part_path);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A folder with a file whose name no receiver may take (macOS's
+    /// `Icon\r`, a backslash) is sent without it, and says so; the whole
+    /// send stopped there.
+    #[test]
+    fn names_that_cannot_be_sent_are_left_out_of_a_folder_and_said() {
+        let dir = tmp("badnames");
+        let album = dir.join("album");
+        fs::create_dir_all(album.join("sub\\dir")).unwrap();
+        fs::write(album.join("ok.txt"), "ok").unwrap();
+        fs::write(album.join("Icon\r"), "").unwrap();
+        fs::write(album.join("back\\slash.txt"), "x").unwrap();
+        fs::write(album.join("sub\\dir").join("inside.txt"), "y").unwrap();
+        let mut src = Source::default();
+        src.add_paths(&[album]).unwrap();
+        let paths: Vec<&str> = src.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["album", "album/ok.txt"]);
+        assert_eq!(src.skipped.len(), 3, "{:?}", src.skipped);
+        assert!(
+            src.skipped.iter().any(|s| s.contains("Icon\\r") && s.contains("cannot be sent")),
+            "{:?}",
+            src.skipped
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
