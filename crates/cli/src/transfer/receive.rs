@@ -287,18 +287,29 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                             resume.accepted(m.id());
                             receiver.accept();
                         } else if std::io::stdin().is_terminal() && !ui.is_json() {
-                            let (tx, rx) = oneshot::channel();
-                            std::thread::spawn(move || {
+                            // Offered again (the sender reconnected) while the
+                            // question is open: the answer to it stands for
+                            // this offer; a second reader would take the line
+                            // typed for the first, whose answer is dropped.
+                            if prompt.is_none() {
+                                let (tx, rx) = oneshot::channel();
+                                std::thread::spawn(move || {
+                                    eprint!("Accept? [y/N] ");
+                                    let mut line = String::new();
+                                    let yes = std::io::stdin().read_line(&mut line).is_ok()
+                                        && matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
+                                    let _ = tx.send(yes);
+                                });
+                                prompt = Some(rx);
+                            } else {
                                 eprint!("Accept? [y/N] ");
-                                let mut line = String::new();
-                                let yes = std::io::stdin().read_line(&mut line).is_ok()
-                                    && matches!(line.trim().to_lowercase().as_str(), "y" | "yes");
-                                let _ = tx.send(yes);
-                            });
-                            prompt = Some(rx);
+                            }
                         } else {
-                            let why =
-                                "stdin is not a terminal to ask on; run with --yes to accept without asking";
+                            let why = if ui.is_json() {
+                                "with --json nobody is asked; run with --yes to accept without asking"
+                            } else {
+                                "stdin is not a terminal to ask on; run with --yes to accept without asking"
+                            };
                             receiver.decline(format!("the receiver did not accept ({why})"));
                             last_word = true;
                             finished = Some(Outcome::Declined(format!("not accepted: {why}")));
