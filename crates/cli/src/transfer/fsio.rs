@@ -268,7 +268,21 @@ impl OutDir {
                 continue;
             }
             let part_path = part_of(&final_path);
-            let final_exists = fs::symlink_metadata(&final_path).is_ok();
+            let meta = fs::symlink_metadata(&final_path);
+            if let Err(e) = &meta
+                && e.raw_os_error() == Some(libc::ENAMETOOLONG)
+            {
+                bail!("cannot save {}: the name is too long for this file system", final_path.display());
+            }
+            let final_exists = meta.is_ok();
+            // A file this transfer saved (`README.md`, taken for `Readme.md`
+            // where case does not count) is never overwritten by it.
+            if let Ok(m) = &meta {
+                use std::os::unix::fs::MetadataExt;
+                if self.opened.lock().expect("opened files lock").contains(&(m.dev(), m.ino())) {
+                    continue;
+                }
+            }
             if !final_exists || self.overwrite {
                 for p in [&final_path, &part_path] {
                     if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -402,8 +416,10 @@ impl PartFile {
     /// Asks the disk to take what was written so far (blocking); an error
     /// is kept for [`finish`], which fails with it.
     pub fn flush_in_background(&self) {
+        // Held while flushing: `finish` waits for a flush under way.
+        let mut failed = self.flush_failed.lock().expect("flush error lock");
         if let Err(e) = self.file.sync_data() {
-            self.flush_failed.lock().expect("flush error lock").get_or_insert(e);
+            failed.get_or_insert(e);
         }
     }
 
@@ -476,15 +492,30 @@ fn open_direct(_: &File) -> Option<File> {
 }
 
 /// Makes a verified partial file final: truncate to size, flush to disk,
-/// rename over the final name, and flush the folder so the new name
+/// rename to the final name, and flush the folder so the new name
 /// survives a crash too (the sender is told `done` only after this).
-pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
+/// Returns where it was saved: without `replace`, never over a file that
+/// is there by then (one made meanwhile, or one the file system takes for
+/// this name: `README.md` for `Readme.md` where case does not count), but
+/// under the next free numbered name.
+pub fn finish(part: &PartFile, size: u64, planned: &Planned, replace: bool) -> io::Result<PathBuf> {
+    part.file.set_len(size)?;
+    part.file.sync_all()?;
+    // After the final flush, and waiting for one in the background: the
+    // system reports a write-back error once, to whichever flush asks first.
     if let Some(e) = part.flush_failed.lock().expect("flush error lock").take() {
         return Err(e);
     }
-    part.file.set_len(size)?;
-    part.file.sync_all()?;
-    fs::rename(&planned.part_path, &planned.final_path)?;
+    let saved = if planned.part_path == planned.final_path {
+        // Finished by an earlier run and checked in place.
+        planned.final_path.clone()
+    } else if replace {
+        fs::rename(&planned.part_path, &planned.final_path)?;
+        planned.final_path.clone()
+    } else {
+        rename_to_a_free_name(&planned.part_path, &planned.final_path)?
+    };
+    let planned = &Planned { final_path: saved.clone(), part_path: planned.part_path.clone() };
     // Best effort: some file systems refuse to sync a folder, and the file
     // itself is complete and synced.
     if let Some(folder) = planned.final_path.parent()
@@ -492,7 +523,32 @@ pub fn finish(part: &PartFile, size: u64, planned: &Planned) -> io::Result<()> {
     {
         tracing::debug!("cannot sync {}: {e}", folder.display());
     }
-    Ok(())
+    Ok(saved)
+}
+
+/// Renames `from` to `to`, or to `to`'s next free numbered name, never
+/// replacing a file (`RENAME_NOREPLACE`; where the file system does not
+/// take that flag, a plain rename after checking the name is free).
+fn rename_to_a_free_name(from: &Path, to: &Path) -> io::Result<PathBuf> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    for candidate in std::iter::once(to.to_path_buf()).chain((1..1000).map(|n| numbered(to, n))) {
+        match renameat_with(CWD, from, CWD, &candidate, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(candidate),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                if fs::symlink_metadata(&candidate).is_ok() {
+                    continue;
+                }
+                fs::rename(from, &candidate)?;
+                return Ok(candidate);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{} and 999 numbered copies of it exist", to.display()),
+    ))
 }
 
 impl OutDir {
@@ -616,7 +672,7 @@ mod tests {
                 expected[offset..offset + len].copy_from_slice(data);
             }
             let planned = Planned { part_path: path.clone(), final_path: dir.join("f") };
-            finish(&part, expected.len() as u64, &planned).unwrap();
+            finish(&part, expected.len() as u64, &planned, false).unwrap();
             assert_eq!(fs::read(dir.join("f")).unwrap(), expected, "in {}", dir.display());
             fs::remove_dir_all(&dir).unwrap();
         }
@@ -659,7 +715,7 @@ mod tests {
         assert!(part_name.len() <= 255 && is_reserved_name(&part_name), "{part_name}");
         let part = PartFile::new(out.open_part(&planned).unwrap());
         part.write_at(0, b"hello").unwrap();
-        finish(&part, 5, &planned).unwrap();
+        finish(&part, 5, &planned, false).unwrap();
         assert_eq!(fs::read(dir.join(&long)).unwrap(), b"hello");
         // The same name, planned again (a resume), finds the same partial file.
         assert_eq!(part_of(&dir.join(&long)), planned.part_path);
@@ -688,6 +744,41 @@ mod tests {
             "{:?}",
             src.skipped
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file finished without --overwrite never replaces one that is
+    /// there by then (made meanwhile, or one the file system takes for its
+    /// name where case does not count): it is saved under the next name.
+    /// With --overwrite, a file this transfer saved is not overwritten by
+    /// another of its files. A numbered name too long to exist is refused
+    /// when planned, not after the download.
+    #[test]
+    fn a_finished_file_never_replaces_one_that_came_meanwhile() {
+        let dir = tmp("noreplace");
+        let out = OutDir::new(dir.clone(), false).unwrap();
+        let planned = out.plan(&RelPath::parse("a.txt").unwrap()).unwrap();
+        let part = PartFile::new(out.open_part(&planned).unwrap());
+        part.write_at(0, b"new").unwrap();
+        fs::write(dir.join("a.txt"), "came meanwhile").unwrap();
+        assert_eq!(finish(&part, 3, &planned, false).unwrap(), dir.join("a (1).txt"));
+        assert_eq!(fs::read(dir.join("a.txt")).unwrap(), b"came meanwhile");
+        assert_eq!(fs::read(dir.join("a (1).txt")).unwrap(), b"new");
+
+        let over = OutDir::new(dir.clone(), true).unwrap();
+        let first = over.plan(&RelPath::parse("b.txt").unwrap()).unwrap();
+        let part = PartFile::new(over.open_part(&first).unwrap());
+        part.write_at(0, b"first").unwrap();
+        assert_eq!(finish(&part, 5, &first, true).unwrap(), dir.join("b.txt"));
+        // Another file of the transfer taken for b.txt (here: the same name
+        // again) does not overwrite the one just saved.
+        over.claimed.lock().unwrap().clear();
+        assert_eq!(over.plan(&RelPath::parse("b.txt").unwrap()).unwrap().final_path, dir.join("b (1).txt"));
+
+        let long = format!("{}.txt", "x".repeat(250));
+        fs::write(dir.join(&long), "there").unwrap();
+        let err = out.plan(&RelPath::parse(&long).unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("too long"), "{err:#}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

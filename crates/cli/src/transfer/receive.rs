@@ -173,9 +173,21 @@ struct Open {
 const FLUSH_EVERY: u64 = 64 << 20;
 
 enum Io {
-    Prepared { file: u32, result: anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)> },
-    Written { file: u32, chunk: u32, result: std::io::Result<()> },
-    Finished { file: u32, hash: Hash, result: std::io::Result<()> },
+    Prepared {
+        file: u32,
+        result: anyhow::Result<(Planned, Arc<PartFile>, Vec<Option<Hash>>)>,
+    },
+    Written {
+        file: u32,
+        chunk: u32,
+        result: std::io::Result<()>,
+    },
+    /// `result`: where the file was saved.
+    Finished {
+        file: u32,
+        hash: Hash,
+        result: std::io::Result<PathBuf>,
+    },
 }
 
 pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
@@ -380,9 +392,9 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                 ReceiverOutput::Finish { file, hash } => {
                     let Some(open) = files.get(&file) else { continue };
                     let (f, size, planned) = (open.file.clone(), open.size, open.planned.clone());
-                    let tx = io_tx.clone();
+                    let (tx, replace) = (io_tx.clone(), args.overwrite);
                     tokio::task::spawn_blocking(move || {
-                        let result = fsio::finish(&f, size, &planned);
+                        let result = fsio::finish(&f, size, &planned, replace);
                         let _ = tx.blocking_send(Io::Finished { file, hash, result });
                     });
                 }
@@ -494,13 +506,13 @@ pub async fn run(args: ReceiveArgs) -> anyhow::Result<Outcome> {
                     }
                 },
                 Io::Finished { file, hash, result } => match result {
-                    Ok(()) => {
+                    Ok(saved) => {
                         let rel = path_of(&receiver, file);
-                        if let Some(open) = files.remove(&file) {
-                            resume.file_done(&rel, &open.planned.final_path);
+                        if files.remove(&file).is_some() {
+                            resume.file_done(&rel, &saved);
                             ui.show(Report::Saved {
                                 path: rel,
-                                saved_as: open.planned.final_path.display().to_string(),
+                                saved_as: saved.display().to_string(),
                                 hash: to_hex(&hash),
                             });
                         }
