@@ -12,6 +12,15 @@ fn who(names: &HashMap<PeerId, String>, peer: &PeerId) -> String {
     names.get(peer).cloned().unwrap_or_else(|| peer.to_string())
 }
 
+/// A display name as shown: as given when made of letters, digits,
+/// spaces and `-_.'`, else quoted and escaped, so that no name reads as
+/// part of a status line (`a, end to end (safety number ...)`).
+fn shown_name(name: &str) -> String {
+    let plain = !name.is_empty()
+        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '\''));
+    if plain { name.to_string() } else { format!("{name:?}") }
+}
+
 /// `text` from the other side (or the server) as it may reach a terminal:
 /// control characters escaped (`\n`, `\u{1b}`), so that a message cannot
 /// move the cursor, colour the screen, or start a line of its own that
@@ -78,7 +87,7 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
             ev = room_handle.next_event() => match ev {
                 None => break,
                 Some(Event::PeerJoined { peer, name }) => {
-                    let name = name.map(|n| shown(&n));
+                    let name = name.map(|n| shown_name(&n));
                     let label = name.clone().map_or_else(|| peer.to_string(), |n| format!("{n} ({peer})"));
                     println!("* {label} is here");
                     if let Some(n) = name {
@@ -139,6 +148,18 @@ pub async fn run(servers: Vec<String>, join: Join, ice: IceConfig) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::shown;
+
+    #[test]
+    fn names_that_could_pass_for_a_status_line_are_quoted() {
+        use super::shown_name;
+        assert_eq!(shown_name("ada"), "ada");
+        assert_eq!(shown_name("Zoë O'Neil-Ng"), "Zoë O'Neil-Ng");
+        assert_eq!(
+            shown_name("a, end to end (safety number 12345)"),
+            "\"a, end to end (safety number 12345)\""
+        );
+        assert_eq!(shown_name("x\n* y"), "\"x\\n* y\"");
+    }
 
     #[test]
     fn what_the_other_side_sends_cannot_forge_a_line_or_drive_the_terminal() {
